@@ -1,0 +1,85 @@
+"""Swapping the selected runners into live ``nav.Module``s, from a module's manifest.
+
+The same path serves the end of ``nav.optimize`` and ``nav.load_optimized()`` in a fresh process, so
+what is tested once is what users get in both.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from navdeploy.capture import Graph
+from navdeploy.flat_module import FlatModule
+from navdeploy.formats import EAGER_RUNNER, FORMATS, RUNNERS, LoadContext, RunFn
+from navdeploy.module import Module, OptimizedHandler
+from navdeploy.verify import conform
+from navdeploy.workspace import checksum, fingerprint, load_samples, read_manifest
+
+log = logging.getLogger("navdeploy")
+
+
+def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device: str) -> RunFn:
+    runner = RUNNERS[entry["selected"]]
+    spec = FORMATS[runner.format]
+    artifact = None
+    if spec.export is not None:
+        fmt_dir = folder / graph.key / spec.format.value
+        expected = entry.get("formats", {}).get(spec.format.value, {}).get("checksum")
+        if not fmt_dir.is_dir() or checksum(fmt_dir) != expected:
+            raise RuntimeError(f"artifact {fmt_dir} is missing or was modified (checksum mismatch)")
+        artifact = fmt_dir / spec.artifact
+    flat = FlatModule(module.__wrapped__, graph.input_spec, module._self_forward_func)
+    run = runner.load(LoadContext(artifact, flat, graph, device))
+    samples = load_samples(folder / graph.key, device=device)
+    with torch.no_grad():
+        conform(run(samples[0].inputs), graph.outputs)  # warm-up, and proof the artifact runs in this process
+    return run
+
+
+def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerprint_: Optional[str] = None) -> bool:
+    """Route ``module`` to the runners its manifest selected. Returns False (module stays eager, with a
+    warning) when there is nothing usable: no manifest, changed weights, missing or modified artifacts."""
+    manifest = manifest if manifest is not None else read_manifest(folder)
+    if manifest is None:
+        warnings.warn(f"navdeploy: no optimization found for module {module.name!r} in {folder}; it runs eagerly. "
+                      "Run nav.optimize first, or point NAVDEPLOY_WORKSPACE at the workspace it used.", RuntimeWarning,
+                      stacklevel=3)
+        return False
+    current = fingerprint_ or fingerprint(module.__wrapped__)
+    if manifest.get("fingerprint") != current:
+        warnings.warn(f"navdeploy: module {module.name!r} changed (weights or code) since it was optimized; the stale "
+                      "artifacts are not used and it runs eagerly. Re-run nav.optimize to optimize it again.",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    device = manifest.get("device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        warnings.warn(f"navdeploy: module {module.name!r} was optimized for CUDA but no GPU is present; it runs eagerly.",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    selected = {key: entry.get("selected") for key, entry in manifest["graphs"].items()}
+    if selected and all(name in EAGER_RUNNER.values() for name in selected.values()):
+        module._self_handler = None  # eager won everywhere: plain pass-through, no routing cost
+        return True
+    graphs: dict[str, tuple[Graph, RunFn]] = {}
+    for key, entry in manifest["graphs"].items():
+        name = entry.get("selected")
+        if not name or name not in RUNNERS:
+            continue
+        graph = Graph.from_json(entry["graph"])
+        try:
+            graphs[key] = (graph, _load_runner(module, folder, graph, entry, device))
+        except Exception as exc:  # noqa: BLE001 - a broken artifact must not break the user's pipeline
+            warnings.warn(f"navdeploy: cannot load {name} for module {module.name!r} (graph {key}): {exc}; that input "
+                          "structure runs eagerly. Re-run nav.optimize to rebuild it.", RuntimeWarning, stacklevel=3)
+    if not graphs:
+        module._self_handler = None
+        return False
+    module._self_handler = OptimizedHandler(module.name, graphs, manifest.get("max_batch_size", 1),
+                                            module._self_output_mapping)
+    log.info("module %s bound: %s", module.name, {k: manifest["graphs"][k]["selected"] for k in graphs})
+    return True

@@ -1,0 +1,180 @@
+"""One candidate, start to end: export its format (if not built yet), load the runner, verify it against
+eager on every kept sample and at every profiled batch size, then profile it. Runs in the worker child
+(or in-process when isolation is off); returns a JSON-able record and never raises."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from navdeploy.capture import Graph
+from navdeploy.flat_module import FlatModule
+from navdeploy.formats import FORMATS, RUNNERS, BuildContext, LoadContext
+from navdeploy.profile import measure
+from navdeploy.verify import Comparison, compare, conform
+
+log = logging.getLogger("navdeploy")
+
+
+@dataclass
+class Job:
+    """What the worker needs to try candidates of one module. Sent to the child once (cloudpickled)."""
+
+    module_name: str
+    module: torch.nn.Module
+    forward_func: Optional[str]
+    graphs: dict[str, Graph]
+    module_dir: Path
+    device: str
+    precision: str
+    atol: float
+    rtol: float
+    verify_func: Optional[Callable]
+    batch_sizes: tuple[int, ...]
+    max_batch_size: int
+    profile_time_s: float
+
+
+@dataclass(frozen=True)
+class Task:
+    """Try ``runner`` on graph ``graph_key``; ``export`` says whether its format must be (re)built."""
+
+    graph_key: str
+    runner: str
+    export: bool
+
+
+def expand_batch(inputs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Inputs grown or cut to ``batch_size`` along axis 0 by repeating their rows."""
+    out = []
+    for t in inputs:
+        reps = math.ceil(batch_size / t.shape[0])
+        out.append(t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size].contiguous())
+    return out
+
+
+def export_example(graph: Graph) -> list[torch.Tensor]:
+    """Example inputs for exporters: a batch of 1 becomes 2 so exporters do not specialise the batch axis."""
+    inputs = graph.samples[0].inputs
+    if graph.batching and inputs[0].shape[0] == 1:
+        return expand_batch(inputs, 2)
+    return inputs
+
+
+@dataclass
+class WorkerState:
+    """Per-process caches: flat modules and eager references at profiled batch sizes."""
+
+    flat: dict[str, FlatModule] = field(default_factory=dict)
+    references: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
+
+    def flat_module(self, job: Job, graph: Graph) -> FlatModule:
+        if graph.key not in self.flat:
+            self.flat[graph.key] = FlatModule(job.module, graph.input_spec, job.forward_func)
+        return self.flat[graph.key]
+
+    def reference(self, job: Job, graph: Graph, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        inputs = expand_batch(graph.samples[0].inputs, batch_size)
+        key = (graph.key, batch_size)
+        if key not in self.references:
+            with torch.no_grad():
+                self.references[key] = list(self.flat_module(job, graph)(*inputs))
+        return inputs, self.references[key]
+
+
+def format_dir(module_dir: Path, graph_key: str, fmt_value: str) -> Path:
+    """Where a graph's artifact of one format lives."""
+    return module_dir / graph_key / fmt_value
+
+
+def _export(job: Job, graph: Graph, runner_format, flat: FlatModule) -> float:
+    spec = FORMATS[runner_format]
+    final = format_dir(job.module_dir, graph.key, spec.format.value)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ctx = BuildContext(flat, export_example(graph), graph, graph.dynamic_axes(job.max_batch_size), tmp,
+                       job.device, job.precision)
+    start = time.perf_counter()
+    try:
+        spec.export(ctx)
+        if not (tmp / spec.artifact).exists():
+            raise RuntimeError(f"exporter wrote no {spec.artifact}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Move into place only when complete, so a killed run never leaves a half-written artifact behind.
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return time.perf_counter() - start
+
+
+def run_task(job: Job, task: Task, state: WorkerState) -> dict:
+    """Try one candidate. The record always has ``runner``, ``format``, ``status`` and ``error``."""
+    runner = RUNNERS[task.runner]
+    graph = job.graphs[task.graph_key]
+    spec = FORMATS[runner.format]
+    record: dict = {"runner": runner.name, "format": runner.format.value, "device": runner.device, "status": "failed",
+                    "error": None, "step": None, "max_abs_err": None, "max_rel_err": None, "profile": [],
+                    "times": {}, "exported": False}
+    reason = runner.unavailable_reason()
+    if reason:
+        record.update(status="skipped", error=reason)
+        return record
+    step = "export"
+    try:
+        with torch.no_grad():
+            flat = state.flat_module(job, graph)
+            artifact = None
+            if spec.export is not None:
+                if task.export:
+                    record["times"]["export_s"] = _export(job, graph, runner.format, flat)
+                    record["exported"] = True
+                artifact = format_dir(job.module_dir, graph.key, spec.format.value) / spec.artifact
+            step = "load"
+            start = time.perf_counter()
+            run = runner.load(LoadContext(artifact, flat, graph, job.device))
+            record["times"]["load_s"] = time.perf_counter() - start
+
+            step = "verify"
+            start = time.perf_counter()
+            result = Comparison()
+            for i, sample in enumerate(graph.samples):
+                actual = conform(run(sample.inputs), graph.outputs)
+                compare(sample.outputs, actual, job.atol, job.rtol, result, job.verify_func, f"sample {i}: ")
+            batch_sizes = job.batch_sizes if graph.batching else ()
+            for bs in batch_sizes:
+                inputs, expected = state.reference(job, graph, bs)
+                compare(expected, conform(run(inputs), graph.outputs), job.atol, job.rtol, result, None,
+                        f"batch size {bs}: ")
+            record["times"]["verify_s"] = time.perf_counter() - start
+            record["max_abs_err"], record["max_rel_err"] = result.max_abs_err, result.max_rel_err
+            if not result.ok:
+                record.update(status="failed", step="verify", error=result.reason)
+                return record
+
+            step = "profile"
+            start = time.perf_counter()
+            if graph.batching:
+                for bs in batch_sizes:
+                    inputs = state.reference(job, graph, bs)[0]
+                    record["profile"].append(vars(measure(lambda: run(inputs), bs, job.device, job.profile_time_s)))
+            else:
+                inputs = graph.samples[0].inputs
+                record["profile"].append(vars(measure(lambda: run(inputs), None, job.device, job.profile_time_s)))
+            record["times"]["profile_s"] = time.perf_counter() - start
+        record["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - a failing candidate must never stop the others
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        record.update(status="failed", step=step, error=f"{step}: {type(exc).__name__}: {first}"[:500])
+        log.info("%s/%s failed in %s:\n%s", job.module_name, runner.name, step, traceback.format_exc())
+    return record

@@ -1,0 +1,215 @@
+"""Optimization settings: formats, runners, precisions, tolerances and selection strategies."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from navdeploy.errors import ConfigError
+
+
+class Format(str, enum.Enum):
+    """A model format a module can be turned into. Each format has one or more runners."""
+
+    TORCH = "torch"  # the eager module itself; runners: TorchCPU/TorchCUDA and torch.compile
+    TORCHSCRIPT = "torchscript"
+    TORCH_EXPORTEDPROGRAM = "torch-exportedprogram"
+    TORCH_AOTI = "torch-aoti"  # AOTInductor package (.pt2)
+    ONNX = "onnx"
+    TENSORRT = "trt"
+    TORCH_TRT = "torch-trt"
+
+
+# What verify compares against: tolerances per precision (atol, rtol). fp32 kernels from
+# different backends reorder reductions, so exact equality is never expected.
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
+    "fp32": (1e-4, 1e-3),
+    "tf32": (1e-2, 1e-2),
+    "fp16": (1e-2, 1e-2),
+    "bf16": (5e-2, 5e-2),
+    "int8": (1e-1, 1e-1),
+}
+PRECISIONS = tuple(DEFAULT_TOLERANCES)
+
+
+@dataclass(frozen=True)
+class MinLatency:
+    """Pick the correct candidate with the lowest median latency at the captured batch size."""
+
+
+@dataclass(frozen=True)
+class MaxThroughput:
+    """Pick the correct candidate with the highest throughput at any profiled batch size."""
+
+
+@dataclass(frozen=True)
+class LatencyBudget:
+    """Pick the highest-throughput candidate whose median latency stays within ``ms`` milliseconds.
+
+    Falls back to :class:`MinLatency` when no candidate meets the budget.
+    """
+
+    ms: float
+
+    def __post_init__(self) -> None:
+        if not self.ms > 0:
+            raise ConfigError(f"LatencyBudget(ms={self.ms!r}): the budget must be a positive number of milliseconds.")
+
+
+Strategy = Union[MinLatency, MaxThroughput, LatencyBudget]
+
+
+@dataclass
+class OptimizeConfig:
+    """Settings for ``nav.optimize``. Every field has a default that works on CPU and GPU machines.
+
+    Attributes:
+        target_formats: formats to try; ``None`` means every format available on the target device.
+        runners: runner names to try (e.g. ``"OnnxCPU"``, ``"TorchCompileCPU"``); ``None`` means all
+            runners of the chosen formats. Eager (``TorchCPU``/``TorchCUDA``) is always measured as baseline.
+        target_device: ``"cpu"`` or ``"cuda"``; ``None`` picks the device the module's weights live on.
+        batch_sizes: batch sizes to profile; ``None`` means powers of two up to ``max_batch_size``.
+        max_batch_size: the largest batch size profiled (and later served) when the module batches.
+        tolerances: ``{"atol": .., "rtol": ..}`` overriding the defaults of the module's precision.
+        strategy: how the winner is picked: ``MinLatency()`` (default), ``MaxThroughput()``,
+            ``LatencyBudget(ms)``.
+        verify_func: optional ``f(expected: list[Tensor], actual: list[Tensor]) -> bool`` called per sample
+            with the flat output tensors, on top of the atol/rtol check.
+        sample_count: how many captured samples per input structure are kept on disk and verified.
+        workspace: where artifacts and manifests go (default ``$NAVDEPLOY_WORKSPACE`` or ``~/.cache/navdeploy``).
+        timeout_s: a candidate's build + verify + profile is stopped after this many seconds.
+        profile_time_s: time budget for profiling one candidate at one batch size.
+        use_multiprocessing: build and run candidates in a spawned child; ``None`` reads
+            ``NAVDEPLOY_USE_MULTIPROCESSING`` (default true).
+    """
+
+    target_formats: Optional[Sequence[Union[Format, str]]] = None
+    runners: Optional[Sequence[str]] = None
+    target_device: Optional[str] = None
+    batch_sizes: Optional[Sequence[int]] = None
+    max_batch_size: int = 8
+    tolerances: Optional[dict[str, float]] = None
+    strategy: Strategy = field(default_factory=MinLatency)
+    verify_func: Optional[Callable[[list[torch.Tensor], list[torch.Tensor]], bool]] = None
+    sample_count: int = 8
+    workspace: Optional[Union[str, Path]] = None
+    timeout_s: float = 600.0
+    profile_time_s: float = 0.5
+    use_multiprocessing: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the field and the fix for any invalid value."""
+        from navdeploy.formats import known_runner_names
+
+        if self.target_formats is not None:
+            formats = []
+            for f in self.target_formats:
+                try:
+                    formats.append(Format(f))
+                except ValueError:
+                    valid = ", ".join(x.name for x in Format)
+                    raise ConfigError(f"target_formats: unknown format {f!r}; use nav.Format members: {valid}.") from None
+            self.target_formats = tuple(formats)
+        if self.runners is not None:
+            known = known_runner_names()
+            for r in self.runners:
+                if r not in known:
+                    raise ConfigError(f"runners: unknown runner {r!r}; known runners: {', '.join(sorted(known))}.")
+            self.runners = tuple(self.runners)
+        if self.target_device is not None and self.target_device not in ("cpu", "cuda"):
+            raise ConfigError(f"target_device={self.target_device!r}: use 'cpu' or 'cuda'.")
+        if self.target_device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("target_device='cuda' but this machine has no CUDA device; use target_device='cpu'.")
+        if self.batch_sizes is not None:
+            sizes = tuple(int(b) for b in self.batch_sizes)
+            if not sizes or min(sizes) < 1:
+                raise ConfigError(f"batch_sizes={list(self.batch_sizes)!r}: every batch size must be >= 1.")
+            self.batch_sizes = tuple(sorted(set(sizes)))
+        if int(self.max_batch_size) < 1:
+            raise ConfigError(f"max_batch_size={self.max_batch_size!r}: must be >= 1.")
+        if self.tolerances is not None:
+            unknown = set(self.tolerances) - {"atol", "rtol"}
+            if unknown:
+                raise ConfigError(f"tolerances: unknown keys {sorted(unknown)}; use 'atol' and 'rtol'.")
+            for k, v in self.tolerances.items():
+                if not (isinstance(v, (int, float)) and v >= 0):
+                    raise ConfigError(f"tolerances[{k!r}]={v!r}: must be a number >= 0.")
+        if not isinstance(self.strategy, (MinLatency, MaxThroughput, LatencyBudget)):
+            raise ConfigError(f"strategy={self.strategy!r}: use nav.MinLatency(), nav.MaxThroughput() or nav.LatencyBudget(ms).")
+        if int(self.sample_count) < 1:
+            raise ConfigError(f"sample_count={self.sample_count!r}: must be >= 1.")
+        for name in ("timeout_s", "profile_time_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be > 0 seconds.")
+
+    def replace(self, **changes: Any) -> "OptimizeConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def tolerance_for(self, precision: str) -> tuple[float, float]:
+        """(atol, rtol) for a precision, with the user's overrides applied."""
+        atol, rtol = DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
+        if self.tolerances:
+            atol = float(self.tolerances.get("atol", atol))
+            rtol = float(self.tolerances.get("rtol", rtol))
+        return atol, rtol
+
+    def profile_batch_sizes(self, captured_max: int) -> tuple[int, ...]:
+        """Batch sizes to profile: the user's list, or powers of two up to max_batch_size (and the captured one)."""
+        if self.batch_sizes is not None:
+            return tuple(b for b in self.batch_sizes if b <= self.max_batch_size) or (min(self.batch_sizes),)
+        sizes = {1, min(captured_max, self.max_batch_size)}
+        b = 2
+        while b <= self.max_batch_size:
+            sizes.add(b)
+            b *= 2
+        return tuple(sorted(sizes))
+
+
+def _env_flag(*names: str, default: bool) -> bool:
+    for name in names:
+        value = os.environ.get(name)
+        if value is not None:
+            return value.strip().lower() not in ("0", "false", "no", "off", "")
+    return default
+
+
+def use_multiprocessing(config: OptimizeConfig) -> bool:
+    """Whether candidates run in spawned children: the config wins, then the environment."""
+    if config.use_multiprocessing is not None:
+        return config.use_multiprocessing
+    return _env_flag("NAVDEPLOY_USE_MULTIPROCESSING", "NAVIGATOR_USE_MULTIPROCESSING", default=True)
+
+
+def console_output() -> str:
+    """``simple`` (default), ``detailed`` or ``logs`` from NAVDEPLOY_CONSOLE_OUTPUT (NAVIGATOR_ alias)."""
+    for name in ("NAVDEPLOY_CONSOLE_OUTPUT", "NAVIGATOR_CONSOLE_OUTPUT"):
+        value = os.environ.get(name)
+        if value:
+            value = value.strip().lower()
+            if value not in ("simple", "detailed", "logs"):
+                raise ConfigError(f"{name}={value!r}: use simple, detailed or logs.")
+            return value
+    return "simple"
+
+
+def default_workspace() -> Path:
+    """``$NAVDEPLOY_WORKSPACE`` or ``~/.cache/navdeploy``."""
+    env = os.environ.get("NAVDEPLOY_WORKSPACE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "navdeploy"
+
+
+def resolve_workspace(config: Optional[OptimizeConfig]) -> Path:
+    """The workspace of a config, or the default."""
+    if config is not None and config.workspace is not None:
+        return Path(config.workspace).expanduser()
+    return default_workspace()

@@ -1,0 +1,34 @@
+"""The wrapped module seen as a function of a flat tuple of tensors: what every exporter traces."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from navdeploy.capture import Spec, flatten, unflatten
+
+
+class FlatModule(torch.nn.Module):
+    """Calls ``module`` (or its ``forward_func`` method) with the structure of one graph.
+
+    ``forward(*tensors)`` rebuilds the captured ``(args, kwargs)`` (constants included), runs the
+    module and returns its output tensors as a tuple, in :func:`navdeploy.capture.flatten` order.
+    """
+
+    def __init__(self, module: torch.nn.Module, input_spec: Spec, forward_func: Optional[str] = None):
+        super().__init__()
+        self.inner = module
+        self.input_spec = input_spec
+        self.forward_func = forward_func
+
+    def call_inner(self, *args: Any, **kwargs: Any) -> Any:
+        if self.forward_func:
+            # The class attribute, not the instance one: nav.Module patches the instance to record calls.
+            return getattr(type(self.inner), self.forward_func)(self.inner, *args, **kwargs)
+        return self.inner(*args, **kwargs)
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        call = unflatten(self.input_spec, list(tensors), rebuild_classes=True)
+        output = self.call_inner(*call["args"], **call["kwargs"])
+        return tuple(flatten(output, path="outputs")[1])

@@ -1,0 +1,32 @@
+"""The registry of formats and runners. A new backend is one module here with a FORMAT and RUNNERS;
+nothing in the orchestration changes."""
+
+from __future__ import annotations
+
+from navdeploy.config import Format
+from navdeploy.formats import aoti, compile, eager, exported_program, onnx, torchscript
+from navdeploy.formats.base import BuildContext, FormatSpec, LoadContext, RunFn, RunnerSpec
+
+# Order matters only for display and for which format is exported first.
+_MODULES = [eager, compile, torchscript, exported_program, aoti, onnx]
+
+FORMATS: dict[Format, FormatSpec] = {m.FORMAT.format: m.FORMAT for m in _MODULES if hasattr(m, "FORMAT")}
+RUNNERS: dict[str, RunnerSpec] = {r.name: r for m in _MODULES for r in m.RUNNERS}
+EAGER_RUNNER = {"cpu": "TorchCPU", "cuda": "TorchCUDA"}
+
+
+def known_runner_names() -> set[str]:
+    """Every runner name navdeploy knows, installed or not."""
+    return set(RUNNERS)
+
+
+def runners_for(device: str, formats=None, names=None) -> list[RunnerSpec]:
+    """Runners for a device, filtered by format and name; the eager baseline always comes first."""
+    chosen = [r for r in RUNNERS.values() if r.device == device
+              and (formats is None or r.format in formats) and (names is None or r.name in names)]
+    eager = RUNNERS[EAGER_RUNNER[device]]
+    return [eager] + [r for r in chosen if r is not eager]
+
+
+__all__ = ["BuildContext", "FormatSpec", "LoadContext", "RunFn", "RunnerSpec", "FORMATS", "RUNNERS",
+           "known_runner_names", "runners_for"]

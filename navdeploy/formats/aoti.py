@@ -1,0 +1,30 @@
+"""AOTInductor: the ExportedProgram compiled ahead of time into a ``.pt2`` package with a shared library."""
+
+import os
+
+import torch
+
+from navdeploy.config import Format
+from navdeploy.formats.base import BuildContext, FormatSpec, LoadContext, RunFn, RunnerSpec, as_list
+from navdeploy.formats.exported_program import export_program
+
+
+def _export(ctx: BuildContext) -> None:
+    # The runtime input check (enabled at load) otherwise rejects size 1 on dims exported with min=1.
+    torch._inductor.aoti_compile_and_package(export_program(ctx), package_path=str(ctx.path / "model.pt2"),
+                                             inductor_configs={"aot_inductor.check_lowerbound": False})
+
+
+def _load(ctx: LoadContext) -> RunFn:
+    # Without this AOTInductor runs inputs of the wrong shape and reads out of bounds; with it, it raises
+    # and navdeploy falls back to eager. Read by the AOTI runtime, so it must be set before loading.
+    os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
+    runner = torch._inductor.aoti_load_package(str(ctx.artifact))
+    return lambda inputs: as_list(runner(*inputs))
+
+
+FORMAT = FormatSpec(Format.TORCH_AOTI, artifact="model.pt2", export=_export)
+RUNNERS = [
+    RunnerSpec("AOTInductorCPU", Format.TORCH_AOTI, "cpu", _load),
+    RunnerSpec("AOTInductorCUDA", Format.TORCH_AOTI, "cuda", _load),
+]

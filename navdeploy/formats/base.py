@@ -1,0 +1,84 @@
+"""What a format and a runner are: plain records holding the functions that build and load them."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from navdeploy.capture import Graph
+from navdeploy.config import Format
+
+RunFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+@dataclass
+class BuildContext:
+    """Everything an exporter needs. ``path`` is an empty folder the artifact goes into."""
+
+    module: torch.nn.Module  # a FlatModule in eval mode, on ``device``
+    example: list[torch.Tensor]  # example inputs; batch axis 0 grown to 2 when the graph batches
+    graph: Graph
+    dynamic_axes: list[dict[int, tuple[int, int]]]  # per input: {axis: (min, max)}
+    path: Path
+    device: str
+    precision: str
+
+    @property
+    def input_names(self) -> list[str]:
+        return [f"input__{i}" for i in range(len(self.graph.inputs))]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [f"output__{i}" for i in range(len(self.graph.outputs))]
+
+
+@dataclass
+class LoadContext:
+    """Everything a runner needs to start: the artifact (if its format writes one) or the module."""
+
+    artifact: Optional[Path]
+    module: torch.nn.Module  # the FlatModule, for runners that run the module itself
+    graph: Graph
+    device: str
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """A format: how to export the module into it. ``export`` is None for the eager module itself."""
+
+    format: Format
+    artifact: Optional[str] = None  # file name inside the format folder
+    export: Optional[Callable[[BuildContext], None]] = None
+    requires: tuple[str, ...] = ()  # importable packages the export needs
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """A runner: loads an artifact (or the module) on one device and returns ``run(inputs) -> outputs``."""
+
+    name: str
+    format: Format
+    device: str  # "cpu" or "cuda"
+    load: Callable[[LoadContext], RunFn]
+    requires: tuple[str, ...] = ()
+    is_available: Optional[Callable[[], Optional[str]]] = field(default=None, compare=False)
+
+    def unavailable_reason(self) -> Optional[str]:
+        """None when the runner can run here, else why not (missing package, no provider, no GPU)."""
+        for package in self.requires:
+            if importlib.util.find_spec(package) is None:
+                return f"package {package!r} is not installed"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device"
+        return self.is_available() if self.is_available else None
+
+
+def as_list(outputs) -> list[torch.Tensor]:
+    """Runner outputs (tensor, tuple or list) as a list of tensors."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    return list(outputs)

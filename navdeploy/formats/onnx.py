@@ -1,0 +1,76 @@
+"""ONNX (dynamo exporter with dynamic shapes; the TorchScript exporter as fallback) run by ONNX Runtime."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Optional
+
+import torch
+
+from navdeploy.config import Format
+from navdeploy.formats.base import BuildContext, FormatSpec, LoadContext, RunFn, RunnerSpec
+from navdeploy.formats.exported_program import dynamic_shapes
+
+log = logging.getLogger(__name__)
+
+
+def _export(ctx: BuildContext) -> None:
+    path = str(ctx.path / "model.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(ctx.module, tuple(ctx.example), path, dynamo=True, external_data=True,
+                              dynamic_shapes=dynamic_shapes(ctx), input_names=ctx.input_names,
+                              output_names=ctx.output_names)
+            return
+        except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript-based exporter
+            log.warning("dynamo ONNX export failed (%s: %s); trying the TorchScript exporter",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        for leftover in ctx.path.iterdir():
+            leftover.unlink()
+        axes = {name: {a: f"{name}_axis{a}" for a in dyn} for name, dyn in zip(ctx.input_names, ctx.dynamic_axes) if dyn}
+        torch.onnx.export(ctx.module, tuple(ctx.example), path, dynamo=False, input_names=ctx.input_names,
+                          output_names=ctx.output_names, dynamic_axes=axes, opset_version=17)
+
+
+def _provider_check(provider: str):
+    def check() -> Optional[str]:
+        import onnxruntime
+
+        if provider not in onnxruntime.get_available_providers():
+            return f"onnxruntime has no {provider} (install onnxruntime-gpu)"
+        return None
+
+    return check
+
+
+def _loader(providers: list):
+    def load(ctx: LoadContext) -> RunFn:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        session = onnxruntime.InferenceSession(str(ctx.artifact), options, providers=providers)
+        names = [i.name for i in session.get_inputs()]
+        device = torch.device(ctx.device)
+
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+            return [torch.from_numpy(o).to(device) for o in session.run(None, feeds)]
+
+        return run
+
+    return load
+
+
+FORMAT = FormatSpec(Format.ONNX, artifact="model.onnx", export=_export, requires=("onnx", "onnxscript"))
+RUNNERS = [
+    RunnerSpec("OnnxCPU", Format.ONNX, "cpu", _loader(["CPUExecutionProvider"]), requires=("onnxruntime",)),
+    RunnerSpec("OnnxCUDA", Format.ONNX, "cuda", _loader(["CUDAExecutionProvider", "CPUExecutionProvider"]),
+               requires=("onnxruntime",), is_available=_provider_check("CUDAExecutionProvider")),
+    RunnerSpec("OnnxTensorRT", Format.ONNX, "cuda",
+               _loader(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]),
+               requires=("onnxruntime",), is_available=_provider_check("TensorrtExecutionProvider")),
+]

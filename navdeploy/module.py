@@ -1,0 +1,253 @@
+"""``nav.Module``: a transparent proxy around an ``nn.Module`` that records calls while ``nav.optimize`` runs
+and afterwards routes them to the selected runner (eager fallback for inputs it was not built for)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+import weakref
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import wrapt
+
+from navdeploy.capture import CaptureError, Graph, flatten, spec_key, unflatten
+from navdeploy.config import PRECISIONS, OptimizeConfig
+from navdeploy.errors import ConfigError
+from navdeploy.formats import RunFn
+from navdeploy.verify import conform
+
+# name -> live nav.Module. Weak, so a pipeline that is dropped does not keep its modules registered.
+_REGISTRY: "weakref.WeakValueDictionary[str, Module]" = weakref.WeakValueDictionary()
+
+
+def registered_modules() -> list["Module"]:
+    """Every live ``nav.Module``, in creation order."""
+    return sorted(_REGISTRY.values(), key=lambda m: m._self_order)
+
+
+_counter = 0
+
+
+class Module(wrapt.ObjectProxy):
+    """Wrap an ``nn.Module`` so ``nav.optimize`` can capture, optimize and swap it in place.
+
+    The proxy behaves as the module: attribute access, ``state_dict``, ``.to()``, hooks and
+    ``isinstance(m, nn.Module)`` keep working.
+
+    Args:
+        module: the ``torch.nn.Module`` to optimize.
+        name: a name unique in the process; the workspace folder and Triton model name. Default: the class
+            name in lower case.
+        input_mapping: ``f(args: tuple, kwargs: dict) -> (args, kwargs)`` applied to every call before the
+            module runs, e.g. to turn values navdeploy cannot capture into tensors.
+        output_mapping: ``f(output) -> output`` applied to what optimized runners return. They return the
+            eager output structure with HF ``ModelOutput``s and dataclasses as plain dicts, so
+            ``lambda o: BaseModelOutputWithPooling(**o)`` restores the class.
+        forward_func: the method the surrounding code calls when it does not call the module itself, e.g.
+            ``"forward"`` when ``encode()`` calls ``self.forward(x)``.
+        batching: whether axis 0 of every input and output is a batch axis; None infers it from the calls.
+        precision: the precision the module's weights are in: ``"fp32"`` (default), ``"fp16"``, ``"bf16"``,
+            ``"int8"`` (a pre-quantized module; kept as is).
+    """
+
+    def __init__(self, module: torch.nn.Module, name: Optional[str] = None,
+                 input_mapping: Optional[Callable[[tuple, dict], tuple[tuple, dict]]] = None,
+                 output_mapping: Optional[Callable[[Any], Any]] = None, forward_func: Optional[str] = None,
+                 batching: Optional[bool] = None, precision: Optional[str] = None):
+        global _counter
+        if isinstance(module, Module):
+            module._nav_unpatch()
+            module = module.__wrapped__
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"nav.Module wraps torch.nn.Module instances; got {type(module).__name__}. "
+                            "Wrap the nn.Module inside your pipeline, e.g. nav.Module(pipe.unet, name='unet').")
+        if precision is not None and precision not in PRECISIONS:
+            raise ConfigError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}.")
+        if input_mapping is not None and not callable(input_mapping):
+            raise TypeError("input_mapping must be callable: f(args, kwargs) -> (args, kwargs).")
+        if output_mapping is not None and not callable(output_mapping):
+            raise TypeError("output_mapping must be callable: f(output) -> output.")
+        if forward_func is not None:
+            method = getattr(type(module), forward_func, None)
+            if not callable(method):
+                raise AttributeError(f"forward_func={forward_func!r}: {type(module).__name__} has no method "
+                                     f"{forward_func!r}; pass the name of the method your code calls (e.g. 'forward').")
+        super().__init__(module)
+        name = name or type(module).__name__.lower()
+        if not isinstance(name, str) or not name or any(c in name for c in "/\\:") or name in (".", ".."):
+            raise ValueError(f"name={name!r}: use a non-empty name without '/', '\\' or ':'.")
+        other = _REGISTRY.get(name)
+        if other is not None and other.__wrapped__ is not module:
+            raise ValueError(f"two nav.Modules are named {name!r}; pass a unique name=..., e.g. "
+                             f"nav.Module(module, name='{name}_2').")
+        _counter += 1
+        self._self_order = _counter
+        self._self_name = name
+        self._self_input_mapping = input_mapping
+        self._self_output_mapping = output_mapping
+        self._self_forward_func = forward_func
+        self._self_batching = batching
+        self._self_precision = precision or "fp32"
+        self._self_optimize_config: Optional[OptimizeConfig] = None
+        self._self_handler: Optional[Callable] = None  # None: eager pass-through
+        self._self_status = None
+        if forward_func is not None:
+            self._nav_patch()
+        _REGISTRY[name] = self
+
+    # --- what users see -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The module's name in the workspace and in the Triton repository."""
+        return self._self_name
+
+    @property
+    def optimize_config(self) -> Optional[OptimizeConfig]:
+        """A per-module config; ``nav.optimize(..., config=...)`` does not override it."""
+        return self._self_optimize_config
+
+    @optimize_config.setter
+    def optimize_config(self, config: Optional[OptimizeConfig]) -> None:
+        if config is not None and not isinstance(config, OptimizeConfig):
+            raise TypeError(f"optimize_config must be a nav.OptimizeConfig, got {type(config).__name__}.")
+        self._self_optimize_config = config
+
+    @property
+    def precision(self) -> str:
+        return self._self_precision
+
+    @property
+    def is_optimized(self) -> bool:
+        """True when calls go to an optimized runner."""
+        return isinstance(self._self_handler, OptimizedHandler)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._self_forward_func is not None:
+            return self.__wrapped__(*args, **kwargs)  # the patched method does the routing
+        return self._nav_call(self.__wrapped__, args, kwargs)
+
+    def __repr__(self) -> str:
+        state = "optimized" if self.is_optimized else "eager"
+        return f"nav.Module(name={self._self_name!r}, {state}, {self.__wrapped__!r})"
+
+    # Methods that return the module itself must return the proxy, or `m = m.to("cuda")` would unwrap it.
+    def _nav_same(self, result: Any) -> Any:
+        return self if result is self.__wrapped__ else result
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        return self._nav_same(self.__wrapped__.to(*args, **kwargs))
+
+    def cuda(self, *args: Any, **kwargs: Any) -> Any:
+        return self._nav_same(self.__wrapped__.cuda(*args, **kwargs))
+
+    def cpu(self) -> Any:
+        return self._nav_same(self.__wrapped__.cpu())
+
+    def eval(self) -> Any:
+        return self._nav_same(self.__wrapped__.eval())
+
+    def train(self, mode: bool = True) -> Any:
+        return self._nav_same(self.__wrapped__.train(mode))
+
+    def half(self) -> Any:
+        return self._nav_same(self.__wrapped__.half())
+
+    def float(self) -> Any:
+        return self._nav_same(self.__wrapped__.float())
+
+    def requires_grad_(self, requires_grad: bool = True) -> Any:
+        return self._nav_same(self.__wrapped__.requires_grad_(requires_grad))
+
+    # Pickling or copying a pipeline stores the plain module: a proxy is a process-local view.
+    def __reduce_ex__(self, protocol: int) -> Any:
+        return self.__wrapped__.__reduce_ex__(protocol)
+
+    def __copy__(self) -> Any:
+        return copy.copy(self.__wrapped__)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return copy.deepcopy(self.__wrapped__, memo)
+
+    # --- routing --------------------------------------------------------------------------------
+    def _nav_call(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        mapping = self._self_input_mapping
+        if mapping is not None:
+            args, kwargs = mapping(args, kwargs)
+        handler = self._self_handler
+        if handler is None:
+            return fn(*args, **kwargs)
+        return handler(fn, args, kwargs)
+
+    def _nav_patch(self) -> None:
+        """Shadow ``forward_func`` on the instance so calls like ``self.forward(x)`` are routed too."""
+        module, name = self.__wrapped__, self._self_forward_func
+        original = getattr(type(module), name).__get__(module)
+        proxy_ref = weakref.ref(self)
+
+        def routed(*args: Any, **kwargs: Any) -> Any:
+            proxy = proxy_ref()
+            if proxy is None:
+                return original(*args, **kwargs)
+            return proxy._nav_call(original, args, kwargs)
+
+        routed.__navdeploy_routed__ = True
+        module.__dict__[name] = routed  # bypasses nn.Module.__setattr__: a plain instance attribute
+
+    def _nav_unpatch(self) -> None:
+        name = self._self_forward_func
+        if name and getattr(self.__wrapped__.__dict__.get(name), "__navdeploy_routed__", False):
+            del self.__wrapped__.__dict__[name]
+
+    @contextlib.contextmanager
+    def _nav_unpatched(self) -> Iterator[None]:
+        """The module without the instance patch, e.g. while it is pickled for a child process."""
+        self._nav_unpatch()
+        try:
+            yield
+        finally:
+            if self._self_forward_func is not None:
+                self._nav_patch()
+
+
+class OptimizedHandler:
+    """Routes a call to the runner of its graph; anything the runner was not built for runs eagerly."""
+
+    def __init__(self, name: str, graphs: dict[str, tuple[Graph, RunFn]], max_batch_size: int,
+                 output_mapping: Optional[Callable]):
+        self.name = name
+        self.graphs = graphs
+        self.max_batch_size = max_batch_size
+        self.output_mapping = output_mapping
+        self._warned: set[str] = set()
+
+    def _fallback(self, reason: str, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        kind = reason.split(":")[0]
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(f"navdeploy: module {self.name!r} runs eagerly for this call: {reason}. "
+                          "Re-run nav.optimize with a dataloader covering these inputs to optimize them too.",
+                          RuntimeWarning, stacklevel=4)
+        return fn(*args, **kwargs)
+
+    def __call__(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        try:
+            spec, tensors = flatten({"args": list(args), "kwargs": kwargs}, path=f"{self.name} inputs")
+        except CaptureError as exc:
+            return self._fallback(f"uncapturable input: {exc}", fn, args, kwargs)
+        entry = self.graphs.get(spec_key(spec, tensors))
+        if entry is None:
+            return self._fallback("new input structure: not seen while optimizing", fn, args, kwargs)
+        graph, run = entry
+        reason = graph.accepts(tensors, self.max_batch_size)
+        if reason is not None:
+            return self._fallback(f"input outside the optimized range: {reason}", fn, args, kwargs)
+        try:
+            with torch.no_grad():
+                outputs = conform(run(tensors), graph.outputs)
+        except Exception as exc:  # noqa: BLE001 - never crash the user's pipeline on a runner error
+            return self._fallback(f"runner error: {type(exc).__name__}: {exc}", fn, args, kwargs)
+        if self.output_mapping is not None:
+            return self.output_mapping(unflatten(graph.output_spec, outputs, rebuild_classes=False))
+        return unflatten(graph.output_spec, outputs)

@@ -1,0 +1,63 @@
+"""Latency and throughput of one runner on one input, measured in windows until they agree."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Measurement:
+    """Latency percentiles (ms) and throughput (samples/s) at one batch size (None: the module does not batch)."""
+
+    batch_size: Optional[int]
+    p50_ms: float
+    p90_ms: float
+    throughput: float
+    iterations: int
+    stable: bool
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(run: Callable[[], object], batch_size: Optional[int], device: str, time_budget_s: float,
+            window_count: int = 3, tolerance: float = 0.05) -> Measurement:
+    """Warm up, then time calls in windows of ~budget/10 until ``window_count`` window means are within
+    ``tolerance`` of each other or the budget runs out. Percentiles come from the stable windows' calls."""
+    deadline = time.perf_counter() + time_budget_s
+    for _ in range(2):  # first calls pay for lazy initialisation and allocator growth
+        run()
+    _sync(device)
+    window_s = max(time_budget_s / 10, 0.005)
+    windows: list[list[float]] = []
+    stable = False
+    while True:
+        times: list[float] = []
+        window_end = time.perf_counter() + window_s
+        while True:
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            end = time.perf_counter()
+            times.append(end - start)
+            if end >= window_end:
+                break
+        windows.append(times)
+        recent = [statistics.fmean(w) for w in windows[-window_count:]]
+        if len(recent) == window_count and (max(recent) - min(recent)) <= tolerance * min(recent):
+            stable = True
+            break
+        if time.perf_counter() >= deadline:
+            break
+    calls = sorted(t for w in windows[-window_count:] for t in w)
+    p50 = calls[len(calls) // 2]
+    p90 = calls[min(len(calls) - 1, int(len(calls) * 0.9))]
+    items = batch_size or 1
+    return Measurement(batch_size, p50 * 1e3, p90 * 1e3, items / statistics.fmean(calls), len(calls), stable)

@@ -1,0 +1,1 @@
+"""How optimize runs are shown: console tables and progress (and, later, HTML reports)."""

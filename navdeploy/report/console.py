@@ -1,0 +1,90 @@
+"""Rich progress while candidates run, and a status table per module when optimize ends."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Iterator, Optional
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from navdeploy.optimize import OptimizeStatus
+
+_console = Console(stderr=True)
+
+
+class Progress:
+    """A progress bar over all candidates of a run (a no-op when disabled)."""
+
+    def __init__(self, bar: Optional[RichProgress], task: Optional[int]):
+        self._bar, self._task = bar, task
+
+    def describe(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=text)
+
+    def advance(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, description=text)
+
+
+@contextlib.contextmanager
+def progress(total: int, enabled: bool = True) -> Iterator[Progress]:
+    """Show progress over ``total`` candidates while the block runs."""
+    if not enabled:
+        yield Progress(None, None)
+        return
+    bar = RichProgress(TextColumn("[bold]navdeploy[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), console=_console, transient=True)
+    with bar:
+        yield Progress(bar, bar.add_task("capturing", total=total))
+
+
+def log_handler() -> logging.Handler:
+    """A console handler for NAVDEPLOY_CONSOLE_OUTPUT=logs."""
+    return RichHandler(console=_console, show_path=False)
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def status_tables(status: "OptimizeStatus", detailed: bool = False) -> list[Table]:
+    """One table per module and graph: every candidate, its error vs eager, latency, throughput, the winner."""
+    tables = []
+    for module in status.modules.values():
+        for graph in module.graphs:
+            title = f"{module.name} · graph {graph.key} · {module.device}" + ("" if graph.batching else " · no batching")
+            table = Table(title=title, title_justify="left")
+            for col in ("", "runner", "format", "status", "max abs err", "p50 ms", "p90 ms", "best thr/s"):
+                table.add_column(col, justify="right" if col.endswith(("err", "ms", "/s")) else "left")
+            if detailed:
+                table.add_column("error / time", overflow="fold")
+            for c in graph.candidates:
+                first = c["profile"][0] if c.get("profile") else {}
+                best = max((m["throughput"] for m in c.get("profile", [])), default=None)
+                style = {"ok": "green", "failed": "red", "skipped": "dim"}.get(c["status"], "")
+                row = ["★" if c["runner"] == graph.selected else "", c["runner"], c["format"],
+                       f"[{style}]{c['status']}{' (cached)' if c.get('cached') else ''}[/]",
+                       _fmt(c.get("max_abs_err"), ".2e"), _fmt(first.get("p50_ms"), ".3f"),
+                       _fmt(first.get("p90_ms"), ".3f"), _fmt(best, ".0f")]
+                if detailed:
+                    times = ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in c.get("times", {}).items() if v is not None)
+                    row.append(c.get("error") or times)
+                elif c["status"] == "failed":
+                    row[3] += f" [dim]({(c.get('error') or '')[:60]})[/]"
+                table.add_row(*row)
+            tables.append(table)
+    return tables
+
+
+def print_status(status: "OptimizeStatus", detailed: bool = False) -> None:
+    """Print the status tables and where the logs are."""
+    for table in status_tables(status, detailed):
+        _console.print(table)
+    for module in status.modules.values():
+        _console.print(f"[dim]{module.name}: {module.seconds:.1f}s, log and manifest in {module.folder}[/]")

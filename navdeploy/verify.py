@@ -1,0 +1,61 @@
+"""Correctness of a candidate: its outputs against the eager reference, sample by sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from navdeploy.capture import TensorSpec
+
+
+@dataclass
+class Comparison:
+    """The worst error seen over every output of every sample, and whether it is within tolerance."""
+
+    ok: bool = True
+    max_abs_err: float = 0.0
+    max_rel_err: float = 0.0
+    reason: Optional[str] = None
+
+    def fail(self, reason: str) -> None:
+        if self.ok:
+            self.ok, self.reason = False, reason
+
+
+def conform(outputs: list[torch.Tensor], specs: list[TensorSpec]) -> list[torch.Tensor]:
+    """Runner outputs cast to the dtype and device eager returned (no-op when they already match)."""
+    result = []
+    for t, spec in zip(outputs, specs):
+        if str(t.dtype).removeprefix("torch.") != spec.dtype or t.device.type != torch.device(spec.device).type:
+            t = t.to(device=spec.device, dtype=spec.torch_dtype)
+        result.append(t)
+    return result
+
+
+def compare(expected: list[torch.Tensor], actual: list[torch.Tensor], atol: float, rtol: float,
+            result: Comparison, verify_func: Optional[Callable] = None, where: str = "") -> Comparison:
+    """Fold one sample's comparison into ``result`` (torch.allclose semantics: |a-e| <= atol + rtol*|e|)."""
+    if len(expected) != len(actual):
+        result.fail(f"{where}returned {len(actual)} outputs, eager returned {len(expected)}")
+        return result
+    for i, (e, a) in enumerate(zip(expected, actual)):
+        if tuple(e.shape) != tuple(a.shape):
+            result.fail(f"{where}output {i}: shape {tuple(a.shape)} differs from eager {tuple(e.shape)}")
+            continue
+        if e.numel() == 0:
+            continue
+        e64, a64 = e.detach().to("cpu", torch.float64), a.detach().to("cpu", torch.float64)
+        if not torch.isfinite(a64).all() and not torch.equal(torch.isfinite(a64), torch.isfinite(e64)):
+            result.fail(f"{where}output {i}: non-finite values where eager has finite ones")
+        diff = (a64 - e64).abs().nan_to_num(0.0)
+        abs_err = float(diff.max())
+        rel_err = float((diff / e64.abs().clamp_min(1e-12)).nan_to_num(0.0).max())
+        result.max_abs_err = max(result.max_abs_err, abs_err)
+        result.max_rel_err = max(result.max_rel_err, rel_err)
+        if bool((diff > atol + rtol * e64.abs().nan_to_num(0.0)).any()):
+            result.fail(f"{where}output {i}: max abs error {abs_err:.3g} exceeds atol={atol:g} + rtol={rtol:g}*|eager|")
+    if verify_func is not None and result.ok and not verify_func(expected, actual):
+        result.fail(f"{where}verify_func returned False")
+    return result
