@@ -44,6 +44,7 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device
 def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerprint_: Optional[str] = None) -> bool:
     """Route ``module`` to the runners its manifest selected. Returns False (module stays eager, with a
     warning) when there is nothing usable: no manifest, changed weights, missing or modified artifacts."""
+    module._self_handler = None  # every path that does not bind leaves the module eager
     manifest = manifest if manifest is not None else read_manifest(folder)
     if manifest is None:
         warnings.warn(f"navdeploy: no optimization found for module {module.name!r} in {folder}; it runs eagerly. "
@@ -63,8 +64,7 @@ def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerpr
         return False
     selected = {key: entry.get("selected") for key, entry in manifest["graphs"].items()}
     if selected and all(name in EAGER_RUNNER.values() for name in selected.values()):
-        module._self_handler = None  # eager won everywhere: plain pass-through, no routing cost
-        return True
+        return True  # eager won everywhere: plain pass-through, no routing cost
     graphs: dict[str, tuple[Graph, RunFn]] = {}
     for key, entry in manifest["graphs"].items():
         name = entry.get("selected")
@@ -77,7 +77,6 @@ def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerpr
             warnings.warn(f"navdeploy: cannot load {name} for module {module.name!r} (graph {key}): {exc}; that input "
                           "structure runs eagerly. Re-run nav.optimize to rebuild it.", RuntimeWarning, stacklevel=3)
     if not graphs:
-        module._self_handler = None
         return False
     module._self_handler = OptimizedHandler(module.name, graphs, manifest.get("max_batch_size", 1),
                                             module._self_output_mapping)

@@ -125,7 +125,7 @@ def run_task(job: Job, task: Task, state: WorkerState) -> dict:
     spec = FORMATS[runner.format]
     record: dict = {"runner": runner.name, "format": runner.format.value, "device": runner.device, "status": "failed",
                     "error": None, "step": None, "max_abs_err": None, "max_rel_err": None, "profile": [],
-                    "times": {}, "exported": False}
+                    "times": {}, "exported": False, "pid": os.getpid()}
     reason = runner.unavailable_reason()
     if reason:
         record.update(status="skipped", error=reason)

@@ -215,6 +215,8 @@ class Graph:
                 return f"input {i}: dtype {t.dtype} differs from captured {spec.dtype}"
             if t.device.type != torch.device(spec.device).type:
                 return f"input {i}: device {t.device} differs from captured {spec.device}"
+            if t.dim() != len(spec.min_shape):
+                return f"input {i}: rank {t.dim()} differs from captured rank {len(spec.min_shape)}"
             for axis, size in enumerate(t.shape):
                 lo, hi = spec.min_shape[axis], spec.max_shape[axis]
                 if self.batching and axis == 0:

@@ -110,6 +110,10 @@ class OptimizeConfig:
         """Raise :class:`ConfigError` naming the field and the fix for any invalid value."""
         from navdeploy.formats import known_runner_names
 
+        if isinstance(self.target_formats, str):  # a single format (Format is a str) is not a list of letters
+            self.target_formats = (self.target_formats,)
+        if isinstance(self.runners, str):
+            self.runners = (self.runners,)
         if self.target_formats is not None:
             formats = []
             for f in self.target_formats:

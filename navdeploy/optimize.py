@@ -4,6 +4,7 @@ select, write the manifest, and swap the winner in place."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -244,7 +245,8 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
     items = _dataloader_items(dataloader)
     mode = console_output()
     start = time.perf_counter()
-    modules = [m for m in registered_modules() if not m.is_optimized]
+    gc.collect()  # pipelines dropped by the user must not count as wrapped modules of this run
+    modules = registered_modules()
     if not modules:
         raise NavdeployError("no nav.Module to optimize: wrap the modules of your pipeline first, "
                              "e.g. pipe.unet = nav.Module(pipe.unet, name='unet').")
@@ -257,6 +259,8 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
         for _, sample in items:
             args, kwargs = split_sample(sample)
             func(*args, **kwargs)
+    # Modules optimized by an earlier call and not used by this callable keep what they have.
+    modules = [m for m in modules if recorders[m.name].graphs or not m.is_optimized]
     uncalled = [m.name for m in modules if not recorders[m.name].graphs]
     if uncalled:
         raise CaptureError(

@@ -14,7 +14,10 @@ from rich.table import Table
 if TYPE_CHECKING:
     from navdeploy.optimize import OptimizeStatus
 
+# Not a terminal (CI logs, files): rich would wrap at 80 columns; the table needs ~110.
 _console = Console(stderr=True)
+if not _console.is_terminal:
+    _console = Console(stderr=True, width=120)
 
 
 class Progress:
@@ -53,17 +56,17 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def status_tables(status: "OptimizeStatus", detailed: bool = False) -> list[Table]:
-    """One table per module and graph: every candidate, its error vs eager, latency, throughput, the winner."""
-    tables = []
+def status_tables(status: "OptimizeStatus", detailed: bool = False) -> list:
+    """One table per module and graph: every candidate, its error vs eager, latency, throughput, the winner;
+    then why each failed or skipped candidate did not run (and, detailed, time per step)."""
+    tables: list = []
     for module in status.modules.values():
         for graph in module.graphs:
             title = f"{module.name} · graph {graph.key} · {module.device}" + ("" if graph.batching else " · no batching")
             table = Table(title=title, title_justify="left")
             for col in ("", "runner", "format", "status", "max abs err", "p50 ms", "p90 ms", "best thr/s"):
                 table.add_column(col, justify="right" if col.endswith(("err", "ms", "/s")) else "left")
-            if detailed:
-                table.add_column("error / time", overflow="fold")
+            notes = []
             for c in graph.candidates:
                 first = c["profile"][0] if c.get("profile") else {}
                 best = max((m["throughput"] for m in c.get("profile", [])), default=None)
@@ -72,19 +75,20 @@ def status_tables(status: "OptimizeStatus", detailed: bool = False) -> list[Tabl
                        f"[{style}]{c['status']}{' (cached)' if c.get('cached') else ''}[/]",
                        _fmt(c.get("max_abs_err"), ".2e"), _fmt(first.get("p50_ms"), ".3f"),
                        _fmt(first.get("p90_ms"), ".3f"), _fmt(best, ".0f")]
-                if detailed:
+                if c.get("error"):
+                    notes.append(f"  [bold]{c['runner']}[/] {c['status']}: {c['error'] if detailed else c['error'][:150]}")
+                elif detailed:
                     times = ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in c.get("times", {}).items() if v is not None)
-                    row.append(c.get("error") or times)
-                elif c["status"] == "failed":
-                    row[3] += f" [dim]({(c.get('error') or '')[:60]})[/]"
+                    notes.append(f"  [bold]{c['runner']}[/] {times}")
                 table.add_row(*row)
             tables.append(table)
+            tables.extend(notes)
     return tables
 
 
 def print_status(status: "OptimizeStatus", detailed: bool = False) -> None:
     """Print the status tables and where the logs are."""
     for table in status_tables(status, detailed):
-        _console.print(table)
+        _console.print(table, highlight=False)
     for module in status.modules.values():
         _console.print(f"[dim]{module.name}: {module.seconds:.1f}s, log and manifest in {module.folder}[/]")

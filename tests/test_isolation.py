@@ -1,0 +1,67 @@
+"""A candidate that crashes, hangs or raises is marked failed with the reason; optimize carries on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import navdeploy as nav
+
+FAST = dict(batch_sizes=(1, 2), max_batch_size=2, profile_time_s=0.05)
+
+
+class Faulty(nn.Module):
+    """Fine when run eagerly; misbehaves only while TorchScript traces it (i.e. inside one candidate)."""
+
+    def __init__(self, fault: str):
+        super().__init__()
+        self.fault = fault
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if torch.jit.is_tracing():
+            if self.fault == "segfault":
+                os.kill(os.getpid(), signal.SIGSEGV)
+            elif self.fault == "hang":
+                time.sleep(600)
+            elif self.fault == "raise":
+                raise RuntimeError("boom while tracing")
+        return self.linear(x).relu()
+
+
+def _optimize(fault: str, tmp_path, **config):
+    torch.manual_seed(0)
+    module = nav.Module(Faulty(fault).eval(), name=f"faulty_{fault}_{len(config)}")
+    cfg = nav.OptimizeConfig(workspace=tmp_path, target_formats=(nav.Format.TORCH, nav.Format.TORCHSCRIPT,
+                                                                 nav.Format.ONNX),
+                             runners=("TorchCPU", "TorchScriptCPU", "OnnxCPU"), **FAST, **config)
+    status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))], cfg)
+    records = {c["runner"]: c for c in status.modules[module.name].graphs[0].candidates}
+    return module, records
+
+
+@pytest.mark.parametrize("fault, reason", [("segfault", "died with SIGSEGV"), ("hang", "timed out after 10 s"),
+                                           ("raise", "boom while tracing")])
+def test_faulty_candidate_fails_alone(fault, reason, tmp_path):
+    module, records = _optimize(fault, tmp_path, timeout_s=10)
+    assert records["TorchScriptCPU"]["status"] == "failed"
+    assert reason in records["TorchScriptCPU"]["error"]
+    # The next candidate runs in a fresh worker and is unaffected.
+    assert records["OnnxCPU"]["status"] == "ok", records["OnnxCPU"]["error"]
+    assert records["TorchCPU"]["status"] == "ok"
+    assert records["OnnxCPU"]["pid"] != os.getpid()  # it ran in a spawned child
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(module(x), module.__wrapped__(x), atol=1e-4, rtol=1e-3)
+
+
+def test_in_process_mode_still_survives_an_exception(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAVIGATOR_USE_MULTIPROCESSING", "False")  # the peer's name is accepted too
+    _, records = _optimize("raise", tmp_path)
+    assert records["TorchScriptCPU"]["status"] == "failed" and "boom" in records["TorchScriptCPU"]["error"]
+    assert records["OnnxCPU"]["status"] == "ok"
+    assert records["OnnxCPU"]["pid"] == os.getpid()  # no child process was used

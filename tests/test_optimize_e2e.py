@@ -1,0 +1,190 @@
+"""End to end on CPU: every default candidate is built, verified, profiled; the winner is swapped in,
+written to the workspace, reused from cache, and reloaded in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import navdeploy as nav
+
+CPU_RUNNERS = {"TorchCPU", "TorchCompileCPU", "TorchScriptCPU", "TorchExportCPU", "AOTInductorCPU", "OnnxCPU"}
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4)).eval()
+
+
+@pytest.fixture(scope="module")
+def optimized(tmp_path_factory):
+    """One full default optimize of a small CNN, shared by the tests below."""
+    workspace = tmp_path_factory.mktemp("ws")
+    model = nav.Module(small_cnn(), name="e2e_cnn")
+    data = [(1, torch.randn(1, 3, 16, 16)) for _ in range(3)] + [(2, torch.randn(2, 3, 16, 16))]
+    status = nav.optimize(model, data, nav.OptimizeConfig(workspace=workspace))
+    return model, status, workspace
+
+
+def test_every_cpu_candidate_is_tried_and_the_fastest_correct_one_wins(optimized):
+    model, status, _ = optimized
+    graphs = status.modules["e2e_cnn"].graphs
+    assert len(graphs) == 1 and graphs[0].batching
+    records = {c["runner"]: c for c in graphs[0].candidates}
+    assert set(records) == CPU_RUNNERS
+    ok = {name: r for name, r in records.items() if r["status"] == "ok"}
+    assert "TorchCPU" in ok and len(ok) >= 4, {n: r["error"] for n, r in records.items()}
+    for r in ok.values():
+        assert r["max_abs_err"] <= 1e-4
+        assert [m["batch_size"] for m in r["profile"]] == [1, 2, 4, 8]
+    winner = graphs[0].selected
+    assert winner in ok
+    # MinLatency at the captured batch size (1): nobody correct is faster than the winner.
+    assert ok[winner]["profile"][0]["p50_ms"] == min(r["profile"][0]["p50_ms"] for r in ok.values())
+
+
+def test_swapped_module_returns_what_eager_returns(optimized):
+    model, status, _ = optimized
+    assert model.is_optimized or status.modules["e2e_cnn"].graphs[0].selected == "TorchCPU"
+    for batch in (1, 3, 8):
+        x = torch.randn(batch, 3, 16, 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # inside the optimized range: no eager fallback warning
+            out = model(x)
+        expected = model.__wrapped__(x)
+        assert isinstance(out, torch.Tensor) and out.dtype == expected.dtype and out.device == expected.device
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_inputs_outside_what_was_captured_fall_back_to_eager_with_one_warning(optimized):
+    model, status, _ = optimized
+    if not model.is_optimized:
+        pytest.skip("eager won: nothing to fall back from")
+    x = torch.randn(1, 3, 20, 20)  # spatial size never captured
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        out = model(x)
+    torch.testing.assert_close(out, model.__wrapped__(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same kind of fallback warns once only
+        model(torch.randn(1, 3, 24, 24))
+    with pytest.warns(RuntimeWarning, match="new input structure"):
+        out = model(input=x)  # passed by keyword: a structure never captured
+    torch.testing.assert_close(out, model.__wrapped__(x))
+
+
+def test_workspace_holds_manifest_log_samples_and_artifacts(optimized):
+    _, status, workspace = optimized
+    folder = workspace / "e2e_cnn"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["module"] == "e2e_cnn" and manifest["device"] == "cpu"
+    (key, entry), = manifest["graphs"].items()
+    assert entry["selected"] == status.modules["e2e_cnn"].graphs[0].selected
+    assert (folder / "navdeploy.log").stat().st_size > 0
+    samples = torch.load(folder / key / "samples.pt", weights_only=True)
+    assert len(samples["inputs"]) == len(samples["outputs"]) >= 2
+    for fmt, state in entry["formats"].items():
+        assert state["status"] != "ok" or (folder / key / fmt).is_dir()
+    assert not list(folder.rglob("*.tmp*")), "no half-written files are left behind"
+
+
+def test_rerun_with_nothing_changed_reuses_every_result(optimized):
+    model, status, workspace = optimized
+    data = [(1, torch.randn(1, 3, 16, 16)) for _ in range(3)] + [(2, torch.randn(2, 3, 16, 16))]
+    again = nav.optimize(model, data, nav.OptimizeConfig(workspace=workspace))
+    graph = again.modules["e2e_cnn"].graphs[0]
+    assert all(c.get("cached") for c in graph.candidates if c["status"] != "skipped")
+    assert graph.selected == status.modules["e2e_cnn"].graphs[0].selected
+
+
+def test_changed_weights_are_never_served_from_stale_artifacts(optimized):
+    model, status, workspace = optimized
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.__wrapped__[0].weight.add_(0.5)  # "fine-tuning"
+    with pytest.warns(RuntimeWarning, match="changed .*since it was optimized"):
+        assert nav.load_optimized(workspace)["e2e_cnn"] is False
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(model(x), model.__wrapped__(x))
+    model.load_state_dict(original)
+    assert nav.load_optimized(workspace)["e2e_cnn"] is (status.modules["e2e_cnn"].optimized)
+
+
+def test_fresh_process_reloads_without_optimizing(optimized):
+    _, status, workspace = optimized
+    script = textwrap.dedent(f"""
+        import sys, torch, warnings
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import navdeploy as nav
+        from test_optimize_e2e import small_cnn
+        model = nav.Module(small_cnn(), name="e2e_cnn")
+        loaded = nav.load_optimized({str(workspace)!r})
+        x = torch.randn(4, 3, 16, 16)
+        torch.testing.assert_close(model(x), model.__wrapped__(x), atol=1e-4, rtol=1e-3)
+        print("LOADED", loaded["e2e_cnn"], model.is_optimized)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    winner = status.modules["e2e_cnn"].graphs[0].selected
+    assert f"LOADED True {winner != 'TorchCPU'}" in out.stdout
+
+
+class TwoOutputs(nn.Module):
+    """Returns an HF ModelOutput, takes a kwarg and a string constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x, mask=None, mode: str = "sum"):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        h = self.proj(x) * mask.unsqueeze(-1)
+        pooled = h.sum(1) if mode == "sum" else h.mean(1)
+        return BaseModelOutputWithPooling(last_hidden_state=h, pooler_output=pooled)
+
+
+def test_model_outputs_kwargs_strings_and_output_mapping(tmp_path):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    torch.manual_seed(0)
+    inner = TwoOutputs().eval()
+    plain = nav.Module(inner, name="e2e_modeloutput")
+    data = [(2, (torch.randn(2, s, 6), {"mask": torch.ones(2, s), "mode": m})) for s in (3, 5) for m in ("sum", "mean")]
+    config = nav.OptimizeConfig(workspace=tmp_path, target_formats=(nav.Format.ONNX,), batch_sizes=(1, 2),
+                                profile_time_s=0.05)
+    status = nav.optimize(plain, data, config)
+    assert len(status.modules["e2e_modeloutput"].graphs) == 2  # "sum" and "mean" are two graphs
+    assert all(g.selected for g in status.modules["e2e_modeloutput"].graphs)
+    x, mask = torch.randn(1, 4, 6), torch.ones(1, 4)
+    for mode in ("sum", "mean"):
+        out = plain(x, mask=mask, mode=mode)
+        ref = inner(x, mask=mask, mode=mode)
+        assert type(out) is BaseModelOutputWithPooling
+        torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-4, rtol=1e-3)
+
+    mapped = nav.Module(TwoOutputs().eval(), name="e2e_mapped",
+                        output_mapping=lambda o: ("mapped", BaseModelOutputWithPooling(**o)))
+    nav.optimize(mapped, data[:1], config)
+    assert mapped.is_optimized
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the optimized path, not the eager fallback
+        out = mapped(torch.randn(1, 3, 6), mask=torch.ones(1, 3), mode="sum")
+    assert out[0] == "mapped" and isinstance(out[1], BaseModelOutputWithPooling)
+
+
+def test_module_never_called_is_named_in_the_error(tmp_path):
+    used = nav.Module(nn.Linear(3, 3), name="e2e_used")
+    unused = nav.Module(nn.Linear(3, 3), name="e2e_unused")  # noqa: F841 - registered, never called
+    with pytest.raises(nav.CaptureError, match="e2e_unused.*forward_func"):
+        nav.optimize(used, [(1, torch.randn(1, 3))], nav.OptimizeConfig(workspace=tmp_path))
+    assert not (tmp_path / "e2e_used").exists()
