@@ -85,6 +85,11 @@ def flatten(tree: Any, path: str = "inputs") -> tuple[Spec, list[torch.Tensor]]:
     return walk(tree, path), tensors
 
 
+def flatten_call(args: tuple, kwargs: dict, name: str) -> tuple[Spec, list[torch.Tensor]]:
+    """Flatten one call's arguments. Keyword order does not matter to Python, so it does not make a new graph."""
+    return flatten({"args": list(args), "kwargs": dict(sorted(kwargs.items()))}, path=f"{name} inputs")
+
+
 def unflatten(spec: Spec, tensors: list[Any], rebuild_classes: bool = True) -> Any:
     """Inverse of :func:`flatten`. With ``rebuild_classes=False`` dataclasses/ModelOutputs come back as dicts."""
 
@@ -250,7 +255,7 @@ class Recorder:
         """Run the eager call and remember its inputs and outputs."""
         if self.input_mapping is not None:
             args, kwargs = self.input_mapping(args, kwargs)
-        in_spec, inputs = flatten({"args": list(args), "kwargs": kwargs}, path=f"{self.name} inputs")
+        in_spec, inputs = flatten_call(args, kwargs, self.name)
         output = fn(*args, **kwargs)
         out_spec, outputs = flatten(output, path=f"{self.name} outputs")
         if not outputs:

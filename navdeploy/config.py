@@ -118,10 +118,11 @@ class OptimizeConfig:
             formats = []
             for f in self.target_formats:
                 try:
-                    formats.append(Format(f))
+                    formats.append(Format(f) if not (isinstance(f, str) and f.upper() in Format.__members__
+                                                     and not isinstance(f, Format)) else Format[f.upper()])
                 except ValueError:
-                    valid = ", ".join(x.name for x in Format)
-                    raise ConfigError(f"target_formats: unknown format {f!r}; use nav.Format members: {valid}.") from None
+                    valid = ", ".join(f"nav.Format.{x.name} ({x.value!r})" for x in Format)
+                    raise ConfigError(f"target_formats: unknown format {f!r}; use one of {valid}.") from None
             self.target_formats = tuple(formats)
         if self.runners is not None:
             known = known_runner_names()
@@ -181,9 +182,9 @@ class OptimizeConfig:
 
 def _env_flag(*names: str, default: bool) -> bool:
     for name in names:
-        value = os.environ.get(name)
-        if value is not None:
-            return value.strip().lower() not in ("0", "false", "no", "off", "")
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value.lower() not in ("0", "false", "no", "off", "")
     return default
 
 

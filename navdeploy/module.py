@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import wrapt
 
-from navdeploy.capture import CaptureError, Graph, flatten, spec_key, unflatten
+from navdeploy.capture import CaptureError, Graph, flatten_call, spec_key, unflatten
 from navdeploy.config import PRECISIONS, OptimizeConfig
 from navdeploy.errors import ConfigError
 from navdeploy.formats import RunFn
@@ -160,15 +160,34 @@ class Module(wrapt.ObjectProxy):
     def requires_grad_(self, requires_grad: bool = True) -> Any:
         return self._nav_same(self.__wrapped__.requires_grad_(requires_grad))
 
-    # Pickling or copying a pipeline stores the plain module: a proxy is a process-local view.
+    def double(self) -> Any:
+        return self._nav_same(self.__wrapped__.double())
+
+    def bfloat16(self) -> Any:
+        return self._nav_same(self.__wrapped__.bfloat16())
+
+    def apply(self, fn: Callable) -> Any:
+        return self._nav_same(self.__wrapped__.apply(fn))
+
+    def to_empty(self, *args: Any, **kwargs: Any) -> Any:
+        return self._nav_same(self.__wrapped__.to_empty(*args, **kwargs))
+
+    def share_memory(self) -> Any:
+        return self._nav_same(self.__wrapped__.share_memory())
+
+    # Pickling or copying a pipeline stores the plain module (without the forward_func patch):
+    # a proxy is a process-local view.
     def __reduce_ex__(self, protocol: int) -> Any:
-        return self.__wrapped__.__reduce_ex__(protocol)
+        with self._nav_unpatched():
+            return self.__wrapped__.__reduce_ex__(protocol)
 
     def __copy__(self) -> Any:
-        return copy.copy(self.__wrapped__)
+        with self._nav_unpatched():
+            return copy.copy(self.__wrapped__)
 
     def __deepcopy__(self, memo: dict) -> Any:
-        return copy.deepcopy(self.__wrapped__, memo)
+        with self._nav_unpatched():
+            return copy.deepcopy(self.__wrapped__, memo)
 
     # --- routing --------------------------------------------------------------------------------
     def _nav_call(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
@@ -233,7 +252,7 @@ class OptimizedHandler:
 
     def __call__(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
         try:
-            spec, tensors = flatten({"args": list(args), "kwargs": kwargs}, path=f"{self.name} inputs")
+            spec, tensors = flatten_call(args, kwargs, self.name)
         except CaptureError as exc:
             return self._fallback(f"uncapturable input: {exc}", fn, args, kwargs)
         entry = self.graphs.get(spec_key(spec, tensors))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import navdeploy as nav
-from navdeploy.capture import Graph, Recorder, flatten, spec_key, split_sample, unflatten
+from navdeploy.capture import Graph, Recorder, flatten, flatten_call, spec_key, split_sample, unflatten
 
 # Classes must live at module level: unflatten only rebuilds classes it can resolve by module:qualname.
 Pair = namedtuple("Pair", ["first", "second"])
@@ -354,10 +354,8 @@ def test_accepts_count_and_rank_mismatch():
     assert "rank" in g.accepts([torch.ones(2, 4, 1)], 8)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: spec_key depends on kwargs order; the same call with kwargs in "
-                                       "another order is a new graph (eager fallback after optimize)")
 def test_spec_key_ignores_kwargs_order():
     x, m = torch.ones(1, 2), torch.ones(1, 2)
-    a = key_of({"args": [], "kwargs": {"x": x, "mask": m}})
-    b = key_of({"args": [], "kwargs": {"mask": m, "x": x}})
+    a = spec_key(*flatten_call((), {"x": x, "mask": m}, "m"))
+    b = spec_key(*flatten_call((), {"mask": m, "x": x}, "m"))
     assert a == b

@@ -107,8 +107,6 @@ def test_eval_and_to_change_the_module(uname):
     assert m.float() is m and inner.weight.dtype == torch.float32
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: module.py does not wrap double()/bfloat16()/apply(); "
-                                       "`m = m.double()` silently unwraps the proxy")
 @pytest.mark.parametrize("method, args", [("double", ()), ("bfloat16", ()), ("apply", (lambda mod: None,))])
 def test_other_self_returning_methods_return_proxy(uname, method, args):
     m = nav.Module(torch.nn.Linear(2, 2), name=uname)
@@ -289,8 +287,6 @@ def test_pickle_and_deepcopy_of_parent_give_plain_module(uname):
     assert [m for m in registered_modules() if m.name == uname] == [parent.child]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with forward_func the instance patch (a closure) is copied along: "
-                                       "pickle fails and a deepcopy's forward runs the ORIGINAL module")
 def test_deepcopy_with_forward_func_gives_independent_module(uname):
     inner = Encoder()
     m = nav.Module(inner, name=uname, forward_func="forward")
