@@ -45,6 +45,7 @@ def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerpr
     """Route ``module`` to the runners its manifest selected. Returns False (module stays eager, with a
     warning) when there is nothing usable: no manifest, changed weights, missing or modified artifacts."""
     module._self_handler = None  # every path that does not bind leaves the module eager
+    module._self_bound = False
     manifest = manifest if manifest is not None else read_manifest(folder)
     if manifest is None:
         warnings.warn(f"navdeploy: no optimization found for module {module.name!r} in {folder}; it runs eagerly. "
@@ -64,6 +65,7 @@ def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerpr
         return False
     selected = {key: entry.get("selected") for key, entry in manifest["graphs"].items()}
     if selected and all(name in EAGER_RUNNER.values() for name in selected.values()):
+        module._self_bound = True
         return True  # eager won everywhere: plain pass-through, no routing cost
     graphs: dict[str, tuple[Graph, RunFn]] = {}
     for key, entry in manifest["graphs"].items():
@@ -78,6 +80,7 @@ def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerpr
                           "structure runs eagerly. Re-run nav.optimize to rebuild it.", RuntimeWarning, stacklevel=3)
     if not graphs:
         return False
+    module._self_bound = True
     module._self_handler = OptimizedHandler(module.name, graphs, manifest.get("max_batch_size", 1),
                                             module._self_output_mapping)
     log.info("module %s bound: %s", module.name, {k: manifest["graphs"][k]["selected"] for k in graphs})

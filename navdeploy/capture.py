@@ -242,19 +242,15 @@ def _batch_size_of(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> O
 class Recorder:
     """Collects the calls of one wrapped module into graphs while ``nav.optimize`` runs the callable."""
 
-    def __init__(self, name: str, sample_count: int, batching: Optional[bool],
-                 input_mapping: Optional[Callable] = None):
+    def __init__(self, name: str, sample_count: int, batching: Optional[bool]):
         self.name = name
         self.sample_count = sample_count
         self.batching = batching
-        self.input_mapping = input_mapping
         self.graphs: dict[str, Graph] = {}
         self._batch_consistent: dict[str, bool] = {}
 
     def record(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
-        """Run the eager call and remember its inputs and outputs."""
-        if self.input_mapping is not None:
-            args, kwargs = self.input_mapping(args, kwargs)
+        """Run the eager call and remember its inputs and outputs (``input_mapping`` was applied by the proxy)."""
         in_spec, inputs = flatten_call(args, kwargs, self.name)
         output = fn(*args, **kwargs)
         out_spec, outputs = flatten(output, path=f"{self.name} outputs")

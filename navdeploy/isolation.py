@@ -14,6 +14,7 @@ import os
 import queue
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -120,6 +121,8 @@ class Executor:
                 self._start()
             except WorkerStartError as exc:
                 log.warning("running candidates of %s in-process: %s", self.job.module_name, exc)
+                warnings.warn(f"navdeploy: running candidates of {self.job.module_name!r} in this process, without "
+                              f"crash isolation: {exc}", RuntimeWarning, stacklevel=2)
                 self.isolate = False
                 return run_task(self.job, task, self._state)
         self._tasks.put(task)

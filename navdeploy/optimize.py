@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import multiprocessing as mp
 import logging
 import os
 import time
@@ -103,6 +104,43 @@ def _recording(modules: list[Module], recorders: dict[str, Recorder]) -> Iterato
     finally:
         for m in modules:
             m._self_handler = saved[m.name]
+
+
+def _module_config(module: Module, config: Optional[OptimizeConfig]) -> OptimizeConfig:
+    """The module's own config (with the run's workspace when it names none), else the run's, else defaults."""
+    own = module.optimize_config
+    if own is None:
+        return config or OptimizeConfig()
+    if own.workspace is None and config is not None and config.workspace is not None:
+        return own.replace(workspace=config.workspace)
+    return own
+
+
+@contextlib.contextmanager
+def _inductor_cache(workspace: Path) -> Iterator[None]:
+    """TORCHINDUCTOR_CACHE_DIR inside the workspace for the duration of the block, unless the user set it."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(workspace / "inductor_cache")
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+
+
+def _run_capture(func: Callable, items: list[tuple[int, Any]]) -> None:
+    for i, (_, sample) in enumerate(items):
+        args, kwargs = split_sample(sample)
+        try:
+            func(*args, **kwargs)
+        except TypeError as exc:
+            if i == 0 and isinstance(sample, (list, tuple)) and "argument" in str(exc):
+                raise DataloaderError(
+                    f"calling the callable with dataloader item 0 failed: {exc}. A tuple or list sample is unpacked "
+                    "into positional arguments; to pass one list (e.g. a list of sentences) as a single argument, "
+                    "wrap it: (batch_size, (sentences,)).") from exc
+            raise
 
 
 def _module_device(module: torch.nn.Module) -> str:
@@ -238,6 +276,10 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
     After it returns, the wrapped modules run their fastest verified runner; inputs they were not
     optimized for run eagerly.
     """
+    if mp.current_process().name.startswith("navdeploy-"):
+        raise NavdeployError("nav.optimize was called while navdeploy's worker process imported your script: the "
+                             "script runs nav.optimize at import time. Put it under `if __name__ == \"__main__\":` "
+                             "or set NAVDEPLOY_USE_MULTIPROCESSING=False.")
     if not callable(func):
         raise TypeError(f"nav.optimize needs a callable (a pipeline, function or bound method); got {type(func).__name__}.")
     if config is not None and not isinstance(config, OptimizeConfig):
@@ -250,17 +292,12 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
     if not modules:
         raise NavdeployError("no nav.Module to optimize: wrap the modules of your pipeline first, "
                              "e.g. pipe.unet = nav.Module(pipe.unet, name='unet').")
-    configs = {m.name: m.optimize_config or config or OptimizeConfig() for m in modules}
+    configs = {m.name: _module_config(m, config) for m in modules}
     recorders = {m.name: Recorder(m.name, configs[m.name].sample_count, m._self_batching) for m in modules}
-    # torch.compile caches inside the workspace so reloads and re-runs compile from cache (unless set by the user).
-    first_workspace = resolve_workspace(configs[modules[0].name])
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(first_workspace / "inductor_cache"))
     with _recording(modules, recorders), torch.no_grad():
-        for _, sample in items:
-            args, kwargs = split_sample(sample)
-            func(*args, **kwargs)
+        _run_capture(func, items)
     # Modules optimized by an earlier call and not used by this callable keep what they have.
-    modules = [m for m in modules if recorders[m.name].graphs or not m.is_optimized]
+    modules = [m for m in modules if recorders[m.name].graphs or not m._self_bound]
     uncalled = [m.name for m in modules if not recorders[m.name].graphs]
     if uncalled:
         raise CaptureError(
@@ -274,9 +311,11 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
                 for n, g, m in ((m.name, work[m.name], m) for m in modules))
     with console.progress(total, enabled=mode != "logs") as progress:
         for m in modules:
-            status.modules[m.name] = _optimize_module(m, work[m.name], configs[m.name], mode, progress)
+            # torch.compile caches inside the workspace so reloads and re-runs compile from cache.
+            with _inductor_cache(resolve_workspace(configs[m.name])):
+                status.modules[m.name] = _optimize_module(m, work[m.name], configs[m.name], mode, progress)
     status.seconds = time.perf_counter() - start
-    console.print_status(status, detailed=mode != "simple")
+    console.print_status(status, detailed=mode == "detailed")
     return status
 
 
@@ -290,6 +329,6 @@ def load_optimized(workspace: Optional[str | Path] = None) -> dict[str, bool]:
     result = {}
     for m in registered_modules():
         ws = Path(workspace) if workspace is not None else resolve_workspace(m.optimize_config)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ws / "inductor_cache"))
-        result[m.name] = bind(m, module_dir(ws, m.name))
+        with _inductor_cache(ws):
+            result[m.name] = bind(m, module_dir(ws, m.name))
     return result

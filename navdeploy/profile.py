@@ -28,9 +28,10 @@ def _sync(device: str) -> None:
 
 
 def measure(run: Callable[[], object], batch_size: Optional[int], device: str, time_budget_s: float,
-            window_count: int = 3, tolerance: float = 0.05) -> Measurement:
+            window_count: int = 3, tolerance: float = 0.05, min_calls: int = 10) -> Measurement:
     """Warm up, then time calls in windows of ~budget/10 until ``window_count`` window means are within
-    ``tolerance`` of each other or the budget runs out. Percentiles come from the stable windows' calls."""
+    ``tolerance`` of each other or the budget runs out. Percentiles come from the last windows' calls,
+    at least ``min_calls`` of them unless that would take over three times the budget."""
     deadline = time.perf_counter() + time_budget_s
     for _ in range(2):  # first calls pay for lazy initialisation and allocator growth
         run()
@@ -55,7 +56,9 @@ def measure(run: Callable[[], object], batch_size: Optional[int], device: str, t
             stable = True
             break
         if time.perf_counter() >= deadline:
-            break
+            measured = sum(len(w) for w in windows[-window_count:])
+            if measured >= min_calls or time.perf_counter() >= deadline + 2 * time_budget_s:
+                break
     calls = sorted(t for w in windows[-window_count:] for t in w)
     p50 = calls[len(calls) // 2]
     p90 = calls[min(len(calls) - 1, int(len(calls) * 0.9))]

@@ -290,9 +290,17 @@ def test_recorder_distinct_graphs_for_distinct_constants():
         assert again.key == g.key and again.inputs == g.inputs and again.batching == g.batching
 
 
-def test_recorder_input_mapping_applied():
-    rec = Recorder("rec", 2, None, input_mapping=lambda args, kwargs: ((torch.tensor(args[0]),), {}))
-    out = rec.record(lambda t: t + 1, ([1.0, 2.0],), {})
+class AddOne(torch.nn.Module):
+    def forward(self, t):
+        return t + 1
+
+
+def test_input_mapping_is_applied_before_recording():
+    proxy = nav.Module(AddOne(), name="capture_input_mapping",
+                       input_mapping=lambda args, kwargs: ((torch.tensor(args[0]),), {}))
+    rec = Recorder("capture_input_mapping", 2, None)
+    proxy._self_handler = rec.record  # what nav.optimize installs while the callable runs
+    out = proxy([1.0, 2.0])  # a list the module could not take; the mapping makes it a tensor
     assert torch.equal(out, torch.tensor([2.0, 3.0]))
     assert len(rec.finish()[0].inputs) == 1
 

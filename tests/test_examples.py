@@ -86,6 +86,10 @@ def pipeline_run(tmp_path_factory):
     mp.setenv("NAVDEPLOY_WORKSPACE", str(tmp_path_factory.mktemp("default_ws")))
     mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
     result = None
+    gc.collect()
+    from navdeploy.module import registered_modules
+    leftover = [m.name for m in registered_modules()]
+    assert not leftover, f"nav.Modules of earlier tests are still alive: {leftover}"
     try:
         tmp = _example("two_module_pipeline")
         result = tmp.main(workspace=str(workspace))

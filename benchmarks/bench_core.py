@@ -1,0 +1,135 @@
+"""Core benchmark on this CPU machine, in one run: optimize wall time (first run, cache-hit re-run), peak RSS,
+eager vs selected-runner latency at batch 1 and 8, and the per-call overhead of nav.Module.
+
+    python benchmarks/bench_core.py [--out benchmarks/results/core_cpu.json]
+
+Prints a table and writes JSON. Compare ratios measured in one run: these machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+import navdeploy as nav
+from navdeploy.profile import measure
+
+TARGETS = {"cache_hit_rerun_s": 2.0, "passthrough_overhead_us": 5.0, "peer_optimize_s": 38.0}
+
+
+def tiny_cnn() -> nn.Module:
+    """~5k parameters, the size the peer (Model Navigator 0.14) needed ~38 s to optimize here."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def per_call_us(fn, x, calls: int = 20000, repeats: int = 5) -> float:
+    """Median over repeats of the mean time per call, in microseconds."""
+    results = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn(x)
+        results.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(results)
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "core_cpu.json"))
+    args = parser.parse_args()
+    workspace = Path(tempfile.mkdtemp(prefix="navdeploy-bench-"))
+    raw = tiny_cnn()
+    params = sum(p.numel() for p in raw.parameters())
+    model = nav.Module(raw, name="bench_cnn")
+    data = [(1, torch.randn(1, 3, 32, 32)) for _ in range(4)] + [(8, torch.randn(8, 3, 32, 32))]
+    config = nav.OptimizeConfig(workspace=workspace)
+
+    start = time.perf_counter()
+    status = nav.optimize(model, data, config)
+    first_s = time.perf_counter() - start
+    start = time.perf_counter()
+    again = nav.optimize(model, data, config)
+    rerun_s = time.perf_counter() - start
+    graph = status.modules["bench_cnn"].graphs[0]
+    cached = all(c.get("cached") for c in again.modules["bench_cnn"].graphs[0].candidates if c["status"] != "skipped")
+
+    latency = {}
+    with torch.no_grad():
+        for bs in (1, 8):
+            x = torch.randn(bs, 3, 32, 32)
+            eager = measure(lambda: raw(x), bs, "cpu", 1.0)
+            optimized = measure(lambda: model(x), bs, "cpu", 1.0)
+            latency[bs] = {"eager_p50_ms": eager.p50_ms, "optimized_p50_ms": optimized.p50_ms,
+                           "speedup": eager.p50_ms / optimized.p50_ms}
+
+        # Wrapper overhead: a module that does almost nothing, so the difference is navdeploy's own cost.
+        ident = nn.Identity()
+        x = torch.randn(1, 4)
+        direct_us = per_call_us(ident, x)
+        passthrough = nav.Module(nn.Identity(), name="bench_identity")
+        passthrough_us = per_call_us(passthrough, x)
+        runner = model._self_handler.graphs[graph.key][1] if model.is_optimized else None
+        xs = torch.randn(1, 3, 32, 32)
+        runner_us = per_call_us(lambda t: runner([t]), xs, calls=2000) if runner else None
+        routed_us = per_call_us(model, xs, calls=2000) if runner else None
+
+    result = {
+        "command": "python benchmarks/bench_core.py",
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "model": {"name": "tiny_cnn", "parameters": params, "input": [1, 3, 32, 32]},
+        "optimize_first_run_s": first_s,
+        "optimize_cache_hit_rerun_s": rerun_s,
+        "cache_hit_all_cached": cached,
+        "peak_rss_mib_parent": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "selected": graph.selected,
+        "candidates": {c["runner"]: {"status": c["status"], "p50_ms_b1": c["profile"][0]["p50_ms"] if c["profile"] else None,
+                                     "error": c["error"]} for c in graph.candidates},
+        "latency": latency,
+        "overhead_us": {"direct_call": direct_us, "passthrough_call": passthrough_us,
+                        "passthrough_overhead": passthrough_us - direct_us,
+                        "runner_direct": runner_us, "optimized_call": routed_us,
+                        "optimized_overhead": (routed_us - runner_us) if runner else None},
+        "targets": TARGETS,
+    }
+    table = Table(title=f"navdeploy core benchmark ({params} parameter CNN, CPU)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    table.add_row("optimize, first run", f"{first_s:.1f} s", f"< {TARGETS['peer_optimize_s'] / 4:.1f} s (peer/4)")
+    table.add_row("optimize, cache-hit re-run", f"{rerun_s:.2f} s", f"< {TARGETS['cache_hit_rerun_s']} s")
+    table.add_row("peak RSS parent / children", f"{result['peak_rss_mib_parent']:.0f} / "
+                  f"{result['peak_rss_mib_children']:.0f} MiB", "")
+    table.add_row("selected runner", str(graph.selected), "")
+    for bs, row in latency.items():
+        table.add_row(f"batch {bs}: eager / optimized p50", f"{row['eager_p50_ms']:.3f} / {row['optimized_p50_ms']:.3f} ms"
+                      f" ({row['speedup']:.2f}x)", ">= 1x (within noise)")
+    table.add_row("nav.Module overhead, pass-through", f"{passthrough_us - direct_us:.2f} µs/call",
+                  f"< {TARGETS['passthrough_overhead_us']} µs")
+    if runner:
+        table.add_row("nav.Module overhead, optimized (routing)", f"{routed_us - runner_us:.2f} µs/call", "")
+    Console().print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
