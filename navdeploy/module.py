@@ -231,6 +231,22 @@ class Module(wrapt.ObjectProxy):
                 self._nav_patch()
 
 
+_CONSTANTS = (str, int, float, bool, type(None))
+
+
+def _flat_signature(args: tuple, kwargs: dict) -> Optional[tuple]:
+    """(dtype, rank, device) of each tensor and the value of each constant, or None when a call nests containers."""
+    signature: list = []
+    for value in (*args, *(kwargs[k] for k in sorted(kwargs))):
+        if isinstance(value, torch.Tensor):
+            signature.append((value.dtype, value.dim(), value.device.type))
+        elif isinstance(value, _CONSTANTS):
+            signature.append((type(value), value))
+        else:
+            return None
+    return (len(args), tuple(sorted(kwargs)), tuple(signature))
+
+
 class OptimizedHandler:
     """Routes a call to the runner of its graph; anything the runner was not built for runs eagerly."""
 
@@ -241,6 +257,7 @@ class OptimizedHandler:
         self.max_batch_size = max_batch_size
         self.output_mapping = output_mapping
         self._warned: set[str] = set()
+        self._keys: dict[tuple, str] = {}
 
     def _fallback(self, reason: str, fn: Callable, args: tuple, kwargs: dict) -> Any:
         kind = reason.split(":")[0]
@@ -251,12 +268,26 @@ class OptimizedHandler:
                           RuntimeWarning, stacklevel=4)
         return fn(*args, **kwargs)
 
+    def _graph_key(self, args: tuple, kwargs: dict) -> tuple[Optional[str], list[torch.Tensor]]:
+        """The graph key and flat tensors of a call. Flat calls (tensors and constants only, the common case)
+        skip hashing the full spec: their key is memoised by a cheap signature."""
+        signature = _flat_signature(args, kwargs)
+        if signature is not None and signature in self._keys:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors += [kwargs[k] for k in sorted(kwargs) if isinstance(kwargs[k], torch.Tensor)]
+            return self._keys[signature], tensors
+        spec, tensors = flatten_call(args, kwargs, self.name)
+        key = spec_key(spec, tensors)
+        if signature is not None:
+            self._keys[signature] = key
+        return key, tensors
+
     def __call__(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
         try:
-            spec, tensors = flatten_call(args, kwargs, self.name)
+            key, tensors = self._graph_key(args, kwargs)
         except CaptureError as exc:
             return self._fallback(f"uncapturable input: {exc}", fn, args, kwargs)
-        entry = self.graphs.get(spec_key(spec, tensors))
+        entry = self.graphs.get(key)
         if entry is None:
             return self._fallback("new input structure: not seen while optimizing", fn, args, kwargs)
         graph, run = entry
