@@ -32,7 +32,12 @@ def optimized(tmp_path_factory):
     workspace = tmp_path_factory.mktemp("ws")
     model = nav.Module(small_cnn(), name="e2e_cnn")
     data = [(1, torch.randn(1, 3, 16, 16)) for _ in range(3)] + [(2, torch.randn(2, 3, 16, 16))]
+    user_set_cache = "TORCHINDUCTOR_CACHE_DIR" in os.environ
     status = nav.optimize(model, data, nav.OptimizeConfig(workspace=workspace))
+    if not user_set_cache:
+        # torch.compile/AOTInductor cached inside the workspace, and the variable is not left behind.
+        assert (workspace / "inductor_cache").is_dir()
+        assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     return model, status, workspace
 
 
