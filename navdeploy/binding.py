@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from navdeploy.capture import Graph
-from navdeploy.flat_module import FlatModule
+from navdeploy.candidate import artifact_dir, prepare
 from navdeploy.formats import EAGER_RUNNER, FORMATS, RUNNERS, LoadContext, RunFn
 from navdeploy.module import Module, OptimizedHandler
 from navdeploy.verify import conform
@@ -23,18 +23,30 @@ from navdeploy.workspace import checksum, fingerprint, load_samples, read_manife
 log = logging.getLogger("navdeploy")
 
 
-def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device: str) -> RunFn:
-    runner = RUNNERS[entry["selected"]]
+def selected_record(entry: dict) -> Optional[dict]:
+    """The record of the graph's selected candidate (older manifests name the runner only)."""
+    name = entry.get("selected")
+    return next((c for c in entry.get("candidates", []) if c.get("name", c["runner"]) == name), None)
+
+
+def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device: str, module_precision: str) -> RunFn:
+    record = selected_record(entry)
+    if record is None:
+        raise RuntimeError(f"the manifest names {entry.get('selected')!r} but holds no record of it")
+    runner = RUNNERS[record["runner"]]
+    precision = record.get("precision", module_precision)
     spec = FORMATS[runner.format]
+    flat, cast = prepare(module.__wrapped__, module._self_forward_func, graph, runner, precision, module_precision)
     artifact = None
     if spec.export is not None:
-        fmt_dir = folder / graph.key / spec.format.value
-        expected = entry.get("formats", {}).get(spec.format.value, {}).get("checksum")
+        fmt = artifact_dir(spec.format.value, precision, module_precision)
+        fmt_dir = folder / graph.key / fmt
+        expected = entry.get("formats", {}).get(fmt, {}).get("checksum")
         if not fmt_dir.is_dir() or checksum(fmt_dir) != expected:
             raise RuntimeError(f"artifact {fmt_dir} is missing or was modified (checksum mismatch)")
         artifact = fmt_dir / spec.artifact
-    flat = FlatModule(module.__wrapped__, graph.input_spec, module._self_forward_func)
-    run = runner.load(LoadContext(artifact, flat, graph, device))
+    loaded = runner.load(LoadContext(artifact, flat, graph, device, precision))
+    run = loaded if precision == module_precision else (lambda inputs: loaded(cast(inputs)))
     samples = load_samples(folder / graph.key, device=device)
     with torch.no_grad():
         conform(run(samples[0].inputs), graph.outputs)  # warm-up, and proof the artifact runs in this process
@@ -64,17 +76,18 @@ def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerpr
                       RuntimeWarning, stacklevel=3)
         return False
     selected = {key: entry.get("selected") for key, entry in manifest["graphs"].items()}
-    if selected and all(name in EAGER_RUNNER.values() for name in selected.values()):
+    if selected and all(name in EAGER_RUNNER.values() for name in selected.values()):  # eager, own precision
         module._self_bound = True
         return True  # eager won everywhere: plain pass-through, no routing cost
     graphs: dict[str, tuple[Graph, RunFn]] = {}
     for key, entry in manifest["graphs"].items():
         name = entry.get("selected")
-        if not name or name not in RUNNERS:
+        if not name:
             continue
         graph = Graph.from_json(entry["graph"])
         try:
-            graphs[key] = (graph, _load_runner(module, folder, graph, entry, device))
+            graphs[key] = (graph, _load_runner(module, folder, graph, entry, device,
+                                               manifest.get("precision", "fp32")))
         except Exception as exc:  # noqa: BLE001 - a broken artifact must not break the user's pipeline
             warnings.warn(f"navdeploy: cannot load {name} for module {module.name!r} (graph {key}): {exc}; that input "
                           "structure runs eagerly. Re-run nav.optimize to rebuild it.", RuntimeWarning, stacklevel=3)

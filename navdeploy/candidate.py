@@ -18,7 +18,8 @@ import torch
 
 from navdeploy.capture import Graph
 from navdeploy.flat_module import FlatModule
-from navdeploy.formats import FORMATS, RUNNERS, BuildContext, LoadContext
+from navdeploy.formats import FORMATS, RUNNERS, BuildContext, LoadContext, RunnerSpec
+from navdeploy.precision import candidate_name, cast_inputs, cast_module, needs_cast
 from navdeploy.profile import measure
 from navdeploy.verify import Comparison, compare, conform
 
@@ -35,9 +36,8 @@ class Job:
     graphs: dict[str, Graph]
     module_dir: Path
     device: str
-    precision: str
-    atol: float
-    rtol: float
+    precision: str  # the module's own precision
+    tolerances: dict[str, tuple[float, float]]  # candidate precision -> (atol, rtol) against eager
     verify_func: Optional[Callable]
     batch_sizes: tuple[int, ...]
     max_batch_size: int
@@ -46,11 +46,36 @@ class Job:
 
 @dataclass(frozen=True)
 class Task:
-    """Try ``runner`` on graph ``graph_key``; ``export`` says whether its format must be (re)built."""
+    """Try ``runner`` in ``precision`` on graph ``graph_key``; ``export``: whether its artifact must be (re)built."""
 
     graph_key: str
     runner: str
     export: bool
+    precision: str
+
+
+def artifact_dir(fmt_value: str, precision: str, module_precision: str) -> str:
+    """The artifact folder of a format in one precision: ``onnx`` in the module's own, ``onnx-fp16`` in another."""
+    return fmt_value if precision == module_precision else f"{fmt_value}-{precision}"
+
+
+def prepare(module: torch.nn.Module, forward_func: Optional[str], graph: Graph, runner: RunnerSpec, precision: str,
+            module_precision: str, cache: Optional[dict] = None) -> tuple[FlatModule, Callable]:
+    """The flat module a candidate exports or runs, and the cast its inputs need.
+
+    Runners that cast (torch-based, ONNX) get a float-cast copy of the module and cast float inputs;
+    runners whose builder takes the precision (TensorRT) get the module as it is."""
+    cast = runner.precision_by == "cast" and needs_cast(precision, module_precision)
+    key = (graph.key, precision if cast else module_precision)
+    if cache is not None and key in cache:
+        flat = cache[key]
+    else:
+        flat = FlatModule(cast_module(module, precision) if cast else module, graph.input_spec, forward_func)
+        if cache is not None:
+            cache[key] = flat
+    if cast:
+        return flat, lambda inputs: cast_inputs(inputs, precision)
+    return flat, lambda inputs: inputs
 
 
 def expand_batch(inputs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
@@ -74,13 +99,15 @@ def export_example(graph: Graph) -> list[torch.Tensor]:
 class WorkerState:
     """Per-process caches: flat modules and eager references at profiled batch sizes."""
 
-    flat: dict[str, FlatModule] = field(default_factory=dict)
+    flat: dict[tuple[str, str], FlatModule] = field(default_factory=dict)
     references: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
 
     def flat_module(self, job: Job, graph: Graph) -> FlatModule:
-        if graph.key not in self.flat:
-            self.flat[graph.key] = FlatModule(job.module, graph.input_spec, job.forward_func)
-        return self.flat[graph.key]
+        """The module in its own precision: the eager reference."""
+        key = (graph.key, job.precision)
+        if key not in self.flat:
+            self.flat[key] = FlatModule(job.module, graph.input_spec, job.forward_func)
+        return self.flat[key]
 
     def reference(self, job: Job, graph: Graph, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         inputs = expand_batch(graph.samples[0].inputs, batch_size)
@@ -91,19 +118,14 @@ class WorkerState:
         return inputs, self.references[key]
 
 
-def format_dir(module_dir: Path, graph_key: str, fmt_value: str) -> Path:
-    """Where a graph's artifact of one format lives."""
-    return module_dir / graph_key / fmt_value
-
-
-def _export(job: Job, graph: Graph, runner_format, flat: FlatModule) -> float:
+def _export(job: Job, graph: Graph, runner_format, flat: FlatModule, cast: Callable, precision: str,
+            final: Path) -> float:
     spec = FORMATS[runner_format]
-    final = format_dir(job.module_dir, graph.key, spec.format.value)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ctx = BuildContext(flat, export_example(graph), graph, graph.dynamic_axes(job.max_batch_size), tmp,
-                       job.device, job.precision)
+    ctx = BuildContext(flat, cast(export_example(graph)), graph, graph.dynamic_axes(job.max_batch_size), tmp,
+                       job.device, precision, job.module_dir)
     start = time.perf_counter()
     try:
         spec.export(ctx)
@@ -118,14 +140,21 @@ def _export(job: Job, graph: Graph, runner_format, flat: FlatModule) -> float:
     return time.perf_counter() - start
 
 
+def new_record(runner: RunnerSpec, precision: str, module_precision: str) -> dict:
+    """A candidate's record before it runs: failed until proven otherwise."""
+    return {"name": candidate_name(runner.name, precision, module_precision), "runner": runner.name,
+            "format": runner.format.value, "precision": precision, "device": runner.device, "status": "failed",
+            "error": None, "step": None, "max_abs_err": None, "max_rel_err": None, "profile": [], "times": {},
+            "exported": False}
+
+
 def run_task(job: Job, task: Task, state: WorkerState) -> dict:
     """Try one candidate. The record always has ``runner``, ``format``, ``status`` and ``error``."""
     runner = RUNNERS[task.runner]
     graph = job.graphs[task.graph_key]
     spec = FORMATS[runner.format]
-    record: dict = {"runner": runner.name, "format": runner.format.value, "device": runner.device, "status": "failed",
-                    "error": None, "step": None, "max_abs_err": None, "max_rel_err": None, "profile": [],
-                    "times": {}, "exported": False, "pid": os.getpid()}
+    record = new_record(runner, task.precision, job.precision)
+    record["pid"] = os.getpid()
     reason = runner.unavailable_reason()
     if reason:
         record.update(status="skipped", error=reason)
@@ -133,28 +162,31 @@ def run_task(job: Job, task: Task, state: WorkerState) -> dict:
     step = "export"
     try:
         with torch.no_grad():
-            flat = state.flat_module(job, graph)
+            flat, cast = prepare(job.module, job.forward_func, graph, runner, task.precision, job.precision, state.flat)
             artifact = None
             if spec.export is not None:
+                folder = job.module_dir / graph.key / artifact_dir(spec.format.value, task.precision, job.precision)
                 if task.export:
-                    record["times"]["export_s"] = _export(job, graph, runner.format, flat)
+                    record["times"]["export_s"] = _export(job, graph, runner.format, flat, cast, task.precision, folder)
                     record["exported"] = True
-                artifact = format_dir(job.module_dir, graph.key, spec.format.value) / spec.artifact
+                artifact = folder / spec.artifact
             step = "load"
             start = time.perf_counter()
-            run = runner.load(LoadContext(artifact, flat, graph, job.device))
+            loaded = runner.load(LoadContext(artifact, flat, graph, job.device, task.precision))
+            run = lambda inputs: loaded(cast(inputs))  # noqa: E731
             record["times"]["load_s"] = time.perf_counter() - start
+            atol, rtol = job.tolerances[task.precision]
 
             step = "verify"
             start = time.perf_counter()
             result = Comparison()
             for i, sample in enumerate(graph.samples):
                 actual = conform(run(sample.inputs), graph.outputs)
-                compare(sample.outputs, actual, job.atol, job.rtol, result, job.verify_func, f"sample {i}: ")
+                compare(sample.outputs, actual, atol, rtol, result, job.verify_func, f"sample {i}: ")
             batch_sizes = job.batch_sizes if graph.batching else ()
             for bs in batch_sizes:
                 inputs, expected = state.reference(job, graph, bs)
-                compare(expected, conform(run(inputs), graph.outputs), job.atol, job.rtol, result, None,
+                compare(expected, conform(run(inputs), graph.outputs), atol, rtol, result, None,
                         f"batch size {bs}: ")
             record["times"]["verify_s"] = time.perf_counter() - start
             record["max_abs_err"], record["max_rel_err"] = result.max_abs_err, result.max_rel_err

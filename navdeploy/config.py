@@ -87,6 +87,9 @@ class OptimizeConfig:
         profile_time_s: time budget for profiling one candidate at one batch size.
         use_multiprocessing: build and run candidates in a spawned child; ``None`` reads
             ``NAVDEPLOY_USE_MULTIPROCESSING`` (default true).
+        precisions: precisions to try each runner in (``"fp32"``, ``"fp16"``, ``"bf16"``, ``"int8"``); ``None``
+            means the module's own, plus fp16 for fp32 modules on CUDA. Each is checked against the module's
+            own eager outputs with that precision's tolerance.
     """
 
     target_formats: Optional[Sequence[Union[Format, str]]] = None
@@ -102,6 +105,7 @@ class OptimizeConfig:
     timeout_s: float = 600.0
     profile_time_s: float = 0.5
     use_multiprocessing: Optional[bool] = None
+    precisions: Optional[Sequence[str]] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -130,6 +134,13 @@ class OptimizeConfig:
                 if r not in known:
                     raise ConfigError(f"runners: unknown runner {r!r}; known runners: {', '.join(sorted(known))}.")
             self.runners = tuple(self.runners)
+        if self.precisions is not None:
+            if isinstance(self.precisions, str):
+                self.precisions = (self.precisions,)
+            for p in self.precisions:
+                if p not in PRECISIONS:
+                    raise ConfigError(f"precisions: unknown precision {p!r}; use {', '.join(PRECISIONS)}.")
+            self.precisions = tuple(self.precisions)
         if self.target_device is not None and self.target_device not in ("cpu", "cuda"):
             raise ConfigError(f"target_device={self.target_device!r}: use 'cpu' or 'cuda'.")
         if self.target_device == "cuda" and not torch.cuda.is_available():

@@ -20,7 +20,7 @@ from typing import Optional
 
 import cloudpickle
 
-from navdeploy.candidate import Job, Task, WorkerState, run_task
+from navdeploy.candidate import Job, Task, WorkerState, new_record, run_task
 from navdeploy.formats import RUNNERS
 
 log = logging.getLogger("navdeploy")
@@ -140,9 +140,8 @@ class Executor:
                     failure = f"timed out after {self.timeout_s:g} s"
                 if failure:
                     self._kill()
-                    return {"runner": task.runner, "format": RUNNERS[task.runner].format.value, "status": "failed", "step": "isolation",
-                            "error": failure, "max_abs_err": None, "max_rel_err": None, "profile": [],
-                            "times": {}, "exported": False}
+                    return {**new_record(RUNNERS[task.runner], task.precision, self.job.precision),
+                            "step": "isolation", "error": failure}
 
     def close(self) -> None:
         """Stop the worker (politely, then by force)."""

@@ -17,13 +17,14 @@ import torch
 
 from navdeploy import __version__
 from navdeploy.binding import bind
-from navdeploy.candidate import Job, Task
+from navdeploy.candidate import Job, Task, artifact_dir, new_record
 from navdeploy.capture import Graph, Recorder, split_sample
 from navdeploy.config import OptimizeConfig, console_output, resolve_workspace, use_multiprocessing
 from navdeploy.errors import CaptureError, DataloaderError, NavdeployError
-from navdeploy.formats import FORMATS, runners_for
+from navdeploy.formats import EAGER_RUNNER, FORMATS, RunnerSpec, runners_for
 from navdeploy.isolation import Executor
 from navdeploy.module import Module, registered_modules
+from navdeploy.precision import candidate_name, candidate_precisions
 from navdeploy.report import console
 from navdeploy.select import select
 from navdeploy.workspace import (LOG_FILE, MANIFEST_VERSION, cache_key, checksum, ensure_writable, fingerprint,
@@ -174,7 +175,7 @@ def _logging_to(path: Path, mode: str) -> Iterator[None]:
 def _graph_cache_key(graph: Graph, fp: str, device: str, precision: str, config: OptimizeConfig,
                      batch_sizes: tuple[int, ...]) -> str:
     shape = {k: v for k, v in graph.to_json().items() if k != "calls"}
-    return cache_key(__version__, torch.__version__, fp, shape, device, precision, config.tolerance_for(precision),
+    return cache_key(__version__, torch.__version__, fp, shape, device, precision, config.tolerances,
                      batch_sizes, config.max_batch_size, config.profile_time_s)
 
 
@@ -188,43 +189,54 @@ def _valid_formats(old_entry: Optional[dict], folder: Path) -> dict[str, dict]:
     return valid
 
 
+def _candidates(config: OptimizeConfig, device: str, module_precision: str) -> list[tuple[RunnerSpec, str]]:
+    """(runner, precision) pairs to try; eager in the module's own precision (the baseline) always comes first."""
+    runners = runners_for(device, config.target_formats, config.runners)
+    pairs = [(runners[0], module_precision)]
+    for runner in runners:
+        for precision in candidate_precisions(module_precision, device, config.precisions):
+            if (runner, precision) != pairs[0]:
+                pairs.append((runner, precision))
+    return pairs
+
+
 def _optimize_graph(graph: Graph, job: Job, executor: Executor, config: OptimizeConfig, device: str,
                     old_entry: Optional[dict], gkey: str, progress: console.Progress) -> dict:
     folder = job.module_dir / graph.key
     save_samples(graph, folder)
     reusable = old_entry is not None and old_entry.get("cache_key") == gkey
     formats = _valid_formats(old_entry, folder) if reusable else {}
-    previous = {c["runner"]: c for c in old_entry["candidates"]} if reusable else {}
+    previous = {c.get("name", c["runner"]): c for c in old_entry["candidates"]} if reusable else {}
     candidates = []
-    for runner in runners_for(device, config.target_formats, config.runners):
-        fmt = runner.format.value
-        cached = previous.get(runner.name)
+    for runner, precision in _candidates(config, device, job.precision):
+        name = candidate_name(runner.name, precision, job.precision)
+        fmt = artifact_dir(runner.format.value, precision, job.precision)
+        cached = previous.get(name)
         artifact_ok = FORMATS[runner.format].export is None or fmt in formats
         if cached and cached["status"] in ("ok", "failed") and (artifact_ok or cached["status"] == "failed"):
             candidates.append({**cached, "cached": True})
-            progress.advance(f"{job.module_name}: {runner.name} (cached)")
+            progress.advance(f"{job.module_name}: {name} (cached)")
             continue
         if formats.get(fmt, {}).get("status") == "failed":
-            candidates.append({"runner": runner.name, "format": fmt, "device": runner.device, "status": "failed",
-                               "step": "export", "error": formats[fmt]["error"], "max_abs_err": None,
-                               "max_rel_err": None, "profile": [], "times": {}, "exported": False})
-            progress.advance(f"{job.module_name}: {runner.name}")
+            candidates.append({**new_record(runner, precision, job.precision), "step": "export",
+                               "error": formats[fmt]["error"]})
+            progress.advance(f"{job.module_name}: {name}")
             continue
-        progress.describe(f"{job.module_name}: {runner.name}")
-        record = executor.run(Task(graph.key, runner.name, export=not artifact_ok))
+        progress.describe(f"{job.module_name}: {name}")
+        record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision))
         if record.get("exported"):
             formats[fmt] = {"status": "ok", "checksum": checksum(folder / fmt),
                             "export_s": record["times"].get("export_s")}
         elif not artifact_ok and record["status"] == "failed" and record.get("step") in ("export", "isolation"):
             formats[fmt] = {"status": "failed", "error": record["error"]}
-        log.info("%s graph %s %s: %s%s", job.module_name, graph.key, runner.name, record["status"],
+        log.info("%s graph %s %s: %s%s", job.module_name, graph.key, name, record["status"],
                  f" ({record['error']})" if record.get("error") else "")
         candidates.append(record)
-        progress.advance(f"{job.module_name}: {runner.name}")
+        progress.advance(f"{job.module_name}: {name}")
     batch = graph.inputs[0].opt_shape[0] if graph.batching and graph.inputs else None
     winner = select(candidates, config.strategy, batch)
     return {"graph": graph.to_json(), "cache_key": gkey, "formats": formats, "candidates": candidates,
-            "selected": winner["runner"] if winner else None, "updated": now()}
+            "selected": winner["name"] if winner else None, "updated": now()}
 
 
 def _optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig, mode: str,
@@ -243,9 +255,10 @@ def _optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig
         old = read_manifest(folder)
         old_graphs = old["graphs"] if old and old.get("fingerprint") == fp and old.get("device") == device else {}
         batch_sizes = config.profile_batch_sizes(max(g.inputs[0].max_shape[0] if g.batching else 1 for g in graphs))
-        atol, rtol = config.tolerance_for(module.precision)
+        tolerances = {p: config.tolerance_for(p)
+                      for p in candidate_precisions(module.precision, device, config.precisions) + (module.precision,)}
         job = Job(module.name, module.__wrapped__, module._self_forward_func, {g.key: g for g in graphs}, folder,
-                  device, module.precision, atol, rtol, config.verify_func, batch_sizes, config.max_batch_size,
+                  device, module.precision, tolerances, config.verify_func, batch_sizes, config.max_batch_size,
                   config.profile_time_s)
         entries = dict(old_graphs)  # graphs not seen this time stay valid: same weights, same device
         with module._nav_unpatched(), Executor(job, use_multiprocessing(config), config.timeout_s,
@@ -306,9 +319,8 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
             "itself, pass forward_func='forward' (that method's name) to nav.Module.")
     status = OptimizeStatus()
     work = {m.name: recorders[m.name].finish() for m in modules}
-    total = sum(len(g) * len(runners_for(configs[n].target_device or _module_device(m.__wrapped__),
-                                          configs[n].target_formats, configs[n].runners))
-                for n, g, m in ((m.name, work[m.name], m) for m in modules))
+    total = sum(len(work[m.name]) * len(_candidates(configs[m.name], configs[m.name].target_device
+                                                    or _module_device(m.__wrapped__), m.precision)) for m in modules)
     with console.progress(total, enabled=mode != "logs") as progress:
         for m in modules:
             # torch.compile caches inside the workspace so reloads and re-runs compile from cache.

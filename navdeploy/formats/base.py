@@ -25,7 +25,8 @@ class BuildContext:
     dynamic_axes: list[dict[int, tuple[int, int]]]  # per input: {axis: (min, max)}
     path: Path
     device: str
-    precision: str
+    precision: str  # the candidate's precision (the module was already cast when the runner casts)
+    module_dir: Path  # the module's workspace folder, for caches kept across builds (e.g. TensorRT timing cache)
 
     @property
     def input_names(self) -> list[str]:
@@ -44,6 +45,7 @@ class LoadContext:
     module: torch.nn.Module  # the FlatModule, for runners that run the module itself
     graph: Graph
     device: str
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ class RunnerSpec:
     load: Callable[[LoadContext], RunFn]
     requires: tuple[str, ...] = ()
     is_available: Optional[Callable[[], Optional[str]]] = field(default=None, compare=False)
+    # "cast": navdeploy casts the module and float inputs to the candidate precision before export/run;
+    # "builder": the format's builder takes the precision as a flag (TensorRT) and the module stays as it is.
+    precision_by: str = "cast"
 
     def unavailable_reason(self) -> Optional[str]:
         """None when the runner can run here, else why not (missing package, no provider, no GPU)."""
