@@ -4,11 +4,11 @@ nothing in the orchestration changes."""
 from __future__ import annotations
 
 from navdeploy.config import Format
-from navdeploy.formats import aoti, compile, eager, exported_program, onnx, torchscript
+from navdeploy.formats import aoti, compile, eager, exported_program, onnx, tensorrt, torch_tensorrt, torchscript
 from navdeploy.formats.base import BuildContext, FormatSpec, LoadContext, RunFn, RunnerSpec
 
 # Order matters only for display and for which format is exported first.
-_MODULES = [eager, compile, torchscript, exported_program, aoti, onnx]
+_MODULES = [eager, compile, torchscript, exported_program, aoti, onnx, tensorrt, torch_tensorrt]
 
 FORMATS: dict[Format, FormatSpec] = {m.FORMAT.format: m.FORMAT for m in _MODULES if hasattr(m, "FORMAT")}
 RUNNERS: dict[str, RunnerSpec] = {r.name: r for m in _MODULES for r in m.RUNNERS}

@@ -15,7 +15,8 @@ from navdeploy.formats.exported_program import dynamic_shapes
 log = logging.getLogger(__name__)
 
 
-def _export(ctx: BuildContext) -> None:
+def export_onnx(ctx: BuildContext) -> None:
+    """Write ``model.onnx`` (and its external data) into ``ctx.path``."""
     path = str(ctx.path / "model.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -45,6 +46,14 @@ def _provider_check(provider: str):
     return check
 
 
+def _to_torch(value, device: torch.device) -> torch.Tensor:
+    """An ORT output as a torch tensor, through DLPack (no copy) where this onnxruntime build has it."""
+    try:
+        return torch.utils.dlpack.from_dlpack(value.to_dlpack())
+    except (AttributeError, RuntimeError):
+        return torch.from_numpy(value.numpy()).to(device)
+
+
 def _loader(providers: list):
     def load(ctx: LoadContext) -> RunFn:
         import onnxruntime
@@ -54,18 +63,32 @@ def _loader(providers: list):
         options.log_severity_level = 3
         session = onnxruntime.InferenceSession(str(ctx.artifact), options, providers=providers)
         names = [i.name for i in session.get_inputs()]
+        out_names = [o.name for o in session.get_outputs()]
         device = torch.device(ctx.device)
 
-        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        def run_cpu(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
             feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
-            return [torch.from_numpy(o).to(device) for o in session.run(None, feeds)]
+            return [torch.from_numpy(o) for o in session.run(None, feeds)]
 
-        return run
+        def run_cuda(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            # IO binding: ORT reads the torch CUDA buffers in place and keeps outputs on the GPU.
+            binding = session.io_binding()
+            kept = [t.contiguous() for t in inputs]
+            for name, t in zip(names, kept):
+                binding.bind_input(name, "cuda", t.device.index or 0, torch.empty(0, dtype=t.dtype).numpy().dtype,
+                                   tuple(t.shape), t.data_ptr())
+            for name in out_names:
+                binding.bind_output(name, "cuda", device.index or 0)
+            torch.cuda.current_stream().synchronize()  # ORT uses its own stream
+            session.run_with_iobinding(binding)
+            return [_to_torch(v, device) for v in binding.get_outputs()]
+
+        return run_cuda if device.type == "cuda" else run_cpu
 
     return load
 
 
-FORMAT = FormatSpec(Format.ONNX, artifact="model.onnx", export=_export, requires=("onnx", "onnxscript"))
+FORMAT = FormatSpec(Format.ONNX, artifact="model.onnx", export=export_onnx, requires=("onnx", "onnxscript"))
 RUNNERS = [
     RunnerSpec("OnnxCPU", Format.ONNX, "cpu", _loader(["CPUExecutionProvider"]), requires=("onnxruntime",)),
     RunnerSpec("OnnxCUDA", Format.ONNX, "cuda", _loader(["CUDAExecutionProvider", "CPUExecutionProvider"]),

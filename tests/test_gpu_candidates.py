@@ -1,0 +1,122 @@
+"""GPU candidates: the logic that needs no GPU is tested everywhere; the runs need CUDA (and TensorRT /
+Torch-TensorRT for theirs) and are skipped with the reason where absent."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+import navdeploy as nav
+from navdeploy.capture import Recorder
+from navdeploy.formats import RUNNERS, runners_for
+from navdeploy.formats.tensorrt import PRECISION_FLAGS, optimization_profile
+from navdeploy.precision import candidate_name, candidate_precisions, needs_cast
+
+CUDA = torch.cuda.is_available()
+
+
+def _graph(calls):
+    rec = Recorder("g", 4, None)
+    for args in calls:
+        rec.record(lambda x, m: (x * m.unsqueeze(-1)).sum(1), args, {})
+    return rec.finish()[0]
+
+
+def test_tensorrt_profile_spans_captured_shapes_and_batch_range():
+    graph = _graph([(torch.ones(2, 5, 3), torch.ones(2, 5)), (torch.ones(1, 9, 3), torch.ones(1, 9))])
+    (n0, lo0, opt0, hi0), (n1, lo1, opt1, hi1) = optimization_profile(graph, max_batch_size=16)
+    assert (n0, n1) == ("input__0", "input__1")
+    assert lo0 == (1, 5, 3) and hi0 == (16, 9, 3) and opt0 == (2, 5, 3)  # opt: the first captured call
+    assert lo1 == (1, 5) and hi1 == (16, 9)
+    for lo, opt, hi in ((lo0, opt0, hi0), (lo1, opt1, hi1)):
+        assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
+
+
+def test_tensorrt_profile_of_an_unbatched_graph_is_static_where_nothing_varied():
+    rec = Recorder("u", 4, False)
+    rec.record(lambda x: x * 2, (torch.ones(3, 4),), {})
+    (_, lo, opt, hi), = optimization_profile(rec.finish()[0], max_batch_size=8)
+    assert lo == opt == hi == (3, 4)
+
+
+def test_precision_flags_and_candidates():
+    assert PRECISION_FLAGS["fp16"][0] == ("FP16",)
+    assert "TF32" in PRECISION_FLAGS["fp32"][1]  # fp32 means fp32: TF32 off, so it verifies at fp32 tolerance
+    assert "INT8" in PRECISION_FLAGS["int8"][0]
+    # The reference: fp32 modules get fp32 and fp16 candidates on CUDA; an int8 module stays int8.
+    assert candidate_precisions("fp32", "cuda", None) == ("fp32", "fp16")
+    assert candidate_precisions("fp32", "cpu", None) == ("fp32",)
+    assert candidate_precisions("int8", "cuda", None) == ("int8",)
+    assert not needs_cast("fp16", "int8") and needs_cast("fp16", "fp32")
+    assert candidate_name("TensorRT", "fp16", "fp32") == "TensorRT[fp16]"
+    assert candidate_name("TensorRT", "int8", "int8") == "TensorRT"
+    assert RUNNERS["TensorRT"].precision_by == "builder"  # TensorRT gets a flag, the module is not re-cast
+
+
+def test_gpu_runners_are_registered_with_their_requirements():
+    names = {r.name for r in runners_for("cuda")}
+    assert {"TorchCUDA", "TorchCompileCUDA", "TorchCompileCUDAGraphs", "TorchCompileCUDAMaxAutotune",
+            "TorchScriptCUDA", "TorchExportCUDA", "AOTInductorCUDA", "OnnxCUDA", "OnnxTensorRT", "TensorRT",
+            "TorchTensorRT"} <= names
+    if importlib.util.find_spec("tensorrt") is None:
+        assert "tensorrt" in RUNNERS["TensorRT"].unavailable_reason()
+    if importlib.util.find_spec("torch_tensorrt") is None:
+        assert "torch_tensorrt" in RUNNERS["TorchTensorRT"].unavailable_reason()
+    # The reference's per-module config names these runners: it must validate.
+    nav.OptimizeConfig(target_formats=(nav.Format.TENSORRT, nav.Format.ONNX), runners=("TensorRT", "OnnxCUDA"))
+
+
+def test_bf16_candidates_on_cpu_are_cast_copies_checked_against_fp32(tmp_path):
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    module = nav.Module(inner, name="gpu_logic_bf16")
+    config = nav.OptimizeConfig(workspace=tmp_path, target_formats=(nav.Format.TORCH, nav.Format.ONNX),
+                                runners=("TorchCPU", "OnnxCPU"), precisions=("fp32", "bf16"), batch_sizes=(1, 2),
+                                profile_time_s=0.05, use_multiprocessing=False)
+    status = nav.optimize(module, [(2, torch.randn(2, 16))], config)
+    records = {c["name"]: c for c in status.modules["gpu_logic_bf16"].graphs[0].candidates}
+    assert {"TorchCPU", "TorchCPU[bf16]", "OnnxCPU", "OnnxCPU[bf16]"} == set(records)
+    bf16 = records["TorchCPU[bf16]"]
+    assert bf16["precision"] == "bf16" and bf16["max_abs_err"] > 0  # really ran in bf16
+    assert inner[0].weight.dtype == torch.float32  # the user's module was not re-cast
+    if records["OnnxCPU[bf16]"]["status"] == "ok":
+        assert (tmp_path / "gpu_logic_bf16" / status.modules["gpu_logic_bf16"].graphs[0].key / "onnx-bf16").is_dir()
+    x = torch.randn(2, 16)
+    out = module(x)
+    assert out.dtype == torch.float32  # whatever won, eager's dtype comes back
+    torch.testing.assert_close(out, inner(x), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the device machine)")
+def test_cuda_candidates_end_to_end(tmp_path):
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 10)).cuda().eval()
+    module = nav.Module(inner, name="gpu_e2e")
+    config = nav.OptimizeConfig(workspace=tmp_path, batch_sizes=(1, 4), max_batch_size=4, profile_time_s=0.1)
+    status = nav.optimize(module, [(1, torch.randn(1, 3, 32, 32, device="cuda"))], config)
+    records = {c["name"]: c for c in status.modules["gpu_e2e"].graphs[0].candidates}
+    assert records["TorchCUDA"]["status"] == "ok"
+    assert records["TorchCompileCUDAGraphs[fp16]"]["status"] == "ok", records["TorchCompileCUDAGraphs[fp16]"]
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    out = module(x)
+    assert out.is_cuda and out.dtype == torch.float32
+    torch.testing.assert_close(out, inner(x), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not CUDA,
+                    reason="TensorRT is not installable on these machines (needs the tensorrt package and a GPU)")
+def test_tensorrt_candidate_builds_and_verifies(tmp_path):
+    inner = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).cuda().eval()
+    module = nav.Module(inner, name="gpu_trt")
+    config = nav.OptimizeConfig(workspace=tmp_path, target_formats=(nav.Format.TENSORRT,), runners=("TensorRT",),
+                                batch_sizes=(1, 2), profile_time_s=0.1)
+    status = nav.optimize(module, [(1, torch.randn(1, 8, device="cuda"))], config)
+    records = {c["name"]: c for c in status.modules["gpu_trt"].graphs[0].candidates}
+    assert records["TensorRT"]["status"] == "ok" and records["TensorRT[fp16]"]["status"] == "ok"
+    assert (tmp_path / "gpu_trt" / "tensorrt.timing.cache").exists()
