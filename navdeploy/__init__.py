@@ -15,9 +15,11 @@ from navdeploy.errors import (CaptureError, ConfigError, DataloaderError, Navdep
                               WorkspaceError)
 from navdeploy.module import Module  # noqa: E402
 from navdeploy.optimize import ModuleStatus, OptimizeStatus, load_optimized, optimize  # noqa: E402
+from navdeploy.triton import export_model_repository  # noqa: E402
+from navdeploy.serving import serve  # noqa: E402
 
 __all__ = [
-    "Module", "optimize", "load_optimized", "OptimizeConfig", "Format", "MinLatency", "MaxThroughput",
+    "Module", "optimize", "load_optimized", "serve", "OptimizeConfig", "Format", "MinLatency", "MaxThroughput",
     "LatencyBudget", "OptimizeStatus", "ModuleStatus", "NavdeployError", "ConfigError", "CaptureError",
-    "DataloaderError", "WorkspaceError", "__version__",
+    "DataloaderError", "WorkspaceError", "export_model_repository", "__version__",
 ]

@@ -1,0 +1,225 @@
+"""nav.serve: a real PyTriton server on 127.0.0.1 free ports, tritonclient requests, bad requests answered with
+errors while the server keeps serving, blocking and background shutdown on signals. Servers are always stopped."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import navdeploy as nav
+from navdeploy.serving import Tensor, infer_specs, serve_from_spec
+
+pytest.importorskip("pytriton")
+from tritonclient.http import InferenceServerException, InferInput  # noqa: E402
+
+
+class Scorer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TextPipeline:
+    """prompt(s) -> a feature vector per prompt through a wrapped module; plain Python around it."""
+
+    def __init__(self):
+        self.scorer = nav.Module(Scorer().eval(), name="serving_scorer")
+
+    @staticmethod
+    def features(prompts):
+        return torch.stack([torch.tensor([float(ord(c)) / 128 for c in (p + " " * 8)[:8]]) for p in prompts])
+
+    @torch.no_grad()
+    def __call__(self, prompt, scale=None):
+        if "boom" in prompt:
+            raise RuntimeError("the pipeline failed on this prompt")
+        x = self.features(prompt)
+        if scale is not None:
+            x = x * torch.from_numpy(scale)
+        return {"scores": self.scorer(x), "echo": [[p.upper()] for p in prompt]}
+
+
+INPUTS = [Tensor("prompt", str, (1,)), Tensor("scale", np.float32, (8,), optional=True)]
+OUTPUTS = [Tensor("scores", np.float32, (4,)), Tensor("echo", bytes, (1,))]
+
+
+@pytest.fixture(scope="module")
+def optimized(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("serving_ws")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NAVDEPLOY_WORKSPACE", str(ws))
+    mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+    pipe = TextPipeline()
+    config = nav.OptimizeConfig(target_formats=(nav.Format.ONNX, nav.Format.TORCHSCRIPT), batch_sizes=(1, 2),
+                                max_batch_size=4, profile_time_s=0.05, use_multiprocessing=False)
+    nav.optimize(pipe, [(1, (["a prompt"],)), (2, (["two", "prompts"],))], config=config)
+    try:
+        yield pipe, ws
+    finally:
+        mp.undo()
+        del pipe
+        gc.collect()
+
+
+def _prompt(prompts):
+    p = InferInput("prompt", [len(prompts), 1], "BYTES")
+    p.set_data_from_numpy(np.array([[s.encode()] for s in prompts], dtype=object))
+    return p
+
+
+def _tensor(name, array, dtype):
+    t = InferInput(name, list(array.shape), dtype)
+    t.set_data_from_numpy(array)
+    return t
+
+
+def test_serve_batched_pipeline_and_bad_requests(optimized):
+    pipe, ws = optimized
+    with nav.serve(pipe, inputs=INPUTS, outputs=OUTPUTS, name="scorer", max_batch_size=4, blocking=False,
+                   workspace=ws) as server:
+        assert pipe.scorer.is_optimized or pipe.scorer._self_bound  # load_optimized rebound it from the workspace
+        client = server.client()
+        assert client.is_model_ready("scorer")
+        res = client.infer("scorer", [_prompt(["hello", "world"])])
+        expected = pipe(["hello", "world"])
+        np.testing.assert_allclose(res.as_numpy("scores"), expected["scores"].numpy(), atol=1e-5)
+        assert res.as_numpy("echo").reshape(-1).tolist() == [b"HELLO", b"WORLD"]
+        # the optional input
+        scale = np.full((1, 8), 0.5, np.float32)
+        res = client.infer("scorer", [_prompt(["hello"]), _tensor("scale", scale, "FP32")])
+        np.testing.assert_allclose(res.as_numpy("scores"), pipe(["hello"], scale)["scores"].numpy(), atol=1e-5)
+
+        bad = {
+            "missing input": ([], "prompt"),
+            "wrong dtype": ([_prompt(["a"]), _tensor("scale", np.ones((1, 8), np.int32), "INT32")], "FP32"),
+            "wrong shape": ([_prompt(["a"]), _tensor("scale", np.ones((1, 3), np.float32), "FP32")], "shape"),
+            "batch over the limit": ([_prompt(["a"] * 5)], "batch-size must be <= 4"),
+            "pipeline error": ([_prompt(["boom"])], "the pipeline failed on this prompt"),
+        }
+        for label, (inputs, message) in bad.items():
+            with pytest.raises(InferenceServerException) as err:
+                client.infer("scorer", inputs)
+            assert message in str(err.value), (label, str(err.value))
+            # still serving after every bad request
+            ok = client.infer("scorer", [_prompt(["still here"])])
+            np.testing.assert_allclose(ok.as_numpy("scores"), pipe(["still here"])["scores"].numpy(), atol=1e-5)
+        start = time.perf_counter()
+    assert not server.running
+    assert time.perf_counter() - start < 15
+
+
+def test_serve_unbatched_with_inferred_specs(optimized):
+    pipe, _ = optimized
+
+    def one(prompt):  # max_batch_size=0: one request per call, prompt is a str
+        return {"scores": pipe([prompt])["scores"][0], "length": np.array([len(prompt)], np.int64)}
+
+    inputs, outputs = infer_specs(one, {"prompt": "sample"}, batched=False)
+    assert [(t.name, t.dtype, t.shape) for t in inputs] == [("prompt", str, (1,))]
+    assert {t.name: t.shape for t in outputs} == {"scores": (4,), "length": (1,)}
+    server = nav.serve(one, sample={"prompt": "sample"}, name="one", max_batch_size=0, blocking=False,
+                       load_optimized=False)
+    try:
+        res = server.client("grpc").infer("one", [_grpc_prompt("abc")])
+        assert res.as_numpy("length").tolist() == [3]
+        np.testing.assert_allclose(res.as_numpy("scores"), pipe(["abc"])["scores"][0].numpy(), atol=1e-5)
+    finally:
+        server.stop()
+    server.stop()  # idempotent
+
+
+def _grpc_prompt(text):
+    from tritonclient.grpc import InferInput as GInput
+    p = GInput("prompt", [1], "BYTES")
+    p.set_data_from_numpy(np.array([text.encode()], dtype=object))
+    return p
+
+
+def test_serve_rejects_bad_arguments():
+    with pytest.raises(nav.ConfigError, match="inputs= and outputs="):
+        nav.serve(lambda x: x, load_optimized=False)
+    with pytest.raises(nav.ConfigError, match="max_batch_size"):
+        nav.serve(lambda x: x, sample={"x": "a"}, max_batch_size=-1, load_optimized=False)
+    with pytest.raises(nav.ConfigError, match="ports"):
+        nav.serve(lambda x: x, inputs=[Tensor("x", str, (1,))], outputs=[Tensor("y", str, (1,))], ports=(1, 1),
+                  load_optimized=False, blocking=False)
+    with pytest.raises(nav.ConfigError, match="module:function"):
+        serve_from_spec("no_colon_here")
+
+
+_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    import navdeploy as nav
+    from navdeploy.serving import Tensor
+
+    def echo(text):
+        return {"out": [[t.upper()] for t in text]}
+
+    echo.navdeploy_serve = {"inputs": [Tensor("text", str, (1,))], "outputs": [Tensor("out", bytes, (1,))],
+                            "name": "echo", "max_batch_size": 2}
+
+    if __name__ == "__main__":
+        mode = sys.argv[1]
+        if mode == "blocking":
+            handle = nav.serving.serve_from_spec(__file__ + ":echo", load_optimized=False)
+            print("STOPPED", handle.running, flush=True)
+        else:
+            handle = nav.serve(echo, **echo.navdeploy_serve, load_optimized=False, blocking=False)
+            print("READY", handle.http_url, flush=True)
+            try:
+                while True:
+                    time.sleep(0.1)
+            except KeyboardInterrupt:
+                handle.stop()
+                print("INTERRUPTED", handle.running, flush=True)
+""")
+
+
+@pytest.mark.parametrize("mode,sig", [("blocking", signal.SIGTERM), ("background", signal.SIGINT),
+                                      ("background", signal.SIGTERM)])
+def test_signals_stop_the_server_cleanly(tmp_path, mode, sig):
+    script = tmp_path / "serve_echo.py"
+    script.write_text(_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=tmp_path)
+    lines = []
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "serving model 'echo'" in line or line.startswith("READY"):
+                break
+        else:
+            pytest.fail("server did not start:\n" + "".join(lines))
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(lines) + out
+    if mode == "blocking":
+        assert proc.returncode == 0 and "STOPPED False" in text, text[-3000:]
+    elif sig == signal.SIGINT:
+        assert proc.returncode == 0 and "INTERRUPTED False" in text, text[-3000:]
+    else:  # SIGTERM in the background: the server is stopped, then the process exits as SIGTERM asks
+        assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
