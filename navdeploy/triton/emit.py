@@ -1,0 +1,432 @@
+"""Write a Triton model repository from a navdeploy workspace.
+
+One Triton model per optimized graph of each module: ``<repo>/<name>/config.pbtxt`` rendered from the Jinja
+templates in ``navdeploy/templates/`` and ``<repo>/<name>/1/`` holding the artifact (and ``model.py`` for the
+Python backend). Model names: ``<module>`` for a module with one input structure, ``<module>__<graph key>``
+for each graph of a module with several (the graph key is the stable hash navdeploy gives an input structure).
+
+Backend by the selected runner's format (``backend="auto"``):
+
+    onnx                    -> onnxruntime (onnxruntime_onnx, model.onnx; ORT TensorRT/CUDA accelerator if that won)
+    trt                     -> tensorrt (tensorrt_plan, model.plan; CUDA graphs where the runner used them)
+    torchscript             -> pytorch (pytorch_libtorch, model.pt; I/O named INPUT__i / OUTPUT__i)
+    torch-aoti              -> pytorch (torch_aoti, model.pt2)
+    torch / torch-exportedprogram / anything else -> python (model.py loading an artifact of the graph)
+
+``backend="python"`` emits every graph as a Python-backend model, runnable on any Triton, including the
+``tritonserver`` bundled in the ``nvidia-pytriton`` wheel (see :mod:`navdeploy.triton.server`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import jinja2
+
+from navdeploy import __version__
+from navdeploy.capture import Graph, TensorSpec
+from navdeploy.errors import NavdeployError
+from navdeploy.triton.validate import errors, validate_repository
+
+log = logging.getLogger("navdeploy")
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+MANIFEST = "manifest.json"
+
+DATA_TYPES = {
+    "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
+    "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
+    "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32", "uint64": "TYPE_UINT64", "bool": "TYPE_BOOL", "str": "TYPE_STRING",
+    "string": "TYPE_STRING", "bytes": "TYPE_STRING",
+}
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# ONNX TensorProto element types -> torch-style dtype names
+ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 8: "string",
+               9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
+# artifact file of each format, as the formats registry writes them
+ARTIFACTS = {"onnx": "model.onnx", "torchscript": "model.pt", "torch-exportedprogram": "model.pt2",
+             "torch-aoti": "model.pt2", "trt": "model.plan"}
+# formats the templated model.py can load, in order of preference for graphs whose winner has no artifact
+PYTHON_LOADABLE = ("torch-exportedprogram", "torchscript", "onnx", "torch-aoti")
+EAGER_RUNNERS = ("TorchCPU", "TorchCUDA")
+BACKENDS = ("auto", "python")
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    """One input or output of a Triton model."""
+
+    name: str
+    data_type: str
+    dims: list[int]
+    reshape: Optional[list[int]] = None
+
+
+@dataclass
+class ModelPlan:
+    """Everything one Triton model is rendered from."""
+
+    name: str
+    module: str
+    graph: str
+    selected: str
+    backend: str
+    platform: Optional[str]
+    artifact_format: str
+    artifact_dir: Path
+    max_batch_size: int
+    preferred_batch_sizes: list[int]
+    inputs: list[TensorConfig]
+    outputs: list[TensorConfig]
+    instance_kind: str
+    run_dtypes: list[str] = field(default_factory=list)
+    accelerators: list[dict] = field(default_factory=list)
+    cuda_graphs: bool = False
+    warmup: Optional[dict] = None
+
+    @property
+    def default_model_filename(self) -> str:
+        return "model.py" if self.backend == "python" else ARTIFACTS[self.artifact_format]
+
+
+def model_name(module: str, graph_key: str, graph_count: int) -> str:
+    """The Triton model name of one graph: the module name, or ``<module>__<graph key>`` when it has several."""
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", module)
+    return base if graph_count == 1 else f"{base}__{graph_key}"
+
+
+def _environment(templates_dir: Optional[Path]) -> jinja2.Environment:
+    loaders: list[jinja2.BaseLoader] = []
+    if templates_dir is not None:
+        loaders.append(jinja2.FileSystemLoader(str(templates_dir)))
+    loaders.append(jinja2.FileSystemLoader(str(TEMPLATES)))
+    return jinja2.Environment(loader=jinja2.ChoiceLoader(loaders), undefined=jinja2.StrictUndefined,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                              autoescape=False)
+
+
+def _candidate(entry: dict) -> Optional[dict]:
+    selected = entry.get("selected")
+    if not selected:
+        return None
+    return next((c for c in entry["candidates"] if c.get("name", c["runner"]) == selected), None)
+
+
+def _format_dir(graph_dir: Path, candidate: dict, module_precision: str) -> Path:
+    """The artifact folder of a candidate: ``<format>`` in the module's precision, ``<format>-<precision>`` else."""
+    precision = candidate.get("precision", module_precision)
+    name = candidate["format"] if precision == module_precision else f"{candidate['format']}-{precision}"
+    return graph_dir / name
+
+
+def _p50(candidate: dict) -> float:
+    profile = candidate.get("profile") or []
+    return profile[0]["p50_ms"] if profile else float("inf")
+
+
+def _python_artifact(graph_dir: Path, candidate: dict, entry: dict, module_precision: str) -> tuple[str, Path, dict]:
+    """The artifact a Python-backend model runs: the winner's when it has one the template loads, else the
+    fastest verified candidate's that does."""
+    if candidate["format"] in PYTHON_LOADABLE and (_format_dir(graph_dir, candidate, module_precision)
+                                                   / ARTIFACTS[candidate["format"]]).exists():
+        return candidate["format"], _format_dir(graph_dir, candidate, module_precision), candidate
+    usable = [c for c in entry["candidates"] if c["status"] == "ok" and c["format"] in PYTHON_LOADABLE
+              and (_format_dir(graph_dir, c, module_precision) / ARTIFACTS[c["format"]]).exists()]
+    if not usable:
+        raise NavdeployError(
+            f"graph {graph_dir.name} of module {graph_dir.parent.name!r}: the selected runner "
+            f"{candidate.get('name', candidate['runner'])} has no artifact a Python-backend model can load, and no "
+            "verified TorchScript, ExportedProgram, ONNX or AOTInductor artifact exists. Re-run nav.optimize with one "
+            "of those in target_formats (e.g. nav.Format.TORCHSCRIPT).")
+    best = min(usable, key=lambda c: (_p50(c), PYTHON_LOADABLE.index(c["format"])))
+    return best["format"], _format_dir(graph_dir, best, module_precision), best
+
+
+def _dims(spec: TensorSpec, batching: bool) -> tuple[list[int], Optional[list[int]]]:
+    dims = [-1 if lo != hi or lo < 1 else lo for lo, hi in zip(spec.min_shape, spec.max_shape)]
+    if batching:
+        dims = dims[1:]
+    if not dims:  # a scalar per batch item (or a 0-d tensor): Triton needs non-empty dims
+        return [1], []
+    return dims, None
+
+
+def _run_dtype(dtype: str, precision: str, module_precision: str) -> str:
+    """The dtype an artifact built in ``precision`` takes for a tensor captured as ``dtype``."""
+    if precision != module_precision and dtype in ("float32", "float16", "bfloat16", "float64") \
+            and precision in PRECISION_DTYPES:
+        return PRECISION_DTYPES[precision]
+    return dtype
+
+
+def _triton_type(dtype: str, where: str) -> str:
+    if dtype not in DATA_TYPES:
+        raise NavdeployError(f"{where}: dtype {dtype!r} has no Triton data type.")
+    return DATA_TYPES[dtype]
+
+
+def _onnx_io(path: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(name, dtype) of the ONNX model's graph inputs and outputs, read without loading external weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    ins = [(i.name, ONNX_DTYPES.get(i.type.tensor_type.elem_type, "?")) for i in model.graph.input
+           if i.name not in initializers]
+    outs = [(o.name, ONNX_DTYPES.get(o.type.tensor_type.elem_type, "?")) for o in model.graph.output]
+    return ins, outs
+
+
+def _batching(graph: Graph, manifest: dict, candidate: dict) -> tuple[int, list[int]]:
+    """(max_batch_size, preferred sizes) from what was profiled; (0, []) when the graph is not batched."""
+    if not graph.batching:
+        return 0, []
+    profiled = sorted({p["batch_size"] for p in candidate.get("profile") or []}) \
+        or sorted(manifest.get("batch_sizes") or [])
+    # The artifacts accept batch sizes up to max(max_batch_size, captured max): never promise more.
+    limit = max(int(manifest.get("max_batch_size") or 1), graph.inputs[0].max_shape[0] if graph.inputs else 1)
+    largest = min(max(profiled) if profiled else limit, limit)
+    preferred = [b for b in profiled if 1 < b <= largest] or [largest]
+    return largest, preferred
+
+
+def _accelerators(runner: str, precision: str) -> tuple[list[dict], bool]:
+    if runner.startswith("OnnxTensorRT"):
+        mode = "FP16" if precision == "fp16" else "FP32"
+        return [{"name": "tensorrt", "parameters": {"precision_mode": mode}}], False
+    if runner.startswith("OnnxCUDA"):
+        return [{"name": "cuda", "parameters": {}}], False
+    return [], "cudagraph" in runner.lower()
+
+
+def _plan_graph(name: str, module_folder: Path, manifest: dict, entry: dict, backend: str,
+                instance_kind: str, warmup: bool) -> Optional[ModelPlan]:
+    module = manifest["module"]
+    module_precision = manifest.get("precision", "fp32")
+    graph = Graph.from_json(entry["graph"])
+    candidate = _candidate(entry)
+    if candidate is None:
+        log.warning("module %s graph %s has no selected runner; it gets no Triton model", module, graph.key)
+        return None
+    graph_dir = module_folder / graph.key
+    runner = candidate["runner"]
+    precision = candidate.get("precision", module_precision)
+    fmt = candidate["format"]
+    max_batch, preferred = _batching(graph, manifest, candidate)
+    platform: Optional[str] = None
+    accelerators: list[dict] = []
+    cuda_graphs = False
+    in_names = [f"input__{i}" for i in range(len(graph.inputs))]
+    out_names = [f"output__{i}" for i in range(len(graph.outputs))]
+    in_dtypes = [t.dtype for t in graph.inputs]
+    out_dtypes = [t.dtype for t in graph.outputs]
+    run_dtypes = list(in_dtypes)
+
+    if backend == "auto" and fmt == "onnx":
+        triton_backend, platform, art_fmt, art_dir = "onnxruntime", "onnxruntime_onnx", fmt, \
+            _format_dir(graph_dir, candidate, module_precision)
+        ins, outs = _onnx_io(art_dir / ARTIFACTS[fmt])
+        in_names, in_dtypes = [n for n, _ in ins], [d for _, d in ins]
+        out_names, out_dtypes = [n for n, _ in outs], [d for _, d in outs]
+        accelerators, _ = _accelerators(runner, precision)
+    elif backend == "auto" and fmt in ("torchscript", "torch-aoti", "trt"):
+        triton_backend = {"torchscript": "pytorch", "torch-aoti": "pytorch", "trt": "tensorrt"}[fmt]
+        platform = {"torchscript": "pytorch_libtorch", "torch-aoti": "torch_aoti", "trt": "tensorrt_plan"}[fmt]
+        art_fmt, art_dir = fmt, _format_dir(graph_dir, candidate, module_precision)
+        if fmt == "torchscript":  # the libtorch backend maps <name>__<index> to the forward() argument position
+            in_names = [f"INPUT__{i}" for i in range(len(graph.inputs))]
+            out_names = [f"OUTPUT__{i}" for i in range(len(graph.outputs))]
+        if fmt != "trt":  # torch artifacts built in another precision take and return that precision
+            in_dtypes = [_run_dtype(d, precision, module_precision) for d in in_dtypes]
+            out_dtypes = [_run_dtype(d, precision, module_precision) for d in out_dtypes]
+        _, cuda_graphs = _accelerators(runner, precision)
+    else:
+        triton_backend = "python"
+        art_fmt, art_dir, used = _python_artifact(graph_dir, candidate, entry, module_precision)
+        used_precision = used.get("precision", module_precision)
+        run_dtypes = [_run_dtype(d, used_precision, module_precision) for d in in_dtypes]
+        if art_fmt == "onnx":
+            run_dtypes = [d for _, d in _onnx_io(art_dir / ARTIFACTS["onnx"])[0]]
+    if not (art_dir / ARTIFACTS[art_fmt]).exists():
+        raise NavdeployError(f"module {module!r} graph {graph.key}: artifact {art_dir / ARTIFACTS[art_fmt]} is missing; "
+                             "re-run nav.optimize to rebuild it.")
+    if len(in_names) != len(graph.inputs) or len(out_names) != len(graph.outputs):
+        raise NavdeployError(f"module {module!r} graph {graph.key}: the {art_fmt} artifact has {len(in_names)} inputs and "
+                             f"{len(out_names)} outputs, the captured graph {len(graph.inputs)} and {len(graph.outputs)}.")
+    where = f"module {module!r} graph {graph.key}"
+    inputs = [TensorConfig(n, _triton_type(d, where), *_dims(t, graph.batching))
+              for n, d, t in zip(in_names, in_dtypes, graph.inputs)]
+    outputs = [TensorConfig(n, _triton_type(d, where), *_dims(t, graph.batching))
+               for n, d, t in zip(out_names, out_dtypes, graph.outputs)]
+    warm = None
+    if warmup:
+        warm = {"batch_size": 1, "inputs": [
+            {"name": c.name, "data_type": c.data_type,
+             "dims": (t.opt_shape[1:] if graph.batching else t.opt_shape) or [1]}
+            for c, t in zip(inputs, graph.inputs)]}
+    return ModelPlan(name, module, graph.key, candidate.get("name", runner), triton_backend, platform, art_fmt, art_dir,
+                     max_batch, preferred, inputs, outputs, instance_kind, run_dtypes, accelerators, cuda_graphs, warm)
+
+
+def plan_repository(workspace: Path, modules: Optional[Iterable[str]] = None, backend: str = "auto",
+                    warmup: bool = False) -> list[ModelPlan]:
+    """The Triton models a workspace yields, without writing anything."""
+    if backend not in BACKENDS:
+        raise NavdeployError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    workspace = Path(workspace)
+    if not workspace.is_dir():
+        raise NavdeployError(f"workspace {workspace} does not exist; run nav.optimize first or pass workspace=.")
+    wanted = set(modules) if modules is not None else None
+    plans: list[ModelPlan] = []
+    found: set[str] = set()
+    for folder in sorted(p for p in workspace.iterdir() if p.is_dir()):
+        path = folder / MANIFEST
+        if not path.is_file():
+            continue
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("skipping unreadable manifest %s (%s)", path, exc)
+            continue
+        name = manifest.get("module", folder.name)
+        if wanted is not None and name not in wanted:
+            continue
+        found.add(name)
+        kind = "KIND_GPU" if str(manifest.get("device", "cpu")).startswith("cuda") else "KIND_CPU"
+        graphs = manifest.get("graphs", {})
+        for key in sorted(graphs):
+            plan = _plan_graph(model_name(name, key, len(graphs)), folder, manifest, graphs[key], backend, kind, warmup)
+            if plan is not None:
+                plans.append(plan)
+    if wanted is not None and wanted - found:
+        raise NavdeployError(f"no optimized module named {', '.join(sorted(wanted - found))} in {workspace}; "
+                             "`navdeploy status` lists what the workspace holds.")
+    if not plans:
+        raise NavdeployError(f"nothing to export from {workspace}: no module there has a selected runner. "
+                             "Run nav.optimize first.")
+    names = [p.name for p in plans]
+    if len(set(names)) != len(names):
+        raise NavdeployError(f"two modules map to the same Triton model name among {names}; rename a nav.Module.")
+    return plans
+
+
+def render_model(plan: ModelPlan, env: jinja2.Environment, instance_count: int = 1,
+                 max_queue_delay_us: int = 100) -> dict[str, str]:
+    """File name (inside the model folder) -> text, for one model."""
+    context: dict[str, Any] = {
+        "navdeploy_version": __version__, "name": plan.name, "module": plan.module, "graph": plan.graph,
+        "selected": plan.selected, "platform": plan.platform, "backend": plan.backend,
+        "max_batch_size": plan.max_batch_size, "default_model_filename": plan.default_model_filename,
+        "inputs": plan.inputs, "outputs": plan.outputs, "dynamic_batching": plan.max_batch_size > 0,
+        "preferred_batch_sizes": plan.preferred_batch_sizes, "max_queue_delay_us": max_queue_delay_us,
+        "instance_count": instance_count, "instance_kind": plan.instance_kind, "accelerators": plan.accelerators,
+        "cuda_graphs": plan.cuda_graphs, "warmup": plan.warmup,
+    }
+    files = {"config.pbtxt": env.get_template("config.pbtxt.j2").render(**context)}
+    if plan.backend == "python":
+        files["1/model.py"] = env.get_template("model.py.j2").render(
+            **context, artifact_format=plan.artifact_format, artifact_file=ARTIFACTS[plan.artifact_format],
+            input_names=repr([t.name for t in plan.inputs]), output_names=repr([t.name for t in plan.outputs]),
+            run_dtypes=repr(plan.run_dtypes), batching=repr(plan.max_batch_size > 0))
+    return files
+
+
+def _copy_artifact(src: Path, dst: Path) -> None:
+    """Hard-link the artifact's files when the file system allows it (big models), else copy them."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        target = dst / item.name
+        if item.is_dir():
+            shutil.copytree(item, target)
+            continue
+        try:
+            os.link(item, target)
+        except OSError:
+            shutil.copy2(item, target)
+
+
+def write_repository(plans: list[ModelPlan], path: Path, instance_count: int = 1, max_queue_delay_us: int = 100,
+                     templates_dir: Optional[Path] = None, target: str = "auto") -> Path:
+    """Render and copy every model into a temporary folder beside ``path``, validate it, then swap it into place.
+
+    A failure (render, copy or validation) leaves an existing repository at ``path`` untouched."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = _environment(Path(templates_dir) if templates_dir else None)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        for plan in plans:
+            folder = tmp / plan.name
+            _copy_artifact(plan.artifact_dir, folder / "1")
+            for rel, text in render_model(plan, env, instance_count, max_queue_delay_us).items():
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                (folder / rel).write_text(text)
+        problems = errors(validate_repository(tmp, target=target))
+        if problems:
+            raise NavdeployError("the emitted repository does not validate:\n" + "\n".join(map(str, problems)))
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.rmdir(old)
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def export_model_repository(path: str | Path = "model_repository", modules: Optional[Iterable[Any]] = None,
+                            backend: str = "auto", workspace: Optional[str | Path] = None, *,
+                            instance_count: int = 1, max_queue_delay_us: int = 100, warmup: bool = False,
+                            templates_dir: Optional[str | Path] = None) -> Path:
+    """Write a Triton model repository with one model per optimized module graph; returns its path.
+
+    Args:
+        path: the repository folder; replaced atomically (built beside it, validated, then renamed).
+        modules: module names or ``nav.Module``s to export; all modules of the workspace when None.
+        backend: ``"auto"`` (by the selected runner's format: onnxruntime, pytorch, tensorrt, else python) or
+            ``"python"`` (every model a Python-backend model: runs on any Triton, including the one bundled in
+            ``nvidia-pytriton``).
+        workspace: the navdeploy workspace (default: the modules' workspace, ``$NAVDEPLOY_WORKSPACE`` or
+            ``~/.cache/navdeploy``).
+        instance_count: model instances per model (``instance_group.count``).
+        max_queue_delay_us: the dynamic batcher's queue delay for batched models.
+        warmup: add a ``model_warmup`` with zero inputs of the captured opt shape.
+        templates_dir: a folder with your own ``config.pbtxt.j2`` / ``model.py.j2`` overriding the shipped ones.
+    """
+    from navdeploy.config import default_workspace
+
+    names = None
+    if modules is not None:
+        names = []
+        for m in modules:
+            if isinstance(m, str):
+                names.append(m)
+                continue
+            names.append(m.name)
+            own = getattr(getattr(m, "optimize_config", None), "workspace", None)
+            if workspace is None and own is not None:
+                workspace = own
+    ws = Path(workspace) if workspace is not None else default_workspace()
+    plans = plan_repository(ws, names, backend, warmup)
+    gpu = any(p.instance_kind == "KIND_GPU" for p in plans)
+    out = write_repository(plans, Path(path), instance_count, max_queue_delay_us,
+                           Path(templates_dir) if templates_dir else None, target="gpu" if gpu else "cpu")
+    log.info("wrote Triton model repository %s: %s", out, ", ".join(f"{p.name} ({p.backend})" for p in plans))
+    return out

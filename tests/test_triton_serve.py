@@ -1,0 +1,295 @@
+"""From nav.optimize to a served Triton repository: emit with backend="python", start the tritonserver bundled
+in nvidia-pytriton, call it with tritonclient over HTTP and gRPC, compare with eager; emit with backend="auto"
+and validate offline; atomic writes; the CLI commands."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+pytest.importorskip("tritonclient.grpc")
+pytest.importorskip("tritonclient.http")
+pytest.importorskip("pytriton")
+
+import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+
+import navdeploy as nav  # noqa: E402
+from navdeploy.cli import app  # noqa: E402
+from navdeploy.errors import NavdeployError  # noqa: E402
+from navdeploy.triton import (TritonServer, export_model_repository, model_name,  # noqa: E402
+                              validate_repository)
+from navdeploy.triton.validate import parse_config  # noqa: E402,F811
+
+ATOL, RTOL = 1e-4, 1e-3
+
+
+class TwoInOut(nn.Module):
+    """Two inputs (the second optional: two input structures, two graphs) and two outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 6)
+
+    def forward(self, x, y=None):
+        h = self.linear(x)
+        if y is not None:
+            h = h + y[:, :6]
+        return h, torch.relu(x).sum(dim=1)
+
+
+class Pool(nn.Module):
+    """A dynamic sequence axis: [B, T, 8] -> [B, 4]."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.linear(x.mean(dim=1))
+
+
+@pytest.fixture(scope="module")
+def optimized(tmp_path_factory):
+    """Optimize two tiny modules (three graphs) into a fresh workspace; yields (workspace, eager modules)."""
+    torch.manual_seed(0)
+    ws = tmp_path_factory.mktemp("triton_ws")
+    two = nav.Module(TwoInOut().eval(), name="twoio")
+    pool = nav.Module(Pool().eval(), name="pool")
+
+    def pipeline(x, y, seq):
+        two(x, y)
+        two(x)
+        pool(seq)
+
+    data = [(b, (torch.randn(b, 8), torch.randn(b, 8), torch.randn(b, t, 8))) for b, t in ((1, 3), (4, 5), (2, 4))]
+    config = nav.OptimizeConfig(target_formats=(nav.Format.ONNX, nav.Format.TORCHSCRIPT), batch_sizes=(1, 4),
+                                max_batch_size=4, profile_time_s=0.05, use_multiprocessing=False, workspace=ws)
+    nav.optimize(pipeline, data, config=config)
+    eager = {"twoio": two.__wrapped__, "pool": pool.__wrapped__}
+    yield ws, eager
+    del two, pool
+
+
+def _manifest(ws: Path, module: str) -> dict:
+    return json.loads((ws / module / "manifest.json").read_text())
+
+
+def _graph_models(ws: Path, module: str) -> dict:
+    """Triton model name -> (graph json) for a module."""
+    graphs = _manifest(ws, module)["graphs"]
+    return {model_name(module, k, len(graphs)): g["graph"] for k, g in graphs.items()}
+
+
+@pytest.fixture(scope="module")
+def python_repo(optimized, tmp_path_factory):
+    ws, _ = optimized
+    return export_model_repository(tmp_path_factory.mktemp("repo") / "model_repository", backend="python",
+                                   workspace=ws, warmup=True)
+
+
+@pytest.fixture(scope="module")
+def server(python_repo):
+    srv = TritonServer(python_repo, startup_timeout_s=120)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _cases(ws, eager):
+    """(model name, [input arrays], [eager output arrays]) at batch 1 and 4 for every emitted model."""
+    torch.manual_seed(1)
+    cases = []
+    for name, graph in _graph_models(ws, "twoio").items():
+        for b in (1, 4):
+            inputs = [torch.randn(b, 8) for _ in graph["inputs"]]
+            with torch.no_grad():
+                out = eager["twoio"](*inputs)
+            cases.append((name, [t.numpy() for t in inputs], [o.numpy() for o in out]))
+    for b in (1, 4):
+        x = torch.randn(b, 4, 8)
+        with torch.no_grad():
+            cases.append(("pool", [x.numpy()], [eager["pool"](x).numpy()]))
+    return cases
+
+
+def _infer(client_mod, client, name, arrays, n_out):
+    inputs = []
+    for i, a in enumerate(arrays):
+        inp = client_mod.InferInput(f"input__{i}", list(a.shape), "FP32")
+        inp.set_data_from_numpy(a)
+        inputs.append(inp)
+    outputs = [client_mod.InferRequestedOutput(f"output__{i}") for i in range(n_out)]
+    result = client.infer(name, inputs, outputs=outputs)
+    return [result.as_numpy(f"output__{i}") for i in range(n_out)]
+
+
+def test_python_repository_layout(optimized, python_repo):
+    ws, _ = optimized
+    names = sorted(p.name for p in python_repo.iterdir())
+    twoio = sorted(_graph_models(ws, "twoio"))
+    assert len(twoio) == 2 and all(n.startswith("twoio__") for n in twoio)  # one model per graph, stable names
+    assert names == sorted(twoio + ["pool"])
+    cfg = parse_config((python_repo / "pool" / "config.pbtxt").read_text())
+    assert cfg.backend == "python" and cfg.max_batch_size == 4
+    assert list(cfg.input[0].dims) == [-1, 8]  # batch axis excluded, dynamic sequence axis -1
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4]
+    assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_CPU
+    assert len(cfg.model_warmup) == 1
+    assert (python_repo / "pool" / "1" / "model.py").is_file()
+    assert validate_repository(python_repo, target="cpu") == []
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_outputs_match_eager(optimized, server, protocol):
+    ws, eager = optimized
+    mod = httpclient if protocol == "http" else grpcclient
+    client = mod.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
+    try:
+        for name, arrays, expected in _cases(ws, eager):
+            assert client.is_model_ready(name)
+            got = _infer(mod, client, name, arrays, len(expected))
+            for g, e in zip(got, expected):
+                if e.ndim == 1:  # a scalar per batch item: dims [1] + reshape [], so clients see [B, 1]
+                    assert g.shape == (e.shape[0], 1), (name, g.shape)
+                    g = g[:, 0]
+                assert g.shape == e.shape, (name, g.shape, e.shape)
+                np.testing.assert_allclose(g, e, atol=ATOL, rtol=RTOL, err_msg=name)
+    finally:
+        client.close()
+
+
+def test_concurrent_requests_are_batched_correctly(optimized, server):
+    """Concurrent batch-1 requests reach model.py as one dynamic batch; each answer must be its own."""
+    ws, eager = optimized
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        xs = [np.random.randn(1, 4, 8).astype(np.float32) for _ in range(12)]
+        pending = []
+        for x in xs:
+            inp = grpcclient.InferInput("input__0", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            results = []
+            client.async_infer("pool", [inp], callback=lambda result, error, out=results: out.append((result, error)))
+            pending.append(results)
+        deadline = time.monotonic() + 30
+        while any(not p for p in pending) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for x, p in zip(xs, pending):
+            result, error = p[0]
+            assert error is None, error
+            with torch.no_grad():
+                expected = eager["pool"](torch.from_numpy(x)).numpy()
+            np.testing.assert_allclose(result.as_numpy("output__0"), expected, atol=ATOL, rtol=RTOL)
+    finally:
+        client.close()
+
+
+def test_auto_repository_validates_offline(optimized, tmp_path):
+    ws, _ = optimized
+    repo = export_model_repository(tmp_path / "auto", backend="auto", workspace=ws)
+    assert validate_repository(repo, target="cpu") == []
+    for name in (p.name for p in repo.iterdir()):
+        cfg = parse_config((repo / name / "config.pbtxt").read_text())
+        module = "pool" if name == "pool" else "twoio"
+        key = name.split("__")[1] if "__" in name else next(iter(_manifest(ws, module)["graphs"]))
+        selected = _manifest(ws, module)["graphs"][key]["selected"]
+        expected = {"OnnxCPU": ("onnxruntime", "onnxruntime_onnx", "input__0", "model.onnx"),
+                    "TorchScriptCPU": ("pytorch", "pytorch_libtorch", "INPUT__0", "model.pt")}.get(
+                        selected, ("python", "", "input__0", "model.py"))
+        assert (cfg.backend, cfg.platform, cfg.input[0].name) == expected[:3], (name, selected)
+        assert (repo / name / "1" / expected[3]).is_file()
+        if expected[0] == "onnxruntime":  # names are the ONNX graph's own
+            import onnx
+
+            model = onnx.load(str(repo / name / "1" / "model.onnx"), load_external_data=False)
+            assert [i.name for i in cfg.input] == [i.name for i in model.graph.input]
+
+
+def test_auto_backend_per_selected_format(optimized, tmp_path):
+    """Whatever won, each format maps to its backend: force each selection in a copy of the workspace."""
+    ws, _ = optimized
+    copy = tmp_path / "ws"
+    shutil.copytree(ws / "pool", copy / "pool")
+    manifest = _manifest(copy, "pool")
+    (entry,) = manifest["graphs"].values()
+    seen = {}
+    for runner in ("OnnxCPU", "TorchScriptCPU", "TorchCPU"):
+        entry["selected"] = runner
+        (copy / "pool" / "manifest.json").write_text(json.dumps(manifest))
+        repo = export_model_repository(tmp_path / "repo", modules=["pool"], backend="auto", workspace=copy)
+        cfg = parse_config((repo / "pool" / "config.pbtxt").read_text())
+        seen[runner] = (cfg.backend, cfg.platform, cfg.input[0].name, cfg.output[0].name,
+                        sorted(p.name for p in (repo / "pool" / "1").iterdir()))
+    assert seen["OnnxCPU"][:4] == ("onnxruntime", "onnxruntime_onnx", "input__0", "output__0")
+    assert seen["TorchScriptCPU"] == ("pytorch", "pytorch_libtorch", "INPUT__0", "OUTPUT__0", ["model.pt"])
+    assert seen["TorchCPU"][:2] == ("python", "")  # eager won: a Python model over the fastest verified artifact
+    assert "model.py" in seen["TorchCPU"][4]
+
+
+def test_failed_export_leaves_previous_repository(optimized, tmp_path):
+    ws, _ = optimized
+    repo = export_model_repository(tmp_path / "repo", backend="python", workspace=ws)
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    bad = tmp_path / "templates"
+    bad.mkdir()
+    text = (Path(nav.__file__).parent / "templates" / "config.pbtxt.j2").read_text()
+    (bad / "config.pbtxt.j2").write_text(text.replace("kind: {{ instance_kind }}", "kind: KIND_BOGUS"))
+    with pytest.raises(NavdeployError, match="KIND_BOGUS"):
+        export_model_repository(repo, backend="python", workspace=ws, templates_dir=bad)
+    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "templates"]  # no temporary folders left
+
+
+def test_cli_export_validate_and_serve_refusal(optimized, tmp_path):
+    ws, _ = optimized
+    runner = CliRunner()
+    result = runner.invoke(app, ["export-repo", str(tmp_path / "auto"), "-w", str(ws), "--backend", "auto"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["validate-repo", str(tmp_path / "auto"), "--target", "cpu"])
+    assert result.exit_code == 0 and "pass Triton's checks" in result.output
+    result = runner.invoke(app, ["export-repo", str(tmp_path / "x"), "-w", str(ws), "-m", "nosuchmodule"])
+    assert result.exit_code == 1 and "nosuchmodule" in result.output
+    configs = [parse_config(p.read_text()) for p in (tmp_path / "auto").glob("*/config.pbtxt")]
+    if any(c.backend != "python" for c in configs):  # the bundled server has only the python backend
+        result = runner.invoke(app, ["serve-repo", str(tmp_path / "auto")])
+        assert result.exit_code == 1 and "backend='python'" in result.output
+
+
+def test_cli_serve_repo_stops_on_sigterm(python_repo):
+    proc = subprocess.Popen([sys.executable, "-m", "navdeploy.cli", "serve-repo", str(python_repo)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("serving"):
+                break
+        assert lines and lines[-1].startswith("serving"), "".join(lines)
+        http = lines[-1].split("HTTP ")[1].split()[0]
+        client = httpclient.InferenceServerClient(http)
+        assert client.is_server_ready()
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
