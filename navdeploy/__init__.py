@@ -16,7 +16,6 @@ from navdeploy.errors import (CaptureError, ConfigError, DataloaderError, Navdep
 from navdeploy.module import Module  # noqa: E402
 from navdeploy.optimize import ModuleStatus, OptimizeStatus, load_optimized, optimize  # noqa: E402
 from navdeploy.triton import export_model_repository  # noqa: E402
-from navdeploy.triton import export_model_repository  # noqa: E402
 from navdeploy.serving import serve  # noqa: E402
 
 __all__ = [
