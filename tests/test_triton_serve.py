@@ -293,3 +293,40 @@ def test_cli_serve_repo_stops_on_sigterm(python_repo):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_gpu_selections_map_to_tensorrt_and_ort_accelerator(optimized, tmp_path):
+    """GPU winners (no GPU here: the manifest is edited, the ONNX artifact is real, the plan a stand-in file)."""
+    ws, _ = optimized
+    copy = tmp_path / "ws"
+    shutil.copytree(ws / "pool", copy / "pool")
+    manifest = _manifest(copy, "pool")
+    manifest["device"] = "cuda"
+    (key, entry), = manifest["graphs"].items()
+    graph_dir = copy / "pool" / key
+    shutil.copytree(graph_dir / "onnx", graph_dir / "onnx-fp16")
+    (graph_dir / "trt-fp16").mkdir()
+    (graph_dir / "trt-fp16" / "model.plan").write_bytes(b"engine")
+    shutil.copy(graph_dir / "onnx" / "model.onnx", graph_dir / "trt-fp16" / "model.onnx")
+    profile = [{"batch_size": 4, "p50_ms": 0.1, "p90_ms": 0.1, "throughput": 1.0}]
+    entry["candidates"] += [
+        {"name": "TensorRT[fp16]", "runner": "TensorRT", "format": "trt", "precision": "fp16", "device": "cuda",
+         "status": "ok", "profile": profile},
+        {"name": "OnnxTensorRT[fp16]", "runner": "OnnxTensorRT", "format": "onnx", "precision": "fp16",
+         "device": "cuda", "status": "ok", "profile": profile}]
+    results = {}
+    for name in ("TensorRT[fp16]", "OnnxTensorRT[fp16]"):
+        entry["selected"] = name
+        (copy / "pool" / "manifest.json").write_text(json.dumps(manifest))
+        repo = export_model_repository(tmp_path / "repo", backend="auto", workspace=copy)
+        results[name] = parse_config((repo / "pool" / "config.pbtxt").read_text())
+        assert validate_repository(repo, target="gpu") == []
+        assert any(p.field == "instance_group[0].kind" for p in validate_repository(repo, target="cpu"))
+        if name.startswith("TensorRT"):
+            assert sorted(p.name for p in (repo / "pool" / "1").iterdir()) == ["model.plan"]
+    trt = results["TensorRT[fp16]"]
+    assert (trt.backend, trt.platform, trt.input[0].name) == ("tensorrt", "tensorrt_plan", "input__0")
+    assert trt.instance_group[0].kind == trt.instance_group[0].KIND_GPU and trt.max_batch_size == 4
+    ort = results["OnnxTensorRT[fp16]"]
+    (acc,) = ort.optimization.execution_accelerators.gpu_execution_accelerator
+    assert ort.backend == "onnxruntime" and acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"

@@ -339,10 +339,13 @@ def render_model(plan: ModelPlan, env: jinja2.Environment, instance_count: int =
     return files
 
 
-def _copy_artifact(src: Path, dst: Path) -> None:
-    """Hard-link the artifact's files when the file system allows it (big models), else copy them."""
+def _copy_artifact(src: Path, dst: Path, only: Optional[str] = None) -> None:
+    """Hard-link the artifact's files (all of the format folder, e.g. ONNX external data, or ``only`` that one)
+    when the file system allows it (big models), else copy them."""
     dst.mkdir(parents=True, exist_ok=True)
     for item in src.iterdir():
+        if only is not None and item.name != only:
+            continue
         target = dst / item.name
         if item.is_dir():
             shutil.copytree(item, target)
@@ -365,7 +368,8 @@ def write_repository(plans: list[ModelPlan], path: Path, instance_count: int = 1
     try:
         for plan in plans:
             folder = tmp / plan.name
-            _copy_artifact(plan.artifact_dir, folder / "1")
+            # A TensorRT folder also holds the ONNX it was built from: Triton needs only the plan.
+            _copy_artifact(plan.artifact_dir, folder / "1", ARTIFACTS["trt"] if plan.artifact_format == "trt" else None)
             for rel, text in render_model(plan, env, instance_count, max_queue_delay_us).items():
                 (folder / rel).parent.mkdir(parents=True, exist_ok=True)
                 (folder / rel).write_text(text)
