@@ -18,7 +18,7 @@ from navdeploy.candidate import artifact_dir, prepare
 from navdeploy.formats import EAGER_RUNNER, FORMATS, RUNNERS, LoadContext, RunFn
 from navdeploy.module import Module, OptimizedHandler
 from navdeploy.verify import conform
-from navdeploy.workspace import checksum, fingerprint, load_samples, read_manifest
+from navdeploy.workspace import checksum, fingerprint, load_manifest, load_samples
 
 log = logging.getLogger("navdeploy")
 
@@ -53,44 +53,57 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device
     return run
 
 
+def _warn(module: Module, message: str) -> bool:
+    log.warning("module %s runs eagerly: %s", module.name, message)
+    warnings.warn(f"navdeploy: module {module.name!r} runs eagerly: {message}", RuntimeWarning, stacklevel=4)
+    return False
+
+
 def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerprint_: Optional[str] = None) -> bool:
-    """Route ``module`` to the runners its manifest selected. Returns False (module stays eager, with a
-    warning) when there is nothing usable: no manifest, changed weights, missing or modified artifacts."""
+    """Route ``module`` to the runners its manifest selected. Returns False (module stays eager, with one
+    warning) when there is nothing usable: no manifest, an unreadable or hand-edited one, changed weights,
+    missing or modified artifacts. It never raises for what it finds in the workspace."""
     module._self_handler = None  # every path that does not bind leaves the module eager
     module._self_bound = False
-    manifest = manifest if manifest is not None else read_manifest(folder)
     if manifest is None:
-        warnings.warn(f"navdeploy: no optimization found for module {module.name!r} in {folder}; it runs eagerly. "
-                      "Run nav.optimize first, or point NAVDEPLOY_WORKSPACE at the workspace it used.", RuntimeWarning,
-                      stacklevel=3)
-        return False
-    current = fingerprint_ or fingerprint(module.__wrapped__)
+        manifest, problem = load_manifest(folder)
+        if problem:
+            return _warn(module, f"{problem}. Re-run nav.optimize to rebuild it.")
+    if manifest is None:
+        return _warn(module, f"no optimization found in {folder}. Run nav.optimize first, or point "
+                     "NAVDEPLOY_WORKSPACE (or load_optimized(workspace)) at the workspace it used.")
+    if manifest.get("module", module.name) != module.name:
+        return _warn(module, f"the manifest in {folder} belongs to module {manifest.get('module')!r}.")
+    try:
+        current = fingerprint_ or fingerprint(module.__wrapped__)
+    except Exception as exc:  # noqa: BLE001 - an unusual parameter type must not break the pipeline
+        return _warn(module, f"its weights cannot be fingerprinted ({type(exc).__name__}: {exc}).")
     if manifest.get("fingerprint") != current:
-        warnings.warn(f"navdeploy: module {module.name!r} changed (weights or code) since it was optimized; the stale "
-                      "artifacts are not used and it runs eagerly. Re-run nav.optimize to optimize it again.",
-                      RuntimeWarning, stacklevel=3)
-        return False
+        return _warn(module, "it changed (weights, added parameters such as LoRA adapters, or code) since it was "
+                     "optimized; the stale artifacts are not used. Re-run nav.optimize to optimize it again.")
     device = manifest.get("device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        warnings.warn(f"navdeploy: module {module.name!r} was optimized for CUDA but no GPU is present; it runs eagerly.",
-                      RuntimeWarning, stacklevel=3)
-        return False
+        return _warn(module, "it was optimized for CUDA but no GPU is present.")
     selected = {key: entry.get("selected") for key, entry in manifest["graphs"].items()}
     if selected and all(name in EAGER_RUNNER.values() for name in selected.values()):  # eager, own precision
         module._self_bound = True
         return True  # eager won everywhere: plain pass-through, no routing cost
     graphs: dict[str, tuple[Graph, RunFn]] = {}
+    problems = []
     for key, entry in manifest["graphs"].items():
         name = entry.get("selected")
         if not name:
-            continue
-        graph = Graph.from_json(entry["graph"])
+            continue  # every candidate failed: this input structure runs eagerly
         try:
-            graphs[key] = (graph, _load_runner(module, folder, graph, entry, device,
-                                               manifest.get("precision", "fp32")))
+            graph = Graph.from_json(entry["graph"])
+            graphs[key] = (graph, _load_runner(module, folder, graph, entry, device, manifest.get("precision", "fp32")))
         except Exception as exc:  # noqa: BLE001 - a broken artifact must not break the user's pipeline
-            warnings.warn(f"navdeploy: cannot load {name} for module {module.name!r} (graph {key}): {exc}; that input "
-                          "structure runs eagerly. Re-run nav.optimize to rebuild it.", RuntimeWarning, stacklevel=3)
+            problems.append(f"cannot load {name} for graph {key} ({type(exc).__name__}: {exc})")
+    if problems:
+        scope = "those input structures run" if graphs else "it runs"
+        log.warning("module %s: %s", module.name, "; ".join(problems))
+        warnings.warn(f"navdeploy: module {module.name!r}: {'; '.join(problems)}; {scope} eagerly. Re-run "
+                      "nav.optimize to rebuild.", RuntimeWarning, stacklevel=3)
     if not graphs:
         return False
     module._self_bound = True

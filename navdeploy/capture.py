@@ -42,7 +42,7 @@ def _is_model_output(value: Any) -> bool:
     return isinstance(value, OrderedDict) and dataclasses.is_dataclass(value)
 
 
-def flatten(tree: Any, path: str = "inputs") -> tuple[Spec, list[torch.Tensor]]:
+def flatten(tree: Any, path: str = "inputs", outputs: bool = False) -> tuple[Spec, list[torch.Tensor]]:
     """Split a pytree into a JSON-able spec and its tensor leaves (in depth-first order).
 
     Supported nodes: tensors; str/int/float/bool/None constants; tuples, lists, named tuples;
@@ -76,9 +76,16 @@ def flatten(tree: Any, path: str = "inputs") -> tuple[Spec, list[torch.Tensor]]:
             names = [f.name for f in dataclasses.fields(node) if f.init]
             return {"t": "dataclass", "cls": _class_path(type(node)), "k": names,
                     "c": [walk(getattr(node, n), f"{where}.{n}") for n in names]}
+        kind = f"{type(node).__module__}.{type(node).__qualname__}"
+        supported = "supported: tensors, str/int/float/bool/None, tuples, lists, dicts, dataclasses, HF ModelOutput"
+        if outputs:
+            raise CaptureError(
+                f"{where}: the module returned a value of type {kind}, which cannot be captured ({supported}). "
+                "Wrap the module in a small nn.Module that returns tensors (or containers of them), and pass "
+                "output_mapping= to nav.Module to rebuild your type from them."
+            )
         raise CaptureError(
-            f"{where}: values of type {type(node).__module__}.{type(node).__qualname__} cannot be captured "
-            "(supported: tensors, str/int/float/bool/None, tuples, lists, dicts, dataclasses, HF ModelOutput). "
+            f"{where}: values of type {kind} cannot be captured ({supported}). "
             "Pass input_mapping= to nav.Module to turn it into tensors or constants."
         )
 
@@ -114,6 +121,33 @@ def unflatten(spec: Spec, tensors: list[Any], rebuild_classes: bool = True) -> A
         raise ValueError(f"unknown spec node {t!r}")
 
     return build(spec)
+
+
+def describe(tree: Any) -> str:
+    """A short description of a pytree's structure for error messages, e.g. ``dict(last_hidden_state=Tensor)``."""
+    if isinstance(tree, torch.Tensor):
+        return "Tensor"
+    if isinstance(tree, dict):
+        inner = ", ".join(f"{k}={describe(v)}" for k, v in list(tree.items())[:6])
+        return f"{type(tree).__name__}({inner}{', ...' if len(tree) > 6 else ''})"
+    if isinstance(tree, (tuple, list)):
+        inner = ", ".join(describe(v) for v in list(tree)[:6])
+        return f"{type(tree).__name__}[{inner}{', ...' if len(tree) > 6 else ''}]"
+    return type(tree).__name__
+
+
+def check_output_mapping(name: str, mapping: Callable, structured: Any) -> None:
+    """Call a module's ``output_mapping`` on what its optimized runners will hand it; raise CaptureError naming
+    the module when it fails, before anything is built."""
+    try:
+        mapping(structured)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's function is reported the same way
+        raise CaptureError(
+            f"output_mapping of module {name!r} raised {type(exc).__name__}: {exc} when given the output the optimized "
+            f"module returns: {describe(structured)}. output_mapping receives the module's output structure with HF "
+            "ModelOutputs and dataclasses as plain dicts (e.g. lambda o: BaseModelOutputWithPooling(**o)); fix the "
+            "function or leave output_mapping out."
+        ) from exc
 
 
 def spec_key(spec: Spec, tensors: list[torch.Tensor]) -> str:
@@ -249,17 +283,26 @@ class Recorder:
         self.graphs: dict[str, Graph] = {}
         self._batch_consistent: dict[str, bool] = {}
 
+    def _output_mapping(self) -> Optional[Callable]:
+        from navdeploy.module import _REGISTRY  # late: navdeploy.module imports this module
+
+        module = _REGISTRY.get(self.name)
+        return getattr(module, "_self_output_mapping", None) if module is not None else None
+
     def record(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
         """Run the eager call and remember its inputs and outputs (``input_mapping`` was applied by the proxy)."""
         in_spec, inputs = flatten_call(args, kwargs, self.name)
         output = fn(*args, **kwargs)
-        out_spec, outputs = flatten(output, path=f"{self.name} outputs")
+        out_spec, outputs = flatten(output, path=f"{self.name} outputs", outputs=True)
         if not outputs:
-            raise CaptureError(f"module {self.name!r} returned no tensors ({type(output).__name__}); nothing to optimize. "
-                               "Wrap a module that returns tensors, or use output_mapping to build your type from tensors.")
+            raise CaptureError(f"module {self.name!r} returned no tensors ({describe(output)}); nothing to optimize. "
+                               "Wrap only the part of it that computes tensors, or do not wrap it with nav.Module.")
         key = spec_key(in_spec, inputs)
         graph = self.graphs.get(key)
         if graph is None:
+            mapping = self._output_mapping()
+            if mapping is not None:
+                check_output_mapping(self.name, mapping, unflatten(out_spec, outputs, rebuild_classes=False))
             graph = Graph(key, in_spec, out_spec, [TensorSpec.of(t) for t in inputs],
                           [TensorSpec.of(t) for t in outputs], batching=False)
             self.graphs[key] = graph

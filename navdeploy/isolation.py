@@ -8,11 +8,16 @@ fresh worker.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import queue
 import signal
+import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +36,31 @@ class WorkerStartError(RuntimeError):
     """The worker child could not start (payload not picklable, or the child died while starting)."""
 
 
+def _die_with_parent() -> None:
+    """End this worker when the process that started it dies, even by ``kill -9``: an orphan would keep
+    building and could move an artifact into a folder the next run already owns.
+
+    On Linux the kernel sends SIGKILL (``PR_SET_PDEATHSIG``); elsewhere, and as a second line, a thread
+    watches the parent's sentinel."""
+    parent = mp.parent_process()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if parent is None:
+        return
+    if parent.pid != os.getppid():  # the parent died before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        mp.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="navdeploy-parent-watch", daemon=True).start()
+
+
 def _worker_main(payload: bytes, tasks, results, log_path: str) -> None:
+    _die_with_parent()
     # Exporters print a lot straight to the file descriptors; keep it in the module's log, off the console.
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import wrapt
 
-from navdeploy.capture import CaptureError, Graph, flatten_call, spec_key, unflatten
+from navdeploy.capture import CaptureError, Graph, describe, flatten_call, spec_key, unflatten
 from navdeploy.config import PRECISIONS, OptimizeConfig
 from navdeploy.errors import ConfigError
 from navdeploy.formats import RunFn
@@ -300,5 +300,13 @@ class OptimizedHandler:
         except Exception as exc:  # noqa: BLE001 - never crash the user's pipeline on a runner error
             return self._fallback(f"runner error: {type(exc).__name__}: {exc}", fn, args, kwargs)
         if self.output_mapping is not None:
-            return self.output_mapping(unflatten(graph.output_spec, outputs, rebuild_classes=False))
+            structured = unflatten(graph.output_spec, outputs, rebuild_classes=False)
+            try:
+                return self.output_mapping(structured)
+            except Exception as exc:
+                # The user's function: a clear error, never a silent eager fallback that would hide the bug.
+                exc.add_note(f"navdeploy: raised by the output_mapping of module {self.name!r}, called with the "
+                             f"optimized runner's output {describe(structured)} (HF ModelOutputs and dataclasses "
+                             "arrive as plain dicts).")
+                raise
         return unflatten(graph.output_spec, outputs)

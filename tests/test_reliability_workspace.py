@@ -1,0 +1,359 @@
+"""A workspace that was corrupted, hand-edited or tampered with never crashes the user's pipeline: the
+module runs eagerly with one warning that says what is wrong, and the next nav.optimize rebuilds what is
+broken. Weights changed after optimization (fine-tuning, LoRA) are detected. Nothing in a workspace is
+unpickled except tensors. Inputs the runner was not built for run eagerly, with one warning."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from copy import deepcopy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import navdeploy as nav
+from navdeploy.workspace import fingerprint, load_samples, read_manifest
+
+NAME = "rel_ws"
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.register_buffer("table", torch.arange(4.0), persistent=False)  # not in state_dict
+
+    def forward(self, x):
+        y = self.linear(x.to(self.table.dtype)).relu() + self.table
+        if hasattr(self, "lora_a"):  # a LoRA adapter added after optimization
+            y = y + (x @ self.lora_a.T) @ self.lora_b.T
+        return y
+
+
+def make_net() -> Net:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def fast(workspace, **kw) -> nav.OptimizeConfig:
+    cfg = dict(workspace=workspace, target_formats=(nav.Format.ONNX,), batch_sizes=(1, 2), max_batch_size=2,
+               profile_time_s=0.05, use_multiprocessing=False, tolerances={"atol": 1e-4, "rtol": 1e-3})
+    cfg.update(kw)
+    return nav.OptimizeConfig(**cfg)
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    """One optimized workspace; the tests below work on copies of it."""
+    ws = tmp_path_factory.mktemp("ws")
+    module = nav.Module(make_net(), name=NAME, batching=True)
+    status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))],
+                          fast(ws, runners=("OnnxCPU",)))
+    assert status.modules[NAME].graphs[0].selected == "OnnxCPU", status.modules[NAME].graphs[0].candidates
+    return ws, module
+
+
+@pytest.fixture
+def ws(original, tmp_path):
+    """A private copy of the optimized workspace, and the live module (rebound to the copy by each test)."""
+    src, module = original
+    copy = tmp_path / "ws"
+    shutil.copytree(src, copy)
+    saved = deepcopy(module.__wrapped__.__dict__)
+    yield copy, module
+    module.__wrapped__.__dict__.clear()  # undo fine-tuning / adapters a test applied to the shared module
+    module.__wrapped__.__dict__.update(saved)
+
+
+def _load(module, workspace) -> tuple[bool, list[str]]:
+    """load_optimized, returning whether our module bound and the warnings that mention it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bound = nav.load_optimized(workspace)[NAME]
+    return bound, [str(w.message) for w in caught if NAME in str(w.message)]
+
+
+def _eager_and_correct(module) -> None:
+    assert not module.is_optimized
+    x = torch.randn(2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eager: no per-call warnings either
+        torch.testing.assert_close(module(x), module.__wrapped__(x))
+
+
+def _edit(workspace: Path, change) -> None:
+    path = workspace / NAME / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data, next(iter(data["graphs"].values())))
+    path.write_text(json.dumps(data))
+
+
+def test_intact_copy_loads(ws):
+    workspace, module = ws
+    bound, messages = _load(module, workspace)
+    assert bound and module.is_optimized and messages == []
+
+
+RAW = {
+    "not-json": b"{ this is not json",
+    "truncated": None,  # first half of the real file
+    "empty": b"",
+    "binary": bytes(range(256)) * 4,
+    "a-list": b"[]",
+    "deeply-nested": b"[" * 100_000 + b"]" * 100_000,
+    "a-pickle": pickle.dumps({"version": 1}),
+}
+
+
+@pytest.mark.parametrize("kind", list(RAW))
+def test_unreadable_manifest_warns_and_runs_eagerly(ws, kind):
+    workspace, module = ws
+    path = workspace / NAME / "manifest.json"
+    path.write_bytes(RAW[kind] if RAW[kind] is not None else path.read_bytes()[: path.stat().st_size // 2])
+    bound, messages = _load(module, workspace)
+    assert bound is False and len(messages) == 1, messages
+    assert "not a valid navdeploy manifest" in messages[0] or "cannot read" in messages[0]
+    assert "Re-run nav.optimize" in messages[0]
+    _eager_and_correct(module)
+
+
+EDITS = {
+    "graphs-a-list": lambda m, g: m.update(graphs=[]),
+    "graph-a-string": lambda m, g: m["graphs"].update({k: "oops" for k in m["graphs"]}),
+    "candidates-a-dict": lambda m, g: g.update(candidates={}),
+    "candidate-without-runner": lambda m, g: g["candidates"][0].pop("runner"),
+    "selected-an-int": lambda m, g: g.update(selected=5),
+    "graph-spec-missing-inputs": lambda m, g: g["graph"].pop("inputs"),
+    "tensor-spec-a-string": lambda m, g: g["graph"].update(inputs=["x"]),
+    "max-batch-size-a-string": lambda m, g: m.update(max_batch_size="8"),
+    "fingerprint-missing": lambda m, g: m.pop("fingerprint"),
+    "format-without-checksum": lambda m, g: g["formats"]["onnx"].pop("checksum"),
+    "profile-not-a-list": lambda m, g: g["candidates"][0].update(profile="fast"),
+    "other-version": lambda m, g: m.update(version=99),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_hand_edited_manifest_with_wrong_types_warns_and_runs_eagerly(ws, edit):
+    workspace, module = ws
+    _edit(workspace, EDITS[edit])
+    bound, messages = _load(module, workspace)
+    assert bound is False and len(messages) == 1, messages
+    assert "not a valid navdeploy manifest" in messages[0]
+    _eager_and_correct(module)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m, g: m.update(fingerprint="0" * 64), "changed"),
+    (lambda m, g: g.update(selected="NoSuchRunnerCPU"), "NoSuchRunnerCPU"),
+    (lambda m, g: g["formats"]["onnx"].update(checksum="0" * 64), "checksum"),
+    (lambda m, g: m.update(module="someone_else"), "belongs to module 'someone_else'"),
+], ids=["fingerprint", "unknown-runner", "checksum", "other-module"])
+def test_hand_edited_manifest_values_warn_and_run_eagerly(ws, edit, needle):
+    workspace, module = ws
+    _edit(workspace, edit)
+    bound, messages = _load(module, workspace)
+    assert bound is False and len(messages) == 1 and needle in messages[0], messages
+    _eager_and_correct(module)
+
+
+@pytest.mark.parametrize("tamper", ["flip-bytes", "truncate", "delete-file", "delete-folder", "extra-file"])
+def test_modified_artifact_is_never_loaded(ws, tamper):
+    workspace, module = ws
+    (graph_dir,) = [p for p in (workspace / NAME).iterdir() if p.is_dir()]
+    artifact = graph_dir / "onnx" / "model.onnx"
+    if tamper == "flip-bytes":
+        data = bytearray(artifact.read_bytes())
+        for i in range(len(data) // 2, len(data) // 2 + 16):
+            data[i] ^= 0xFF
+        artifact.write_bytes(bytes(data))
+    elif tamper == "truncate":
+        artifact.write_bytes(artifact.read_bytes()[:100])
+    elif tamper == "delete-file":
+        artifact.unlink()
+    elif tamper == "delete-folder":
+        shutil.rmtree(artifact.parent)
+    else:
+        (artifact.parent / "planted.bin").write_bytes(b"planted")
+    bound, messages = _load(module, workspace)
+    assert bound is False and len(messages) == 1, messages
+    assert "missing or was modified" in messages[0] and "Re-run nav.optimize" in messages[0]
+    _eager_and_correct(module)
+
+
+def test_next_optimize_rebuilds_a_corrupted_workspace(ws):
+    workspace, module = ws
+    (graph_dir,) = [p for p in (workspace / NAME).iterdir() if p.is_dir()]
+    (graph_dir / "onnx" / "model.onnx").write_bytes(b"garbage")
+    status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))], fast(workspace, runners=("OnnxCPU",)))
+    onnx = status.modules[NAME].graphs[0].candidate("OnnxCPU")
+    assert onnx["status"] == "ok" and not onnx.get("cached")  # rebuilt, not trusted
+    assert module.is_optimized
+    (workspace / NAME / "manifest.json").write_text("{ broken")
+    with pytest.warns(RuntimeWarning, match="ignoring an unusable manifest"):
+        status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))],
+                              fast(workspace, runners=("OnnxCPU",)))
+    assert status.modules[NAME].graphs[0].selected == "OnnxCPU" and module.is_optimized
+    assert read_manifest(workspace / NAME) is not None
+
+
+class Payload:
+    """What an attacker would plant: unpickling it runs code (here: creates a file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_samples_holding_a_pickled_object_are_refused(ws, tmp_path):
+    workspace, module = ws
+    (graph_dir,) = [p for p in (workspace / NAME).iterdir() if p.is_dir()]
+    marker = tmp_path / "code-ran"
+    torch.save({"inputs": [[Payload(marker)]], "outputs": [[torch.ones(1)]]}, graph_dir / "samples.pt")
+    with pytest.raises(nav.WorkspaceError, match="refuses to unpickle"):
+        load_samples(graph_dir)
+    assert not marker.exists()
+    bound, messages = _load(module, workspace)  # through load_optimized: refused, eager, one warning
+    assert bound is False and len(messages) == 1 and "refuses to unpickle" in messages[0]
+    assert not marker.exists()
+    _eager_and_correct(module)
+
+
+def test_samples_that_are_not_navdeploy_samples(ws):
+    workspace, module = ws
+    (graph_dir,) = [p for p in (workspace / NAME).iterdir() if p.is_dir()]
+    torch.save({"something": torch.ones(1)}, graph_dir / "samples.pt")
+    with pytest.raises(nav.WorkspaceError, match="not a navdeploy samples file"):
+        load_samples(graph_dir)
+    (graph_dir / "samples.pt").write_bytes(b"\x00" * 10)
+    bound, messages = _load(module, workspace)
+    assert bound is False and len(messages) == 1
+    _eager_and_correct(module)
+
+
+def test_manifests_are_plain_json(original):
+    workspace, _ = original
+    for path in workspace.rglob("*.json"):
+        json.loads(path.read_text())
+    assert {p.suffix for p in (workspace / NAME).rglob("*") if p.is_file()} <= {".json", ".log", ".pt", ".onnx", ".data", ".owner", ""}
+
+
+# --- weights changed after optimization -------------------------------------------------------------
+
+def test_fine_tuned_weights_are_detected(ws):
+    workspace, module = ws
+    with torch.no_grad():
+        module.__wrapped__.linear.weight.mul_(1.01)
+    bound, messages = _load(module, workspace)
+    assert bound is False and "changed" in messages[0] and "Re-run nav.optimize" in messages[0]
+    _eager_and_correct(module)
+
+
+@pytest.mark.parametrize("how", ["parameters", "zero-init", "wrapped-layer", "non-persistent-buffer"])
+def test_lora_style_changes_are_detected(ws, how):
+    workspace, module = ws
+    inner = module.__wrapped__
+    if how in ("parameters", "zero-init"):
+        inner.lora_a = nn.Parameter(torch.randn(2, 4) * 0.1)  # registered parameters: new state_dict keys
+        inner.lora_b = nn.Parameter(torch.zeros(4, 2) if how == "zero-init" else torch.randn(4, 2) * 0.1)
+    elif how == "wrapped-layer":  # peft style: the layer is replaced by a wrapper holding the base layer
+        class LoraLinear(nn.Module):
+            def __init__(self, base):
+                super().__init__()
+                self.base_layer = base
+                self.lora_down = nn.Linear(4, 2, bias=False)
+                self.lora_up = nn.Linear(2, 4, bias=False)
+                nn.init.zeros_(self.lora_up.weight)  # output unchanged at first, still a different module
+
+            def forward(self, x):
+                return self.base_layer(x) + self.lora_up(self.lora_down(x))
+        inner.linear = LoraLinear(inner.linear)
+    else:
+        inner.table.add_(1.0)  # not in state_dict, still part of what the module computes
+    assert fingerprint(inner) != json.loads((workspace / NAME / "manifest.json").read_text())["fingerprint"]
+    bound, messages = _load(module, workspace)
+    assert bound is False and len(messages) == 1 and "LoRA" in messages[0], messages
+    _eager_and_correct(module)  # the adapter's contribution is in the result: eager runs the changed module
+
+
+# --- run-time inputs outside what was captured -----------------------------------------------------------
+
+@pytest.fixture
+def bound(ws):
+    workspace, module = ws
+    assert _load(module, workspace)[0] and module.is_optimized
+    return module
+
+
+def _calls(module, calls):
+    """Run calls, return (outputs, expected, warnings about our module)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [module(*a, **k) for a, k in calls]
+    expected = [module.__wrapped__(*a, **k) for a, k in calls]
+    return outs, expected, [str(w.message) for w in caught if NAME in str(w.message)]
+
+
+@pytest.mark.parametrize("kind, calls, needle", [
+    ("batch-above-max", [((torch.randn(3, 4),), {}), ((torch.randn(5, 4),), {})], "outside the optimized range"),
+    ("feature-size", [((torch.randn(1, 1, 4),), {}), ((torch.randn(2, 1, 4),), {})], "new input structure"),
+    ("dtype", [((torch.randn(2, 4, dtype=torch.float64),), {})] * 2, "new input structure"),
+    ("keyword", [((), {"x": torch.randn(2, 4)})] * 2, "new input structure"),
+])
+def test_inputs_outside_what_was_captured_run_eagerly_with_one_warning(bound, kind, calls, needle):
+    outs, expected, messages = _calls(bound, calls)
+    for out, ref in zip(outs, expected):
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        torch.testing.assert_close(out, ref)
+    assert len(messages) == 1 and needle in messages[0] and "runs eagerly" in messages[0], messages
+    # Inputs inside the range still go to the optimized runner, silently.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = torch.randn(2, 4)
+        torch.testing.assert_close(bound(x), bound.__wrapped__(x), atol=1e-4, rtol=1e-3)
+
+
+def test_uncapturable_input_at_run_time_gets_what_eager_gives(bound):
+    """A value the capture cannot flatten goes to eager as is: here eager itself rejects it, so does the call."""
+    array = torch.randn(2, 4).numpy()
+    with pytest.raises(Exception) as eager:
+        bound.__wrapped__(array)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with pytest.raises(type(eager.value), match=str(eager.value)):
+                bound(array)
+    messages = [str(w.message) for w in caught if NAME in str(w.message)]
+    assert len(messages) == 1 and "uncapturable input" in messages[0]
+
+
+def test_runner_error_at_run_time_runs_eagerly_with_one_warning(bound):
+    handler = bound._self_handler
+    (key, (graph, _)), = handler.graphs.items()
+
+    def broken(_inputs):
+        raise RuntimeError("onnxruntime: device lost")
+
+    handler.graphs[key] = (graph, broken)
+    outs, expected, messages = _calls(bound, [((torch.randn(2, 4),), {})] * 3)
+    for out, ref in zip(outs, expected):
+        torch.testing.assert_close(out, ref)
+    assert len(messages) == 1 and "device lost" in messages[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="other-device inputs need a CUDA device; this machine is CPU only")
+def test_input_on_another_device_runs_eagerly(bound):
+    bound.__wrapped__.cuda()
+    try:
+        outs, expected, messages = _calls(bound, [((torch.randn(2, 4, device="cuda"),), {})] * 2)
+        torch.testing.assert_close(outs[0], expected[0])
+        assert len(messages) == 1
+    finally:
+        bound.__wrapped__.cpu()
