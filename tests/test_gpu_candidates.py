@@ -97,7 +97,9 @@ def test_cuda_candidates_end_to_end(tmp_path):
     inner = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(16, 10)).cuda().eval()
     module = nav.Module(inner, name="gpu_e2e")
-    config = nav.OptimizeConfig(workspace=tmp_path, batch_sizes=(1, 4), max_batch_size=4, profile_time_s=0.1)
+    config = nav.OptimizeConfig(workspace=tmp_path, batch_sizes=(1, 4), max_batch_size=4, profile_time_s=0.1,
+                                runners=("TorchCUDA", "TorchCompileCUDAGraphs", "TorchScriptCUDA", "TorchExportCUDA",
+                                         "OnnxCUDA", "TensorRT"))
     status = nav.optimize(module, [(1, torch.randn(1, 3, 32, 32, device="cuda"))], config)
     records = {c["name"]: c for c in status.modules["gpu_e2e"].graphs[0].candidates}
     assert records["TorchCUDA"]["status"] == "ok"
