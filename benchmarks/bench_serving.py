@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -109,8 +110,6 @@ def main() -> dict:
     optimized_pipe = sd.Text2Image(result["pipeline"])
     print(f"selected: {result['selected']}; optimized vs eager image max abs diff {result['max_abs_diff']:.2e}")
 
-    served_opt, image_opt = _measure_served(optimized_pipe, True, workspace, args)
-
     lock = threading.Lock()
 
     def in_process(prompt: str) -> np.ndarray:
@@ -121,6 +120,8 @@ def main() -> dict:
         in_process(sd.PROMPT)
     inproc = _latency(in_process, args.requests)
     inproc["throughput_rps"] = _throughput(lambda: in_process, args.clients, args.seconds)
+
+    served_opt, image_opt = _measure_served(optimized_pipe, True, workspace, args)
 
     eager_pipe = sd.Text2Image(sd.build_eager_pipeline(quantize=True))  # same weights, nothing wrapped
     served_eager, image_eager = _measure_served(eager_pipe, False, workspace, args)
@@ -135,6 +136,7 @@ def main() -> dict:
     report = {
         "command": "python benchmarks/bench_serving.py " + " ".join(sys.argv[1:]),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": torch.get_num_threads(),
+                    "load_average_1m": os.getloadavg()[0],
                     "platform": platform.platform()},
         "pipeline": {"image": sd.IMAGE_SIZE, "steps": sd.STEPS, "selected": result["selected"],
                      "optimize_s": result["optimize_s"]},
