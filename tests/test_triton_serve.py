@@ -59,11 +59,9 @@ class Pool(nn.Module):
         return self.linear(x.mean(dim=1))
 
 
-@pytest.fixture(scope="module")
-def optimized(tmp_path_factory):
-    """Optimize two tiny modules (three graphs) into a fresh workspace; yields (workspace, eager modules)."""
+def optimize_into(ws: Path) -> None:
+    """Optimize two tiny modules (three graphs) into ``ws``; saves their weights as ``ws/eager.pt``."""
     torch.manual_seed(0)
-    ws = tmp_path_factory.mktemp("triton_ws")
     two = nav.Module(TwoInOut().eval(), name="twoio")
     pool = nav.Module(Pool().eval(), name="pool")
 
@@ -76,9 +74,23 @@ def optimized(tmp_path_factory):
     config = nav.OptimizeConfig(target_formats=(nav.Format.ONNX, nav.Format.TORCHSCRIPT), batch_sizes=(1, 4),
                                 max_batch_size=4, profile_time_s=0.05, use_multiprocessing=False, workspace=ws)
     nav.optimize(pipeline, data, config=config)
-    eager = {"twoio": two.__wrapped__, "pool": pool.__wrapped__}
-    yield ws, eager
-    del two, pool
+    torch.save({"twoio": two.__wrapped__.state_dict(), "pool": pool.__wrapped__.state_dict()}, ws / "eager.pt")
+
+
+@pytest.fixture(scope="module")
+def optimized(tmp_path_factory):
+    """(workspace, eager modules). The optimize runs in a fresh interpreter: nav.optimize takes every live
+    nav.Module, and modules other tests keep alive must not take part."""
+    ws = tmp_path_factory.mktemp("triton_ws")
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"from test_triton_serve import optimize_into; from pathlib import Path; optimize_into(Path({str(ws)!r}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    weights = torch.load(ws / "eager.pt", weights_only=True)
+    eager = {"twoio": TwoInOut().eval(), "pool": Pool().eval()}
+    for name, module in eager.items():
+        module.load_state_dict(weights[name])
+    return ws, eager
 
 
 def _manifest(ws: Path, module: str) -> dict:
