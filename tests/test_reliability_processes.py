@@ -1,0 +1,196 @@
+"""Faults between processes: nav.optimize killed with SIGKILL mid-run, and two nav.optimize runs on the
+same module. Each run is a real script in a subprocess (spawned workers, the default)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+
+
+SCRIPT = textwrap.dedent('''
+    import gc, json, os, sys, time
+    import torch
+    from torch import nn
+    import navdeploy as nav
+
+
+    class Slow(nn.Module):
+        """TorchScript tracing of 3-d inputs takes NAV_TEST_SLOW seconds (i.e. one candidate is slow)."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if torch.jit.is_tracing() and x.dim() == 3:
+                time.sleep(float(os.environ.get("NAV_TEST_SLOW", "0")))
+            return self.linear(x).relu()
+
+
+    def build():
+        torch.manual_seed(0)
+        return Slow().eval()
+
+
+    if __name__ == "__main__":
+        workspace, name, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+        module = nav.Module(build(), name=name)
+        config = nav.OptimizeConfig(workspace=workspace, target_formats=(nav.Format.TORCHSCRIPT, nav.Format.ONNX),
+                                    runners=("TorchCPU", "TorchScriptCPU", "OnnxCPU"), batch_sizes=(1, 2),
+                                    max_batch_size=2, profile_time_s=0.05, timeout_s=timeout)
+        data = [(1, torch.randn(1, 4)), (2, torch.randn(2, 4)), (1, torch.randn(1, 3, 4))]
+        try:
+            status = nav.optimize(module, data, config)
+        except nav.WorkspaceError as exc:
+            print("WORKSPACE_ERROR", exc, flush=True)
+            sys.exit(3)
+        graphs = {g.key: {c["name"]: {"status": c["status"], "cached": bool(c.get("cached"))} for c in g.candidates}
+                  for g in status.modules[name].graphs}
+        # Load what is on disk, as a fresh process would (the same binding path as nav.load_optimized).
+        del module
+        gc.collect()
+        again = nav.Module(build(), name=name)
+        loaded = nav.load_optimized(workspace)[name]
+        x = torch.randn(2, 3, 4)
+        torch.testing.assert_close(again(x), again.__wrapped__(x), atol=1e-4, rtol=1e-3)
+        print("RESULT", json.dumps({"graphs": graphs, "loaded": loaded, "optimized": again.is_optimized}), flush=True)
+''')
+
+# The optimize loop writes a checkpoint after each candidate once this call site is in place (see
+# navdeploy.workspace.checkpoint_graph); without it a killed run's completed candidates are run again.
+RESUMES = "checkpoint_graph" in inspect.getsource(importlib.import_module("navdeploy.optimize"))
+
+
+def _start(script: Path, workspace: Path, name: str, slow: float, marker: str, timeout: float = 120) -> subprocess.Popen:
+    env = {**os.environ, "NAV_TEST_SLOW": str(slow), "NAV_TEST_MARKER": marker, "NAVDEPLOY_CONSOLE_OUTPUT": "simple"}
+    env.pop("NAVDEPLOY_USE_MULTIPROCESSING", None)
+    env.pop("NAVIGATOR_USE_MULTIPROCESSING", None)
+    return subprocess.Popen([sys.executable, str(script), str(workspace), name, str(timeout)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen, timeout: float = 180) -> tuple[dict | None, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    line = next((line for line in out.splitlines() if line.startswith("RESULT ")), None)
+    return (json.loads(line[len("RESULT "):]) if line else None), out, err
+
+
+def _marked_processes(marker: str) -> list[int]:
+    """Live processes started with NAV_TEST_MARKER=marker (the script and its spawned workers)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if f"NAV_TEST_MARKER={marker}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def script(tmp_path) -> Path:
+    path = tmp_path / "optimize_slow.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find orphaned workers")
+def test_kill_9_mid_run_then_the_next_run_starts_cleanly_and_reuses_what_was_done(script, tmp_path):
+    workspace, name, marker = tmp_path / "ws", "rel_kill", uuid.uuid4().hex
+    folder = workspace / name
+    log = folder / "navdeploy.log"
+    proc = _start(script, workspace, name, slow=120, marker=marker)
+    try:
+        # Graph 1 (2-d inputs) finishes all three candidates; graph 2 (3-d) finishes eager, then hangs tracing.
+        _wait_for(lambda: log.exists() and log.read_text().count("TorchCPU: ok") >= 2 or proc.poll() is not None,
+                  150, "the second graph's first candidate")
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(1.5)  # the TorchScript candidate of graph 2 is now tracing (sleeping 120 s)
+        assert len(_marked_processes(marker)) >= 2, "the candidate should run in a spawned worker"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The worker does not outlive the run: an orphan would keep writing into the module folder.
+    _wait_for(lambda: not _marked_processes(marker), 10, "the orphaned worker to exit")
+
+    assert not (folder / "manifest.json").exists()  # written only when a module is done
+    assert (folder / ".lock").exists()  # left behind by the dead process ...
+    lock = FileLock(str(folder / ".lock"))
+    lock.acquire(timeout=0)  # ... but not held: flock is released by the kernel when its holder dies
+    lock.release()
+    half_written = [p for p in folder.rglob("*") if ".tmp" in p.name]
+    graph_dirs = [p for p in folder.iterdir() if p.is_dir()]
+    assert len(graph_dirs) == 2
+
+    rerun = _start(script, workspace, name, slow=0, marker=marker)
+    result, out, err = _result(rerun)
+    assert rerun.returncode == 0 and result, err[-3000:]
+    assert "waiting" not in err  # the stale lock file did not block
+    assert not [p for p in folder.rglob("*") if ".tmp" in p.name], f"left over: {half_written}"
+    assert result["loaded"] and result["optimized"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for key, entry in manifest["graphs"].items():
+        assert all(c["status"] == "ok" for c in entry["candidates"]), entry["candidates"]
+        for fmt, state in entry["formats"].items():
+            assert (folder / key / fmt).is_dir()  # every artifact the manifest names is complete and in place
+
+    if not RESUMES:
+        pytest.xfail("optimize.py does not call workspace.checkpoint_graph/resume_entry yet: a killed run's "
+                     "completed candidates are rebuilt instead of reused")
+    cached = {key: {n: c["cached"] for n, c in g.items()} for key, g in result["graphs"].items()}
+    done_graph = next(k for k, g in cached.items() if all(g.values()))  # graph 1: everything reused
+    (other,) = [k for k in cached if k != done_graph]
+    assert cached[other] == {"TorchCPU": True, "TorchScriptCPU": False, "OnnxCPU": False}, cached
+
+
+def test_two_runs_on_the_same_module_wait_or_fail_clearly(script, tmp_path):
+    workspace, name, marker = tmp_path / "ws", "rel_lock", uuid.uuid4().hex
+    folder = workspace / name
+    first = _start(script, workspace, name, slow=6, marker=marker)
+    try:
+        _wait_for(lambda: (folder / ".lock.owner").exists() or first.poll() is not None, 120, "the first run's lock")
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        impatient = _start(script, workspace, name, slow=0, marker=marker, timeout=1)  # gives up after 1 s
+        patient = _start(script, workspace, name, slow=0, marker=marker)  # waits for the first run
+        _, out, err = _result(impatient)
+        assert impatient.returncode == 3, err[-3000:]
+        message = out + err
+        assert f"module folder {folder} is locked by another nav.optimize run" in message
+        assert f"held by pid {first.pid}" in message and "gave up after 1 s" in message
+        assert "another workspace" in message
+        first_result, _, first_err = _result(first)
+        assert first.returncode == 0 and first_result, first_err[-3000:]
+        patient_result, _, patient_err = _result(patient)
+        assert patient.returncode == 0 and patient_result, patient_err[-3000:]
+    finally:
+        for p in (first,):
+            if p.poll() is None:
+                p.kill()
+    assert "waiting up to" in patient_err and f"held by pid {first.pid}" in patient_err
+    # The patient run found everything done by the first one and rebuilt nothing.
+    assert all(c["cached"] for g in patient_result["graphs"].values() for c in g.values()), patient_result
+    assert patient_result["optimized"] and not (folder / ".lock.owner").exists()
