@@ -1,17 +1,24 @@
-"""The ``navdeploy`` command: look at and tidy a workspace, and deploy it to Triton.
+"""The ``navdeploy`` command: optimize, look at and tidy a workspace, and deploy it to Triton.
 
+    navdeploy optimize my_pipeline.py            # run a script that wraps modules and calls nav.optimize
+    navdeploy optimize my_pkg.pipeline:optimize  # or call a function that does
     navdeploy status                 # what the workspace holds: modules, graphs, winners, figures
     navdeploy clean unet --yes       # forget one module's results (the next optimize rebuilds them)
     navdeploy export-repo model_repository --backend python   # a Triton model repository from the workspace
     navdeploy validate-repo model_repository                  # Triton's own checks, offline
+    navdeploy serve examples/stable_diffusion.py:make_server_pipeline --factory   # a Python pipeline via PyTriton
     navdeploy serve-repo model_repository                     # serve it with the tritonserver in nvidia-pytriton
 """
 
 from __future__ import annotations
 
+import json
+import os
+import runpy
 import shutil
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -30,6 +37,116 @@ WorkspaceOption = typer.Option(None, "--workspace", "-w", help="Workspace folder
 
 def _workspace(path: Optional[Path]) -> Path:
     return path if path is not None else default_workspace()
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """Print one readable line (never wrapped, no traceback) and return the Exit to raise."""
+    _console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+    return typer.Exit(code)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _is_spec(target: str) -> bool:
+    """``module:function`` or ``path/file.py:function`` (a drive letter such as ``C:\\x.py`` is not a spec)."""
+    head, sep, attr = target.rpartition(":")
+    return bool(sep and head and attr and not any(c in attr for c in "/\\") and not attr.endswith(".py"))
+
+
+def _load_function(spec: str) -> Callable[[], Any]:
+    """The object a ``module:function`` / ``path/file.py:function`` spec names; errors are ``typer.Exit``."""
+    from navdeploy.errors import NavdeployError
+    from navdeploy.serving import load_callable
+
+    try:
+        obj = load_callable(spec)
+    except NavdeployError as exc:
+        raise _fail(str(exc))
+    except SyntaxError as exc:
+        raise _fail(f"cannot import {spec.rpartition(':')[0]!r}: SyntaxError: {exc.msg} "
+                    f"({exc.filename}, line {exc.lineno})")
+    except Exception as exc:  # an import error inside the user's module: one line, no traceback
+        raise _fail(f"cannot import {spec.rpartition(':')[0]!r}: {_one_line(exc)}")
+    if not callable(obj):
+        raise _fail(f"{spec!r} is a {type(obj).__name__}, not a function to call.")
+    return obj
+
+
+def _run_script(path: Path) -> None:
+    """Run ``path`` as ``__main__`` in this process (like ``python path``), so its own nav.optimize call runs."""
+    script = path.resolve()
+    argv, sys_path0 = sys.argv[:], list(sys.path)
+    sys.argv = [str(script)]
+    sys.path.insert(0, str(script.parent))
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+        sys.path[:] = sys_path0
+
+
+@app.command()
+def optimize(target: str = typer.Argument(..., help="path/to/script.py (run as __main__), or module:function / "
+                                          "path/file.py:function (called with no arguments)."),
+             workspace: Optional[Path] = typer.Option(None, "--workspace", "-w", help="Workspace folder for this "
+                                                      "run (sets NAVDEPLOY_WORKSPACE)."),
+             console: Optional[str] = typer.Option(None, "--console", help="simple, detailed or logs (sets "
+                                                   "NAVDEPLOY_CONSOLE_OUTPUT).")) -> None:
+    """Run a script or function that wraps modules with nav.Module and calls nav.optimize.
+
+    A script runs in this process as __main__ (its `if __name__ == "__main__":` block runs); a
+    module:function or path/file.py:function is imported and called with no arguments.
+
+    Examples: navdeploy optimize examples/image_classifier.py -w ./workspace;
+    navdeploy optimize my_pkg.pipeline:optimize --console detailed
+    """
+    from navdeploy.errors import NavdeployError
+
+    if console is not None:
+        console = console.strip().lower()
+        if console not in ("simple", "detailed", "logs"):
+            raise _fail(f"--console must be simple, detailed or logs, not {console!r}", 2)
+    is_spec = _is_spec(target)
+    if not is_spec:
+        path = Path(target)
+        if not path.is_file():
+            hint = "" if target.endswith(".py") else " (give path/to/script.py, module:function or file.py:function)"
+            raise _fail(f"script {target!r} does not exist{hint}.")
+    saved = {k: os.environ.get(k) for k in ("NAVDEPLOY_WORKSPACE", "NAVDEPLOY_CONSOLE_OUTPUT")}
+    if workspace is not None:
+        os.environ["NAVDEPLOY_WORKSPACE"] = str(workspace.expanduser().resolve())
+    if console is not None:
+        os.environ["NAVDEPLOY_CONSOLE_OUTPUT"] = console
+    try:
+        if is_spec:
+            func = _load_function(target)
+            try:
+                func()
+            except NavdeployError as exc:
+                raise _fail(str(exc))
+        else:
+            try:
+                _run_script(path)
+            except NavdeployError as exc:
+                raise _fail(str(exc))
+            except SyntaxError as exc:
+                raise _fail(f"cannot run {target!r}: SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})")
+            except ImportError as exc:
+                raise _fail(f"cannot run {target!r}: {_one_line(exc)}")
+            except SystemExit as exc:  # sys.exit() in the script: keep its exit code
+                if exc.code not in (None, 0):
+                    if not isinstance(exc.code, int):
+                        _console.print(str(exc.code), soft_wrap=True, highlight=False, markup=False)
+                    raise typer.Exit(exc.code if isinstance(exc.code, int) else 1)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @app.command()
@@ -66,25 +183,6 @@ def status(workspace: Optional[Path] = WorkspaceOption) -> None:
         _console.print(f"no optimized modules in {ws}")
         raise typer.Exit(1)
     _console.print(table)
-
-
-@app.command()
-def clean(module: Optional[str] = typer.Argument(None, help="Module name; all modules when omitted."),
-          workspace: Optional[Path] = WorkspaceOption,
-          yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
-    """Delete results from the workspace so the next nav.optimize rebuilds them.
-
-    Example: navdeploy clean unet --yes
-    """
-    ws = _workspace(workspace)
-    target = ws / module if module else ws
-    if not target.exists():
-        _console.print(f"[red]{target} does not exist[/]")
-        raise typer.Exit(1)
-    if not yes and not typer.confirm(f"Delete {target}?"):
-        raise typer.Exit(1)
-    shutil.rmtree(target)
-    _console.print(f"deleted {target}")
 
 
 @app.command("export-repo")
@@ -151,6 +249,63 @@ def validate_repo(path: Path = typer.Argument(..., help="Model repository folder
                    soft_wrap=True, highlight=False)
 
 
+@app.command()
+def serve(spec: str = typer.Argument(..., help="The pipeline: module:function or path/file.py:function."),
+          factory: bool = typer.Option(False, "--factory", help="SPEC names a factory: call it with no arguments "
+                                       "to get the pipeline."),
+          name: Optional[str] = typer.Option(None, "--name", help="Triton model name (default: the pipeline's "
+                                             "navdeploy_serve or 'pipeline')."),
+          host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1)."),
+          http_port: Optional[int] = typer.Option(None, "--http-port", help="HTTP port (a free one when omitted)."),
+          grpc_port: Optional[int] = typer.Option(None, "--grpc-port", help="gRPC port (a free one when omitted)."),
+          metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Metrics port (a free one when "
+                                                     "omitted)."),
+          max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Largest batch the pipeline "
+                                                       "gets; 0 for a pipeline that does not batch (default 8)."),
+          max_queue_delay_us: Optional[int] = typer.Option(None, "--max-queue-delay-us", help="Dynamic batcher "
+                                                           "delay in microseconds."),
+          sample: Optional[str] = typer.Option(None, "--sample", help="One request item as JSON, e.g. "
+                                               "'{\"prompt\": \"a photo\"}', to infer inputs and outputs from."),
+          workspace: Optional[Path] = typer.Option(None, "--workspace", "-w", help="Workspace with the optimized "
+                                                   "modules (default: $NAVDEPLOY_WORKSPACE or ~/.cache/navdeploy)."),
+          load_optimized: bool = typer.Option(True, "--load-optimized/--no-load-optimized", help="Load the "
+                                              "optimized modules from the workspace first."),
+          log_verbose: Optional[int] = typer.Option(None, "--log-verbose", help="Triton log verbosity.")) -> None:
+    """Serve a Python pipeline (module:function) through PyTriton until Ctrl-C.
+
+    Wrapped modules run their selected runners in-process. Inputs and outputs come from the pipeline's navdeploy_serve attribute or are inferred from --sample.
+
+    Example: navdeploy serve examples/stable_diffusion.py:make_server_pipeline --factory --http-port 8000
+    """
+    from navdeploy.errors import NavdeployError
+    from navdeploy.serving import serve_from_spec
+
+    kwargs: dict[str, Any] = {}  # only what was given: the pipeline's navdeploy_serve supplies the other defaults
+    if sample is not None:
+        try:
+            kwargs["sample"] = json.loads(sample)
+        except json.JSONDecodeError as exc:
+            raise _fail(f"--sample is not valid JSON ({exc}): give one request item, e.g. '{{\"prompt\": \"a photo\"}}'.")
+        if not isinstance(kwargs["sample"], dict):
+            raise _fail(f"--sample must be a JSON object (input name -> value), not {type(kwargs['sample']).__name__}.")
+    ports = {k: v for k, v in (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port)) if v is not None}
+    for key, value in (("name", name), ("host", host), ("ports", ports or None), ("max_batch_size", max_batch_size),
+                       ("max_queue_delay_us", max_queue_delay_us), ("workspace", workspace),
+                       ("log_verbose", log_verbose)):
+        if value is not None:
+            kwargs[key] = value
+    if not load_optimized:
+        kwargs["load_optimized"] = False
+    try:
+        serve_from_spec(spec, factory=factory, blocking=True, **kwargs)
+    except NavdeployError as exc:  # ConfigError included
+        raise _fail(str(exc) if spec in str(exc) else f"cannot serve {spec!r}: {exc}")
+    except (ImportError, SyntaxError) as exc:
+        raise _fail(f"cannot serve {spec!r}: {_one_line(exc)}")
+    except KeyboardInterrupt:
+        _console.print("stopped")
+
+
 @app.command("serve-repo")
 def serve_repo(path: Path = typer.Argument(..., help="Model repository folder (Python-backend models for the "
                                            "bundled server)."),
@@ -199,6 +354,25 @@ def serve_repo(path: Path = typer.Argument(..., help="Model repository folder (P
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+@app.command()
+def clean(module: Optional[str] = typer.Argument(None, help="Module name; all modules when omitted."),
+          workspace: Optional[Path] = WorkspaceOption,
+          yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
+    """Delete results from the workspace so the next nav.optimize rebuilds them.
+
+    Example: navdeploy clean unet --yes
+    """
+    ws = _workspace(workspace)
+    target = ws / module if module else ws
+    if not target.exists():
+        _console.print(f"[red]{target} does not exist[/]")
+        raise typer.Exit(1)
+    if not yes and not typer.confirm(f"Delete {target}?"):
+        raise typer.Exit(1)
+    shutil.rmtree(target)
+    _console.print(f"deleted {target}")
 
 
 if __name__ == "__main__":
