@@ -21,7 +21,7 @@ from navdeploy.flat_module import FlatModule
 from navdeploy.formats import FORMATS, RUNNERS, BuildContext, LoadContext, RunnerSpec
 from navdeploy.precision import candidate_name, cast_inputs, cast_module, needs_cast
 from navdeploy.profile import measure
-from navdeploy.verify import Comparison, compare, conform
+from navdeploy.verify import LOW_PRECISIONS, Comparison, compare, conform
 
 log = logging.getLogger("navdeploy")
 
@@ -79,9 +79,12 @@ def prepare(module: torch.nn.Module, forward_func: Optional[str], graph: Graph, 
 
 
 def expand_batch(inputs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
-    """Inputs grown or cut to ``batch_size`` along axis 0 by repeating their rows."""
+    """Inputs grown or cut to ``batch_size`` along axis 0 by repeating their rows (0-d tensors unchanged)."""
     out = []
     for t in inputs:
+        if t.dim() == 0:
+            out.append(t)
+            continue
         reps = math.ceil(batch_size / t.shape[0])
         out.append(t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size].contiguous())
     return out
@@ -90,7 +93,7 @@ def expand_batch(inputs: list[torch.Tensor], batch_size: int) -> list[torch.Tens
 def export_example(graph: Graph) -> list[torch.Tensor]:
     """Example inputs for exporters: a batch of 1 becomes 2 so exporters do not specialise the batch axis."""
     inputs = graph.samples[0].inputs
-    if graph.batching and inputs[0].shape[0] == 1:
+    if graph.batching and any(t.dim() > 0 and t.shape[0] == 1 for t in inputs):
         return expand_batch(inputs, 2)
     return inputs
 
@@ -176,18 +179,19 @@ def run_task(job: Job, task: Task, state: WorkerState) -> dict:
             run = lambda inputs: loaded(cast(inputs))  # noqa: E731
             record["times"]["load_s"] = time.perf_counter() - start
             atol, rtol = job.tolerances[task.precision]
+            scale = task.precision in LOW_PRECISIONS or job.precision in LOW_PRECISIONS
 
             step = "verify"
             start = time.perf_counter()
             result = Comparison()
             for i, sample in enumerate(graph.samples):
                 actual = conform(run(sample.inputs), graph.outputs)
-                compare(sample.outputs, actual, atol, rtol, result, job.verify_func, f"sample {i}: ")
+                compare(sample.outputs, actual, atol, rtol, result, job.verify_func, f"sample {i}: ", scale)
             batch_sizes = job.batch_sizes if graph.batching else ()
             for bs in batch_sizes:
                 inputs, expected = state.reference(job, graph, bs)
                 compare(expected, conform(run(inputs), graph.outputs), atol, rtol, result, None,
-                        f"batch size {bs}: ")
+                        f"batch size {bs}: ", scale)
             record["times"]["verify_s"] = time.perf_counter() - start
             record["max_abs_err"], record["max_rel_err"] = result.max_abs_err, result.max_rel_err
             if not result.ok:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import sys
 from collections import OrderedDict
@@ -266,9 +265,12 @@ class Graph:
 
 
 def _batch_size_of(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> Optional[int]:
-    """The common size of axis 0 of every input and output tensor, or None when there is none."""
-    sizes = {t.shape[0] if t.dim() > 0 else None for t in inputs + outputs}
-    if len(sizes) == 1 and None not in sizes and inputs:
+    """The common size of axis 0 of every input and output tensor with one, or None when there is none.
+
+    0-d tensors (a diffusion UNet's timestep) have no batch axis and do not stop the others from batching."""
+    batched_inputs = [t for t in inputs if t.dim() > 0]
+    sizes = {t.shape[0] for t in batched_inputs + [t for t in outputs if t.dim() > 0]}
+    if len(sizes) == 1 and batched_inputs and all(t.dim() > 0 for t in outputs):
         return sizes.pop()
     return None
 

@@ -8,6 +8,7 @@ import gc
 import multiprocessing as mp
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +22,15 @@ from navdeploy.candidate import Job, Task, artifact_dir, new_record
 from navdeploy.capture import Graph, Recorder, split_sample
 from navdeploy.config import OptimizeConfig, console_output, resolve_workspace, use_multiprocessing
 from navdeploy.errors import CaptureError, DataloaderError, NavdeployError
-from navdeploy.formats import EAGER_RUNNER, FORMATS, RunnerSpec, runners_for
+from navdeploy.formats import FORMATS, RunnerSpec, runners_for
 from navdeploy.isolation import Executor
 from navdeploy.module import Module, registered_modules
 from navdeploy.precision import candidate_name, candidate_precisions
 from navdeploy.report import console
 from navdeploy.select import select
-from navdeploy.workspace import (LOG_FILE, MANIFEST_VERSION, cache_key, checksum, ensure_writable, fingerprint,
-                                 locked, module_dir, now, read_manifest, save_samples, write_json_atomic)
+from navdeploy.workspace import (LOG_FILE, MANIFEST_VERSION, cache_key, checkpoint_graph, checksum, ensure_writable,
+                                 fingerprint, locked, module_dir, now, read_manifest, resume_entry, save_samples,
+                                 write_json_atomic)
 
 log = logging.getLogger("navdeploy")
 
@@ -57,14 +59,56 @@ class ModuleStatus:
     graphs: list[GraphStatus]
     optimized: bool
     seconds: float
+    tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)  # precision -> (atol, rtol)
+
+
+@dataclass
+class PipelineTiming:
+    """End-to-end time of the callable over the dataloader, eager (the capture pass) and after the swap.
+
+    ``eager_s`` is the capture pass minus navdeploy's recording overhead; ``optimized_s`` one pass with the
+    selected runners in place. When the dataloader has two items or more the first is a warm-up and not timed
+    (``items_timed`` says how many were). Per-module seconds are inclusive: a module called inside another
+    counts in both. ``error`` is set when the optimized pass raised (then ``optimized_s`` is None)."""
+
+    capture_s: float
+    eager_s: float
+    optimized_s: Optional[float]
+    items_timed: int
+    module_eager_s: dict[str, float] = field(default_factory=dict)
+    module_optimized_s: dict[str, float] = field(default_factory=dict)
+    error: Optional[str] = None
+
+    @property
+    def speedup(self) -> Optional[float]:
+        if not self.optimized_s or not self.eager_s:
+            return None
+        return self.eager_s / self.optimized_s
+
+    def to_json(self) -> dict:
+        return {"capture_s": self.capture_s, "eager_s": self.eager_s, "optimized_s": self.optimized_s,
+                "items_timed": self.items_timed, "module_eager_s": self.module_eager_s,
+                "module_optimized_s": self.module_optimized_s, "error": self.error}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PipelineTiming":
+        return cls(float(data["capture_s"]), float(data["eager_s"]),
+                   None if data.get("optimized_s") is None else float(data["optimized_s"]),
+                   int(data.get("items_timed", 0)), dict(data.get("module_eager_s", {})),
+                   dict(data.get("module_optimized_s", {})), data.get("error"))
 
 
 @dataclass
 class OptimizeStatus:
-    """Returned by ``nav.optimize``: per module, per graph, every candidate and the selection."""
+    """Returned by ``nav.optimize``: per module, per graph, every candidate and the selection; the pipeline's
+    eager and optimized end-to-end time and where the HTML report was written."""
 
     modules: dict[str, ModuleStatus] = field(default_factory=dict)
     seconds: float = 0.0
+    pipeline: Optional[PipelineTiming] = None
+    workspace: Optional[Path] = None
+    report_path: Optional[Path] = None
+    command: Optional[str] = None  # how the run was started (the script), for reproduce commands
 
     def selected(self) -> dict[str, list[Optional[str]]]:
         """Module name -> the selected runner of each graph."""
@@ -107,6 +151,113 @@ def _recording(modules: list[Module], recorders: dict[str, Recorder]) -> Iterato
             m._self_handler = saved[m.name]
 
 
+def _sync() -> None:
+    """Wait for queued CUDA work so wall-clock times mean something (only while navdeploy measures)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class _PassTimer:
+    """Per-module seconds while the callable runs over the dataloader: wraps a module's handler for the pass.
+
+    Only ``nav.optimize`` installs it, for the capture pass and one pass after the swap; the handlers of the
+    live modules are restored afterwards, so calls outside optimize never pay for it."""
+
+    def __init__(self) -> None:
+        self.module_s: dict[str, float] = {}
+        self.handler_s: dict[str, float] = {}
+        self._depth = 0
+
+    def reset(self) -> None:
+        self.module_s = dict.fromkeys(self.module_s, 0.0)
+        self.handler_s = dict.fromkeys(self.handler_s, 0.0)
+
+    def wrap(self, name: str, handler: Optional[Callable], inner: bool) -> Callable:
+        """``inner``: time the module's own call (what ``fn`` does) separately from the handler around it."""
+        self.module_s.setdefault(name, 0.0)
+        self.handler_s.setdefault(name, 0.0)
+
+        def timed(fn: Callable, args: tuple, kwargs: dict) -> Any:
+            target = fn
+            if inner:
+                def target(*a: Any, **k: Any) -> Any:
+                    _sync()
+                    t = time.perf_counter()
+                    try:
+                        return fn(*a, **k)
+                    finally:
+                        _sync()
+                        self.module_s[name] += time.perf_counter() - t
+            _sync()
+            t0 = time.perf_counter()
+            try:
+                return handler(target, args, kwargs) if handler is not None else target(*args, **kwargs)
+            finally:
+                _sync()
+                spent = time.perf_counter() - t0
+                self.handler_s[name] += spent
+                if not inner:
+                    self.module_s[name] += spent
+
+        return timed
+
+
+@contextlib.contextmanager
+def _timed_handlers(modules: list[Module], timer: _PassTimer, inner: bool) -> Iterator[None]:
+    saved = {m.name: m._self_handler for m in modules}
+    for m in modules:
+        m._self_handler = timer.wrap(m.name, saved[m.name], inner)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m._self_handler = saved[m.name]
+
+
+def _report_enabled() -> bool:
+    """NAVDEPLOY_REPORT=0 skips the timed optimized pass and the HTML report."""
+    return os.environ.get("NAVDEPLOY_REPORT", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _timed_pass(func: Callable, items: list[tuple[int, Any]], timer: _PassTimer) -> tuple[float, int]:
+    """Run the callable over the items; the first is an untimed warm-up when there are two or more.
+    Returns (seconds, items timed)."""
+    warmup = 1 if len(items) >= 2 else 0
+    for _, sample in items[:warmup]:
+        args, kwargs = split_sample(sample)
+        func(*args, **kwargs)
+    timer.reset()
+    _sync()
+    start = time.perf_counter()
+    for _, sample in items[warmup:]:
+        args, kwargs = split_sample(sample)
+        func(*args, **kwargs)
+    _sync()
+    return time.perf_counter() - start, len(items) - warmup
+
+
+def _measure_optimized(func: Callable, items: list[tuple[int, Any]], modules: list[Module], capture_s: float,
+                       capture_timer: _PassTimer, capture_timed_s: float, timed_items: int) -> PipelineTiming:
+    """Eager figures from the capture pass (recording overhead taken out), optimized ones from one more pass."""
+    overhead = sum(capture_timer.handler_s.values()) - sum(capture_timer.module_s.values())
+    timing = PipelineTiming(capture_s, max(capture_timed_s - overhead, 0.0), None, timed_items,
+                            dict(capture_timer.module_s))
+    timer = _PassTimer()
+    try:
+        with _timed_handlers(modules, timer, inner=False), torch.no_grad():
+            timing.optimized_s, _ = _timed_pass(func, items, timer)
+        timing.module_optimized_s = dict(timer.module_s)
+    except Exception as exc:  # noqa: BLE001 - a measurement must not fail the run
+        timing.error = f"{type(exc).__name__}: {exc}"
+        log.warning("navdeploy: timing the optimized pipeline failed: %s", timing.error)
+    return timing
+
+
+def _command() -> Optional[str]:
+    script = sys.argv[0] if sys.argv else ""
+    return script if script.endswith(".py") else None
+
+
 def _module_config(module: Module, config: Optional[OptimizeConfig]) -> OptimizeConfig:
     """The module's own config (with the run's workspace when it names none), else the run's, else defaults."""
     own = module.optimize_config
@@ -119,22 +270,40 @@ def _module_config(module: Module, config: Optional[OptimizeConfig]) -> Optimize
 
 @contextlib.contextmanager
 def _inductor_cache(workspace: Path) -> Iterator[None]:
-    """TORCHINDUCTOR_CACHE_DIR inside the workspace for the duration of the block, unless the user set it."""
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+    """TORCHINDUCTOR_CACHE_DIR inside the workspace for the duration of the block, unless the user set it.
+
+    Importing torch._inductor writes torch's default into the environment, so that value counts as unset."""
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if previous is not None and os.path.abspath(previous) != os.path.abspath(_torch_default_cache_dir()):
         yield
         return
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(workspace / "inductor_cache")
     try:
         yield
     finally:
-        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        if previous is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
-def _run_capture(func: Callable, items: list[tuple[int, Any]]) -> None:
+def _torch_default_cache_dir() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return default_cache_dir()
+    except ImportError:  # older torch: no default to tell apart
+        return ""
+
+
+def _run_capture(func: Callable, items: list[tuple[int, Any]],
+                 after_item: Optional[Callable[[int], None]] = None) -> None:
     for i, (_, sample) in enumerate(items):
         args, kwargs = split_sample(sample)
         try:
             func(*args, **kwargs)
+            if after_item is not None:
+                after_item(i)
         except TypeError as exc:
             if i == 0 and isinstance(sample, (list, tuple)) and "argument" in str(exc):
                 raise DataloaderError(
@@ -204,6 +373,7 @@ def _optimize_graph(graph: Graph, job: Job, executor: Executor, config: Optimize
                     old_entry: Optional[dict], gkey: str, progress: console.Progress) -> dict:
     folder = job.module_dir / graph.key
     save_samples(graph, folder)
+    old_entry = resume_entry(job.module_dir, graph.key, gkey, old_entry)  # a killed run's completed candidates
     reusable = old_entry is not None and old_entry.get("cache_key") == gkey
     formats = _valid_formats(old_entry, folder) if reusable else {}
     previous = {c.get("name", c["runner"]): c for c in old_entry["candidates"]} if reusable else {}
@@ -232,6 +402,7 @@ def _optimize_graph(graph: Graph, job: Job, executor: Executor, config: Optimize
         log.info("%s graph %s %s: %s%s", job.module_name, graph.key, name, record["status"],
                  f" ({record['error']})" if record.get("error") else "")
         candidates.append(record)
+        checkpoint_graph(job.module_dir, graph.key, gkey, formats, candidates)  # survives a kill -9 of this run
         progress.advance(f"{job.module_name}: {name}")
     batch = graph.inputs[0].opt_shape[0] if graph.batching and graph.inputs else None
     winner = select(candidates, config.strategy, batch)
@@ -272,12 +443,13 @@ def _optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig
                     f"{type(module.__wrapped__).__qualname__}", "fingerprint": fp, "device": device,
                     "precision": module.precision, "forward_func": module._self_forward_func,
                     "max_batch_size": config.max_batch_size, "batch_sizes": list(batch_sizes),
+                    "tolerances": {p: list(t) for p, t in tolerances.items()},
                     "graphs": entries, "updated": now()}
         write_json_atomic(folder / "manifest.json", manifest)  # last: a killed run leaves the old manifest
         optimized = bind(module, folder, manifest, fp)
     statuses = [GraphStatus(g.key, entries[g.key]["selected"], entries[g.key]["candidates"], g.batching)
                 for g in graphs]
-    return ModuleStatus(module.name, folder, device, statuses, optimized, time.perf_counter() - start)
+    return ModuleStatus(module.name, folder, device, statuses, optimized, time.perf_counter() - start, tolerances)
 
 
 def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConfig] = None) -> OptimizeStatus:
@@ -307,8 +479,22 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
                              "e.g. pipe.unet = nav.Module(pipe.unet, name='unet').")
     configs = {m.name: _module_config(m, config) for m in modules}
     recorders = {m.name: Recorder(m.name, configs[m.name].sample_count, m._self_batching) for m in modules}
-    with _recording(modules, recorders), torch.no_grad():
-        _run_capture(func, items)
+    capture_timer = _PassTimer()
+    marks: dict[str, float] = {}
+
+    def after_item(i: int) -> None:  # the first item is a warm-up when there are two or more
+        if i == 0 and len(items) >= 2:
+            _sync()
+            marks["timed_from"] = time.perf_counter()
+            capture_timer.reset()
+
+    capture_start = time.perf_counter()
+    with _recording(modules, recorders), _timed_handlers(modules, capture_timer, inner=True), torch.no_grad():
+        _run_capture(func, items, after_item)
+    _sync()
+    capture_end = time.perf_counter()
+    capture_s = capture_end - capture_start
+    capture_timed_s = capture_end - marks.get("timed_from", capture_start)
     # Modules optimized by an earlier call and not used by this callable keep what they have.
     modules = [m for m in modules if recorders[m.name].graphs or not m._self_bound]
     uncalled = [m.name for m in modules if not recorders[m.name].graphs]
@@ -317,7 +503,7 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
             f"wrapped module(s) {', '.join(map(repr, uncalled))} were never called while the callable ran over the "
             "dataloader. If your code calls a method such as self.forward(x) or encode() instead of the module "
             "itself, pass forward_func='forward' (that method's name) to nav.Module.")
-    status = OptimizeStatus()
+    status = OptimizeStatus(workspace=resolve_workspace(config), command=_command())
     work = {m.name: recorders[m.name].finish() for m in modules}
     total = sum(len(work[m.name]) * len(_candidates(configs[m.name], configs[m.name].target_device
                                                     or _module_device(m.__wrapped__), m.precision)) for m in modules)
@@ -327,8 +513,27 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
             with _inductor_cache(resolve_workspace(configs[m.name])):
                 status.modules[m.name] = _optimize_module(m, work[m.name], configs[m.name], mode, progress)
     status.seconds = time.perf_counter() - start
+    if _report_enabled():
+        status.pipeline = _measure_optimized(func, items, modules, capture_s, capture_timer, capture_timed_s,
+                                             len(items) - (1 if len(items) >= 2 else 0))
+        status.report_path = _write_report(status)
     console.print_status(status, detailed=mode == "detailed")
     return status
+
+
+def _write_report(status: OptimizeStatus) -> Optional[Path]:
+    """The HTML report of this run in ``<workspace>/reports``; a failure to write it only warns."""
+    try:
+        from navdeploy.report.html import write_run_report
+
+        return write_run_report(status)
+    except Exception as exc:  # noqa: BLE001 - the optimization itself succeeded
+        log.warning("navdeploy: could not write the HTML report: %s: %s", type(exc).__name__, exc)
+        import warnings
+
+        warnings.warn(f"navdeploy: could not write the HTML report: {type(exc).__name__}: {exc}", RuntimeWarning,
+                      stacklevel=3)
+        return None
 
 
 def load_optimized(workspace: Optional[str | Path] = None) -> dict[str, bool]:

@@ -34,9 +34,16 @@ def conform(outputs: list[torch.Tensor], specs: list[TensorSpec]) -> list[torch.
     return result
 
 
+LOW_PRECISIONS = ("fp16", "bf16", "int8")
+
+
 def compare(expected: list[torch.Tensor], actual: list[torch.Tensor], atol: float, rtol: float,
-            result: Comparison, verify_func: Optional[Callable] = None, where: str = "") -> Comparison:
-    """Fold one sample's comparison into ``result`` (torch.allclose semantics: |a-e| <= atol + rtol*|e|)."""
+            result: Comparison, verify_func: Optional[Callable] = None, where: str = "",
+            scale_atol: bool = False) -> Comparison:
+    """Fold one sample's comparison into ``result`` (torch.allclose semantics: |a-e| <= atol + rtol*|e|).
+
+    With ``scale_atol`` (low-precision candidates) atol is relative to the output's largest magnitude: an fp16
+    value of 60 is only representable to 0.03, so a fixed atol would reject every correct fp16 kernel."""
     if len(expected) != len(actual):
         result.fail(f"{where}returned {len(actual)} outputs, eager returned {len(expected)}")
         return result
@@ -54,8 +61,10 @@ def compare(expected: list[torch.Tensor], actual: list[torch.Tensor], atol: floa
         rel_err = float((diff / e64.abs().clamp_min(1e-12)).nan_to_num(0.0).max())
         result.max_abs_err = max(result.max_abs_err, abs_err)
         result.max_rel_err = max(result.max_rel_err, rel_err)
-        if bool((diff > atol + rtol * e64.abs().nan_to_num(0.0)).any()):
-            result.fail(f"{where}output {i}: max abs error {abs_err:.3g} exceeds atol={atol:g} + rtol={rtol:g}*|eager|")
+        eff_atol = atol * max(1.0, float(e64.abs().nan_to_num(0.0).max())) if scale_atol else atol
+        if bool((diff > eff_atol + rtol * e64.abs().nan_to_num(0.0)).any()):
+            result.fail(f"{where}output {i}: max abs error {abs_err:.3g} exceeds atol={eff_atol:.3g} + "
+                        f"rtol={rtol:g}*|eager|")
     if verify_func is not None and result.ok and not verify_func(expected, actual):
         result.fail(f"{where}verify_func returned False")
     return result

@@ -238,9 +238,17 @@ def test_recorder_min_max_and_dynamic_axes():
     assert g.dynamic_axes(max_batch_size=2) == [{0: (1, 3), 1: (2, 6)}]
 
 
-def test_recorder_batching_false_for_0d_input():
-    fn = lambda x, s: x * s  # noqa: E731
+def test_recorder_0d_input_does_not_stop_batching_but_gets_no_batch_axis():
+    fn = lambda x, s: x * s  # noqa: E731 - like a diffusion UNet's scalar timestep
     _, graphs = record_calls([((torch.ones(2, 3), torch.tensor(2.0)), {})], fn=fn)
+    assert graphs[0].batching is True
+    assert graphs[0].dynamic_axes(8) == [{0: (1, 8)}, {}]
+    assert graphs[0].accepts([torch.ones(5, 3), torch.tensor(1.0)], 8) is None
+
+
+def test_recorder_batching_false_when_only_0d_tensors():
+    fn = lambda s: s * 2  # noqa: E731
+    _, graphs = record_calls([((torch.tensor(2.0),), {})], fn=fn)
     assert graphs[0].batching is False
 
 
