@@ -150,7 +150,7 @@ def _infer(client_mod, client, name, arrays, n_out):
 
 def test_python_repository_layout(optimized, python_repo):
     ws, _ = optimized
-    names = sorted(p.name for p in python_repo.iterdir())
+    names = sorted(p.name for p in python_repo.iterdir() if p.is_dir())
     twoio = sorted(_graph_models(ws, "twoio"))
     assert len(twoio) == 2 and all(n.startswith("twoio__") for n in twoio)  # one model per graph, stable names
     assert names == sorted(twoio + ["pool"])
@@ -162,6 +162,25 @@ def test_python_repository_layout(optimized, python_repo):
     assert len(cfg.model_warmup) == 1
     assert (python_repo / "pool" / "1" / "model.py").is_file()
     assert validate_repository(python_repo, target="cpu") == []
+
+
+def test_repository_documents_how_it_is_served(optimized, tmp_path):
+    """serve.py beside the models: names them, serves the pipeline it was given, and runs (--help)."""
+    ws, _ = optimized
+    repo = export_model_repository(tmp_path / "repo", backend="python", workspace=ws,
+                                   pipeline="my_pipelines:make_pipeline", pipeline_factory=True)
+    script = (repo / "serve.py").read_text()
+    for model in (p.name for p in repo.iterdir() if p.is_dir()):
+        assert model in script
+    assert '"my_pipelines:make_pipeline"' in script and "FACTORY = True" in script and str(ws) in script
+    assert "python serve.py --repository" in script  # python-only repository: the bundled server can serve it
+    compile(script, "serve.py", "exec")
+    done = subprocess.run([sys.executable, str(repo / "serve.py"), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "--repository" in done.stdout, done.stderr
+    plain = export_model_repository(tmp_path / "plain", backend="python", workspace=ws)
+    assert "PIPELINE = null" not in (plain / "serve.py").read_text()
+    assert "--pipeline package.module:function" in (plain / "serve.py").read_text()
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -213,7 +232,7 @@ def test_auto_repository_validates_offline(optimized, tmp_path):
     ws, _ = optimized
     repo = export_model_repository(tmp_path / "auto", backend="auto", workspace=ws)
     assert validate_repository(repo, target="cpu") == []
-    for name in (p.name for p in repo.iterdir()):
+    for name in (p.name for p in repo.iterdir() if p.is_dir()):
         cfg = parse_config((repo / name / "config.pbtxt").read_text())
         module = "pool" if name == "pool" else "twoio"
         key = name.split("__")[1] if "__" in name else next(iter(_manifest(ws, module)["graphs"]))

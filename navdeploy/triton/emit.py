@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -356,8 +357,21 @@ def _copy_artifact(src: Path, dst: Path, only: Optional[str] = None) -> None:
             shutil.copy2(item, target)
 
 
+def render_serve_script(plans: list[ModelPlan], env: jinja2.Environment, workspace: Path,
+                        pipeline: Optional[str] = None, factory: bool = False) -> str:
+    """The repository's ``serve.py``: a readable entry point documenting how its pipeline and models are served."""
+    from navdeploy import __version__
+
+    models = [{"name": p.name, "backend": p.backend, "platform": p.platform, "module": p.module,
+               "device": "GPU" if p.instance_kind == "KIND_GPU" else "CPU"} for p in plans]
+    return env.get_template("serve.py.j2").render(
+        version=__version__, date=time.strftime("%Y-%m-%d"), models=models, pipeline=pipeline, factory=factory,
+        workspace=str(workspace), python_only=all(p.backend == "python" for p in plans))
+
+
 def write_repository(plans: list[ModelPlan], path: Path, instance_count: int = 1, max_queue_delay_us: int = 100,
-                     templates_dir: Optional[Path] = None, target: str = "auto") -> Path:
+                     templates_dir: Optional[Path] = None, target: str = "auto",
+                     extra_files: Optional[dict[str, str]] = None) -> Path:
     """Render and copy every model into a temporary folder beside ``path``, validate it, then swap it into place.
 
     A failure (render, copy or validation) leaves an existing repository at ``path`` untouched."""
@@ -373,6 +387,8 @@ def write_repository(plans: list[ModelPlan], path: Path, instance_count: int = 1
             for rel, text in render_model(plan, env, instance_count, max_queue_delay_us).items():
                 (folder / rel).parent.mkdir(parents=True, exist_ok=True)
                 (folder / rel).write_text(text)
+        for rel, text in (extra_files or {}).items():
+            (tmp / rel).write_text(text)
         problems = errors(validate_repository(tmp, target=target))
         if problems:
             raise NavdeployError("the emitted repository does not validate:\n" + "\n".join(map(str, problems)))
@@ -398,7 +414,8 @@ def write_repository(plans: list[ModelPlan], path: Path, instance_count: int = 1
 def export_model_repository(path: str | Path = "model_repository", modules: Optional[Iterable[Any]] = None,
                             backend: str = "auto", workspace: Optional[str | Path] = None, *,
                             instance_count: int = 1, max_queue_delay_us: int = 100, warmup: bool = False,
-                            templates_dir: Optional[str | Path] = None) -> Path:
+                            templates_dir: Optional[str | Path] = None, pipeline: Optional[str] = None,
+                            pipeline_factory: bool = False) -> Path:
     """Write a Triton model repository with one model per optimized module graph; returns its path.
 
     Args:
@@ -413,6 +430,8 @@ def export_model_repository(path: str | Path = "model_repository", modules: Opti
         max_queue_delay_us: the dynamic batcher's queue delay for batched models.
         warmup: add a ``model_warmup`` with zero inputs of the captured opt shape.
         templates_dir: a folder with your own ``config.pbtxt.j2`` / ``model.py.j2`` overriding the shipped ones.
+        pipeline: ``"module:function"`` of the Python pipeline; the repository's generated ``serve.py`` serves it
+            through PyTriton (``pipeline_factory=True`` when the function returns the pipeline).
     """
     from navdeploy.config import default_workspace
 
@@ -430,7 +449,9 @@ def export_model_repository(path: str | Path = "model_repository", modules: Opti
     ws = Path(workspace) if workspace is not None else default_workspace()
     plans = plan_repository(ws, names, backend, warmup)
     gpu = any(p.instance_kind == "KIND_GPU" for p in plans)
-    out = write_repository(plans, Path(path), instance_count, max_queue_delay_us,
-                           Path(templates_dir) if templates_dir else None, target="gpu" if gpu else "cpu")
+    templates = Path(templates_dir) if templates_dir else None
+    serve_py = render_serve_script(plans, _environment(templates), ws, pipeline, pipeline_factory)
+    out = write_repository(plans, Path(path), instance_count, max_queue_delay_us, templates,
+                           target="gpu" if gpu else "cpu", extra_files={"serve.py": serve_py})
     log.info("wrote Triton model repository %s: %s", out, ", ".join(f"{p.name} ({p.backend})" for p in plans))
     return out
