@@ -3,6 +3,7 @@
     navdeploy optimize my_pipeline.py            # run a script that wraps modules and calls nav.optimize
     navdeploy optimize my_pkg.pipeline:optimize  # or call a function that does
     navdeploy status                 # what the workspace holds: modules, graphs, winners, figures
+    navdeploy report --open          # regenerate the HTML report from the workspace and open it
     navdeploy clean unet --yes       # forget one module's results (the next optimize rebuilds them)
     navdeploy export-repo model_repository --backend python   # a Triton model repository from the workspace
     navdeploy validate-repo model_repository                  # Triton's own checks, offline
@@ -183,6 +184,35 @@ def status(workspace: Optional[Path] = WorkspaceOption) -> None:
         _console.print(f"no optimized modules in {ws}")
         raise typer.Exit(1)
     _console.print(table)
+
+
+@app.command()
+def report(workspace: Optional[Path] = WorkspaceOption,
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file to write (default: "
+                                                 "<workspace>/reports/latest.html)."),
+           open_: bool = typer.Option(False, "--open", help="Open the report in a web browser.")) -> None:
+    """Regenerate the HTML optimization report from the workspace's manifests (plots, correctness, failures).
+
+    nav.optimize writes one after every run to <workspace>/reports/; this rebuilds it, e.g. after installing
+    matplotlib. Example: navdeploy report -w ./workspace --open
+    """
+    from navdeploy.report.html import render_workspace_report
+
+    ws = _workspace(workspace)
+    if not ws.is_dir():
+        raise _fail(f"workspace {ws} does not exist; run nav.optimize first or pass --workspace.")
+    try:
+        path = render_workspace_report(ws, output)
+    except FileNotFoundError as exc:
+        raise _fail(str(exc))
+    except OSError as exc:
+        raise _fail(f"cannot write the report: {_one_line(exc)}")
+    _console.print(f"report: {path}", soft_wrap=True, highlight=False)
+    if open_:
+        import webbrowser
+
+        if not webbrowser.open(path.resolve().as_uri()):
+            _console.print("[yellow]no web browser found; open the file above yourself[/]")
 
 
 @app.command("export-repo")

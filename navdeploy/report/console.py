@@ -92,3 +92,11 @@ def print_status(status: "OptimizeStatus", detailed: bool = False) -> None:
         _console.print(table, highlight=False)
     for module in status.modules.values():
         _console.print(f"[dim]{module.name}: {module.seconds:.1f}s, log and manifest in {module.folder}[/]")
+    pipeline = getattr(status, "pipeline", None)
+    if pipeline is not None and pipeline.optimized_s is not None and pipeline.eager_s:
+        _console.print(f"pipeline end to end: eager {pipeline.eager_s * 1e3:.1f} ms, optimized "
+                       f"{pipeline.optimized_s * 1e3:.1f} ms ({pipeline.eager_s / pipeline.optimized_s:.2f}x)",
+                       highlight=False)
+    report = getattr(status, "report_path", None)
+    if report is not None:
+        _console.print(f"report: {report}", soft_wrap=True, highlight=False)
