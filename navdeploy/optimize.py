@@ -254,8 +254,11 @@ def _measure_optimized(func: Callable, items: list[tuple[int, Any]], modules: li
 
 
 def _command() -> Optional[str]:
+    """The user's script, for the report's reproduce commands; None under a runner (pytest, python -m ...)."""
     script = sys.argv[0] if sys.argv else ""
-    return script if script.endswith(".py") else None
+    if not script.endswith(".py") or os.path.basename(script) == "__main__.py" or "site-packages" in script:
+        return None
+    return script
 
 
 def _module_config(module: Module, config: Optional[OptimizeConfig]) -> OptimizeConfig:

@@ -99,7 +99,7 @@ def test_report_has_plots_winner_correctness_failures_and_environment(run):
     assert "Failed and skipped candidates" in page
     assert "TraceShy refuses to be traced" in page
     assert "navdeploy clean report_shy" in page
-    assert "NAVDEPLOY_CONSOLE_OUTPUT=detailed NAVDEPLOY_USE_MULTIPROCESSING=False python" in page
+    assert "NAVDEPLOY_CONSOLE_OUTPUT=detailed NAVDEPLOY_USE_MULTIPROCESSING=False python your_script.py" in page
     assert "Pipeline summary" in page and "speed-up of the whole callable" in page
     assert "rest of the pipeline" in page
     for step in ("export", "verify", "profile", "capture"):
@@ -158,7 +158,7 @@ def test_report_loads_in_headless_chromium(run, tmp_path):
     assert "Uncaught" not in dom.stderr and "Failed to load resource" not in dom.stderr, dom.stderr[-2000:]
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     shot = subprocess.run(_chromium_cmd(binary, tmp_path / "profile") +
-                          [f"--screenshot={SCREENSHOT}", "--window-size=1280,2400", "--hide-scrollbars", url],
+                          [f"--screenshot={SCREENSHOT}", "--window-size=1280,3800", "--hide-scrollbars", url],
                           capture_output=True, text=True, timeout=120)
     assert shot.returncode == 0, shot.stderr[-2000:]
     data = SCREENSHOT.read_bytes()

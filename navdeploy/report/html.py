@@ -216,7 +216,7 @@ class _Plotter:
             return None
         from matplotlib.ticker import NullLocator
 
-        fig = self._figure(10.5, 3.8)
+        fig = self._figure(10.5, 3.3)
         lat, thr = fig.subplots(1, 2)
         sizes = sorted({p["batch_size"] for c in measured for p in c["profile"]})
         for i, c in enumerate(measured):
