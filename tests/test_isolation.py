@@ -27,6 +27,9 @@ class Faulty(nn.Module):
         if torch.jit.is_tracing():
             if self.fault == "segfault":
                 os.kill(os.getpid(), signal.SIGSEGV)
+            elif self.fault == "oom":
+                # What the kernel's OOM killer does to a process; a real OOM would take the machine down with it.
+                os.kill(os.getpid(), signal.SIGKILL)
             elif self.fault == "hang":
                 time.sleep(600)
             elif self.fault == "raise":
@@ -46,6 +49,7 @@ def _optimize(fault: str, tmp_path, **config):
 
 
 @pytest.mark.parametrize("fault, reason", [("segfault", "died with SIGSEGV"), ("hang", "timed out after 10 s"),
+                                           ("oom", "died with SIGKILL, likely out of memory"),
                                            ("raise", "boom while tracing")])
 def test_faulty_candidate_fails_alone(fault, reason, tmp_path):
     module, records = _optimize(fault, tmp_path, timeout_s=10)
