@@ -206,6 +206,11 @@ def use_multiprocessing(config: OptimizeConfig) -> bool:
     return _env_flag("NAVDEPLOY_USE_MULTIPROCESSING", "NAVIGATOR_USE_MULTIPROCESSING", default=True)
 
 
+def report_enabled() -> bool:
+    """NAVDEPLOY_REPORT=0 skips the timed optimized pass and the HTML report (default: on)."""
+    return _env_flag("NAVDEPLOY_REPORT", default=True)
+
+
 def console_output() -> str:
     """``simple`` (default), ``detailed`` or ``logs`` from NAVDEPLOY_CONSOLE_OUTPUT (NAVIGATOR_ alias)."""
     for name in ("NAVDEPLOY_CONSOLE_OUTPUT", "NAVIGATOR_CONSOLE_OUTPUT"):

@@ -20,7 +20,7 @@ from navdeploy import __version__
 from navdeploy.binding import bind
 from navdeploy.candidate import Job, Task, artifact_dir, new_record
 from navdeploy.capture import Graph, Recorder, split_sample
-from navdeploy.config import OptimizeConfig, console_output, resolve_workspace, use_multiprocessing
+from navdeploy.config import OptimizeConfig, console_output, report_enabled, resolve_workspace, use_multiprocessing
 from navdeploy.errors import CaptureError, DataloaderError, NavdeployError
 from navdeploy.formats import FORMATS, RunnerSpec, runners_for
 from navdeploy.isolation import Executor
@@ -140,10 +140,11 @@ def _short(value: Any) -> str:
 
 
 @contextlib.contextmanager
-def _recording(modules: list[Module], recorders: dict[str, Recorder]) -> Iterator[None]:
+def _handlers(modules: list[Module], make: Callable[[Module, Optional[Callable]], Callable]) -> Iterator[None]:
+    """Give every module the handler ``make(module, current_handler)`` for the block, then put the old ones back."""
     saved = {m.name: m._self_handler for m in modules}
     for m in modules:
-        m._self_handler = recorders[m.name].record
+        m._self_handler = make(m, saved[m.name])
     try:
         yield
     finally:
@@ -178,16 +179,16 @@ class _PassTimer:
         self.handler_s.setdefault(name, 0.0)
 
         def timed(fn: Callable, args: tuple, kwargs: dict) -> Any:
-            target = fn
-            if inner:
-                def target(*a: Any, **k: Any) -> Any:
+            def module_call(*a: Any, **k: Any) -> Any:
+                _sync()
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
                     _sync()
-                    t = time.perf_counter()
-                    try:
-                        return fn(*a, **k)
-                    finally:
-                        _sync()
-                        self.module_s[name] += time.perf_counter() - t
+                    self.module_s[name] += time.perf_counter() - t
+
+            target = module_call if inner else fn
             _sync()
             t0 = time.perf_counter()
             try:
@@ -200,23 +201,6 @@ class _PassTimer:
                     self.module_s[name] += spent
 
         return timed
-
-
-@contextlib.contextmanager
-def _timed_handlers(modules: list[Module], timer: _PassTimer, inner: bool) -> Iterator[None]:
-    saved = {m.name: m._self_handler for m in modules}
-    for m in modules:
-        m._self_handler = timer.wrap(m.name, saved[m.name], inner)
-    try:
-        yield
-    finally:
-        for m in modules:
-            m._self_handler = saved[m.name]
-
-
-def _report_enabled() -> bool:
-    """NAVDEPLOY_REPORT=0 skips the timed optimized pass and the HTML report."""
-    return os.environ.get("NAVDEPLOY_REPORT", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _timed_pass(func: Callable, items: list[tuple[int, Any]], timer: _PassTimer) -> tuple[float, int]:
@@ -240,11 +224,12 @@ def _measure_optimized(func: Callable, items: list[tuple[int, Any]], modules: li
                        capture_timer: _PassTimer, capture_timed_s: float, timed_items: int) -> PipelineTiming:
     """Eager figures from the capture pass (recording overhead taken out), optimized ones from one more pass."""
     overhead = sum(capture_timer.handler_s.values()) - sum(capture_timer.module_s.values())
+    in_run = {m.name for m in modules}  # a module of another pipeline that this callable never called is not part of it
     timing = PipelineTiming(capture_s, max(capture_timed_s - overhead, 0.0), None, timed_items,
-                            dict(capture_timer.module_s))
+                            {n: s for n, s in capture_timer.module_s.items() if n in in_run})
     timer = _PassTimer()
     try:
-        with _timed_handlers(modules, timer, inner=False), torch.no_grad():
+        with _handlers(modules, lambda m, h: timer.wrap(m.name, h, False)), torch.no_grad():
             timing.optimized_s, _ = _timed_pass(func, items, timer)
         timing.module_optimized_s = dict(timer.module_s)
     except Exception as exc:  # noqa: BLE001 - a measurement must not fail the run
@@ -492,7 +477,8 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
             capture_timer.reset()
 
     capture_start = time.perf_counter()
-    with _recording(modules, recorders), _timed_handlers(modules, capture_timer, inner=True), torch.no_grad():
+    with _handlers(modules, lambda m, _: recorders[m.name].record), \
+            _handlers(modules, lambda m, h: capture_timer.wrap(m.name, h, True)), torch.no_grad():
         _run_capture(func, items, after_item)
     _sync()
     capture_end = time.perf_counter()
@@ -516,7 +502,7 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
             with _inductor_cache(resolve_workspace(configs[m.name])):
                 status.modules[m.name] = _optimize_module(m, work[m.name], configs[m.name], mode, progress)
     status.seconds = time.perf_counter() - start
-    if _report_enabled():
+    if report_enabled():
         status.pipeline = _measure_optimized(func, items, modules, capture_s, capture_timer, capture_timed_s,
                                              len(items) - (1 if len(items) >= 2 else 0))
         status.report_path = _write_report(status)

@@ -25,9 +25,7 @@ import importlib.util
 import logging
 import os
 import signal
-import socket
 import sys
-import sysconfig
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from navdeploy.errors import ConfigError, NavdeployError
+from navdeploy.triton.server import free_ports, stub_environment
 
 log = logging.getLogger("navdeploy")
 
@@ -95,33 +94,8 @@ def _check_environment() -> None:
     if importlib.util.find_spec("pytriton") is None:
         raise NavdeployError("nav.serve needs nvidia-pytriton; run: python -m pip install 'navdeploy[triton]' "
                              "(or 'nvidia-pytriton tritonclient[grpc,http]').")
-    # The Python-backend stub links libpython; with a non-distro Python (pyenv, conda) it finds the wrong one
-    # unless the interpreter's LIBDIR is on LD_LIBRARY_PATH of the processes PyTriton starts.
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if libdir:
-        paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
-        if libdir not in paths:
-            os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *paths])
-    # The stub runs `python` found on PATH: the one running navdeploy must come first.
-    bindir = str(Path(sys.executable).parent)
-    paths = os.environ.get("PATH", "").split(os.pathsep)
-    if paths[:1] != [bindir]:
-        os.environ["PATH"] = os.pathsep.join([bindir, *[p for p in paths if p != bindir]])
-
-
-def free_ports(count: int = 3, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct TCP ports that are free on ``host`` right now."""
-    sockets, ports = [], []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            sockets.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in sockets:
-            s.close()
-    return ports
+    # PyTriton starts the Python-backend stub from this process's environment.
+    stub_environment(os.environ)
 
 
 def _resolve_ports(ports: Union[None, int, Sequence[int], Mapping[str, int]], host: str) -> dict[str, int]:

@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import MutableMapping, Optional, Sequence
 
 from navdeploy.errors import NavdeployError
 from navdeploy.triton.validate import parse_config
@@ -76,15 +76,22 @@ def prepare_backend_directory(target: Path) -> Path:
     return target
 
 
+def stub_environment(env: MutableMapping[str, str], extra_libs: Sequence[str] = ()) -> None:
+    """Make ``env`` fit for a Python-backend stub: this Python's LIBDIR (then ``extra_libs``) first on
+    ``LD_LIBRARY_PATH`` — else a pyenv/conda Python's stub loads the distro's libpython — and this Python's
+    ``bin`` first on ``PATH``. Used for the bundled server here and for PyTriton by ``nav.serve``."""
+    libs = [p for p in [sysconfig.get_config_var("LIBDIR") or "", *extra_libs] if p and Path(p).is_dir()]
+    existing = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p not in libs]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + existing)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bindir, *[p for p in env.get("PATH", "").split(os.pathsep) if p != bindir]])
+
+
 def server_environment(base: Optional[dict] = None) -> dict:
     """The environment the bundled server and its Python stubs need."""
     env = dict(os.environ if base is None else base)
     root = _pytriton_root()
-    libs = [sysconfig.get_config_var("LIBDIR") or "", str(root.parent / "nvidia_pytriton.libs"),
-            str(root / "tritonserver" / "external_libs")]
-    existing = env.get("LD_LIBRARY_PATH", "")
-    env["LD_LIBRARY_PATH"] = ":".join([p for p in libs if p and Path(p).is_dir()] + ([existing] if existing else []))
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    stub_environment(env, [str(root.parent / "nvidia_pytriton.libs"), str(root / "tritonserver" / "external_libs")])
     if sys.prefix != sys.base_prefix:  # a venv: the stub's embedded Python must see its site-packages
         import site
 
@@ -93,11 +100,15 @@ def server_environment(base: Optional[dict] = None) -> dict:
     return env
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_ports(count: int = 1, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports that are free on ``host`` right now (all bound at once, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            s = stack.enter_context(contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)))
+            s.bind((host, 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 def non_python_models(repository: Path) -> list[str]:
@@ -189,10 +200,9 @@ class TritonServer:
         self._tmp = Path(tempfile.mkdtemp(prefix="navdeploy-triton-"))
         backends = self.backend_directory or prepare_backend_directory(self._tmp / "backends")
         self.log_path = self._tmp / "tritonserver.log"
-        self.http_port = self.http_port or free_port(self.host)
-        self.grpc_port = self.grpc_port or free_port(self.host)
-        while self.grpc_port == self.http_port:
-            self.grpc_port = free_port(self.host)
+        spare = iter(p for p in free_ports(3, self.host) if p not in (self.http_port, self.grpc_port))
+        self.http_port = self.http_port or next(spare)
+        self.grpc_port = self.grpc_port or next(spare)
         env = server_environment() if self.tritonserver is None else dict(os.environ)
         with open(self.log_path, "wb") as log:
             # Its own session: Ctrl-C in a terminal reaches us, and we stop the server (and its stubs) ourselves.
