@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -65,6 +66,8 @@ def _worker_main(payload: bytes, tasks, results, log_path: str) -> None:
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    # A crash in native code (SIGSEGV in a compiled library) then leaves the Python stack in the log.
+    faulthandler.enable()
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [worker] %(message)s"))
     logger = logging.getLogger("navdeploy")
@@ -80,12 +83,35 @@ def _worker_main(payload: bytes, tasks, results, log_path: str) -> None:
         results.put(("result", run_task(job, task, state)))
 
 
-def _describe_exit(code: Optional[int]) -> str:
+def _describe_exit(code: Optional[int], log_path: Optional[Path] = None, log_offset: int = 0) -> str:
     if code is not None and code < 0:
         name = signal.Signals(-code).name
         hint = ", likely out of memory" if -code == signal.SIGKILL else ""
-        return f"the candidate process died with {name}{hint}"
+        where = _crash_site(log_path, log_offset) if log_path is not None else None
+        site = f" in {where} (stack in {log_path})" if where else ""
+        return f"the candidate process died with {name}{hint}{site}"
     return f"the candidate process exited with code {code}"
+
+
+def _crash_site(log_path: Path, offset: int) -> Optional[str]:
+    """The innermost Python frame of a faulthandler dump written to the worker's log after ``offset``, e.g.
+    ``_inductor/package/package.py:123 in load_package``; None when there is none."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(offset, os.path.getsize(log_path) - 64_000))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    dump = tail.rpartition("Fatal Python error")[2]
+    if not dump:
+        return None
+    dump = dump.partition("Current thread")[2] or dump  # other threads' stacks are listed too
+    for line in dump.splitlines():
+        line = line.strip()
+        if line.startswith('File "'):  # faulthandler lists the most recent call first
+            path, _, rest = line[len('File "'):].partition('", line ')
+            return f"{'/'.join(Path(path).parts[-3:])}:{rest}"
+    return None
 
 
 class Executor:
@@ -154,6 +180,7 @@ class Executor:
                               f"crash isolation: {exc}", RuntimeWarning, stacklevel=2)
                 self.isolate = False
                 return run_task(self.job, task, self._state)
+        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._tasks.put(task)
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -164,7 +191,7 @@ class Executor:
             except queue.Empty:
                 failure = None
                 if not self._proc.is_alive():
-                    failure = _describe_exit(self._proc.exitcode)
+                    failure = _describe_exit(self._proc.exitcode, self.log_path, log_offset)
                 elif time.monotonic() > deadline:
                     failure = f"timed out after {self.timeout_s:g} s"
                 if failure:

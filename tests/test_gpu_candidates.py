@@ -122,3 +122,37 @@ def test_tensorrt_candidate_builds_and_verifies(tmp_path):
     records = {c["name"]: c for c in status.modules["gpu_trt"].graphs[0].candidates}
     assert records["TensorRT"]["status"] == "ok" and records["TensorRT[fp16]"]["status"] == "ok"
     assert (tmp_path / "gpu_trt" / "tensorrt.timing.cache").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the device machine)")
+def test_cuda_profile_matches_an_event_timed_loop():
+    """navdeploy's profile of a launch-bound call agrees with CUDA events around a loop of calls (a sync per
+    call would overstate it), and a call that is slow on the GPU is not understated."""
+    from navdeploy.profile import measure
+
+    x = torch.randn(64, device="cuda")
+    big = torch.randn(4096, 4096, device="cuda")
+
+    def launch_bound():
+        y = x
+        for _ in range(200):
+            y = y + 1
+        return y
+
+    def gpu_bound():
+        return big @ big
+
+    for fn in (launch_bound, gpu_bound):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        loop_ms = start.elapsed_time(end) / 50
+        profiled = measure(fn, None, "cuda", 0.5)
+        assert 0.7 < profiled.p50_ms / loop_ms < 1.3, (fn.__name__, profiled.p50_ms, loop_ms)

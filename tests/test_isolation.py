@@ -48,13 +48,16 @@ def _optimize(fault: str, tmp_path, **config):
     return module, records
 
 
-@pytest.mark.parametrize("fault, reason", [("segfault", "died with SIGSEGV"), ("hang", "timed out after 10 s"),
+@pytest.mark.parametrize("fault, reason", [("segfault", "died with SIGSEGV in "), ("hang", "timed out after 10 s"),
                                            ("oom", "died with SIGKILL, likely out of memory"),
                                            ("raise", "boom while tracing")])
 def test_faulty_candidate_fails_alone(fault, reason, tmp_path):
     module, records = _optimize(fault, tmp_path, timeout_s=10)
     assert records["TorchScriptCPU"]["status"] == "failed"
     assert reason in records["TorchScriptCPU"]["error"]
+    if fault == "segfault":  # the worker's faulthandler dump names where the crash happened
+        assert "tests/test_isolation.py:" in records["TorchScriptCPU"]["error"]
+        assert " in forward (stack in " in records["TorchScriptCPU"]["error"]
     # The next candidate runs in a fresh worker and is unaffected.
     assert records["OnnxCPU"]["status"] == "ok", records["OnnxCPU"]["error"]
     assert records["TorchCPU"]["status"] == "ok"
