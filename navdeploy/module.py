@@ -93,6 +93,7 @@ class Module(wrapt.ObjectProxy):
         self._self_optimize_config: Optional[OptimizeConfig] = None
         self._self_handler: Optional[Callable] = None  # None: eager pass-through
         self._self_bound = False  # True once a selection (possibly eager itself) is in place
+        self._self_bind_tried = False  # True once optimize or load_optimized tried to bind it
         self._self_status = None
         if forward_func is not None:
             self._nav_patch()

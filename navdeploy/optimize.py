@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -204,12 +205,11 @@ class _PassTimer:
 
 
 def _timed_pass(func: Callable, items: list[tuple[int, Any]], timer: _PassTimer) -> tuple[float, int]:
-    """Run the callable over the items; the first is an untimed warm-up when there are two or more.
-    Returns (seconds, items timed)."""
+    """Run the callable over the items after an untimed warm-up call on the first; with two or more items the
+    first is not timed. Returns (seconds, items timed)."""
     warmup = 1 if len(items) >= 2 else 0
-    for _, sample in items[:warmup]:
-        args, kwargs = split_sample(sample)
-        func(*args, **kwargs)
+    args, kwargs = split_sample(items[0][1])
+    func(*args, **kwargs)
     timer.reset()
     _sync()
     start = time.perf_counter()
@@ -484,14 +484,25 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
     capture_end = time.perf_counter()
     capture_s = capture_end - capture_start
     capture_timed_s = capture_end - marks.get("timed_from", capture_start)
-    # Modules optimized by an earlier call and not used by this callable keep what they have.
+    # Modules optimized by an earlier call and not used by this callable keep what they have. A module that an
+    # earlier optimize or load_optimized tried and that this callable did not call is most likely another
+    # pipeline's: a warning. One never seen before and not called is most likely called through a method: an error.
     modules = [m for m in modules if recorders[m.name].graphs or not m._self_bound]
+    hint = ("If your code calls a method such as self.forward(x) or encode() instead of the module itself, pass "
+            "forward_func='forward' (that method's name) to nav.Module.")
+    earlier = [m.name for m in modules if not recorders[m.name].graphs and m._self_bind_tried]
+    if earlier:
+        warnings.warn(f"navdeploy: wrapped module(s) {', '.join(map(repr, earlier))} (from an earlier optimize or "
+                      f"load_optimized) were not called by this callable; they stay as they are. {hint}",
+                      RuntimeWarning, stacklevel=2)
+        modules = [m for m in modules if m.name not in earlier]
     uncalled = [m.name for m in modules if not recorders[m.name].graphs]
+    if not modules or len(uncalled) == len(modules):
+        raise CaptureError(f"the callable called none of the wrapped modules while it ran over the dataloader. {hint}")
     if uncalled:
         raise CaptureError(
             f"wrapped module(s) {', '.join(map(repr, uncalled))} were never called while the callable ran over the "
-            "dataloader. If your code calls a method such as self.forward(x) or encode() instead of the module "
-            "itself, pass forward_func='forward' (that method's name) to nav.Module.")
+            f"dataloader. {hint}")
     status = OptimizeStatus(workspace=resolve_workspace(config), command=_command())
     work = {m.name: recorders[m.name].finish() for m in modules}
     total = sum(len(work[m.name]) * len(_candidates(configs[m.name], configs[m.name].target_device
@@ -518,8 +529,6 @@ def _write_report(status: OptimizeStatus) -> Optional[Path]:
         return write_run_report(status)
     except Exception as exc:  # noqa: BLE001 - the optimization itself succeeded
         log.warning("navdeploy: could not write the HTML report: %s: %s", type(exc).__name__, exc)
-        import warnings
-
         warnings.warn(f"navdeploy: could not write the HTML report: {type(exc).__name__}: {exc}", RuntimeWarning,
                       stacklevel=3)
         return None

@@ -187,6 +187,21 @@ def test_model_outputs_kwargs_strings_and_output_mapping(tmp_path):
     assert out[0] == "mapped" and isinstance(out[1], BaseModelOutputWithPooling)
 
 
+def test_a_module_tried_earlier_and_not_called_now_is_only_warned_about(tmp_path):
+    """Two pipelines in one process: a module load_optimized found nothing for (it stays eager) and that this
+    callable does not call belongs to another pipeline; optimizing this one goes on with a warning naming it."""
+    other = nav.Module(nn.Linear(3, 3), name="e2e_other_pipeline")
+    nav.load_optimized(tmp_path / "empty")
+    assert not other.is_optimized
+    mine = nav.Module(nn.Linear(3, 3), name="e2e_this_pipeline")
+    with pytest.warns(RuntimeWarning, match="e2e_other_pipeline.*not called by this callable"):
+        status = nav.optimize(mine, [(1, torch.randn(1, 3))],
+                              nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU",), profile_time_s=0.02))
+    assert set(status.modules) == {"e2e_this_pipeline"} and status.modules["e2e_this_pipeline"].graphs[0].selected
+    with pytest.raises(nav.CaptureError, match="called none of the wrapped modules"):
+        nav.optimize(lambda x: x, [(1, torch.randn(1, 3))], nav.OptimizeConfig(workspace=tmp_path))
+
+
 def test_module_never_called_is_named_in_the_error(tmp_path):
     used = nav.Module(nn.Linear(3, 3), name="e2e_used")
     unused = nav.Module(nn.Linear(3, 3), name="e2e_unused")  # noqa: F841 - registered, never called
