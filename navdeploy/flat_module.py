@@ -26,7 +26,9 @@ class FlatModule(torch.nn.Module):
         if self.forward_func:
             # The class attribute, not the instance one: nav.Module patches the instance to record calls.
             return getattr(type(self.inner), self.forward_func)(self.inner, *args, **kwargs)
-        return self.inner(*args, **kwargs)
+        # forward, not the module call: the module's forward hooks run around the runner (nav.Module.__call__),
+        # so they are neither baked into the artifact nor run twice.
+        return self.inner.forward(*args, **kwargs)
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         call = unflatten(self.input_spec, list(tensors), rebuild_classes=True)

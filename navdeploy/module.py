@@ -10,6 +10,7 @@ import weakref
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.nn.modules.module as _hooks  # the global forward hooks live there
 import wrapt
 
 from navdeploy.capture import CaptureError, Graph, describe, flatten_call, spec_key, unflatten
@@ -128,7 +129,11 @@ class Module(wrapt.ObjectProxy):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._self_forward_func is not None:
             return self.__wrapped__(*args, **kwargs)  # the patched method does the routing
-        return self._nav_call(self.__wrapped__, args, kwargs)
+        inner = self.__wrapped__
+        if self._self_handler is None or not _has_forward_hooks(inner):
+            return self._nav_call(inner, args, kwargs)
+        # The runner replaces forward, not the module call: the module's hooks still run around it.
+        return _call_with_hooks(inner, lambda a, k: self._nav_call(inner.forward, a, k), args, kwargs)
 
     def __repr__(self) -> str:
         state = "optimized" if self.is_optimized else "eager"
@@ -230,6 +235,37 @@ class Module(wrapt.ObjectProxy):
         finally:
             if self._self_forward_func is not None:
                 self._nav_patch()
+
+
+def _has_forward_hooks(module: torch.nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks or _hooks._global_forward_pre_hooks
+                or _hooks._global_forward_hooks)
+
+
+def _call_with_hooks(module: torch.nn.Module, forward: Callable[[tuple, dict], Any], args: tuple, kwargs: dict) -> Any:
+    """``forward(args, kwargs)`` with the module's (and global) forward pre-hooks and hooks applied as
+    ``nn.Module.__call__`` applies them, for when a runner stands in for ``forward``."""
+    for hook_id, hook in (*_hooks._global_forward_pre_hooks.items(), *module._forward_pre_hooks.items()):
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            result = hook(module, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"forward pre-hook must return None or a tuple of (new_args, new_kwargs), "
+                                       f"but got {result}.")
+                args, kwargs = result
+        else:
+            result = hook(module, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    output = forward(args, kwargs)
+    for hook_id, hook in (*_hooks._global_forward_hooks.items(), *module._forward_hooks.items()):
+        if hook_id in module._forward_hooks_with_kwargs or hook_id in _hooks._global_forward_hooks_with_kwargs:
+            result = hook(module, args, kwargs, output)
+        else:
+            result = hook(module, args, output)
+        if result is not None:
+            output = result
+    return output
 
 
 _CONSTANTS = (str, int, float, bool, type(None))

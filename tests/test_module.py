@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -296,3 +297,28 @@ def test_deepcopy_with_forward_func_gives_independent_module(uname):
         clone.proj.bias.zero_()
     assert torch.equal(clone(torch.randn(1, 4)), torch.zeros(1, 3))
     pickle.dumps(m)
+
+
+def test_forward_hooks_run_around_the_optimized_runner(tmp_path, uname):
+    """Hooks are part of calling a module: registered before or after optimize, they run in optimized mode too,
+    once per call, and a hook that rewrites inputs or outputs does so around the runner."""
+    torch.manual_seed(0)
+    inner = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    m = nav.Module(inner, name=uname)
+    m.register_forward_pre_hook(lambda mod, args: (args[0] * 2,))  # before optimize: part of the captured calls
+    nav.optimize(m, [(2, torch.randn(2, 4))], nav.OptimizeConfig(workspace=tmp_path, runners=("OnnxCPU",),
+                                                                  target_formats=(nav.Format.ONNX,),
+                                                                  batch_sizes=(1, 2), profile_time_s=0.02))
+    assert m.is_optimized
+    seen = []
+    m.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    add_one = m.register_forward_hook(lambda mod, args, kwargs, out: out + 1, with_kwargs=True)
+    x = torch.randn(2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the optimized path, not the eager fallback
+        out = m(x)
+    torch.testing.assert_close(out, inner.forward(x * 2) + 1, atol=1e-5, rtol=1e-4)
+    assert seen == [torch.Size([2, 4])]
+    assert m(x).sub(1).sub(inner.forward(x * 2)).abs().max() < 1e-5  # the pre-hook runs once, not twice
+    add_one.remove()
+    torch.testing.assert_close(m(x), inner.forward(x * 2), atol=1e-5, rtol=1e-4)

@@ -4,7 +4,6 @@ errors while the server keeps serving, blocking and background shutdown on signa
 from __future__ import annotations
 
 import gc
-import os
 import signal
 import subprocess
 import sys
