@@ -247,12 +247,31 @@ def fingerprint(module: torch.nn.Module) -> str:
     state = module.state_dict(keep_vars=True)
     extra = [(f"[buffer]{name}", b) for name, b in module.named_buffers() if name not in state]
     for name, value in [*state.items(), *extra]:
-        if not isinstance(value, torch.Tensor):  # get_extra_state() may put any object in a state_dict
-            h.update(f"{name}:{value!r}".encode())
-            continue
-        h.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
-        h.update(_tensor_bytes(value))
+        _hash_value(h, name, value)
     return h.hexdigest()
+
+
+def _hash_value(h: "hashlib._Hash", name: str, value: Any) -> None:
+    """Tensors by their bytes, also inside containers: quantized modules keep their weights as a tuple of
+    tensors (``_packed_params``), whose repr would summarise large tensors and miss a changed value."""
+    if isinstance(value, torch.Tensor):
+        h.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        if value.is_quantized:
+            if value.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                h.update(f"{value.q_scale()}:{value.q_zero_point()}".encode())
+            else:
+                h.update(_tensor_bytes(value.q_per_channel_scales()) + _tensor_bytes(value.q_per_channel_zero_points()))
+        h.update(_tensor_bytes(value))
+    elif isinstance(value, (tuple, list)):
+        h.update(f"{name}:{type(value).__name__}:{len(value)}".encode())
+        for i, item in enumerate(value):
+            _hash_value(h, f"{name}.{i}", item)
+    elif isinstance(value, dict):
+        h.update(f"{name}:dict:{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            _hash_value(h, f"{name}.{key!r}", value[key])
+    else:  # get_extra_state() may put any object in a state_dict
+        h.update(f"{name}:{value!r}".encode())
 
 
 def checksum(folder: Path) -> str:

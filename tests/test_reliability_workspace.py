@@ -283,6 +283,24 @@ def test_lora_style_changes_are_detected(ws, how):
     _eager_and_correct(module)  # the adapter's contribution is in the result: eager runs the changed module
 
 
+def test_a_changed_weight_of_a_dynamically_quantized_module_changes_its_fingerprint():
+    """Quantized layers keep weights as a tuple of tensors (packed params); one changed value in the middle of a
+    large weight must count, not vanish in a summarised repr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization is deprecated, still used
+        torch.manual_seed(0)
+        model = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(64, 64)), {nn.Linear},
+                                                       dtype=torch.qint8)
+        before = fingerprint(model)
+        weight, bias = model[0]._weight_bias()
+        changed = weight.dequantize()
+        changed[32, 32] += 10 * weight.q_scale()
+        model[0].set_weight_bias(torch.quantize_per_tensor(changed, weight.q_scale(), weight.q_zero_point(),
+                                                           torch.qint8), bias)
+    assert fingerprint(model) != before
+    assert fingerprint(model) == fingerprint(model)  # and stable
+
+
 # --- run-time inputs outside what was captured -----------------------------------------------------------
 
 @pytest.fixture
