@@ -71,7 +71,6 @@ def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerpr
     missing or modified artifacts. It never raises for what it finds in the workspace."""
     module._self_handler = None  # every path that does not bind leaves the module eager
     module._self_bound = False
-    module._self_bind_tried = True
     if manifest is None:
         manifest, problem = load_manifest(folder)
         if problem:

@@ -87,7 +87,9 @@ def _describe_exit(code: Optional[int], log_path: Optional[Path] = None, log_off
     if code is not None and code < 0:
         name = signal.Signals(-code).name
         hint = ", likely out of memory" if -code == signal.SIGKILL else ""
-        where = _crash_site(log_path, log_offset) if log_path is not None else None
+        # Only faulthandler's signals leave a dump; a SIGKILL (OOM) never does.
+        dumps = -code in (signal.SIGSEGV, signal.SIGFPE, signal.SIGABRT, signal.SIGBUS, signal.SIGILL)
+        where = _crash_site(log_path, log_offset) if log_path is not None and dumps else None
         site = f" in {where} (stack in {log_path})" if where else ""
         return f"the candidate process died with {name}{hint}{site}"
     return f"the candidate process exited with code {code}"
@@ -102,13 +104,15 @@ def _crash_site(log_path: Path, offset: int) -> Optional[str]:
             tail = f.read().decode("utf-8", "replace")
     except OSError:
         return None
-    dump = tail.rpartition("Fatal Python error")[2]
-    if not dump:
+    _, found, dump = tail.rpartition("Fatal Python error")
+    _, current, stack = dump.partition("Current thread")
+    if not found or not current:  # no dump, or the crash was in a thread without Python (e.g. an OpenMP worker)
         return None
-    dump = dump.partition("Current thread")[2] or dump  # other threads' stacks are listed too
-    for line in dump.splitlines():
+    for line in stack.splitlines()[1:]:  # the crashing thread's frames, most recent first, up to a blank line
         line = line.strip()
-        if line.startswith('File "'):  # faulthandler lists the most recent call first
+        if not line:
+            return None
+        if line.startswith('File "'):
             path, _, rest = line[len('File "'):].partition('", line ')
             return f"{'/'.join(Path(path).parts[-3:])}:{rest}"
     return None

@@ -94,7 +94,7 @@ class Module(wrapt.ObjectProxy):
         self._self_optimize_config: Optional[OptimizeConfig] = None
         self._self_handler: Optional[Callable] = None  # None: eager pass-through
         self._self_bound = False  # True once a selection (possibly eager itself) is in place
-        self._self_bind_tried = False  # True once optimize or load_optimized tried to bind it
+        self._self_captured = False  # True once an optimize captured its calls
         self._self_status = None
         if forward_func is not None:
             self._nav_patch()
@@ -132,8 +132,12 @@ class Module(wrapt.ObjectProxy):
         inner = self.__wrapped__
         if self._self_handler is None or not _has_forward_hooks(inner):
             return self._nav_call(inner, args, kwargs)
-        # The runner replaces forward, not the module call: the module's hooks still run around it.
-        return _call_with_hooks(inner, lambda a, k: self._nav_call(inner.forward, a, k), args, kwargs)
+        # The runner replaces forward, not the module call: the module's hooks still run around it, and see
+        # the mapped inputs, as they do eagerly.
+        mapping = self._self_input_mapping
+        if mapping is not None:
+            args, kwargs = mapping(args, kwargs)
+        return _call_with_hooks(inner, lambda a, k: self._nav_dispatch(inner.forward, a, k), args, kwargs)
 
     def __repr__(self) -> str:
         state = "optimized" if self.is_optimized else "eager"
@@ -201,6 +205,10 @@ class Module(wrapt.ObjectProxy):
         mapping = self._self_input_mapping
         if mapping is not None:
             args, kwargs = mapping(args, kwargs)
+        return self._nav_dispatch(fn, args, kwargs)
+
+    def _nav_dispatch(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        """The call (inputs already mapped) through the handler: recorder, optimized runner or none."""
         handler = self._self_handler
         if handler is None:
             return fn(*args, **kwargs)

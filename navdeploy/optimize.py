@@ -205,11 +205,12 @@ class _PassTimer:
 
 
 def _timed_pass(func: Callable, items: list[tuple[int, Any]], timer: _PassTimer) -> tuple[float, int]:
-    """Run the callable over the items after an untimed warm-up call on the first; with two or more items the
-    first is not timed. Returns (seconds, items timed)."""
+    """Run the callable over the items; the first is an untimed warm-up when there are two or more, as in the
+    capture pass that gives the eager figure (binding already warmed the runners up). Returns (seconds, items timed)."""
     warmup = 1 if len(items) >= 2 else 0
-    args, kwargs = split_sample(items[0][1])
-    func(*args, **kwargs)
+    for _, sample in items[:warmup]:
+        args, kwargs = split_sample(sample)
+        func(*args, **kwargs)
     timer.reset()
     _sync()
     start = time.perf_counter()
@@ -485,15 +486,16 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
     capture_s = capture_end - capture_start
     capture_timed_s = capture_end - marks.get("timed_from", capture_start)
     # Modules optimized by an earlier call and not used by this callable keep what they have. A module that an
-    # earlier optimize or load_optimized tried and that this callable did not call is most likely another
-    # pipeline's: a warning. One never seen before and not called is most likely called through a method: an error.
+    # earlier optimize captured and that this callable did not call is another pipeline's: a warning. One never
+    # captured and not called is most likely called through a method: an error (also after a load_optimized that
+    # found nothing for it, the usual "load, else optimize" flow).
     modules = [m for m in modules if recorders[m.name].graphs or not m._self_bound]
     hint = ("If your code calls a method such as self.forward(x) or encode() instead of the module itself, pass "
             "forward_func='forward' (that method's name) to nav.Module.")
-    earlier = [m.name for m in modules if not recorders[m.name].graphs and m._self_bind_tried]
+    earlier = [m.name for m in modules if not recorders[m.name].graphs and m._self_captured]
     if earlier:
-        warnings.warn(f"navdeploy: wrapped module(s) {', '.join(map(repr, earlier))} (from an earlier optimize or "
-                      f"load_optimized) were not called by this callable; they stay as they are. {hint}",
+        warnings.warn(f"navdeploy: wrapped module(s) {', '.join(map(repr, earlier))} (captured by an earlier "
+                      f"optimize) were not called by this callable; they stay as they are. {hint}",
                       RuntimeWarning, stacklevel=2)
         modules = [m for m in modules if m.name not in earlier]
     uncalled = [m.name for m in modules if not recorders[m.name].graphs]
@@ -503,6 +505,8 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
         raise CaptureError(
             f"wrapped module(s) {', '.join(map(repr, uncalled))} were never called while the callable ran over the "
             f"dataloader. {hint}")
+    for m in modules:
+        m._self_captured = True
     status = OptimizeStatus(workspace=resolve_workspace(config), command=_command())
     work = {m.name: recorders[m.name].finish() for m in modules}
     total = sum(len(work[m.name]) * len(_candidates(configs[m.name], configs[m.name].target_device

@@ -251,9 +251,11 @@ def fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _hash_value(h: "hashlib._Hash", name: str, value: Any) -> None:
+def _hash_value(h: "hashlib._Hash", name: str, value: Any, seen: Optional[set[int]] = None) -> None:
     """Tensors by their bytes, also inside containers: quantized modules keep their weights as a tuple of
-    tensors (``_packed_params``), whose repr would summarise large tensors and miss a changed value."""
+    tensors (``_packed_params``) or as TorchScript objects (quantized LSTM), whose repr would summarise large
+    tensors or show an address, so that a changed value is missed or an unchanged module never matches."""
+    seen = set() if seen is None else seen
     if isinstance(value, torch.Tensor):
         h.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
         if value.is_quantized:
@@ -262,16 +264,27 @@ def _hash_value(h: "hashlib._Hash", name: str, value: Any) -> None:
             else:
                 h.update(_tensor_bytes(value.q_per_channel_scales()) + _tensor_bytes(value.q_per_channel_zero_points()))
         h.update(_tensor_bytes(value))
-    elif isinstance(value, (tuple, list)):
+        return
+    if id(value) in seen:  # a container holding itself
+        h.update(f"{name}:<cycle>".encode())
+        return
+    if isinstance(value, (tuple, list, dict, torch.ScriptObject)):
+        seen.add(id(value))
+    if isinstance(value, (tuple, list)):
         h.update(f"{name}:{type(value).__name__}:{len(value)}".encode())
         for i, item in enumerate(value):
-            _hash_value(h, f"{name}.{i}", item)
+            _hash_value(h, f"{name}.{i}", item, seen)
     elif isinstance(value, dict):
         h.update(f"{name}:dict:{len(value)}".encode())
         for key in sorted(value, key=repr):
-            _hash_value(h, f"{name}.{key!r}", value[key])
+            _hash_value(h, f"{name}.{key!r}", value[key], seen)
+    elif isinstance(value, torch.ScriptObject) and hasattr(value, "__getstate__"):
+        h.update(f"{name}:ScriptObject".encode())
+        _hash_value(h, f"{name}.state", value.__getstate__(), seen)
     else:  # get_extra_state() may put any object in a state_dict
-        h.update(f"{name}:{value!r}".encode())
+        text = repr(value)
+        # An address in a repr differs per process: it would make every load see a "changed" module.
+        h.update(f"{name}:{type(value).__qualname__ if ' at 0x' in text else text}".encode())
 
 
 def checksum(folder: Path) -> str:

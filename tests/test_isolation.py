@@ -72,3 +72,33 @@ def test_in_process_mode_still_survives_an_exception(tmp_path, monkeypatch):
     assert records["TorchScriptCPU"]["status"] == "failed" and "boom" in records["TorchScriptCPU"]["error"]
     assert records["OnnxCPU"]["status"] == "ok"
     assert records["OnnxCPU"]["pid"] == os.getpid()  # no child process was used
+
+
+def test_crash_site_is_read_only_from_the_crashing_threads_dump(tmp_path):
+    from navdeploy.isolation import _describe_exit
+
+    log = tmp_path / "navdeploy.log"
+    old = 'Traceback (most recent call last):\n  File "/x/old.py", line 1 in before\n'
+    log.write_text(old)
+    offset = log.stat().st_size
+    current = ('Fatal Python error: Segmentation fault\n\nThread 0x01 (most recent call first):\n'
+               '  File "/usr/lib/python3.11/threading.py", line 327 in wait\n\n'
+               'Current thread 0x02 (most recent call first):\n  File "/site/torch/_inductor/package.py", line 9 in load\n'
+               '  File "/site/navdeploy/candidate.py", line 5 in run_task\n\nExtension modules: torch._C\n')
+    with open(log, "a") as f:
+        f.write(current)
+    assert _describe_exit(-11, log, offset).startswith("the candidate process died with SIGSEGV in torch/_inductor/"
+                                                       "package.py:9 in load (stack in ")
+    # A SIGKILL leaves no dump: a traceback logged earlier in the task is not a crash site.
+    assert _describe_exit(-9, log, 0) == "the candidate process died with SIGKILL, likely out of memory"
+    # No dump after the task's offset: nothing to name.
+    log.write_text(old)
+    assert _describe_exit(-11, log, 0) == "the candidate process died with SIGSEGV"
+    # A crash in a thread without Python (no "Current thread"), or one with no Python frame: nothing to name.
+    log.write_text('Fatal Python error: Segmentation fault\n\nThread 0x01 (most recent call first):\n'
+                   '  File "/usr/lib/python3.11/threading.py", line 327 in wait\n')
+    assert _describe_exit(-11, log, 0) == "the candidate process died with SIGSEGV"
+    log.write_text('Fatal Python error: Segmentation fault\n\nCurrent thread 0x02 (most recent call first):\n'
+                   '  <no Python frame>\n\nThread 0x01 (most recent call first):\n'
+                   '  File "/usr/lib/python3.11/threading.py", line 327 in wait\n')
+    assert _describe_exit(-11, log, 0) == "the candidate process died with SIGSEGV"

@@ -322,3 +322,19 @@ def test_forward_hooks_run_around_the_optimized_runner(tmp_path, uname):
     assert m(x).sub(1).sub(inner.forward(x * 2)).abs().max() < 1e-5  # the pre-hook runs once, not twice
     add_one.remove()
     torch.testing.assert_close(m(x), inner.forward(x * 2), atol=1e-5, rtol=1e-4)
+
+
+def test_hooks_see_mapped_inputs_eagerly_and_when_optimized(tmp_path, uname):
+    inner = torch.nn.Linear(4, 4).eval()
+    m = nav.Module(inner, name=uname, input_mapping=lambda args, kwargs: ((torch.stack(args[0]),), kwargs))
+    seen = []
+    m.register_forward_pre_hook(lambda mod, args: seen.append(type(args[0]).__name__))
+    rows = [torch.randn(4), torch.randn(4)]
+    m(rows)
+    nav.optimize(m, [(2, (rows,))], nav.OptimizeConfig(workspace=tmp_path, runners=("OnnxCPU",),
+                                                        target_formats=(nav.Format.ONNX,), batch_sizes=(1, 2),
+                                                        profile_time_s=0.02))
+    assert m.is_optimized
+    seen.clear()
+    torch.testing.assert_close(m(rows), inner(torch.stack(rows)), atol=1e-5, rtol=1e-4)
+    assert seen == ["Tensor", "Tensor"]  # the call above, and the reference inner(...) on the right

@@ -187,19 +187,41 @@ def test_model_outputs_kwargs_strings_and_output_mapping(tmp_path):
     assert out[0] == "mapped" and isinstance(out[1], BaseModelOutputWithPooling)
 
 
-def test_a_module_tried_earlier_and_not_called_now_is_only_warned_about(tmp_path):
-    """Two pipelines in one process: a module load_optimized found nothing for (it stays eager) and that this
-    callable does not call belongs to another pipeline; optimizing this one goes on with a warning naming it."""
+def test_another_pipelines_module_is_only_warned_about(tmp_path):
+    """Two pipelines in one process: a module that an earlier optimize captured, left eager by a later
+    load_optimized that found nothing for it, belongs to another pipeline; optimizing this one goes on with a
+    warning naming it. In the "load, else optimize" flow a module never captured and not called stays an error."""
+    fast = dict(runners=("TorchCPU",), profile_time_s=0.02)
     other = nav.Module(nn.Linear(3, 3), name="e2e_other_pipeline")
+    nav.optimize(other, [(1, torch.randn(1, 3))], nav.OptimizeConfig(workspace=tmp_path / "other", **fast))
     nav.load_optimized(tmp_path / "empty")
     assert not other.is_optimized
     mine = nav.Module(nn.Linear(3, 3), name="e2e_this_pipeline")
-    with pytest.warns(RuntimeWarning, match="e2e_other_pipeline.*not called by this callable"):
-        status = nav.optimize(mine, [(1, torch.randn(1, 3))],
-                              nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU",), profile_time_s=0.02))
+    with pytest.warns(RuntimeWarning, match="e2e_other_pipeline.*captured by an earlier optimize"):
+        status = nav.optimize(mine, [(1, torch.randn(1, 3))], nav.OptimizeConfig(workspace=tmp_path, **fast))
     assert set(status.modules) == {"e2e_this_pipeline"} and status.modules["e2e_this_pipeline"].graphs[0].selected
     with pytest.raises(nav.CaptureError, match="called none of the wrapped modules"):
         nav.optimize(lambda x: x, [(1, torch.randn(1, 3))], nav.OptimizeConfig(workspace=tmp_path))
+
+
+def test_load_else_optimize_still_names_a_module_that_needs_forward_func(tmp_path):
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.linear(x)
+
+        def encode(self, x):
+            return self.forward(x) * 2  # calls forward directly: the wrapper never sees it without forward_func
+
+    used = nav.Module(nn.Linear(3, 3), name="e2e_load_else_used")
+    encoder = nav.Module(Encoder(), name="e2e_load_else_encoder")
+    nav.load_optimized(tmp_path)  # nothing there yet
+    with pytest.raises(nav.CaptureError, match="e2e_load_else_encoder.*forward_func"):
+        nav.optimize(lambda x: encoder.encode(used(x)), [(1, torch.randn(1, 3))],
+                     nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU",)))
 
 
 def test_module_never_called_is_named_in_the_error(tmp_path):

@@ -301,6 +301,33 @@ def test_a_changed_weight_of_a_dynamically_quantized_module_changes_its_fingerpr
     assert fingerprint(model) == fingerprint(model)  # and stable
 
 
+def test_fingerprints_of_quantized_lstms_and_odd_extra_state_are_by_value():
+    """A dynamic-quantized LSTM keeps its weights in TorchScript objects (their repr shows an address): two equal
+    modules must match and different weights must not. A self-referencing extra state must not crash."""
+    def lstm(seed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(seed)
+            return torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.LSTM(8, 8)), {nn.LSTM}, dtype=torch.qint8)
+
+    assert fingerprint(lstm(0)) == fingerprint(lstm(0)) != fingerprint(lstm(1))
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 2)
+            self.state = [1]
+            self.state.append(self.state)
+
+        def get_extra_state(self):
+            return {"loop": self.state}
+
+        def set_extra_state(self, state):
+            pass
+
+    assert fingerprint(Loop()) != fingerprint(nn.Linear(2, 2))
+
+
 # --- run-time inputs outside what was captured -----------------------------------------------------------
 
 @pytest.fixture
