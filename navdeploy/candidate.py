@@ -4,6 +4,7 @@ eager on every kept sample and at every profiled batch size, then profile it. Ru
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -143,6 +144,13 @@ def _export(job: Job, graph: Graph, runner_format, flat: FlatModule, cast: Calla
     return time.perf_counter() - start
 
 
+def _current_device(inputs: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """The inputs' GPU as the current device while profiling: CUDA events and syncs act on the current device,
+    and a module on cuda:1 would otherwise be timed on cuda:0's stream."""
+    gpu = next((t.device for t in inputs if t.is_cuda), None)
+    return torch.cuda.device(gpu) if gpu is not None else contextlib.nullcontext()
+
+
 def new_record(runner: RunnerSpec, precision: str, module_precision: str) -> dict:
     """A candidate's record before it runs: failed until proven otherwise."""
     return {"name": candidate_name(runner.name, precision, module_precision), "runner": runner.name,
@@ -203,10 +211,13 @@ def run_task(job: Job, task: Task, state: WorkerState) -> dict:
             if graph.batching:
                 for bs in batch_sizes:
                     inputs = state.reference(job, graph, bs)[0]
-                    record["profile"].append(vars(measure(lambda: run(inputs), bs, job.device, job.profile_time_s)))
+                    with _current_device(inputs):
+                        record["profile"].append(vars(measure(lambda: run(inputs), bs, job.device,
+                                                              job.profile_time_s)))
             else:
                 inputs = graph.samples[0].inputs
-                record["profile"].append(vars(measure(lambda: run(inputs), None, job.device, job.profile_time_s)))
+                with _current_device(inputs):
+                    record["profile"].append(vars(measure(lambda: run(inputs), None, job.device, job.profile_time_s)))
             record["times"]["profile_s"] = time.perf_counter() - start
         record["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a failing candidate must never stop the others
