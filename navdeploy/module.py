@@ -245,6 +245,14 @@ class Module(wrapt.ObjectProxy):
                 self._nav_patch()
 
 
+# The nn.Module methods above that return the module itself: one docstring for all of them.
+for _name in ("to", "cuda", "cpu", "eval", "train", "half", "float", "requires_grad_", "double", "bfloat16", "apply",
+              "to_empty", "share_memory"):
+    getattr(Module, _name).__doc__ = (f"``torch.nn.Module.{_name}`` on the wrapped module; returns this nav.Module "
+                                      f"(not the unwrapped module), so ``m = m.{_name}(...)`` keeps the wrapper.")
+del _name
+
+
 def _has_forward_hooks(module: torch.nn.Module) -> bool:
     return bool(module._forward_pre_hooks or module._forward_hooks or _hooks._global_forward_pre_hooks
                 or _hooks._global_forward_hooks)
