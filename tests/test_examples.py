@@ -28,13 +28,10 @@ def _example(name: str):
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path_factory, monkeypatch):
-    """Nothing lands in ~/.cache/navdeploy; nav.Modules of one test are gone before the next one starts
-    (nav.optimize picks up every live nav.Module)."""
-    monkeypatch.setenv("NAVDEPLOY_WORKSPACE", str(tmp_path_factory.mktemp("default_ws")))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
-    yield
-    gc.collect()
+def _isolated_env(isolated_env):
+    """Nothing lands in ~/.cache/navdeploy; nav.Modules of one test are gone before the next one starts."""
+    with isolated_env():
+        yield
 
 
 def _tried(status: nav.OptimizeStatus, module: str) -> list[set[str]]:
@@ -79,25 +76,17 @@ def test_sentence_embeddings_match_eager(tmp_path):
 
 # --- two-module pipeline: per-module configs beat the global one --------------------------------------------
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
+def pipeline_run(tmp_path_factory, isolated_env):
     """Runs the two-module example once; the fresh-process test reuses its workspace."""
     workspace = tmp_path_factory.mktemp("pipeline_ws")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("NAVDEPLOY_WORKSPACE", str(tmp_path_factory.mktemp("default_ws")))
-    mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
-    result = None
-    gc.collect()
-    from navdeploy.module import registered_modules
-    leftover = [m.name for m in registered_modules()]
-    assert not leftover, f"nav.Modules of earlier tests are still alive: {leftover}"
-    try:
-        tmp = _example("two_module_pipeline")
-        result = tmp.main(workspace=str(workspace))
-        yield workspace, result
-    finally:
-        mp.undo()
-        del result
+    with isolated_env():
         gc.collect()
+        from navdeploy.module import registered_modules
+        leftover = [m.name for m in registered_modules()]
+        assert not leftover, f"nav.Modules of earlier tests are still alive: {leftover}"
+        result = _example("two_module_pipeline").main(workspace=str(workspace))
+        yield workspace, result
+        del result
 
 
 def test_two_module_pipeline_per_module_configs(pipeline_run):

@@ -3,7 +3,6 @@ errors while the server keeps serving, blocking and background shutdown on signa
 
 from __future__ import annotations
 
-import gc
 import signal
 import subprocess
 import sys
@@ -56,21 +55,14 @@ OUTPUTS = [Tensor("scores", np.float32, (4,)), Tensor("echo", bytes, (1,))]
 
 
 @pytest.fixture(scope="module")
-def optimized(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("serving_ws")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("NAVDEPLOY_WORKSPACE", str(ws))
-    mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
-    pipe = TextPipeline()
-    config = nav.OptimizeConfig(target_formats=(nav.Format.ONNX, nav.Format.TORCHSCRIPT), batch_sizes=(1, 2),
-                                max_batch_size=4, profile_time_s=0.05, use_multiprocessing=False)
-    nav.optimize(pipe, [(1, (["a prompt"],)), (2, (["two", "prompts"],))], config=config)
-    try:
+def optimized(isolated_env):
+    with isolated_env("serving_ws") as ws:
+        pipe = TextPipeline()
+        config = nav.OptimizeConfig(target_formats=(nav.Format.ONNX, nav.Format.TORCHSCRIPT), batch_sizes=(1, 2),
+                                    max_batch_size=4, profile_time_s=0.05, use_multiprocessing=False)
+        nav.optimize(pipe, [(1, (["a prompt"],)), (2, (["two", "prompts"],))], config=config)
         yield pipe, ws
-    finally:
-        mp.undo()
         del pipe
-        gc.collect()
 
 
 def _prompt(prompts):

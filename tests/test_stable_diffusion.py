@@ -4,7 +4,6 @@ with PyTriton (modules rebound from the workspace) and get the same image back t
 
 from __future__ import annotations
 
-import gc
 import importlib
 import json
 import sys
@@ -28,27 +27,19 @@ def _example():
 
 
 @pytest.fixture(scope="module")
-def sd_run(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("sd_ws")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("NAVDEPLOY_WORKSPACE", str(ws))
-    mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
-    sd = _example()
-    fast = nav.OptimizeConfig(target_formats=(nav.Format.ONNX, nav.Format.TORCHSCRIPT), batch_sizes=(1, 2),
-                              max_batch_size=2, profile_time_s=0.05)
-    # Per-module configs: the text encoder tries ONNX only; the VAE TorchScript only; the UNet the run's config.
-    clip_config = nav.OptimizeConfig(target_formats=(nav.Format.ONNX,), runners=("OnnxCPU",), batch_sizes=(1, 2),
-                                     max_batch_size=2, profile_time_s=0.05)
-    vae_config = fast.replace(target_formats=(nav.Format.TORCHSCRIPT,))
-    result = None
-    try:
+def sd_run(isolated_env):
+    with isolated_env("sd_ws") as ws:
+        sd = _example()
+        fast = nav.OptimizeConfig(target_formats=(nav.Format.ONNX, nav.Format.TORCHSCRIPT), batch_sizes=(1, 2),
+                                  max_batch_size=2, profile_time_s=0.05)
+        # Per-module configs: the text encoder tries ONNX only; the VAE TorchScript only; the UNet the run's config.
+        clip_config = nav.OptimizeConfig(target_formats=(nav.Format.ONNX,), runners=("OnnxCPU",), batch_sizes=(1, 2),
+                                         max_batch_size=2, profile_time_s=0.05)
+        vae_config = fast.replace(target_formats=(nav.Format.TORCHSCRIPT,))
         result = sd.main(workspace=str(ws), config=fast, quantize=True, text_encoder_config=clip_config,
                          vae_config=vae_config)
         yield sd, ws, result
-    finally:
-        mp.undo()
         del result
-        gc.collect()
 
 
 def _tried(status, module):
