@@ -29,9 +29,6 @@ def selected_record(entry: dict) -> Optional[dict]:
     return next((c for c in entry.get("candidates", []) if c.get("name", c["runner"]) == name), None)
 
 
-_WARMUP_CALLS = {"cuda": 3}
-
-
 def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device: str, module_precision: str) -> RunFn:
     record = selected_record(entry)
     if record is None:
@@ -54,7 +51,7 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device
     # Warm-up, and proof the artifact runs in this process. On CUDA, CUDA-graph runners warm up on their first
     # call and record on the second, so the user's first call would otherwise pay for both.
     with torch.no_grad():
-        for _ in range(_WARMUP_CALLS.get(device, 1)):
+        for _ in range(3 if device == "cuda" else 1):
             conform(run(samples[0].inputs), graph.outputs)
     return run
 

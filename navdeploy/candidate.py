@@ -208,16 +208,11 @@ def run_task(job: Job, task: Task, state: WorkerState) -> dict:
 
             step = "profile"
             start = time.perf_counter()
-            if graph.batching:
-                for bs in batch_sizes:
-                    inputs = state.reference(job, graph, bs)[0]
-                    with _current_device(inputs):
-                        record["profile"].append(vars(measure(lambda: run(inputs), bs, job.device,
-                                                              job.profile_time_s)))
-            else:
-                inputs = graph.samples[0].inputs
+            sized = ([(bs, state.reference(job, graph, bs)[0]) for bs in batch_sizes] if graph.batching
+                     else [(None, graph.samples[0].inputs)])
+            for bs, inputs in sized:
                 with _current_device(inputs):
-                    record["profile"].append(vars(measure(lambda: run(inputs), None, job.device, job.profile_time_s)))
+                    record["profile"].append(vars(measure(lambda: run(inputs), bs, job.device, job.profile_time_s)))
             record["times"]["profile_s"] = time.perf_counter() - start
         record["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a failing candidate must never stop the others

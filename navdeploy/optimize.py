@@ -499,7 +499,7 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
                       RuntimeWarning, stacklevel=2)
         modules = [m for m in modules if m.name not in earlier]
     uncalled = [m.name for m in modules if not recorders[m.name].graphs]
-    if not modules or len(uncalled) == len(modules):
+    if len(uncalled) == len(modules):  # also when nothing is left: every module was another pipeline's
         raise CaptureError(f"the callable called none of the wrapped modules while it ran over the dataloader. {hint}")
     if uncalled:
         raise CaptureError(
