@@ -12,10 +12,19 @@ from torch import nn
 import navdeploy as nav
 from navdeploy.capture import Recorder
 from navdeploy.formats import RUNNERS, runners_for
+from navdeploy.flat_module import FlatModule
+from navdeploy.formats.base import LoadContext
+from navdeploy.formats.compile import channels_last_copy
 from navdeploy.formats.tensorrt import PRECISION_FLAGS, optimization_profile
 from navdeploy.precision import candidate_name, candidate_precisions, needs_cast
 
 CUDA = torch.cuda.is_available()
+
+
+def _graph_of(module, x):
+    rec = Recorder("g", 4, None)
+    rec.record(module, (x,), {})
+    return rec.finish()[0]
 
 
 def _graph(calls):
@@ -108,6 +117,37 @@ def test_cuda_candidates_end_to_end(tmp_path):
     out = module(x)
     assert out.is_cuda and out.dtype == torch.float32
     torch.testing.assert_close(out, inner(x), atol=1e-2, rtol=1e-2)
+
+
+def test_conv_modules_are_compiled_from_a_channels_last_copy():
+    convnet = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    copy = channels_last_copy(convnet)
+    assert copy is not convnet
+    assert copy[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert convnet[0].weight.is_contiguous() and not convnet[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(copy.eval()(x), convnet.eval()(x))
+    mlp = nn.Sequential(nn.Linear(4, 4))
+    assert channels_last_copy(mlp) is mlp  # nothing to gain, so no copy
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the device machine)")
+def test_compiled_conv_module_hands_out_contiguous_outputs():
+    """The CUDA compile runners run a channels-last copy in fp16; the user still gets eager-layout outputs
+    (.view works), at every batch size, and the user's module keeps its layout."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).cuda().eval().half()
+    graph = _graph_of(inner, torch.randn(1, 3, 16, 16, device="cuda").half())
+    for runner in ("TorchCompileCUDA", "TorchCompileCUDAGraphs"):
+        run = RUNNERS[runner].load(LoadContext(None, FlatModule(inner, graph.input_spec), graph, "cuda", "fp16"))
+        for batch in (1, 4):
+            x = torch.randn(batch, 3, 16, 16, device="cuda").half()
+            with torch.no_grad():
+                (out,) = run([x])
+            assert out.is_contiguous(), runner
+            torch.testing.assert_close(out.view(batch, -1), inner(x).view(batch, -1), atol=1e-2, rtol=1e-2)
+    assert not inner[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.cuda
