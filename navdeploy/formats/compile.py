@@ -2,11 +2,14 @@
 in the inductor cache, which navdeploy points into the workspace so reloads compile from cache."""
 
 import copy
+import logging
 
 import torch
 
 from navdeploy.config import Format
 from navdeploy.formats.base import LoadContext, RunFn, RunnerSpec, as_list
+
+log = logging.getLogger("navdeploy")
 
 
 def channels_last_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -19,7 +22,12 @@ def channels_last_copy(module: torch.nn.Module) -> torch.nn.Module:
     the user's module stays the eager reference."""
     if not any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
         return module
-    return copy.deepcopy(module).to(memory_format=torch.channels_last)
+    try:
+        copied = copy.deepcopy(module)
+    except Exception as exc:  # noqa: BLE001 - it holds something uncopyable (a lock, a handle): compile it as it is
+        log.info("compiling the module in its own layout: it cannot be copied to channels-last (%s)", exc)
+        return module
+    return copied.to(memory_format=torch.channels_last)
 
 
 def _loader(mode: str):
