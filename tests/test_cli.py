@@ -6,6 +6,7 @@ registry; no real server is started here (serving is tested in test_serving.py /
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -85,7 +86,10 @@ def test_optimize_script_then_status(tmp_path):
 
     status = _navdeploy("status", "-w", str(workspace), workspace=tmp_path / "unused", cwd=tmp_path)
     assert status.returncode == 0, status.stdout + status.stderr
-    assert name in status.stdout and "OnnxCPU" in status.stdout, status.stdout
+    # Which runner wins a 0.01 ms Linear is timing noise: status must show the one the manifest selected.
+    (entry,) = json.loads((workspace / name / "manifest.json").read_text())["graphs"].values()
+    assert entry["selected"] in ("TorchCPU", "OnnxCPU")
+    assert name in status.stdout and entry["selected"] in status.stdout, status.stdout
 
 
 @pytest.mark.slow
