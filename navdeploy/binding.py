@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from navdeploy.capture import Graph
-from navdeploy.candidate import artifact_dir, prepare
+from navdeploy.candidate import artifact_dir, expand_batch, prepare
 from navdeploy.formats import EAGER_RUNNER, FORMATS, RUNNERS, LoadContext, RunFn
 from navdeploy.module import Module, OptimizedHandler
 from navdeploy.verify import conform
@@ -48,12 +48,24 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device
     loaded = runner.load(LoadContext(artifact, flat, graph, device, precision))
     run = loaded if precision == module_precision else (lambda inputs: loaded(cast(inputs)))
     samples = load_samples(folder / graph.key, device=device)
-    # Warm-up, and proof the artifact runs in this process. On CUDA, CUDA-graph runners warm up on their first
-    # call and record on the second, so the user's first call would otherwise pay for both.
     with torch.no_grad():
-        for _ in range(3 if device == "cuda" else 1):
-            conform(run(samples[0].inputs), graph.outputs)
+        for inputs in warm_up_inputs(graph, record, samples[0].inputs, device):
+            for _ in range(3 if device == "cuda" else 1):
+                conform(run(inputs), graph.outputs)
     return run
+
+
+def warm_up_inputs(graph: Graph, record: dict, captured: list[torch.Tensor], device: str) -> list[list[torch.Tensor]]:
+    """The inputs a bound runner is called with before the user's first call: proof that it runs in this process,
+    and its warm-up. On CUDA also every batch size it was profiled at: torch.compile runners compile again for a
+    second batch size (with the batch axis symbolic) and CUDA-graph runners record a graph per shape, so without
+    this the first request of a new batch size would pay for a compile. Each is called 3 times on CUDA (CUDA-graph
+    runners warm up on the first call and record on the second)."""
+    if device != "cuda" or not graph.batching:
+        return [captured]
+    batch = next((t.shape[0] for t in captured if t.dim() > 0), None)
+    sizes = sorted({m["batch_size"] for m in record.get("profile", []) if m.get("batch_size")} - {batch})
+    return [captured] + [expand_batch(captured, bs) for bs in sizes]
 
 
 def _warn(module: Module, message: str) -> bool:

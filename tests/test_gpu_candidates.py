@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import navdeploy as nav
+from navdeploy import binding
 from navdeploy.capture import Recorder
 from navdeploy.formats import RUNNERS, runners_for
 from navdeploy.flat_module import FlatModule
@@ -132,6 +133,19 @@ def test_conv_modules_are_compiled_from_a_channels_last_copy():
     assert channels_last_copy(mlp) is mlp  # nothing to gain, so no copy
     convnet.lock = threading.Lock()  # cannot be deep-copied: compiled as it is rather than failing the candidate
     assert channels_last_copy(convnet) is convnet
+
+
+def test_cuda_runners_warm_up_at_every_profiled_batch_size():
+    """A bound CUDA runner is called at each profiled batch size before the user's first call (a torch.compile
+    runner compiles again for a second batch size); the CPU and graphs that do not batch get the captured one."""
+    graph = _graph([(torch.ones(2, 5, 3), torch.ones(2, 5))])
+    captured = [torch.randn(2, 5, 3), torch.randn(2, 5)]
+    record = {"profile": [{"batch_size": b, "p50_ms": 1.0} for b in (1, 2, 8)]}
+    batches = [[t.shape[0] for t in inputs] for inputs in binding.warm_up_inputs(graph, record, captured, "cuda")]
+    assert batches == [[2, 2], [1, 1], [8, 8]]
+    assert binding.warm_up_inputs(graph, record, captured, "cpu") == [captured]
+    graph.batching = False
+    assert binding.warm_up_inputs(graph, {"profile": [{"batch_size": None}]}, captured, "cuda") == [captured]
 
 
 @pytest.mark.cuda
