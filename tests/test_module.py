@@ -322,6 +322,12 @@ def test_forward_hooks_run_around_the_optimized_runner(tmp_path, uname):
     assert m(x).sub(1).sub(inner.forward(x * 2)).abs().max() < 1e-5  # the pre-hook runs once, not twice
     add_one.remove()
     torch.testing.assert_close(m(x), inner.forward(x * 2), atol=1e-5, rtol=1e-4)
+    # A hook registered with always_call=True runs when the call raises, as nn.Module runs it.
+    failed = []
+    m.register_forward_hook(lambda mod, args, out: failed.append(out), always_call=True)
+    with pytest.raises(RuntimeError):
+        m(torch.randn(2, 5))  # wrong feature size: the call raises
+    assert failed == [None]
 
 
 def test_hooks_see_mapped_inputs_eagerly_and_when_optimized(tmp_path, uname):
