@@ -16,7 +16,6 @@ import argparse
 import fcntl
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,27 +44,11 @@ VARIANTS = {
 }
 
 
-def cuda_ms(torch, fn, warmup: int = 10, iters: int = 50, repeats: int = 5) -> float:
-    """Median over repeats of the mean per-call time between CUDA events, in ms."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
-
-
 def run_variant(name: str, lock_path: Path) -> dict:
     import torch
     import torch._inductor
     import torchvision
+    from bench_gpu import cuda_ms  # this folder is on sys.path when the script runs
 
     mode, dynamic, extra, channels_last = VARIANTS[name]
     torch.manual_seed(0)
@@ -97,7 +80,7 @@ def run_variant(name: str, lock_path: Path) -> dict:
         result["max_abs_err"] = max(float((call(x).float() - reference[bs]).abs().max()) for bs, x in inputs.items())
         with open(lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            result["ms"] = {str(bs): cuda_ms(torch, lambda x=x: call(x)) for bs, x in inputs.items()}
+            result["ms"] = {str(bs): cuda_ms(lambda x=x: call(x)) for bs, x in inputs.items()}
     return result
 
 
