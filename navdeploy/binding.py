@@ -48,10 +48,18 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device
     loaded = runner.load(LoadContext(artifact, flat, graph, device, precision))
     run = loaded if precision == module_precision else (lambda inputs: loaded(cast(inputs)))
     samples = load_samples(folder / graph.key, device=device)
+    captured, *other_sizes = warm_up_inputs(graph, record, samples[0].inputs, device)
     with torch.no_grad():
-        for inputs in warm_up_inputs(graph, record, samples[0].inputs, device):
-            for _ in range(3 if device == "cuda" else 1):
-                conform(run(inputs), graph.outputs)
+        for _ in range(3 if device == "cuda" else 1):
+            conform(run(captured), graph.outputs)  # a failure here rejects the runner: the graph stays eager
+        for inputs in other_sizes:
+            try:
+                for _ in range(3):
+                    run(inputs)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory at the largest batch: the runner stays,
+                # and a call of that size that fails again falls back to eager, as any failing runner call does
+                batch = next((t.shape[0] for t in inputs if t.dim() > 0), "?")
+                log.warning("module %s: warm-up at batch size %s failed: %s", module.name, batch, exc)
     return run
 
 

@@ -263,7 +263,10 @@ def _call_with_hooks(module: torch.nn.Module, forward: Callable[[tuple, dict], A
     ``nn.Module.__call__`` applies them, for when a runner stands in for ``forward``: hooks registered with
     ``always_call=True`` also run when the call raises (with the output None if there was none)."""
     output, called = None, set()
-    hooks = (*_hooks._global_forward_hooks.items(), *module._forward_hooks.items())
+
+    def forward_hooks() -> tuple:  # read when they run, as nn.Module does: a pre-hook may add or remove some
+        return (*_hooks._global_forward_hooks.items(), *module._forward_hooks.items())
+
     try:
         for hook_id, hook in (*_hooks._global_forward_pre_hooks.items(), *module._forward_pre_hooks.items()):
             if hook_id in module._forward_pre_hooks_with_kwargs:
@@ -278,7 +281,7 @@ def _call_with_hooks(module: torch.nn.Module, forward: Callable[[tuple, dict], A
                 if result is not None:
                     args = result if isinstance(result, tuple) else (result,)
         output = forward(args, kwargs)
-        for hook_id, hook in hooks:
+        for hook_id, hook in forward_hooks():
             called.add(hook_id)
             result = _call_forward_hook(module, hook_id, hook, args, kwargs, output)
             if result is not None:
@@ -286,7 +289,7 @@ def _call_with_hooks(module: torch.nn.Module, forward: Callable[[tuple, dict], A
         return output
     except Exception:
         always = module._forward_hooks_always_called.keys() | _hooks._global_forward_hooks_always_called.keys()
-        for hook_id, hook in hooks:
+        for hook_id, hook in forward_hooks():
             if hook_id in always and hook_id not in called:
                 try:
                     result = _call_forward_hook(module, hook_id, hook, args, kwargs, output)

@@ -16,7 +16,7 @@ from navdeploy.capture import Recorder
 from navdeploy.formats import RUNNERS, runners_for
 from navdeploy.flat_module import FlatModule
 from navdeploy.formats.base import LoadContext
-from navdeploy.formats.compile import channels_last_copy
+from navdeploy.formats.compile import channels_last_copy, compile_target
 from navdeploy.formats.tensorrt import PRECISION_FLAGS, optimization_profile
 from navdeploy.precision import candidate_name, candidate_precisions, needs_cast
 
@@ -121,18 +121,55 @@ def test_cuda_candidates_end_to_end(tmp_path):
     torch.testing.assert_close(out, inner(x), atol=1e-2, rtol=1e-2)
 
 
+class _PositionalConvNet(nn.Module):
+    """A conv net with a 4-D parameter that forward views: only conv weights may change layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.norm = nn.BatchNorm2d(8)
+        self.pos = nn.Parameter(torch.randn(1, 8, 7, 7))
+
+    def forward(self, x):
+        y = self.norm(self.conv(x)).relu()
+        return y + self.pos.view(1, -1).view_as(self.pos)
+
+
+def _load_context(module, device, precision):
+    graph = _graph_of(module, torch.randn(1, 3, 9, 9))
+    return LoadContext(None, FlatModule(module, graph.input_spec), graph, device, precision)
+
+
 def test_conv_modules_are_compiled_from_a_channels_last_copy():
-    convnet = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
-    copy = channels_last_copy(convnet)
-    assert copy is not convnet
-    assert copy[0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert convnet[0].weight.is_contiguous() and not convnet[0].weight.is_contiguous(memory_format=torch.channels_last)
+    net = _PositionalConvNet().eval()
+    copy = channels_last_copy(net)
+    assert copy is not net
+    assert copy.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert copy.pos.is_contiguous()  # not a conv weight: its layout stays, so the view in forward still works
+    assert net.conv.weight.is_contiguous() and not net.conv.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 9, 9)
-    torch.testing.assert_close(copy.eval()(x), convnet.eval()(x))
+    torch.testing.assert_close(copy.eval()(x), net(x))
     mlp = nn.Sequential(nn.Linear(4, 4))
     assert channels_last_copy(mlp) is mlp  # nothing to gain, so no copy
-    convnet.lock = threading.Lock()  # cannot be deep-copied: compiled as it is rather than failing the candidate
-    assert channels_last_copy(convnet) is convnet
+    hooked = _PositionalConvNet()
+    hooked.conv.register_forward_hook(lambda mod, args, out: None)  # would fill the copy's state, not the user's
+    assert channels_last_copy(hooked) is hooked
+    net.lock = threading.Lock()  # cannot be deep-copied: compiled as it is rather than failing the candidate
+    assert channels_last_copy(net) is net
+
+
+def test_compile_targets_by_device_and_precision():
+    """CUDA half precisions compile a channels-last copy with automatic dynamic shapes; CUDA fp32 compiles the
+    module itself (TF32 rounding of NHWC kernels fails the fp32 tolerance); the CPU compiles a batching graph
+    once with every axis dynamic."""
+    net = _PositionalConvNet().eval()
+    module, dynamic = compile_target(_load_context(net, "cuda", "fp16"))
+    assert module.inner is not net and module.inner.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert dynamic is None
+    ctx = _load_context(net, "cuda", "fp32")
+    assert compile_target(ctx) == (ctx.module, None)
+    ctx = _load_context(net, "cpu", "fp16")
+    assert ctx.graph.batching and compile_target(ctx) == (ctx.module, True)
 
 
 def test_cuda_runners_warm_up_at_every_profiled_batch_size():

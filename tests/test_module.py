@@ -322,6 +322,17 @@ def test_forward_hooks_run_around_the_optimized_runner(tmp_path, uname):
     assert m(x).sub(1).sub(inner.forward(x * 2)).abs().max() < 1e-5  # the pre-hook runs once, not twice
     add_one.remove()
     torch.testing.assert_close(m(x), inner.forward(x * 2), atol=1e-5, rtol=1e-4)
+    # A forward hook that a pre-hook registers runs in the same call, as nn.Module reads its hooks after forward.
+    late = []
+
+    def add_late_hook(mod, args):
+        if not late:
+            mod.register_forward_hook(lambda mod, args, out: late.append("late"))
+
+    adder = m.register_forward_pre_hook(add_late_hook)
+    m(x)
+    assert late == ["late"]
+    adder.remove()
     # A hook registered with always_call=True runs when the call raises, as nn.Module runs it.
     failed = []
     m.register_forward_hook(lambda mod, args, out: failed.append(out), always_call=True)

@@ -3,6 +3,7 @@ in the inductor cache, which navdeploy points into the workspace so reloads comp
 
 import copy
 import logging
+from typing import Optional
 
 import torch
 
@@ -13,47 +14,71 @@ log = logging.getLogger("navdeploy")
 
 
 def channels_last_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the module with channels-last weights when it has 2-D convolutions, else the module itself.
+    """A copy of the module whose 2-D convolution weights are channels-last, or the module itself when it has no
+    2-D convolutions, has forward hooks, or cannot be copied.
 
-    Inductor picks channels-last for convolutions only when shapes are static (its layout optimization is off
-    under dynamic shapes, pytorch#102670), and navdeploy compiles batching graphs dynamically. Channels-last
-    weights make cuDNN run the convolutions in NHWC, which tensor cores need: on the H100 ResNet-50 fp16 batch 32
-    went from 5.2 to 1.6 ms under CUDA graphs (benchmarks/results/cnn_layout_check_h100.json). A copy, because
-    the user's module stays the eager reference."""
-    if not any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
+    Inductor picks channels-last for convolutions only when their shapes are static (its layout optimization is
+    off under symbolic shapes, pytorch#102670), and the batch axis becomes symbolic once a second batch size is
+    seen. Channels-last weights make cuDNN run the convolutions in NHWC, which tensor cores need: on the H100
+    ResNet-50 fp16 batch 32 went from 5.2 to 1.6 ms under CUDA graphs (benchmarks/results/cnn_layout_check_h100.json).
+    A copy, because the user's module stays the eager reference; only conv weights change layout, as other 4-D
+    tensors may be viewed in ways channels-last strides do not allow. A module with forward hooks is left alone:
+    the hooks (a feature extractor, say) would fill a copy's state instead of the user's."""
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    if not convs or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
         return module
     try:
         copied = copy.deepcopy(module)
     except Exception as exc:  # noqa: BLE001 - it holds something uncopyable (a lock, a handle): compile it as it is
         log.info("compiling the module in its own layout: it cannot be copied to channels-last (%s)", exc)
         return module
-    return copied.to(memory_format=torch.channels_last)
+    for conv in copied.modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+    return copied
+
+
+def compile_target(ctx: LoadContext) -> tuple[torch.nn.Module, Optional[bool]]:
+    """The module to compile and torch.compile's ``dynamic`` for one runner.
+
+    CUDA, fp16/bf16: a channels-last copy of conv modules. Not fp32: fp32 convolutions run TF32 in cuDNN by
+    default, and an NHWC algorithm rounds differently (3e-4 on a small CNN on the H100), past the fp32 tolerance.
+    CPU: one compile with every axis dynamic instead of a recompile per profiled batch size. CUDA: torch's
+    automatic dynamic shapes (a static first compile; a recompile makes only the axes that changed symbolic): a
+    compile with every axis symbolic ran past 150 s on a small diffusion UNet and gives slower kernels."""
+    if ctx.device == "cpu":
+        varies = ctx.graph.batching or any(t.dynamic_axes for t in ctx.graph.inputs)
+        return ctx.module, (True if varies else None)
+    half = ctx.precision in ("fp16", "bf16")
+    return (channels_last_copy(ctx.module) if half else ctx.module), None
+
+
+def _eager_layout(t: torch.Tensor) -> torch.Tensor:
+    """A channels-last output (from a channels-last copy) in the contiguous layout eager gives, so that code
+    calling ``.view()`` on it keeps working; any other tensor as it is."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.contiguous()
+    return t
 
 
 def _loader(mode: str):
     def load(ctx: LoadContext) -> RunFn:
-        # Half precisions only: fp32 convolutions run TF32 in cuDNN by default, and an NHWC algorithm rounds
-        # differently (3e-4 on a small CNN on the H100), past the fp32 tolerance.
-        half = ctx.precision in ("fp16", "bf16")
-        module = channels_last_copy(ctx.module) if ctx.device == "cuda" and half else ctx.module
-        # Outputs of a channels-last module are channels-last too: hand them out in the eager layout (contiguous),
-        # so that code calling .view() on them keeps working.
-        layout = torch.contiguous_format if module is not ctx.module else torch.preserve_format
-        # CPU: one dynamic compile instead of a recompile per profiled batch size. CUDA: torch's automatic dynamic
-        # shapes (a static first compile; a recompile makes only the axes that changed symbolic), because a compile
-        # with every axis symbolic ran past 150 s on a small diffusion UNet and gives slower kernels.
-        varies = ctx.graph.batching or any(t.dynamic_axes for t in ctx.graph.inputs)
-        dynamic = True if varies and ctx.device == "cpu" else None
+        module, dynamic = compile_target(ctx)
         compiled = torch.compile(module, mode=None if mode == "default" else mode, dynamic=dynamic)
+        relayout = module is not ctx.module
         if mode != "reduce-overhead":
-            if layout is torch.preserve_format:
+            if not relayout:
                 return lambda inputs: as_list(compiled(*inputs))
-            return lambda inputs: [t.contiguous() for t in as_list(compiled(*inputs))]
+            return lambda inputs: [_eager_layout(t) for t in as_list(compiled(*inputs))]
+
+        def hand_out(t: torch.Tensor) -> torch.Tensor:
+            # CUDA graphs replay into static buffers that the next replay overwrites: hand out copies.
+            relaid = _eager_layout(t) if relayout else t
+            return relaid if relaid is not t else t.clone()  # a relayout is a copy already
 
         def run_graphs(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-            # CUDA graphs replay into static buffers that the next replay overwrites: hand out copies.
             torch.compiler.cudagraph_mark_step_begin()
-            return [t.clone(memory_format=layout) for t in as_list(compiled(*inputs))]
+            return [hand_out(t) for t in as_list(compiled(*inputs))]
 
         return run_graphs
 
