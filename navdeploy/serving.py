@@ -297,6 +297,7 @@ class ServerHandle:
         self._clients: list[Any] = []
         self._stopped = False
         self._lock = threading.Lock()
+        self._on_term: Optional[_TermHandler] = None  # the SIGTERM handler of a background server
 
     @property
     def http_url(self) -> str:
@@ -333,8 +334,20 @@ class ServerHandle:
             with contextlib.suppress(Exception):
                 client.close()
         self._clients.clear()
+        self._release_signal_handler()
         self._triton.stop()
         log.info("navdeploy: server %r on %s stopped", self.name, self.http_url)
+
+    def _release_signal_handler(self) -> None:
+        """A stopped server needs no SIGTERM handler: put the previous one back. The handler must not keep this
+        handle (and through PyTriton's bound models, the pipeline and its nav.Modules) alive: the signal module holds
+        it, as does any handler installed later that chains to it."""
+        on_term, self._on_term = self._on_term, None
+        if on_term is None:
+            return
+        on_term.handle = None  # still chains to the previous handler, but no longer holds this server
+        if _in_main_thread() and signal.getsignal(signal.SIGTERM) is on_term:
+            signal.signal(signal.SIGTERM, on_term.previous if on_term.previous is not None else signal.SIG_DFL)
 
     def wait(self) -> None:
         """Block until the server stops (``stop()`` from another thread, SIGINT or SIGTERM)."""
@@ -358,14 +371,18 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _wait(handle: ServerHandle) -> None:
-    """Serve until SIGINT/SIGTERM (handled here, then the previous handlers are back) or the server dies."""
+def _wait(handle: ServerHandle, ready: Optional[str] = None) -> None:
+    """Serve until SIGINT/SIGTERM (handled here, then the previous handlers are back) or the server dies.
+    ``ready`` is printed once the handlers are in place: a supervisor that signals as soon as it reads it
+    must not kill the process with the default handler."""
     stop = threading.Event()
     previous = {}
     if _in_main_thread():
         for sig in _SIGNALS:
             previous[sig] = signal.getsignal(sig)
             signal.signal(sig, lambda signum, frame: stop.set())
+    if ready:
+        print(ready, flush=True)
     try:
         while not stop.wait(0.5):
             if not handle.running:
@@ -378,20 +395,30 @@ def _wait(handle: ServerHandle) -> None:
         handle.stop()
 
 
-def _install_background_handlers(handle: ServerHandle, previous: dict) -> None:
-    """In the background: SIGINT behaves as before (KeyboardInterrupt; PyTriton's atexit stops the server);
-    SIGTERM stops the server, then does what the previous handler did."""
-    signal.signal(signal.SIGINT, previous.get(signal.SIGINT) or signal.default_int_handler)
-    prev_term = previous.get(signal.SIGTERM)
+class _TermHandler:
+    """SIGTERM in the background: stop the server (until it is stopped), then do what the previous handler did."""
 
-    def on_term(signum: int, frame: Any) -> None:
-        handle.stop()
-        if callable(prev_term):
-            prev_term(signum, frame)
-        elif prev_term != signal.SIG_IGN:
+    def __init__(self, handle: ServerHandle, previous: Any):
+        self.handle: Optional[ServerHandle] = handle
+        self.previous = previous
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        handle = self.handle
+        if handle is not None:
+            handle.stop()
+        if callable(self.previous):
+            self.previous(signum, frame)
+        elif self.previous != signal.SIG_IGN:
             raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, on_term)
+
+def _install_background_handlers(handle: ServerHandle, previous: dict) -> None:
+    """In the background: SIGINT behaves as before (KeyboardInterrupt; PyTriton's atexit stops the server);
+    SIGTERM stops the server, then does what the previous handler did. ``handle.stop()`` puts the previous
+    SIGTERM handler back."""
+    signal.signal(signal.SIGINT, previous.get(signal.SIGINT) or signal.default_int_handler)
+    handle._on_term = _TermHandler(handle, previous.get(signal.SIGTERM))
+    signal.signal(signal.SIGTERM, handle._on_term)
 
 
 def serve(infer_callable: Callable, inputs: Optional[Sequence[Tensor]] = None,
@@ -485,9 +512,8 @@ def serve(infer_callable: Callable, inputs: Optional[Sequence[Tensor]] = None,
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     log.info("navdeploy: serving %r at http://%s grpc://%s", name, handle.http_url, handle.grpc_url)
     if blocking:
-        print(f"navdeploy: serving model {name!r} at http://{handle.http_url} and grpc://{handle.grpc_url} "
-              "(Ctrl+C to stop)", flush=True)
-        _wait(handle)
+        _wait(handle, f"navdeploy: serving model {name!r} at http://{handle.http_url} and grpc://{handle.grpc_url} "
+                      "(Ctrl+C to stop)")
         return handle
     if previous:
         _install_background_handlers(handle, previous)

@@ -121,15 +121,20 @@ def test_serve_unbatched_with_inferred_specs(optimized):
     inputs, outputs = infer_specs(one, {"prompt": "sample"}, batched=False)
     assert [(t.name, t.dtype, t.shape) for t in inputs] == [("prompt", str, (1,))]
     assert {t.name: t.shape for t in outputs} == {"scores": (4,), "length": (1,)}
+    sigterm_before = signal.getsignal(signal.SIGTERM)
     server = nav.serve(one, sample={"prompt": "sample"}, name="one", max_batch_size=0, blocking=False,
                        load_optimized=False)
     try:
+        assert signal.getsignal(signal.SIGTERM) is not sigterm_before  # SIGTERM stops the background server
         res = server.client("grpc").infer("one", [_grpc_prompt("abc")])
         assert res.as_numpy("length").tolist() == [3]
         np.testing.assert_allclose(res.as_numpy("scores"), pipe(["abc"])["scores"][0].numpy(), atol=1e-5)
     finally:
         server.stop()
     server.stop()  # idempotent
+    # stopped: the previous SIGTERM handler is back, and no handler keeps the server (and the pipeline's
+    # nav.Modules, through PyTriton's bound model) alive
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
 
 
 def _grpc_prompt(text):
