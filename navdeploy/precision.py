@@ -30,9 +30,18 @@ def needs_cast(precision: str, module_precision: str) -> bool:
     return precision != module_precision and precision in CAST_DTYPES and module_precision != "int8"
 
 
+def copy_module(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of the module whose forward hooks are the user's own objects, not copies: a hook that is a
+    bound method or a callable object (a feature extractor, say) keeps filling the user's state when the copy
+    runs. Plain functions are shared by deepcopy anyway."""
+    memo = {id(hook): hook for m in module.modules() for hooks in (m._forward_hooks, m._forward_pre_hooks)
+            for hook in hooks.values()}
+    return copy.deepcopy(module, memo)
+
+
 def cast_module(module: torch.nn.Module, precision: str) -> torch.nn.Module:
     """A copy of the module with floating-point weights in ``precision``; the user's module is left alone."""
-    return copy.deepcopy(module).to(CAST_DTYPES[precision])
+    return copy_module(module).to(CAST_DTYPES[precision])
 
 
 def cast_inputs(inputs: list[torch.Tensor], precision: str) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ from navdeploy.flat_module import FlatModule
 from navdeploy.formats.base import LoadContext
 from navdeploy.formats.compile import channels_last_copy, compile_target
 from navdeploy.formats.tensorrt import PRECISION_FLAGS, optimization_profile
-from navdeploy.precision import candidate_name, candidate_precisions, needs_cast
+from navdeploy.precision import cast_module, candidate_name, candidate_precisions, needs_cast
 
 CUDA = torch.cuda.is_available()
 
@@ -135,6 +135,16 @@ class _PositionalConvNet(nn.Module):
         return y + self.pos.view(1, -1).view_as(self.pos)
 
 
+class _Features:
+    """A feature extractor hooked onto a submodule, keeping what it saw on itself."""
+
+    def __init__(self):
+        self.seen = []
+
+    def hook(self, module, args, output):
+        self.seen.append(tuple(output.shape))
+
+
 def _load_context(module, device, precision):
     graph = _graph_of(module, torch.randn(1, 3, 9, 9))
     return LoadContext(None, FlatModule(module, graph.input_spec), graph, device, precision)
@@ -151,9 +161,13 @@ def test_conv_modules_are_compiled_from_a_channels_last_copy():
     torch.testing.assert_close(copy.eval()(x), net(x))
     mlp = nn.Sequential(nn.Linear(4, 4))
     assert channels_last_copy(mlp) is mlp  # nothing to gain, so no copy
-    hooked = _PositionalConvNet()
-    hooked.conv.register_forward_hook(lambda mod, args, out: None)  # would fill the copy's state, not the user's
-    assert channels_last_copy(hooked) is hooked
+    features = _Features()
+    net.conv.register_forward_hook(features.hook)  # a bound method: deepcopy alone would copy its object
+    channels_last_copy(net).eval()(x)
+    assert features.seen == [(2, 8, 7, 7)]  # the user's extractor saw the copy's call
+    features.seen.clear()
+    cast_module(net, "bf16")(x.bfloat16())  # cast copies (an fp16 candidate of an fp32 module) likewise
+    assert features.seen == [(2, 8, 7, 7)]
     net.lock = threading.Lock()  # cannot be deep-copied: compiled as it is rather than failing the candidate
     assert channels_last_copy(net) is net
 

@@ -1,7 +1,6 @@
 """torch.compile (inductor) of the eager module, in several modes. Nothing is written: compiled graphs land
 in the inductor cache, which navdeploy points into the workspace so reloads compile from cache."""
 
-import copy
 import logging
 from typing import Optional
 
@@ -9,26 +8,26 @@ import torch
 
 from navdeploy.config import Format
 from navdeploy.formats.base import LoadContext, RunFn, RunnerSpec, as_list
+from navdeploy.precision import copy_module
 
 log = logging.getLogger("navdeploy")
 
 
 def channels_last_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of the module whose 2-D convolution weights are channels-last, or the module itself when it has no
-    2-D convolutions, has forward hooks, or cannot be copied.
+    2-D convolutions or cannot be copied.
 
     Inductor picks channels-last for convolutions only when their shapes are static (its layout optimization is
     off under symbolic shapes, pytorch#102670), and the batch axis becomes symbolic once a second batch size is
     seen. Channels-last weights make cuDNN run the convolutions in NHWC, which tensor cores need: on the H100
     ResNet-50 fp16 batch 32 went from 5.2 to 1.6 ms under CUDA graphs (benchmarks/results/cnn_layout_check_h100.json).
-    A copy, because the user's module stays the eager reference; only conv weights change layout, as other 4-D
-    tensors may be viewed in ways channels-last strides do not allow. A module with forward hooks is left alone:
-    the hooks (a feature extractor, say) would fill a copy's state instead of the user's."""
-    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
-    if not convs or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
+    A copy, because the user's module stays the eager reference (its forward hooks stay the user's objects);
+    only conv weights change layout, as other 4-D tensors may be viewed in ways channels-last strides do not
+    allow."""
+    if not any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
         return module
     try:
-        copied = copy.deepcopy(module)
+        copied = copy_module(module)
     except Exception as exc:  # noqa: BLE001 - it holds something uncopyable (a lock, a handle): compile it as it is
         log.info("compiling the module in its own layout: it cannot be copied to channels-last (%s)", exc)
         return module
