@@ -48,32 +48,32 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device
     loaded = runner.load(LoadContext(artifact, flat, graph, device, precision))
     run = loaded if precision == module_precision else (lambda inputs: loaded(cast(inputs)))
     samples = load_samples(folder / graph.key, device=device)
-    captured, *other_sizes = warm_up_inputs(graph, record, samples[0].inputs, device)
+    captured = samples[0].inputs
+    # Warm-up, and proof the runner works in this process. On CUDA each shape is called 3 times: CUDA-graph
+    # runners warm up on the first call and record on the second.
     with torch.no_grad():
         for _ in range(3 if device == "cuda" else 1):
             conform(run(captured), graph.outputs)  # a failure here rejects the runner: the graph stays eager
-        for inputs in other_sizes:
+        for batch_size in extra_warm_up_sizes(graph, record, captured, device):
             try:
+                inputs = expand_batch(captured, batch_size)
                 for _ in range(3):
                     run(inputs)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory at the largest batch: the runner stays,
                 # and a call of that size that fails again falls back to eager, as any failing runner call does
-                batch = next((t.shape[0] for t in inputs if t.dim() > 0), "?")
-                log.warning("module %s: warm-up at batch size %s failed: %s", module.name, batch, exc)
+                log.warning("module %s: warm-up at batch size %s failed: %s", module.name, batch_size, exc)
     return run
 
 
-def warm_up_inputs(graph: Graph, record: dict, captured: list[torch.Tensor], device: str) -> list[list[torch.Tensor]]:
-    """The inputs a bound runner is called with before the user's first call: proof that it runs in this process,
-    and its warm-up. On CUDA also every batch size it was profiled at: torch.compile runners compile again for a
-    second batch size (with the batch axis symbolic) and CUDA-graph runners record a graph per shape, so without
-    this the first request of a new batch size would pay for a compile. Each is called 3 times on CUDA (CUDA-graph
-    runners warm up on the first call and record on the second)."""
+def extra_warm_up_sizes(graph: Graph, record: dict, captured: list[torch.Tensor], device: str) -> list[int]:
+    """The batch sizes besides the captured one that a bound runner is warmed up at: on CUDA, every batch size it
+    was profiled at. torch.compile runners compile again for a second batch size (with the batch axis symbolic)
+    and CUDA-graph runners record a graph per shape, so without this the first request of a new batch size would
+    pay for a compile."""
     if device != "cuda" or not graph.batching:
-        return [captured]
+        return []
     batch = next((t.shape[0] for t in captured if t.dim() > 0), None)
-    sizes = sorted({m["batch_size"] for m in record.get("profile", []) if m.get("batch_size")} - {batch})
-    return [captured] + [expand_batch(captured, bs) for bs in sizes]
+    return sorted({m["batch_size"] for m in record.get("profile", []) if m.get("batch_size")} - {batch})
 
 
 def _warn(module: Module, message: str) -> bool:

@@ -23,16 +23,11 @@ from navdeploy.precision import cast_module, candidate_name, candidate_precision
 CUDA = torch.cuda.is_available()
 
 
-def _graph_of(module, x):
-    rec = Recorder("g", 4, None)
-    rec.record(module, (x,), {})
-    return rec.finish()[0]
-
-
-def _graph(calls):
+def _graph(calls, fn=lambda x, m: (x * m.unsqueeze(-1)).sum(1)):
+    """The graph navdeploy captures from calling ``fn`` with each of ``calls`` (tuples of positional args)."""
     rec = Recorder("g", 4, None)
     for args in calls:
-        rec.record(lambda x, m: (x * m.unsqueeze(-1)).sum(1), args, {})
+        rec.record(fn, args, {})
     return rec.finish()[0]
 
 
@@ -146,7 +141,7 @@ class _Features:
 
 
 def _load_context(module, device, precision):
-    graph = _graph_of(module, torch.randn(1, 3, 9, 9))
+    graph = _graph([(torch.randn(1, 3, 9, 9),)], module)
     return LoadContext(None, FlatModule(module, graph.input_spec), graph, device, precision)
 
 
@@ -192,11 +187,10 @@ def test_cuda_runners_warm_up_at_every_profiled_batch_size():
     graph = _graph([(torch.ones(2, 5, 3), torch.ones(2, 5))])
     captured = [torch.randn(2, 5, 3), torch.randn(2, 5)]
     record = {"profile": [{"batch_size": b, "p50_ms": 1.0} for b in (1, 2, 8)]}
-    batches = [[t.shape[0] for t in inputs] for inputs in binding.warm_up_inputs(graph, record, captured, "cuda")]
-    assert batches == [[2, 2], [1, 1], [8, 8]]
-    assert binding.warm_up_inputs(graph, record, captured, "cpu") == [captured]
+    assert binding.extra_warm_up_sizes(graph, record, captured, "cuda") == [1, 8]  # 2 is the captured batch
+    assert binding.extra_warm_up_sizes(graph, record, captured, "cpu") == []
     graph.batching = False
-    assert binding.warm_up_inputs(graph, {"profile": [{"batch_size": None}]}, captured, "cuda") == [captured]
+    assert binding.extra_warm_up_sizes(graph, {"profile": [{"batch_size": None}]}, captured, "cuda") == []
 
 
 @pytest.mark.cuda
@@ -206,7 +200,7 @@ def test_compiled_conv_module_hands_out_contiguous_outputs():
     (.view works), at every batch size, and the user's module keeps its layout."""
     torch.manual_seed(0)
     inner = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).cuda().eval().half()
-    graph = _graph_of(inner, torch.randn(1, 3, 16, 16, device="cuda").half())
+    graph = _graph([(torch.randn(1, 3, 16, 16, device="cuda").half(),)], inner)
     for runner in ("TorchCompileCUDA", "TorchCompileCUDAGraphs"):
         run = RUNNERS[runner].load(LoadContext(None, FlatModule(inner, graph.input_spec), graph, "cuda", "fp16"))
         for batch in (1, 4):
