@@ -84,9 +84,13 @@ def test_pipeline_timing_is_measured(run):
     assert p.items_timed == 2  # the first of three items is a warm-up
     assert set(p.module_eager_s) == set(p.module_optimized_s) == {"report_mlp", "report_shy"}
     assert all(v > 0 for v in p.module_eager_s.values())
-    # The timers were only there while optimize measured: the live modules run their optimized handler.
+    # The timers were only there while optimize measured: the live modules run what was selected (their
+    # optimized handler, or plain eager where eager won: which of eager/ONNX wins an 8x4 Linear is timing noise).
     for module in run[2]:
-        assert module.is_optimized
+        selected = status.modules[module.name].graphs[0].selected
+        assert selected and module.is_optimized == (selected != "TorchCPU")
+        if selected == "TorchCPU":
+            assert module._self_handler is None  # not a leftover timer
 
 
 def test_report_has_plots_winner_correctness_failures_and_environment(run):
