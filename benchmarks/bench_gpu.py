@@ -6,7 +6,8 @@ plus nav.optimize wall time.
 
 Models are built from code/configs with random weights (nothing is downloaded). Prints a table per model and
 writes JSON. Every correct candidate is also bound on its own from the manifest (as load_optimized binds) and
-timed at every batch size; the selected one goes last, and its figures are the "rebound" ones. Targets (ratios
+timed at every batch size; the selected one is the optimized module itself (bound by nav.optimize from its
+manifest), or bound again with --rebind-selected. Targets (ratios
 from one run): selected within 3% of the fastest correct candidate measured independently; ResNet-50 fp16
 optimized >= 5x eager fp16 at batch 1 and >= 3x at batch 32.
 """
@@ -90,7 +91,8 @@ def unet():
 MODELS = {"resnet50": (resnet50, (1, 32)), "bert": (bert, (1, 8)), "unet": (unet, (2,))}
 
 
-def bench_model(name: str, workspace: Path, timeout_s: float, runners) -> dict:
+def bench_model(name: str, workspace: Path, timeout_s: float, runners, profile_time_s: float,
+                rebind_selected: bool) -> dict:
     build, batch_sizes = MODELS[name]
     model32, sample, _ = build()
     captured = batch_sizes[0]
@@ -110,6 +112,7 @@ def bench_model(name: str, workspace: Path, timeout_s: float, runners) -> dict:
     def time_at(module, bs: int) -> float:
         return time_call(module, sample16(bs))
 
+    phase_start = time.perf_counter()
     result["eager_fp32_ms"] = {}
     for bs in batch_sizes:
         result["eager_fp32_ms"][bs] = time_call(model32, sample(bs))
@@ -117,12 +120,15 @@ def bench_model(name: str, workspace: Path, timeout_s: float, runners) -> dict:
     result["eager_fp16_ms"] = {bs: time_at(model16, bs) for bs in batch_sizes}
     wrapped = nav.Module(model16, name=f"bench_{name}", precision="fp16")
     config = nav.OptimizeConfig(workspace=workspace, batch_sizes=batch_sizes, max_batch_size=max(batch_sizes),
-                                profile_time_s=1.0, timeout_s=timeout_s, runners=runners)
+                                profile_time_s=profile_time_s, timeout_s=timeout_s, runners=runners)
     args, kwargs = sample16(captured)
     data = [(captured, (*args, kwargs))] if kwargs else [(captured, args)]
     start = time.perf_counter()
+    result["bench_phases_s"] = {"build_and_eager": start - phase_start}
     status = nav.optimize(wrapped, data, config)
     result["optimize_s"] = time.perf_counter() - start
+    result["bench_phases_s"]["optimize"] = result["optimize_s"]
+    phase_start = time.perf_counter()
     graph = status.modules[f"bench_{name}"].graphs[0]
     result["selected"] = graph.selected
     result["candidates"] = {
@@ -137,23 +143,29 @@ def bench_model(name: str, workspace: Path, timeout_s: float, runners) -> dict:
     for bs, ms in result["optimized_ms"].items():
         best = min((c["p50_ms"].get(bs) for c in ok.values() if c["p50_ms"].get(bs)), default=None)
         result["selected_vs_best"][bs] = ms / best if best else None
-    # Every correct candidate measured independently, the same way as the swapped module: rebind the module with
-    # that candidate selected (from a copy of the manifest, as load_optimized binds) and time it at every batch
-    # size. The selected one goes last, so its figures are the "rebound" ones and the module ends up bound to it.
+    # Every correct candidate measured independently, the same way as the swapped module: bind the module to
+    # that candidate from a copy of the manifest (as load_optimized binds) and time it at every batch size. The
+    # selected one's figures are the swapped module's above (optimize bound it from its manifest); rebinding it
+    # too (--rebind-selected, the "rebound" figures) costs two more compiles per model.
     folder = workspace / f"bench_{name}"
     manifest = json.loads((folder / "manifest.json").read_text())
     result["independent_ms_by_batch"] = {}
-    for cand in sorted(ok, key=lambda n: n == graph.selected):
+    others = [cand for cand in ok if cand != graph.selected or rebind_selected]
+    for cand in sorted(others, key=lambda n: n == graph.selected):
         trial = json.loads(json.dumps(manifest))
         trial["graphs"][graph.key]["selected"] = cand
         if bind(wrapped, folder, trial):
             result["independent_ms_by_batch"][cand] = {bs: time_at(wrapped, bs) for bs in batch_sizes}
+    if graph.selected in ok and not rebind_selected:
+        result["independent_ms_by_batch"][graph.selected] = result["optimized_ms"]
+    result["bench_phases_s"]["independent"] = time.perf_counter() - phase_start
     result["independent_ms"] = {cand: by_bs[captured] for cand, by_bs in result["independent_ms_by_batch"].items()}
     if result["independent_ms"]:
         best = min(result["independent_ms"].values())
         result["independent_fastest"] = min(result["independent_ms"], key=result["independent_ms"].get)
         result["selected_vs_fastest_independent"] = result["independent_ms"].get(graph.selected, float("nan")) / best
-    result["optimized_rebound_ms"] = result["independent_ms_by_batch"].get(graph.selected, {})
+    if rebind_selected:
+        result["optimized_rebound_ms"] = result["independent_ms_by_batch"].get(graph.selected, {})
     if name == "resnet50" and 32 in batch_sizes:
         result["tflops_b32"] = 32 * RESNET50_GFLOP_PER_IMAGE / result["optimized_ms"][32]  # GFLOP/ms = TFLOP/s
         result["tflops_ceiling_bf16"] = BF16_MATMUL_CEILING_TFLOPS
@@ -191,6 +203,9 @@ def main() -> None:
     parser.add_argument("--out", default="gpu.json")
     parser.add_argument("--timeout", type=float, default=240.0, help="per-candidate timeout, seconds")
     parser.add_argument("--runners", default="", help="comma-separated runner names (default: all)")
+    parser.add_argument("--profile-time", type=float, default=0.5, help="nav.optimize's profile_time_s")
+    parser.add_argument("--rebind-selected", action="store_true",
+                        help="also bind the selected candidate again from the manifest and time it (two more compiles)")
     parser.add_argument("--workspace", default=None, help="navdeploy workspace (default: a new temporary folder)")
     args = parser.parse_args()
     runners = tuple(r for r in args.runners.split(",") if r) or None
@@ -198,14 +213,20 @@ def main() -> None:
            "command": "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:])}
     results = {"environment": env, "models": []}
     workspace = Path(args.workspace) if args.workspace else Path(tempfile.mkdtemp(prefix="navdeploy-gpu-"))
+    # One inductor cache for the whole run, as nav.optimize and load_optimized use: binding a compile candidate
+    # again for the independent figures then compiles from the cache its worker filled, not from scratch.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(workspace / "inductor_cache"))
+    run_start = time.perf_counter()
     for name in args.models.split(","):
         try:
-            r = bench_model(name, workspace, args.timeout, runners)
+            r = bench_model(name, workspace, args.timeout, runners, args.profile_time, args.rebind_selected)
             results["models"].append(r)
             print_table(r)
         except Exception as exc:  # noqa: BLE001 - one model failing must not lose the others' figures
             results["models"].append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
             print(f"\n== {name}: FAILED {type(exc).__name__}: {exc}")
+        results["wall_s"] = time.perf_counter() - run_start
+        print(f"[{results['wall_s']:.0f} s since start]", flush=True)
         Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     print(json.dumps({"environment": env}, default=str))
 

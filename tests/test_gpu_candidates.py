@@ -213,6 +213,38 @@ def test_compiled_conv_module_hands_out_contiguous_outputs():
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the device machine)")
+def test_bound_compile_runner_serves_every_profiled_batch_size_without_compiling(tmp_path):
+    """Bound from the manifest (as load_optimized binds), a CUDA-graph compile runner of an fp32 conv module's
+    fp16 candidate has compiled for each profiled batch size before the first call: serving batch 4 compiles
+    nothing, and the outputs are the eager ones, in fp32, on the GPU."""
+    import json
+
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).cuda().eval()
+    module = nav.Module(inner, name="gpu_warm")
+    config = nav.OptimizeConfig(workspace=tmp_path, batch_sizes=(1, 4), max_batch_size=4, profile_time_s=0.1,
+                                runners=("TorchCUDA", "TorchCompileCUDAGraphs"))
+    nav.optimize(module, [(1, torch.randn(1, 3, 16, 16, device="cuda"))], config)
+    folder = tmp_path / "gpu_warm"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["graphs"].values():
+        assert {c["name"]: c["status"] for c in entry["candidates"]}["TorchCompileCUDAGraphs[fp16]"] == "ok"
+        entry["selected"] = "TorchCompileCUDAGraphs[fp16]"
+    assert binding.bind(module, folder, manifest)
+    compiled = counters["stats"]["unique_graphs"]
+    for batch in (4, 1):
+        x = torch.randn(batch, 3, 16, 16, device="cuda")
+        with torch.no_grad():
+            out = module(x)
+        assert out.is_cuda and out.dtype == torch.float32 and out.is_contiguous()
+        torch.testing.assert_close(out, inner(x), atol=1e-2, rtol=1e-2)
+    assert counters["stats"]["unique_graphs"] == compiled, "a profiled batch size compiled on the first call"
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not CUDA,
                     reason="TensorRT is not installable on these machines (needs the tensorrt package and a GPU)")
 def test_tensorrt_candidate_builds_and_verifies(tmp_path):

@@ -2,7 +2,7 @@
 in the inductor cache, which navdeploy points into the workspace so reloads compile from cache."""
 
 import logging
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -52,6 +52,21 @@ def compile_target(ctx: LoadContext) -> tuple[torch.nn.Module, Optional[bool]]:
     return (channels_last_copy(ctx.module) if half else ctx.module), None
 
 
+def own_frame(module: torch.nn.Module) -> Callable[..., Any]:
+    """``module``'s call as a function with a code object of its own, to give to torch.compile.
+
+    Dynamo keeps compiled code, the recompile count and automatic-dynamic state per code object. Compiling
+    modules directly shares ``FlatModule.forward`` between every candidate, graph and module of a process, and
+    its 8 recompiles (``recompile_limit``) ran out: the 9th different module ran uncompiled, with only a warning
+    (seen on the H100 in a benchmark of three models)."""
+
+    def call(*tensors: torch.Tensor) -> Any:
+        return module(*tensors)
+
+    call.__code__ = call.__code__.replace()  # a copy: its own cache
+    return call
+
+
 def _eager_layout(t: torch.Tensor) -> torch.Tensor:
     """A channels-last output (from a channels-last copy) in the contiguous layout eager gives, so that code
     calling ``.view()`` on it keeps working; any other tensor as it is."""
@@ -63,7 +78,7 @@ def _eager_layout(t: torch.Tensor) -> torch.Tensor:
 def _loader(mode: str):
     def load(ctx: LoadContext) -> RunFn:
         module, dynamic = compile_target(ctx)
-        compiled = torch.compile(module, mode=None if mode == "default" else mode, dynamic=dynamic)
+        compiled = torch.compile(own_frame(module), mode=None if mode == "default" else mode, dynamic=dynamic)
         relayout = module is not ctx.module
         if mode != "reduce-overhead":
             if not relayout:
