@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import navdeploy as nav
-from navdeploy.workspace import fingerprint, load_samples, read_manifest
+from navdeploy.workspace import fingerprint, load_samples, read_manifest, write_json_atomic
 
 NAME = "rel_ws"
 
@@ -54,7 +54,15 @@ def original(tmp_path_factory):
     module = nav.Module(make_net(), name=NAME, batching=True)
     status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))],
                           fast(ws, runners=("OnnxCPU",)))
-    assert status.modules[NAME].graphs[0].selected == "OnnxCPU", status.modules[NAME].graphs[0].candidates
+    graph = status.modules[NAME].graphs[0]
+    assert graph.candidate("OnnxCPU")["status"] == "ok", graph.candidates
+    # These tests need a winner with an artifact. Which of eager and ONNX wins a Linear(4, 4) is timing noise
+    # (eager won on a slower CI machine), so the manifest selects ONNX, as a user may choose a candidate by hand.
+    manifest = read_manifest(ws / NAME)
+    for entry in manifest["graphs"].values():
+        entry["selected"] = "OnnxCPU"
+    write_json_atomic(ws / NAME / "manifest.json", manifest)
+    assert nav.load_optimized(ws)[NAME] and module.is_optimized
     return ws, module
 
 
