@@ -105,6 +105,8 @@ class WorkerState:
 
     flat: dict[tuple[str, str], FlatModule] = field(default_factory=dict)
     references: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
+    # Called before a candidate profiles; a worker waits there until no other candidate builds (timing_gate.py).
+    before_profile: Optional[Callable[[], None]] = None
 
     def flat_module(self, job: Job, graph: Graph) -> FlatModule:
         """The module in its own precision: the eager reference."""
@@ -166,6 +168,9 @@ def run_task(job: Job, task: Task, state: WorkerState) -> dict:
     spec = FORMATS[runner.format]
     record = new_record(runner, task.precision, job.precision)
     record["pid"] = os.getpid()
+    # Wall-clock (epoch) times of the start, the end of verification, the start of profiling (after any wait for
+    # the timing gate) and the end: which candidates were built side by side, and that each profiled alone.
+    record["window"] = {"start": time.time(), "verified": None, "profile": None, "end": None}
     reason = runner.unavailable_reason()
     if reason:
         record.update(status="skipped", error=reason)
@@ -207,6 +212,10 @@ def run_task(job: Job, task: Task, state: WorkerState) -> dict:
                 return record
 
             step = "profile"
+            record["window"]["verified"] = time.time()
+            if state.before_profile is not None:
+                state.before_profile()
+            record["window"]["profile"] = time.time()
             start = time.perf_counter()
             sized = ([(bs, state.reference(job, graph, bs)[0]) for bs in batch_sizes] if graph.batching
                      else [(None, graph.samples[0].inputs)])
@@ -219,4 +228,5 @@ def run_task(job: Job, task: Task, state: WorkerState) -> dict:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         record.update(status="failed", step=step, error=f"{step}: {type(exc).__name__}: {first}"[:500])
         log.info("%s/%s failed in %s:\n%s", job.module_name, runner.name, step, traceback.format_exc())
+    record["window"]["end"] = time.time()
     return record

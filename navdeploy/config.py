@@ -90,6 +90,9 @@ class OptimizeConfig:
         precisions: precisions to try each runner in (``"fp32"``, ``"fp16"``, ``"bf16"``, ``"int8"``); ``None``
             means the module's own, plus fp16 for fp32 modules on CUDA. Each is checked against the module's
             own eager outputs with that precision's tolerance.
+        build_workers: how many worker processes build and verify a module's candidates side by side (each
+            holds its own copy of the module); profiling always runs with no build in flight, so figures are
+            not disturbed. ``None`` reads ``NAVDEPLOY_BUILD_WORKERS`` (default 1). Needs multiprocessing.
     """
 
     target_formats: Optional[Sequence[Union[Format, str]]] = None
@@ -106,6 +109,7 @@ class OptimizeConfig:
     profile_time_s: float = 0.5
     use_multiprocessing: Optional[bool] = None
     precisions: Optional[Sequence[str]] = None
+    build_workers: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -163,6 +167,10 @@ class OptimizeConfig:
             raise ConfigError(f"strategy={self.strategy!r}: use nav.MinLatency(), nav.MaxThroughput() or nav.LatencyBudget(ms).")
         if int(self.sample_count) < 1:
             raise ConfigError(f"sample_count={self.sample_count!r}: must be >= 1.")
+        if self.build_workers is not None and (isinstance(self.build_workers, bool)
+                                               or not isinstance(self.build_workers, int) or self.build_workers < 1):
+            raise ConfigError(f"build_workers={self.build_workers!r}: use a whole number >= 1 (1 builds candidates "
+                              "one at a time).")
         for name in ("timeout_s", "profile_time_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be > 0 seconds.")
@@ -204,6 +212,19 @@ def use_multiprocessing(config: OptimizeConfig) -> bool:
     if config.use_multiprocessing is not None:
         return config.use_multiprocessing
     return _env_flag("NAVDEPLOY_USE_MULTIPROCESSING", "NAVIGATOR_USE_MULTIPROCESSING", default=True)
+
+
+def build_workers(config: OptimizeConfig) -> int:
+    """Worker processes that build a module's candidates side by side: the config wins, then
+    ``NAVDEPLOY_BUILD_WORKERS``, then 1."""
+    if config.build_workers is not None:
+        return config.build_workers
+    value = os.environ.get("NAVDEPLOY_BUILD_WORKERS", "").strip()
+    if not value:
+        return 1
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"NAVDEPLOY_BUILD_WORKERS={value!r}: use a whole number >= 1.")
+    return int(value)
 
 
 def report_enabled() -> bool:

@@ -1,9 +1,10 @@
 """Running candidates in a spawned child so a crash, hang or OOM costs one candidate, not the run.
 
-One worker per module is started with the ``spawn`` context (never by changing the global start
-method), receives the module once, then runs tasks one at a time. When it dies or overruns its
-timeout it is killed, the candidate is marked failed with the reason, and the next task starts a
-fresh worker.
+A worker is started with the ``spawn`` context (never by changing the global start method), receives
+the module once, then runs tasks one at a time. When it dies or overruns its timeout it is killed, the
+candidate is marked failed with the reason, and the next task starts a fresh worker. A module gets one
+worker, or several (``build_workers``) that build candidates side by side and take turns to profile
+through a :class:`~navdeploy.timing_gate.TimingGate`.
 """
 
 from __future__ import annotations
@@ -21,28 +22,37 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 import cloudpickle
 
 from navdeploy.candidate import Job, Task, WorkerState, new_record, run_task
 from navdeploy.formats import RUNNERS
+from navdeploy.timing_gate import Slot, TimingGate
 
 log = logging.getLogger("navdeploy")
 _READY_TIMEOUT_S = 300.0
+_IN_PROCESS = threading.Lock()  # candidates run in this process (isolation off or unavailable) one at a time
+T = TypeVar("T")
 
 
 class WorkerStartError(RuntimeError):
     """The worker child could not start (payload not picklable, or the child died while starting)."""
 
 
+class RunStopped(RuntimeError):
+    """The run was interrupted (Ctrl-C, or another chain of candidates failed): no further candidate starts."""
+
+
 def _die_with_parent() -> None:
     """End this worker when the process that started it dies, even by ``kill -9``: an orphan would keep
     building and could move an artifact into a folder the next run already owns.
 
-    On Linux the kernel sends SIGKILL (``PR_SET_PDEATHSIG``); elsewhere, and as a second line, a thread
-    watches the parent's sentinel."""
+    On Linux the kernel sends SIGKILL (``PR_SET_PDEATHSIG``) when the thread that started the worker ends
+    (``ExecutorPool`` keeps its threads for that); elsewhere, and as a second line, a thread watches the parent's
+    sentinel."""
     parent = mp.parent_process()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
@@ -60,7 +70,7 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="navdeploy-parent-watch", daemon=True).start()
 
 
-def _worker_main(payload: bytes, tasks, results, log_path: str) -> None:
+def _worker_main(payload: bytes, tasks, results, grants, log_path: str) -> None:
     _die_with_parent()
     # Exporters print a lot straight to the file descriptors; keep it in the module's log, off the console.
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -75,6 +85,12 @@ def _worker_main(payload: bytes, tasks, results, log_path: str) -> None:
     logger.setLevel(logging.INFO)
     job: Job = cloudpickle.loads(payload)
     state = WorkerState()
+
+    def wait_for_timing() -> None:  # the parent's thread holds the gate; ask it and wait for its answer
+        results.put(("timing", None))
+        grants.get()
+
+    state.before_profile = wait_for_timing
     results.put(("ready", os.getpid()))
     while True:
         task = tasks.get()
@@ -121,14 +137,17 @@ def _crash_site(log_path: Path, offset: int) -> Optional[str]:
 class Executor:
     """Runs tasks of one job, isolated in a worker child or in this process."""
 
-    def __init__(self, job: Job, isolate: bool, timeout_s: float, log_path: Path):
+    def __init__(self, job: Job, isolate: bool, timeout_s: float, log_path: Path,
+                 gate: Optional[TimingGate] = None):
         self.job = job
         self.isolate = isolate
         self.timeout_s = timeout_s
         self.log_path = log_path
+        self.gate = gate or TimingGate()
         self._state = WorkerState()
         self._proc = None
         self._payload: Optional[bytes] = None
+        self._stopped = False  # set by stop(): no further task starts
 
     def __enter__(self) -> "Executor":
         return self
@@ -143,9 +162,10 @@ class Executor:
             except Exception as exc:  # noqa: BLE001
                 raise WorkerStartError(f"the module cannot be sent to a child process ({type(exc).__name__}: {exc})") from exc
         ctx = mp.get_context("spawn")
-        self._tasks, self._results = ctx.Queue(), ctx.Queue()
+        self._tasks, self._results, self._grants = ctx.Queue(), ctx.Queue(), ctx.Queue()
         self._proc = ctx.Process(target=_worker_main, name=f"navdeploy-{self.job.module_name}",
-                                 args=(self._payload, self._tasks, self._results, str(self.log_path)), daemon=True)
+                                 args=(self._payload, self._tasks, self._results, self._grants, str(self.log_path)),
+                                 daemon=True)
         self._proc.start()
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -165,37 +185,51 @@ class Executor:
         )
 
     def _kill(self) -> None:
-        if self._proc is not None:
-            if self._proc.is_alive():
-                self._proc.kill()
-            self._proc.join(timeout=10)
-            self._proc = None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=10)
 
     def run(self, task: Task) -> dict:
-        """The task's record; a crash or timeout becomes a failed record."""
-        if not self.isolate:
+        """The task's record; a crash or timeout becomes a failed record. The task holds the gate while it
+        runs in a worker: alone when its runner times kernels while it builds, else beside other builds until
+        it profiles."""
+        if self._stopped:
+            raise RunStopped("the optimize run was interrupted; no further candidate starts")
+        if self.isolate:
+            with self.gate.task(exclusive=RUNNERS[task.runner].builds_alone) as slot:
+                if self._proc is None or not self._proc.is_alive():
+                    try:
+                        self._start()  # inside the gate: starting a worker is build work too
+                    except WorkerStartError as exc:
+                        log.warning("running candidates of %s in-process: %s", self.job.module_name, exc)
+                        warnings.warn(f"navdeploy: running candidates of {self.job.module_name!r} in this process, "
+                                      f"without crash isolation: {exc}", RuntimeWarning, stacklevel=2)
+                        self.isolate = False
+                if self.isolate:
+                    return self._run_in_worker(task, slot)
+        # Outside the gate: an in-process run never waits for timing while it holds _IN_PROCESS.
+        with _IN_PROCESS:
             return run_task(self.job, task, self._state)
-        if self._proc is None or not self._proc.is_alive():
-            try:
-                self._start()
-            except WorkerStartError as exc:
-                log.warning("running candidates of %s in-process: %s", self.job.module_name, exc)
-                warnings.warn(f"navdeploy: running candidates of {self.job.module_name!r} in this process, without "
-                              f"crash isolation: {exc}", RuntimeWarning, stacklevel=2)
-                self.isolate = False
-                return run_task(self.job, task, self._state)
+
+    def _run_in_worker(self, task: Task, slot: Slot) -> dict:
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        proc = self._proc  # stop() from another thread may clear self._proc
         self._tasks.put(task)
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
                 kind, value = self._results.get(timeout=0.2)
-                if kind == "result":
+                if kind == "timing":  # the worker is about to profile: let it once it runs alone
+                    deadline += slot.timing()  # waiting for others is not this candidate's time
+                    self._grants.put(True)
+                elif kind == "result":
                     return value
             except queue.Empty:
                 failure = None
-                if not self._proc.is_alive():
-                    failure = _describe_exit(self._proc.exitcode, self.log_path, log_offset)
+                if not proc.is_alive():
+                    failure = _describe_exit(proc.exitcode, self.log_path, log_offset)
                 elif time.monotonic() > deadline:
                     failure = f"timed out after {self.timeout_s:g} s"
                 if failure:
@@ -203,9 +237,70 @@ class Executor:
                     return {**new_record(RUNNERS[task.runner], task.precision, self.job.precision),
                             "step": "isolation", "error": failure}
 
+    def stop(self) -> None:
+        """Kill the worker now and run no further task (an interrupted run): the task in flight fails."""
+        self._stopped = True
+        self._kill()
+
     def close(self) -> None:
         """Stop the worker (politely, then by force)."""
         if self._proc is not None and self._proc.is_alive():
             self._tasks.put(None)
             self._proc.join(timeout=5)
         self._kill()
+
+
+class ExecutorPool:
+    """The executors of one module: ``workers`` of them share a timing gate, so candidates build side by side
+    and profile alone. With one worker (the default) candidates run one after another, as they always did."""
+
+    def __init__(self, job: Job, isolate: bool, timeout_s: float, log_path: Path, workers: int = 1):
+        # Several workers only with isolation: in-process candidates run one at a time anyway.
+        self.workers = max(1, workers) if isolate else 1
+        # The threads live as long as the pool: a worker's death signal (PR_SET_PDEATHSIG) follows the *thread*
+        # that started it, so a thread that ended after one graph would take its worker down with it.
+        self._threads = ThreadPoolExecutor(self.workers, "navdeploy-build") if self.workers > 1 else None
+        gate = TimingGate()
+        self._free: queue.SimpleQueue[Executor] = queue.SimpleQueue()
+        self._all = [Executor(job, isolate, timeout_s, log_path, gate) for _ in range(self.workers)]
+        for executor in self._all:
+            self._free.put(executor)
+
+    def __enter__(self) -> "ExecutorPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for executor in self._all:
+            executor.close()
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[Executor]:
+        """An executor (and so a worker) of the pool for a while; the block runs its tasks one by one."""
+        executor = self._free.get()
+        try:
+            yield executor
+        finally:
+            self._free.put(executor)
+
+    def map(self, fn: Callable[[T], None], items: Sequence[T]) -> None:
+        """``fn(item)`` for every item: in this thread, in order, with one worker; else on ``workers`` threads.
+        An exception (Ctrl-C included) stops every worker, and the first is raised."""
+        if self._threads is None:
+            for item in items:
+                fn(item)
+            return
+        futures = [self._threads.submit(fn, item) for item in items]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            # Ctrl-C (or a failing chain) lands in this thread: stop the other chains' workers now rather than
+            # letting each run to its end.
+            for future in futures:
+                future.cancel()
+            for executor in self._all:
+                executor.stop()
+            wait(futures)
+            raise

@@ -9,6 +9,7 @@ import multiprocessing as mp
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,10 +22,11 @@ from navdeploy import __version__
 from navdeploy.binding import bind
 from navdeploy.candidate import Job, Task, artifact_dir, new_record
 from navdeploy.capture import Graph, Recorder, split_sample
-from navdeploy.config import OptimizeConfig, console_output, report_enabled, resolve_workspace, use_multiprocessing
+from navdeploy.config import (OptimizeConfig, build_workers, console_output, report_enabled, resolve_workspace,
+                              use_multiprocessing)
 from navdeploy.errors import CaptureError, DataloaderError, NavdeployError
 from navdeploy.formats import FORMATS, RunnerSpec, runners_for
-from navdeploy.isolation import Executor
+from navdeploy.isolation import ExecutorPool
 from navdeploy.module import Module, registered_modules
 from navdeploy.precision import candidate_name, candidate_precisions
 from navdeploy.report import console
@@ -358,7 +360,20 @@ def _candidates(config: OptimizeConfig, device: str, module_precision: str) -> l
     return pairs
 
 
-def _optimize_graph(graph: Graph, job: Job, executor: Executor, config: OptimizeConfig, device: str,
+def _chains(pairs: list[tuple[RunnerSpec, str]], module_precision: str) -> list[list[tuple[int, RunnerSpec, str]]]:
+    """Candidates in chains that may run side by side: runners sharing an exported artifact (ONNX's) form one
+    chain, in order, since the first one exports it and the others load it; every other candidate is a chain
+    of its own."""
+    chains: dict[str, list[tuple[int, RunnerSpec, str]]] = {}
+    for index, (runner, precision) in enumerate(pairs):
+        name = candidate_name(runner.name, precision, module_precision)
+        key = artifact_dir(runner.format.value, precision, module_precision) \
+            if FORMATS[runner.format].export is not None else name
+        chains.setdefault(key, []).append((index, runner, precision))
+    return list(chains.values())
+
+
+def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: OptimizeConfig, device: str,
                     old_entry: Optional[dict], gkey: str, progress: console.Progress) -> dict:
     folder = job.module_dir / graph.key
     save_samples(graph, folder)
@@ -366,33 +381,50 @@ def _optimize_graph(graph: Graph, job: Job, executor: Executor, config: Optimize
     reusable = old_entry is not None and old_entry.get("cache_key") == gkey
     formats = _valid_formats(old_entry, folder) if reusable else {}
     previous = {c.get("name", c["runner"]): c for c in old_entry["candidates"]} if reusable else {}
-    candidates = []
-    for runner, precision in _candidates(config, device, job.precision):
-        name = candidate_name(runner.name, precision, job.precision)
-        fmt = artifact_dir(runner.format.value, precision, job.precision)
-        cached = previous.get(name)
-        artifact_ok = FORMATS[runner.format].export is None or fmt in formats
-        if cached and cached["status"] in ("ok", "failed") and (artifact_ok or cached["status"] == "failed"):
-            candidates.append({**cached, "cached": True})
-            progress.advance(f"{job.module_name}: {name} (cached)")
-            continue
-        if formats.get(fmt, {}).get("status") == "failed":
-            candidates.append({**new_record(runner, precision, job.precision), "step": "export",
-                               "error": formats[fmt]["error"]})
-            progress.advance(f"{job.module_name}: {name}")
-            continue
-        progress.describe(f"{job.module_name}: {name}")
-        record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision))
-        if record.get("exported"):
-            formats[fmt] = {"status": "ok", "checksum": checksum(folder / fmt),
-                            "export_s": record["times"].get("export_s")}
-        elif not artifact_ok and record["status"] == "failed" and record.get("step") in ("export", "isolation"):
-            formats[fmt] = {"status": "failed", "error": record["error"]}
-        log.info("%s graph %s %s: %s%s", job.module_name, graph.key, name, record["status"],
-                 f" ({record['error']})" if record.get("error") else "")
-        candidates.append(record)
-        checkpoint_graph(job.module_dir, graph.key, gkey, formats, candidates)  # survives a kill -9 of this run
-        progress.advance(f"{job.module_name}: {name}")
+    pairs = _candidates(config, device, job.precision)
+    records: dict[int, dict] = {}  # by the candidate's place in ``pairs``: the manifest keeps that order
+    lock = threading.Lock()  # chains run on several threads when the module has several build workers
+
+    def done(index: int, name: str, record: dict, checkpoint: bool) -> None:
+        with lock:
+            records[index] = record
+            if checkpoint:  # survives a kill -9 of this run
+                checkpoint_graph(job.module_dir, graph.key, gkey, formats, [records[i] for i in sorted(records)])
+        progress.advance(f"{job.module_name}: {name}" + (" (cached)" if record.get("cached") else ""))
+
+    def run_chain(chain: list[tuple[int, RunnerSpec, str]]) -> None:
+        with executors.borrow() as executor:
+            for index, runner, precision in chain:
+                name = candidate_name(runner.name, precision, job.precision)
+                fmt = artifact_dir(runner.format.value, precision, job.precision)
+                cached = previous.get(name)
+                artifact_ok = FORMATS[runner.format].export is None or fmt in formats
+                if cached and cached["status"] in ("ok", "failed") and (artifact_ok or cached["status"] == "failed"):
+                    done(index, name, {**cached, "cached": True}, checkpoint=False)
+                    continue
+                if formats.get(fmt, {}).get("status") == "failed":
+                    done(index, name, {**new_record(runner, precision, job.precision), "step": "export",
+                                       "error": formats[fmt]["error"]}, checkpoint=False)
+                    continue
+                progress.describe(f"{job.module_name}: {name}")
+                record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision))
+                state = None
+                if record.get("exported"):
+                    state = {"status": "ok", "checksum": checksum(folder / fmt),
+                             "export_s": record["times"].get("export_s")}
+                elif not artifact_ok and record["status"] == "failed" and record.get("step") in ("export", "isolation"):
+                    state = {"status": "failed", "error": record["error"]}
+                if state is not None:
+                    with lock:
+                        formats[fmt] = state
+                log.info("%s graph %s %s: %s%s", job.module_name, graph.key, name, record["status"],
+                         f" ({record['error']})" if record.get("error") else "")
+                done(index, name, record, checkpoint=True)
+
+    # One worker: every candidate in order, as one chain. Several: chains side by side (profiling still alone).
+    executors.map(run_chain, [[(i, r, p) for i, (r, p) in enumerate(pairs)]] if executors.workers == 1
+                  else _chains(pairs, job.precision))
+    candidates = [records[i] for i in sorted(records)]
     batch = graph.inputs[0].opt_shape[0] if graph.batching and graph.inputs else None
     winner = select(candidates, config.strategy, batch)
     return {"graph": graph.to_json(), "cache_key": gkey, "formats": formats, "candidates": candidates,
@@ -421,11 +453,11 @@ def _optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig
                   device, module.precision, tolerances, config.verify_func, batch_sizes, config.max_batch_size,
                   config.profile_time_s)
         entries = dict(old_graphs)  # graphs not seen this time stay valid: same weights, same device
-        with module._nav_unpatched(), Executor(job, use_multiprocessing(config), config.timeout_s,
-                                               folder / LOG_FILE) as executor:
+        with module._nav_unpatched(), ExecutorPool(job, use_multiprocessing(config), config.timeout_s,
+                                                   folder / LOG_FILE, build_workers(config)) as executors:
             for graph in graphs:
                 gkey = _graph_cache_key(graph, fp, device, module.precision, config, batch_sizes)
-                entries[graph.key] = _optimize_graph(graph, job, executor, config, device,
+                entries[graph.key] = _optimize_graph(graph, job, executors, config, device,
                                                      old_graphs.get(graph.key), gkey, progress)
         manifest = {"version": MANIFEST_VERSION, "navdeploy": __version__, "torch": torch.__version__,
                     "module": module.name, "class": f"{type(module.__wrapped__).__module__}."

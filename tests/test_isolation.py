@@ -66,6 +66,15 @@ def test_faulty_candidate_fails_alone(fault, reason, tmp_path):
     torch.testing.assert_close(module(x), module.__wrapped__(x), atol=1e-4, rtol=1e-3)
 
 
+def test_a_crash_beside_other_builds_fails_alone(tmp_path):
+    """With two build workers the crashing candidate's thread releases the timing gate: the others finish."""
+    module, records = _optimize("segfault", tmp_path, build_workers=2)
+    assert "died with SIGSEGV in " in records["TorchScriptCPU"]["error"]
+    assert records["OnnxCPU"]["status"] == "ok" and records["TorchCPU"]["status"] == "ok"
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(module(x), module.__wrapped__(x), atol=1e-4, rtol=1e-3)
+
+
 def test_in_process_mode_still_survives_an_exception(tmp_path, monkeypatch):
     monkeypatch.setenv("NAVIGATOR_USE_MULTIPROCESSING", "False")  # the peer's name is accepted too
     _, records = _optimize("raise", tmp_path)

@@ -70,8 +70,10 @@ SCRIPT = textwrap.dedent('''
 # navdeploy.workspace.checkpoint_graph); without it a killed run's completed candidates are run again.
 
 
-def _start(script: Path, workspace: Path, name: str, slow: float, marker: str, timeout: float = 120) -> subprocess.Popen:
-    env = {**os.environ, "NAV_TEST_SLOW": str(slow), "NAV_TEST_MARKER": marker, "NAVDEPLOY_CONSOLE_OUTPUT": "simple"}
+def _start(script: Path, workspace: Path, name: str, slow: float, marker: str, timeout: float = 120,
+           build_workers: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "NAV_TEST_SLOW": str(slow), "NAV_TEST_MARKER": marker, "NAVDEPLOY_CONSOLE_OUTPUT": "simple",
+           "NAVDEPLOY_BUILD_WORKERS": str(build_workers)}
     env.pop("NAVDEPLOY_USE_MULTIPROCESSING", None)
     env.pop("NAVIGATOR_USE_MULTIPROCESSING", None)
     return subprocess.Popen([sys.executable, str(script), str(workspace), name, str(timeout)], env=env,
@@ -188,3 +190,30 @@ def test_two_runs_on_the_same_module_wait_or_fail_clearly(script, tmp_path):
     # The patient run found everything done by the first one and rebuilt nothing.
     assert all(c["cached"] for g in patient_result["graphs"].values() for c in g.values()), patient_result
     assert patient_result["optimized"] and not (folder / ".lock.owner").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find orphaned workers")
+def test_ctrl_c_stops_a_run_with_parallel_builds_and_its_workers_at_once(script, tmp_path):
+    """SIGINT to the optimizing process alone (its workers get none) while one of two build workers hangs for
+    120 s: the run ends within seconds, not at the candidate's timeout, and leaves no worker behind."""
+    workspace, name, marker = tmp_path / "ws", "rel_sigint", uuid.uuid4().hex
+    log = workspace / name / "navdeploy.log"
+    proc = _start(script, workspace, name, slow=120, marker=marker, build_workers=2)
+    try:
+        # Graph 1 (2-d inputs) finishes its three candidates; graph 2's TorchScript candidate then hangs tracing,
+        # and its eager one, beside it, waits to profile until that build ends.
+        _wait_for(lambda: log.exists() and log.read_text().count(": ok") >= 3 or proc.poll() is not None,
+                  150, "the first graph's candidates")
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(3)
+        assert len(_marked_processes(marker)) >= 3, "two workers should be running"
+        os.kill(proc.pid, signal.SIGINT)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        stopped_s = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err, err[-3000:]
+    assert stopped_s < 20, f"took {stopped_s:.0f} s to stop"
+    _wait_for(lambda: not _marked_processes(marker), 10, "the workers to exit")

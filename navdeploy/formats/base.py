@@ -71,6 +71,9 @@ class RunnerSpec:
     # "cast": navdeploy casts the module and float inputs to the candidate precision before export/run;
     # "builder": the format's builder takes the precision as a flag (TensorRT) and the module stays as it is.
     precision_by: str = "cast"
+    # Its build times kernels on the device (TensorRT tactics, max-autotune): it builds with no other candidate
+    # running, as profiling does, or its choices would be timed against the neighbours' work.
+    builds_alone: bool = False
 
     def unavailable_reason(self) -> Optional[str]:
         """None when the runner can run here, else why not (missing package, no provider, no GPU)."""

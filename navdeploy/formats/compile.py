@@ -102,6 +102,7 @@ def _loader(mode: str):
 RUNNERS = [
     RunnerSpec("TorchCompileCPU", Format.TORCH, "cpu", _loader("default")),
     RunnerSpec("TorchCompileCUDA", Format.TORCH, "cuda", _loader("default")),
-    RunnerSpec("TorchCompileCUDAMaxAutotune", Format.TORCH, "cuda", _loader("max-autotune-no-cudagraphs")),
+    RunnerSpec("TorchCompileCUDAMaxAutotune", Format.TORCH, "cuda", _loader("max-autotune-no-cudagraphs"),
+               builds_alone=True),  # it benchmarks kernel choices on the GPU while it compiles
     RunnerSpec("TorchCompileCUDAGraphs", Format.TORCH, "cuda", _loader("reduce-overhead")),
 ]

@@ -95,5 +95,6 @@ RUNNERS = [
                requires=("onnxruntime",), is_available=_provider_check("CUDAExecutionProvider")),
     RunnerSpec("OnnxTensorRT", Format.ONNX, "cuda",
                _loader(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]),
-               requires=("onnxruntime",), is_available=_provider_check("TensorrtExecutionProvider")),
+               requires=("onnxruntime",), is_available=_provider_check("TensorrtExecutionProvider"),
+               builds_alone=True),  # the EP builds and times its engine when the session starts
 ]

@@ -7,6 +7,7 @@ so only the shape/flag logic is unit-tested there."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -74,7 +75,10 @@ def build_engine(onnx_path: Path, plan_path: Path, profile, precision: str, cach
     if engine is None:
         raise RuntimeError("TensorRT failed to build the engine (see navdeploy.log)")
     plan_path.write_bytes(bytes(engine))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    # Replaced whole: a build killed mid-write must not leave a torn cache that fails the next build.
+    tmp = cache_path.with_name(f"{cache_path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    os.replace(tmp, cache_path)
 
 
 def _export(ctx: BuildContext) -> None:
@@ -126,4 +130,5 @@ def _load(ctx: LoadContext) -> RunFn:
 
 
 FORMAT = FormatSpec(Format.TENSORRT, artifact="model.plan", export=_export, requires=("tensorrt", "onnx"))
-RUNNERS = [RunnerSpec("TensorRT", Format.TENSORRT, "cuda", _load, requires=("tensorrt",), precision_by="builder")]
+RUNNERS = [RunnerSpec("TensorRT", Format.TENSORRT, "cuda", _load, requires=("tensorrt",), precision_by="builder",
+                      builds_alone=True)]

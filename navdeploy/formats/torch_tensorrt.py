@@ -34,4 +34,4 @@ def _load(ctx: LoadContext) -> RunFn:
 
 FORMAT = FormatSpec(Format.TORCH_TRT, artifact="model.ep", export=_export, requires=("torch_tensorrt",))
 RUNNERS = [RunnerSpec("TorchTensorRT", Format.TORCH_TRT, "cuda", _load, requires=("torch_tensorrt",),
-                      precision_by="builder")]
+                      precision_by="builder", builds_alone=True)]

@@ -1,0 +1,150 @@
+"""Candidates built side by side (``build_workers``): builds overlap, profiling runs alone, results as with one."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import navdeploy as nav
+from navdeploy.config import build_workers
+from navdeploy.errors import ConfigError
+from navdeploy.timing_gate import TimingGate
+
+RUNNERS = ("TorchCPU", "TorchScriptCPU", "TorchExportCPU", "OnnxCPU")
+
+
+def _thread(fn) -> threading.Thread:
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    return t
+
+
+def test_builds_hold_the_gate_side_by_side():
+    gate = TimingGate()
+    both_inside = threading.Barrier(2, timeout=5)  # broken (an error) unless two builds are inside at once
+
+    def build() -> None:
+        with gate.task():
+            both_inside.wait()
+
+    threads = [_thread(build), _thread(build)]
+    for t in threads:
+        t.join(10)
+    assert not both_inside.broken
+
+
+def test_timing_waits_for_running_builds_and_stops_new_ones():
+    gate = TimingGate()
+    events: list[str] = []
+    build_started, timer_waiting = threading.Event(), threading.Event()
+
+    def early_build() -> None:
+        with gate.task():
+            build_started.set()
+            timer_waiting.wait(5)
+            time.sleep(0.2)  # the timer is waiting now; it must not get in before this build ends
+            events.append("early build ends")
+
+    def timer() -> None:
+        build_started.wait(5)
+        with gate.task() as slot:
+            timer_waiting.set()
+            slot.timing()
+            events.append("timing starts")
+            time.sleep(0.2)
+            events.append("timing ends")
+
+    def late_build() -> None:
+        deadline = time.monotonic() + 5
+        while not (gate._waiting or gate._timing) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with gate.task():  # asked while the timer waits (or times): it goes after the timing
+            events.append("late build starts")
+
+    threads = [_thread(early_build), _thread(timer), _thread(late_build)]
+    for t in threads:
+        t.join(10)
+    assert events == ["early build ends", "timing starts", "timing ends", "late build starts"]
+
+
+def test_an_exclusive_task_runs_alone():
+    gate = TimingGate()
+    inside, events = threading.Event(), []
+
+    def exclusive() -> None:
+        with gate.task(exclusive=True):
+            inside.set()
+            time.sleep(0.2)
+            events.append("exclusive ends")
+
+    def build() -> None:
+        inside.wait(5)
+        with gate.task():
+            events.append("build starts")
+
+    threads = [_thread(exclusive), _thread(build)]
+    for t in threads:
+        t.join(10)
+    assert events == ["exclusive ends", "build starts"]
+
+
+def test_build_workers_setting(monkeypatch):
+    assert build_workers(nav.OptimizeConfig()) == 1
+    monkeypatch.setenv("NAVDEPLOY_BUILD_WORKERS", "3")
+    assert build_workers(nav.OptimizeConfig()) == 3
+    assert build_workers(nav.OptimizeConfig(build_workers=2)) == 2  # the config wins
+    monkeypatch.setenv("NAVDEPLOY_BUILD_WORKERS", "many")
+    with pytest.raises(ConfigError, match="NAVDEPLOY_BUILD_WORKERS='many'"):
+        build_workers(nav.OptimizeConfig())
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="build_workers="):
+            nav.OptimizeConfig(build_workers=bad)
+
+
+def _optimize(tmp_path, name: str, workers: int):
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    module = nav.Module(inner, name=name)
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=RUNNERS, batch_sizes=(1, 2), max_batch_size=2,
+                                profile_time_s=0.2, build_workers=workers)
+    # Two input structures, so two graphs: the second runs on the workers the first one started.
+    data = [(1, torch.randn(1, 16)), (2, torch.randn(2, 16)), (1, torch.randn(1, 3, 16))]
+    status = nav.optimize(module, data, config)
+    return module, inner, status.modules[name].graphs
+
+
+def test_parallel_builds_profile_alone_and_give_the_same_candidates(tmp_path):
+    module, inner, graphs = _optimize(tmp_path, "parallel", workers=2)
+    assert len(graphs) == 2
+    for graph in graphs[1:]:
+        assert all(c["status"] == "ok" for c in graph.candidates), [(c["runner"], c["error"]) for c in graph.candidates]
+    records = graphs[0].candidates
+    assert [c["runner"] for c in records] == list(RUNNERS)  # the manifest keeps the candidates' order
+    assert all(c["status"] == "ok" for c in records), [(c["runner"], c["error"]) for c in records]
+    assert len({c["pid"] for c in records}) >= 2 and os.getpid() not in {c["pid"] for c in records}
+    windows = {c["runner"]: c["window"] for c in records}
+    builds = {r: (w["start"], w["verified"]) for r, w in windows.items()}  # build, load and verify
+    profiles = {r: (w["profile"], w["end"]) for r, w in windows.items()}
+
+    def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        return a[0] < b[1] and b[0] < a[1]
+
+    assert any(overlap(builds[a], builds[b]) for a in builds for b in builds if a != b), \
+        f"no two candidates were built side by side: {windows}"
+    for runner, profiling in profiles.items():
+        for other in windows:
+            if other != runner:  # nothing else ran while this candidate profiled: no build, no other profile
+                assert not overlap(builds[other], profiling) and not overlap(profiles[other], profiling), \
+                    f"{other} ran while {runner} profiled: {windows}"
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), inner(x), atol=1e-4, rtol=1e-3)
+
+    _, _, sequential = _optimize(tmp_path, "sequential", workers=1)
+    assert [c["name"] for c in sequential[0].candidates] == [c["name"] for c in records]
+    assert len({c["pid"] for g in sequential for c in g.candidates}) == 1  # one worker, as before
