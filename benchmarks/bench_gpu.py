@@ -1,8 +1,11 @@
-"""GPU benchmark (device machine, one H100): eager fp32, eager fp16, every navdeploy candidate and the selected
+"""GPU benchmark (device machine: one H100 or H200): eager fp32, eager fp16, every navdeploy candidate and the selected
 one, for a ResNet-50-sized CNN (batch 1 and 32), a BERT-base-sized encoder and a small Stable-Diffusion UNet,
 plus nav.optimize wall time.
 
     python benchmarks/bench_gpu.py --models resnet50,bert,unet --out $OUT/gpu.json
+
+Candidates are built by --build-workers worker processes side by side (default 4; profiling still runs with no
+build in flight), so that the three models fit in one 10-minute device call.
 
 Models are built from code/configs with random weights (nothing is downloaded). Prints a table per model and
 writes JSON. Every correct candidate is also bound on its own from the manifest (as load_optimized binds) and
@@ -31,7 +34,7 @@ import navdeploy as nav  # noqa: E402
 from navdeploy.binding import bind  # noqa: E402
 
 RESNET50_GFLOP_PER_IMAGE = 2 * 4.09  # 4.09 GMACs per 224x224 image
-BF16_MATMUL_CEILING_TFLOPS = 798.0  # measured on the H100 of the device tool (KINDS.md, 8192^3 bf16 matmul)
+BF16_MATMUL_CEILING_TFLOPS = 798.0  # measured on the device tool's H100/H200 (KINDS.md: 769-798, 8192^3 bf16 matmul)
 
 
 def cuda_ms(fn, warmup: int = 10, iters: int = 50, repeats: int = 5) -> float:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import copy
-import json
 import pickle
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 import navdeploy as nav
-from navdeploy.binding import bind
 from navdeploy.module import registered_modules
 
 
@@ -302,18 +299,7 @@ def test_deepcopy_with_forward_func_gives_independent_module(uname):
     pickle.dumps(m)
 
 
-def _bind_onnx(module, workspace) -> None:
-    """Bind the module to its OnnxCPU candidate from the manifest, as load_optimized binds a winner: these tests
-    are about the optimized path, and which of eager and ONNX wins a Linear(4, 4) is timing noise (eager won
-    once in CI)."""
-    folder = Path(workspace) / module.name
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for entry in manifest["graphs"].values():
-        entry["selected"] = "OnnxCPU"
-    assert bind(module, folder, manifest)
-
-
-def test_forward_hooks_run_around_the_optimized_runner(tmp_path, uname):
+def test_forward_hooks_run_around_the_optimized_runner(tmp_path, uname, choose_candidate):
     """Hooks are part of calling a module: registered before or after optimize, they run in optimized mode too,
     once per call, and a hook that rewrites inputs or outputs does so around the runner."""
     torch.manual_seed(0)
@@ -323,7 +309,7 @@ def test_forward_hooks_run_around_the_optimized_runner(tmp_path, uname):
     nav.optimize(m, [(2, torch.randn(2, 4))], nav.OptimizeConfig(workspace=tmp_path, runners=("OnnxCPU",),
                                                                   target_formats=(nav.Format.ONNX,),
                                                                   batch_sizes=(1, 2), profile_time_s=0.02))
-    _bind_onnx(m, tmp_path)
+    choose_candidate(m, tmp_path)
     assert m.is_optimized
     seen = []
     m.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
@@ -356,7 +342,7 @@ def test_forward_hooks_run_around_the_optimized_runner(tmp_path, uname):
     assert failed == [None]
 
 
-def test_hooks_see_mapped_inputs_eagerly_and_when_optimized(tmp_path, uname):
+def test_hooks_see_mapped_inputs_eagerly_and_when_optimized(tmp_path, uname, choose_candidate):
     inner = torch.nn.Linear(4, 4).eval()
     m = nav.Module(inner, name=uname, input_mapping=lambda args, kwargs: ((torch.stack(args[0]),), kwargs))
     seen = []
@@ -366,7 +352,7 @@ def test_hooks_see_mapped_inputs_eagerly_and_when_optimized(tmp_path, uname):
     nav.optimize(m, [(2, (rows,))], nav.OptimizeConfig(workspace=tmp_path, runners=("OnnxCPU",),
                                                         target_formats=(nav.Format.ONNX,), batch_sizes=(1, 2),
                                                         profile_time_s=0.02))
-    _bind_onnx(m, tmp_path)
+    choose_candidate(m, tmp_path)
     assert m.is_optimized
     seen.clear()
     torch.testing.assert_close(m(rows), inner(torch.stack(rows)), atol=1e-5, rtol=1e-4)
