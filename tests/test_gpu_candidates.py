@@ -245,6 +245,34 @@ def test_bound_compile_runner_serves_every_profiled_batch_size_without_compiling
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the device machine)")
+def test_parallel_builds_on_the_gpu_profile_alone(tmp_path):
+    """Two build workers, each with its own CUDA context, build compile and TorchScript candidates side by side;
+    no candidate profiles while another builds, and the bound winner gives eager's outputs on the GPU."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).cuda().eval()
+    module = nav.Module(inner, name="gpu_parallel")
+    config = nav.OptimizeConfig(workspace=tmp_path, batch_sizes=(1, 4), max_batch_size=4, profile_time_s=0.1,
+                                precisions=("fp32",), build_workers=2,
+                                runners=("TorchCUDA", "TorchScriptCUDA", "TorchCompileCUDA", "TorchExportCUDA"))
+    status = nav.optimize(module, [(1, torch.randn(1, 3, 16, 16, device="cuda"))], config)
+    records = status.modules["gpu_parallel"].graphs[0].candidates
+    assert all(c["status"] == "ok" for c in records), [(c["name"], c["error"]) for c in records]
+    assert len({c["pid"] for c in records}) == 2
+    windows = {c["name"]: c["window"] for c in records}
+    for name, w in windows.items():
+        for other, o in windows.items():
+            if other != name:
+                for start, end in ((o["start"], o["verified"]), (o["profile"], o["end"])):
+                    assert not (start < w["end"] and w["profile"] < end), f"{other} ran while {name} profiled"
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    with torch.no_grad():
+        out = module(x)
+    assert out.is_cuda
+    torch.testing.assert_close(out, inner(x), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not CUDA,
                     reason="TensorRT is not installable on these machines (needs the tensorrt package and a GPU)")
 def test_tensorrt_candidate_builds_and_verifies(tmp_path):
