@@ -23,6 +23,7 @@ from navdeploy.formats import FORMATS, RUNNERS, BuildContext, LoadContext, Runne
 from navdeploy.precision import candidate_name, cast_inputs, cast_module, needs_cast
 from navdeploy.profile import measure
 from navdeploy.verify import LOW_PRECISIONS, Comparison, compare, conform
+from navdeploy.workspace import checksum
 
 log = logging.getLogger("navdeploy")
 
@@ -164,13 +165,20 @@ def new_record(runner: RunnerSpec, precision: str, module_precision: str) -> dic
 def run_task(job: Job, task: Task, state: WorkerState) -> dict:
     """Try one candidate. The record always has ``runner``, ``format``, ``status`` and ``error``."""
     runner = RUNNERS[task.runner]
-    graph = job.graphs[task.graph_key]
-    spec = FORMATS[runner.format]
     record = new_record(runner, task.precision, job.precision)
     record["pid"] = os.getpid()
     # Wall-clock (epoch) times of the start, the end of verification, the start of profiling (after any wait for
     # the timing gate) and the end: which candidates were built side by side, and that each profiled alone.
     record["window"] = {"start": time.time(), "verified": None, "profile": None, "end": None}
+    try:
+        return _try_candidate(job, task, state, runner, record)
+    finally:
+        record["window"]["end"] = time.time()
+
+
+def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec, record: dict) -> dict:
+    graph = job.graphs[task.graph_key]
+    spec = FORMATS[runner.format]
     reason = runner.unavailable_reason()
     if reason:
         record.update(status="skipped", error=reason)
@@ -185,6 +193,8 @@ def run_task(job: Job, task: Task, state: WorkerState) -> dict:
                 if task.export:
                     record["times"]["export_s"] = _export(job, graph, runner.format, flat, cast, task.precision, folder)
                     record["exported"] = True
+                    # Hashed here, while this candidate still counts as a build: never beside another's profiling.
+                    record["artifact_checksum"] = checksum(folder)
                 artifact = folder / spec.artifact
             step = "load"
             start = time.perf_counter()
@@ -228,5 +238,4 @@ def run_task(job: Job, task: Task, state: WorkerState) -> dict:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         record.update(status="failed", step=step, error=f"{step}: {type(exc).__name__}: {first}"[:500])
         log.info("%s/%s failed in %s:\n%s", job.module_name, runner.name, step, traceback.format_exc())
-    record["window"]["end"] = time.time()
     return record

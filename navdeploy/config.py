@@ -93,6 +93,8 @@ class OptimizeConfig:
         build_workers: how many worker processes build and verify a module's candidates side by side (each
             holds its own copy of the module); profiling always runs with no build in flight, so figures are
             not disturbed. ``None`` reads ``NAVDEPLOY_BUILD_WORKERS`` (default 1). Needs multiprocessing.
+            ``timeout_s`` stays wall time (less any wait to profile), and builds side by side share the cores:
+            give slow builds more of it.
     """
 
     target_formats: Optional[Sequence[Union[Format, str]]] = None

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
@@ -36,6 +36,7 @@ log = logging.getLogger("navdeploy")
 _READY_TIMEOUT_S = 300.0
 _IN_PROCESS = threading.Lock()  # candidates run in this process (isolation off or unavailable) one at a time
 T = TypeVar("T")
+_STOPPED = "the optimize run was interrupted; no further candidate starts"
 
 
 class WorkerStartError(RuntimeError):
@@ -134,19 +135,39 @@ def _crash_site(log_path: Path, offset: int) -> Optional[str]:
     return None
 
 
+class Payload:
+    """The job as bytes for the workers, pickled once however many workers start (a module can be large)."""
+
+    def __init__(self, job: Job):
+        self._job = job
+        self._bytes: Optional[bytes] = None
+        self._lock = threading.Lock()
+
+    def get(self) -> bytes:
+        with self._lock:
+            if self._bytes is None:
+                try:
+                    self._bytes = cloudpickle.dumps(self._job)
+                except Exception as exc:  # noqa: BLE001
+                    raise WorkerStartError(f"the module cannot be sent to a child process ({type(exc).__name__}: "
+                                           f"{exc})") from exc
+            return self._bytes
+
+
 class Executor:
     """Runs tasks of one job, isolated in a worker child or in this process."""
 
     def __init__(self, job: Job, isolate: bool, timeout_s: float, log_path: Path,
-                 gate: Optional[TimingGate] = None):
+                 gate: Optional[TimingGate] = None, payload: Optional[Payload] = None):
         self.job = job
         self.isolate = isolate
         self.timeout_s = timeout_s
         self.log_path = log_path
         self.gate = gate or TimingGate()
+        self._payload = payload or Payload(job)
         self._state = WorkerState()
         self._proc = None
-        self._payload: Optional[bytes] = None
+        self._lock = threading.Lock()  # guards _proc and _stopped against stop() from another thread
         self._stopped = False  # set by stop(): no further task starts
 
     def __enter__(self) -> "Executor":
@@ -156,17 +177,16 @@ class Executor:
         self.close()
 
     def _start(self) -> None:
-        if self._payload is None:
-            try:
-                self._payload = cloudpickle.dumps(self.job)
-            except Exception as exc:  # noqa: BLE001
-                raise WorkerStartError(f"the module cannot be sent to a child process ({type(exc).__name__}: {exc})") from exc
+        payload = self._payload.get()
         ctx = mp.get_context("spawn")
         self._tasks, self._results, self._grants = ctx.Queue(), ctx.Queue(), ctx.Queue()
-        self._proc = ctx.Process(target=_worker_main, name=f"navdeploy-{self.job.module_name}",
-                                 args=(self._payload, self._tasks, self._results, self._grants, str(self.log_path)),
-                                 daemon=True)
-        self._proc.start()
+        proc = ctx.Process(target=_worker_main, name=f"navdeploy-{self.job.module_name}",
+                           args=(payload, self._tasks, self._results, self._grants, str(self.log_path)), daemon=True)
+        with self._lock:
+            if self._stopped:
+                raise RunStopped(_STOPPED)
+            proc.start()
+            self._proc = proc
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
@@ -174,18 +194,20 @@ class Executor:
                 if kind == "ready":
                     return
             except queue.Empty:
-                if not self._proc.is_alive():
+                if not proc.is_alive():
                     break
-        code = self._proc.exitcode
         self._kill()
+        if self._stopped:  # stop() killed it while it started
+            raise RunStopped(_STOPPED)
         raise WorkerStartError(
-            f"{_describe_exit(code)} while starting. If your script runs nav.optimize at import time, put it under "
-            "`if __name__ == \"__main__\":` (spawned children re-import the main script), or set "
+            f"{_describe_exit(proc.exitcode)} while starting. If your script runs nav.optimize at import time, put it "
+            "under `if __name__ == \"__main__\":` (spawned children re-import the main script), or set "
             "NAVDEPLOY_USE_MULTIPROCESSING=False. See " + str(self.log_path)
         )
 
     def _kill(self) -> None:
-        proc, self._proc = self._proc, None
+        with self._lock:
+            proc, self._proc = self._proc, None
         if proc is not None:
             if proc.is_alive():
                 proc.kill()
@@ -194,9 +216,9 @@ class Executor:
     def run(self, task: Task) -> dict:
         """The task's record; a crash or timeout becomes a failed record. The task holds the gate while it
         runs in a worker: alone when its runner times kernels while it builds, else beside other builds until
-        it profiles."""
+        it profiles. Raises :class:`RunStopped` once :meth:`stop` was called."""
         if self._stopped:
-            raise RunStopped("the optimize run was interrupted; no further candidate starts")
+            raise RunStopped(_STOPPED)
         if self.isolate:
             with self.gate.task(exclusive=RUNNERS[task.runner].builds_alone) as slot:
                 if self._proc is None or not self._proc.is_alive():
@@ -216,6 +238,8 @@ class Executor:
     def _run_in_worker(self, task: Task, slot: Slot) -> dict:
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         proc = self._proc  # stop() from another thread may clear self._proc
+        if proc is None:
+            raise RunStopped(_STOPPED)
         self._tasks.put(task)
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -234,19 +258,24 @@ class Executor:
                     failure = f"timed out after {self.timeout_s:g} s"
                 if failure:
                     self._kill()
+                    if self._stopped:  # killed by stop(): not the candidate's failure, and nothing to record
+                        raise RunStopped(_STOPPED)
                     return {**new_record(RUNNERS[task.runner], task.precision, self.job.precision),
                             "step": "isolation", "error": failure}
 
     def stop(self) -> None:
-        """Kill the worker now and run no further task (an interrupted run): the task in flight fails."""
-        self._stopped = True
+        """Kill the worker now and start no further task (an interrupted run): the task in flight raises
+        :class:`RunStopped` and leaves no record."""
+        with self._lock:
+            self._stopped = True
         self._kill()
 
     def close(self) -> None:
         """Stop the worker (politely, then by force)."""
-        if self._proc is not None and self._proc.is_alive():
+        proc = self._proc
+        if proc is not None and proc.is_alive():
             self._tasks.put(None)
-            self._proc.join(timeout=5)
+            proc.join(timeout=5)
         self._kill()
 
 
@@ -260,9 +289,9 @@ class ExecutorPool:
         # The threads live as long as the pool: a worker's death signal (PR_SET_PDEATHSIG) follows the *thread*
         # that started it, so a thread that ended after one graph would take its worker down with it.
         self._threads = ThreadPoolExecutor(self.workers, "navdeploy-build") if self.workers > 1 else None
-        gate = TimingGate()
+        gate, payload = TimingGate(), Payload(job)
         self._free: queue.SimpleQueue[Executor] = queue.SimpleQueue()
-        self._all = [Executor(job, isolate, timeout_s, log_path, gate) for _ in range(self.workers)]
+        self._all = [Executor(job, isolate, timeout_s, log_path, gate, payload) for _ in range(self.workers)]
         for executor in self._all:
             self._free.put(executor)
 
@@ -286,15 +315,17 @@ class ExecutorPool:
 
     def map(self, fn: Callable[[T], None], items: Sequence[T]) -> None:
         """``fn(item)`` for every item: in this thread, in order, with one worker; else on ``workers`` threads.
-        An exception (Ctrl-C included) stops every worker, and the first is raised."""
+        The first exception (Ctrl-C included) stops every worker and is raised."""
         if self._threads is None:
             for item in items:
                 fn(item)
             return
         futures = [self._threads.submit(fn, item) for item in items]
         try:
-            for future in futures:
-                future.result()
+            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in futures if f in finished and f.exception() is not None), None)
+            if failed is not None:
+                failed.result()  # raises it
         except BaseException:
             # Ctrl-C (or a failing chain) lands in this thread: stop the other chains' workers now rather than
             # letting each run to its end.

@@ -410,7 +410,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                 record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision))
                 state = None
                 if record.get("exported"):
-                    state = {"status": "ok", "checksum": checksum(folder / fmt),
+                    state = {"status": "ok", "checksum": record["artifact_checksum"],
                              "export_s": record["times"].get("export_s")}
                 elif not artifact_ok and record["status"] == "failed" and record.get("step") in ("export", "isolation"):
                     state = {"status": "failed", "error": record["error"]}

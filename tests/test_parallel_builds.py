@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
@@ -11,8 +12,11 @@ import torch
 from torch import nn
 
 import navdeploy as nav
+from navdeploy.candidate import Job, Task
+from navdeploy.capture import Recorder
 from navdeploy.config import build_workers
 from navdeploy.errors import ConfigError
+from navdeploy.isolation import Executor, RunStopped
 from navdeploy.timing_gate import TimingGate
 
 RUNNERS = ("TorchCPU", "TorchScriptCPU", "TorchExportCPU", "OnnxCPU")
@@ -91,6 +95,36 @@ def test_an_exclusive_task_runs_alone():
     for t in threads:
         t.join(10)
     assert events == ["exclusive ends", "build starts"]
+
+
+def test_stop_while_a_worker_starts_leaves_no_worker_and_no_record(tmp_path):
+    """Ctrl-C lands while a chain's worker is still starting (spawn + import torch take seconds): the task raises
+    RunStopped, not a failed record or an AttributeError, and no worker is left running."""
+    module = nn.Linear(4, 4).eval()
+    recorder = Recorder("stop_start", 4, None)
+    recorder.record(module, (torch.randn(2, 4),), {})
+    graph = recorder.finish()[0]
+    job = Job("stop_start", module, None, {graph.key: graph}, tmp_path, "cpu", "fp32", {"fp32": (1e-4, 1e-3)}, None,
+              (1, 2), 2, 0.05)
+    executor = Executor(job, True, 60, tmp_path / "navdeploy.log")
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["record"] = executor.run(Task(graph.key, "TorchCPU", False, "fp32"))
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    thread = _thread(run)
+    deadline = time.monotonic() + 30
+    while executor._proc is None and time.monotonic() < deadline:  # the worker process exists, not yet ready
+        time.sleep(0.01)
+    executor.stop()
+    thread.join(30)
+    assert isinstance(outcome.get("error"), RunStopped), outcome
+    assert executor._proc is None and not multiprocessing.active_children()
+    with pytest.raises(RunStopped):  # and nothing starts afterwards
+        executor.run(Task(graph.key, "TorchCPU", False, "fp32"))
 
 
 def test_build_workers_setting(monkeypatch):

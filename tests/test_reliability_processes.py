@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
+from navdeploy.workspace import CHECKPOINT
+
 
 SCRIPT = textwrap.dedent('''
     import gc, json, os, sys, time
@@ -217,3 +219,8 @@ def test_ctrl_c_stops_a_run_with_parallel_builds_and_its_workers_at_once(script,
     assert proc.returncode != 0 and "KeyboardInterrupt" in err, err[-3000:]
     assert stopped_s < 20, f"took {stopped_s:.0f} s to stop"
     _wait_for(lambda: not _marked_processes(marker), 10, "the workers to exit")
+    # The workers navdeploy killed to stop are not failed candidates: nothing of the kind was recorded for the
+    # next run to reuse.
+    records = [c for path in (workspace / name).glob(f"*/{CHECKPOINT}")
+               for c in json.loads(path.read_text())["candidates"]]
+    assert records and not [c for c in records if c["status"] != "ok"], records
