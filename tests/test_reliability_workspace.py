@@ -192,15 +192,19 @@ def test_next_optimize_rebuilds_a_corrupted_workspace(ws):
     (graph_dir,) = [p for p in (workspace / NAME).iterdir() if p.is_dir()]
     (graph_dir / "onnx" / "model.onnx").write_bytes(b"garbage")
     status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))], fast(workspace, runners=("OnnxCPU",)))
-    onnx = status.modules[NAME].graphs[0].candidate("OnnxCPU")
+    graph = status.modules[NAME].graphs[0]
+    onnx = graph.candidate("OnnxCPU")
     assert onnx["status"] == "ok" and not onnx.get("cached")  # rebuilt, not trusted
-    assert module.is_optimized
+    # Bound to what this run selected (which of eager and ONNX wins a Linear(4, 4) is timing noise).
+    assert module.is_optimized == (graph.selected == "OnnxCPU")
     (workspace / NAME / "manifest.json").write_text("{ broken")
     with pytest.warns(RuntimeWarning, match="ignoring an unusable manifest"):
         status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))],
                               fast(workspace, runners=("OnnxCPU",)))
-    assert status.modules[NAME].graphs[0].selected == "OnnxCPU" and module.is_optimized
-    assert read_manifest(workspace / NAME) is not None
+    graph = status.modules[NAME].graphs[0]
+    assert graph.candidate("OnnxCPU")["status"] == "ok" and graph.selected in ("OnnxCPU", "TorchCPU")
+    assert module.is_optimized == (graph.selected == "OnnxCPU")
+    assert read_manifest(workspace / NAME)["graphs"][graph.key]["selected"] == graph.selected
 
 
 class Payload:
