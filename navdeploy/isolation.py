@@ -19,6 +19,7 @@ import os
 import queue
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -37,6 +38,7 @@ _READY_TIMEOUT_S = 300.0
 _IN_PROCESS = threading.Lock()  # candidates run in this process (isolation off or unavailable) one at a time
 T = TypeVar("T")
 _STOPPED = "the optimize run was interrupted; no further candidate starts"
+_FAULTS = None  # a worker's faulthandler file, kept open for the worker's life
 
 
 class WorkerStartError(RuntimeError):
@@ -71,14 +73,17 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="navdeploy-parent-watch", daemon=True).start()
 
 
-def _worker_main(payload: bytes, tasks, results, grants, log_path: str) -> None:
+def _worker_main(payload: bytes, tasks, results, grants, log_path: str, faults_path: str) -> None:
+    global _FAULTS
     _die_with_parent()
     # Exporters print a lot straight to the file descriptors; keep it in the module's log, off the console.
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    # A crash in native code (SIGSEGV in a compiled library) then leaves the Python stack in the log.
-    faulthandler.enable()
+    # A crash in native code (SIGSEGV in a compiled library) leaves the Python stack in this worker's own file
+    # (the parent copies it into the log): in the shared log, another worker's dump could pass for this one's.
+    _FAULTS = open(faults_path, "w")
+    faulthandler.enable(file=_FAULTS)
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [worker] %(message)s"))
     logger = logging.getLogger("navdeploy")
@@ -100,28 +105,39 @@ def _worker_main(payload: bytes, tasks, results, grants, log_path: str) -> None:
         results.put(("result", run_task(job, task, state)))
 
 
-def _describe_exit(code: Optional[int], log_path: Optional[Path] = None, log_offset: int = 0) -> str:
+def _describe_exit(code: Optional[int], log_path: Optional[Path] = None,
+                   faults_path: Optional[Path] = None) -> str:
+    """Why a worker ended, e.g. ``died with SIGSEGV in torch/_inductor/package.py:9 in load (stack in ...)``.
+    The crashing worker's faulthandler dump (``faults_path``) is copied into the module's log."""
     if code is not None and code < 0:
         name = signal.Signals(-code).name
         hint = ", likely out of memory" if -code == signal.SIGKILL else ""
         # Only faulthandler's signals leave a dump; a SIGKILL (OOM) never does.
         dumps = -code in (signal.SIGSEGV, signal.SIGFPE, signal.SIGABRT, signal.SIGBUS, signal.SIGILL)
-        where = _crash_site(log_path, log_offset) if log_path is not None and dumps else None
+        where = _crash_site(_take_dump(faults_path, log_path)) if faults_path is not None and dumps else None
         site = f" in {where} (stack in {log_path})" if where else ""
         return f"the candidate process died with {name}{hint}{site}"
     return f"the candidate process exited with code {code}"
 
 
-def _crash_site(log_path: Path, offset: int) -> Optional[str]:
-    """The innermost Python frame of a faulthandler dump written to the worker's log after ``offset``, e.g.
-    ``_inductor/package/package.py:123 in load_package``; None when there is none."""
+def _take_dump(faults_path: Path, log_path: Optional[Path]) -> str:
+    """The dump a dead worker left in its faults file, appended to the module's log; the file is emptied for
+    the executor's next worker."""
     try:
-        with open(log_path, "rb") as f:
-            f.seek(max(offset, os.path.getsize(log_path) - 64_000))
-            tail = f.read().decode("utf-8", "replace")
+        dump = Path(faults_path).read_text(errors="replace")[-64_000:]
+        Path(faults_path).write_text("")
     except OSError:
-        return None
-    _, found, dump = tail.rpartition("Fatal Python error")
+        return ""
+    if dump and log_path is not None:
+        with contextlib.suppress(OSError), open(log_path, "a") as log_file:
+            log_file.write(dump)
+    return dump
+
+
+def _crash_site(dump: str) -> Optional[str]:
+    """The innermost Python frame of the crashing thread in a faulthandler dump, e.g.
+    ``_inductor/package/package.py:123 in load_package``; None when there is none."""
+    _, found, dump = dump.rpartition("Fatal Python error")
     _, current, stack = dump.partition("Current thread")
     if not found or not current:  # no dump, or the crash was in a thread without Python (e.g. an OpenMP worker)
         return None
@@ -167,6 +183,7 @@ class Executor:
         self._payload = payload or Payload(job)
         self._state = WorkerState()
         self._proc = None
+        self._faults: Optional[Path] = None  # the worker's faulthandler file, one per executor
         self._lock = threading.Lock()  # guards _proc and _stopped against stop() from another thread
         self._stopped = False  # set by stop(): no further task starts
 
@@ -179,9 +196,14 @@ class Executor:
     def _start(self) -> None:
         payload = self._payload.get()
         ctx = mp.get_context("spawn")
+        if self._faults is None:
+            fd, path = tempfile.mkstemp(prefix=f"navdeploy-{self.job.module_name}-", suffix=".faults")
+            os.close(fd)
+            self._faults = Path(path)
         self._tasks, self._results, self._grants = ctx.Queue(), ctx.Queue(), ctx.Queue()
         proc = ctx.Process(target=_worker_main, name=f"navdeploy-{self.job.module_name}",
-                           args=(payload, self._tasks, self._results, self._grants, str(self.log_path)), daemon=True)
+                           args=(payload, self._tasks, self._results, self._grants, str(self.log_path),
+                                 str(self._faults)), daemon=True)
         with self._lock:
             if self._stopped:
                 raise RunStopped(_STOPPED)
@@ -200,7 +222,7 @@ class Executor:
         if self._stopped:  # stop() killed it while it started
             raise RunStopped(_STOPPED)
         raise WorkerStartError(
-            f"{_describe_exit(proc.exitcode)} while starting. If your script runs nav.optimize at import time, put it "
+            f"{_describe_exit(proc.exitcode, self.log_path, self._faults)} while starting. If your script runs nav.optimize at import time, put it "
             "under `if __name__ == \"__main__\":` (spawned children re-import the main script), or set "
             "NAVDEPLOY_USE_MULTIPROCESSING=False. See " + str(self.log_path)
         )
@@ -236,7 +258,6 @@ class Executor:
             return run_task(self.job, task, self._state)
 
     def _run_in_worker(self, task: Task, slot: Slot) -> dict:
-        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         proc = self._proc  # stop() from another thread may clear self._proc
         if proc is None:
             raise RunStopped(_STOPPED)
@@ -253,7 +274,7 @@ class Executor:
             except queue.Empty:
                 failure = None
                 if not proc.is_alive():
-                    failure = _describe_exit(proc.exitcode, self.log_path, log_offset)
+                    failure = _describe_exit(proc.exitcode, self.log_path, self._faults)
                 elif time.monotonic() > deadline:
                     failure = f"timed out after {self.timeout_s:g} s"
                 if failure:
@@ -277,6 +298,9 @@ class Executor:
             self._tasks.put(None)
             proc.join(timeout=5)
         self._kill()
+        if self._faults is not None:
+            self._faults.unlink(missing_ok=True)
+            self._faults = None
 
 
 class ExecutorPool:

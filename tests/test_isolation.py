@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +77,60 @@ def test_a_crash_beside_other_builds_fails_alone(tmp_path):
     torch.testing.assert_close(module(x), module.__wrapped__(x), atol=1e-4, rtol=1e-3)
 
 
+class CrashTogether(nn.Module):
+    """Segfaults while TorchScript traces it and while torch.export exports it, in two different functions, the
+    two workers meeting first so that both dumps reach the shared log within milliseconds."""
+
+    def __init__(self, meeting: str):
+        super().__init__()
+        self.meeting = meeting
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if torch.compiler.is_exporting():
+            meet(self.meeting, "export")
+            crash_while_exporting()
+        elif torch.jit.is_tracing():
+            meet(self.meeting, "trace")
+            time.sleep(0.02)  # just after the export worker's crash, before the parent can read the log
+            crash_while_tracing()
+        return self.linear(x).relu()
+
+
+def meet(folder: str, me: str) -> None:
+    Path(folder, me).touch()
+    deadline = time.monotonic() + 60
+    while len(list(Path(folder).iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def crash_while_exporting():
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def crash_while_tracing():
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_two_crashes_at_once_each_name_their_own_frame(tmp_path):
+    """Side by side, each worker's faulthandler dump is its own: a crash site is never another candidate's."""
+    (tmp_path / "meeting").mkdir()
+    module = nav.Module(CrashTogether(str(tmp_path / "meeting")).eval(), name="crash_together")
+    cfg = nav.OptimizeConfig(workspace=tmp_path / "ws", target_formats=(nav.Format.TORCH, nav.Format.TORCHSCRIPT,
+                                                                        nav.Format.TORCH_EXPORTEDPROGRAM),
+                             runners=("TorchCPU", "TorchScriptCPU", "TorchExportCPU"), build_workers=3, **FAST)
+    status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))], cfg)
+    records = {c["runner"]: c for c in status.modules[module.name].graphs[0].candidates}
+    assert sorted(p.name for p in (tmp_path / "meeting").iterdir()) == ["export", "trace"]  # they did meet
+    assert "died with SIGSEGV in " in records["TorchExportCPU"]["error"], records["TorchExportCPU"]["error"]
+    assert " in crash_while_exporting (stack in " in records["TorchExportCPU"]["error"]
+    assert " in crash_while_tracing (stack in " in records["TorchScriptCPU"]["error"], records["TorchScriptCPU"]["error"]
+    assert records["TorchCPU"]["status"] == "ok"
+    log = (tmp_path / "ws" / module.name / "navdeploy.log").read_text()
+    assert log.count("Fatal Python error: Segmentation fault") == 2  # both dumps kept in the module's log
+    assert not list(Path(tempfile.gettempdir()).glob("navdeploy-crash_together-*.faults"))  # no file left behind
+
+
 def test_in_process_mode_still_survives_an_exception(tmp_path, monkeypatch):
     monkeypatch.setenv("NAVIGATOR_USE_MULTIPROCESSING", "False")  # the peer's name is accepted too
     _, records = _optimize("raise", tmp_path)
@@ -83,31 +139,32 @@ def test_in_process_mode_still_survives_an_exception(tmp_path, monkeypatch):
     assert records["OnnxCPU"]["pid"] == os.getpid()  # no child process was used
 
 
-def test_crash_site_is_read_only_from_the_crashing_threads_dump(tmp_path):
+def test_crash_site_is_read_from_the_crashing_threads_dump_and_kept_in_the_log(tmp_path):
     from navdeploy.isolation import _describe_exit
 
-    log = tmp_path / "navdeploy.log"
-    old = 'Traceback (most recent call last):\n  File "/x/old.py", line 1 in before\n'
-    log.write_text(old)
-    offset = log.stat().st_size
+    log, faults = tmp_path / "navdeploy.log", tmp_path / "worker.faults"
+    log.write_text("earlier lines\n")
     current = ('Fatal Python error: Segmentation fault\n\nThread 0x01 (most recent call first):\n'
                '  File "/usr/lib/python3.11/threading.py", line 327 in wait\n\n'
                'Current thread 0x02 (most recent call first):\n  File "/site/torch/_inductor/package.py", line 9 in load\n'
                '  File "/site/navdeploy/candidate.py", line 5 in run_task\n\nExtension modules: torch._C\n')
-    with open(log, "a") as f:
-        f.write(current)
-    assert _describe_exit(-11, log, offset).startswith("the candidate process died with SIGSEGV in torch/_inductor/"
-                                                       "package.py:9 in load (stack in ")
-    # A SIGKILL leaves no dump: a traceback logged earlier in the task is not a crash site.
-    assert _describe_exit(-9, log, 0) == "the candidate process died with SIGKILL, likely out of memory"
-    # No dump after the task's offset: nothing to name.
-    log.write_text(old)
-    assert _describe_exit(-11, log, 0) == "the candidate process died with SIGSEGV"
+    faults.write_text(current)
+    assert _describe_exit(-11, log, faults).startswith("the candidate process died with SIGSEGV in torch/_inductor/"
+                                                       f"package.py:9 in load (stack in {log})")
+    assert log.read_text() == "earlier lines\n" + current  # the dump is kept in the module's log
+    assert faults.read_text() == ""  # and taken: the executor's next worker starts with an empty file
+    # A SIGKILL leaves no dump: nothing is read, even if the file held something.
+    faults.write_text(current)
+    assert _describe_exit(-9, log, faults) == "the candidate process died with SIGKILL, likely out of memory"
+    # No dump: nothing to name.
+    faults.write_text("")
+    assert _describe_exit(-11, log, faults) == "the candidate process died with SIGSEGV"
     # A crash in a thread without Python (no "Current thread"), or one with no Python frame: nothing to name.
-    log.write_text('Fatal Python error: Segmentation fault\n\nThread 0x01 (most recent call first):\n'
-                   '  File "/usr/lib/python3.11/threading.py", line 327 in wait\n')
-    assert _describe_exit(-11, log, 0) == "the candidate process died with SIGSEGV"
-    log.write_text('Fatal Python error: Segmentation fault\n\nCurrent thread 0x02 (most recent call first):\n'
-                   '  <no Python frame>\n\nThread 0x01 (most recent call first):\n'
-                   '  File "/usr/lib/python3.11/threading.py", line 327 in wait\n')
-    assert _describe_exit(-11, log, 0) == "the candidate process died with SIGSEGV"
+    faults.write_text('Fatal Python error: Segmentation fault\n\nThread 0x01 (most recent call first):\n'
+                      '  File "/usr/lib/python3.11/threading.py", line 327 in wait\n')
+    assert _describe_exit(-11, log, faults) == "the candidate process died with SIGSEGV"
+    faults.write_text('Fatal Python error: Segmentation fault\n\nCurrent thread 0x02 (most recent call first):\n'
+                      '  <no Python frame>\n\nThread 0x01 (most recent call first):\n'
+                      '  File "/usr/lib/python3.11/threading.py", line 327 in wait\n')
+    assert _describe_exit(-11, log, faults) == "the candidate process died with SIGSEGV"
+    assert _describe_exit(-11, log, tmp_path / "missing.faults") == "the candidate process died with SIGSEGV"
