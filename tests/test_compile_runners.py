@@ -11,6 +11,7 @@ from navdeploy.capture import Recorder
 from navdeploy.flat_module import FlatModule
 from navdeploy.formats import RUNNERS
 from navdeploy.formats.base import LoadContext
+from navdeploy.formats.compile import own_frame
 
 
 def test_every_compiled_module_of_a_process_gets_its_own_compile():
@@ -30,3 +31,29 @@ def test_every_compiled_module_of_a_process_gets_its_own_compile():
             (out,) = run([x])
         assert counters["stats"]["unique_graphs"] == compiled + 1, f"module {width} ran uncompiled"
         torch.testing.assert_close(out, module(x))
+
+
+def test_a_new_compiled_module_does_not_inherit_another_modules_dynamic_shapes():
+    """Automatic dynamic shapes: a module compiles static on its first call even after another compiled module saw
+    two batch sizes (and so went symbolic). With a shared frame name the third module here compiled with batch,
+    height and width symbolic on its first call, as the diffusion UNet would have after ResNet-50 in one process."""
+    symbolic: dict[str, list] = {}
+
+    def recording(tag):
+        def backend(gm, example_inputs):
+            symbolic.setdefault(tag, []).append([i for i in example_inputs if isinstance(i, torch.SymInt)])
+            return gm.forward
+        return backend
+
+    first = torch.nn.Conv2d(3, 8, 3).eval()
+    other_rank = torch.nn.Linear(16, 4).eval()
+    new = torch.nn.Conv2d(4, 4, 3).eval()
+    with torch.no_grad():
+        compiled = torch.compile(own_frame(first), backend=recording("first"), dynamic=None)
+        compiled(torch.randn(1, 3, 20, 20))
+        compiled(torch.randn(5, 3, 20, 20))
+        torch.compile(own_frame(other_rank), backend=recording("other_rank"), dynamic=None)(torch.randn(1, 16))
+        torch.compile(own_frame(new), backend=recording("new"), dynamic=None)(torch.randn(2, 4, 12, 12))
+    assert symbolic["first"][0] == [] and len(symbolic["first"][1]) == 1  # static, then only the batch symbolic
+    assert symbolic["other_rank"] == [[]]
+    assert symbolic["new"] == [[]], symbolic["new"]  # static on its first call

@@ -1,6 +1,7 @@
 """torch.compile (inductor) of the eager module, in several modes. Nothing is written: compiled graphs land
 in the inductor cache, which navdeploy points into the workspace so reloads compile from cache."""
 
+import itertools
 import logging
 from typing import Any, Callable, Optional
 
@@ -55,16 +56,22 @@ def compile_target(ctx: LoadContext) -> tuple[torch.nn.Module, Optional[bool]]:
 def own_frame(module: torch.nn.Module) -> Callable[..., Any]:
     """``module``'s call as a function with a code object of its own, to give to torch.compile.
 
-    Dynamo keeps compiled code, the recompile count and automatic-dynamic state per code object. Compiling
-    modules directly shares ``FlatModule.forward`` between every candidate, graph and module of a process, and
-    its 8 recompiles (``recompile_limit``) ran out: the 9th different module ran uncompiled, with only a warning
-    (seen on the H100 in a benchmark of three models)."""
+    Dynamo keeps compiled code and the recompile count per code object, and automatic-dynamic state per
+    (file, line, *name*). Compiling modules directly shares ``FlatModule.forward`` between every candidate, graph
+    and module of a process, and its 8 recompiles (``recompile_limit``) ran out: the 9th different module ran
+    uncompiled, with only a warning (seen on the H100 in a benchmark of three models). A copy under the same name
+    still shared the shape history: a new module whose first call came after another's second compiled with every
+    axis symbolic (slow kernels; a compile past 150 s for a diffusion UNet). The name takes no part in Inductor's
+    cache key, so compiled graphs are still found across processes."""
 
     def call(*tensors: torch.Tensor) -> Any:
         return module(*tensors)
 
-    call.__code__ = call.__code__.replace()  # a copy: its own cache
+    call.__code__ = call.__code__.replace(co_name=f"navdeploy_compiled_{next(_FRAMES)}")  # its own code and name
     return call
+
+
+_FRAMES = itertools.count()
 
 
 def _eager_layout(t: torch.Tensor) -> torch.Tensor:
