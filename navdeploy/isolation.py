@@ -291,12 +291,19 @@ class Executor:
             self._stopped = True
         self._kill()
 
-    def close(self) -> None:
-        """Stop the worker (politely, then by force)."""
+    def ask_to_end(self) -> None:
+        """Tell the worker to end after its current task (``close`` then waits for it)."""
         proc = self._proc
         if proc is not None and proc.is_alive():
             self._tasks.put(None)
-            proc.join(timeout=5)
+
+    def close(self, deadline: Optional[float] = None) -> None:
+        """Stop the worker: politely until ``deadline`` (``time.monotonic()``; 5 s from now by default), then by
+        force."""
+        self.ask_to_end()
+        proc = self._proc
+        if proc is not None:
+            proc.join(timeout=max(0.0, (deadline or time.monotonic() + 5) - time.monotonic()))
         self._kill()
         if self._faults is not None:
             self._faults.unlink(missing_ok=True)
@@ -323,8 +330,11 @@ class ExecutorPool:
         return self
 
     def __exit__(self, *exc) -> None:
+        for executor in self._all:  # all at once: each worker frees its memory (a CUDA context) meanwhile
+            executor.ask_to_end()
+        deadline = time.monotonic() + 5
         for executor in self._all:
-            executor.close()
+            executor.close(deadline)
         if self._threads is not None:
             self._threads.shutdown(wait=True)
 

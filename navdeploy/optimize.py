@@ -402,6 +402,11 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                 if cached and cached["status"] in ("ok", "failed") and (artifact_ok or cached["status"] == "failed"):
                     done(index, name, {**cached, "cached": True}, checkpoint=False)
                     continue
+                reason = runner.unavailable_reason()
+                if reason:  # decided here: no worker starts, and a builds_alone runner never holds up the others
+                    done(index, name, {**new_record(runner, precision, job.precision), "status": "skipped",
+                                       "error": reason}, checkpoint=True)
+                    continue
                 if formats.get(fmt, {}).get("status") == "failed":
                     done(index, name, {**new_record(runner, precision, job.precision), "step": "export",
                                        "error": formats[fmt]["error"]}, checkpoint=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import threading
@@ -182,3 +183,22 @@ def test_parallel_builds_profile_alone_and_give_the_same_candidates(tmp_path):
     _, _, sequential = _optimize(tmp_path, "sequential", workers=1)
     assert [c["name"] for c in sequential[0].candidates] == [c["name"] for c in records]
     assert len({c["pid"] for g in sequential for c in g.candidates}) == 1  # one worker, as before
+
+
+def test_a_runner_that_cannot_run_here_is_skipped_without_a_worker(tmp_path, monkeypatch):
+    """Decided in this process: no worker starts for it, and a ``builds_alone`` runner (TensorRT when it is not
+    installed) never makes the other builds wait for a gate it would only hold to say "skipped"."""
+    from navdeploy import formats
+
+    missing = dataclasses.replace(formats.RUNNERS["TorchScriptCPU"], requires=("a_package_that_is_not_here",),
+                                  builds_alone=True)
+    monkeypatch.setitem(formats.RUNNERS, "TorchScriptCPU", missing)  # this process only: a worker would build it
+    module = nav.Module(nn.Linear(4, 4).eval(), name="unavailable")
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "TorchScriptCPU", "OnnxCPU"),
+                                batch_sizes=(1, 2), max_batch_size=2, profile_time_s=0.05, build_workers=2)
+    status = nav.optimize(module, [(1, torch.randn(1, 4))], config)
+    records = {c["runner"]: c for c in status.modules["unavailable"].graphs[0].candidates}
+    skipped = records["TorchScriptCPU"]
+    assert skipped["status"] == "skipped" and "a_package_that_is_not_here" in skipped["error"]
+    assert "pid" not in skipped and "window" not in skipped  # no worker ran it
+    assert records["OnnxCPU"]["status"] == "ok" and records["TorchCPU"]["status"] == "ok"
