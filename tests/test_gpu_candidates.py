@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+import warnings
 
 import pytest
 import torch
@@ -233,12 +234,17 @@ def test_bound_compile_runner_serves_every_profiled_batch_size_without_compiling
     for entry in manifest["graphs"].values():
         assert {c["name"]: c["status"] for c in entry["candidates"]}["TorchCompileCUDAGraphs[fp16]"] == "ok"
         entry["selected"] = "TorchCompileCUDAGraphs[fp16]"
-    assert binding.bind(module, folder, manifest)
+    before_bind = counters["stats"]["unique_graphs"]
+    assert binding.bind(module, folder, manifest) and module.is_optimized
     compiled = counters["stats"]["unique_graphs"]
+    assert compiled > before_bind  # bind compiled (warmed up) the runner
     for batch in (4, 1):
         x = torch.randn(batch, 3, 16, 16, device="cuda")
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
             out = module(x)
+        # Served by the runner: an eager fallback would also give fp32 outputs and compile nothing.
+        assert not [w for w in seen if "navdeploy" in str(w.message)], [str(w.message) for w in seen]
         assert out.is_cuda and out.dtype == torch.float32 and out.is_contiguous()
         torch.testing.assert_close(out, inner(x), atol=1e-2, rtol=1e-2)
     assert counters["stats"]["unique_graphs"] == compiled, "a profiled batch size compiled on the first call"
