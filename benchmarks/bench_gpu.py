@@ -95,7 +95,7 @@ MODELS = {"resnet50": (resnet50, (1, 32)), "bert": (bert, (1, 8)), "unet": (unet
 
 
 def bench_model(name: str, workspace: Path, timeout_s: float, runners, profile_time_s: float,
-                rebind_selected: bool, build_workers: int) -> dict:
+                rebind_selected: bool, build_workers: int, checkpoint=lambda result: None) -> dict:
     build, batch_sizes = MODELS[name]
     model32, sample, _ = build()
     captured = batch_sizes[0]
@@ -141,12 +141,16 @@ def bench_model(name: str, workspace: Path, timeout_s: float, runners, profile_t
                     "p50_ms": {(m["batch_size"] or captured): m["p50_ms"] for m in c["profile"]},
                     "times": c.get("times"), "window": c.get("window")} for c in graph.candidates}
     # The candidates' own steps added up (export, load, verify, profile; not the waits for the timing gate),
-    # against optimize's wall time: what building them side by side saved.
+    # against optimize's wall time. An upper bound on a one-worker run's candidate time, not a measurement of
+    # one: steps that ran side by side shared the CPU cores and the GPU, and worker starts, the parent's bind
+    # and the report are left out. Compare with a --build-workers 1 run for what side by side saved.
     result["candidates_serial_s"] = sum(sum(v for v in (c.get("times") or {}).values() if v)
                                         for c in graph.candidates if not c.get("cached"))
+    checkpoint(result)  # the candidates' figures survive a kill in the phases below
     ok = {n: c for n, c in result["candidates"].items() if c["status"] == "ok"}
     # The swapped module right after optimize, measured here, outside navdeploy.
     result["optimized_ms"] = {bs: time_at(wrapped, bs) for bs in batch_sizes}
+    checkpoint(result)
     result["speedup_vs_eager_fp16"] = {bs: result["eager_fp16_ms"][bs] / ms for bs, ms in result["optimized_ms"].items()}
     result["selected_vs_best"] = {}
     for bs, ms in result["optimized_ms"].items():
@@ -183,7 +187,7 @@ def bench_model(name: str, workspace: Path, timeout_s: float, runners, profile_t
 
 def print_table(r: dict) -> None:
     print(f"\n== {r['model']} ({r['parameters'] / 1e6:.1f} M params) optimize {r['optimize_s']:.0f} s with "
-          f"{r['build_workers']} build worker(s) (candidates one after another: {r['candidates_serial_s']:.0f} s), "
+          f"{r['build_workers']} build worker(s) (candidates' steps added up: {r['candidates_serial_s']:.0f} s), "
           f"selected {r['selected']}")
     bss = r["batch_sizes"]
     print(f"{'candidate':36} {'status':8} " + " ".join(f"{'b' + str(b) + ' ms':>9}" for b in bss) + "  error")
@@ -230,18 +234,28 @@ def main() -> None:
     # again for the independent figures then compiles from the cache its worker filled, not from scratch.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(workspace / "inductor_cache"))
     run_start = time.perf_counter()
+
+    in_progress: dict = {}
+
+    def save(partial: dict | None = None) -> None:
+        """The JSON so far, with a model still in progress marked as such (a kill loses only what is left)."""
+        in_progress.clear()
+        in_progress.update(partial or {})
+        models = results["models"] + ([{**partial, "partial": True}] if partial else [])
+        Path(args.out).write_text(json.dumps({**results, "models": models}, indent=2, default=str))
+
     for name in args.models.split(","):
         try:
             r = bench_model(name, workspace, args.timeout, runners, args.profile_time, args.rebind_selected,
-                            args.build_workers)
+                            args.build_workers, checkpoint=save)
             results["models"].append(r)
             print_table(r)
         except Exception as exc:  # noqa: BLE001 - one model failing must not lose the others' figures
-            results["models"].append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
+            results["models"].append({**in_progress, "model": name, "error": f"{type(exc).__name__}: {exc}"})
             print(f"\n== {name}: FAILED {type(exc).__name__}: {exc}")
         results["wall_s"] = time.perf_counter() - run_start
         print(f"[{results['wall_s']:.0f} s since start]", flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+        save()
     print(json.dumps({"environment": env}, default=str))
 
 
