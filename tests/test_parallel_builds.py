@@ -194,11 +194,11 @@ def test_a_runner_that_cannot_run_here_is_skipped_without_a_worker(tmp_path, mon
                                   builds_alone=True)
     monkeypatch.setitem(formats.RUNNERS, "TorchScriptCPU", missing)  # this process only: a worker would build it
     module = nav.Module(nn.Linear(4, 4).eval(), name="unavailable")
-    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "TorchScriptCPU", "OnnxCPU"),
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "TorchScriptCPU", "TorchExportCPU"),
                                 batch_sizes=(1, 2), max_batch_size=2, profile_time_s=0.05, build_workers=2)
     status = nav.optimize(module, [(1, torch.randn(1, 4))], config)
     records = {c["runner"]: c for c in status.modules["unavailable"].graphs[0].candidates}
     skipped = records["TorchScriptCPU"]
     assert skipped["status"] == "skipped" and "a_package_that_is_not_here" in skipped["error"]
     assert "pid" not in skipped and "window" not in skipped  # no worker ran it
-    assert records["OnnxCPU"]["status"] == "ok" and records["TorchCPU"]["status"] == "ok"
+    assert records["TorchExportCPU"]["status"] == "ok" and records["TorchCPU"]["status"] == "ok"
