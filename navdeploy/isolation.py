@@ -82,8 +82,11 @@ def _worker_main(payload: bytes, tasks, results, grants, log_path: str, faults_p
     os.dup2(fd, 2)
     # A crash in native code (SIGSEGV in a compiled library) leaves the Python stack in this worker's own file
     # (the parent copies it into the log): in the shared log, another worker's dump could pass for this one's.
-    _FAULTS = open(faults_path, "w")
-    faulthandler.enable(file=_FAULTS)
+    if faults_path:
+        _FAULTS = open(faults_path, "w")
+        faulthandler.enable(file=_FAULTS)
+    else:  # no temporary folder to write to: the shared log, as the last resort
+        faulthandler.enable()
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [worker] %(message)s"))
     logger = logging.getLogger("navdeploy")
@@ -184,6 +187,7 @@ class Executor:
         self._state = WorkerState()
         self._proc = None
         self._faults: Optional[Path] = None  # the worker's faulthandler file, one per executor
+        self._ending = False  # the worker was told to end after its task
         self._lock = threading.Lock()  # guards _proc and _stopped against stop() from another thread
         self._stopped = False  # set by stop(): no further task starts
 
@@ -197,13 +201,15 @@ class Executor:
         payload = self._payload.get()
         ctx = mp.get_context("spawn")
         if self._faults is None:
-            fd, path = tempfile.mkstemp(prefix=f"navdeploy-{self.job.module_name}-", suffix=".faults")
-            os.close(fd)
-            self._faults = Path(path)
+            with contextlib.suppress(OSError):
+                fd, path = tempfile.mkstemp(prefix=f"navdeploy-{self.job.module_name}-", suffix=".faults")
+                os.close(fd)
+                self._faults = Path(path)
+        self._ending = False
         self._tasks, self._results, self._grants = ctx.Queue(), ctx.Queue(), ctx.Queue()
         proc = ctx.Process(target=_worker_main, name=f"navdeploy-{self.job.module_name}",
                            args=(payload, self._tasks, self._results, self._grants, str(self.log_path),
-                                 str(self._faults)), daemon=True)
+                                 str(self._faults or "")), daemon=True)
         with self._lock:
             if self._stopped:
                 raise RunStopped(_STOPPED)
@@ -222,9 +228,9 @@ class Executor:
         if self._stopped:  # stop() killed it while it started
             raise RunStopped(_STOPPED)
         raise WorkerStartError(
-            f"{_describe_exit(proc.exitcode, self.log_path, self._faults)} while starting. If your script runs nav.optimize at import time, put it "
-            "under `if __name__ == \"__main__\":` (spawned children re-import the main script), or set "
-            "NAVDEPLOY_USE_MULTIPROCESSING=False. See " + str(self.log_path)
+            f"{_describe_exit(proc.exitcode, self.log_path, self._faults)} while starting. If your script runs "
+            "nav.optimize at import time, put it under `if __name__ == \"__main__\":` (spawned children re-import "
+            "the main script), or set NAVDEPLOY_USE_MULTIPROCESSING=False. See " + str(self.log_path)
         )
 
     def _kill(self) -> None:
@@ -294,7 +300,8 @@ class Executor:
     def ask_to_end(self) -> None:
         """Tell the worker to end after its current task (``close`` then waits for it)."""
         proc = self._proc
-        if proc is not None and proc.is_alive():
+        if proc is not None and proc.is_alive() and not self._ending:
+            self._ending = True
             self._tasks.put(None)
 
     def close(self, deadline: Optional[float] = None) -> None:
