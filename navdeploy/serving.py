@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -286,12 +287,50 @@ def infer_specs(func: Callable, sample: Mapping[str, Any], batched: bool = True,
 
 
 # --- the server ----------------------------------------------------------------------------------------------
+def kill_processes_from(prefix: str) -> int:
+    """SIGKILL every process whose executable path starts with ``prefix``, and their children; how many.
+
+    When Triton's exit timeout ends before a Python backend model unloads, tritonserver exits and leaves the
+    model's ``triton_python_backend_stub`` (and the process it started) running, orphaned, for good."""
+    procs: dict[int, tuple[int, str]] = {}  # pid -> (parent pid, argv[0])
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        procs[int(entry.name)] = (ppid, argv0)
+    stubs = {pid for pid, (_, argv0) in procs.items() if argv0.startswith(prefix)}
+    doomed = stubs | {pid for pid, (ppid, _) in procs.items() if ppid in stubs}
+    count = len(doomed)
+    for pid in doomed:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously: return once they are gone
+    while doomed and time.monotonic() < deadline:
+        doomed = {pid for pid in doomed if _running(pid)}
+        time.sleep(0.01)
+    return count
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's zombie stays until init reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class ServerHandle:
     """A running PyTriton server. ``stop()`` it (idempotent) or use it as a context manager."""
 
     def __init__(self, triton: Any, name: str, host: str, ports: dict[str, int], inputs: list[Tensor],
                  outputs: list[Tensor], max_batch_size: int):
         self._triton = triton
+        workspace = getattr(getattr(triton, "_workspace", None), "path", None)  # PyTriton's; None if it moves
+        self._stub_prefix = f"{workspace}/tritonserver/" if workspace else None
         self.name, self.host, self.ports = name, host, ports
         self.inputs, self.outputs, self.max_batch_size = inputs, outputs, max_batch_size
         self._clients: list[Any] = []
@@ -336,6 +375,11 @@ class ServerHandle:
         self._clients.clear()
         self._release_signal_handler()
         self._triton.stop()
+        if self._stub_prefix:
+            killed = kill_processes_from(self._stub_prefix)
+            if killed:
+                log.warning("navdeploy: server %r: killed %d Python backend process(es) left running after Triton "
+                            "exited (the model did not unload within exit_timeout_secs)", self.name, killed)
         log.info("navdeploy: server %r on %s stopped", self.name, self.http_url)
 
     def _release_signal_handler(self) -> None:
@@ -426,7 +470,7 @@ def serve(infer_callable: Callable, inputs: Optional[Sequence[Tensor]] = None,
           sample: Optional[Mapping[str, Any]] = None, host: str = "127.0.0.1",
           ports: Union[None, int, Sequence[int], Mapping[str, int]] = None, blocking: bool = True,
           load_optimized: bool = True, workspace: Optional[Union[str, Path]] = None,
-          max_queue_delay_us: int = 0, exit_timeout_secs: int = 2, log_verbose: int = 0,
+          max_queue_delay_us: int = 0, exit_timeout_secs: int = 10, log_verbose: int = 0,
           triton_workspace: Optional[Union[str, Path]] = None) -> ServerHandle:
     """Serve a Python pipeline through PyTriton; wrapped modules run their selected runners in-process.
 
@@ -446,7 +490,8 @@ def serve(infer_callable: Callable, inputs: Optional[Sequence[Tensor]] = None,
         load_optimized: call ``nav.load_optimized(workspace)`` first so every wrapped module runs its selected
             runner; pass ``False`` when the pipeline was just optimized in this process.
         max_queue_delay_us: dynamic batcher delay: how long the server waits to gather a batch.
-        exit_timeout_secs: how long stopping waits for in-flight requests.
+        exit_timeout_secs: how long stopping waits for in-flight requests and for the model to unload (its Python
+            backend stub takes ~2.5 s on an idle CPU machine). Stub processes still alive after it are killed.
     """
     _check_environment()
     from pytriton.model_config import DynamicBatcher, ModelConfig

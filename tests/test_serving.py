@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,8 +78,21 @@ def _tensor(name, array, dtype):
     return t
 
 
+def _backend_stubs() -> set[int]:
+    """Live Triton Python backend stub processes (one per served model, started by tritonserver)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"triton_python_backend_stub" in (entry / "cmdline").read_bytes():
+                pids.add(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
 def test_serve_batched_pipeline_and_bad_requests(optimized):
     pipe, ws = optimized
+    stubs_before = _backend_stubs()
     with nav.serve(pipe, inputs=INPUTS, outputs=OUTPUTS, name="scorer", max_batch_size=4, blocking=False,
                    workspace=ws) as server:
         assert pipe.scorer.is_optimized or pipe.scorer._self_bound  # load_optimized rebound it from the workspace
@@ -110,6 +124,7 @@ def test_serve_batched_pipeline_and_bad_requests(optimized):
         start = time.perf_counter()
     assert not server.running
     assert time.perf_counter() - start < 15
+    assert _backend_stubs() <= stubs_before  # the model's stub process ended with the server
 
 
 def test_serve_unbatched_with_inferred_specs(optimized):
@@ -122,8 +137,11 @@ def test_serve_unbatched_with_inferred_specs(optimized):
     assert [(t.name, t.dtype, t.shape) for t in inputs] == [("prompt", str, (1,))]
     assert {t.name: t.shape for t in outputs} == {"scores": (4,), "length": (1,)}
     sigterm_before = signal.getsignal(signal.SIGTERM)
+    stubs_before = _backend_stubs()
+    # An exit timeout shorter than the stub's unload (~2.5 s here): Triton exits first and stop() must end the
+    # stub it left behind, which used to run on, orphaned, after every such stop.
     server = nav.serve(one, sample={"prompt": "sample"}, name="one", max_batch_size=0, blocking=False,
-                       load_optimized=False)
+                       load_optimized=False, exit_timeout_secs=2)
     try:
         assert signal.getsignal(signal.SIGTERM) is not sigterm_before  # SIGTERM stops the background server
         res = server.client("grpc").infer("one", [_grpc_prompt("abc")])
@@ -132,6 +150,7 @@ def test_serve_unbatched_with_inferred_specs(optimized):
     finally:
         server.stop()
     server.stop()  # idempotent
+    assert _backend_stubs() <= stubs_before
     # stopped: the previous SIGTERM handler is back, and no handler keeps the server (and the pipeline's
     # nav.Modules, through PyTriton's bound model) alive
     assert signal.getsignal(signal.SIGTERM) is sigterm_before
