@@ -298,7 +298,7 @@ def kill_processes_from(prefix: str) -> int:
             continue
         try:
             argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
-            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            ppid = int(_stat(int(entry.name))[1])
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile, or not ours to read
         procs[int(entry.name)] = (ppid, argv0)
@@ -315,10 +315,16 @@ def kill_processes_from(prefix: str) -> int:
     return count
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, parent pid, ...); the name, in
+    parentheses, may itself hold spaces and parentheses."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
 def _running(pid: int) -> bool:
     """The process exists and is not a zombie (an orphan's zombie stays until init reaps it)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+        return _stat(pid)[0] != "Z"
     except (OSError, IndexError):
         return False
 
