@@ -72,7 +72,8 @@ class OptimizeConfig:
     Attributes:
         target_formats: formats to try; ``None`` means every format available on the target device.
         runners: runner names to try (e.g. ``"OnnxCPU"``, ``"TorchCompileCPU"``); ``None`` means all
-            runners of the chosen formats. Eager (``TorchCPU``/``TorchCUDA``) is always measured as baseline.
+            runners of the chosen formats, less the opt-in ``TorchCompileCUDAMaxAutotune`` (name it to try it).
+            Eager (``TorchCPU``/``TorchCUDA``) is always measured as baseline.
         target_device: ``"cpu"`` or ``"cuda"``; ``None`` picks the device the module's weights live on.
         batch_sizes: batch sizes to profile; ``None`` means powers of two up to ``max_batch_size``.
         max_batch_size: the largest batch size profiled (and later served) when the module batches.

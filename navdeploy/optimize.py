@@ -28,7 +28,7 @@ from navdeploy.errors import CaptureError, DataloaderError, NavdeployError
 from navdeploy.formats import FORMATS, RunnerSpec, runners_for
 from navdeploy.isolation import ExecutorPool
 from navdeploy.module import Module, registered_modules
-from navdeploy.precision import candidate_name, candidate_precisions
+from navdeploy.precision import candidate_name, candidate_precisions, tolerance_precision
 from navdeploy.report import console
 from navdeploy.select import select
 from navdeploy.workspace import (LOG_FILE, MANIFEST_VERSION, cache_key, checkpoint_graph, checksum, ensure_writable,
@@ -333,9 +333,10 @@ def _logging_to(path: Path, mode: str) -> Iterator[None]:
 
 
 def _graph_cache_key(graph: Graph, fp: str, device: str, precision: str, config: OptimizeConfig,
-                     batch_sizes: tuple[int, ...]) -> str:
+                     batch_sizes: tuple[int, ...], tolerances: dict[str, tuple[float, float]]) -> str:
     shape = {k: v for k, v in graph.to_json().items() if k != "calls"}
-    return cache_key(__version__, torch.__version__, fp, shape, device, precision, config.tolerances,
+    # The tolerances in effect, not only the user's: they follow the TF32 settings too.
+    return cache_key(__version__, torch.__version__, fp, shape, device, precision, sorted(tolerances.items()),
                      batch_sizes, config.max_batch_size, config.profile_time_s)
 
 
@@ -452,8 +453,12 @@ def _optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig
         old = read_manifest(folder)
         old_graphs = old["graphs"] if old and old.get("fingerprint") == fp and old.get("device") == device else {}
         batch_sizes = config.profile_batch_sizes(max(g.inputs[0].max_shape[0] if g.batching else 1 for g in graphs))
-        tolerances = {p: config.tolerance_for(p)
+        tolerances = {p: config.tolerance_for(tolerance_precision(p, module.__wrapped__, device))
                       for p in candidate_precisions(module.precision, device, config.precisions) + (module.precision,)}
+        if "fp32" in tolerances and tolerance_precision("fp32", module.__wrapped__, device) == "tf32":
+            log.info("%s: fp32 candidates are checked with the tf32 tolerance %s, as eager itself runs TF32 "
+                     "convolutions/matmuls here (set torch.backends.cudnn.allow_tf32 = False for a strict check)",
+                     module.name, tolerances["fp32"])
         job = Job(module.name, module.__wrapped__, module._self_forward_func, {g.key: g for g in graphs}, folder,
                   device, module.precision, tolerances, config.verify_func, batch_sizes, config.max_batch_size,
                   config.profile_time_s)
@@ -461,7 +466,7 @@ def _optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig
         with module._nav_unpatched(), ExecutorPool(job, use_multiprocessing(config), config.timeout_s,
                                                    folder / LOG_FILE, build_workers(config)) as executors:
             for graph in graphs:
-                gkey = _graph_cache_key(graph, fp, device, module.precision, config, batch_sizes)
+                gkey = _graph_cache_key(graph, fp, device, module.precision, config, batch_sizes, tolerances)
                 entries[graph.key] = _optimize_graph(graph, job, executors, config, device,
                                                      old_graphs.get(graph.key), gkey, progress)
         manifest = {"version": MANIFEST_VERSION, "navdeploy": __version__, "torch": torch.__version__,

@@ -20,6 +20,23 @@ def candidate_precisions(module_precision: str, device: str, requested: Optional
     return (module_precision,)
 
 
+def eager_rounds_to_tf32(module: torch.nn.Module, device: str) -> bool:
+    """Whether eager "fp32" on this device already rounds to TF32: cuDNN convolutions do by default
+    (``torch.backends.cudnn.allow_tf32``), matmuls when the float32 matmul precision is not "highest". Two
+    correct fp32 builds of such a module then differ by TF32 rounding (2.6e-4 on a two-conv CNN on the H200,
+    torch.compile against eager), so they are checked with the tf32 tolerance. Set ``allow_tf32 = False`` for a
+    strict fp32 check."""
+    if device != "cuda":
+        return False
+    has_conv = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in module.modules())
+    return (has_conv and torch.backends.cudnn.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+
+
+def tolerance_precision(precision: str, module: torch.nn.Module, device: str) -> str:
+    """The precision whose tolerance a candidate of ``precision`` is checked with (see eager_rounds_to_tf32)."""
+    return "tf32" if precision == "fp32" and eager_rounds_to_tf32(module, device) else precision
+
+
 def candidate_name(runner: str, precision: str, module_precision: str) -> str:
     """``runner`` in the module's own precision, ``runner[fp16]`` in another."""
     return runner if precision == module_precision else f"{runner}[{precision}]"

@@ -19,7 +19,7 @@ from navdeploy.flat_module import FlatModule
 from navdeploy.formats.base import LoadContext
 from navdeploy.formats.compile import channels_last_copy, compile_target
 from navdeploy.formats.tensorrt import PRECISION_FLAGS, optimization_profile
-from navdeploy.precision import cast_module, candidate_name, candidate_precisions, needs_cast
+from navdeploy.precision import cast_module, candidate_name, candidate_precisions, needs_cast, tolerance_precision
 
 CUDA = torch.cuda.is_available()
 
@@ -63,9 +63,38 @@ def test_precision_flags_and_candidates():
     assert RUNNERS["TensorRT"].precision_by == "builder"  # TensorRT gets a flag, the module is not re-cast
 
 
+def test_fp32_candidates_are_checked_at_tf32_tolerance_where_eager_itself_rounds_to_tf32():
+    """cuDNN runs fp32 convolutions in TF32 by default, so eager's own outputs carry TF32 rounding on CUDA: a
+    correct compiled conv differed from it by 2.6e-4 on the H200, past the fp32 tolerance."""
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    linear = nn.Sequential(nn.Linear(4, 4))
+    conv_flag, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("highest")
+        assert tolerance_precision("fp32", conv, "cuda") == "tf32"
+        assert tolerance_precision("fp16", conv, "cuda") == "fp16"  # other precisions keep their own
+        assert tolerance_precision("fp32", conv, "cpu") == "fp32"  # no TF32 on the CPU
+        assert tolerance_precision("fp32", linear, "cuda") == "fp32"  # fp32 matmuls stay IEEE by default
+        torch.set_float32_matmul_precision("high")
+        assert tolerance_precision("fp32", linear, "cuda") == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False  # the user asked for IEEE convolutions: strict check
+        assert tolerance_precision("fp32", conv, "cuda") == "fp32"
+    finally:
+        torch.backends.cudnn.allow_tf32 = conv_flag
+        torch.set_float32_matmul_precision(matmul)
+    config = nav.OptimizeConfig(tolerances={"atol": 1e-6})  # the user's override applies to the tf32 check too
+    assert config.tolerance_for("tf32") == (1e-6, 1e-2)
+
+
 def test_gpu_runners_are_registered_with_their_requirements():
     names = {r.name for r in runners_for("cuda")}
-    assert {"TorchCUDA", "TorchCompileCUDA", "TorchCompileCUDAGraphs", "TorchCompileCUDAMaxAutotune",
+    # max-autotune is opt-in: tried when named, never by default (it ran past 280 s on ResNet-50).
+    assert "TorchCompileCUDAMaxAutotune" not in names
+    assert [r.name for r in runners_for("cuda", names=("TorchCompileCUDAMaxAutotune",))] == [
+        "TorchCUDA", "TorchCompileCUDAMaxAutotune"]
+    assert {"TorchCUDA", "TorchCompileCUDA", "TorchCompileCUDAGraphs",
             "TorchScriptCUDA", "TorchExportCUDA", "AOTInductorCUDA", "OnnxCUDA", "OnnxTensorRT", "TensorRT",
             "TorchTensorRT"} <= names
     if importlib.util.find_spec("tensorrt") is None:

@@ -21,9 +21,10 @@ def known_runner_names() -> set[str]:
 
 
 def runners_for(device: str, formats=None, names=None) -> list[RunnerSpec]:
-    """Runners for a device, filtered by format and name; the eager baseline always comes first."""
-    chosen = [r for r in RUNNERS.values() if r.device == device
-              and (formats is None or r.format in formats) and (names is None or r.name in names)]
+    """Runners for a device, filtered by format and name; the eager baseline always comes first. With no names,
+    the runners tried by default (not the opt-in ones)."""
+    chosen = [r for r in RUNNERS.values() if r.device == device and (formats is None or r.format in formats)
+              and (r.name in names if names is not None else r.by_default)]
     eager = RUNNERS[EAGER_RUNNER[device]]
     return [eager] + [r for r in chosen if r is not eager]
 

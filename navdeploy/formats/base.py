@@ -74,6 +74,8 @@ class RunnerSpec:
     # Its build times kernels on the device (TensorRT tactics, max-autotune): it builds with no other candidate
     # running, as profiling does, or its choices would be timed against the neighbours' work.
     builds_alone: bool = False
+    # False: tried only when named in OptimizeConfig(runners=...), never by default.
+    by_default: bool = True
 
     def unavailable_reason(self) -> Optional[str]:
         """None when the runner can run here, else why not (missing package, no provider, no GPU)."""
