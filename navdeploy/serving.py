@@ -371,10 +371,16 @@ class ServerHandle:
 
     def stop(self) -> None:
         """Close the clients made by :meth:`client`, then stop the server and its workspace."""
-        with self._lock:
+        # In the main thread, do not wait for the lock: a SIGTERM handler runs there and may have interrupted
+        # this very stop() while it held the lock. Whoever holds it is stopping the server already.
+        if not self._lock.acquire(blocking=not _in_main_thread()):
+            return
+        try:
             if self._stopped:
                 return
             self._stopped = True
+        finally:
+            self._lock.release()
         for client in self._clients:
             with contextlib.suppress(Exception):
                 client.close()
@@ -425,18 +431,20 @@ def _wait(handle: ServerHandle, ready: Optional[str] = None) -> None:
     """Serve until SIGINT/SIGTERM (handled here, then the previous handlers are back) or the server dies.
     ``ready`` is printed once the handlers are in place: a supervisor that signals as soon as it reads it
     must not kill the process with the default handler."""
-    stop = threading.Event()
+    # A flag, not a threading.Event: the handler runs in the main thread between bytecodes, possibly inside
+    # Event.wait holding the Event's lock, and Event.set would then wait for that lock for ever (seen: a SIGTERM
+    # hung a blocking server 1 time in 5).
+    stop: list[int] = []
     previous = {}
     if _in_main_thread():
         for sig in _SIGNALS:
             previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, lambda signum, frame: stop.set())
+            signal.signal(sig, lambda signum, frame: stop.append(signum))
     if ready:
         print(ready, flush=True)
     try:
-        while not stop.wait(0.5):
-            if not handle.running:
-                break
+        while not stop and handle.running:
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:

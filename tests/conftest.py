@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import subprocess
+import threading
+import time
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Optional
 
 import pytest
 
@@ -50,3 +53,49 @@ def choose_candidate() -> Callable[..., None]:
         assert bind(module, folder) and module.is_optimized
 
     return choose
+
+
+class ProcessOutput:
+    """Reads a child's (text) stdout on a thread, so that waiting for a line has a real deadline: a bare
+    ``readline()`` blocks for as long as the child is alive and silent. Lines are matched by substring, as the
+    server's log lines from other threads can land on the same line as the child's own print."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._done = False
+        self._thread = threading.Thread(target=self._read, name="test-output-reader", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._done = True
+            self._changed.notify_all()
+
+    def wait_for(self, marker: str, timeout: float) -> Optional[str]:
+        """The first line holding ``marker``; None when the child's output ends or ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = next((line for line in self.lines if marker in line), None)
+                left = deadline - time.monotonic()
+                if found is not None or self._done or left <= 0:
+                    return found
+                self._changed.wait(left)
+
+    def text(self, timeout: float = 10) -> str:
+        """Everything read so far, after waiting up to ``timeout`` for the output to end."""
+        self._thread.join(timeout)
+        with self._changed:
+            return "".join(self.lines)
+
+
+@pytest.fixture
+def process_output() -> Callable[[subprocess.Popen], ProcessOutput]:
+    """``process_output(proc)``: a :class:`ProcessOutput` reading ``proc.stdout`` (a text pipe)."""
+    return ProcessOutput

@@ -195,6 +195,7 @@ _SCRIPT = textwrap.dedent("""
         else:
             handle = nav.serve(echo, **echo.navdeploy_serve, load_optimized=False, blocking=False)
             print("READY", handle.http_url, flush=True)
+            open("ready", "w").write(handle.http_url)  # Triton's log can land inside the printed line
             try:
                 while True:
                     time.sleep(0.1)
@@ -206,31 +207,32 @@ _SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("mode,sig", [("blocking", signal.SIGTERM), ("background", signal.SIGINT),
                                       ("background", signal.SIGTERM)])
-def test_signals_stop_the_server_cleanly(tmp_path, mode, sig):
+def test_signals_stop_the_server_cleanly(tmp_path, mode, sig, process_output):
     script = tmp_path / "serve_echo.py"
     script.write_text(_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=tmp_path)
-    lines = []
+    output = process_output(proc)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "serving model 'echo'" in line or line.startswith("READY"):
-                break
+        if mode == "blocking":
+            started = output.wait_for("serving model 'echo'", timeout=60)
         else:
-            pytest.fail("server did not start:\n" + "".join(lines))
+            deadline = time.monotonic() + 60
+            while not (tmp_path / "ready").exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            started = (tmp_path / "ready").exists()
+        assert started, "server did not start:\n" + output.text(0)[-3000:]
         time.sleep(0.5)
         proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{sig.name} did not stop the server within 30 s:\n" + output.text(0)[-3000:])
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    text = "".join(lines) + out
+    text = output.text()
     if mode == "blocking":
         assert proc.returncode == 0 and "STOPPED False" in text, text[-3000:]
     elif sig == signal.SIGINT:

@@ -299,22 +299,15 @@ def test_cli_export_validate_and_serve_refusal(optimized, tmp_path):
         assert result.exit_code == 1 and "backend='python'" in result.output
 
 
-def test_cli_serve_repo_stops_on_sigterm(python_repo):
+def test_cli_serve_repo_stops_on_sigterm(python_repo, process_output):
     proc = subprocess.Popen([sys.executable, "-m", "navdeploy.cli", "serve-repo", str(python_repo)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "COLUMNS": "200"})
+    output = process_output(proc)
     try:
-        lines = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("serving"):
-                break
-        assert lines and lines[-1].startswith("serving"), "".join(lines)
-        http = lines[-1].split("HTTP ")[1].split()[0]
+        line = output.wait_for("serving", timeout=120)
+        assert line and "HTTP " in line, output.text(0)[-3000:]
+        http = line.split("HTTP ")[1].split()[0]
         client = httpclient.InferenceServerClient(http)
         assert client.is_server_ready()
         client.close()
