@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from navdeploy.config import DEFAULT_TOLERANCES  # noqa: E402
 
 
 def max_error(allow_tf32: bool) -> float:
@@ -32,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "max_abs_err_tf32_on": max_error(True), "max_abs_err_tf32_off": max_error(False),
-              "fp32_tolerance": [1e-4, 1e-3], "tf32_tolerance": [1e-2, 1e-2]}
+              "fp32_tolerance": list(DEFAULT_TOLERANCES["fp32"]), "tf32_tolerance": list(DEFAULT_TOLERANCES["tf32"])}
     print(f"{'cuDNN TF32':<12}{'max abs err, compiled vs eager':>32}")
     print(f"{'on':<12}{result['max_abs_err_tf32_on']:>32.3g}")
     print(f"{'off':<12}{result['max_abs_err_tf32_off']:>32.3g}")

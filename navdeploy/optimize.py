@@ -453,9 +453,10 @@ def _optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig
         old = read_manifest(folder)
         old_graphs = old["graphs"] if old and old.get("fingerprint") == fp and old.get("device") == device else {}
         batch_sizes = config.profile_batch_sizes(max(g.inputs[0].max_shape[0] if g.batching else 1 for g in graphs))
-        tolerances = {p: config.tolerance_for(tolerance_precision(p, module.__wrapped__, device))
+        checked_as = {p: tolerance_precision(p, module.__wrapped__, device)
                       for p in candidate_precisions(module.precision, device, config.precisions) + (module.precision,)}
-        if "fp32" in tolerances and tolerance_precision("fp32", module.__wrapped__, device) == "tf32":
+        tolerances = {p: config.tolerance_for(q) for p, q in checked_as.items()}
+        if checked_as.get("fp32") == "tf32":
             log.info("%s: fp32 candidates are checked with the tf32 tolerance %s, as eager itself runs TF32 "
                      "convolutions/matmuls here (set torch.backends.cudnn.allow_tf32 = False for a strict check)",
                      module.name, tolerances["fp32"])

@@ -306,7 +306,7 @@ def test_cli_serve_repo_stops_on_sigterm(python_repo, process_output):
     output = process_output(proc)
     try:
         line = output.wait_for("serving", timeout=120)
-        assert line and "HTTP " in line, output.text(0)[-3000:]
+        assert line and line.startswith("serving") and "HTTP " in line, output.text(0)[-3000:]
         http = line.split("HTTP ")[1].split()[0]
         client = httpclient.InferenceServerClient(http)
         assert client.is_server_ready()
