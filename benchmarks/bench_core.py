@@ -24,7 +24,7 @@ from rich.table import Table
 from torch import nn
 
 import navdeploy as nav
-from navdeploy.profile import measure
+from navdeploy.candidates.profile import measure
 
 TARGETS = {"cache_hit_rerun_s": 2.0, "passthrough_overhead_us": 5.0, "peer_optimize_s": 38.0}
 
@@ -83,7 +83,7 @@ def main() -> dict:
         direct_us = per_call_us(ident, x)
         passthrough = nav.Module(nn.Identity(), name="bench_identity")
         passthrough_us = per_call_us(passthrough, x)
-        runner = model._self_handler.graphs[graph.key][1] if model.is_optimized else None
+        runner = model.nav_state.handler.graphs[graph.key][1] if model.is_optimized else None
         xs = torch.randn(1, 3, 32, 32)
         runner_us = per_call_us(lambda t: runner([t]), xs, calls=2000) if runner else None
         routed_us = per_call_us(model, xs, calls=2000) if runner else None

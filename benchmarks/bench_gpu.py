@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import navdeploy as nav  # noqa: E402
-from navdeploy.binding import bind  # noqa: E402
+from navdeploy.inplace.binding import bind
 
 RESNET50_GFLOP_PER_IMAGE = 2 * 4.09  # 4.09 GMACs per 224x224 image
 BF16_MATMUL_CEILING_TFLOPS = 798.0  # measured on the device tool's H100/H200 (KINDS.md: 769-798, 8192^3 bf16 matmul)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import navdeploy as nav  # noqa: E402
-from navdeploy.serving import Tensor  # noqa: E402
+from navdeploy.serving import Tensor
 
 
 def main() -> dict:

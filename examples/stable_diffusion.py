@@ -77,8 +77,13 @@ def build_tokenizer(folder: Optional[Path] = None):
 # --- the pipeline ------------------------------------------------------------------------------------------
 def build_eager_pipeline(seed: int = 0, quantize: bool = False):
     """A StableDiffusionPipeline of tiny random modules (deterministic for a seed), nothing wrapped yet."""
-    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tokenizer()

@@ -8,15 +8,16 @@
     nav.load_optimized()
 """
 
-__version__ = "0.1.0"
-
-from navdeploy.config import Format, LatencyBudget, MaxThroughput, MinLatency, OptimizeConfig  # noqa: E402
-from navdeploy.errors import (CaptureError, ConfigError, DataloaderError, NavdeployError,  # noqa: E402
-                              WorkspaceError)
-from navdeploy.module import Module  # noqa: E402
-from navdeploy.optimize import ModuleStatus, OptimizeStatus, load_optimized, optimize  # noqa: E402
-from navdeploy.triton import export_model_repository  # noqa: E402
-from navdeploy.serving import serve  # noqa: E402
+from navdeploy._version import __version__
+from navdeploy.config import LatencyBudget, MaxThroughput, MinLatency, OptimizeConfig
+from navdeploy.errors import CaptureError, ConfigError, DataloaderError, NavdeployError, WorkspaceError
+from navdeploy.formats.base import Format
+from navdeploy.inplace.module import Module
+from navdeploy.optimize.load import load_optimized
+from navdeploy.optimize.run import optimize
+from navdeploy.optimize.status import ModuleStatus, OptimizeStatus
+from navdeploy.serving import serve
+from navdeploy.triton import export_model_repository
 
 __all__ = [
     "Module", "optimize", "load_optimized", "serve", "OptimizeConfig", "Format", "MinLatency", "MaxThroughput",

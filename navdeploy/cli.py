@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from navdeploy.config import default_workspace
-from navdeploy.workspace import read_manifest
+from navdeploy.workspace.manifest import read_manifest
 
 app = typer.Typer(help="navdeploy: optimize PyTorch modules in place, verify them, deploy them.", no_args_is_help=True)
 _console = Console()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,19 +11,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from navdeploy.errors import ConfigError
-
-
-class Format(str, enum.Enum):
-    """A model format a module can be turned into. Each format has one or more runners."""
-
-    TORCH = "torch"  # the eager module itself; runners: TorchCPU/TorchCUDA and torch.compile
-    TORCHSCRIPT = "torchscript"
-    TORCH_EXPORTEDPROGRAM = "torch-exportedprogram"
-    TORCH_AOTI = "torch-aoti"  # AOTInductor package (.pt2)
-    ONNX = "onnx"
-    TENSORRT = "trt"
-    TORCH_TRT = "torch-trt"
-
+from navdeploy.formats.base import Format
+from navdeploy.formats.registry import known_runner_names
 
 # What verify compares against: tolerances per precision (atol, rtol). fp32 kernels from
 # different backends reorder reductions, so exact equality is never expected.
@@ -119,8 +107,6 @@ class OptimizeConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the field and the fix for any invalid value."""
-        from navdeploy.formats import known_runner_names
-
         if isinstance(self.target_formats, str):  # a single format (Format is a str) is not a list of letters
             self.target_formats = (self.target_formats,)
         if isinstance(self.runners, str):

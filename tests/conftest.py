@@ -40,8 +40,9 @@ def choose_candidate() -> Callable[..., None]:
     graph of the module in its manifest on disk, as a user may choose one by hand, and binds the module to it as
     load_optimized does. For tests of the optimized path on tiny modules: which of eager and ONNX wins a
     Linear(4, 4) is timing noise (eager won on slower CI machines)."""
-    from navdeploy.binding import bind
-    from navdeploy.workspace import read_manifest, write_json_atomic
+    from navdeploy.inplace.binding import bind
+    from navdeploy.workspace.atomic import write_json_atomic
+    from navdeploy.workspace.manifest import read_manifest
 
     def choose(module, workspace, runner: str = "OnnxCPU") -> None:
         folder = Path(workspace) / module.name

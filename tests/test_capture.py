@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import navdeploy as nav
-from navdeploy.capture import Graph, Recorder, flatten, flatten_call, spec_key, split_sample, unflatten
+from navdeploy.capture.graph import Graph
+from navdeploy.capture.pytree import flatten, flatten_call, spec_key, split_sample, unflatten
+from navdeploy.capture.recorder import Recorder
 
 # Classes must live at module level: unflatten only rebuilds classes it can resolve by module:qualname.
 Pair = namedtuple("Pair", ["first", "second"])
@@ -307,7 +309,7 @@ def test_input_mapping_is_applied_before_recording():
     proxy = nav.Module(AddOne(), name="capture_input_mapping",
                        input_mapping=lambda args, kwargs: ((torch.tensor(args[0]),), {}))
     rec = Recorder("capture_input_mapping", 2, None)
-    proxy._self_handler = rec.record  # what nav.optimize installs while the callable runs
+    proxy.nav_state.handler = rec.record  # what nav.optimize installs while the callable runs
     out = proxy([1.0, 2.0])  # a list the module could not take; the mapping makes it a tensor
     assert torch.equal(out, torch.tensor([2.0, 3.0]))
     assert len(rec.finish()[0].inputs) == 1

@@ -7,11 +7,11 @@ import warnings
 import torch
 from torch._dynamo.utils import counters
 
-from navdeploy.capture import Recorder
-from navdeploy.flat_module import FlatModule
-from navdeploy.formats import RUNNERS
+from navdeploy.capture.flat_module import FlatModule
+from navdeploy.capture.recorder import Recorder
 from navdeploy.formats.base import LoadContext
 from navdeploy.formats.compile import own_frame
+from navdeploy.formats.registry import RUNNERS
 
 
 def test_every_compiled_module_of_a_process_gets_its_own_compile():

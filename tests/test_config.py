@@ -8,9 +8,14 @@ import pytest
 import torch
 
 import navdeploy as nav
-from navdeploy.config import (DEFAULT_TOLERANCES, console_output, default_workspace, resolve_workspace,
-                              use_multiprocessing)
-from navdeploy.formats import known_runner_names
+from navdeploy.config import (
+    DEFAULT_TOLERANCES,
+    console_output,
+    default_workspace,
+    resolve_workspace,
+    use_multiprocessing,
+)
+from navdeploy.formats.registry import known_runner_names
 
 ENV_VARS = ("NAVDEPLOY_USE_MULTIPROCESSING", "NAVIGATOR_USE_MULTIPROCESSING",
             "NAVDEPLOY_CONSOLE_OUTPUT", "NAVIGATOR_CONSOLE_OUTPUT", "NAVDEPLOY_WORKSPACE")

@@ -81,7 +81,7 @@ def pipeline_run(tmp_path_factory, isolated_env):
     workspace = tmp_path_factory.mktemp("pipeline_ws")
     with isolated_env():
         gc.collect()
-        from navdeploy.module import registered_modules
+        from navdeploy.inplace.registry import registered_modules
         leftover = [m.name for m in registered_modules()]
         assert not leftover, f"nav.Modules of earlier tests are still alive: {leftover}"
         result = _example("two_module_pipeline").main(workspace=str(workspace))

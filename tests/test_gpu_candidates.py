@@ -13,13 +13,19 @@ from torch import nn
 
 import navdeploy as nav
 from navdeploy import binding
-from navdeploy.capture import Recorder
-from navdeploy.formats import RUNNERS, runners_for
-from navdeploy.flat_module import FlatModule
+from navdeploy.candidates.precision import (
+    candidate_name,
+    candidate_precisions,
+    cast_module,
+    needs_cast,
+    tolerance_precision,
+)
+from navdeploy.capture.flat_module import FlatModule
+from navdeploy.capture.recorder import Recorder
 from navdeploy.formats.base import LoadContext
 from navdeploy.formats.compile import channels_last_copy, compile_target
+from navdeploy.formats.registry import RUNNERS, runners_for
 from navdeploy.formats.tensorrt import PRECISION_FLAGS, optimization_profile
-from navdeploy.precision import cast_module, candidate_name, candidate_precisions, needs_cast, tolerance_precision
 
 CUDA = torch.cuda.is_available()
 
@@ -326,7 +332,7 @@ def test_tensorrt_candidate_builds_and_verifies(tmp_path):
 def test_cuda_profile_matches_an_event_timed_loop():
     """navdeploy's profile of a launch-bound call agrees with CUDA events around a loop of calls (a sync per
     call would overstate it), and a call that is slow on the GPU is not understated."""
-    from navdeploy.profile import measure
+    from navdeploy.candidates.profile import measure
 
     x = torch.randn(64, device="cuda")
     big = torch.randn(4096, 4096, device="cuda")

@@ -140,7 +140,7 @@ def test_in_process_mode_still_survives_an_exception(tmp_path, monkeypatch):
 
 
 def test_crash_site_is_read_from_the_crashing_threads_dump_and_kept_in_the_log(tmp_path):
-    from navdeploy.isolation import _describe_exit
+    from navdeploy.candidates.isolation import _describe_exit
 
     log, faults = tmp_path / "navdeploy.log", tmp_path / "worker.faults"
     log.write_text("earlier lines\n")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import navdeploy as nav
-from navdeploy.module import registered_modules
+from navdeploy.inplace.registry import registered_modules
 
 
 class Encoder(torch.nn.Module):
@@ -208,7 +208,7 @@ def test_handler_sees_direct_calls(uname):
     inner = torch.nn.Linear(4, 2)
     m = nav.Module(inner, name=uname)
     log = []
-    m._self_handler = recording_handler(log)
+    m.nav_state.handler = recording_handler(log)
     x = torch.randn(1, 4)
     assert torch.equal(m(x), inner(x))
     assert len(log) == 1 and log[0][0][0] is x
@@ -220,7 +220,7 @@ def test_input_mapping_applied_before_handler(uname):
     log = []
     m = nav.Module(torch.nn.Linear(2, 2), name=uname,
                    input_mapping=lambda args, kwargs: ((torch.as_tensor(args[0], dtype=torch.float32),), {}))
-    m._self_handler = recording_handler(log)
+    m.nav_state.handler = recording_handler(log)
     out = m([[1.0, 2.0]])
     assert out.shape == (1, 2)
     assert isinstance(log[0][0][0], torch.Tensor)
@@ -230,7 +230,7 @@ def test_forward_func_routes_self_forward_calls(uname):
     inner = Encoder()
     m = nav.Module(inner, name=uname, forward_func="forward")
     log = []
-    m._self_handler = recording_handler(log)
+    m.nav_state.handler = recording_handler(log)
     x = torch.randn(2, 4)
     expected = inner.proj(x)
     assert torch.allclose(m.encode(x), expected * 2)  # encode() calls self.forward(x)
@@ -247,7 +247,7 @@ def test_forward_func_hooks_still_fire(uname):
     seen = []
     m.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
     log = []
-    m._self_handler = recording_handler(log)
+    m.nav_state.handler = recording_handler(log)
     m(torch.randn(2, 4))
     assert seen == [torch.Size([2, 3])] and len(log) == 1
 
@@ -256,7 +256,7 @@ def test_without_forward_func_self_forward_is_not_routed(uname):
     inner = Encoder()
     m = nav.Module(inner, name=uname)
     log = []
-    m._self_handler = recording_handler(log)
+    m.nav_state.handler = recording_handler(log)
     m.encode(torch.randn(1, 4))
     assert log == []
 

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 import navdeploy as nav
-from navdeploy.candidate import Job, Task
-from navdeploy.capture import Recorder
+from navdeploy.candidates.build import Job, Task
+from navdeploy.candidates.isolation import Executor, RunStopped
+from navdeploy.candidates.timing_gate import TimingGate
+from navdeploy.capture.recorder import Recorder
 from navdeploy.config import build_workers
 from navdeploy.errors import ConfigError
-from navdeploy.isolation import Executor, RunStopped
-from navdeploy.timing_gate import TimingGate
 
 RUNNERS = ("TorchCPU", "TorchScriptCPU", "TorchExportCPU", "OnnxCPU")
 

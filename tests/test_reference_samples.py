@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 import navdeploy as nav
-from navdeploy.formats import known_runner_names
-from navdeploy.module import _REGISTRY, registered_modules
+from navdeploy.formats.registry import known_runner_names
+from navdeploy.inplace import registry
+from navdeploy.inplace.registry import registered_modules
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "inplace-optimize.md"
 if not REFERENCE.exists():
@@ -96,7 +97,7 @@ def workspace(tmp_path, monkeypatch):
     # The samples reuse names ("clip", "unet", ...): free them for the next sample, also when this one failed
     # and pytest's traceback still holds its pipeline.
     gc.collect()
-    _REGISTRY.clear()
+    registry.clear()
 
 
 # --- offline stand-ins ---------------------------------------------------------------------------------

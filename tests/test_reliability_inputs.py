@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import navdeploy as nav
-from navdeploy.binding import bind
+from navdeploy.inplace.binding import bind
 
 
 def fast(workspace, **kw) -> nav.OptimizeConfig:

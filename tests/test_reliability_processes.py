@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from navdeploy.workspace import CHECKPOINT
-
+from navdeploy.workspace.checkpoint import CHECKPOINT
 
 SCRIPT = textwrap.dedent('''
     import gc, json, os, sys, time
@@ -69,7 +68,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 # The optimize loop writes a checkpoint after each candidate once this call site is in place (see
-# navdeploy.workspace.checkpoint_graph); without it a killed run's completed candidates are run again.
+# navdeploy.workspace.checkpoint.checkpoint_graph); without it a killed run's completed candidates are run again.
 
 
 def _start(script: Path, workspace: Path, name: str, slow: float, marker: str, timeout: float = 120,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-from copy import deepcopy
 import warnings
+from copy import deepcopy
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 import navdeploy as nav
-from navdeploy.workspace import fingerprint, load_samples, read_manifest
+from navdeploy.workspace.fingerprint import fingerprint
+from navdeploy.workspace.manifest import read_manifest
+from navdeploy.workspace.samples import load_samples
 
 NAME = "rel_ws"
 
@@ -385,7 +387,7 @@ def test_uncapturable_input_at_run_time_gets_what_eager_gives(bound):
 
 
 def test_runner_error_at_run_time_runs_eagerly_with_one_warning(bound):
-    handler = bound._self_handler
+    handler = bound.nav_state.handler
     (key, (graph, _)), = handler.graphs.items()
 
     def broken(_inputs):

@@ -5,11 +5,11 @@ headless Chromium (a screenshot is written for people to look at)."""
 from __future__ import annotations
 
 import os
-import tempfile
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -90,7 +90,7 @@ def test_pipeline_timing_is_measured(run):
         selected = status.modules[module.name].graphs[0].selected
         assert selected and module.is_optimized == (selected != "TorchCPU")
         if selected == "TorchCPU":
-            assert module._self_handler is None  # not a leftover timer
+            assert module.nav_state.handler is None  # not a leftover timer
 
 
 def test_report_has_plots_winner_correctness_failures_and_environment(run):

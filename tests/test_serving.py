@@ -95,7 +95,7 @@ def test_serve_batched_pipeline_and_bad_requests(optimized):
     stubs_before = _backend_stubs()
     with nav.serve(pipe, inputs=INPUTS, outputs=OUTPUTS, name="scorer", max_batch_size=4, blocking=False,
                    workspace=ws) as server:
-        assert pipe.scorer.is_optimized or pipe.scorer._self_bound  # load_optimized rebound it from the workspace
+        assert pipe.scorer.is_optimized or pipe.scorer.nav_state.bound  # load_optimized rebound it from the workspace
         client = server.client()
         assert client.is_model_ready("scorer")
         res = client.infer("scorer", [_prompt(["hello", "world"])])

@@ -27,8 +27,7 @@ import tritonclient.http as httpclient  # noqa: E402
 import navdeploy as nav  # noqa: E402
 from navdeploy.cli import app  # noqa: E402
 from navdeploy.errors import NavdeployError  # noqa: E402
-from navdeploy.triton import (TritonServer, export_model_repository, model_name,  # noqa: E402
-                              validate_repository)
+from navdeploy.triton import TritonServer, export_model_repository, model_name, validate_repository  # noqa: E402
 from navdeploy.triton.validate import parse_config  # noqa: E402,F811
 
 ATOL, RTOL = 1e-4, 1e-3

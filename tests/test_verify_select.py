@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import navdeploy as nav
-from navdeploy.capture import TensorSpec
-from navdeploy.profile import measure
-from navdeploy.select import select
-from navdeploy.verify import Comparison, compare, conform
+from navdeploy.candidates.profile import measure
+from navdeploy.candidates.select import select
+from navdeploy.candidates.verify import Comparison, compare, conform
+from navdeploy.capture.graph import TensorSpec
 
 # --- verify.compare ---------------------------------------------------------------------------------------
 

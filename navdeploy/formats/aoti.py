@@ -4,8 +4,7 @@ import os
 
 import torch
 
-from navdeploy.config import Format
-from navdeploy.formats.base import BuildContext, FormatSpec, LoadContext, RunFn, RunnerSpec, as_list
+from navdeploy.formats.base import BuildContext, Format, FormatSpec, LoadContext, RunFn, RunnerSpec, as_list
 from navdeploy.formats.exported_program import export_program
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,8 +10,20 @@ from typing import Callable, Optional
 
 import torch
 
-from navdeploy.capture import Graph
-from navdeploy.config import Format
+from navdeploy.capture.graph import Graph
+
+
+class Format(str, enum.Enum):
+    """A model format a module can be turned into. Each format has one or more runners."""
+
+    TORCH = "torch"  # the eager module itself; runners: TorchCPU/TorchCUDA and torch.compile
+    TORCHSCRIPT = "torchscript"
+    TORCH_EXPORTEDPROGRAM = "torch-exportedprogram"
+    TORCH_AOTI = "torch-aoti"  # AOTInductor package (.pt2)
+    ONNX = "onnx"
+    TENSORRT = "trt"
+    TORCH_TRT = "torch-trt"
+
 
 RunFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 

@@ -7,9 +7,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from navdeploy.config import Format
-from navdeploy.formats.base import LoadContext, RunFn, RunnerSpec, as_list
-from navdeploy.precision import copy_module
+from navdeploy.candidates.precision import copy_module
+from navdeploy.formats.base import Format, LoadContext, RunFn, RunnerSpec, as_list
 
 log = logging.getLogger("navdeploy")
 

@@ -1,7 +1,6 @@
 """The module itself, run eagerly: the baseline every candidate is compared with."""
 
-from navdeploy.config import Format
-from navdeploy.formats.base import FormatSpec, LoadContext, RunFn, RunnerSpec, as_list
+from navdeploy.formats.base import Format, FormatSpec, LoadContext, RunFn, RunnerSpec, as_list
 
 FORMAT = FormatSpec(Format.TORCH)
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from navdeploy.config import Format
-from navdeploy.formats.base import BuildContext, FormatSpec, LoadContext, RunFn, RunnerSpec, as_list
+from navdeploy.formats.base import BuildContext, Format, FormatSpec, LoadContext, RunFn, RunnerSpec, as_list
 
 
 def dynamic_shapes(ctx: BuildContext) -> tuple:

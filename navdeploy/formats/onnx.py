@@ -8,8 +8,7 @@ from typing import Optional
 
 import torch
 
-from navdeploy.config import Format
-from navdeploy.formats.base import BuildContext, FormatSpec, LoadContext, RunFn, RunnerSpec
+from navdeploy.formats.base import BuildContext, Format, FormatSpec, LoadContext, RunFn, RunnerSpec
 from navdeploy.formats.exported_program import dynamic_shapes
 
 log = logging.getLogger(__name__)

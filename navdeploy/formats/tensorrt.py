@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from navdeploy.capture import Graph
-from navdeploy.config import Format
-from navdeploy.formats.base import BuildContext, FormatSpec, LoadContext, RunFn, RunnerSpec
+from navdeploy.capture.graph import Graph
+from navdeploy.formats.base import BuildContext, Format, FormatSpec, LoadContext, RunFn, RunnerSpec
 from navdeploy.formats.onnx import export_onnx
 
 log = logging.getLogger("navdeploy")

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from navdeploy.config import Format
-from navdeploy.formats.base import BuildContext, FormatSpec, LoadContext, RunFn, RunnerSpec, as_list
+from navdeploy.formats.base import BuildContext, Format, FormatSpec, LoadContext, RunFn, RunnerSpec, as_list
 from navdeploy.formats.tensorrt import optimization_profile
 
 ENABLED_PRECISIONS = {"fp32": (torch.float32,), "tf32": (torch.float32,), "fp16": (torch.float32, torch.float16),

@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from navdeploy.optimize import OptimizeStatus
+    from navdeploy.optimize.status import OptimizeStatus
 
 # Not a terminal (CI logs, files): rich would wrap at 80 columns; the table needs ~110.
 _console = Console(stderr=True)

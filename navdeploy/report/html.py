@@ -25,12 +25,14 @@ from typing import TYPE_CHECKING, Any, Optional
 import jinja2
 
 from navdeploy.config import DEFAULT_TOLERANCES
-from navdeploy.workspace import read_manifest, write_json_atomic
+from navdeploy.templates_dir import templates_dir
+from navdeploy.workspace.atomic import write_json_atomic
+from navdeploy.workspace.manifest import read_manifest
 
 if TYPE_CHECKING:
-    from navdeploy.optimize import OptimizeStatus
+    from navdeploy.optimize.status import OptimizeStatus
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES = templates_dir()
 REPORTS_DIR = "reports"
 RUN_RECORD = "latest.json"
 _EAGER = ("TorchCPU", "TorchCUDA")
@@ -56,7 +58,7 @@ def collect_environment() -> dict[str, str]:
     env: dict[str, str] = {"python": platform.python_version(), "platform": platform.platform(),
                            "cpu": f"{_cpu_name()} ({os.cpu_count()} logical cores)"}
     try:
-        from navdeploy import __version__
+        from navdeploy._version import __version__
 
         env["navdeploy"] = __version__
     except ImportError:  # pragma: no cover

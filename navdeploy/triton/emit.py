@@ -1,7 +1,7 @@
 """Write a Triton model repository from a navdeploy workspace.
 
 One Triton model per optimized graph of each module: ``<repo>/<name>/config.pbtxt`` rendered from the Jinja
-templates in ``navdeploy/templates/`` and ``<repo>/<name>/1/`` holding the artifact (and ``model.py`` for the
+templates in the top-level ``templates/`` folder and ``<repo>/<name>/1/`` holding the artifact (and ``model.py`` for the
 Python backend). Model names: ``<module>`` for a module with one input structure, ``<module>__<graph key>``
 for each graph of a module with several (the graph key is the stable hash navdeploy gives an input structure).
 
@@ -32,14 +32,15 @@ from typing import Any, Iterable, Optional
 
 import jinja2
 
-from navdeploy import __version__
-from navdeploy.capture import Graph, TensorSpec
+from navdeploy._version import __version__
+from navdeploy.capture.graph import Graph, TensorSpec
 from navdeploy.errors import NavdeployError
+from navdeploy.templates_dir import templates_dir
 from navdeploy.triton.validate import errors, validate_repository
 
 log = logging.getLogger("navdeploy")
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES = templates_dir()
 MANIFEST = "manifest.json"
 
 DATA_TYPES = {
@@ -360,7 +361,7 @@ def _copy_artifact(src: Path, dst: Path, only: Optional[str] = None) -> None:
 def render_serve_script(plans: list[ModelPlan], env: jinja2.Environment, workspace: Path,
                         pipeline: Optional[str] = None, factory: bool = False) -> str:
     """The repository's ``serve.py``: a readable entry point documenting how its pipeline and models are served."""
-    from navdeploy import __version__
+    from navdeploy._version import __version__
 
     models = [{"name": p.name, "backend": p.backend, "platform": p.platform, "module": p.module,
                "device": "GPU" if p.instance_kind == "KIND_GPU" else "CPU"} for p in plans]

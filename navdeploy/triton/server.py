@@ -171,7 +171,7 @@ class TritonServer:
             return getattr(self, "_saved_log", "")
         return self.log_path.read_text(errors="replace")
 
-    def _command(self, binary: Path, backends: Path) -> list[str]:
+    def command(self, binary: Path, backends: Path) -> list[str]:
         cmd = [str(binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
                f"--http-address={self.host}", f"--http-port={self.http_port}",
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",

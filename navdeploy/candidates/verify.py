@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from navdeploy.capture import TensorSpec
+from navdeploy.capture.graph import TensorSpec
 
 
 @dataclass

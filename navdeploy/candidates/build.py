@@ -17,13 +17,14 @@ from typing import Callable, Optional
 
 import torch
 
-from navdeploy.capture import Graph
-from navdeploy.flat_module import FlatModule
-from navdeploy.formats import FORMATS, RUNNERS, BuildContext, LoadContext, RunnerSpec
-from navdeploy.precision import candidate_name, cast_inputs, cast_module, needs_cast
-from navdeploy.profile import measure
-from navdeploy.verify import LOW_PRECISIONS, Comparison, compare, conform
-from navdeploy.workspace import checksum
+from navdeploy.candidates.precision import candidate_name, cast_inputs, cast_module, needs_cast
+from navdeploy.candidates.profile import measure
+from navdeploy.candidates.verify import LOW_PRECISIONS, Comparison, compare, conform
+from navdeploy.capture.flat_module import FlatModule
+from navdeploy.capture.graph import Graph
+from navdeploy.formats.base import BuildContext, LoadContext, RunnerSpec
+from navdeploy.formats.registry import FORMATS, RUNNERS
+from navdeploy.workspace.fingerprint import checksum
 
 log = logging.getLogger("navdeploy")
 

@@ -4,7 +4,7 @@ A worker is started with the ``spawn`` context (never by changing the global sta
 the module once, then runs tasks one at a time. When it dies or overruns its timeout it is killed, the
 candidate is marked failed with the reason, and the next task starts a fresh worker. A module gets one
 worker, or several (``build_workers``) that build candidates side by side and take turns to profile
-through a :class:`~navdeploy.timing_gate.TimingGate`.
+through a :class:`~navdeploy.candidates.timing_gate.TimingGate`.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 import cloudpickle
 
-from navdeploy.candidate import Job, Task, WorkerState, new_record, run_task
-from navdeploy.formats import RUNNERS
-from navdeploy.timing_gate import Slot, TimingGate
+from navdeploy.candidates.build import Job, Task, WorkerState, new_record, run_task
+from navdeploy.candidates.timing_gate import Slot, TimingGate
+from navdeploy.formats.registry import RUNNERS
 
 log = logging.getLogger("navdeploy")
 _READY_TIMEOUT_S = 300.0

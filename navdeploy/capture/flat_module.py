@@ -6,14 +6,14 @@ from typing import Any, Optional
 
 import torch
 
-from navdeploy.capture import Spec, flatten, unflatten
+from navdeploy.capture.pytree import Spec, flatten, unflatten
 
 
 class FlatModule(torch.nn.Module):
     """Calls ``module`` (or its ``forward_func`` method) with the structure of one graph.
 
     ``forward(*tensors)`` rebuilds the captured ``(args, kwargs)`` (constants included), runs the
-    module and returns its output tensors as a tuple, in :func:`navdeploy.capture.flatten` order.
+    module and returns its output tensors as a tuple, in :func:`navdeploy.capture.pytree.flatten` order.
     """
 
     def __init__(self, module: torch.nn.Module, input_spec: Spec, forward_func: Optional[str] = None):

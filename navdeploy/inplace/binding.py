@@ -13,12 +13,16 @@ from typing import Optional
 
 import torch
 
-from navdeploy.capture import Graph
-from navdeploy.candidate import artifact_dir, expand_batch, prepare
-from navdeploy.formats import EAGER_RUNNER, FORMATS, RUNNERS, LoadContext, RunFn
-from navdeploy.module import Module, OptimizedHandler
-from navdeploy.verify import conform
-from navdeploy.workspace import checksum, fingerprint, load_manifest, load_samples
+from navdeploy.candidates.build import artifact_dir, expand_batch, prepare
+from navdeploy.candidates.verify import conform
+from navdeploy.capture.graph import Graph
+from navdeploy.formats.base import LoadContext, RunFn
+from navdeploy.formats.registry import EAGER_RUNNER, FORMATS, RUNNERS
+from navdeploy.inplace.handler import OptimizedHandler
+from navdeploy.inplace.module import Module
+from navdeploy.workspace.fingerprint import checksum, fingerprint
+from navdeploy.workspace.manifest import load_manifest
+from navdeploy.workspace.samples import load_samples
 
 log = logging.getLogger("navdeploy")
 
@@ -36,7 +40,7 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device
     runner = RUNNERS[record["runner"]]
     precision = record.get("precision", module_precision)
     spec = FORMATS[runner.format]
-    flat, cast = prepare(module.__wrapped__, module._self_forward_func, graph, runner, precision, module_precision)
+    flat, cast = prepare(module.__wrapped__, module.nav_state.forward_func, graph, runner, precision, module_precision)
     artifact = None
     if spec.export is not None:
         fmt = artifact_dir(spec.format.value, precision, module_precision)
@@ -86,8 +90,7 @@ def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerpr
     """Route ``module`` to the runners its manifest selected. Returns False (module stays eager, with one
     warning) when there is nothing usable: no manifest, an unreadable or hand-edited one, changed weights,
     missing or modified artifacts. It never raises for what it finds in the workspace."""
-    module._self_handler = None  # every path that does not bind leaves the module eager
-    module._self_bound = False
+    module.nav_state.unbind()  # every path that does not bind leaves the module eager
     if manifest is None:
         manifest, problem = load_manifest(folder)
         if problem:
@@ -109,7 +112,7 @@ def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerpr
         return _warn(module, "it was optimized for CUDA but no GPU is present.")
     selected = {key: entry.get("selected") for key, entry in manifest["graphs"].items()}
     if selected and all(name in EAGER_RUNNER.values() for name in selected.values()):  # eager, own precision
-        module._self_bound = True
+        module.nav_state.bind(None)
         return True  # eager won everywhere: plain pass-through, no routing cost
     graphs: dict[str, tuple[Graph, RunFn]] = {}
     problems = []
@@ -129,8 +132,7 @@ def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerpr
                       "nav.optimize to rebuild.", RuntimeWarning, stacklevel=3)
     if not graphs:
         return False
-    module._self_bound = True
-    module._self_handler = OptimizedHandler(module.name, graphs, manifest.get("max_batch_size", 1),
-                                            module._self_output_mapping)
+    module.nav_state.bind(OptimizedHandler(module.name, graphs, manifest.get("max_batch_size", 1),
+                                           module.nav_state.output_mapping))
     log.info("module %s bound: %s", module.name, {k: manifest["graphs"][k]["selected"] for k in graphs})
     return True

@@ -1,0 +1,107 @@
+"""What is learned from the captured calls: a *graph* per input structure (calls whose specs and tensor
+dtypes/ranks are equal share one exported model), its tensors' shape ranges and kept samples."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from navdeploy.capture.pytree import Spec
+
+
+@dataclass
+class TensorSpec:
+    """What was seen of one flat input or output tensor across all calls of a graph."""
+
+    dtype: str
+    device: str
+    min_shape: list[int]
+    max_shape: list[int]
+    opt_shape: list[int]
+
+    def update(self, shape: list[int]) -> None:
+        self.min_shape = [min(a, b) for a, b in zip(self.min_shape, shape)]
+        self.max_shape = [max(a, b) for a, b in zip(self.max_shape, shape)]
+
+    @property
+    def dynamic_axes(self) -> list[int]:
+        return [i for i, (lo, hi) in enumerate(zip(self.min_shape, self.max_shape)) if lo != hi]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorSpec":
+        shape = list(t.shape)
+        return cls(str(t.dtype).removeprefix("torch."), str(t.device), shape, list(shape), list(shape))
+
+
+@dataclass
+class Sample:
+    """One captured call: flat input tensors and the eager flat output tensors."""
+
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+
+
+@dataclass
+class Graph:
+    """All captured calls of one module that share an input structure."""
+
+    key: str
+    input_spec: Spec
+    output_spec: Spec
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    batching: bool
+    calls: int = 0
+    samples: list[Sample] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "key": self.key, "input_spec": self.input_spec, "output_spec": self.output_spec,
+            "inputs": [dataclasses.asdict(t) for t in self.inputs],
+            "outputs": [dataclasses.asdict(t) for t in self.outputs],
+            "batching": self.batching, "calls": self.calls,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Graph":
+        return cls(
+            key=data["key"], input_spec=data["input_spec"], output_spec=data["output_spec"],
+            inputs=[TensorSpec(**t) for t in data["inputs"]], outputs=[TensorSpec(**t) for t in data["outputs"]],
+            batching=data["batching"], calls=data.get("calls", 0),
+        )
+
+    def dynamic_axes(self, max_batch_size: int) -> list[dict[int, tuple[int, int]]]:
+        """Per input tensor: ``{axis: (min, max)}`` for every axis that varies (batch axis 0 when batching)."""
+        result = []
+        for t in self.inputs:
+            axes = {a: (t.min_shape[a], t.max_shape[a]) for a in t.dynamic_axes}
+            if self.batching and t.min_shape:
+                axes[0] = (1, max(max_batch_size, t.max_shape[0]))
+            result.append(axes)
+        return result
+
+    def accepts(self, tensors: list[torch.Tensor], max_batch_size: int) -> Optional[str]:
+        """None when the runner built for this graph can take these inputs, else the reason it cannot."""
+        if len(tensors) != len(self.inputs):
+            return f"expected {len(self.inputs)} tensors, got {len(tensors)}"
+        for i, (t, spec) in enumerate(zip(tensors, self.inputs)):
+            if str(t.dtype).removeprefix("torch.") != spec.dtype:
+                return f"input {i}: dtype {t.dtype} differs from captured {spec.dtype}"
+            if t.device.type != torch.device(spec.device).type:
+                return f"input {i}: device {t.device} differs from captured {spec.device}"
+            if t.dim() != len(spec.min_shape):
+                return f"input {i}: rank {t.dim()} differs from captured rank {len(spec.min_shape)}"
+            for axis, size in enumerate(t.shape):
+                lo, hi = spec.min_shape[axis], spec.max_shape[axis]
+                if self.batching and axis == 0:
+                    lo, hi = 1, max(max_batch_size, hi)
+                if not lo <= size <= hi:
+                    return f"input {i}: size {size} of axis {axis} is outside the captured range [{lo}, {hi}]"
+        return None

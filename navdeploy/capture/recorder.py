@@ -1,0 +1,92 @@
+"""Records a module's eager calls while ``nav.optimize`` runs the callable: groups them into graphs and
+keeps samples of each."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from navdeploy.capture.graph import Graph, Sample, TensorSpec
+from navdeploy.capture.pytree import check_output_mapping, describe, flatten, flatten_call, spec_key, unflatten
+from navdeploy.errors import CaptureError
+
+
+def _batch_size_of(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> Optional[int]:
+    """The common size of axis 0 of every input and output tensor with one, or None when there is none.
+
+    0-d tensors (a diffusion UNet's timestep) have no batch axis and do not stop the others from batching."""
+    batched_inputs = [t for t in inputs if t.dim() > 0]
+    sizes = {t.shape[0] for t in batched_inputs + [t for t in outputs if t.dim() > 0]}
+    if len(sizes) == 1 and batched_inputs and all(t.dim() > 0 for t in outputs):
+        return sizes.pop()
+    return None
+
+
+class Recorder:
+    """Collects the calls of one wrapped module into graphs while ``nav.optimize`` runs the callable."""
+
+    def __init__(self, name: str, sample_count: int, batching: Optional[bool],
+                 output_mapping: Optional[Callable[[Any], Any]] = None):
+        self.name = name
+        self.output_mapping = output_mapping  # checked on the captured outputs: a bad one fails at optimize, not later
+        self.sample_count = sample_count
+        self.batching = batching
+        self.graphs: dict[str, Graph] = {}
+        self._batch_consistent: dict[str, bool] = {}
+
+    def record(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        """Run the eager call and remember its inputs and outputs (``input_mapping`` was applied by the proxy)."""
+        in_spec, inputs = flatten_call(args, kwargs, self.name)
+        output = fn(*args, **kwargs)
+        out_spec, outputs = flatten(output, path=f"{self.name} outputs", outputs=True)
+        if not outputs:
+            raise CaptureError(f"module {self.name!r} returned no tensors ({describe(output)}); nothing to optimize. "
+                               "Wrap only the part of it that computes tensors, or do not wrap it with nav.Module.")
+        key = spec_key(in_spec, inputs)
+        graph = self.graphs.get(key)
+        if graph is None:
+            mapping = self.output_mapping
+            if mapping is not None:
+                check_output_mapping(self.name, mapping, unflatten(out_spec, outputs, rebuild_classes=False))
+            graph = Graph(key, in_spec, out_spec, [TensorSpec.of(t) for t in inputs],
+                          [TensorSpec.of(t) for t in outputs], batching=False)
+            self.graphs[key] = graph
+            self._batch_consistent[key] = True
+        elif len(outputs) != len(graph.outputs):
+            raise CaptureError(f"module {self.name!r}: calls with the same input structure returned different "
+                               "output structures; navdeploy needs the output structure to follow from the inputs.")
+        for spec, t in zip(graph.inputs, inputs):
+            spec.update(list(t.shape))
+        for spec, t in zip(graph.outputs, outputs):
+            spec.update(list(t.shape))
+        graph.calls += 1
+        if _batch_size_of(inputs, outputs) is None:
+            self._batch_consistent[key] = False
+        self._keep(graph, inputs, outputs)
+        return output
+
+    def _keep(self, graph: Graph, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        shapes = [tuple(t.shape) for t in inputs]
+        kept = [[tuple(t.shape) for t in s.inputs] for s in graph.samples]
+        new_shape = shapes not in kept
+        if len(graph.samples) >= self.sample_count:
+            if not new_shape:
+                return
+            # Prefer shape variety: replace the newest sample whose shapes repeat an earlier one.
+            dupes = [i for i in range(len(kept)) if kept[i] in kept[:i]]
+            if not dupes:
+                return
+            graph.samples.pop(dupes[-1])
+        graph.samples.append(Sample([t.detach().clone() for t in inputs], [t.detach().clone() for t in outputs]))
+
+    def finish(self) -> list[Graph]:
+        """The graphs, with batching decided and opt shapes set from the first kept sample."""
+        for key, graph in self.graphs.items():
+            consistent = self._batch_consistent[key]
+            graph.batching = consistent if self.batching is None else (self.batching and consistent)
+            for spec, t in zip(graph.inputs, graph.samples[0].inputs):
+                spec.opt_shape = list(t.shape)
+            for spec, t in zip(graph.outputs, graph.samples[0].outputs):
+                spec.opt_shape = list(t.shape)
+        return list(self.graphs.values())

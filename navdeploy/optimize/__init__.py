@@ -1,0 +1,1 @@
+"""The orchestration of ``nav.optimize`` and ``nav.load_optimized``, read top to bottom from ``run.py``."""

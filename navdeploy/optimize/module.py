@@ -1,0 +1,206 @@
+"""One module, top to bottom: per graph, the candidates to try, built and checked in workers, selected,
+written to the manifest, and the winner bound in place."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from navdeploy._version import __version__
+from navdeploy.candidates.build import Job, Task, artifact_dir, new_record
+from navdeploy.candidates.isolation import ExecutorPool
+from navdeploy.candidates.precision import candidate_name, candidate_precisions, tolerance_precision
+from navdeploy.candidates.select import select
+from navdeploy.capture.graph import Graph
+from navdeploy.config import OptimizeConfig, build_workers, resolve_workspace, use_multiprocessing
+from navdeploy.formats.base import RunnerSpec
+from navdeploy.formats.registry import FORMATS, runners_for
+from navdeploy.inplace.binding import bind
+from navdeploy.inplace.module import Module
+from navdeploy.optimize.scope import logging_to
+from navdeploy.optimize.status import GraphStatus, ModuleStatus
+from navdeploy.report import console
+from navdeploy.workspace.atomic import ensure_writable, write_json_atomic
+from navdeploy.workspace.checkpoint import checkpoint_graph, resume_entry
+from navdeploy.workspace.fingerprint import cache_key, checksum, fingerprint
+from navdeploy.workspace.layout import LOG_FILE, module_dir, now
+from navdeploy.workspace.locks import locked
+from navdeploy.workspace.manifest import MANIFEST_VERSION, read_manifest
+from navdeploy.workspace.samples import save_samples
+
+log = logging.getLogger("navdeploy")
+
+
+def module_config(module: Module, config: Optional[OptimizeConfig]) -> OptimizeConfig:
+    """The module's own config (with the run's workspace when it names none), else the run's, else defaults."""
+    own = module.optimize_config
+    if own is None:
+        return config or OptimizeConfig()
+    if own.workspace is None and config is not None and config.workspace is not None:
+        return own.replace(workspace=config.workspace)
+    return own
+
+
+def module_device(module: torch.nn.Module) -> str:
+    for tensor in module.parameters():
+        return tensor.device.type
+    for tensor in module.buffers():
+        return tensor.device.type
+    return "cpu"
+
+
+def _graph_cache_key(graph: Graph, fp: str, device: str, precision: str, config: OptimizeConfig,
+                     batch_sizes: tuple[int, ...], tolerances: dict[str, tuple[float, float]]) -> str:
+    shape = {k: v for k, v in graph.to_json().items() if k != "calls"}
+    # The tolerances in effect, not only the user's: they follow the TF32 settings too.
+    return cache_key(__version__, torch.__version__, fp, shape, device, precision, sorted(tolerances.items()),
+                     batch_sizes, config.max_batch_size, config.profile_time_s)
+
+
+def _valid_formats(old_entry: Optional[dict], folder: Path) -> dict[str, dict]:
+    """Formats built by an earlier run whose artifacts are still intact."""
+    valid = {}
+    for fmt, state in (old_entry or {}).get("formats", {}).items():
+        path = folder / fmt
+        if state.get("status") == "ok" and path.is_dir() and checksum(path) == state.get("checksum"):
+            valid[fmt] = state
+    return valid
+
+
+def candidate_pairs(config: OptimizeConfig, device: str, module_precision: str) -> list[tuple[RunnerSpec, str]]:
+    """(runner, precision) pairs to try; eager in the module's own precision (the baseline) always comes first."""
+    runners = runners_for(device, config.target_formats, config.runners)
+    pairs = [(runners[0], module_precision)]
+    for runner in runners:
+        for precision in candidate_precisions(module_precision, device, config.precisions):
+            if (runner, precision) != pairs[0]:
+                pairs.append((runner, precision))
+    return pairs
+
+
+def _chains(pairs: list[tuple[RunnerSpec, str]], module_precision: str) -> list[list[tuple[int, RunnerSpec, str]]]:
+    """Candidates in chains that may run side by side: runners sharing an exported artifact (ONNX's) form one
+    chain, in order, since the first one exports it and the others load it; every other candidate is a chain
+    of its own."""
+    chains: dict[str, list[tuple[int, RunnerSpec, str]]] = {}
+    for index, (runner, precision) in enumerate(pairs):
+        name = candidate_name(runner.name, precision, module_precision)
+        key = artifact_dir(runner.format.value, precision, module_precision) \
+            if FORMATS[runner.format].export is not None else name
+        chains.setdefault(key, []).append((index, runner, precision))
+    return list(chains.values())
+
+
+def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: OptimizeConfig, device: str,
+                    old_entry: Optional[dict], gkey: str, progress: console.Progress) -> dict:
+    folder = job.module_dir / graph.key
+    save_samples(graph, folder)
+    old_entry = resume_entry(job.module_dir, graph.key, gkey, old_entry)  # a killed run's completed candidates
+    reusable = old_entry is not None and old_entry.get("cache_key") == gkey
+    formats = _valid_formats(old_entry, folder) if reusable else {}
+    previous = {c.get("name", c["runner"]): c for c in old_entry["candidates"]} if reusable else {}
+    pairs = candidate_pairs(config, device, job.precision)
+    records: dict[int, dict] = {}  # by the candidate's place in ``pairs``: the manifest keeps that order
+    lock = threading.Lock()  # chains run on several threads when the module has several build workers
+
+    def done(index: int, name: str, record: dict, checkpoint: bool) -> None:
+        with lock:
+            records[index] = record
+            if checkpoint:  # survives a kill -9 of this run
+                checkpoint_graph(job.module_dir, graph.key, gkey, formats, [records[i] for i in sorted(records)])
+        progress.advance(f"{job.module_name}: {name}" + (" (cached)" if record.get("cached") else ""))
+
+    def run_chain(chain: list[tuple[int, RunnerSpec, str]]) -> None:
+        with executors.borrow() as executor:
+            for index, runner, precision in chain:
+                name = candidate_name(runner.name, precision, job.precision)
+                fmt = artifact_dir(runner.format.value, precision, job.precision)
+                cached = previous.get(name)
+                artifact_ok = FORMATS[runner.format].export is None or fmt in formats
+                if cached and cached["status"] in ("ok", "failed") and (artifact_ok or cached["status"] == "failed"):
+                    done(index, name, {**cached, "cached": True}, checkpoint=False)
+                    continue
+                reason = runner.unavailable_reason()
+                if reason:  # decided here: no worker starts, and a builds_alone runner never holds up the others
+                    done(index, name, {**new_record(runner, precision, job.precision), "status": "skipped",
+                                       "error": reason}, checkpoint=True)
+                    continue
+                if formats.get(fmt, {}).get("status") == "failed":
+                    done(index, name, {**new_record(runner, precision, job.precision), "step": "export",
+                                       "error": formats[fmt]["error"]}, checkpoint=False)
+                    continue
+                progress.describe(f"{job.module_name}: {name}")
+                record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision))
+                state = None
+                if record.get("exported"):
+                    state = {"status": "ok", "checksum": record["artifact_checksum"],
+                             "export_s": record["times"].get("export_s")}
+                elif not artifact_ok and record["status"] == "failed" and record.get("step") in ("export", "isolation"):
+                    state = {"status": "failed", "error": record["error"]}
+                if state is not None:
+                    with lock:
+                        formats[fmt] = state
+                log.info("%s graph %s %s: %s%s", job.module_name, graph.key, name, record["status"],
+                         f" ({record['error']})" if record.get("error") else "")
+                done(index, name, record, checkpoint=True)
+
+    # One worker: every candidate in order, as one chain. Several: chains side by side (profiling still alone).
+    executors.map(run_chain, [[(i, r, p) for i, (r, p) in enumerate(pairs)]] if executors.workers == 1
+                  else _chains(pairs, job.precision))
+    candidates = [records[i] for i in sorted(records)]
+    batch = graph.inputs[0].opt_shape[0] if graph.batching and graph.inputs else None
+    winner = select(candidates, config.strategy, batch)
+    return {"graph": graph.to_json(), "cache_key": gkey, "formats": formats, "candidates": candidates,
+            "selected": winner["name"] if winner else None, "updated": now()}
+
+
+def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig, mode: str,
+                     progress: console.Progress) -> ModuleStatus:
+    start = time.perf_counter()
+    workspace = resolve_workspace(config)
+    ensure_writable(workspace)
+    folder = module_dir(workspace, module.name)
+    device = config.target_device or module_device(module.__wrapped__)
+    with locked(folder, config.timeout_s), logging_to(folder / LOG_FILE, mode):
+        log.info("optimizing %s: %d graph(s) on %s", module.name, len(graphs), device)
+        if module.__wrapped__.training:
+            log.warning("module %s is in training mode; call .eval() before nav.optimize for stable results",
+                        module.name)
+        fp = fingerprint(module.__wrapped__)
+        old = read_manifest(folder)
+        old_graphs = old["graphs"] if old and old.get("fingerprint") == fp and old.get("device") == device else {}
+        batch_sizes = config.profile_batch_sizes(max(g.inputs[0].max_shape[0] if g.batching else 1 for g in graphs))
+        checked_as = {p: tolerance_precision(p, module.__wrapped__, device)
+                      for p in candidate_precisions(module.precision, device, config.precisions) + (module.precision,)}
+        tolerances = {p: config.tolerance_for(q) for p, q in checked_as.items()}
+        if checked_as.get("fp32") == "tf32":
+            log.info("%s: fp32 candidates are checked with the tf32 tolerance %s, as eager itself runs TF32 "
+                     "convolutions/matmuls here (set torch.backends.cudnn.allow_tf32 = False for a strict check)",
+                     module.name, tolerances["fp32"])
+        job = Job(module.name, module.__wrapped__, module.nav_state.forward_func, {g.key: g for g in graphs}, folder,
+                  device, module.precision, tolerances, config.verify_func, batch_sizes, config.max_batch_size,
+                  config.profile_time_s)
+        entries = dict(old_graphs)  # graphs not seen this time stay valid: same weights, same device
+        with module._nav_unpatched(), ExecutorPool(job, use_multiprocessing(config), config.timeout_s,
+                                                   folder / LOG_FILE, build_workers(config)) as executors:
+            for graph in graphs:
+                gkey = _graph_cache_key(graph, fp, device, module.precision, config, batch_sizes, tolerances)
+                entries[graph.key] = _optimize_graph(graph, job, executors, config, device,
+                                                     old_graphs.get(graph.key), gkey, progress)
+        manifest = {"version": MANIFEST_VERSION, "navdeploy": __version__, "torch": torch.__version__,
+                    "module": module.name, "class": f"{type(module.__wrapped__).__module__}."
+                    f"{type(module.__wrapped__).__qualname__}", "fingerprint": fp, "device": device,
+                    "precision": module.precision, "forward_func": module.nav_state.forward_func,
+                    "max_batch_size": config.max_batch_size, "batch_sizes": list(batch_sizes),
+                    "tolerances": {p: list(t) for p, t in tolerances.items()},
+                    "graphs": entries, "updated": now()}
+        write_json_atomic(folder / "manifest.json", manifest)  # last: a killed run leaves the old manifest
+        optimized = bind(module, folder, manifest, fp)
+    statuses = [GraphStatus(g.key, entries[g.key]["selected"], entries[g.key]["candidates"], g.batching)
+                for g in graphs]
+    return ModuleStatus(module.name, folder, device, statuses, optimized, time.perf_counter() - start, tolerances)

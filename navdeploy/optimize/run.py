@@ -1,0 +1,124 @@
+"""``nav.optimize``: capture every wrapped module's calls, then optimize each module and report."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing as mp
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from navdeploy.capture.recorder import Recorder
+from navdeploy.config import OptimizeConfig, console_output, report_enabled, resolve_workspace
+from navdeploy.errors import CaptureError, NavdeployError
+from navdeploy.inplace.registry import registered_modules
+from navdeploy.optimize.dataloader import dataloader_items, run_capture, script_command
+from navdeploy.optimize.module import candidate_pairs, module_config, module_device, optimize_module
+from navdeploy.optimize.pipeline import PassTimer, handlers, measure_optimized, sync_cuda
+from navdeploy.optimize.scope import inductor_cache
+from navdeploy.optimize.status import OptimizeStatus
+from navdeploy.report import console
+
+log = logging.getLogger("navdeploy")
+
+
+def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConfig] = None) -> OptimizeStatus:
+    """Optimize every ``nav.Module`` that ``func`` calls while it runs over ``dataloader``.
+
+    Each dataloader item is ``(batch_size, sample)``: a tuple/list sample is positional arguments (a
+    trailing dict is keyword arguments), a dict alone is keyword arguments, anything else is one argument.
+    Modules with ``module.optimize_config`` set use it; the others use ``config`` (or the defaults).
+    After it returns, the wrapped modules run their fastest verified runner; inputs they were not
+    optimized for run eagerly.
+    """
+    if mp.current_process().name.startswith("navdeploy-"):
+        raise NavdeployError("nav.optimize was called while navdeploy's worker process imported your script: the "
+                             "script runs nav.optimize at import time. Put it under `if __name__ == \"__main__\":` "
+                             "or set NAVDEPLOY_USE_MULTIPROCESSING=False.")
+    if not callable(func):
+        raise TypeError(f"nav.optimize needs a callable (a pipeline, function or bound method); got {type(func).__name__}.")
+    if config is not None and not isinstance(config, OptimizeConfig):
+        raise TypeError(f"config must be a nav.OptimizeConfig, got {type(config).__name__}.")
+    items = dataloader_items(dataloader)
+    mode = console_output()
+    start = time.perf_counter()
+    gc.collect()  # pipelines dropped by the user must not count as wrapped modules of this run
+    modules = registered_modules()
+    if not modules:
+        raise NavdeployError("no nav.Module to optimize: wrap the modules of your pipeline first, "
+                             "e.g. pipe.unet = nav.Module(pipe.unet, name='unet').")
+    configs = {m.name: module_config(m, config) for m in modules}
+    recorders = {m.name: Recorder(m.name, configs[m.name].sample_count, m.nav_state.batching,
+                                   m.nav_state.output_mapping) for m in modules}
+    capture_timer = PassTimer()
+    marks: dict[str, float] = {}
+
+    def after_item(i: int) -> None:  # the first item is a warm-up when there are two or more
+        if i == 0 and len(items) >= 2:
+            sync_cuda()
+            marks["timed_from"] = time.perf_counter()
+            capture_timer.reset()
+
+    capture_start = time.perf_counter()
+    with handlers(modules, lambda m, _: recorders[m.name].record), \
+            handlers(modules, lambda m, h: capture_timer.wrap(m.name, h, True)), torch.no_grad():
+        run_capture(func, items, after_item)
+    sync_cuda()
+    capture_end = time.perf_counter()
+    capture_s = capture_end - capture_start
+    capture_timed_s = capture_end - marks.get("timed_from", capture_start)
+    # Modules optimized by an earlier call and not used by this callable keep what they have. A module that an
+    # earlier optimize captured and that this callable did not call is another pipeline's: a warning. One never
+    # captured and not called is most likely called through a method: an error (also after a load_optimized that
+    # found nothing for it, the usual "load, else optimize" flow).
+    modules = [m for m in modules if recorders[m.name].graphs or not m.nav_state.bound]
+    hint = ("If your code calls a method such as self.forward(x) or encode() instead of the module itself, pass "
+            "forward_func='forward' (that method's name) to nav.Module.")
+    earlier = [m.name for m in modules if not recorders[m.name].graphs and m.nav_state.captured]
+    if earlier:
+        warnings.warn(f"navdeploy: wrapped module(s) {', '.join(map(repr, earlier))} (captured by an earlier "
+                      f"optimize) were not called by this callable; they stay as they are. {hint}",
+                      RuntimeWarning, stacklevel=2)
+        modules = [m for m in modules if m.name not in earlier]
+    uncalled = [m.name for m in modules if not recorders[m.name].graphs]
+    if len(uncalled) == len(modules):  # also when nothing is left: every module was another pipeline's
+        raise CaptureError(f"the callable called none of the wrapped modules while it ran over the dataloader. {hint}")
+    if uncalled:
+        raise CaptureError(
+            f"wrapped module(s) {', '.join(map(repr, uncalled))} were never called while the callable ran over the "
+            f"dataloader. {hint}")
+    for m in modules:
+        m.nav_state.captured = True
+    status = OptimizeStatus(workspace=resolve_workspace(config), command=script_command())
+    work = {m.name: recorders[m.name].finish() for m in modules}
+    total = sum(len(work[m.name]) * len(candidate_pairs(configs[m.name], configs[m.name].target_device
+                                                    or module_device(m.__wrapped__), m.precision)) for m in modules)
+    with console.progress(total, enabled=mode != "logs") as progress:
+        for m in modules:
+            # torch.compile caches inside the workspace so reloads and re-runs compile from cache.
+            with inductor_cache(resolve_workspace(configs[m.name])):
+                status.modules[m.name] = optimize_module(m, work[m.name], configs[m.name], mode, progress)
+    status.seconds = time.perf_counter() - start
+    if report_enabled():
+        status.pipeline = measure_optimized(func, items, modules, capture_s, capture_timer, capture_timed_s,
+                                             len(items) - (1 if len(items) >= 2 else 0))
+        status.report_path = _write_report(status)
+    console.print_status(status, detailed=mode == "detailed")
+    return status
+
+
+def _write_report(status: OptimizeStatus) -> Optional[Path]:
+    """The HTML report of this run in ``<workspace>/reports``; a failure to write it only warns."""
+    try:
+        from navdeploy.report.html import write_run_report
+
+        return write_run_report(status)
+    except Exception as exc:  # noqa: BLE001 - the optimization itself succeeded
+        log.warning("navdeploy: could not write the HTML report: %s: %s", type(exc).__name__, exc)
+        warnings.warn(f"navdeploy: could not write the HTML report: {type(exc).__name__}: {exc}", RuntimeWarning,
+                      stacklevel=3)
+        return None

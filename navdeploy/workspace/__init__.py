@@ -1,0 +1,1 @@
+"""The on-disk workspace: layout, manifests, checkpoints, locks, fingerprints, samples, atomic writes."""
