@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import navdeploy as nav
-from navdeploy import binding
+from navdeploy.inplace import binding
 from navdeploy.candidates.precision import (
     candidate_name,
     candidate_precisions,
