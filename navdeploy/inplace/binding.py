@@ -20,6 +20,7 @@ from navdeploy.formats.base import LoadContext, RunFn
 from navdeploy.formats.registry import EAGER_RUNNER, FORMATS, RUNNERS
 from navdeploy.inplace.handler import OptimizedHandler
 from navdeploy.inplace.module import Module
+from navdeploy.inplace.staleness import WeightsWatch
 from navdeploy.workspace.fingerprint import checksum, fingerprint
 from navdeploy.workspace.manifest import load_manifest
 from navdeploy.workspace.samples import load_samples
@@ -132,7 +133,8 @@ def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerpr
                       "nav.optimize to rebuild.", RuntimeWarning, stacklevel=3)
     if not graphs:
         return False
+    watch = WeightsWatch(module.__wrapped__, module.nav_state)  # calls the runner no longer stands for run eagerly
     module.nav_state.bind(OptimizedHandler(module.name, graphs, manifest.get("max_batch_size", 1),
-                                           module.nav_state.output_mapping))
+                                           module.nav_state.output_mapping, watch))
     log.info("module %s bound: %s", module.name, {k: manifest["graphs"][k]["selected"] for k in graphs})
     return True

@@ -13,8 +13,10 @@ from navdeploy.capture.graph import Graph
 from navdeploy.capture.pytree import describe, flatten_call, spec_key, unflatten
 from navdeploy.errors import CaptureError
 from navdeploy.formats.base import RunFn
+from navdeploy.inplace.staleness import WeightsWatch
 
 _CONSTANTS = (str, int, float, bool, type(None))
+_COVER_HINT = " Re-run nav.optimize with a dataloader covering these inputs to optimize them too."
 
 
 def _flat_signature(args: tuple, kwargs: dict) -> Optional[tuple]:
@@ -34,20 +36,20 @@ class OptimizedHandler:
     """Routes a call to the runner of its graph; anything the runner was not built for runs eagerly."""
 
     def __init__(self, name: str, graphs: dict[str, tuple[Graph, RunFn]], max_batch_size: int,
-                 output_mapping: Optional[Callable]):
+                 output_mapping: Optional[Callable], watch: Optional[WeightsWatch] = None):
         self.name = name
+        self.watch = watch  # None: nothing to check (the runner runs the live module itself)
         self.graphs = graphs
         self.max_batch_size = max_batch_size
         self.output_mapping = output_mapping
         self._warned: set[str] = set()
         self._keys: dict[tuple, str] = {}
 
-    def _fallback(self, reason: str, fn: Callable, args: tuple, kwargs: dict) -> Any:
+    def _fallback(self, reason: str, fn: Callable, args: tuple, kwargs: dict, hint: str = _COVER_HINT) -> Any:
         kind = reason.split(":")[0]
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(f"navdeploy: module {self.name!r} runs eagerly for this call: {reason}. "
-                          "Re-run nav.optimize with a dataloader covering these inputs to optimize them too.",
+            warnings.warn(f"navdeploy: module {self.name!r} runs eagerly for this call: {reason}.{hint}",
                           RuntimeWarning, stacklevel=4)
         return fn(*args, **kwargs)
 
@@ -77,6 +79,10 @@ class OptimizedHandler:
         reason = graph.accepts(tensors, self.max_batch_size)
         if reason is not None:
             return self._fallback(f"input outside the optimized range: {reason}", fn, args, kwargs)
+        if self.watch is not None:
+            reason = self.watch.reason(tensors)
+            if reason is not None:
+                return self._fallback(reason, fn, args, kwargs, hint="")
         try:
             with torch.no_grad():
                 outputs = conform(run(tensors), graph.outputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import weakref
 from typing import Any, Callable, Iterator, Optional
 
@@ -125,17 +126,22 @@ class Module(wrapt.ObjectProxy):
         return f"nav.Module(name={self._self_state.name!r}, {state}, {self.__wrapped__!r})"
 
     # Methods that return the module itself must return the proxy, or `m = m.to("cuda")` would unwrap it.
+    def _nav_converted(self, result: Any) -> Any:
+        """After a conversion of the module's tensors: the bound runner checks whether it still stands for them."""
+        self._self_state.conversions += 1
+        return self._nav_same(result)
+
     def _nav_same(self, result: Any) -> Any:
         return self if result is self.__wrapped__ else result
 
     def to(self, *args: Any, **kwargs: Any) -> Any:
-        return self._nav_same(self.__wrapped__.to(*args, **kwargs))
+        return self._nav_converted(self.__wrapped__.to(*args, **kwargs))
 
     def cuda(self, *args: Any, **kwargs: Any) -> Any:
-        return self._nav_same(self.__wrapped__.cuda(*args, **kwargs))
+        return self._nav_converted(self.__wrapped__.cuda(*args, **kwargs))
 
     def cpu(self) -> Any:
-        return self._nav_same(self.__wrapped__.cpu())
+        return self._nav_converted(self.__wrapped__.cpu())
 
     def eval(self) -> Any:
         return self._nav_same(self.__wrapped__.eval())
@@ -144,25 +150,25 @@ class Module(wrapt.ObjectProxy):
         return self._nav_same(self.__wrapped__.train(mode))
 
     def half(self) -> Any:
-        return self._nav_same(self.__wrapped__.half())
+        return self._nav_converted(self.__wrapped__.half())
 
     def float(self) -> Any:
-        return self._nav_same(self.__wrapped__.float())
+        return self._nav_converted(self.__wrapped__.float())
 
     def requires_grad_(self, requires_grad: bool = True) -> Any:
         return self._nav_same(self.__wrapped__.requires_grad_(requires_grad))
 
     def double(self) -> Any:
-        return self._nav_same(self.__wrapped__.double())
+        return self._nav_converted(self.__wrapped__.double())
 
     def bfloat16(self) -> Any:
-        return self._nav_same(self.__wrapped__.bfloat16())
+        return self._nav_converted(self.__wrapped__.bfloat16())
 
     def apply(self, fn: Callable) -> Any:
-        return self._nav_same(self.__wrapped__.apply(fn))
+        return self._nav_converted(self.__wrapped__.apply(fn))
 
     def to_empty(self, *args: Any, **kwargs: Any) -> Any:
-        return self._nav_same(self.__wrapped__.to_empty(*args, **kwargs))
+        return self._nav_converted(self.__wrapped__.to_empty(*args, **kwargs))
 
     def share_memory(self) -> Any:
         return self._nav_same(self.__wrapped__.share_memory())
@@ -201,6 +207,9 @@ class Module(wrapt.ObjectProxy):
         original = getattr(type(module), name).__get__(module)
         proxy_ref = weakref.ref(self)
 
+        # wraps: callers that inspect the method (HF generate reads forward's signature to decide which inputs,
+        # e.g. position_ids, to pass) see the original's signature, name and doc, not (*args, **kwargs).
+        @functools.wraps(original)
         def routed(*args: Any, **kwargs: Any) -> Any:
             proxy = proxy_ref()
             if proxy is None:

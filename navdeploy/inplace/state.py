@@ -32,6 +32,7 @@ class ModuleState:
     bound: bool = False  # a selection (possibly eager itself) is in place
     captured: bool = False  # an optimize captured its calls
     order: int = 0  # creation order, for a stable order of modules
+    conversions: int = 0  # .to()/.half()/.apply()... on the proxy: the bound runner re-checks dtypes and devices
 
     def __post_init__(self) -> None:
         self.order = next(_order)

@@ -1,0 +1,92 @@
+"""When a bound runner no longer stands for the live module: its weights changed since it was built, it is in
+training mode, or the call needs autograd. Such calls run eagerly (the handler says why, once).
+
+The checks run on every call of an optimized module, so they are cheap: an in-place edit (``copy_`` from
+``load_state_dict``, ``mul_`` under ``no_grad``) bumps the tensors' version counters, summed in C by ``map``;
+a replaced parameter or buffer goes through ``nn.Module``'s registration hooks, which bump a process-wide
+generation; ``.to()``/``.half()``... on the proxy bump the module's own conversion count (they change tensors
+through ``set_data``, which keeps the version counter)."""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+import torch.nn.modules.module as nn_module
+
+if TYPE_CHECKING:
+    from navdeploy.inplace.state import ModuleState
+
+_version = operator.attrgetter("_version")
+_requires_grad = operator.attrgetter("requires_grad")
+_generation = itertools.count(1)
+_current = [0]  # bumped by the registration hooks; read on every call
+_hooked = [False]
+
+
+def _bump(*_: Any) -> None:
+    _current[0] = next(_generation)
+
+
+def _install_hooks() -> None:
+    """Process-wide registration hooks, installed on the first bind (never at import)."""
+    if _hooked[0]:
+        return
+    nn_module.register_module_parameter_registration_hook(_bump)
+    nn_module.register_module_buffer_registration_hook(_bump)
+    nn_module.register_module_module_registration_hook(_bump)
+    _hooked[0] = True
+
+
+def _tensors(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    return (*module.parameters(), *module.buffers())
+
+
+def _kinds(tensors: tuple[torch.Tensor, ...]) -> tuple:
+    return tuple((t.dtype, t.device) for t in tensors)
+
+
+class WeightsWatch:
+    """A snapshot of a module's parameters and buffers when its runner was bound, and the cheap test of
+    whether a call may still use that runner."""
+
+    def __init__(self, module: torch.nn.Module, state: ModuleState):
+        _install_hooks()
+        self.module = module
+        self._state = state  # its conversion count: .to()/.half()... on the proxy
+        self._seen_conversions = state.conversions
+        self._tensors = _tensors(module)
+        self._ids = tuple(map(id, self._tensors))
+        self._kinds = _kinds(self._tensors)
+        self._versions = sum(map(_version, self._tensors))
+        self._generation = _current[0]
+        self.changed: Optional[str] = None  # set once: a runner built from other weights never comes back
+
+    def _weights_changed(self) -> Optional[str]:
+        if self._state.conversions != self._seen_conversions:
+            self._seen_conversions = self._state.conversions
+            if _kinds(self._tensors) != self._kinds:  # a .to() onto the same dtype and device changes nothing
+                return "its tensors were moved to another dtype or device (.to(), .half()...) since it was optimized"
+        if sum(map(_version, self._tensors)) != self._versions:
+            return "its parameters or buffers were edited in place (e.g. load_state_dict) since it was optimized"
+        if _current[0] != self._generation:  # some module registered a tensor: is it one of ours?
+            self._generation = _current[0]
+            if tuple(map(id, _tensors(self.module))) != self._ids:
+                return "its parameters or buffers were replaced since it was optimized"
+        return None
+
+    def reason(self, inputs: list[torch.Tensor]) -> Optional[str]:
+        """Why this call must run eagerly, or None when the runner stands for the module."""
+        if self.changed is None:
+            self.changed = self._weights_changed()
+        if self.changed is not None:
+            return f"stale runner: {self.changed}; re-run nav.optimize to optimize the new weights"
+        if self.module.training:
+            return ("training mode: the module is in training mode (dropout, batch-norm statistics); call "
+                    ".eval() to use the optimized runner")
+        if torch.is_grad_enabled() and (any(map(_requires_grad, inputs)) or any(map(_requires_grad, self._tensors))):
+            return ("autograd: grad mode is on and its inputs or parameters require grad; the runner returns no "
+                    "gradients. Call it under torch.no_grad() or torch.inference_mode() to use the optimized runner")
+        return None
