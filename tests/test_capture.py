@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections import OrderedDict, namedtuple
 from typing import NamedTuple, Optional
 
@@ -241,7 +242,7 @@ def test_recorder_min_max_and_dynamic_axes():
 
 
 def test_recorder_0d_input_does_not_stop_batching_but_gets_no_batch_axis():
-    fn = lambda x, s: x * s  # noqa: E731 - like a diffusion UNet's scalar timestep
+    fn = lambda x, s: x * s
     _, graphs = record_calls([((torch.ones(2, 3), torch.tensor(2.0)), {})], fn=fn)
     assert graphs[0].batching is True
     assert graphs[0].dynamic_axes(8) == [{0: (1, 8)}, {}]
@@ -249,13 +250,13 @@ def test_recorder_0d_input_does_not_stop_batching_but_gets_no_batch_axis():
 
 
 def test_recorder_batching_false_when_only_0d_tensors():
-    fn = lambda s: s * 2  # noqa: E731
+    fn = lambda s: s * 2
     _, graphs = record_calls([((torch.tensor(2.0),), {})], fn=fn)
     assert graphs[0].batching is False
 
 
 def test_recorder_batching_false_when_axis0_inconsistent():
-    fn = lambda x: x.sum(0)  # noqa: E731 - output axis 0 is not the batch
+    fn = lambda x: x.sum(0)
     _, graphs = record_calls([((torch.ones(2, 3),), {})], fn=fn)
     assert graphs[0].batching is False
     assert graphs[0].dynamic_axes(8) == [{}]
@@ -287,7 +288,7 @@ def test_recorder_samples_are_copies():
 
 
 def test_recorder_distinct_graphs_for_distinct_constants():
-    fn = lambda x, mode="a": x + (1 if mode == "a" else 2)  # noqa: E731
+    fn = lambda x, mode="a": x + (1 if mode == "a" else 2)
     rec, graphs = record_calls([((torch.ones(1, 2),), {"mode": "a"}), ((torch.ones(1, 2),), {"mode": "b"}),
                                 ((torch.ones(3, 2),), {"mode": "a"})], fn=fn)
     assert len(graphs) == 2
@@ -315,12 +316,14 @@ def test_input_mapping_is_applied_before_recording():
     assert len(rec.finish()[0].inputs) == 1
 
 
-def test_recorder_rejects_tensorless_output_and_uncapturable_input():
+def test_recorder_keeps_tensorless_output_and_uncapturable_input_eager_and_says_why():
     rec = Recorder("noout", 2, None)
-    with pytest.raises(nav.CaptureError, match="noout"):
-        rec.record(lambda x: "text", (torch.ones(1),), {})
-    with pytest.raises(nav.CaptureError, match=r"bad inputs.*input_mapping"):
-        Recorder("bad", 2, None).record(lambda x: x, (Opaque(),), {})
+    assert rec.record(lambda x: "text", (torch.ones(1),), {}) == "text"  # the eager output, handed back
+    assert not rec.graphs and "returned no tensors" in rec.uncapturable
+    bad = Recorder("bad", 2, None)
+    opaque = Opaque()
+    assert bad.record(lambda x: x, (opaque,), {}) is opaque
+    assert not bad.graphs and re.search(r"bad inputs.*input_mapping", bad.uncapturable)
 
 
 # --- Graph.accepts ------------------------------------------------------------------------------------

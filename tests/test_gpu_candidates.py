@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import navdeploy as nav
-from navdeploy.inplace import binding
 from navdeploy.candidates.precision import (
     candidate_name,
     candidate_precisions,
@@ -26,6 +25,7 @@ from navdeploy.formats.base import LoadContext
 from navdeploy.formats.compile import channels_last_copy, compile_target
 from navdeploy.formats.registry import RUNNERS, runners_for
 from navdeploy.formats.tensorrt import PRECISION_FLAGS, optimization_profile
+from navdeploy.inplace import binding
 
 CUDA = torch.cuda.is_available()
 

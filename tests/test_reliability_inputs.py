@@ -69,13 +69,41 @@ class Opaque:
         self.value = value
 
 
+def _stays_eager(module, run) -> str:
+    """Run ``run()`` (a nav.optimize); the module must stay eager with one warning naming it. Returns the warning."""
+    with pytest.warns(RuntimeWarning, match="stays eager") as caught:
+        status = run()
+    messages = [str(w.message) for w in caught if "stays eager" in str(w.message)]
+    assert len(messages) == 1 and module.name not in status.modules and not module.is_optimized
+    return messages[0]
+
+
+class TakesOpaque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+
+    def forward(self, x, extra=None):
+        return self.linear(x.value if isinstance(x, Opaque) else x)
+
+
 def test_argument_the_capture_cannot_handle_names_its_path_and_input_mapping(ws, uname):
-    module = nav.Module(nn.Linear(3, 3), name=uname)
-    with pytest.raises(nav.CaptureError) as info:
-        nav.optimize(lambda x: module(x, ), [(1, Opaque(torch.randn(1, 3)))], fast(ws))
-    msg = str(info.value)
+    module = nav.Module(TakesOpaque().eval(), name=uname)
+    msg = _stays_eager(module, lambda: nav.optimize(module, [(1, Opaque(torch.randn(1, 3)))], fast(ws)))
     assert uname in msg and "Opaque" in msg and "['args'][0]" in msg and "input_mapping" in msg
-    assert not module.is_optimized
+
+
+def test_an_uncapturable_module_stays_eager_and_the_others_are_optimized(tmp_path, uname):
+    """HF generate passes cache objects, for example: that module stays eager; nav.optimize does not abort."""
+    odd = nav.Module(TakesOpaque().eval(), name=f"{uname}-odd")
+    fine = nav.Module(nn.Linear(3, 3).eval(), name=f"{uname}-fine")
+
+    def pipeline(x):
+        return fine(odd(x, extra=Opaque(1)))
+
+    msg = _stays_eager(odd, lambda: nav.optimize(pipeline, [(1, torch.randn(1, 3))], fast(tmp_path)))
+    assert "Opaque" in msg and "other modules are still optimized" in msg
+    assert fine.is_optimized or fine.nav_state.bound  # optimized (eager may have won the Linear, then bound as eager)
 
 
 def test_input_mapping_is_the_fix_that_message_suggests(ws, uname, tmp_path):
@@ -93,12 +121,9 @@ def test_input_mapping_is_the_fix_that_message_suggests(ws, uname, tmp_path):
 ], ids=["object", "nested-object", "string", "none", "constants"])
 def test_outputs_that_are_not_tensors_or_structures(ws, uname, make, needle):
     module = nav.Module(Returns(make).eval(), name=uname)
-    with pytest.raises(nav.CaptureError) as info:
-        nav.optimize(module, [(1, torch.randn(1, 3))], fast(ws))
-    msg = str(info.value)
+    msg = _stays_eager(module, lambda: nav.optimize(module, [(1, torch.randn(1, 3))], fast(ws)))
     assert uname in msg and needle in msg
-    assert "Wrap" in msg  # the fix: wrap (only) the part that computes tensors
-    assert not module.is_optimized
+    assert "wrap" in msg.lower()  # the fix: wrap (only) the part that computes tensors
 
 
 def test_output_mapping_that_raises_is_reported_before_anything_is_built(ws, uname):
@@ -131,10 +156,11 @@ def test_output_mapping_that_raises_at_run_time_is_a_clear_error_not_a_silent_fa
     module = nav.Module(nn.Linear(3, 3).eval(), name=uname, output_mapping=mapping)
     nav.optimize(module, [(1, torch.randn(1, 3))], fast(tmp_path, batch_sizes=(1,), max_batch_size=1))
     choose_candidate(module, tmp_path, "TorchScriptCPU")
-    torch.testing.assert_close(module(torch.ones(1, 3)), module.__wrapped__(torch.ones(1, 3)))
-    broken["now"] = True
-    with pytest.raises(KeyError) as info:  # the user's own exception type, so their handling still works
-        module(torch.ones(1, 3))
+    with torch.no_grad():  # with grad on, parameters that require grad send the call to eager
+        torch.testing.assert_close(module(torch.ones(1, 3)), module.__wrapped__(torch.ones(1, 3)))
+        broken["now"] = True
+        with pytest.raises(KeyError) as info:  # the user's own exception type, so their handling still works
+            module(torch.ones(1, 3))
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert f"output_mapping of module {uname!r}" in notes and "Tensor" in notes
 

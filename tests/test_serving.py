@@ -18,7 +18,7 @@ import navdeploy as nav
 from navdeploy.serving import Tensor, infer_specs, serve_from_spec
 
 pytest.importorskip("pytriton")
-from tritonclient.http import InferenceServerException, InferInput  # noqa: E402
+from tritonclient.http import InferenceServerException, InferInput
 
 
 class Scorer(torch.nn.Module):

@@ -21,14 +21,14 @@ pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("tritonclient.http")
 pytest.importorskip("pytriton")
 
-import tritonclient.grpc as grpcclient  # noqa: E402
-import tritonclient.http as httpclient  # noqa: E402
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 
-import navdeploy as nav  # noqa: E402
-from navdeploy.cli import app  # noqa: E402
-from navdeploy.errors import NavdeployError  # noqa: E402
-from navdeploy.triton import TritonServer, export_model_repository, model_name, validate_repository  # noqa: E402
-from navdeploy.triton.validate import parse_config  # noqa: E402,F811
+import navdeploy as nav
+from navdeploy.cli import app
+from navdeploy.errors import NavdeployError
+from navdeploy.triton import TritonServer, export_model_repository, model_name, validate_repository
+from navdeploy.triton.validate import parse_config
 
 ATOL, RTOL = 1e-4, 1e-3
 

@@ -7,8 +7,8 @@ from typer.testing import CliRunner
 
 pytest.importorskip("tritonclient.grpc")
 
-from navdeploy.cli import app  # noqa: E402
-from navdeploy.triton import validate_repository  # noqa: E402
+from navdeploy.cli import app
+from navdeploy.triton import validate_repository
 
 GOOD = """
 name: "{name}"

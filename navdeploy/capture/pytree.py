@@ -138,7 +138,7 @@ def check_output_mapping(name: str, mapping: Callable, structured: Any) -> None:
     the module when it fails, before anything is built."""
     try:
         mapping(structured)
-    except Exception as exc:  # noqa: BLE001 - any failure of the user's function is reported the same way
+    except Exception as exc:
         raise CaptureError(
             f"output_mapping of module {name!r} raised {type(exc).__name__}: {exc} when given the output the optimized "
             f"module returns: {describe(structured)}. output_mapping receives the module's output structure with HF "

@@ -34,15 +34,23 @@ class Recorder:
         self.batching = batching
         self.graphs: dict[str, Graph] = {}
         self._batch_consistent: dict[str, bool] = {}
+        # Why a call could not be captured (the first such call): that call runs eagerly and is not recorded.
+        self.uncapturable: Optional[str] = None
 
     def record(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
         """Run the eager call and remember its inputs and outputs (``input_mapping`` was applied by the proxy)."""
-        in_spec, inputs = flatten_call(args, kwargs, self.name)
+        try:
+            in_spec, inputs = flatten_call(args, kwargs, self.name)
+        except CaptureError as exc:
+            return self._not_captured(exc, fn(*args, **kwargs))
         output = fn(*args, **kwargs)
-        out_spec, outputs = flatten(output, path=f"{self.name} outputs", outputs=True)
+        try:
+            out_spec, outputs = flatten(output, path=f"{self.name} outputs", outputs=True)
+        except CaptureError as exc:
+            return self._not_captured(exc, output)
         if not outputs:
-            raise CaptureError(f"module {self.name!r} returned no tensors ({describe(output)}); nothing to optimize. "
-                               "Wrap only the part of it that computes tensors, or do not wrap it with nav.Module.")
+            return self._not_captured(f"it returned no tensors ({describe(output)}); wrap only the part of it that "
+                                      "computes tensors, or do not wrap it with nav.Module", output)
         key = spec_key(in_spec, inputs)
         graph = self.graphs.get(key)
         if graph is None:
@@ -64,6 +72,12 @@ class Recorder:
         if _batch_size_of(inputs, outputs) is None:
             self._batch_consistent[key] = False
         self._keep(graph, inputs, outputs)
+        return output
+
+    def _not_captured(self, why: object, output: Any) -> Any:
+        """Remember why a call was not captured (the first reason) and hand its eager output back."""
+        if self.uncapturable is None:
+            self.uncapturable = str(why)
         return output
 
     def _keep(self, graph: Graph, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:

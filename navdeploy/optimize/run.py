@@ -14,10 +14,11 @@ import torch
 
 from navdeploy.capture.recorder import Recorder
 from navdeploy.config import OptimizeConfig, console_output, report_enabled, resolve_workspace
-from navdeploy.errors import CaptureError, NavdeployError
+from navdeploy.errors import NavdeployError
 from navdeploy.inplace.registry import registered_modules
 from navdeploy.optimize.dataloader import dataloader_items, run_capture, script_command
 from navdeploy.optimize.module import candidate_pairs, module_config, module_device, optimize_module
+from navdeploy.optimize.participants import modules_to_optimize
 from navdeploy.optimize.pipeline import PassTimer, handlers, measure_optimized, sync_cuda
 from navdeploy.optimize.scope import inductor_cache
 from navdeploy.optimize.status import OptimizeStatus
@@ -71,26 +72,9 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
     capture_end = time.perf_counter()
     capture_s = capture_end - capture_start
     capture_timed_s = capture_end - marks.get("timed_from", capture_start)
-    # Modules optimized by an earlier call and not used by this callable keep what they have. A module that an
-    # earlier optimize captured and that this callable did not call is another pipeline's: a warning. One never
-    # captured and not called is most likely called through a method: an error (also after a load_optimized that
-    # found nothing for it, the usual "load, else optimize" flow).
-    modules = [m for m in modules if recorders[m.name].graphs or not m.nav_state.bound]
-    hint = ("If your code calls a method such as self.forward(x) or encode() instead of the module itself, pass "
-            "forward_func='forward' (that method's name) to nav.Module.")
-    earlier = [m.name for m in modules if not recorders[m.name].graphs and m.nav_state.captured]
-    if earlier:
-        warnings.warn(f"navdeploy: wrapped module(s) {', '.join(map(repr, earlier))} (captured by an earlier "
-                      f"optimize) were not called by this callable; they stay as they are. {hint}",
-                      RuntimeWarning, stacklevel=2)
-        modules = [m for m in modules if m.name not in earlier]
-    uncalled = [m.name for m in modules if not recorders[m.name].graphs]
-    if len(uncalled) == len(modules):  # also when nothing is left: every module was another pipeline's
-        raise CaptureError(f"the callable called none of the wrapped modules while it ran over the dataloader. {hint}")
-    if uncalled:
-        raise CaptureError(
-            f"wrapped module(s) {', '.join(map(repr, uncalled))} were never called while the callable ran over the "
-            f"dataloader. {hint}")
+    modules = modules_to_optimize(modules, recorders)
+    if not modules:  # every module stayed eager, each with its warning: nothing to build or report
+        return OptimizeStatus(seconds=time.perf_counter() - start, workspace=resolve_workspace(config))
     for m in modules:
         m.nav_state.captured = True
     status = OptimizeStatus(workspace=resolve_workspace(config), command=script_command())
