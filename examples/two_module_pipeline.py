@@ -5,11 +5,19 @@ with a bit of Python in between. Each module gets a per-module ``optimize_config
 "Per module configuration"); the config passed to ``nav.optimize`` applies only to modules without one.
 
     python examples/two_module_pipeline.py
+    python examples/two_module_pipeline.py --model-repository model_repository   # regenerate the committed one
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -18,6 +26,9 @@ import navdeploy as nav
 
 ENCODER_RUNNERS = ("OnnxCPU", "TorchScriptCPU")
 HEAD_FORMATS = (nav.Format.TORCH_EXPORTEDPROGRAM,)
+# The runner each module's models in the committed model_repository/ run: fixed, so that the repository does not
+# depend on which candidate was fastest on the machine that regenerated it.
+REPOSITORY_RUNNERS = {"encoder": "TorchScriptCPU", "head": "TorchExportCPU"}
 
 
 class Encoder(nn.Module):
@@ -126,5 +137,60 @@ def main(workspace: Optional[str] = None) -> dict:
             "images": images, "eager": eager}
 
 
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _choose_runners(workspace: Path, runners: dict[str, str]) -> None:
+    """Make ``runners[module]`` the selected candidate of every graph of each module, as a user may choose by
+    hand in ``<workspace>/<module>/manifest.json``; the candidate must have been verified."""
+    for module, runner in runners.items():
+        path = workspace / module / "manifest.json"
+        manifest = json.loads(path.read_text())
+        for key, entry in manifest["graphs"].items():
+            status = {c["runner"]: c["status"] for c in entry["candidates"]}.get(runner)
+            if status != "ok":
+                raise RuntimeError(f"{module} graph {key}: {runner} is {status or 'not a candidate'}, not verified")
+            entry["selected"] = runner
+        path.write_text(json.dumps(manifest, indent=2))
+
+
+def export_repository(path: str | Path = "model_repository", profile_time_s: float = 0.05) -> Path:
+    """Regenerate the committed ``model_repository/``: the Python-backend export of this pipeline.
+
+    Optimizes both modules (fixed weights and inputs) in a temporary workspace, selects
+    :data:`REPOSITORY_RUNNERS` in place of the fastest candidates, and exports with ``backend="python"``. The
+    workspace is named by ``$NAVDEPLOY_WORKSPACE`` while this runs, so the repository's ``serve.py`` takes its
+    workspace from the environment when it is served instead of naming this temporary folder.
+    ``profile_time_s`` is short: timings do not enter the repository, only the batch sizes profiled.
+    """
+    with tempfile.TemporaryDirectory(prefix="navdeploy-repository-ws-") as tmp, \
+            _environment(NAVDEPLOY_WORKSPACE=tmp, NAVDEPLOY_REPORT="0"):
+        pipe = build_pipeline()
+        for module in (pipe.encoder, pipe.head):
+            module.optimize_config = dataclasses.replace(module.optimize_config, profile_time_s=profile_time_s)
+        nav.optimize(pipe, get_dataloader())
+        _choose_runners(Path(tmp), REPOSITORY_RUNNERS)
+        return nav.export_model_repository(path, backend="python")
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-repository", metavar="PATH", type=Path,
+                        help="write the Python-backend model repository of this pipeline to PATH instead")
+    args = parser.parse_args()
+    if args.model_repository:
+        print(f"wrote {export_repository(args.model_repository)}")
+    else:
+        main()

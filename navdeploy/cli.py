@@ -235,7 +235,7 @@ def export_repo(path: Path = typer.Argument(Path("model_repository"), help="Repo
     from navdeploy.triton import export_model_repository, plan_repository
 
     try:
-        out = export_model_repository(path, module or None, backend, _workspace(workspace), instance_count=instances,
+        out = export_model_repository(path, module or None, backend, workspace, instance_count=instances,
                                       warmup=warmup, templates_dir=templates)
         plans = plan_repository(_workspace(workspace), module or None, backend, warmup)
     except NavdeployError as exc:

@@ -27,6 +27,7 @@ import tritonclient.http as httpclient
 import navdeploy as nav
 from navdeploy.cli import app
 from navdeploy.errors import NavdeployError
+from navdeploy.templates_dir import templates_dir
 from navdeploy.triton import TritonServer, export_model_repository, model_name, validate_repository
 from navdeploy.triton.validate import parse_config
 
@@ -275,7 +276,7 @@ def test_failed_export_leaves_previous_repository(optimized, tmp_path):
     before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
     bad = tmp_path / "templates"
     bad.mkdir()
-    text = (Path(nav.__file__).parent / "templates" / "config.pbtxt.j2").read_text()
+    text = (templates_dir() / "config.pbtxt.j2").read_text()
     (bad / "config.pbtxt.j2").write_text(text.replace("kind: {{ instance_kind }}", "kind: KIND_BOGUS"))
     with pytest.raises(NavdeployError, match="KIND_BOGUS"):
         export_model_repository(repo, backend="python", workspace=ws, templates_dir=bad)

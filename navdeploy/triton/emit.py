@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -358,16 +357,20 @@ def _copy_artifact(src: Path, dst: Path, only: Optional[str] = None) -> None:
             shutil.copy2(item, target)
 
 
-def render_serve_script(plans: list[ModelPlan], env: jinja2.Environment, workspace: Path,
+def render_serve_script(plans: list[ModelPlan], env: jinja2.Environment, workspace: Optional[Path],
                         pipeline: Optional[str] = None, factory: bool = False) -> str:
-    """The repository's ``serve.py``: a readable entry point documenting how its pipeline and models are served."""
-    from navdeploy._version import __version__
+    """The repository's ``serve.py``: a readable entry point documenting how its pipeline and models are served.
 
+    ``workspace`` is the one the export was given; None when it came from ``$NAVDEPLOY_WORKSPACE`` or the default,
+    and then ``serve.py`` resolves it the same way when it runs. The text holds no date or other trace of when it
+    was written, so exporting the same workspace twice gives the same file.
+    """
     models = [{"name": p.name, "backend": p.backend, "platform": p.platform, "module": p.module,
                "device": "GPU" if p.instance_kind == "KIND_GPU" else "CPU"} for p in plans]
     return env.get_template("serve.py.j2").render(
-        version=__version__, date=time.strftime("%Y-%m-%d"), models=models, pipeline=pipeline, factory=factory,
-        workspace=str(workspace), python_only=all(p.backend == "python" for p in plans))
+        version=__version__, models=models, pipeline=pipeline, factory=factory,
+        workspace=str(workspace) if workspace is not None else None,
+        python_only=all(p.backend == "python" for p in plans))
 
 
 def write_repository(plans: list[ModelPlan], path: Path, instance_count: int = 1, max_queue_delay_us: int = 100,
@@ -451,7 +454,9 @@ def export_model_repository(path: str | Path = "model_repository", modules: Opti
     plans = plan_repository(ws, names, backend, warmup)
     gpu = any(p.instance_kind == "KIND_GPU" for p in plans)
     templates = Path(templates_dir) if templates_dir else None
-    serve_py = render_serve_script(plans, _environment(templates), ws, pipeline, pipeline_factory)
+    # serve.py names the workspace only when the caller chose one: an implicit one is resolved where it is served.
+    serve_py = render_serve_script(plans, _environment(templates), Path(workspace) if workspace is not None else None,
+                                   pipeline, pipeline_factory)
     out = write_repository(plans, Path(path), instance_count, max_queue_delay_us, templates,
                            target="gpu" if gpu else "cpu", extra_files={"serve.py": serve_py})
     log.info("wrote Triton model repository %s: %s", out, ", ".join(f"{p.name} ({p.backend})" for p in plans))

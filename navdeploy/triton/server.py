@@ -206,7 +206,7 @@ class TritonServer:
         env = server_environment() if self.tritonserver is None else dict(os.environ)
         with open(self.log_path, "wb") as log:
             # Its own session: Ctrl-C in a terminal reaches us, and we stop the server (and its stubs) ourselves.
-            self.process = subprocess.Popen(self._command(binary, backends), stdout=log, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen(self.command(binary, backends), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=env, cwd=str(self._tmp),
                                             start_new_session=True)
         try:
