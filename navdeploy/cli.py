@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
 import runpy
 import shutil
 import sys
@@ -26,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from navdeploy.config import default_workspace
+from navdeploy.config import CONSOLE_MODES, default_workspace, run_defaults
 from navdeploy.workspace.manifest import read_manifest
 
 app = typer.Typer(help="navdeploy: optimize PyTorch modules in place, verify them, deploy them.", no_args_is_help=True)
@@ -93,9 +92,9 @@ def _run_script(path: Path) -> None:
 def optimize(target: str = typer.Argument(..., help="path/to/script.py (run as __main__), or module:function / "
                                           "path/file.py:function (called with no arguments)."),
              workspace: Optional[Path] = typer.Option(None, "--workspace", "-w", help="Workspace folder for this "
-                                                      "run (sets NAVDEPLOY_WORKSPACE)."),
-             console: Optional[str] = typer.Option(None, "--console", help="simple, detailed or logs (sets "
-                                                   "NAVDEPLOY_CONSOLE_OUTPUT).")) -> None:
+                                                      "run (instead of $NAVDEPLOY_WORKSPACE)."),
+             console: Optional[str] = typer.Option(None, "--console", help="simple, detailed or logs (instead "
+                                                   "of $NAVDEPLOY_CONSOLE_OUTPUT).")) -> None:
     """Run a script or function that wraps modules with nav.Module and calls nav.optimize.
 
     A script runs in this process as __main__ (its `if __name__ == "__main__":` block runs); a
@@ -108,7 +107,7 @@ def optimize(target: str = typer.Argument(..., help="path/to/script.py (run as _
 
     if console is not None:
         console = console.strip().lower()
-        if console not in ("simple", "detailed", "logs"):
+        if console not in CONSOLE_MODES:
             raise _fail(f"--console must be simple, detailed or logs, not {console!r}", 2)
     is_spec = _is_spec(target)
     if not is_spec:
@@ -116,12 +115,10 @@ def optimize(target: str = typer.Argument(..., help="path/to/script.py (run as _
         if not path.is_file():
             hint = "" if target.endswith(".py") else " (give path/to/script.py, module:function or file.py:function)"
             raise _fail(f"script {target!r} does not exist{hint}.")
-    saved = {k: os.environ.get(k) for k in ("NAVDEPLOY_WORKSPACE", "NAVDEPLOY_CONSOLE_OUTPUT")}
-    if workspace is not None:
-        os.environ["NAVDEPLOY_WORKSPACE"] = str(workspace.expanduser().resolve())
-    if console is not None:
-        os.environ["NAVDEPLOY_CONSOLE_OUTPUT"] = console
-    try:
+    # Passed in-process as the defaults of the script's own nav.optimize calls: the environment stays the
+    # user's settings, untouched, for the script and whatever it starts.
+    ws = workspace.expanduser().resolve() if workspace is not None else None
+    with run_defaults(workspace=ws, console=console):
         if is_spec:
             func = _load_function(target)
             try:
@@ -142,12 +139,6 @@ def optimize(target: str = typer.Argument(..., help="path/to/script.py (run as _
                     if not isinstance(exc.code, int):
                         _console.print(str(exc.code), soft_wrap=True, highlight=False, markup=False)
                     raise typer.Exit(exc.code if isinstance(exc.code, int) else 1)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @app.command()
