@@ -1,6 +1,10 @@
 """The package's import graph has no cycles: every ``import``/``from ... import`` of a navdeploy module, at module
 level or inside a function, is an edge; one under ``if TYPE_CHECKING:`` is not (it never runs). A cycle fails
-the test with its modules named, so layers stay layers (optimize emits events, report listens, api wires them)."""
+the test with its modules named, so layers stay layers (optimize emits events, report listens, api wires them).
+
+Only the module an import names is an edge: the packages Python initialises on the way (``navdeploy/__init__.py``
+for ``import navdeploy.config``) are not, or every package re-exporting its submodules would be a cycle. An
+explicit ``from navdeploy.serving import x`` inside ``navdeploy/serving/serve.py`` is one, and fails."""
 
 from __future__ import annotations
 

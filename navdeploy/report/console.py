@@ -77,7 +77,8 @@ def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
     tables: list = []
     for module in status.modules.values():
         for graph in module.graphs:
-            title = f"{module.name} · graph {graph.key} · {module.device}" + ("" if graph.batching else " · no batching")
+            title = f"{module.name} · graph {graph.key} · {module.device}" + \
+                ("" if graph.batching else " · no batching")
             table = Table(title=title, title_justify="left")
             for col in ("", "runner", "format", "status", "max abs err", "p50 ms", "p90 ms", "best thr/s"):
                 table.add_column(col, justify="right" if col.endswith(("err", "ms", "/s")) else "left")
@@ -91,7 +92,8 @@ def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
                        _fmt(c.get("max_abs_err"), ".2e"), _fmt(first.get("p50_ms"), ".3f"),
                        _fmt(first.get("p90_ms"), ".3f"), _fmt(best, ".0f")]
                 if c.get("error"):
-                    notes.append(f"  [bold]{c['runner']}[/] {c['status']}: {c['error'] if detailed else c['error'][:150]}")
+                    error = c["error"] if detailed else c["error"][:150]
+                    notes.append(f"  [bold]{c['runner']}[/] {c['status']}: {error}")
                 elif detailed:
                     times = ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in c.get("times", {}).items() if v is not None)
                     notes.append(f"  [bold]{c['runner']}[/] {times}")
