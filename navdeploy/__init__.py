@@ -9,12 +9,12 @@
 """
 
 from navdeploy._version import __version__
+from navdeploy.api import optimize
 from navdeploy.config import LatencyBudget, MaxThroughput, MinLatency, OptimizeConfig
 from navdeploy.errors import CaptureError, ConfigError, DataloaderError, NavdeployError, WorkspaceError
 from navdeploy.formats.base import Format
 from navdeploy.inplace.module import Module
 from navdeploy.optimize.load import load_optimized
-from navdeploy.optimize.run import optimize
 from navdeploy.optimize.status import ModuleStatus, OptimizeStatus
 from navdeploy.serving import serve
 from navdeploy.triton import export_model_repository

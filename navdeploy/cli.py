@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
 import runpy
 import shutil
 import sys
@@ -26,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from navdeploy.config import default_workspace
+from navdeploy.config import CONSOLE_MODES, default_workspace, run_defaults
 from navdeploy.workspace.manifest import read_manifest
 
 app = typer.Typer(help="navdeploy: optimize PyTorch modules in place, verify them, deploy them.", no_args_is_help=True)
@@ -65,12 +64,12 @@ def _load_function(spec: str) -> Callable[[], Any]:
     try:
         obj = load_callable(spec)
     except NavdeployError as exc:
-        raise _fail(str(exc))
+        raise _fail(str(exc)) from exc
     except SyntaxError as exc:
         raise _fail(f"cannot import {spec.rpartition(':')[0]!r}: SyntaxError: {exc.msg} "
-                    f"({exc.filename}, line {exc.lineno})")
+                    f"({exc.filename}, line {exc.lineno})") from exc
     except Exception as exc:  # an import error inside the user's module: one line, no traceback
-        raise _fail(f"cannot import {spec.rpartition(':')[0]!r}: {_one_line(exc)}")
+        raise _fail(f"cannot import {spec.rpartition(':')[0]!r}: {_one_line(exc)}") from exc
     if not callable(obj):
         raise _fail(f"{spec!r} is a {type(obj).__name__}, not a function to call.")
     return obj
@@ -93,9 +92,9 @@ def _run_script(path: Path) -> None:
 def optimize(target: str = typer.Argument(..., help="path/to/script.py (run as __main__), or module:function / "
                                           "path/file.py:function (called with no arguments)."),
              workspace: Optional[Path] = typer.Option(None, "--workspace", "-w", help="Workspace folder for this "
-                                                      "run (sets NAVDEPLOY_WORKSPACE)."),
-             console: Optional[str] = typer.Option(None, "--console", help="simple, detailed or logs (sets "
-                                                   "NAVDEPLOY_CONSOLE_OUTPUT).")) -> None:
+                                                      "run (instead of $NAVDEPLOY_WORKSPACE)."),
+             console: Optional[str] = typer.Option(None, "--console", help="simple, detailed or logs (instead "
+                                                   "of $NAVDEPLOY_CONSOLE_OUTPUT).")) -> None:
     """Run a script or function that wraps modules with nav.Module and calls nav.optimize.
 
     A script runs in this process as __main__ (its `if __name__ == "__main__":` block runs); a
@@ -108,7 +107,7 @@ def optimize(target: str = typer.Argument(..., help="path/to/script.py (run as _
 
     if console is not None:
         console = console.strip().lower()
-        if console not in ("simple", "detailed", "logs"):
+        if console not in CONSOLE_MODES:
             raise _fail(f"--console must be simple, detailed or logs, not {console!r}", 2)
     is_spec = _is_spec(target)
     if not is_spec:
@@ -116,38 +115,31 @@ def optimize(target: str = typer.Argument(..., help="path/to/script.py (run as _
         if not path.is_file():
             hint = "" if target.endswith(".py") else " (give path/to/script.py, module:function or file.py:function)"
             raise _fail(f"script {target!r} does not exist{hint}.")
-    saved = {k: os.environ.get(k) for k in ("NAVDEPLOY_WORKSPACE", "NAVDEPLOY_CONSOLE_OUTPUT")}
-    if workspace is not None:
-        os.environ["NAVDEPLOY_WORKSPACE"] = str(workspace.expanduser().resolve())
-    if console is not None:
-        os.environ["NAVDEPLOY_CONSOLE_OUTPUT"] = console
-    try:
+    # Passed in-process as the defaults of the script's own nav.optimize calls: the environment stays the
+    # user's settings, untouched, for the script and whatever it starts.
+    ws = workspace.expanduser().resolve() if workspace is not None else None
+    with run_defaults(workspace=ws, console=console):
         if is_spec:
             func = _load_function(target)
             try:
                 func()
             except NavdeployError as exc:
-                raise _fail(str(exc))
+                raise _fail(str(exc)) from exc
         else:
             try:
                 _run_script(path)
             except NavdeployError as exc:
-                raise _fail(str(exc))
+                raise _fail(str(exc)) from exc
             except SyntaxError as exc:
-                raise _fail(f"cannot run {target!r}: SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})")
+                raise _fail(f"cannot run {target!r}: SyntaxError: {exc.msg} ({exc.filename}, "
+                            f"line {exc.lineno})") from exc
             except ImportError as exc:
-                raise _fail(f"cannot run {target!r}: {_one_line(exc)}")
+                raise _fail(f"cannot run {target!r}: {_one_line(exc)}") from exc
             except SystemExit as exc:  # sys.exit() in the script: keep its exit code
                 if exc.code not in (None, 0):
                     if not isinstance(exc.code, int):
                         _console.print(str(exc.code), soft_wrap=True, highlight=False, markup=False)
-                    raise typer.Exit(exc.code if isinstance(exc.code, int) else 1)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+                    raise typer.Exit(exc.code if isinstance(exc.code, int) else 1) from exc
 
 
 @app.command()
@@ -204,9 +196,9 @@ def report(workspace: Optional[Path] = WorkspaceOption,
     try:
         path = render_workspace_report(ws, output)
     except FileNotFoundError as exc:
-        raise _fail(str(exc))
+        raise _fail(str(exc)) from exc
     except OSError as exc:
-        raise _fail(f"cannot write the report: {_one_line(exc)}")
+        raise _fail(f"cannot write the report: {_one_line(exc)}") from exc
     _console.print(f"report: {path}", soft_wrap=True, highlight=False)
     if open_:
         import webbrowser
@@ -240,7 +232,7 @@ def export_repo(path: Path = typer.Argument(Path("model_repository"), help="Repo
         plans = plan_repository(_workspace(workspace), module or None, backend, warmup)
     except NavdeployError as exc:
         _console.print(f"[red]export failed:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from exc
     table = Table(title=f"Triton model repository {out}")
     for col in ("model", "module", "graph", "selected runner", "backend", "artifact", "max batch"):
         table.add_column(col)
@@ -303,7 +295,8 @@ def serve(spec: str = typer.Argument(..., help="The pipeline: module:function or
           log_verbose: Optional[int] = typer.Option(None, "--log-verbose", help="Triton log verbosity.")) -> None:
     """Serve a Python pipeline (module:function) through PyTriton until Ctrl-C.
 
-    Wrapped modules run their selected runners in-process. Inputs and outputs come from the pipeline's navdeploy_serve attribute or are inferred from --sample.
+    Wrapped modules run their selected runners in-process. Inputs and outputs come from the pipeline's
+    navdeploy_serve attribute or are inferred from --sample.
 
     Example: navdeploy serve examples/stable_diffusion.py:make_server_pipeline --factory --http-port 8000
     """
@@ -315,7 +308,8 @@ def serve(spec: str = typer.Argument(..., help="The pipeline: module:function or
         try:
             kwargs["sample"] = json.loads(sample)
         except json.JSONDecodeError as exc:
-            raise _fail(f"--sample is not valid JSON ({exc}): give one request item, e.g. '{{\"prompt\": \"a photo\"}}'.")
+            raise _fail(f"--sample is not valid JSON ({exc}): give one request item, "
+                        "e.g. '{\"prompt\": \"a photo\"}'.") from exc
         if not isinstance(kwargs["sample"], dict):
             raise _fail(f"--sample must be a JSON object (input name -> value), not {type(kwargs['sample']).__name__}.")
     ports = {k: v for k, v in (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port)) if v is not None}
@@ -329,9 +323,9 @@ def serve(spec: str = typer.Argument(..., help="The pipeline: module:function or
     try:
         serve_from_spec(spec, factory=factory, blocking=True, **kwargs)
     except NavdeployError as exc:  # ConfigError included
-        raise _fail(str(exc) if spec in str(exc) else f"cannot serve {spec!r}: {exc}")
+        raise _fail(str(exc) if spec in str(exc) else f"cannot serve {spec!r}: {exc}") from exc
     except (ImportError, SyntaxError) as exc:
-        raise _fail(f"cannot serve {spec!r}: {_one_line(exc)}")
+        raise _fail(f"cannot serve {spec!r}: {_one_line(exc)}") from exc
     except KeyboardInterrupt:
         _console.print("stopped")
 
@@ -339,8 +333,10 @@ def serve(spec: str = typer.Argument(..., help="The pipeline: module:function or
 @app.command("serve-repo")
 def serve_repo(path: Path = typer.Argument(..., help="Model repository folder (Python-backend models for the "
                                            "bundled server)."),
-               http_port: Optional[int] = typer.Option(None, "--http-port", help="HTTP port (a free one when omitted)."),
-               grpc_port: Optional[int] = typer.Option(None, "--grpc-port", help="gRPC port (a free one when omitted)."),
+               http_port: Optional[int] = typer.Option(None, "--http-port", help="HTTP port (a free one when "
+                                                       "omitted)."),
+               grpc_port: Optional[int] = typer.Option(None, "--grpc-port", help="gRPC port (a free one when "
+                                                       "omitted)."),
                metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Enable metrics on this port."),
                timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for readiness."),
                tritonserver: Optional[Path] = typer.Option(None, "--tritonserver", help="A full Triton binary "
@@ -374,8 +370,9 @@ def serve_repo(path: Path = typer.Argument(..., help="Model repository folder (P
             server.start()
         except NavdeployError as exc:
             _console.print(f"[red]cannot serve {path}:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
-            raise typer.Exit(1)
-        _console.print(f"serving {path}: HTTP {server.http_url}  gRPC {server.grpc_url}  (Ctrl-C stops)", highlight=False)
+            raise typer.Exit(1) from exc
+        _console.print(f"serving {path}: HTTP {server.http_url}  gRPC {server.grpc_url}  (Ctrl-C stops)",
+                       highlight=False)
         code = server.wait()
         _console.print(f"[red]tritonserver exited with code {code}[/]\n{server.logs()[-3000:]}")
         raise typer.Exit(1)

@@ -1,12 +1,15 @@
-"""Optimization settings: formats, runners, precisions, tolerances and selection strategies."""
+"""Optimization settings: formats, runners, precisions, tolerances and selection strategies; the user's
+environment switches, and the run defaults a caller in this process (the ``navdeploy optimize`` command) sets
+for the ``nav.optimize`` calls of the code it runs."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -153,7 +156,8 @@ class OptimizeConfig:
                 if not (isinstance(v, (int, float)) and v >= 0):
                     raise ConfigError(f"tolerances[{k!r}]={v!r}: must be a number >= 0.")
         if not isinstance(self.strategy, (MinLatency, MaxThroughput, LatencyBudget)):
-            raise ConfigError(f"strategy={self.strategy!r}: use nav.MinLatency(), nav.MaxThroughput() or nav.LatencyBudget(ms).")
+            raise ConfigError(f"strategy={self.strategy!r}: use nav.MinLatency(), nav.MaxThroughput() or "
+                              "nav.LatencyBudget(ms).")
         if int(self.sample_count) < 1:
             raise ConfigError(f"sample_count={self.sample_count!r}: must be >= 1.")
         if self.build_workers is not None and (isinstance(self.build_workers, bool)
@@ -221,20 +225,66 @@ def report_enabled() -> bool:
     return _env_flag("NAVDEPLOY_REPORT", default=True)
 
 
+CONSOLE_MODES = ("simple", "detailed", "logs")
+
+
+@dataclass(frozen=True)
+class RunDefaults:
+    """Defaults for the ``nav.optimize`` calls made while :func:`run_defaults` is open; ``None`` leaves a
+    setting to the environment. An ``OptimizeConfig(workspace=...)`` still wins over ``workspace``."""
+
+    workspace: Optional[Path] = None
+    console: Optional[str] = None
+
+
+# Process-wide, like the environment variables it stands in for: threads a script starts see it too (a
+# ContextVar would give them an empty context).
+_run_defaults = RunDefaults()
+
+
+@contextlib.contextmanager
+def run_defaults(workspace: Optional[Union[str, Path]] = None, console: Optional[str] = None) -> Iterator[RunDefaults]:
+    """Make ``workspace`` and ``console`` the defaults of every ``nav.optimize`` (and workspace lookup) in this
+    process while the block runs, ahead of ``NAVDEPLOY_WORKSPACE``/``NAVDEPLOY_CONSOLE_OUTPUT``; the previous
+    defaults come back when it ends, also on error. Settings left ``None`` keep the enclosing defaults."""
+    global _run_defaults
+    if console is not None:
+        console = console.strip().lower()
+        if console not in CONSOLE_MODES:
+            raise ConfigError(f"console={console!r}: use simple, detailed or logs.")
+    previous = _run_defaults
+    _run_defaults = RunDefaults(Path(workspace).expanduser() if workspace is not None else previous.workspace,
+                                console if console is not None else previous.console)
+    try:
+        yield _run_defaults
+    finally:
+        _run_defaults = previous
+
+
+def current_run_defaults() -> RunDefaults:
+    """The defaults :func:`run_defaults` set now (every field ``None`` outside one)."""
+    return _run_defaults
+
+
 def console_output() -> str:
-    """``simple`` (default), ``detailed`` or ``logs`` from NAVDEPLOY_CONSOLE_OUTPUT (NAVIGATOR_ alias)."""
+    """``simple`` (default), ``detailed`` or ``logs``: the run defaults' console mode, else
+    NAVDEPLOY_CONSOLE_OUTPUT (NAVIGATOR_ alias)."""
+    if _run_defaults.console is not None:
+        return _run_defaults.console
     for name in ("NAVDEPLOY_CONSOLE_OUTPUT", "NAVIGATOR_CONSOLE_OUTPUT"):
         value = os.environ.get(name)
         if value:
             value = value.strip().lower()
-            if value not in ("simple", "detailed", "logs"):
+            if value not in CONSOLE_MODES:
                 raise ConfigError(f"{name}={value!r}: use simple, detailed or logs.")
             return value
     return "simple"
 
 
 def default_workspace() -> Path:
-    """``$NAVDEPLOY_WORKSPACE`` or ``~/.cache/navdeploy``."""
+    """The run defaults' workspace, else ``$NAVDEPLOY_WORKSPACE``, else ``~/.cache/navdeploy``."""
+    if _run_defaults.workspace is not None:
+        return _run_defaults.workspace
     env = os.environ.get("NAVDEPLOY_WORKSPACE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "navdeploy"
 

@@ -167,3 +167,25 @@ def test_serve_missing_function_and_bad_sample(tmp_path):
     assert result.exit_code == 1 and "nothing" in result.output, result.output
     result = CliRunner().invoke(app, ["serve", f"{module}:echo", "--sample", "{not json"], env=env)
     assert result.exit_code == 1 and "--sample" in result.output, result.output
+
+
+def test_optimize_passes_workspace_and_console_in_process_not_through_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAVDEPLOY_WORKSPACE", str(tmp_path / "user"))
+    monkeypatch.delenv("NAVDEPLOY_CONSOLE_OUTPUT", raising=False)
+    script = tmp_path / "show_defaults.py"
+    script.write_text(textwrap.dedent("""
+        import os
+        from navdeploy.config import console_output, default_workspace
+
+        print("ENV", os.environ.get("NAVDEPLOY_WORKSPACE"), os.environ.get("NAVDEPLOY_CONSOLE_OUTPUT"))
+        print("SEEN", default_workspace(), console_output())
+    """))
+    before = dict(os.environ)
+    result = CliRunner().invoke(app, ["optimize", str(script), "-w", str(tmp_path / "cli"), "--console", "logs"])
+    assert result.exit_code == 0, result.output
+    assert f"ENV {tmp_path / 'user'} None" in result.output  # the script sees the user's own settings
+    assert f"SEEN {(tmp_path / 'cli').resolve()} logs" in result.output  # and navdeploy the command's
+    assert dict(os.environ) == before
+    from navdeploy.config import console_output, default_workspace
+
+    assert default_workspace() == tmp_path / "user" and console_output() == "simple"  # nothing left behind

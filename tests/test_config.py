@@ -1,7 +1,10 @@
-"""Fast unit tests of navdeploy.config: validation, tolerances, batch sizes and environment settings."""
+"""Fast unit tests of navdeploy.config: validation, tolerances, batch sizes, environment settings and the run
+defaults the CLI passes in-process."""
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,8 +14,10 @@ import navdeploy as nav
 from navdeploy.config import (
     DEFAULT_TOLERANCES,
     console_output,
+    current_run_defaults,
     default_workspace,
     resolve_workspace,
+    run_defaults,
     use_multiprocessing,
 )
 from navdeploy.formats.registry import known_runner_names
@@ -189,3 +194,36 @@ def test_workspace_resolution(monkeypatch, tmp_path):
     assert resolve_workspace(None) == tmp_path / "ws"
     assert resolve_workspace(nav.OptimizeConfig(workspace=tmp_path / "own")) == tmp_path / "own"
     assert resolve_workspace(nav.OptimizeConfig()) == tmp_path / "ws"
+
+
+def test_run_defaults_win_over_the_environment_and_never_write_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("NAVDEPLOY_WORKSPACE", str(tmp_path / "env"))
+    monkeypatch.setenv("NAVDEPLOY_CONSOLE_OUTPUT", "detailed")
+    before = dict(os.environ)
+    with run_defaults(workspace=tmp_path / "cli", console="logs"):
+        assert default_workspace() == resolve_workspace(None) == tmp_path / "cli"
+        assert resolve_workspace(nav.OptimizeConfig(workspace=tmp_path / "own")) == tmp_path / "own"  # config wins
+        assert console_output() == "logs"
+        with run_defaults(console="simple"):  # nested: keeps the enclosing workspace
+            assert console_output() == "simple" and default_workspace() == tmp_path / "cli"
+        assert console_output() == "logs"
+        assert dict(os.environ) == before
+    assert default_workspace() == tmp_path / "env" and console_output() == "detailed"
+
+
+def test_run_defaults_are_restored_on_error_and_checked(tmp_path):
+    with pytest.raises(RuntimeError), run_defaults(workspace=tmp_path):
+        raise RuntimeError("the script failed")
+    assert current_run_defaults().workspace is None and default_workspace() == Path.home() / ".cache" / "navdeploy"
+    with pytest.raises(nav.ConfigError, match="simple, detailed or logs"), run_defaults(console="verbose"):
+        pass
+    assert current_run_defaults().console is None
+
+
+def test_run_defaults_reach_threads(tmp_path):
+    seen = []
+    with run_defaults(workspace=tmp_path):
+        thread = threading.Thread(target=lambda: seen.append(default_workspace()))
+        thread.start()
+        thread.join()
+    assert seen == [tmp_path]

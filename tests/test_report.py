@@ -170,3 +170,21 @@ def test_report_loads_in_headless_chromium(run, tmp_path):
     assert shot.returncode == 0, shot.stderr[-2000:]
     data = SCREENSHOT.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000  # a rendered page, not a blank one
+
+
+def test_a_report_that_cannot_be_written_only_warns(tmp_path, monkeypatch, capsys):
+    import navdeploy.report.html as html
+
+    def broken(status):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(html, "write_run_report", broken)
+    module = nav.Module(nn.Linear(3, 3).eval(), name="report_broken")
+    config = nav.OptimizeConfig(workspace=tmp_path, target_formats=(nav.Format.TORCHSCRIPT,), batch_sizes=(1,),
+                                profile_time_s=0.02, use_multiprocessing=False)
+    with pytest.warns(RuntimeWarning, match="could not write the HTML report: OSError: disk full") as caught:
+        status = nav.optimize(module, [(1, torch.randn(1, 3))], config)
+    assert [w.filename for w in caught if "HTML report" in str(w.message)] == [__file__]  # points at the caller
+    assert status.report_path is None and status.modules["report_broken"].graphs[0].selected
+    err = capsys.readouterr().err
+    assert "TorchScriptCPU" in err and "report:" not in err  # the tables still print, with no report line

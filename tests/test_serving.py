@@ -3,9 +3,11 @@ errors while the server keeps serving, blocking and background shutdown on signa
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
 from pathlib import Path
@@ -161,6 +163,43 @@ def _grpc_prompt(text):
     p = GInput("prompt", [1], "BYTES")
     p.set_data_from_numpy(np.array([text.encode()], dtype=object))
     return p
+
+
+def _environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(entry.split("=", 1) for entry in raw.decode(errors="replace").split("\0") if "=" in entry)
+
+
+@pytest.mark.parametrize("ld_library_path", [None, "/navdeploy-test/lib"])
+def test_serve_sets_the_stub_environment_for_the_server_only(monkeypatch, ld_library_path):
+    """The stub's PATH/LD_LIBRARY_PATH reach the server's processes; this process keeps its own, while the server
+    runs and after it stops (unset stays unset)."""
+    if ld_library_path is None:
+        monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    else:
+        monkeypatch.setenv("LD_LIBRARY_PATH", ld_library_path)
+    names = ("PATH", "LD_LIBRARY_PATH")
+    before = {k: os.environ.get(k) for k in names}
+    stubs_before = _backend_stubs()
+
+    def double(x):
+        return {"y": x * 2}
+
+    server = nav.serve(double, inputs=[Tensor("x", np.float32, (2,))], outputs=[Tensor("y", np.float32, (2,))],
+                       name="env_scope", max_batch_size=0, blocking=False, load_optimized=False, exit_timeout_secs=2)
+    try:
+        assert {k: os.environ.get(k) for k in names} == before  # while it runs
+        res = server.client().infer("env_scope", [_tensor("x", np.array([1.5, -2.0], np.float32), "FP32")])
+        np.testing.assert_allclose(res.as_numpy("y"), [3.0, -4.0])
+        stubs = _backend_stubs() - stubs_before
+        assert stubs, "no Python-backend stub runs the model"
+        for pid in stubs:  # the stub got this Python's LIBDIR and bin from nav.serve
+            env = _environ_of(pid)
+            assert sysconfig.get_config_var("LIBDIR") in env["LD_LIBRARY_PATH"].split(os.pathsep), env
+            assert str(Path(sys.executable).parent) in env["PATH"].split(os.pathsep), env
+    finally:
+        server.stop()
+    assert {k: os.environ.get(k) for k in names} == before
 
 
 def test_serve_rejects_bad_arguments():

@@ -22,9 +22,9 @@ from navdeploy.formats.base import RunnerSpec
 from navdeploy.formats.registry import FORMATS, runners_for
 from navdeploy.inplace.binding import bind
 from navdeploy.inplace.module import Module
+from navdeploy.optimize.events import OptimizeListener
 from navdeploy.optimize.scope import logging_to
 from navdeploy.optimize.status import GraphStatus, ModuleStatus
-from navdeploy.report import console
 from navdeploy.workspace.atomic import ensure_writable, write_json_atomic
 from navdeploy.workspace.checkpoint import checkpoint_graph, resume_entry
 from navdeploy.workspace.fingerprint import cache_key, checksum, fingerprint
@@ -97,7 +97,7 @@ def _chains(pairs: list[tuple[RunnerSpec, str]], module_precision: str) -> list[
 
 
 def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: OptimizeConfig, device: str,
-                    old_entry: Optional[dict], gkey: str, progress: console.Progress) -> dict:
+                    old_entry: Optional[dict], gkey: str, listener: OptimizeListener) -> dict:
     folder = job.module_dir / graph.key
     save_samples(graph, folder)
     old_entry = resume_entry(job.module_dir, graph.key, gkey, old_entry)  # a killed run's completed candidates
@@ -113,7 +113,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
             records[index] = record
             if checkpoint:  # survives a kill -9 of this run
                 checkpoint_graph(job.module_dir, graph.key, gkey, formats, [records[i] for i in sorted(records)])
-        progress.advance(f"{job.module_name}: {name}" + (" (cached)" if record.get("cached") else ""))
+        listener.candidate_finished(job.module_name, name, bool(record.get("cached")))
 
     def run_chain(chain: list[tuple[int, RunnerSpec, str]]) -> None:
         with executors.borrow() as executor:
@@ -134,7 +134,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                     done(index, name, {**new_record(runner, precision, job.precision), "step": "export",
                                        "error": formats[fmt]["error"]}, checkpoint=False)
                     continue
-                progress.describe(f"{job.module_name}: {name}")
+                listener.candidate_started(job.module_name, name)
                 record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision))
                 state = None
                 if record.get("exported"):
@@ -159,14 +159,15 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
             "selected": winner["name"] if winner else None, "updated": now()}
 
 
-def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig, mode: str,
-                     progress: console.Progress) -> ModuleStatus:
+def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
+                    listener: OptimizeListener) -> ModuleStatus:
+    """Optimize one module's captured graphs, write its manifest and bind the winners; events go to ``listener``."""
     start = time.perf_counter()
     workspace = resolve_workspace(config)
     ensure_writable(workspace)
     folder = module_dir(workspace, module.name)
     device = config.target_device or module_device(module.__wrapped__)
-    with locked(folder, config.timeout_s), logging_to(folder / LOG_FILE, mode):
+    with locked(folder, config.timeout_s), logging_to(folder / LOG_FILE, listener.log_handlers()):
         log.info("optimizing %s: %d graph(s) on %s", module.name, len(graphs), device)
         if module.__wrapped__.training:
             log.warning("module %s is in training mode; call .eval() before nav.optimize for stable results",
@@ -191,7 +192,7 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
             for graph in graphs:
                 gkey = _graph_cache_key(graph, fp, device, module.precision, config, batch_sizes, tolerances)
                 entries[graph.key] = _optimize_graph(graph, job, executors, config, device,
-                                                     old_graphs.get(graph.key), gkey, progress)
+                                                     old_graphs.get(graph.key), gkey, listener)
         manifest = {"version": MANIFEST_VERSION, "navdeploy": __version__, "torch": torch.__version__,
                     "module": module.name, "class": f"{type(module.__wrapped__).__module__}."
                     f"{type(module.__wrapped__).__qualname__}", "fingerprint": fp, "device": device,

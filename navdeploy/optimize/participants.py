@@ -9,6 +9,7 @@ from navdeploy.capture.recorder import Recorder
 from navdeploy.errors import CaptureError
 from navdeploy.inplace.module import Module
 
+_USER = 4  # stacklevel of the user's nav.optimize call: here, run_optimize, navdeploy.api, the user
 _HINT = ("If your code calls a method such as self.forward(x) or encode() instead of the module itself, pass "
          "forward_func='forward' (that method's name) to nav.Module.")
 
@@ -26,7 +27,7 @@ def modules_to_optimize(modules: list[Module], recorders: dict[str, Recorder]) -
                     if recorders[m.name].uncapturable and not recorders[m.name].graphs}
     for name, reason in uncapturable.items():
         warnings.warn(f"navdeploy: module {name!r} stays eager: none of its calls could be captured ({reason}). "
-                      "The other modules are still optimized.", RuntimeWarning, stacklevel=3)
+                      "The other modules are still optimized.", RuntimeWarning, stacklevel=_USER)
     modules = [m for m in modules if m.name not in uncapturable]
     # Modules optimized by an earlier call and not used by this callable keep what they have (also after a
     # load_optimized that bound them: the usual "load, else optimize" flow optimizes only the others).
@@ -34,7 +35,7 @@ def modules_to_optimize(modules: list[Module], recorders: dict[str, Recorder]) -
     earlier = [m.name for m in modules if not recorders[m.name].graphs and m.nav_state.captured]
     if earlier:
         warnings.warn(f"navdeploy: wrapped module(s) {_names(earlier)} (captured by an earlier optimize) were not "
-                      f"called by this callable; they stay as they are. {_HINT}", RuntimeWarning, stacklevel=3)
+                      f"called by this callable; they stay as they are. {_HINT}", RuntimeWarning, stacklevel=_USER)
         modules = [m for m in modules if m.name not in earlier]
     uncalled = [m.name for m in modules if not recorders[m.name].graphs]
     if uncalled and len(uncalled) == len(modules):

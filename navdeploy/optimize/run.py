@@ -1,35 +1,33 @@
-"""``nav.optimize``: capture every wrapped module's calls, then optimize each module and report."""
+"""The orchestration of ``nav.optimize``: capture every wrapped module's calls, then optimize each module,
+emitting events (``events.py``) for whoever shows the run; ``navdeploy.api`` chooses the listeners."""
 
 from __future__ import annotations
 
 import gc
-import logging
 import multiprocessing as mp
 import time
-import warnings
-from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
 
 from navdeploy.capture.recorder import Recorder
-from navdeploy.config import OptimizeConfig, console_output, report_enabled, resolve_workspace
+from navdeploy.config import OptimizeConfig, resolve_workspace
 from navdeploy.errors import NavdeployError
 from navdeploy.inplace.registry import registered_modules
 from navdeploy.optimize.dataloader import dataloader_items, run_capture, script_command
+from navdeploy.optimize.events import NullListener, OptimizeListener
 from navdeploy.optimize.module import candidate_pairs, module_config, module_device, optimize_module
 from navdeploy.optimize.participants import modules_to_optimize
 from navdeploy.optimize.pipeline import PassTimer, handlers, measure_optimized, sync_cuda
 from navdeploy.optimize.scope import inductor_cache
 from navdeploy.optimize.status import OptimizeStatus
-from navdeploy.report import console
-
-log = logging.getLogger("navdeploy")
 
 
-def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConfig] = None) -> OptimizeStatus:
-    """Optimize every ``nav.Module`` that ``func`` calls while it runs over ``dataloader``.
+def run_optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConfig] = None,
+                 listener: OptimizeListener = NullListener(), measure_pipeline: bool = True) -> OptimizeStatus:
+    """Optimize every ``nav.Module`` that ``func`` calls while it runs over ``dataloader``, telling ``listener``.
 
+    ``measure_pipeline`` times one more pass of ``func`` with the selected runners in place (``status.pipeline``).
     Each dataloader item is ``(batch_size, sample)``: a tuple/list sample is positional arguments (a
     trailing dict is keyword arguments), a dict alone is keyword arguments, anything else is one argument.
     Modules with ``module.optimize_config`` set use it; the others use ``config`` (or the defaults).
@@ -41,11 +39,11 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
                              "script runs nav.optimize at import time. Put it under `if __name__ == \"__main__\":` "
                              "or set NAVDEPLOY_USE_MULTIPROCESSING=False.")
     if not callable(func):
-        raise TypeError(f"nav.optimize needs a callable (a pipeline, function or bound method); got {type(func).__name__}.")
+        raise TypeError("nav.optimize needs a callable (a pipeline, function or bound method); "
+                        f"got {type(func).__name__}.")
     if config is not None and not isinstance(config, OptimizeConfig):
         raise TypeError(f"config must be a nav.OptimizeConfig, got {type(config).__name__}.")
     items = dataloader_items(dataloader)
-    mode = console_output()
     start = time.perf_counter()
     gc.collect()  # pipelines dropped by the user must not count as wrapped modules of this run
     modules = registered_modules()
@@ -81,28 +79,18 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
     work = {m.name: recorders[m.name].finish() for m in modules}
     total = sum(len(work[m.name]) * len(candidate_pairs(configs[m.name], configs[m.name].target_device
                                                     or module_device(m.__wrapped__), m.precision)) for m in modules)
-    with console.progress(total, enabled=mode != "logs") as progress:
+    listener.candidates_started(total)
+    try:
         for m in modules:
             # torch.compile caches inside the workspace so reloads and re-runs compile from cache.
             with inductor_cache(resolve_workspace(configs[m.name])):
-                status.modules[m.name] = optimize_module(m, work[m.name], configs[m.name], mode, progress)
+                status.modules[m.name] = optimize_module(m, work[m.name], configs[m.name], listener)
+    finally:
+        listener.candidates_finished()
     status.seconds = time.perf_counter() - start
-    if report_enabled():
+    if measure_pipeline:
         status.pipeline = measure_optimized(func, items, modules, capture_s, capture_timer, capture_timed_s,
                                              len(items) - (1 if len(items) >= 2 else 0))
-        status.report_path = _write_report(status)
-    console.print_status(status, detailed=mode == "detailed")
+    listener.run_finished(status)
     return status
 
-
-def _write_report(status: OptimizeStatus) -> Optional[Path]:
-    """The HTML report of this run in ``<workspace>/reports``; a failure to write it only warns."""
-    try:
-        from navdeploy.report.html import write_run_report
-
-        return write_run_report(status)
-    except Exception as exc:  # noqa: BLE001 - the optimization itself succeeded
-        log.warning("navdeploy: could not write the HTML report: %s: %s", type(exc).__name__, exc)
-        warnings.warn(f"navdeploy: could not write the HTML report: {type(exc).__name__}: {exc}", RuntimeWarning,
-                      stacklevel=3)
-        return None

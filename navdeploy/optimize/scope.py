@@ -6,9 +6,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
-
-from navdeploy.report import console
+from typing import Iterator, Sequence
 
 log = logging.getLogger("navdeploy")
 
@@ -42,12 +40,12 @@ def _torch_default_cache_dir() -> str:
 
 
 @contextlib.contextmanager
-def logging_to(path: Path, mode: str) -> Iterator[None]:
-    """The navdeploy logger writes to the module's log file (and the console with ``logs``) for a while."""
+def logging_to(path: Path, extra: Sequence[logging.Handler] = ()) -> Iterator[None]:
+    """The navdeploy logger writes to the module's log file (and to ``extra``, e.g. the console in ``logs``
+    mode) for the block; every handler is closed when it ends."""
     handlers: list[logging.Handler] = [logging.FileHandler(path)]
     handlers[0].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    if mode == "logs":
-        handlers.append(console.log_handler())
+    handlers.extend(extra)
     previous = log.level
     log.setLevel(logging.INFO)
     for h in handlers:

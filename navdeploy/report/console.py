@@ -1,16 +1,18 @@
-"""Rich progress while candidates run, and a status table per module when optimize ends."""
+"""The console reporter of optimize runs: rich progress while candidates run, a status table per module when
+the run ends."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
+
+from navdeploy.optimize.events import NullListener
 
 if TYPE_CHECKING:
     from navdeploy.optimize.status import OptimizeStatus
@@ -21,31 +23,43 @@ if not _console.is_terminal:
     _console = Console(stderr=True, width=120)
 
 
-class Progress:
-    """A progress bar over all candidates of a run (a no-op when disabled)."""
+class ConsoleReporter(NullListener):
+    """Shows an optimize run on stderr: a progress bar over its candidates (not in ``logs`` mode), the
+    ``navdeploy`` log records (only in ``logs`` mode), and the status tables when it ends (time per step in
+    ``detailed`` mode)."""
 
-    def __init__(self, bar: Optional[RichProgress], task: Optional[int]):
-        self._bar, self._task = bar, task
+    def __init__(self, mode: str = "simple") -> None:
+        self._mode = mode
+        self._bar: Optional[RichProgress] = None
+        self._task: Optional[TaskID] = None
 
-    def describe(self, text: str) -> None:
+    def candidates_started(self, total: int) -> None:
+        if self._mode == "logs":  # the log records are the progress; a bar would redraw over them
+            return
+        self._bar = RichProgress(TextColumn("[bold]navdeploy[/] {task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=_console, transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task("capturing", total=total)
+
+    def candidate_started(self, module: str, candidate: str) -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, description=f"{module}: {candidate}")
+
+    def candidate_finished(self, module: str, candidate: str, cached: bool) -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, advance=1,
+                             description=f"{module}: {candidate}" + (" (cached)" if cached else ""))
+
+    def candidates_finished(self) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, description=text)
+            self._bar.stop()  # transient: the bar disappears before the tables are printed
+            self._bar = self._task = None
 
-    def advance(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, advance=1, description=text)
+    def log_handlers(self) -> Sequence[logging.Handler]:
+        return [log_handler()] if self._mode == "logs" else []
 
-
-@contextlib.contextmanager
-def progress(total: int, enabled: bool = True) -> Iterator[Progress]:
-    """Show progress over ``total`` candidates while the block runs."""
-    if not enabled:
-        yield Progress(None, None)
-        return
-    bar = RichProgress(TextColumn("[bold]navdeploy[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), console=_console, transient=True)
-    with bar:
-        yield Progress(bar, bar.add_task("capturing", total=total))
+    def run_finished(self, status: OptimizeStatus) -> None:
+        print_status(status, detailed=self._mode == "detailed")
 
 
 def log_handler() -> logging.Handler:
@@ -57,13 +71,14 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def status_tables(status: "OptimizeStatus", detailed: bool = False) -> list:
+def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
     """One table per module and graph: every candidate, its error vs eager, latency, throughput, the winner;
     then why each failed or skipped candidate did not run (and, detailed, time per step)."""
     tables: list = []
     for module in status.modules.values():
         for graph in module.graphs:
-            title = f"{module.name} · graph {graph.key} · {module.device}" + ("" if graph.batching else " · no batching")
+            title = f"{module.name} · graph {graph.key} · {module.device}" + \
+                ("" if graph.batching else " · no batching")
             table = Table(title=title, title_justify="left")
             for col in ("", "runner", "format", "status", "max abs err", "p50 ms", "p90 ms", "best thr/s"):
                 table.add_column(col, justify="right" if col.endswith(("err", "ms", "/s")) else "left")
@@ -77,7 +92,8 @@ def status_tables(status: "OptimizeStatus", detailed: bool = False) -> list:
                        _fmt(c.get("max_abs_err"), ".2e"), _fmt(first.get("p50_ms"), ".3f"),
                        _fmt(first.get("p90_ms"), ".3f"), _fmt(best, ".0f")]
                 if c.get("error"):
-                    notes.append(f"  [bold]{c['runner']}[/] {c['status']}: {c['error'] if detailed else c['error'][:150]}")
+                    error = c["error"] if detailed else c["error"][:150]
+                    notes.append(f"  [bold]{c['runner']}[/] {c['status']}: {error}")
                 elif detailed:
                     times = ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in c.get("times", {}).items() if v is not None)
                     notes.append(f"  [bold]{c['runner']}[/] {times}")
@@ -87,7 +103,7 @@ def status_tables(status: "OptimizeStatus", detailed: bool = False) -> list:
     return tables
 
 
-def print_status(status: "OptimizeStatus", detailed: bool = False) -> None:
+def print_status(status: OptimizeStatus, detailed: bool = False) -> None:
     """Print the status tables and where the logs are."""
     for table in status_tables(status, detailed):
         _console.print(table, highlight=False)

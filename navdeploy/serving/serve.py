@@ -36,11 +36,9 @@ from navdeploy.serving.codec import PipelineCall
 from navdeploy.serving.handle import ServerHandle
 from navdeploy.serving.signals import SIGNALS, in_main_thread, install_background_handlers, wait_for_stop
 from navdeploy.serving.specs import Tensor, infer_specs
-from navdeploy.triton.server import free_ports, stub_environment
+from navdeploy.triton.server import free_ports, stub_environment_while
 
 log = logging.getLogger("navdeploy")
-
-
 
 
 # --- environment: what PyTriton needs on a machine like this one ------------------------------------------
@@ -51,8 +49,6 @@ def _check_environment() -> None:
     if importlib.util.find_spec("pytriton") is None:
         raise NavdeployError("nav.serve needs nvidia-pytriton; run: python -m pip install 'navdeploy[triton]' "
                              "(or 'nvidia-pytriton tritonclient[grpc,http]').")
-    # PyTriton starts the Python-backend stub from this process's environment.
-    stub_environment(os.environ)
 
 
 def _resolve_ports(ports: Union[None, int, Sequence[int], Mapping[str, int]], host: str) -> dict[str, int]:
@@ -162,9 +158,12 @@ def serve(infer_callable: Callable, inputs: Optional[Sequence[Tensor]] = None,
     triton = Triton(config=config, workspace=str(triton_workspace) if triton_workspace else None)
     handle = ServerHandle(triton, name, host, port_map, inputs, outputs, max_batch_size)
     try:
-        triton.bind(model_name=name, infer_func=infer_func, inputs=[t.to_pytriton() for t in inputs],
-                    outputs=[t.to_pytriton() for t in outputs], config=model_config, strict=True)
-        triton.run()
+        # PyTriton copies os.environ when it starts tritonserver, whose Python-backend stubs inherit it: the
+        # variables the stub needs are set only while the server starts, and this process keeps its own.
+        with stub_environment_while():
+            triton.bind(model_name=name, infer_func=infer_func, inputs=[t.to_pytriton() for t in inputs],
+                        outputs=[t.to_pytriton() for t in outputs], config=model_config, strict=True)
+            triton.run()
     except BaseException:
         with contextlib.suppress(Exception):
             triton.stop()
@@ -174,8 +173,8 @@ def serve(infer_callable: Callable, inputs: Optional[Sequence[Tensor]] = None,
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     log.info("navdeploy: serving %r at http://%s grpc://%s", name, handle.http_url, handle.grpc_url)
     if blocking:
-        wait_for_stop(handle, f"navdeploy: serving model {name!r} at http://{handle.http_url} and grpc://{handle.grpc_url} "
-                      "(Ctrl+C to stop)")
+        wait_for_stop(handle, f"navdeploy: serving model {name!r} at http://{handle.http_url} and "
+                              f"grpc://{handle.grpc_url} (Ctrl+C to stop)")
         return handle
     if previous:
         install_background_handlers(handle, previous)

@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import MutableMapping, Optional, Sequence
+from typing import Iterator, MutableMapping, Optional, Sequence
 
 from navdeploy.errors import NavdeployError
 from navdeploy.triton.validate import parse_config
@@ -79,12 +79,35 @@ def prepare_backend_directory(target: Path) -> Path:
 def stub_environment(env: MutableMapping[str, str], extra_libs: Sequence[str] = ()) -> None:
     """Make ``env`` fit for a Python-backend stub: this Python's LIBDIR (then ``extra_libs``) first on
     ``LD_LIBRARY_PATH`` — else a pyenv/conda Python's stub loads the distro's libpython — and this Python's
-    ``bin`` first on ``PATH``. Used for the bundled server here and for PyTriton by ``nav.serve``."""
+    ``bin`` first on ``PATH``. Used on the bundled server's own env dict here, and by
+    :func:`stub_environment_while` for PyTriton."""
     libs = [p for p in [sysconfig.get_config_var("LIBDIR") or "", *extra_libs] if p and Path(p).is_dir()]
     existing = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p not in libs]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + existing)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bindir, *[p for p in env.get("PATH", "").split(os.pathsep) if p != bindir]])
+
+
+STUB_VARIABLES = ("PATH", "LD_LIBRARY_PATH")
+
+
+@contextlib.contextmanager
+def stub_environment_while(extra_libs: Sequence[str] = ()) -> Iterator[None]:
+    """``os.environ`` as :func:`stub_environment` makes it, only while the block runs: for a library that copies
+    ``os.environ`` when it starts its server (PyTriton). ``PATH`` and ``LD_LIBRARY_PATH`` get their previous
+    values (or stay unset) when the block ends, also on error, so the user's process keeps its own."""
+    saved = {k: os.environ.get(k) for k in STUB_VARIABLES}
+    env = {k: v for k, v in saved.items() if v is not None}
+    stub_environment(env, extra_libs)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def server_environment(base: Optional[dict] = None) -> dict:
@@ -117,7 +140,7 @@ def non_python_models(repository: Path) -> list[str]:
     for folder in sorted(p for p in Path(repository).iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
             cfg = parse_config((folder / "config.pbtxt").read_text())
-        except Exception:  # noqa: BLE001 - validate-repo reports it
+        except Exception:  # validate-repo reports it
             continue
         if cfg.platform != "ensemble" and cfg.backend != "python":
             found.append(f"{folder.name} ({cfg.backend or cfg.platform})")
