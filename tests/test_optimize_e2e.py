@@ -63,10 +63,10 @@ def test_swapped_module_returns_what_eager_returns(optimized):
     assert model.is_optimized or status.modules["e2e_cnn"].graphs[0].selected == "TorchCPU"
     for batch in (1, 3, 8):
         x = torch.randn(batch, 3, 16, 16)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("error")  # inside the optimized range: no eager fallback warning
             out = model(x)
-        expected = model.__wrapped__(x)
+            expected = model.__wrapped__(x)
         assert isinstance(out, torch.Tensor) and out.dtype == expected.dtype and out.device == expected.device
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-3)
 
