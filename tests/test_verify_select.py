@@ -182,3 +182,24 @@ def test_measure_respects_budget_and_no_batch():
     m = measure(lambda: sum(range(100)), batch_size=None, device="cpu", time_budget_s=0.05)
     assert time.perf_counter() - start < 2.0
     assert m.batch_size is None and m.throughput > 0 and m.p50_ms > 0
+
+
+def test_a_slow_candidate_is_timed_on_at_least_ten_calls_after_its_warm_up():
+    """Windows of one call each that agree are luck: a candidate is ranked on ten timed calls or more."""
+    import time
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.01)
+
+    m = measure(slow, batch_size=1, device="cpu", time_budget_s=0.02)  # windows of 5 ms: one call each
+    assert m.iterations >= 10 and len(calls) >= m.iterations + 2
+
+
+def test_a_candidate_too_slow_for_ten_calls_is_flagged_not_stable():
+    import time
+
+    m = measure(lambda: time.sleep(0.05), batch_size=1, device="cpu", time_budget_s=0.01)  # 10x budget: ~2 calls
+    assert m.iterations < 10 and not m.stable

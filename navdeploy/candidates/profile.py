@@ -72,13 +72,14 @@ def _window_cuda(run: Callable[[], object], window_s: float) -> list[float]:
 def measure(run: Callable[[], object], batch_size: Optional[int], device: str, time_budget_s: float,
             window_count: int = 3, tolerance: float = 0.05, min_calls: int = 10) -> Measurement:
     """Warm up, then time calls in windows of ~budget/10 until ``window_count`` window means are within
-    ``tolerance`` of each other or the budget runs out. Percentiles come from the last windows' calls,
-    at least ``min_calls`` of them unless that would take over three times the budget. On CUDA the calls
-    are timed with CUDA events, back to back (see ``_window_cuda``)."""
-    deadline = time.perf_counter() + time_budget_s
+    ``tolerance`` of each other or the budget runs out; the budget starts after the warm-up. Percentiles come
+    from the last windows' calls, at least ``min_calls`` of them unless that would take over ten times the
+    budget (then ``stable`` is False: the figure rests on few calls). On CUDA the calls are timed with CUDA
+    events, back to back (see ``_window_cuda``)."""
     for _ in range(2):  # first calls pay for lazy initialisation and allocator growth
         run()
     _sync(device)
+    deadline = time.perf_counter() + time_budget_s
     window = _window_cuda if device == "cuda" else _window_cpu
     window_s = max(time_budget_s / 10, 0.005)
     windows: list[list[float]] = []
@@ -86,13 +87,14 @@ def measure(run: Callable[[], object], batch_size: Optional[int], device: str, t
     while True:
         windows.append(window(run, window_s))
         recent = [statistics.fmean(w) for w in windows[-window_count:]]
-        if len(recent) == window_count and (max(recent) - min(recent)) <= tolerance * min(recent):
+        measured = sum(len(w) for w in windows[-window_count:])
+        agree = len(recent) == window_count and (max(recent) - min(recent)) <= tolerance * min(recent)
+        if agree and measured >= min_calls:  # three windows of one call each agreeing is luck, not a figure
             stable = True
             break
-        if time.perf_counter() >= deadline:
-            measured = sum(len(w) for w in windows[-window_count:])
-            if measured >= min_calls or time.perf_counter() >= deadline + 2 * time_budget_s:
-                break
+        if time.perf_counter() >= deadline and (measured >= min_calls
+                                                or time.perf_counter() >= deadline + 9 * time_budget_s):
+            break
     calls = sorted(t for w in windows[-window_count:] for t in w)
     p50 = calls[len(calls) // 2]
     p90 = calls[min(len(calls) - 1, int(len(calls) * 0.9))]
