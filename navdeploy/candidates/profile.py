@@ -86,6 +86,8 @@ def measure(run: Callable[[], object], batch_size: Optional[int], device: str, t
     stable = False
     while True:
         windows.append(window(run, window_s))
+        if len(windows[-1]) * window_count < min_calls:  # windows too short to hold the floor: lengthen them
+            window_s *= 2
         recent = [statistics.fmean(w) for w in windows[-window_count:]]
         measured = sum(len(w) for w in windows[-window_count:])
         agree = len(recent) == window_count and (max(recent) - min(recent)) <= tolerance * min(recent)
