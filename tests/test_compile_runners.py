@@ -57,3 +57,22 @@ def test_a_new_compiled_module_does_not_inherit_another_modules_dynamic_shapes()
     assert symbolic["first"][0] == [] and len(symbolic["first"][1]) == 1  # static, then only the batch symbolic
     assert symbolic["other_rank"] == [[]]
     assert symbolic["new"] == [[]], symbolic["new"]  # static on its first call
+
+
+def test_after_load_optimized_no_profiled_batch_size_pays_a_compile(tmp_path, choose_candidate):
+    """A torch.compile winner on the CPU is warmed up at every profiled batch size when bound: the first request
+    of a profiled size compiles nothing (it took 9 s before, after load_optimized)."""
+    import navdeploy as nav
+
+    module = nav.Module(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()).eval(), name="warm_compile")
+    config = nav.OptimizeConfig(runners=("TorchCompileCPU",), batch_sizes=(1, 2, 4), profile_time_s=0.05,
+                                workspace=tmp_path, use_multiprocessing=False)
+    with torch.no_grad():
+        nav.optimize(module, [(2, torch.randn(2, 4))], config=config)
+    torch._dynamo.reset()  # a fresh process: nothing compiled yet
+    choose_candidate(module, tmp_path, "TorchCompileCPU")  # binds as load_optimized does, warm-up included
+    frames = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for batch in (1, 2, 4):
+            torch.testing.assert_close(module(torch.ones(batch, 4)), module.__wrapped__(torch.ones(batch, 4)))
+    assert counters["stats"]["unique_graphs"] == frames, "a profiled batch size compiled on its first request"

@@ -217,16 +217,15 @@ def test_compile_targets_by_device_and_precision():
     assert ctx.graph.batching and compile_target(ctx) == (ctx.module, True)
 
 
-def test_cuda_runners_warm_up_at_every_profiled_batch_size():
-    """A bound CUDA runner is called at each profiled batch size before the user's first call (a torch.compile
-    runner compiles again for a second batch size); the CPU and graphs that do not batch get the captured one."""
+def test_runners_warm_up_at_every_profiled_batch_size():
+    """A bound runner is called at each profiled batch size before the user's first call (a torch.compile
+    runner compiles again for a second batch size); graphs that do not batch get the captured one."""
     graph = _graph([(torch.ones(2, 5, 3), torch.ones(2, 5))])
     captured = [torch.randn(2, 5, 3), torch.randn(2, 5)]
     record = {"profile": [{"batch_size": b, "p50_ms": 1.0} for b in (1, 2, 8)]}
-    assert binding.extra_warm_up_sizes(graph, record, captured, "cuda") == [1, 8]  # 2 is the captured batch
-    assert binding.extra_warm_up_sizes(graph, record, captured, "cpu") == []
+    assert binding.extra_warm_up_sizes(graph, record, captured) == [1, 8]  # 2 is the captured batch, on any device
     graph.batching = False
-    assert binding.extra_warm_up_sizes(graph, {"profile": [{"batch_size": None}]}, captured, "cuda") == []
+    assert binding.extra_warm_up_sizes(graph, {"profile": [{"batch_size": None}]}, captured) == []
 
 
 @pytest.mark.cuda

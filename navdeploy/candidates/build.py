@@ -89,7 +89,9 @@ def expand_batch(inputs: list[torch.Tensor], batch_size: int) -> list[torch.Tens
             out.append(t)
             continue
         reps = math.ceil(batch_size / t.shape[0])
-        out.append(t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size].contiguous())
+        # A clone, not a slice: torch.compile guards on a view's base, so a warm-up on views compiles a graph that a
+        # user's own (non-view) tensors of the same shape miss, and their first call compiles again.
+        out.append(t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size].clone(memory_format=torch.contiguous_format))
     return out
 
 

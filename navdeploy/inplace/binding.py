@@ -56,13 +56,14 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device
     captured = samples[0].inputs
     # Warm-up, and proof the runner works in this process. On CUDA each shape is called 3 times: CUDA-graph
     # runners warm up on the first call and record on the second.
+    calls = 3 if device == "cuda" else 1
     with torch.no_grad():
-        for _ in range(3 if device == "cuda" else 1):
+        for _ in range(calls):
             conform(run(captured), graph.outputs)  # a failure here rejects the runner: the graph stays eager
-        for batch_size in extra_warm_up_sizes(graph, record, captured, device):
+        for batch_size in extra_warm_up_sizes(graph, record, captured):
             try:
                 inputs = expand_batch(captured, batch_size)
-                for _ in range(3):
+                for _ in range(calls):
                     run(inputs)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory at the largest batch: the runner stays,
                 # and a call of that size that fails again falls back to eager, as any failing runner call does
@@ -70,12 +71,12 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device
     return run
 
 
-def extra_warm_up_sizes(graph: Graph, record: dict, captured: list[torch.Tensor], device: str) -> list[int]:
-    """The batch sizes besides the captured one that a bound runner is warmed up at: on CUDA, every batch size it
-    was profiled at. torch.compile runners compile again for a second batch size (with the batch axis symbolic)
-    and CUDA-graph runners record a graph per shape, so without this the first request of a new batch size would
-    pay for a compile."""
-    if device != "cuda" or not graph.batching:
+def extra_warm_up_sizes(graph: Graph, record: dict, captured: list[torch.Tensor]) -> list[int]:
+    """The batch sizes besides the captured one that a bound runner is warmed up at: every batch size it was
+    profiled at. torch.compile runners compile again for a second batch size (with the batch axis symbolic; on
+    the CPU a first call at a new size took 9 s) and CUDA-graph runners record a graph per shape, so without this
+    the first request of a new batch size would pay for a compile."""
+    if not graph.batching:
         return []
     batch = next((t.shape[0] for t in captured if t.dim() > 0), None)
     return sorted({m["batch_size"] for m in record.get("profile", []) if m.get("batch_size")} - {batch})
