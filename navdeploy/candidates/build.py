@@ -95,11 +95,29 @@ def expand_batch(inputs: list[torch.Tensor], batch_size: int) -> list[torch.Tens
     return out
 
 
+def _unit_dynamic_axes(graph: Graph, inputs: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """(input, axis) pairs of axes that varied in the capture (the batch axis when batching) but are 1 here."""
+    found = []
+    for i, (t, spec) in enumerate(zip(inputs, graph.inputs)):
+        axes = set(spec.dynamic_axes) | ({0} if graph.batching and t.dim() > 0 else set())
+        found += [(i, a) for a in sorted(axes) if a < t.dim() and t.shape[a] == 1]
+    return found
+
+
+def _grow_axis(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    return t.repeat_interleave(size, dim=axis).clone(memory_format=torch.contiguous_format)
+
+
 def export_example(graph: Graph) -> list[torch.Tensor]:
-    """Example inputs for exporters: a batch of 1 becomes 2 so exporters do not specialise the batch axis."""
-    inputs = graph.samples[0].inputs
-    if graph.batching and any(t.dim() > 0 and t.shape[0] == 1 for t in inputs):
-        return expand_batch(inputs, 2)
+    """Example inputs for exporters, with every axis that varied in the capture larger than 1: exporters such as
+    torch.export specialise an axis of size 1 (and then fail, or refuse the other sizes). The first kept sample
+    where that already holds, else the first sample with those axes grown to 2 by repeating their entries."""
+    for sample in graph.samples:
+        if not _unit_dynamic_axes(graph, sample.inputs):
+            return sample.inputs
+    inputs = list(graph.samples[0].inputs)
+    for i, axis in _unit_dynamic_axes(graph, inputs):
+        inputs[i] = _grow_axis(inputs[i], axis, 2)
     return inputs
 
 
@@ -198,7 +216,7 @@ def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
             step = "load"
             start = time.perf_counter()
             loaded = runner.load(LoadContext(artifact, flat, graph, job.device, task.precision))
-            run = lambda inputs: loaded(cast(inputs))  # noqa: E731
+            run = lambda inputs: loaded(cast(inputs))
             record["times"]["load_s"] = time.perf_counter() - start
             atol, rtol = job.tolerances[task.precision]
             scale = task.precision in LOW_PRECISIONS or job.precision in LOW_PRECISIONS
