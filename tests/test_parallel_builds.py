@@ -188,7 +188,7 @@ def test_parallel_builds_profile_alone_and_give_the_same_candidates(tmp_path):
 def test_a_runner_that_cannot_run_here_is_skipped_without_a_worker(tmp_path, monkeypatch):
     """Decided in this process: no worker starts for it, and a ``builds_alone`` runner (TensorRT when it is not
     installed) never makes the other builds wait for a gate it would only hold to say "skipped"."""
-    from navdeploy import formats
+    from navdeploy.formats import registry as formats
 
     missing = dataclasses.replace(formats.RUNNERS["TorchScriptCPU"], requires=("a_package_that_is_not_here",),
                                   builds_alone=True)

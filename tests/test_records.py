@@ -32,8 +32,9 @@ def _fp16_winner_entry() -> GraphEntry:
                            profile=[ProfilePoint(1, 1.25, 1.3, 800.0, 10, True)])
     fp16 = CandidateRecord("TensorRT[fp16]", "TensorRT", "trt", "fp16", "cuda", status="ok",
                            profile=[ProfilePoint(1, 0.625, 0.7, 1600.0, 10, True)])
-    return GraphEntry(_graph(), "key", {"trt": FormatState("ok", "abc", 1.0), "trt-fp16": FormatState("ok", "def", 1.0)},
-                      [eager, fp32, fp16], selected="TensorRT[fp16]", updated="2024-01-01T00:00:00")
+    formats = {"trt": FormatState("ok", "abc", 1.0), "trt-fp16": FormatState("ok", "def", 1.0)}
+    return GraphEntry(_graph(), "key", formats, [eager, fp32, fp16], selected="TensorRT[fp16]",
+                      updated="2024-01-01T00:00:00")
 
 
 def _manifest(entry: GraphEntry) -> Manifest:
