@@ -66,7 +66,7 @@ def main() -> dict:
     again = nav.optimize(model, data, config)
     rerun_s = time.perf_counter() - start
     graph = status.modules["bench_cnn"].graphs[0]
-    cached = all(c.get("cached") for c in again.modules["bench_cnn"].graphs[0].candidates if c["status"] != "skipped")
+    cached = all(c.cached for c in again.modules["bench_cnn"].graphs[0].candidates if c.status != "skipped")
 
     latency = {}
     with torch.no_grad():
@@ -100,8 +100,8 @@ def main() -> dict:
         "peak_rss_mib_parent": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_rss_mib_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "selected": graph.selected,
-        "candidates": {c["runner"]: {"status": c["status"], "p50_ms_b1": c["profile"][0]["p50_ms"] if c["profile"] else None,
-                                     "error": c["error"]} for c in graph.candidates},
+        "candidates": {c.runner: {"status": c.status, "p50_ms_b1": c.first_p50_ms(), "error": c.error}
+                       for c in graph.candidates},
         "latency": latency,
         "overhead_us": {"direct_call": direct_us, "passthrough_call": passthrough_us,
                         "passthrough_overhead": passthrough_us - direct_us,

@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import navdeploy as nav  # noqa: E402
 from navdeploy.inplace.binding import bind
+from navdeploy.workspace.manifest import read_manifest
+from navdeploy.workspace.records import Manifest
 
 RESNET50_GFLOP_PER_IMAGE = 2 * 4.09  # 4.09 GMACs per 224x224 image
 BF16_MATMUL_CEILING_TFLOPS = 798.0  # measured on the device tool's H100/H200 (KINDS.md: 769-798, 8192^3 bf16 matmul)
@@ -137,15 +139,15 @@ def bench_model(name: str, workspace: Path, timeout_s: float, runners, profile_t
     graph = status.modules[f"bench_{name}"].graphs[0]
     result["selected"] = graph.selected
     result["candidates"] = {
-        c["name"]: {"status": c["status"], "error": c["error"], "max_abs_err": c["max_abs_err"],
-                    "p50_ms": {(m["batch_size"] or captured): m["p50_ms"] for m in c["profile"]},
-                    "times": c.get("times"), "window": c.get("window")} for c in graph.candidates}
+        c.name: {"status": c.status, "error": c.error, "max_abs_err": c.max_abs_err,
+                 "p50_ms": {(m.batch_size or captured): m.p50_ms for m in c.profile},
+                 "times": c.times, "window": c.window.to_json() if c.window else None} for c in graph.candidates}
     # The candidates' own steps added up (export, load, verify, profile; not the waits for the timing gate),
     # against optimize's wall time. An upper bound on a one-worker run's candidate time, not a measurement of
     # one: steps that ran side by side shared the CPU cores and the GPU, and worker starts, the parent's bind
     # and the report are left out. Compare with a --build-workers 1 run for what side by side saved.
-    result["candidates_serial_s"] = sum(sum(v for v in (c.get("times") or {}).values() if v)
-                                        for c in graph.candidates if not c.get("cached"))
+    result["candidates_serial_s"] = sum(sum(v for v in c.times.values() if v)
+                                        for c in graph.candidates if not c.cached)
     checkpoint(result)  # the candidates' figures survive a kill in the phases below
     ok = {n: c for n, c in result["candidates"].items() if c["status"] == "ok"}
     # The swapped module right after optimize, measured here, outside navdeploy.
@@ -161,12 +163,12 @@ def bench_model(name: str, workspace: Path, timeout_s: float, runners, profile_t
     # selected one's figures are the swapped module's above (optimize bound it from its manifest); rebinding it
     # too (--rebind-selected, the "rebound" figures) costs two more compiles per model.
     folder = workspace / f"bench_{name}"
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = read_manifest(folder)
     result["independent_ms_by_batch"] = {}
     others = [cand for cand in ok if cand != graph.selected or rebind_selected]
     for cand in sorted(others, key=lambda n: n == graph.selected):
-        trial = json.loads(json.dumps(manifest))
-        trial["graphs"][graph.key]["selected"] = cand
+        trial = Manifest.from_json(manifest.to_json())  # a copy: the manifest on disk is left as it is
+        trial.graphs[graph.key].selected = cand
         if bind(wrapped, folder, trial):
             result["independent_ms_by_batch"][cand] = {bs: time_at(wrapped, bs) for bs in batch_sizes}
     if graph.selected in ok and not rebind_selected:

@@ -130,7 +130,7 @@ def main(workspace: Optional[str] = None) -> dict:
     optimized = pipe(images, scale=0.5)
     diff = (optimized - eager).abs().max().item()
     for name, runners in status.selected().items():
-        tried = [c["runner"] for g in status.modules[name].graphs for c in g.candidates]
+        tried = [c.runner for g in status.modules[name].graphs for c in g.candidates]
         print(f"{name}: tried {tried}, selected {runners}")
     print(f"max |optimized - eager| = {diff:.2e}")
     return {"pipeline": pipe, "status": status, "selected": status.selected(), "max_abs_diff": diff,

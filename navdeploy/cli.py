@@ -26,7 +26,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from navdeploy.config import CONSOLE_MODES, default_workspace, run_defaults
+from navdeploy.formats.registry import EAGER_RUNNER
 from navdeploy.workspace.manifest import read_manifest
+from navdeploy.workspace.records import CandidateRecord
 
 app = typer.Typer(help="navdeploy: optimize PyTorch modules in place, verify them, deploy them.", no_args_is_help=True)
 _console = Console()
@@ -160,18 +162,18 @@ def status(workspace: Optional[Path] = WorkspaceOption) -> None:
         manifest = read_manifest(folder)
         if manifest is None:
             continue
-        for key, entry in manifest["graphs"].items():
+        for key, entry in manifest.graphs.items():
             found += 1
-            by_name = {c["runner"]: c for c in entry["candidates"]}
-            eager = next((c for c in entry["candidates"] if c["runner"] in ("TorchCPU", "TorchCUDA")), None)
-            selected = by_name.get(entry.get("selected") or "")
+            eager = next((c for c in entry.candidates if c.runner in EAGER_RUNNER.values()), None)
+            selected = entry.selected_candidate()  # by candidate name: TensorRT[fp16] is not the runner TensorRT
 
-            def p50(c: Optional[dict]) -> str:
-                return f"{c['profile'][0]['p50_ms']:.3f}" if c and c.get("profile") else "-"
+            def p50(c: Optional[CandidateRecord]) -> str:
+                value = c.first_p50_ms() if c else None
+                return "-" if value is None else f"{value:.3f}"
 
-            ok = sum(c["status"] == "ok" for c in entry["candidates"])
-            table.add_row(manifest["module"], key, manifest.get("device", "?"), entry.get("selected") or "[red]none[/]",
-                          p50(selected), p50(eager), f"{ok}/{len(entry['candidates'])}", entry.get("updated", ""))
+            ok = sum(c.ok for c in entry.candidates)
+            table.add_row(manifest.module, key, manifest.device, escape(entry.selected or "") or "[red]none[/]",
+                          p50(selected), p50(eager), f"{ok}/{len(entry.candidates)}", entry.updated or "")
     if not found:
         _console.print(f"no optimized modules in {ws}")
         raise typer.Exit(1)

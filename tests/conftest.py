@@ -41,16 +41,15 @@ def choose_candidate() -> Callable[..., None]:
     load_optimized does. For tests of the optimized path on tiny modules: which of eager and ONNX wins a
     Linear(4, 4) is timing noise (eager won on slower CI machines)."""
     from navdeploy.inplace.binding import bind
-    from navdeploy.workspace.atomic import write_json_atomic
-    from navdeploy.workspace.manifest import read_manifest
+    from navdeploy.workspace.manifest import read_manifest, write_manifest
 
     def choose(module, workspace, runner: str = "OnnxCPU") -> None:
         folder = Path(workspace) / module.name
         manifest = read_manifest(folder)
-        for entry in manifest["graphs"].values():
-            assert {c["runner"]: c["status"] for c in entry["candidates"]}.get(runner) == "ok", entry["candidates"]
-            entry["selected"] = runner
-        write_json_atomic(folder / "manifest.json", manifest)
+        for entry in manifest.graphs.values():
+            assert {c.runner: c.status for c in entry.candidates}.get(runner) == "ok", entry.candidates
+            entry.selected = runner
+        write_manifest(folder, manifest)
         assert bind(module, folder) and module.is_optimized
 
     return choose

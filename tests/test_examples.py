@@ -35,7 +35,7 @@ def _isolated_env(isolated_env):
 
 
 def _tried(status: nav.OptimizeStatus, module: str) -> list[set[str]]:
-    return [{c["runner"] for c in g.candidates} for g in status.modules[module].graphs]
+    return [{c.runner for c in g.candidates} for g in status.modules[module].graphs]
 
 
 # --- MiniLM: forward_func="forward", encode() as the optimized callable -----------------------------------
@@ -56,8 +56,8 @@ def test_sentence_embeddings_match_eager(tmp_path):
     assert len(ms.graphs) == 1  # every dataloader item has the same structure: batch and seq axes are dynamic
     graph = ms.graphs[0]
     assert _tried(status, "minilm") == [{EAGER, "OnnxCPU", "TorchScriptCPU"}]
-    assert graph.selected is not None and graph.candidate(graph.selected)["status"] == "ok"
-    assert graph.selected != EAGER, [(c["runner"], c["status"], c["error"]) for c in graph.candidates]
+    assert graph.selected is not None and graph.candidate(graph.selected).status == "ok"
+    assert graph.selected != EAGER, [(c.runner, c.status, c.error) for c in graph.candidates]
     assert module.is_optimized
 
     # Correct on unseen inputs of other batch sizes too (sentence-transformers' own example sentences).
@@ -103,7 +103,7 @@ def test_two_module_pipeline_per_module_configs(pipeline_run):
         assert ms.optimized and ms.folder == workspace / name and (ms.folder / "manifest.json").is_file()
         for g in ms.graphs:
             assert g.batching
-            assert g.selected is not None and g.candidate(g.selected)["status"] == "ok"
+            assert g.selected is not None and g.candidate(g.selected).status == "ok"
         module = getattr(pipe, name)
         # is_optimized means "calls go to a non-eager runner"; eager may win for tiny modules.
         assert module.is_optimized == any(g.selected != EAGER for g in ms.graphs)

@@ -26,6 +26,7 @@ from navdeploy.formats.compile import channels_last_copy, compile_target
 from navdeploy.formats.registry import RUNNERS, runners_for
 from navdeploy.formats.tensorrt import PRECISION_FLAGS, optimization_profile
 from navdeploy.inplace import binding
+from navdeploy.workspace.records import CandidateRecord, ProfilePoint
 
 CUDA = torch.cuda.is_available()
 
@@ -119,12 +120,12 @@ def test_bf16_candidates_on_cpu_are_cast_copies_checked_against_fp32(tmp_path):
                                 runners=("TorchCPU", "OnnxCPU"), precisions=("fp32", "bf16"), batch_sizes=(1, 2),
                                 profile_time_s=0.05, use_multiprocessing=False)
     status = nav.optimize(module, [(2, torch.randn(2, 16))], config)
-    records = {c["name"]: c for c in status.modules["gpu_logic_bf16"].graphs[0].candidates}
+    records = {c.name: c for c in status.modules["gpu_logic_bf16"].graphs[0].candidates}
     assert {"TorchCPU", "TorchCPU[bf16]", "OnnxCPU", "OnnxCPU[bf16]"} == set(records)
     bf16 = records["TorchCPU[bf16]"]
-    assert bf16["precision"] == "bf16" and bf16["max_abs_err"] > 0  # really ran in bf16
+    assert bf16.precision == "bf16" and bf16.max_abs_err > 0  # really ran in bf16
     assert inner[0].weight.dtype == torch.float32  # the user's module was not re-cast
-    if records["OnnxCPU[bf16]"]["status"] == "ok":
+    if records["OnnxCPU[bf16]"].status == "ok":
         assert (tmp_path / "gpu_logic_bf16" / status.modules["gpu_logic_bf16"].graphs[0].key / "onnx-bf16").is_dir()
     x = torch.randn(2, 16)
     out = module(x)
@@ -143,9 +144,9 @@ def test_cuda_candidates_end_to_end(tmp_path):
                                 runners=("TorchCUDA", "TorchCompileCUDAGraphs", "TorchScriptCUDA", "TorchExportCUDA",
                                          "OnnxCUDA", "TensorRT"))
     status = nav.optimize(module, [(1, torch.randn(1, 3, 32, 32, device="cuda"))], config)
-    records = {c["name"]: c for c in status.modules["gpu_e2e"].graphs[0].candidates}
-    assert records["TorchCUDA"]["status"] == "ok"
-    assert records["TorchCompileCUDAGraphs[fp16]"]["status"] == "ok", records["TorchCompileCUDAGraphs[fp16]"]
+    records = {c.name: c for c in status.modules["gpu_e2e"].graphs[0].candidates}
+    assert records["TorchCUDA"].status == "ok"
+    assert records["TorchCompileCUDAGraphs[fp16]"].status == "ok", records["TorchCompileCUDAGraphs[fp16]"]
     x = torch.randn(4, 3, 32, 32, device="cuda")
     out = module(x)
     assert out.is_cuda and out.dtype == torch.float32
@@ -222,10 +223,12 @@ def test_runners_warm_up_at_every_profiled_batch_size():
     runner compiles again for a second batch size); graphs that do not batch get the captured one."""
     graph = _graph([(torch.ones(2, 5, 3), torch.ones(2, 5))])
     captured = [torch.randn(2, 5, 3), torch.randn(2, 5)]
-    record = {"profile": [{"batch_size": b, "p50_ms": 1.0} for b in (1, 2, 8)]}
+    record = CandidateRecord("TorchCUDA", "TorchCUDA", "torch", "fp32", "cuda",
+                             profile=[ProfilePoint(b, 1.0, 1.0, 1.0) for b in (1, 2, 8)])
     assert binding.extra_warm_up_sizes(graph, record, captured) == [1, 8]  # 2 is the captured batch, on any device
     graph.batching = False
-    assert binding.extra_warm_up_sizes(graph, {"profile": [{"batch_size": None}]}, captured) == []
+    record.profile = [ProfilePoint(None, 1.0, 1.0, 1.0)]
+    assert binding.extra_warm_up_sizes(graph, record, captured) == []
 
 
 @pytest.mark.cuda
@@ -297,14 +300,14 @@ def test_parallel_builds_on_the_gpu_profile_alone(tmp_path):
                                 runners=("TorchCUDA", "TorchScriptCUDA", "TorchCompileCUDA", "TorchExportCUDA"))
     status = nav.optimize(module, [(1, torch.randn(1, 3, 16, 16, device="cuda"))], config)
     records = status.modules["gpu_parallel"].graphs[0].candidates
-    assert all(c["status"] == "ok" for c in records), [(c["name"], c["error"]) for c in records]
-    assert len({c["pid"] for c in records}) == 2
-    windows = {c["name"]: c["window"] for c in records}
+    assert all(c.status == "ok" for c in records), [(c.name, c.error) for c in records]
+    assert len({c.pid for c in records}) == 2
+    windows = {c.name: c.window for c in records}
     for name, w in windows.items():
         for other, o in windows.items():
             if other != name:
-                for start, end in ((o["start"], o["verified"]), (o["profile"], o["end"])):
-                    assert not (start < w["end"] and w["profile"] < end), f"{other} ran while {name} profiled"
+                for start, end in ((o.start, o.verified), (o.profile, o.end)):
+                    assert not (start < w.end and w.profile < end), f"{other} ran while {name} profiled"
     x = torch.randn(4, 3, 16, 16, device="cuda")
     with torch.no_grad():
         out = module(x)
@@ -321,8 +324,8 @@ def test_tensorrt_candidate_builds_and_verifies(tmp_path):
     config = nav.OptimizeConfig(workspace=tmp_path, target_formats=(nav.Format.TENSORRT,), runners=("TensorRT",),
                                 batch_sizes=(1, 2), profile_time_s=0.1)
     status = nav.optimize(module, [(1, torch.randn(1, 8, device="cuda"))], config)
-    records = {c["name"]: c for c in status.modules["gpu_trt"].graphs[0].candidates}
-    assert records["TensorRT"]["status"] == "ok" and records["TensorRT[fp16]"]["status"] == "ok"
+    records = {c.name: c for c in status.modules["gpu_trt"].graphs[0].candidates}
+    assert records["TensorRT"].status == "ok" and records["TensorRT[fp16]"].status == "ok"
     assert (tmp_path / "gpu_trt" / "tensorrt.timing.cache").exists()
 
 

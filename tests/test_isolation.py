@@ -46,7 +46,7 @@ def _optimize(fault: str, tmp_path, **config):
                                                                  nav.Format.ONNX),
                              runners=("TorchCPU", "TorchScriptCPU", "OnnxCPU"), **FAST, **config)
     status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))], cfg)
-    records = {c["runner"]: c for c in status.modules[module.name].graphs[0].candidates}
+    records = {c.runner: c for c in status.modules[module.name].graphs[0].candidates}
     return module, records
 
 
@@ -55,15 +55,15 @@ def _optimize(fault: str, tmp_path, **config):
                                            ("raise", "boom while tracing")])
 def test_faulty_candidate_fails_alone(fault, reason, tmp_path):
     module, records = _optimize(fault, tmp_path, timeout_s=10)
-    assert records["TorchScriptCPU"]["status"] == "failed"
-    assert reason in records["TorchScriptCPU"]["error"]
+    assert records["TorchScriptCPU"].status == "failed"
+    assert reason in records["TorchScriptCPU"].error
     if fault == "segfault":  # the worker's faulthandler dump names where the crash happened
-        assert "tests/test_isolation.py:" in records["TorchScriptCPU"]["error"]
-        assert " in forward (stack in " in records["TorchScriptCPU"]["error"]
+        assert "tests/test_isolation.py:" in records["TorchScriptCPU"].error
+        assert " in forward (stack in " in records["TorchScriptCPU"].error
     # The next candidate runs in a fresh worker and is unaffected.
-    assert records["OnnxCPU"]["status"] == "ok", records["OnnxCPU"]["error"]
-    assert records["TorchCPU"]["status"] == "ok"
-    assert records["OnnxCPU"]["pid"] != os.getpid()  # it ran in a spawned child
+    assert records["OnnxCPU"].status == "ok", records["OnnxCPU"].error
+    assert records["TorchCPU"].status == "ok"
+    assert records["OnnxCPU"].pid != os.getpid()  # it ran in a spawned child
     x = torch.randn(2, 4)
     torch.testing.assert_close(module(x), module.__wrapped__(x), atol=1e-4, rtol=1e-3)
 
@@ -71,8 +71,8 @@ def test_faulty_candidate_fails_alone(fault, reason, tmp_path):
 def test_a_crash_beside_other_builds_fails_alone(tmp_path):
     """With two build workers the crashing candidate's thread releases the timing gate: the others finish."""
     module, records = _optimize("segfault", tmp_path, build_workers=2)
-    assert "died with SIGSEGV in " in records["TorchScriptCPU"]["error"]
-    assert records["OnnxCPU"]["status"] == "ok" and records["TorchCPU"]["status"] == "ok"
+    assert "died with SIGSEGV in " in records["TorchScriptCPU"].error
+    assert records["OnnxCPU"].status == "ok" and records["TorchCPU"].status == "ok"
     x = torch.randn(2, 4)
     torch.testing.assert_close(module(x), module.__wrapped__(x), atol=1e-4, rtol=1e-3)
 
@@ -120,12 +120,12 @@ def test_two_crashes_at_once_each_name_their_own_frame(tmp_path):
                                                                         nav.Format.TORCH_EXPORTEDPROGRAM),
                              runners=("TorchCPU", "TorchScriptCPU", "TorchExportCPU"), build_workers=3, **FAST)
     status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))], cfg)
-    records = {c["runner"]: c for c in status.modules[module.name].graphs[0].candidates}
+    records = {c.runner: c for c in status.modules[module.name].graphs[0].candidates}
     assert sorted(p.name for p in (tmp_path / "meeting").iterdir()) == ["export", "trace"]  # they did meet
-    assert "died with SIGSEGV in " in records["TorchExportCPU"]["error"], records["TorchExportCPU"]["error"]
-    assert " in crash_while_exporting (stack in " in records["TorchExportCPU"]["error"]
-    assert " in crash_while_tracing (stack in " in records["TorchScriptCPU"]["error"], records["TorchScriptCPU"]["error"]
-    assert records["TorchCPU"]["status"] == "ok"
+    assert "died with SIGSEGV in " in records["TorchExportCPU"].error, records["TorchExportCPU"].error
+    assert " in crash_while_exporting (stack in " in records["TorchExportCPU"].error
+    assert " in crash_while_tracing (stack in " in records["TorchScriptCPU"].error, records["TorchScriptCPU"].error
+    assert records["TorchCPU"].status == "ok"
     log = (tmp_path / "ws" / module.name / "navdeploy.log").read_text()
     assert log.count("Fatal Python error: Segmentation fault") == 2  # both dumps kept in the module's log
     assert not list(Path(tempfile.gettempdir()).glob("navdeploy-crash_together-*.faults"))  # no file left behind
@@ -134,9 +134,9 @@ def test_two_crashes_at_once_each_name_their_own_frame(tmp_path):
 def test_in_process_mode_still_survives_an_exception(tmp_path, monkeypatch):
     monkeypatch.setenv("NAVIGATOR_USE_MULTIPROCESSING", "False")  # the peer's name is accepted too
     _, records = _optimize("raise", tmp_path)
-    assert records["TorchScriptCPU"]["status"] == "failed" and "boom" in records["TorchScriptCPU"]["error"]
-    assert records["OnnxCPU"]["status"] == "ok"
-    assert records["OnnxCPU"]["pid"] == os.getpid()  # no child process was used
+    assert records["TorchScriptCPU"].status == "failed" and "boom" in records["TorchScriptCPU"].error
+    assert records["OnnxCPU"].status == "ok"
+    assert records["OnnxCPU"].pid == os.getpid()  # no child process was used
 
 
 def test_crash_site_is_read_from_the_crashing_threads_dump_and_kept_in_the_log(tmp_path):

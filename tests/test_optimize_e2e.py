@@ -45,17 +45,17 @@ def test_every_cpu_candidate_is_tried_and_the_fastest_correct_one_wins(optimized
     model, status, _ = optimized
     graphs = status.modules["e2e_cnn"].graphs
     assert len(graphs) == 1 and graphs[0].batching
-    records = {c["runner"]: c for c in graphs[0].candidates}
+    records = {c.runner: c for c in graphs[0].candidates}
     assert set(records) == CPU_RUNNERS
-    ok = {name: r for name, r in records.items() if r["status"] == "ok"}
-    assert "TorchCPU" in ok and len(ok) >= 4, {n: r["error"] for n, r in records.items()}
+    ok = {name: r for name, r in records.items() if r.status == "ok"}
+    assert "TorchCPU" in ok and len(ok) >= 4, {n: r.error for n, r in records.items()}
     for r in ok.values():
-        assert r["max_abs_err"] <= 1e-4
-        assert [m["batch_size"] for m in r["profile"]] == [1, 2, 4, 8]
+        assert r.max_abs_err <= 1e-4
+        assert [m.batch_size for m in r.profile] == [1, 2, 4, 8]
     winner = graphs[0].selected
     assert winner in ok
     # MinLatency at the captured batch size (1): nobody correct is faster than the winner.
-    assert ok[winner]["profile"][0]["p50_ms"] == min(r["profile"][0]["p50_ms"] for r in ok.values())
+    assert ok[winner].profile[0].p50_ms == min(r.profile[0].p50_ms for r in ok.values())
 
 
 def test_swapped_module_returns_what_eager_returns(optimized):
@@ -107,7 +107,7 @@ def test_rerun_with_nothing_changed_reuses_every_result(optimized):
     data = [(1, torch.randn(1, 3, 16, 16)) for _ in range(3)] + [(2, torch.randn(2, 3, 16, 16))]
     again = nav.optimize(model, data, nav.OptimizeConfig(workspace=workspace))
     graph = again.modules["e2e_cnn"].graphs[0]
-    assert all(c.get("cached") for c in graph.candidates if c["status"] != "skipped")
+    assert all(c.cached for c in graph.candidates if c.status != "skipped")
     assert graph.selected == status.modules["e2e_cnn"].graphs[0].selected
 
 

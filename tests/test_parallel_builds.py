@@ -157,14 +157,14 @@ def test_parallel_builds_profile_alone_and_give_the_same_candidates(tmp_path):
     module, inner, graphs = _optimize(tmp_path, "parallel", workers=2)
     assert len(graphs) == 2
     for graph in graphs[1:]:
-        assert all(c["status"] == "ok" for c in graph.candidates), [(c["runner"], c["error"]) for c in graph.candidates]
+        assert all(c.status == "ok" for c in graph.candidates), [(c.runner, c.error) for c in graph.candidates]
     records = graphs[0].candidates
-    assert [c["runner"] for c in records] == list(RUNNERS)  # the manifest keeps the candidates' order
-    assert all(c["status"] == "ok" for c in records), [(c["runner"], c["error"]) for c in records]
-    assert len({c["pid"] for c in records}) >= 2 and os.getpid() not in {c["pid"] for c in records}
-    windows = {c["runner"]: c["window"] for c in records}
-    builds = {r: (w["start"], w["verified"]) for r, w in windows.items()}  # build, load and verify
-    profiles = {r: (w["profile"], w["end"]) for r, w in windows.items()}
+    assert [c.runner for c in records] == list(RUNNERS)  # the manifest keeps the candidates' order
+    assert all(c.status == "ok" for c in records), [(c.runner, c.error) for c in records]
+    assert len({c.pid for c in records}) >= 2 and os.getpid() not in {c.pid for c in records}
+    windows = {c.runner: c.window for c in records}
+    builds = {r: (w.start, w.verified) for r, w in windows.items()}  # build, load and verify
+    profiles = {r: (w.profile, w.end) for r, w in windows.items()}
 
     def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
         return a[0] < b[1] and b[0] < a[1]
@@ -181,8 +181,8 @@ def test_parallel_builds_profile_alone_and_give_the_same_candidates(tmp_path):
         torch.testing.assert_close(module(x), inner(x), atol=1e-4, rtol=1e-3)
 
     _, _, sequential = _optimize(tmp_path, "sequential", workers=1)
-    assert [c["name"] for c in sequential[0].candidates] == [c["name"] for c in records]
-    assert len({c["pid"] for g in sequential for c in g.candidates}) == 1  # one worker, as before
+    assert [c.name for c in sequential[0].candidates] == [c.name for c in records]
+    assert len({c.pid for g in sequential for c in g.candidates}) == 1  # one worker, as before
 
 
 def test_a_runner_that_cannot_run_here_is_skipped_without_a_worker(tmp_path, monkeypatch):
@@ -197,8 +197,8 @@ def test_a_runner_that_cannot_run_here_is_skipped_without_a_worker(tmp_path, mon
     config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "TorchScriptCPU", "TorchExportCPU"),
                                 batch_sizes=(1, 2), max_batch_size=2, profile_time_s=0.05, build_workers=2)
     status = nav.optimize(module, [(1, torch.randn(1, 4))], config)
-    records = {c["runner"]: c for c in status.modules["unavailable"].graphs[0].candidates}
+    records = {c.runner: c for c in status.modules["unavailable"].graphs[0].candidates}
     skipped = records["TorchScriptCPU"]
-    assert skipped["status"] == "skipped" and "a_package_that_is_not_here" in skipped["error"]
-    assert "pid" not in skipped and "window" not in skipped  # no worker ran it
-    assert records["TorchExportCPU"]["status"] == "ok" and records["TorchCPU"]["status"] == "ok"
+    assert skipped.status == "skipped" and "a_package_that_is_not_here" in skipped.error
+    assert skipped.pid is None and skipped.window is None  # no worker ran it
+    assert records["TorchExportCPU"].status == "ok" and records["TorchCPU"].status == "ok"

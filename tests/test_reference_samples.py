@@ -339,7 +339,7 @@ def test_main_guard_guidance_with_spawned_workers(tmp_path):
         import os
         # Swapped in: the module routes to TorchScript when it won; when eager won (timing noise on a Linear)
         # it stays a plain pass-through.
-        print("RESULT", record["status"], record["pid"] != os.getpid(),
+        print("RESULT", record.status, record.pid != os.getpid(),
               model.is_optimized == (graph.selected == "TorchScriptCPU"))
     """)
     scripts = [_script(tmp_path, guard_main, body, "ref_guard_main"),
@@ -380,7 +380,7 @@ def test_torch_compile_cache_variables(tmp_path, inductor_imported_first):
             record = status.modules["ref_compile_cache"].graphs[0].candidate("TorchCompileCPU")
             import torch._functorch.config as functorch
             import torch._inductor.config as inductor
-            print("RESULT", record["status"], record["error"], inductor.fx_graph_cache, functorch.enable_autograd_cache)
+            print("RESULT", record.status, record.error, inductor.fx_graph_cache, functorch.enable_autograd_cache)
     """)
     path = tmp_path / "compile_cache.py"
     path.write_text(code)

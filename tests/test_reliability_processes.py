@@ -55,7 +55,7 @@ SCRIPT = textwrap.dedent('''
         except nav.WorkspaceError as exc:
             print("WORKSPACE_ERROR", exc, flush=True)
             sys.exit(3)
-        graphs = {g.key: {c["name"]: {"status": c["status"], "cached": bool(c.get("cached"))} for c in g.candidates}
+        graphs = {g.key: {c.name: {"status": c.status, "cached": c.cached} for c in g.candidates}
                   for g in status.modules[name].graphs}
         # Load what is on disk, as a fresh process would (the same binding path as nav.load_optimized).
         del module

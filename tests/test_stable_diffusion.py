@@ -43,7 +43,7 @@ def sd_run(isolated_env):
 
 
 def _tried(status, module):
-    return [{c["runner"] for c in g.candidates} for g in status.modules[module].graphs]
+    return [{c.runner for c in g.candidates} for g in status.modules[module].graphs]
 
 
 def test_optimized_image_matches_eager(sd_run):
@@ -54,7 +54,7 @@ def test_optimized_image_matches_eager(sd_run):
     assert result["max_abs_diff"] <= sd.IMAGE_ATOL, result["max_abs_diff"]
     for name, ms in status.modules.items():
         for g in ms.graphs:
-            assert g.selected is not None and g.candidate(g.selected)["status"] == "ok", (name, g.candidates)
+            assert g.selected is not None and g.candidate(g.selected).status == "ok", (name, g.candidates)
     # the UNet's timestep is a 0-d tensor with no batch axis; it does not stop the UNet's graph from batching
     assert all(g.batching for g in status.modules["unet"].graphs)
     assert all(g.batching for g in status.modules["clip"].graphs)

@@ -12,6 +12,7 @@ from navdeploy.candidates.profile import measure
 from navdeploy.candidates.select import select
 from navdeploy.candidates.verify import Comparison, compare, conform
 from navdeploy.capture.graph import TensorSpec
+from navdeploy.workspace.records import CandidateRecord, ProfilePoint
 
 # --- verify.compare ---------------------------------------------------------------------------------------
 
@@ -104,8 +105,8 @@ def test_conform_casts_dtype():
 # --- select ---------------------------------------------------------------------------------------------
 
 def rec(runner, rows, status="ok"):
-    return {"runner": runner, "status": status,
-            "profile": [{"batch_size": b, "p50_ms": p50, "p90_ms": p50 * 1.2, "throughput": tp} for b, p50, tp in rows]}
+    return CandidateRecord(runner, runner, "torch", "fp32", "cpu", status=status,
+                           profile=[ProfilePoint(b, p50, p50 * 1.2, tp) for b, p50, tp in rows])
 
 
 # A: fastest at batch 1; B: fastest at batch 8 and the highest throughput; C: failed but "fastest".
@@ -116,43 +117,43 @@ ALL = [A, B, C]
 
 
 def test_min_latency_at_captured_batch():
-    assert select(ALL, nav.MinLatency(), batch_size=1)["runner"] == "A"
-    assert select(ALL, nav.MinLatency(), batch_size=8)["runner"] == "B"
-    assert select(ALL, nav.MinLatency(), batch_size=5)["runner"] == "B"  # nearest larger measured batch
-    assert select(ALL, nav.MinLatency(), batch_size=64)["runner"] == "B"  # largest measured batch
-    assert select(ALL, nav.MinLatency(), batch_size=None)["runner"] == "A"  # first measurement
+    assert select(ALL, nav.MinLatency(), batch_size=1).runner == "A"
+    assert select(ALL, nav.MinLatency(), batch_size=8).runner == "B"
+    assert select(ALL, nav.MinLatency(), batch_size=5).runner == "B"  # nearest larger measured batch
+    assert select(ALL, nav.MinLatency(), batch_size=64).runner == "B"  # largest measured batch
+    assert select(ALL, nav.MinLatency(), batch_size=None).runner == "A"  # first measurement
 
 
 def test_max_throughput():
-    assert select(ALL, nav.MaxThroughput(), batch_size=1)["runner"] == "B"
+    assert select(ALL, nav.MaxThroughput(), batch_size=1).runner == "B"
 
 
 def test_latency_budget():
-    assert select(ALL, nav.LatencyBudget(5.0), batch_size=1)["runner"] == "B"  # B@8 in budget: 2000/s
-    assert select(ALL, nav.LatencyBudget(3.0), batch_size=1)["runner"] == "A"  # only batch 1 fits: A 1000/s
+    assert select(ALL, nav.LatencyBudget(5.0), batch_size=1).runner == "B"  # B@8 in budget: 2000/s
+    assert select(ALL, nav.LatencyBudget(3.0), batch_size=1).runner == "A"  # only batch 1 fits: A 1000/s
     # nothing meets the budget: falls back to min latency
-    assert select(ALL, nav.LatencyBudget(0.5), batch_size=8)["runner"] == "B"
-    assert select(ALL, nav.LatencyBudget(0.5), batch_size=1)["runner"] == "A"
+    assert select(ALL, nav.LatencyBudget(0.5), batch_size=8).runner == "B"
+    assert select(ALL, nav.LatencyBudget(0.5), batch_size=1).runner == "A"
 
 
 @pytest.mark.parametrize("strategy", [nav.MinLatency(), nav.MaxThroughput(), nav.LatencyBudget(100.0)])
 def test_failed_candidates_never_selected(strategy):
     for status in ("failed", "timeout", "incorrect", "error"):
         cands = [rec("X", [(1, 0.01, 1e6)], status=status), rec("Y", [(1, 9.0, 1.0)])]
-        assert select(cands, strategy, batch_size=1)["runner"] == "Y"
+        assert select(cands, strategy, batch_size=1).runner == "Y"
 
 
 @pytest.mark.parametrize("strategy", [nav.MinLatency(), nav.MaxThroughput(), nav.LatencyBudget(100.0)])
 def test_none_when_no_candidate_ok(strategy):
     assert select([], strategy, 1) is None
     assert select([C, rec("D", [(1, 1.0, 1.0)], status="failed")], strategy, 1) is None
-    assert select([{"runner": "E", "status": "ok", "profile": []}], strategy, 1) is None
+    assert select([rec("E", [])], strategy, 1) is None
 
 
 def test_non_batching_profile():
     cands = [rec("A", [(None, 2.0, 500.0)]), rec("B", [(None, 1.0, 1000.0)])]
-    assert select(cands, nav.MinLatency(), None)["runner"] == "B"
-    assert select(cands, nav.MinLatency(), 1)["runner"] == "B"
+    assert select(cands, nav.MinLatency(), None).runner == "B"
+    assert select(cands, nav.MinLatency(), 1).runner == "B"
 
 
 # --- profile.measure ------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """One candidate, start to end: export its format (if not built yet), load the runner, verify it against
 eager on every kept sample and at every profiled batch size, then profile it. Runs in the worker child
-(or in-process when isolation is off); returns a JSON-able record and never raises."""
+(or in-process when isolation is off); returns a :class:`~navdeploy.workspace.records.CandidateRecord` and
+never raises."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from navdeploy.capture.graph import Graph
 from navdeploy.formats.base import BuildContext, LoadContext, RunnerSpec
 from navdeploy.formats.registry import FORMATS, RUNNERS
 from navdeploy.workspace.fingerprint import checksum
+from navdeploy.workspace.layout import artifact_dir
+from navdeploy.workspace.records import BuildWindow, CandidateRecord
 
 log = logging.getLogger("navdeploy")
 
@@ -55,11 +58,6 @@ class Task:
     runner: str
     export: bool
     precision: str
-
-
-def artifact_dir(fmt_value: str, precision: str, module_precision: str) -> str:
-    """The artifact folder of a format in one precision: ``onnx`` in the module's own, ``onnx-fp16`` in another."""
-    return fmt_value if precision == module_precision else f"{fmt_value}-{precision}"
 
 
 def prepare(module: torch.nn.Module, forward_func: Optional[str], graph: Graph, runner: RunnerSpec, precision: str,
@@ -175,29 +173,31 @@ def _current_device(inputs: list[torch.Tensor]) -> contextlib.AbstractContextMan
     return torch.cuda.device(gpu) if gpu is not None else contextlib.nullcontext()
 
 
-def new_record(runner: RunnerSpec, precision: str, module_precision: str) -> dict:
+def new_record(runner: RunnerSpec, precision: str, module_precision: str) -> CandidateRecord:
     """A candidate's record before it runs: failed until proven otherwise."""
-    return {"name": candidate_name(runner.name, precision, module_precision), "runner": runner.name,
-            "format": runner.format.value, "precision": precision, "device": runner.device, "status": "failed",
-            "error": None, "step": None, "max_abs_err": None, "max_rel_err": None, "profile": [], "times": {},
-            "exported": False}
+    return CandidateRecord(candidate_name(runner.name, precision, module_precision), runner.name,
+                           runner.format.value, precision, runner.device)
 
 
-def run_task(job: Job, task: Task, state: WorkerState) -> dict:
-    """Try one candidate. The record always has ``runner``, ``format``, ``status`` and ``error``."""
+def run_task(job: Job, task: Task, state: WorkerState) -> CandidateRecord:
+    """Try one candidate. A failure is a record with ``status == "failed"`` and the ``error``, never a raise."""
     runner = RUNNERS[task.runner]
     record = new_record(runner, task.precision, job.precision)
-    record["pid"] = os.getpid()
-    # Wall-clock (epoch) times of the start, the end of verification, the start of profiling (after any wait for
-    # the timing gate) and the end: which candidates were built side by side, and that each profiled alone.
-    record["window"] = {"start": time.time(), "verified": None, "profile": None, "end": None}
+    record.pid = os.getpid()
+    window = record.window = BuildWindow(start=time.time())
     try:
         return _try_candidate(job, task, state, runner, record)
     finally:
-        record["window"]["end"] = time.time()
+        window.end = time.time()
 
 
-def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec, record: dict) -> dict:
+def _fail(record: CandidateRecord, step: str, error: str) -> CandidateRecord:
+    record.status, record.step, record.error = "failed", step, error
+    return record
+
+
+def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
+                   record: CandidateRecord) -> CandidateRecord:
     graph = job.graphs[task.graph_key]
     spec = FORMATS[runner.format]  # the runner can run here: optimize skips the others before they get a task
     step = "export"
@@ -208,16 +208,16 @@ def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
             if spec.export is not None:
                 folder = job.module_dir / graph.key / artifact_dir(spec.format.value, task.precision, job.precision)
                 if task.export:
-                    record["times"]["export_s"] = _export(job, graph, runner.format, flat, cast, task.precision, folder)
-                    record["exported"] = True
+                    record.times["export_s"] = _export(job, graph, runner.format, flat, cast, task.precision, folder)
+                    record.exported = True
                     # Hashed here, while this candidate still counts as a build: never beside another's profiling.
-                    record["artifact_checksum"] = checksum(folder)
+                    record.artifact_checksum = checksum(folder)
                 artifact = folder / spec.artifact
             step = "load"
             start = time.perf_counter()
             loaded = runner.load(LoadContext(artifact, flat, graph, job.device, task.precision))
             run = lambda inputs: loaded(cast(inputs))
-            record["times"]["load_s"] = time.perf_counter() - start
+            record.times["load_s"] = time.perf_counter() - start
             atol, rtol = job.tolerances[task.precision]
             scale = task.precision in LOW_PRECISIONS or job.precision in LOW_PRECISIONS
 
@@ -232,27 +232,26 @@ def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
                 inputs, expected = state.reference(job, graph, bs)
                 compare(expected, conform(run(inputs), graph.outputs), atol, rtol, result, None,
                         f"batch size {bs}: ", scale)
-            record["times"]["verify_s"] = time.perf_counter() - start
-            record["max_abs_err"], record["max_rel_err"] = result.max_abs_err, result.max_rel_err
+            record.times["verify_s"] = time.perf_counter() - start
+            record.max_abs_err, record.max_rel_err = result.max_abs_err, result.max_rel_err
             if not result.ok:
-                record.update(status="failed", step="verify", error=result.reason)
-                return record
+                return _fail(record, "verify", result.reason)
 
             step = "profile"
-            record["window"]["verified"] = time.time()
+            record.window.verified = time.time()
             if state.before_profile is not None:
                 state.before_profile()
-            record["window"]["profile"] = time.time()
+            record.window.profile = time.time()
             start = time.perf_counter()
             sized = ([(bs, state.reference(job, graph, bs)[0]) for bs in batch_sizes] if graph.batching
                      else [(None, graph.samples[0].inputs)])
             for bs, inputs in sized:
                 with _current_device(inputs):
-                    record["profile"].append(vars(measure(lambda: run(inputs), bs, job.device, job.profile_time_s)))
-            record["times"]["profile_s"] = time.perf_counter() - start
-        record["status"] = "ok"
+                    record.profile.append(measure(lambda: run(inputs), bs, job.device, job.profile_time_s))
+            record.times["profile_s"] = time.perf_counter() - start
+        record.status = "ok"
     except Exception as exc:  # noqa: BLE001 - a failing candidate must never stop the others
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        record.update(status="failed", step=step, error=f"{step}: {type(exc).__name__}: {first}"[:500])
+        _fail(record, step, f"{step}: {type(exc).__name__}: {first}"[:500])
         log.info("%s/%s failed in %s:\n%s", job.module_name, runner.name, step, traceback.format_exc())
     return record

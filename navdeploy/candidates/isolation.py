@@ -24,6 +24,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
@@ -32,6 +33,7 @@ import cloudpickle
 from navdeploy.candidates.build import Job, Task, WorkerState, new_record, run_task
 from navdeploy.candidates.timing_gate import Slot, TimingGate
 from navdeploy.formats.registry import RUNNERS
+from navdeploy.workspace.records import CandidateRecord
 
 log = logging.getLogger("navdeploy")
 _READY_TIMEOUT_S = 300.0
@@ -241,7 +243,7 @@ class Executor:
                 proc.kill()
             proc.join(timeout=10)
 
-    def run(self, task: Task) -> dict:
+    def run(self, task: Task) -> CandidateRecord:
         """The task's record; a crash or timeout becomes a failed record. The task holds the gate while it
         runs in a worker: alone when its runner times kernels while it builds, else beside other builds until
         it profiles. Raises :class:`RunStopped` once :meth:`stop` was called."""
@@ -263,7 +265,7 @@ class Executor:
         with _IN_PROCESS:
             return run_task(self.job, task, self._state)
 
-    def _run_in_worker(self, task: Task, slot: Slot) -> dict:
+    def _run_in_worker(self, task: Task, slot: Slot) -> CandidateRecord:
         proc = self._proc  # stop() from another thread may clear self._proc
         if proc is None:
             raise RunStopped(_STOPPED)
@@ -287,8 +289,8 @@ class Executor:
                     self._kill()
                     if self._stopped:  # killed by stop(): not the candidate's failure, and nothing to record
                         raise RunStopped(_STOPPED)
-                    return {**new_record(RUNNERS[task.runner], task.precision, self.job.precision),
-                            "step": "isolation", "error": failure}
+                    return replace(new_record(RUNNERS[task.runner], task.precision, self.job.precision),
+                                   step="isolation", error=failure)
 
     def stop(self) -> None:
         """Kill the worker now and start no further task (an interrupted run): the task in flight raises

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+from navdeploy.workspace.records import ProfilePoint
 
-@dataclass
-class Measurement:
-    """Latency percentiles (ms) and throughput (samples/s) at one batch size (None: the module does not batch)."""
-
-    batch_size: Optional[int]
-    p50_ms: float
-    p90_ms: float
-    throughput: float
-    iterations: int
-    stable: bool
+# The name measure's result had before it became the candidate record's own type.
+Measurement = ProfilePoint
 
 
 def _sync(device: str) -> None:
@@ -70,7 +62,7 @@ def _window_cuda(run: Callable[[], object], window_s: float) -> list[float]:
 
 
 def measure(run: Callable[[], object], batch_size: Optional[int], device: str, time_budget_s: float,
-            window_count: int = 3, tolerance: float = 0.05, min_calls: int = 10) -> Measurement:
+            window_count: int = 3, tolerance: float = 0.05, min_calls: int = 10) -> ProfilePoint:
     """Warm up, then time calls in windows of ~budget/10 until ``window_count`` window means are within
     ``tolerance`` of each other or the budget runs out; the budget starts after the warm-up. Percentiles come
     from the last windows' calls, at least ``min_calls`` of them unless that would take over ten times the
@@ -101,4 +93,4 @@ def measure(run: Callable[[], object], batch_size: Optional[int], device: str, t
     p50 = calls[len(calls) // 2]
     p90 = calls[min(len(calls) - 1, int(len(calls) * 0.9))]
     items = batch_size or 1
-    return Measurement(batch_size, p50 * 1e3, p90 * 1e3, items / statistics.fmean(calls), len(calls), stable)
+    return ProfilePoint(batch_size, p50 * 1e3, p90 * 1e3, items / statistics.fmean(calls), len(calls), stable)

@@ -5,37 +5,39 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from navdeploy.config import LatencyBudget, MaxThroughput, Strategy
+from navdeploy.workspace.records import CandidateRecord, ProfilePoint
 
 
-def _at_batch(profile: list[dict], batch_size: Optional[int]) -> Optional[dict]:
+def _at_batch(profile: list[ProfilePoint], batch_size: Optional[int]) -> Optional[ProfilePoint]:
     """The measurement at ``batch_size``, else the nearest larger, else the largest one."""
     if not profile:
         return None
     if batch_size is None:
         return profile[0]
-    sized = sorted(profile, key=lambda m: m["batch_size"] or 0)
+    sized = sorted(profile, key=lambda m: m.batch_size or 0)
     for m in sized:
-        if (m["batch_size"] or 0) >= batch_size:
+        if (m.batch_size or 0) >= batch_size:
             return m
     return sized[-1]
 
 
-def select(candidates: Sequence[dict], strategy: Strategy, batch_size: Optional[int]) -> Optional[dict]:
+def select(candidates: Sequence[CandidateRecord], strategy: Strategy,
+           batch_size: Optional[int]) -> Optional[CandidateRecord]:
     """The winning candidate record (``status == "ok"`` only), or None when none is correct.
 
     ``batch_size`` is the batch the pipeline actually used, at which latency is compared.
     """
-    ok = [c for c in candidates if c["status"] == "ok" and c.get("profile")]
+    ok = [c for c in candidates if c.ok and c.profile]
     if not ok:
         return None
 
-    def latency(c: dict) -> float:
-        return _at_batch(c["profile"], batch_size)["p50_ms"]
+    def latency(c: CandidateRecord) -> float:
+        return _at_batch(c.profile, batch_size).p50_ms
 
     if isinstance(strategy, MaxThroughput):
-        return max(ok, key=lambda c: max(m["throughput"] for m in c["profile"]))
+        return max(ok, key=lambda c: max(m.throughput for m in c.profile))
     if isinstance(strategy, LatencyBudget):
-        within = [(m["throughput"], c) for c in ok for m in c["profile"] if m["p50_ms"] <= strategy.ms]
+        within = [(m.throughput, c) for c in ok for m in c.profile if m.p50_ms <= strategy.ms]
         if within:
             return max(within, key=lambda pair: pair[0])[1]
     return min(ok, key=latency)

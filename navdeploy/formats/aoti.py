@@ -4,7 +4,16 @@ import os
 
 import torch
 
-from navdeploy.formats.base import BuildContext, Format, FormatSpec, LoadContext, RunFn, RunnerSpec, as_list
+from navdeploy.formats.base import (
+    BuildContext,
+    Format,
+    FormatSpec,
+    LoadContext,
+    RunFn,
+    RunnerSpec,
+    TritonMapping,
+    as_list,
+)
 from navdeploy.formats.exported_program import export_program
 
 
@@ -22,7 +31,8 @@ def _load(ctx: LoadContext) -> RunFn:
     return lambda inputs: as_list(runner(*inputs))
 
 
-FORMAT = FormatSpec(Format.TORCH_AOTI, artifact="model.pt2", export=_export)
+FORMAT = FormatSpec(Format.TORCH_AOTI, artifact="model.pt2", export=_export,
+                    triton=TritonMapping("pytorch", "torch_aoti", python_preference=3))
 RUNNERS = [
     RunnerSpec("AOTInductorCPU", Format.TORCH_AOTI, "cpu", _load),
     RunnerSpec("AOTInductorCUDA", Format.TORCH_AOTI, "cuda", _load),

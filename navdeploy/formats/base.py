@@ -6,7 +6,7 @@ import enum
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -61,6 +61,26 @@ class LoadContext:
     precision: str = "fp32"
 
 
+# How a native Triton backend names a model's tensors: as the ONNX file names them ("onnx-file"), as libtorch
+# maps names to forward() argument positions ("INPUT__N" / "OUTPUT__N"), or as navdeploy's exporters name them.
+TritonIONames = Literal["onnx-file", "INPUT__N", "input__N"]
+
+
+@dataclass(frozen=True)
+class TritonMapping:
+    """How a format's artifact is served by Triton. ``backend`` None: no native backend runs it, so its graphs
+    become Python-backend models (``model.py``) that load an artifact of another format."""
+
+    backend: Optional[str] = None  # e.g. "onnxruntime", "pytorch", "tensorrt"
+    platform: Optional[str] = None  # e.g. "onnxruntime_onnx", "pytorch_libtorch", "torch_aoti", "tensorrt_plan"
+    io_names: TritonIONames = "input__N"
+    # The templated model.py can load it: its rank among such formats (0 first) when the winner's own format
+    # cannot be loaded there and the fastest verified candidate's artifact is used instead; None: it cannot.
+    python_preference: Optional[int] = None
+    # Only the artifact file goes into the model folder: the folder holds build inputs too (TensorRT's ONNX).
+    copy_artifact_only: bool = False
+
+
 @dataclass(frozen=True)
 class FormatSpec:
     """A format: how to export the module into it. ``export`` is None for the eager module itself."""
@@ -69,6 +89,15 @@ class FormatSpec:
     artifact: Optional[str] = None  # file name inside the format folder
     export: Optional[Callable[[BuildContext], None]] = None
     requires: tuple[str, ...] = ()  # importable packages the export needs
+    triton: TritonMapping = TritonMapping()
+
+
+@dataclass(frozen=True)
+class RunnerTriton:
+    """What a runner's choice implies for its Triton model, beyond its format's mapping."""
+
+    accelerator: Optional[str] = None  # an ONNX Runtime execution provider Triton enables: "cuda" or "tensorrt"
+    cuda_graphs: bool = False  # it ran its model under CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -89,6 +118,7 @@ class RunnerSpec:
     builds_alone: bool = False
     # False: tried only when named in OptimizeConfig(runners=...), never by default.
     by_default: bool = True
+    triton: RunnerTriton = RunnerTriton()
 
     def unavailable_reason(self) -> Optional[str]:
         """None when the runner can run here, else why not (missing package, no provider, no GPU)."""

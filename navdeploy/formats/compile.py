@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from navdeploy.candidates.precision import copy_module
-from navdeploy.formats.base import Format, LoadContext, RunFn, RunnerSpec, as_list
+from navdeploy.formats.base import Format, LoadContext, RunFn, RunnerSpec, RunnerTriton, as_list
 
 log = logging.getLogger("navdeploy")
 
@@ -113,5 +113,6 @@ RUNNERS = [
     # would spend per precision while every other build waits.
     RunnerSpec("TorchCompileCUDAMaxAutotune", Format.TORCH, "cuda", _loader("max-autotune-no-cudagraphs"),
                builds_alone=True, by_default=False),
-    RunnerSpec("TorchCompileCUDAGraphs", Format.TORCH, "cuda", _loader("reduce-overhead")),
+    RunnerSpec("TorchCompileCUDAGraphs", Format.TORCH, "cuda", _loader("reduce-overhead"),
+               triton=RunnerTriton(cuda_graphs=True)),
 ]

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from navdeploy.formats.base import BuildContext, Format, FormatSpec, LoadContext, RunFn, RunnerSpec, as_list
+from navdeploy.formats.base import (
+    BuildContext,
+    Format,
+    FormatSpec,
+    LoadContext,
+    RunFn,
+    RunnerSpec,
+    TritonMapping,
+    as_list,
+)
 
 
 def dynamic_shapes(ctx: BuildContext) -> tuple:
@@ -36,7 +45,9 @@ def _load(ctx: LoadContext) -> RunFn:
     return lambda inputs: as_list(module(*inputs))
 
 
-FORMAT = FormatSpec(Format.TORCH_EXPORTEDPROGRAM, artifact="model.pt2", export=_export)
+# No native Triton backend loads an ExportedProgram: its graphs are served by model.py, which prefers it.
+FORMAT = FormatSpec(Format.TORCH_EXPORTEDPROGRAM, artifact="model.pt2", export=_export,
+                    triton=TritonMapping(python_preference=0))
 RUNNERS = [
     RunnerSpec("TorchExportCPU", Format.TORCH_EXPORTEDPROGRAM, "cpu", _load),
     RunnerSpec("TorchExportCUDA", Format.TORCH_EXPORTEDPROGRAM, "cuda", _load),

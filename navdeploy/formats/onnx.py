@@ -8,7 +8,16 @@ from typing import Optional
 
 import torch
 
-from navdeploy.formats.base import BuildContext, Format, FormatSpec, LoadContext, RunFn, RunnerSpec
+from navdeploy.formats.base import (
+    BuildContext,
+    Format,
+    FormatSpec,
+    LoadContext,
+    RunFn,
+    RunnerSpec,
+    RunnerTriton,
+    TritonMapping,
+)
 from navdeploy.formats.exported_program import dynamic_shapes
 
 log = logging.getLogger(__name__)
@@ -102,13 +111,17 @@ def _loader(providers: list):
     return load
 
 
-FORMAT = FormatSpec(Format.ONNX, artifact="model.onnx", export=export_onnx, requires=("onnx", "onnxscript"))
+FORMAT = FormatSpec(Format.ONNX, artifact="model.onnx", export=export_onnx, requires=("onnx", "onnxscript"),
+                    triton=TritonMapping("onnxruntime", "onnxruntime_onnx", io_names="onnx-file",
+                                         python_preference=2))
 RUNNERS = [
     RunnerSpec("OnnxCPU", Format.ONNX, "cpu", _loader(["CPUExecutionProvider"]), requires=("onnxruntime",)),
     RunnerSpec("OnnxCUDA", Format.ONNX, "cuda", _loader(["CUDAExecutionProvider", "CPUExecutionProvider"]),
-               requires=("onnxruntime",), is_available=_provider_check("CUDAExecutionProvider")),
+               requires=("onnxruntime",), is_available=_provider_check("CUDAExecutionProvider"),
+               triton=RunnerTriton(accelerator="cuda")),
     RunnerSpec("OnnxTensorRT", Format.ONNX, "cuda",
                _loader(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]),
                requires=("onnxruntime",), is_available=_provider_check("TensorrtExecutionProvider"),
-               builds_alone=True),  # the EP builds and times its engine when the session starts
+               builds_alone=True,  # the EP builds and times its engine when the session starts
+               triton=RunnerTriton(accelerator="tensorrt")),
 ]

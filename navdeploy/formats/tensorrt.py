@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from navdeploy.capture.graph import Graph
-from navdeploy.formats.base import BuildContext, Format, FormatSpec, LoadContext, RunFn, RunnerSpec
+from navdeploy.formats.base import BuildContext, Format, FormatSpec, LoadContext, RunFn, RunnerSpec, TritonMapping
 from navdeploy.formats.onnx import export_onnx
 
 log = logging.getLogger("navdeploy")
@@ -128,6 +128,7 @@ def _load(ctx: LoadContext) -> RunFn:
     return run
 
 
-FORMAT = FormatSpec(Format.TENSORRT, artifact="model.plan", export=_export, requires=("tensorrt", "onnx"))
+FORMAT = FormatSpec(Format.TENSORRT, artifact="model.plan", export=_export, requires=("tensorrt", "onnx"),
+                    triton=TritonMapping("tensorrt", "tensorrt_plan", copy_artifact_only=True))
 RUNNERS = [RunnerSpec("TensorRT", Format.TENSORRT, "cuda", _load, requires=("tensorrt",), precision_by="builder",
                       builds_alone=True)]

@@ -4,7 +4,16 @@ import warnings
 
 import torch
 
-from navdeploy.formats.base import BuildContext, Format, FormatSpec, LoadContext, RunFn, RunnerSpec, as_list
+from navdeploy.formats.base import (
+    BuildContext,
+    Format,
+    FormatSpec,
+    LoadContext,
+    RunFn,
+    RunnerSpec,
+    TritonMapping,
+    as_list,
+)
 
 
 def _export(ctx: BuildContext) -> None:
@@ -22,7 +31,9 @@ def _load(ctx: LoadContext) -> RunFn:
     return lambda inputs: as_list(module(*inputs))
 
 
-FORMAT = FormatSpec(Format.TORCHSCRIPT, artifact="model.pt", export=_export)
+# Triton's libtorch backend maps <name>__<index> tensor names to forward() argument positions.
+FORMAT = FormatSpec(Format.TORCHSCRIPT, artifact="model.pt", export=_export,
+                    triton=TritonMapping("pytorch", "pytorch_libtorch", io_names="INPUT__N", python_preference=1))
 RUNNERS = [
     RunnerSpec("TorchScriptCPU", Format.TORCHSCRIPT, "cpu", _load),
     RunnerSpec("TorchScriptCUDA", Format.TORCHSCRIPT, "cuda", _load),

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from navdeploy.candidates.build import artifact_dir, expand_batch, prepare
+from navdeploy.candidates.build import expand_batch, prepare
 from navdeploy.candidates.verify import conform
 from navdeploy.capture.graph import Graph
 from navdeploy.formats.base import LoadContext, RunFn
@@ -23,31 +23,27 @@ from navdeploy.inplace.module import Module
 from navdeploy.inplace.staleness import WeightsWatch
 from navdeploy.workspace.fingerprint import checksum, fingerprint
 from navdeploy.workspace.manifest import load_manifest
+from navdeploy.workspace.records import CandidateRecord, GraphEntry, Manifest
 from navdeploy.workspace.samples import load_samples
 
 log = logging.getLogger("navdeploy")
 
 
-def selected_record(entry: dict) -> Optional[dict]:
-    """The record of the graph's selected candidate (older manifests name the runner only)."""
-    name = entry.get("selected")
-    return next((c for c in entry.get("candidates", []) if c.get("name", c["runner"]) == name), None)
-
-
-def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device: str, module_precision: str) -> RunFn:
-    record = selected_record(entry)
+def _load_runner(module: Module, folder: Path, graph: Graph, entry: GraphEntry, device: str,
+                 module_precision: str) -> RunFn:
+    record = entry.selected_candidate()
     if record is None:
-        raise RuntimeError(f"the manifest names {entry.get('selected')!r} but holds no record of it")
-    runner = RUNNERS[record["runner"]]
-    precision = record.get("precision", module_precision)
+        raise RuntimeError(f"the manifest names {entry.selected!r} but holds no record of it")
+    runner = RUNNERS[record.runner]
+    precision = record.precision_in(module_precision)
     spec = FORMATS[runner.format]
     flat, cast = prepare(module.__wrapped__, module.nav_state.forward_func, graph, runner, precision, module_precision)
     artifact = None
     if spec.export is not None:
-        fmt = artifact_dir(spec.format.value, precision, module_precision)
+        fmt = record.artifact_dir(module_precision)
         fmt_dir = folder / graph.key / fmt
-        expected = entry.get("formats", {}).get(fmt, {}).get("checksum")
-        if not fmt_dir.is_dir() or checksum(fmt_dir) != expected:
+        state = entry.formats.get(fmt)
+        if not fmt_dir.is_dir() or state is None or checksum(fmt_dir) != state.checksum:
             raise RuntimeError(f"artifact {fmt_dir} is missing or was modified (checksum mismatch)")
         artifact = fmt_dir / spec.artifact
     loaded = runner.load(LoadContext(artifact, flat, graph, device, precision))
@@ -71,7 +67,7 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: dict, device
     return run
 
 
-def extra_warm_up_sizes(graph: Graph, record: dict, captured: list[torch.Tensor]) -> list[int]:
+def extra_warm_up_sizes(graph: Graph, record: CandidateRecord, captured: list[torch.Tensor]) -> list[int]:
     """The batch sizes besides the captured one that a bound runner is warmed up at: every batch size it was
     profiled at. torch.compile runners compile again for a second batch size (with the batch axis symbolic; on
     the CPU a first call at a new size took 9 s) and CUDA-graph runners record a graph per shape, so without this
@@ -79,7 +75,7 @@ def extra_warm_up_sizes(graph: Graph, record: dict, captured: list[torch.Tensor]
     if not graph.batching:
         return []
     batch = next((t.shape[0] for t in captured if t.dim() > 0), None)
-    return sorted({m["batch_size"] for m in record.get("profile", []) if m.get("batch_size")} - {batch})
+    return sorted({m.batch_size for m in record.profile if m.batch_size} - {batch})
 
 
 def _warn(module: Module, message: str) -> bool:
@@ -88,7 +84,7 @@ def _warn(module: Module, message: str) -> bool:
     return False
 
 
-def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerprint_: Optional[str] = None) -> bool:
+def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fingerprint_: Optional[str] = None) -> bool:
     """Route ``module`` to the runners its manifest selected. Returns False (module stays eager, with one
     warning) when there is nothing usable: no manifest, an unreadable or hand-edited one, changed weights,
     missing or modified artifacts. It never raises for what it finds in the workspace."""
@@ -100,31 +96,30 @@ def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerpr
     if manifest is None:
         return _warn(module, f"no optimization found in {folder}. Run nav.optimize first, or point "
                      "NAVDEPLOY_WORKSPACE (or load_optimized(workspace)) at the workspace it used.")
-    if manifest.get("module", module.name) != module.name:
-        return _warn(module, f"the manifest in {folder} belongs to module {manifest.get('module')!r}.")
+    if manifest.module != module.name:
+        return _warn(module, f"the manifest in {folder} belongs to module {manifest.module!r}.")
     try:
         current = fingerprint_ or fingerprint(module.__wrapped__)
     except Exception as exc:  # noqa: BLE001 - an unusual parameter type must not break the pipeline
         return _warn(module, f"its weights cannot be fingerprinted ({type(exc).__name__}: {exc}).")
-    if manifest.get("fingerprint") != current:
+    if manifest.fingerprint != current:
         return _warn(module, "it changed (weights, added parameters such as LoRA adapters, or code) since it was "
                      "optimized; the stale artifacts are not used. Re-run nav.optimize to optimize it again.")
-    device = manifest.get("device", "cpu")
+    device = manifest.device
     if device == "cuda" and not torch.cuda.is_available():
         return _warn(module, "it was optimized for CUDA but no GPU is present.")
-    selected = {key: entry.get("selected") for key, entry in manifest["graphs"].items()}
+    selected = {key: entry.selected for key, entry in manifest.graphs.items()}
     if selected and all(name in EAGER_RUNNER.values() for name in selected.values()):  # eager, own precision
         module.nav_state.bind(None)
         return True  # eager won everywhere: plain pass-through, no routing cost
     graphs: dict[str, tuple[Graph, RunFn]] = {}
     problems = []
-    for key, entry in manifest["graphs"].items():
-        name = entry.get("selected")
+    for key, entry in manifest.graphs.items():
+        name = entry.selected
         if not name:
             continue  # every candidate failed: this input structure runs eagerly
         try:
-            graph = Graph.from_json(entry["graph"])
-            graphs[key] = (graph, _load_runner(module, folder, graph, entry, device, manifest.get("precision", "fp32")))
+            graphs[key] = (entry.graph, _load_runner(module, folder, entry.graph, entry, device, manifest.precision))
         except Exception as exc:  # noqa: BLE001 - a broken artifact must not break the user's pipeline
             problems.append(f"cannot load {name} for graph {key} ({type(exc).__name__}: {exc})")
     if problems:
@@ -135,7 +130,7 @@ def bind(module: Module, folder: Path, manifest: Optional[dict] = None, fingerpr
     if not graphs:
         return False
     watch = WeightsWatch(module.__wrapped__, module.nav_state)  # calls the runner no longer stands for run eagerly
-    module.nav_state.bind(OptimizedHandler(module.name, graphs, manifest.get("max_batch_size", 1),
+    module.nav_state.bind(OptimizedHandler(module.name, graphs, manifest.max_batch_size,
                                            module.nav_state.output_mapping, watch))
-    log.info("module %s bound: %s", module.name, {k: manifest["graphs"][k]["selected"] for k in graphs})
+    log.info("module %s bound: %s", module.name, {k: manifest.graphs[k].selected for k in graphs})
     return True

@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from navdeploy._version import __version__
-from navdeploy.candidates.build import Job, Task, artifact_dir, new_record
+from navdeploy.candidates.build import Job, Task, new_record
 from navdeploy.candidates.isolation import ExecutorPool
 from navdeploy.candidates.precision import candidate_name, candidate_precisions, tolerance_precision
 from navdeploy.candidates.select import select
@@ -25,12 +26,13 @@ from navdeploy.inplace.module import Module
 from navdeploy.optimize.events import OptimizeListener
 from navdeploy.optimize.scope import logging_to
 from navdeploy.optimize.status import GraphStatus, ModuleStatus
-from navdeploy.workspace.atomic import ensure_writable, write_json_atomic
+from navdeploy.workspace.atomic import ensure_writable
 from navdeploy.workspace.checkpoint import checkpoint_graph, resume_entry
 from navdeploy.workspace.fingerprint import cache_key, checksum, fingerprint
-from navdeploy.workspace.layout import LOG_FILE, module_dir, now
+from navdeploy.workspace.layout import LOG_FILE, artifact_dir, module_dir, now
 from navdeploy.workspace.locks import locked
-from navdeploy.workspace.manifest import MANIFEST_VERSION, read_manifest
+from navdeploy.workspace.manifest import MANIFEST_VERSION, read_manifest, write_manifest
+from navdeploy.workspace.records import CandidateRecord, FormatState, GraphEntry, Manifest
 from navdeploy.workspace.samples import save_samples
 
 log = logging.getLogger("navdeploy")
@@ -62,12 +64,12 @@ def _graph_cache_key(graph: Graph, fp: str, device: str, precision: str, config:
                      batch_sizes, config.max_batch_size, config.profile_time_s)
 
 
-def _valid_formats(old_entry: Optional[dict], folder: Path) -> dict[str, dict]:
+def _valid_formats(old_entry: Optional[GraphEntry], folder: Path) -> dict[str, FormatState]:
     """Formats built by an earlier run whose artifacts are still intact."""
     valid = {}
-    for fmt, state in (old_entry or {}).get("formats", {}).items():
+    for fmt, state in (old_entry.formats if old_entry else {}).items():
         path = folder / fmt
-        if state.get("status") == "ok" and path.is_dir() and checksum(path) == state.get("checksum"):
+        if state.status == "ok" and path.is_dir() and checksum(path) == state.checksum:
             valid[fmt] = state
     return valid
 
@@ -97,23 +99,23 @@ def _chains(pairs: list[tuple[RunnerSpec, str]], module_precision: str) -> list[
 
 
 def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: OptimizeConfig, device: str,
-                    old_entry: Optional[dict], gkey: str, listener: OptimizeListener) -> dict:
+                    old_entry: Optional[GraphEntry], gkey: str, listener: OptimizeListener) -> GraphEntry:
     folder = job.module_dir / graph.key
     save_samples(graph, folder)
     old_entry = resume_entry(job.module_dir, graph.key, gkey, old_entry)  # a killed run's completed candidates
-    reusable = old_entry is not None and old_entry.get("cache_key") == gkey
+    reusable = old_entry is not None and old_entry.cache_key == gkey
     formats = _valid_formats(old_entry, folder) if reusable else {}
-    previous = {c.get("name", c["runner"]): c for c in old_entry["candidates"]} if reusable else {}
+    previous = {c.name: c for c in old_entry.candidates} if reusable else {}
     pairs = candidate_pairs(config, device, job.precision)
-    records: dict[int, dict] = {}  # by the candidate's place in ``pairs``: the manifest keeps that order
+    records: dict[int, CandidateRecord] = {}  # by the candidate's place in ``pairs``: the manifest keeps that order
     lock = threading.Lock()  # chains run on several threads when the module has several build workers
 
-    def done(index: int, name: str, record: dict, checkpoint: bool) -> None:
+    def done(index: int, name: str, record: CandidateRecord, checkpoint: bool) -> None:
         with lock:
             records[index] = record
             if checkpoint:  # survives a kill -9 of this run
                 checkpoint_graph(job.module_dir, graph.key, gkey, formats, [records[i] for i in sorted(records)])
-        listener.candidate_finished(job.module_name, name, bool(record.get("cached")))
+        listener.candidate_finished(job.module_name, name, bool(record.cached))
 
     def run_chain(chain: list[tuple[int, RunnerSpec, str]]) -> None:
         with executors.borrow() as executor:
@@ -122,31 +124,30 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                 fmt = artifact_dir(runner.format.value, precision, job.precision)
                 cached = previous.get(name)
                 artifact_ok = FORMATS[runner.format].export is None or fmt in formats
-                if cached and cached["status"] in ("ok", "failed") and (artifact_ok or cached["status"] == "failed"):
-                    done(index, name, {**cached, "cached": True}, checkpoint=False)
+                if cached and cached.status in ("ok", "failed") and (artifact_ok or cached.status == "failed"):
+                    done(index, name, replace(cached, cached=True), checkpoint=False)
                     continue
                 reason = runner.unavailable_reason()
                 if reason:  # decided here: no worker starts, and a builds_alone runner never holds up the others
-                    done(index, name, {**new_record(runner, precision, job.precision), "status": "skipped",
-                                       "error": reason}, checkpoint=True)
+                    done(index, name, replace(new_record(runner, precision, job.precision), status="skipped",
+                                              error=reason), checkpoint=True)
                     continue
-                if formats.get(fmt, {}).get("status") == "failed":
-                    done(index, name, {**new_record(runner, precision, job.precision), "step": "export",
-                                       "error": formats[fmt]["error"]}, checkpoint=False)
+                if fmt in formats and formats[fmt].status == "failed":
+                    done(index, name, replace(new_record(runner, precision, job.precision), step="export",
+                                              error=formats[fmt].error), checkpoint=False)
                     continue
                 listener.candidate_started(job.module_name, name)
                 record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision))
                 state = None
-                if record.get("exported"):
-                    state = {"status": "ok", "checksum": record["artifact_checksum"],
-                             "export_s": record["times"].get("export_s")}
-                elif not artifact_ok and record["status"] == "failed" and record.get("step") in ("export", "isolation"):
-                    state = {"status": "failed", "error": record["error"]}
+                if record.exported:
+                    state = FormatState("ok", checksum=record.artifact_checksum, export_s=record.times.get("export_s"))
+                elif not artifact_ok and record.status == "failed" and record.step in ("export", "isolation"):
+                    state = FormatState("failed", error=record.error)
                 if state is not None:
                     with lock:
                         formats[fmt] = state
-                log.info("%s graph %s %s: %s%s", job.module_name, graph.key, name, record["status"],
-                         f" ({record['error']})" if record.get("error") else "")
+                log.info("%s graph %s %s: %s%s", job.module_name, graph.key, name, record.status,
+                         f" ({record.error})" if record.error else "")
                 done(index, name, record, checkpoint=True)
 
     # One worker: every candidate in order, as one chain. Several: chains side by side (profiling still alone).
@@ -155,8 +156,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     candidates = [records[i] for i in sorted(records)]
     batch = graph.inputs[0].opt_shape[0] if graph.batching and graph.inputs else None
     winner = select(candidates, config.strategy, batch)
-    return {"graph": graph.to_json(), "cache_key": gkey, "formats": formats, "candidates": candidates,
-            "selected": winner["name"] if winner else None, "updated": now()}
+    return GraphEntry(graph, gkey, formats, candidates, winner.name if winner else None, now())
 
 
 def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
@@ -174,7 +174,7 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                         module.name)
         fp = fingerprint(module.__wrapped__)
         old = read_manifest(folder)
-        old_graphs = old["graphs"] if old and old.get("fingerprint") == fp and old.get("device") == device else {}
+        old_graphs = old.graphs if old and old.fingerprint == fp and old.device == device else {}
         batch_sizes = config.profile_batch_sizes(max(g.inputs[0].max_shape[0] if g.batching else 1 for g in graphs))
         checked_as = {p: tolerance_precision(p, module.__wrapped__, device)
                       for p in candidate_precisions(module.precision, device, config.precisions) + (module.precision,)}
@@ -193,15 +193,13 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                 gkey = _graph_cache_key(graph, fp, device, module.precision, config, batch_sizes, tolerances)
                 entries[graph.key] = _optimize_graph(graph, job, executors, config, device,
                                                      old_graphs.get(graph.key), gkey, listener)
-        manifest = {"version": MANIFEST_VERSION, "navdeploy": __version__, "torch": torch.__version__,
-                    "module": module.name, "class": f"{type(module.__wrapped__).__module__}."
-                    f"{type(module.__wrapped__).__qualname__}", "fingerprint": fp, "device": device,
-                    "precision": module.precision, "forward_func": module.nav_state.forward_func,
-                    "max_batch_size": config.max_batch_size, "batch_sizes": list(batch_sizes),
-                    "tolerances": {p: list(t) for p, t in tolerances.items()},
-                    "graphs": entries, "updated": now()}
-        write_json_atomic(folder / "manifest.json", manifest)  # last: a killed run leaves the old manifest
+        wrapped = type(module.__wrapped__)
+        manifest = Manifest(module.name, fp, device, MANIFEST_VERSION, __version__, torch.__version__,
+                            f"{wrapped.__module__}.{wrapped.__qualname__}", module.precision,
+                            module.nav_state.forward_func, config.max_batch_size, list(batch_sizes),
+                            dict(tolerances), entries, now())
+        write_manifest(folder, manifest)  # last: a killed run leaves the old manifest
         optimized = bind(module, folder, manifest, fp)
-    statuses = [GraphStatus(g.key, entries[g.key]["selected"], entries[g.key]["candidates"], g.batching)
+    statuses = [GraphStatus(g.key, entries[g.key].selected, entries[g.key].candidates, g.batching)
                 for g in graphs]
     return ModuleStatus(module.name, folder, device, statuses, optimized, time.perf_counter() - start, tolerances)

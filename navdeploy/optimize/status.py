@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from navdeploy.workspace.records import CandidateRecord, find_candidate
+
 log = logging.getLogger("navdeploy")
 
 
@@ -16,13 +18,19 @@ class GraphStatus:
     """One input structure of a module: every candidate's record and the winner."""
 
     key: str
-    selected: Optional[str]
-    candidates: list[dict]
+    selected: Optional[str]  # the winner's candidate name (``TensorRT[fp16]``), not only its runner's
+    candidates: list[CandidateRecord]
     batching: bool
 
-    def candidate(self, runner: str) -> Optional[dict]:
-        """The record of one runner, if it was tried."""
-        return next((c for c in self.candidates if c["runner"] == runner), None)
+    def candidate(self, runner: str) -> Optional[CandidateRecord]:
+        """The record of one candidate by its name (``OnnxCPU``, ``TensorRT[fp16]``), else the first record of
+        the runner of that name, if it was tried."""
+        return find_candidate(self.candidates, runner) or next((c for c in self.candidates if c.runner == runner),
+                                                               None)
+
+    def selected_candidate(self) -> Optional[CandidateRecord]:
+        """The winner's record, None when no candidate was correct."""
+        return find_candidate(self.candidates, self.selected)
 
 
 @dataclass
@@ -87,5 +95,5 @@ class OptimizeStatus:
     command: Optional[str] = None  # how the run was started (the script), for reproduce commands
 
     def selected(self) -> dict[str, list[Optional[str]]]:
-        """Module name -> the selected runner of each graph."""
+        """Module name -> the selected candidate name of each graph (None where none was correct)."""
         return {n: [g.selected for g in m.graphs] for n, m in self.modules.items()}

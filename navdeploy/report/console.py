@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
@@ -84,19 +85,20 @@ def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
                 table.add_column(col, justify="right" if col.endswith(("err", "ms", "/s")) else "left")
             notes = []
             for c in graph.candidates:
-                first = c["profile"][0] if c.get("profile") else {}
-                best = max((m["throughput"] for m in c.get("profile", [])), default=None)
-                style = {"ok": "green", "failed": "red", "skipped": "dim"}.get(c["status"], "")
-                row = ["★" if c["runner"] == graph.selected else "", c["runner"], c["format"],
-                       f"[{style}]{c['status']}{' (cached)' if c.get('cached') else ''}[/]",
-                       _fmt(c.get("max_abs_err"), ".2e"), _fmt(first.get("p50_ms"), ".3f"),
-                       _fmt(first.get("p90_ms"), ".3f"), _fmt(best, ".0f")]
-                if c.get("error"):
-                    error = c["error"] if detailed else c["error"][:150]
-                    notes.append(f"  [bold]{c['runner']}[/] {c['status']}: {error}")
+                first = c.profile[0] if c.profile else None
+                style = {"ok": "green", "failed": "red", "skipped": "dim"}.get(c.status, "")
+                # By candidate name: an fp16 winner (TensorRT[fp16]) is not its runner's fp32 record. Escaped, or
+                # rich reads "[fp16]" as markup and drops it.
+                name = escape(c.name)
+                row = ["★" if c.name == graph.selected else "", name, c.format,
+                       f"[{style}]{c.status}{' (cached)' if c.cached else ''}[/]",
+                       _fmt(c.max_abs_err, ".2e"), _fmt(first.p50_ms if first else None, ".3f"),
+                       _fmt(first.p90_ms if first else None, ".3f"), _fmt(c.best_throughput(), ".0f")]
+                if c.error:
+                    notes.append(f"  [bold]{name}[/] {c.status}: {c.error if detailed else c.error[:150]}")
                 elif detailed:
-                    times = ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in c.get("times", {}).items() if v is not None)
-                    notes.append(f"  [bold]{c['runner']}[/] {times}")
+                    times = ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in c.times.items() if v is not None)
+                    notes.append(f"  [bold]{name}[/] {times}")
                 table.add_row(*row)
             tables.append(table)
             tables.extend(notes)

@@ -28,6 +28,7 @@ from navdeploy.config import DEFAULT_TOLERANCES
 from navdeploy.templates_dir import templates_dir
 from navdeploy.workspace.atomic import write_json_atomic
 from navdeploy.workspace.manifest import read_manifest
+from navdeploy.workspace.records import CandidateRecord, Manifest
 
 if TYPE_CHECKING:
     from navdeploy.optimize.status import OptimizeStatus
@@ -86,38 +87,39 @@ def collect_environment() -> dict[str, str]:
 
 
 # --- collecting the data --------------------------------------------------------------------------------------
-def _tolerance(manifest: dict, precision: str) -> tuple[float, float]:
-    tol = (manifest.get("tolerances") or {}).get(precision)
+def _tolerance(manifest: Manifest, precision: str) -> tuple[float, float]:
+    tol = manifest.tolerances.get(precision)
     if tol:
         return float(tol[0]), float(tol[1])
     return DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
 
 
-def _times(candidate: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in (candidate.get("times") or {}).items() if isinstance(v, (int, float))}
+def _times(candidate: CandidateRecord) -> dict[str, float]:
+    return {k: float(v) for k, v in candidate.times.items() if isinstance(v, (int, float))}
 
 
-def _module_view(manifest: dict, graph_keys: Optional[list[str]], seconds: Optional[float],
+def _candidate_view(c: CandidateRecord, manifest: Manifest, selected: Optional[str]) -> dict:
+    """What the template shows of one candidate: its record's JSON, plus tolerances, winner and best throughput."""
+    atol, rtol = _tolerance(manifest, c.precision_in(manifest.precision))
+    profile = sorted((m.to_json() for m in c.profile), key=lambda p: p["batch_size"])
+    return {**c.to_json(), "name": c.name, "atol": atol, "rtol": rtol, "profile": profile,
+            "winner": c.name == selected, "times": _times(c), "best_throughput": c.best_throughput()}
+
+
+def _module_view(manifest: Manifest, graph_keys: Optional[list[str]], seconds: Optional[float],
                  optimized: Optional[bool], folder: Path) -> dict:
     graphs = []
-    keys = graph_keys if graph_keys is not None else list(manifest["graphs"])
+    keys = graph_keys if graph_keys is not None else list(manifest.graphs)
     for key in keys:
-        entry = manifest["graphs"].get(key)
+        entry = manifest.graphs.get(key)
         if entry is None:
             continue
-        candidates = []
-        for c in entry["candidates"]:
-            name = c.get("name", c["runner"])
-            atol, rtol = _tolerance(manifest, c.get("precision") or manifest.get("precision", "fp32"))
-            profile = sorted(c.get("profile") or [], key=lambda p: p["batch_size"])
-            candidates.append({**c, "name": name, "atol": atol, "rtol": rtol, "profile": profile,
-                               "winner": name == entry.get("selected"), "times": _times(c),
-                               "best_throughput": max((p["throughput"] for p in profile), default=None)})
-        info = entry.get("graph") or {}
+        candidates = [_candidate_view(c, manifest, entry.selected) for c in entry.candidates]
+        info = entry.graph.to_json() if entry.graph is not None else {}
         batch = None
         if info.get("batching") and info.get("inputs"):
             batch = info["inputs"][0].get("opt_shape", [None])[0]
-        graphs.append({"key": key, "selected": entry.get("selected"), "candidates": candidates,
+        graphs.append({"key": key, "selected": entry.selected, "candidates": candidates,
                        "batching": bool(info.get("batching")), "calls": info.get("calls"), "batch": batch,
                        "inputs": info.get("inputs") or [], "outputs": info.get("outputs") or [],
                        "failed": [c for c in candidates if c["status"] == "failed"],
@@ -131,9 +133,9 @@ def _module_view(manifest: dict, graph_keys: Optional[list[str]], seconds: Optio
                 continue
             for k in steps:
                 steps[k] += c["times"].get(k, 0.0)
-    return {"name": manifest["module"], "device": manifest.get("device", "?"), "precision": manifest.get("precision"),
-            "class": manifest.get("class", ""), "folder": str(folder), "seconds": seconds, "optimized": optimized,
-            "updated": manifest.get("updated"), "batch_sizes": manifest.get("batch_sizes") or [], "graphs": graphs,
+    return {"name": manifest.module, "device": manifest.device, "precision": manifest.precision,
+            "class": manifest.class_name or "", "folder": str(folder), "seconds": seconds, "optimized": optimized,
+            "updated": manifest.updated, "batch_sizes": manifest.batch_sizes, "graphs": graphs,
             "steps": steps, "cached": cached}
 
 
@@ -415,7 +417,7 @@ def render_workspace_report(workspace: str | Path, path: Optional[str | Path] = 
             manifest = read_manifest(folder)
             if manifest is None:
                 continue
-            info = last.get(manifest["module"], {})
+            info = last.get(manifest.module, {})
             modules.append(_module_view(manifest, None, info.get("seconds"), info.get("optimized"), folder))
     if not modules:
         raise FileNotFoundError(f"no optimized modules in {workspace}; run nav.optimize first or pass --workspace.")

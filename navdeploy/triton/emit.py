@@ -5,7 +5,7 @@ templates in the top-level ``templates/`` folder and ``<repo>/<name>/1/`` holdin
 Python backend). Model names: ``<module>`` for a module with one input structure, ``<module>__<graph key>``
 for each graph of a module with several (the graph key is the stable hash navdeploy gives an input structure).
 
-Backend by the selected runner's format (``backend="auto"``):
+Backend by the selected runner's format (``backend="auto"``), as each format file's ``TritonMapping`` says:
 
     onnx                    -> onnxruntime (onnxruntime_onnx, model.onnx; ORT TensorRT/CUDA accelerator if that won)
     trt                     -> tensorrt (tensorrt_plan, model.plan; CUDA graphs where the runner used them)
@@ -19,7 +19,6 @@ Backend by the selected runner's format (``backend="auto"``):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -34,13 +33,17 @@ import jinja2
 from navdeploy._version import __version__
 from navdeploy.capture.graph import Graph, TensorSpec
 from navdeploy.errors import NavdeployError
+from navdeploy.formats.base import Format, FormatSpec, RunnerTriton, TritonMapping
+from navdeploy.formats.registry import FORMATS, RUNNERS
 from navdeploy.templates_dir import templates_dir
 from navdeploy.triton.validate import errors, validate_repository
+from navdeploy.workspace.layout import MANIFEST
+from navdeploy.workspace.manifest import load_manifest
+from navdeploy.workspace.records import CandidateRecord, GraphEntry, Manifest
 
 log = logging.getLogger("navdeploy")
 
 TEMPLATES = templates_dir()
-MANIFEST = "manifest.json"
 
 DATA_TYPES = {
     "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
@@ -52,13 +55,40 @@ PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # ONNX TensorProto element types -> torch-style dtype names
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 8: "string",
                9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
-# artifact file of each format, as the formats registry writes them
-ARTIFACTS = {"onnx": "model.onnx", "torchscript": "model.pt", "torch-exportedprogram": "model.pt2",
-             "torch-aoti": "model.pt2", "trt": "model.plan"}
-# formats the templated model.py can load, in order of preference for graphs whose winner has no artifact
-PYTHON_LOADABLE = ("torch-exportedprogram", "torchscript", "onnx", "torch-aoti")
-EAGER_RUNNERS = ("TorchCPU", "TorchCUDA")
 BACKENDS = ("auto", "python")
+
+
+def _format_spec(fmt: str) -> Optional[FormatSpec]:
+    """The registry's spec of a format named in a manifest; None for a format this navdeploy does not know."""
+    try:
+        return FORMATS.get(Format(fmt))
+    except ValueError:
+        return None
+
+
+def _triton_mapping(fmt: str) -> TritonMapping:
+    spec = _format_spec(fmt)
+    return spec.triton if spec is not None else TritonMapping()
+
+
+def artifact_file(fmt: str) -> str:
+    """The artifact's file name inside a format folder, as the format's exporter writes it."""
+    spec = _format_spec(fmt)
+    if spec is None or spec.artifact is None:
+        raise NavdeployError(f"format {fmt!r} writes no artifact a Triton model can hold.")
+    return spec.artifact
+
+
+def _runner_triton(runner: str) -> RunnerTriton:
+    spec = RUNNERS.get(runner)
+    return spec.triton if spec is not None else RunnerTriton()
+
+
+def _casts(runner: str) -> bool:
+    """Whether the runner's artifact was built from a module cast to the candidate's precision, so it takes and
+    returns that precision (a builder that takes the precision as a flag, TensorRT, keeps the module's I/O)."""
+    spec = RUNNERS.get(runner)
+    return spec is None or spec.precision_by == "cast"
 
 
 @dataclass(frozen=True)
@@ -95,7 +125,7 @@ class ModelPlan:
 
     @property
     def default_model_filename(self) -> str:
-        return "model.py" if self.backend == "python" else ARTIFACTS[self.artifact_format]
+        return "model.py" if self.backend == "python" else artifact_file(self.artifact_format)
 
 
 def model_name(module: str, graph_key: str, graph_count: int) -> str:
@@ -114,41 +144,32 @@ def _environment(templates_dir: Optional[Path]) -> jinja2.Environment:
                               autoescape=False)
 
 
-def _candidate(entry: dict) -> Optional[dict]:
-    selected = entry.get("selected")
-    if not selected:
-        return None
-    return next((c for c in entry["candidates"] if c.get("name", c["runner"]) == selected), None)
+def _p50(candidate: CandidateRecord) -> float:
+    p50 = candidate.first_p50_ms()
+    return float("inf") if p50 is None else p50
 
 
-def _format_dir(graph_dir: Path, candidate: dict, module_precision: str) -> Path:
-    """The artifact folder of a candidate: ``<format>`` in the module's precision, ``<format>-<precision>`` else."""
-    precision = candidate.get("precision", module_precision)
-    name = candidate["format"] if precision == module_precision else f"{candidate['format']}-{precision}"
-    return graph_dir / name
+def _python_loadable(graph_dir: Path, candidate: CandidateRecord, module_precision: str) -> bool:
+    """Whether the templated model.py can load the candidate's format and its artifact is there."""
+    return _triton_mapping(candidate.format).python_preference is not None \
+        and (graph_dir / candidate.artifact_dir(module_precision) / artifact_file(candidate.format)).exists()
 
 
-def _p50(candidate: dict) -> float:
-    profile = candidate.get("profile") or []
-    return profile[0]["p50_ms"] if profile else float("inf")
-
-
-def _python_artifact(graph_dir: Path, candidate: dict, entry: dict, module_precision: str) -> tuple[str, Path, dict]:
+def _python_artifact(graph_dir: Path, candidate: CandidateRecord, entry: GraphEntry,
+                     module_precision: str) -> tuple[str, Path, CandidateRecord]:
     """The artifact a Python-backend model runs: the winner's when it has one the template loads, else the
     fastest verified candidate's that does."""
-    if candidate["format"] in PYTHON_LOADABLE and (_format_dir(graph_dir, candidate, module_precision)
-                                                   / ARTIFACTS[candidate["format"]]).exists():
-        return candidate["format"], _format_dir(graph_dir, candidate, module_precision), candidate
-    usable = [c for c in entry["candidates"] if c["status"] == "ok" and c["format"] in PYTHON_LOADABLE
-              and (_format_dir(graph_dir, c, module_precision) / ARTIFACTS[c["format"]]).exists()]
+    if _python_loadable(graph_dir, candidate, module_precision):
+        return candidate.format, graph_dir / candidate.artifact_dir(module_precision), candidate
+    usable = [c for c in entry.candidates if c.ok and _python_loadable(graph_dir, c, module_precision)]
     if not usable:
         raise NavdeployError(
             f"graph {graph_dir.name} of module {graph_dir.parent.name!r}: the selected runner "
-            f"{candidate.get('name', candidate['runner'])} has no artifact a Python-backend model can load, and no "
+            f"{candidate.name} has no artifact a Python-backend model can load, and no "
             "verified TorchScript, ExportedProgram, ONNX or AOTInductor artifact exists. Re-run nav.optimize with one "
             "of those in target_formats (e.g. nav.Format.TORCHSCRIPT).")
-    best = min(usable, key=lambda c: (_p50(c), PYTHON_LOADABLE.index(c["format"])))
-    return best["format"], _format_dir(graph_dir, best, module_precision), best
+    best = min(usable, key=lambda c: (_p50(c), _triton_mapping(c.format).python_preference))
+    return best.format, graph_dir / best.artifact_dir(module_precision), best
 
 
 def _dims(spec: TensorSpec, batching: bool) -> tuple[list[int], Optional[list[int]]]:
@@ -186,41 +207,41 @@ def _onnx_io(path: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     return ins, outs
 
 
-def _batching(graph: Graph, manifest: dict, candidate: dict) -> tuple[int, list[int]]:
+def _batching(graph: Graph, manifest: Manifest, candidate: CandidateRecord) -> tuple[int, list[int]]:
     """(max_batch_size, preferred sizes) from what was profiled; (0, []) when the graph is not batched."""
     if not graph.batching:
         return 0, []
-    profiled = sorted({p["batch_size"] for p in candidate.get("profile") or []}) \
-        or sorted(manifest.get("batch_sizes") or [])
+    profiled = sorted({p.batch_size for p in candidate.profile}) or sorted(manifest.batch_sizes)
     # The artifacts accept batch sizes up to max(max_batch_size, captured max): never promise more.
-    limit = max(int(manifest.get("max_batch_size") or 1), graph.inputs[0].max_shape[0] if graph.inputs else 1)
+    limit = max(int(manifest.max_batch_size or 1), graph.inputs[0].max_shape[0] if graph.inputs else 1)
     largest = min(max(profiled) if profiled else limit, limit)
     preferred = [b for b in profiled if 1 < b <= largest] or [largest]
     return largest, preferred
 
 
-def _accelerators(runner: str, precision: str) -> tuple[list[dict], bool]:
-    if runner.startswith("OnnxTensorRT"):
+def _accelerators(runner: RunnerTriton, precision: str) -> list[dict]:
+    """The gpu_execution_accelerator entries of the ONNX Runtime execution provider the runner used."""
+    if runner.accelerator == "tensorrt":
         mode = "FP16" if precision == "fp16" else "FP32"
-        return [{"name": "tensorrt", "parameters": {"precision_mode": mode}}], False
-    if runner.startswith("OnnxCUDA"):
-        return [{"name": "cuda", "parameters": {}}], False
-    return [], "cudagraph" in runner.lower()
+        return [{"name": "tensorrt", "parameters": {"precision_mode": mode}}]
+    if runner.accelerator == "cuda":
+        return [{"name": "cuda", "parameters": {}}]
+    return []
 
 
-def _plan_graph(name: str, module_folder: Path, manifest: dict, entry: dict, backend: str,
+def _plan_graph(name: str, module_folder: Path, manifest: Manifest, entry: GraphEntry, backend: str,
                 instance_kind: str, warmup: bool) -> Optional[ModelPlan]:
-    module = manifest["module"]
-    module_precision = manifest.get("precision", "fp32")
-    graph = Graph.from_json(entry["graph"])
-    candidate = _candidate(entry)
+    module = manifest.module
+    module_precision = manifest.precision
+    graph = entry.graph
+    candidate = entry.selected_candidate()
     if candidate is None:
         log.warning("module %s graph %s has no selected runner; it gets no Triton model", module, graph.key)
         return None
     graph_dir = module_folder / graph.key
-    runner = candidate["runner"]
-    precision = candidate.get("precision", module_precision)
-    fmt = candidate["format"]
+    precision = candidate.precision_in(module_precision)
+    fmt = candidate.format
+    mapping = _triton_mapping(fmt)
     max_batch, preferred = _batching(graph, manifest, candidate)
     platform: Optional[str] = None
     accelerators: list[dict] = []
@@ -231,33 +252,32 @@ def _plan_graph(name: str, module_folder: Path, manifest: dict, entry: dict, bac
     out_dtypes = [t.dtype for t in graph.outputs]
     run_dtypes = list(in_dtypes)
 
-    if backend == "auto" and fmt == "onnx":
-        triton_backend, platform, art_fmt, art_dir = "onnxruntime", "onnxruntime_onnx", fmt, \
-            _format_dir(graph_dir, candidate, module_precision)
-        ins, outs = _onnx_io(art_dir / ARTIFACTS[fmt])
-        in_names, in_dtypes = [n for n, _ in ins], [d for _, d in ins]
-        out_names, out_dtypes = [n for n, _ in outs], [d for _, d in outs]
-        accelerators, _ = _accelerators(runner, precision)
-    elif backend == "auto" and fmt in ("torchscript", "torch-aoti", "trt"):
-        triton_backend = {"torchscript": "pytorch", "torch-aoti": "pytorch", "trt": "tensorrt"}[fmt]
-        platform = {"torchscript": "pytorch_libtorch", "torch-aoti": "torch_aoti", "trt": "tensorrt_plan"}[fmt]
-        art_fmt, art_dir = fmt, _format_dir(graph_dir, candidate, module_precision)
-        if fmt == "torchscript":  # the libtorch backend maps <name>__<index> to the forward() argument position
-            in_names = [f"INPUT__{i}" for i in range(len(graph.inputs))]
-            out_names = [f"OUTPUT__{i}" for i in range(len(graph.outputs))]
-        if fmt != "trt":  # torch artifacts built in another precision take and return that precision
-            in_dtypes = [_run_dtype(d, precision, module_precision) for d in in_dtypes]
-            out_dtypes = [_run_dtype(d, precision, module_precision) for d in out_dtypes]
-        _, cuda_graphs = _accelerators(runner, precision)
+    if backend == "auto" and mapping.backend is not None:
+        triton_backend, platform = mapping.backend, mapping.platform
+        art_fmt, art_dir = fmt, graph_dir / candidate.artifact_dir(module_precision)
+        if mapping.io_names == "onnx-file":  # the ONNX graph's own names and dtypes
+            ins, outs = _onnx_io(art_dir / artifact_file(fmt))
+            in_names, in_dtypes = [n for n, _ in ins], [d for _, d in ins]
+            out_names, out_dtypes = [n for n, _ in outs], [d for _, d in outs]
+        else:
+            if mapping.io_names == "INPUT__N":
+                in_names = [f"INPUT__{i}" for i in range(len(graph.inputs))]
+                out_names = [f"OUTPUT__{i}" for i in range(len(graph.outputs))]
+            if _casts(candidate.runner):  # artifacts built in another precision take and return that precision
+                in_dtypes = [_run_dtype(d, precision, module_precision) for d in in_dtypes]
+                out_dtypes = [_run_dtype(d, precision, module_precision) for d in out_dtypes]
+        runner = _runner_triton(candidate.runner)
+        accelerators, cuda_graphs = _accelerators(runner, precision), runner.cuda_graphs
     else:
         triton_backend = "python"
         art_fmt, art_dir, used = _python_artifact(graph_dir, candidate, entry, module_precision)
-        used_precision = used.get("precision", module_precision)
+        used_precision = used.precision_in(module_precision)
         run_dtypes = [_run_dtype(d, used_precision, module_precision) for d in in_dtypes]
-        if art_fmt == "onnx":
-            run_dtypes = [d for _, d in _onnx_io(art_dir / ARTIFACTS["onnx"])[0]]
-    if not (art_dir / ARTIFACTS[art_fmt]).exists():
-        raise NavdeployError(f"module {module!r} graph {graph.key}: artifact {art_dir / ARTIFACTS[art_fmt]} is missing; "
+        if _triton_mapping(art_fmt).io_names == "onnx-file":
+            run_dtypes = [d for _, d in _onnx_io(art_dir / artifact_file(art_fmt))[0]]
+    artifact = art_dir / artifact_file(art_fmt)
+    if not artifact.exists():
+        raise NavdeployError(f"module {module!r} graph {graph.key}: artifact {artifact} is missing; "
                              "re-run nav.optimize to rebuild it.")
     if len(in_names) != len(graph.inputs) or len(out_names) != len(graph.outputs):
         raise NavdeployError(f"module {module!r} graph {graph.key}: the {art_fmt} artifact has {len(in_names)} inputs and "
@@ -273,7 +293,7 @@ def _plan_graph(name: str, module_folder: Path, manifest: dict, entry: dict, bac
             {"name": c.name, "data_type": c.data_type,
              "dims": (t.opt_shape[1:] if graph.batching else t.opt_shape) or [1]}
             for c, t in zip(inputs, graph.inputs)]}
-    return ModelPlan(name, module, graph.key, candidate.get("name", runner), triton_backend, platform, art_fmt, art_dir,
+    return ModelPlan(name, module, graph.key, candidate.name, triton_backend, platform, art_fmt, art_dir,
                      max_batch, preferred, inputs, outputs, instance_kind, run_dtypes, accelerators, cuda_graphs, warm)
 
 
@@ -289,20 +309,18 @@ def plan_repository(workspace: Path, modules: Optional[Iterable[str]] = None, ba
     plans: list[ModelPlan] = []
     found: set[str] = set()
     for folder in sorted(p for p in workspace.iterdir() if p.is_dir()):
-        path = folder / MANIFEST
-        if not path.is_file():
+        if not (folder / MANIFEST).is_file():
             continue
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            log.warning("skipping unreadable manifest %s (%s)", path, exc)
+        manifest, problem = load_manifest(folder)
+        if manifest is None:
+            log.warning("skipping manifest: %s", problem)
             continue
-        name = manifest.get("module", folder.name)
+        name = manifest.module
         if wanted is not None and name not in wanted:
             continue
         found.add(name)
-        kind = "KIND_GPU" if str(manifest.get("device", "cpu")).startswith("cuda") else "KIND_CPU"
-        graphs = manifest.get("graphs", {})
+        kind = "KIND_GPU" if manifest.device.startswith("cuda") else "KIND_CPU"
+        graphs = manifest.graphs
         for key in sorted(graphs):
             plan = _plan_graph(model_name(name, key, len(graphs)), folder, manifest, graphs[key], backend, kind, warmup)
             if plan is not None:
@@ -334,7 +352,7 @@ def render_model(plan: ModelPlan, env: jinja2.Environment, instance_count: int =
     files = {"config.pbtxt": env.get_template("config.pbtxt.j2").render(**context)}
     if plan.backend == "python":
         files["1/model.py"] = env.get_template("model.py.j2").render(
-            **context, artifact_format=plan.artifact_format, artifact_file=ARTIFACTS[plan.artifact_format],
+            **context, artifact_format=plan.artifact_format, artifact_file=artifact_file(plan.artifact_format),
             input_names=repr([t.name for t in plan.inputs]), output_names=repr([t.name for t in plan.outputs]),
             run_dtypes=repr(plan.run_dtypes), batching=repr(plan.max_batch_size > 0))
     return files
@@ -386,8 +404,9 @@ def write_repository(plans: list[ModelPlan], path: Path, instance_count: int = 1
     try:
         for plan in plans:
             folder = tmp / plan.name
-            # A TensorRT folder also holds the ONNX it was built from: Triton needs only the plan.
-            _copy_artifact(plan.artifact_dir, folder / "1", ARTIFACTS["trt"] if plan.artifact_format == "trt" else None)
+            fmt = plan.artifact_format
+            _copy_artifact(plan.artifact_dir, folder / "1",
+                           artifact_file(fmt) if _triton_mapping(fmt).copy_artifact_only else None)
             for rel, text in render_model(plan, env, instance_count, max_queue_delay_us).items():
                 (folder / rel).parent.mkdir(parents=True, exist_ok=True)
                 (folder / rel).write_text(text)

@@ -10,6 +10,7 @@ from typing import Optional
 from navdeploy.workspace.atomic import write_json_atomic
 from navdeploy.workspace.layout import MANIFEST, now
 from navdeploy.workspace.manifest import MANIFEST_VERSION, check_entry, need
+from navdeploy.workspace.records import CandidateRecord, FormatState, GraphEntry
 
 log = logging.getLogger("navdeploy")
 
@@ -17,16 +18,19 @@ log = logging.getLogger("navdeploy")
 CHECKPOINT = "checkpoint.json"
 
 
-def checkpoint_graph(module_folder: Path, graph_key: str, cache_key_: str, formats: dict, candidates: list[dict]) -> None:
+def checkpoint_graph(module_folder: Path, graph_key: str, cache_key_: str, formats: dict[str, FormatState],
+                     candidates: list[CandidateRecord]) -> None:
     """Record a graph's progress (its built formats and every candidate record so far) atomically, after each
     candidate. A run killed mid-way loses at most the candidate that was running: the next run resumes
     from here (see :func:`resume_entry`). The manifest itself is still written only when the module is done."""
     write_json_atomic(module_folder / graph_key / CHECKPOINT,
-                      {"version": MANIFEST_VERSION, "cache_key": cache_key_, "formats": formats,
-                       "candidates": candidates, "updated": now()})
+                      {"version": MANIFEST_VERSION, "cache_key": cache_key_,
+                       "formats": {k: v.to_json() for k, v in formats.items()},
+                       "candidates": [c.to_json() for c in candidates], "updated": now()})
 
 
-def resume_entry(module_folder: Path, graph_key: str, cache_key_: str, entry: Optional[dict]) -> Optional[dict]:
+def resume_entry(module_folder: Path, graph_key: str, cache_key_: str,
+                 entry: Optional[GraphEntry]) -> Optional[GraphEntry]:
     """The best earlier state of a graph for a run whose cache key is ``cache_key_``: the manifest's ``entry``,
     updated with a newer checkpoint of the same cache key (a run that was killed). Records of candidates are
     reused as optimize reuses cached ones; artifacts are still checked against their checksums before use."""
@@ -37,19 +41,20 @@ def resume_entry(module_folder: Path, graph_key: str, cache_key_: str, entry: Op
         if data.get("cache_key") != cache_key_:
             return entry  # another configuration, weights or torch: nothing in it applies
         manifest = module_folder / MANIFEST
-        if entry is not None and entry.get("cache_key") == cache_key_ and manifest.exists() \
+        if entry is not None and entry.cache_key == cache_key_ and manifest.exists() \
                 and manifest.stat().st_mtime_ns >= path.stat().st_mtime_ns:
             return entry  # the manifest was written after the checkpoint: it is complete
         check_entry(graph_key, data, graph=False)
+        checkpoint = GraphEntry.from_json({**data, "graph": None})
     except FileNotFoundError:
         return entry
     except (OSError, ValueError, RecursionError) as exc:
         log.warning("ignoring checkpoint %s (%s)", path, exc)
         return entry
-    base = entry if entry is not None and entry.get("cache_key") == cache_key_ else {}
-    records = {c.get("name", c["runner"]): c for c in base.get("candidates", [])}
-    records.update({c.get("name", c["runner"]): c for c in data["candidates"]})
+    base = entry if entry is not None and entry.cache_key == cache_key_ else GraphEntry(None)
+    records = {c.name: c for c in base.candidates}
+    records.update({c.name: c for c in checkpoint.candidates})
     log.info("resuming graph %s from the checkpoint of an interrupted run: %d candidate record(s)", graph_key,
-             len(data["candidates"]))
-    return {**base, "cache_key": cache_key_, "formats": {**base.get("formats", {}), **data["formats"]},
-            "candidates": list(records.values())}
+             len(checkpoint.candidates))
+    return GraphEntry(base.graph, cache_key_, {**base.formats, **checkpoint.formats}, list(records.values()),
+                      base.selected, base.updated)

@@ -1,4 +1,5 @@
-"""A module's manifest: validated on read (a manifest navdeploy did not write is ignored with a warning)."""
+"""A module's manifest: validated on read, then built into a :class:`~navdeploy.workspace.records.Manifest`
+(a manifest navdeploy did not write is ignored with a warning)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from navdeploy.capture.graph import Graph
+from navdeploy.workspace.atomic import write_json_atomic
 from navdeploy.workspace.layout import MANIFEST
+from navdeploy.workspace.records import Manifest
 
 log = logging.getLogger("navdeploy")
 
@@ -69,7 +72,7 @@ def validate_manifest(data: Any) -> None:
         check_entry(key, entry)
 
 
-def load_manifest(folder: Path) -> tuple[Optional[dict], Optional[str]]:
+def load_manifest(folder: Path) -> tuple[Optional[Manifest], Optional[str]]:
     """``(manifest, None)``, ``(None, None)`` when there is none, or ``(None, why)`` when it is unusable: not
     JSON, hand-edited into other types, or written by another version. Never raises."""
     path = folder / MANIFEST
@@ -82,12 +85,14 @@ def load_manifest(folder: Path) -> tuple[Optional[dict], Optional[str]]:
     try:
         data = json.loads(text)
         validate_manifest(data)
-        return data, None
+        return Manifest.from_json(data), None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         return None, f"{path} is not a valid navdeploy manifest ({exc})"
+    except (KeyError, TypeError, IndexError) as exc:  # a part the validator does not check (e.g. tolerances)
+        return None, f"{path} is not a valid navdeploy manifest ({type(exc).__name__}: {exc})"
 
 
-def read_manifest(folder: Path) -> Optional[dict]:
+def read_manifest(folder: Path) -> Optional[Manifest]:
     """The module's manifest, or None when absent or unusable (a warning says why; the module is then
     treated as not optimized)."""
     data, problem = load_manifest(folder)
@@ -96,3 +101,8 @@ def read_manifest(folder: Path) -> Optional[dict]:
         warnings.warn(f"navdeploy: ignoring an unusable manifest: {problem}. The module is treated as not "
                       "optimized; re-run nav.optimize to rebuild it.", RuntimeWarning, stacklevel=2)
     return data
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Write the module's manifest atomically: a run killed while writing leaves the old one."""
+    write_json_atomic(folder / MANIFEST, manifest.to_json())

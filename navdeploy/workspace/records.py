@@ -1,0 +1,234 @@
+"""The typed records of a workspace: what navdeploy keeps about each candidate, format and graph of a module.
+
+Everything in memory works on these records; JSON exists only at the disk boundary, through each record's
+``to_json()`` / ``from_json()``. The JSON is the manifest's format as navdeploy has always written it:
+``from_json`` fills what older manifests lack (a candidate's ``name``, its ``precision``) and ``to_json``
+writes optional keys (``pid``, ``window``, ``artifact_checksum``, ``cached``) only when they are set, as
+records were written before. ``from_json`` expects JSON that passed :mod:`navdeploy.workspace.manifest`'s
+validation, which names what is wrong with a malformed manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from navdeploy.capture.graph import Graph
+from navdeploy.workspace.layout import artifact_dir
+
+
+@dataclass
+class ProfilePoint:
+    """Latency percentiles (ms) and throughput (samples/s) at one batch size (None: the module does not batch)."""
+
+    batch_size: Optional[int]
+    p50_ms: float
+    p90_ms: float
+    throughput: float
+    iterations: int = 0
+    stable: bool = False
+
+    def to_json(self) -> dict:
+        return {"batch_size": self.batch_size, "p50_ms": self.p50_ms, "p90_ms": self.p90_ms,
+                "throughput": self.throughput, "iterations": self.iterations, "stable": self.stable}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ProfilePoint":
+        return cls(data.get("batch_size"), data["p50_ms"], data.get("p90_ms", data["p50_ms"]), data["throughput"],
+                   data.get("iterations", 0), data.get("stable", False))
+
+
+@dataclass
+class BuildWindow:
+    """Wall-clock (epoch) times of a candidate's start, end of verification, start of profiling (after any wait
+    for the timing gate) and end: which candidates were built side by side, and that each profiled alone."""
+
+    start: float
+    verified: Optional[float] = None
+    profile: Optional[float] = None
+    end: Optional[float] = None
+
+    def to_json(self) -> dict:
+        return {"start": self.start, "verified": self.verified, "profile": self.profile, "end": self.end}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "BuildWindow":
+        return cls(data["start"], data.get("verified"), data.get("profile"), data.get("end"))
+
+
+@dataclass
+class CandidateRecord:
+    """One candidate (a runner in one precision) of one graph: how it went and what it measured.
+
+    ``status`` is "ok", "failed" or "skipped"; ``step`` the step that failed (export, load, verify, profile,
+    isolation); ``times`` seconds per step (``export_s``, ``load_s``, ``verify_s``, ``profile_s``)."""
+
+    name: str
+    runner: str
+    format: str
+    precision: Optional[str]  # None only in manifests older than candidate precisions: the module's own
+    device: Optional[str]
+    status: str = "failed"
+    error: Optional[str] = None
+    step: Optional[str] = None
+    max_abs_err: Optional[float] = None
+    max_rel_err: Optional[float] = None
+    profile: list[ProfilePoint] = field(default_factory=list)
+    times: dict[str, Optional[float]] = field(default_factory=dict)
+    exported: bool = False
+    pid: Optional[int] = None
+    window: Optional[BuildWindow] = None
+    artifact_checksum: Optional[str] = None
+    cached: bool = False  # reused from an earlier run, not run this time
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def precision_in(self, module_precision: str) -> str:
+        """The candidate's precision; the module's own for records written before candidates had one."""
+        return self.precision or module_precision
+
+    def artifact_dir(self, module_precision: str) -> str:
+        """The name of this candidate's artifact folder inside its graph's folder."""
+        return artifact_dir(self.format, self.precision_in(module_precision), module_precision)
+
+    def first_p50_ms(self) -> Optional[float]:
+        """p50 latency of the first measurement (the captured or smallest profiled batch), None if not profiled."""
+        return self.profile[0].p50_ms if self.profile else None
+
+    def best_throughput(self) -> Optional[float]:
+        return max((m.throughput for m in self.profile), default=None)
+
+    def to_json(self) -> dict:
+        data: dict[str, Any] = {"name": self.name, "runner": self.runner, "format": self.format}
+        if self.precision is not None:
+            data["precision"] = self.precision
+        data.update({"device": self.device, "status": self.status, "error": self.error, "step": self.step,
+                     "max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err,
+                     "profile": [m.to_json() for m in self.profile], "times": dict(self.times),
+                     "exported": self.exported})
+        if self.pid is not None:
+            data["pid"] = self.pid
+        if self.window is not None:
+            data["window"] = self.window.to_json()
+        if self.artifact_checksum is not None:
+            data["artifact_checksum"] = self.artifact_checksum
+        if self.cached:
+            data["cached"] = True
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CandidateRecord":
+        window = data.get("window")
+        return cls(name=data.get("name", data["runner"]), runner=data["runner"], format=data.get("format", ""),
+                   precision=data.get("precision"), device=data.get("device"), status=data["status"],
+                   error=data.get("error"), step=data.get("step"), max_abs_err=data.get("max_abs_err"),
+                   max_rel_err=data.get("max_rel_err"),
+                   profile=[ProfilePoint.from_json(m) for m in data.get("profile") or []],
+                   times=dict(data.get("times") or {}), exported=bool(data.get("exported", False)),
+                   pid=data.get("pid"), window=BuildWindow.from_json(window) if isinstance(window, dict) else None,
+                   artifact_checksum=data.get("artifact_checksum"), cached=bool(data.get("cached", False)))
+
+
+def find_candidate(candidates: Sequence[CandidateRecord], name: Optional[str]) -> Optional[CandidateRecord]:
+    """The record named ``name`` (a candidate name such as ``TensorRT[fp16]``, not a runner name), if any."""
+    if not name:
+        return None
+    return next((c for c in candidates if c.name == name), None)
+
+
+@dataclass
+class FormatState:
+    """One exported format folder of a graph: built (with the checksum of its files) or failed (with why)."""
+
+    status: str
+    checksum: Optional[str] = None
+    export_s: Optional[float] = None
+    error: Optional[str] = None
+
+    def to_json(self) -> dict:
+        if self.status == "ok":
+            return {"status": self.status, "checksum": self.checksum, "export_s": self.export_s}
+        data: dict[str, Any] = {"status": self.status, "error": self.error}
+        if self.checksum is not None:
+            data["checksum"] = self.checksum
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FormatState":
+        return cls(data.get("status", ""), data.get("checksum"), data.get("export_s"), data.get("error"))
+
+
+@dataclass
+class GraphEntry:
+    """One input structure of a module in the manifest: its shapes, the cache key its results hold for, the
+    formats built, every candidate and the winner's candidate name. A checkpoint holds the same without
+    ``graph`` and ``selected``."""
+
+    graph: Optional[Graph]
+    cache_key: str = ""
+    formats: dict[str, FormatState] = field(default_factory=dict)
+    candidates: list[CandidateRecord] = field(default_factory=list)
+    selected: Optional[str] = None
+    updated: Optional[str] = None
+
+    def selected_candidate(self) -> Optional[CandidateRecord]:
+        """The record of the selected candidate, None when nothing was selected."""
+        return find_candidate(self.candidates, self.selected)
+
+    def to_json(self) -> dict:
+        data: dict[str, Any] = {}
+        if self.graph is not None:
+            data["graph"] = self.graph.to_json()
+        data.update({"cache_key": self.cache_key, "formats": {k: v.to_json() for k, v in self.formats.items()},
+                     "candidates": [c.to_json() for c in self.candidates], "selected": self.selected,
+                     "updated": self.updated})
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "GraphEntry":
+        graph = Graph.from_json(data["graph"]) if data.get("graph") is not None else None
+        return cls(graph, data.get("cache_key", ""),
+                   {k: FormatState.from_json(v) for k, v in (data.get("formats") or {}).items()},
+                   [CandidateRecord.from_json(c) for c in data.get("candidates") or []], data.get("selected"),
+                   data.get("updated"))
+
+
+@dataclass
+class Manifest:
+    """A module's manifest: what it was optimized as (fingerprint, device, precision, batch sizes, tolerances)
+    and one :class:`GraphEntry` per input structure."""
+
+    module: str
+    fingerprint: str
+    device: str
+    version: int = 1
+    navdeploy: Optional[str] = None
+    torch: Optional[str] = None
+    class_name: Optional[str] = None  # "class" on disk
+    precision: str = "fp32"
+    forward_func: Optional[str] = None
+    max_batch_size: int = 1
+    batch_sizes: list[int] = field(default_factory=list)
+    tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)  # precision -> (atol, rtol)
+    graphs: dict[str, GraphEntry] = field(default_factory=dict)
+    updated: Optional[str] = None
+
+    def to_json(self) -> dict:
+        return {"version": self.version, "navdeploy": self.navdeploy, "torch": self.torch, "module": self.module,
+                "class": self.class_name, "fingerprint": self.fingerprint, "device": self.device,
+                "precision": self.precision, "forward_func": self.forward_func,
+                "max_batch_size": self.max_batch_size, "batch_sizes": list(self.batch_sizes),
+                "tolerances": {p: list(t) for p, t in self.tolerances.items()},
+                "graphs": {k: e.to_json() for k, e in self.graphs.items()}, "updated": self.updated}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Manifest":
+        tolerances = {p: (float(t[0]), float(t[1])) for p, t in (data.get("tolerances") or {}).items()}
+        return cls(module=data["module"], fingerprint=data["fingerprint"], device=data["device"],
+                   version=data.get("version", 1), navdeploy=data.get("navdeploy"), torch=data.get("torch"),
+                   class_name=data.get("class"), precision=data.get("precision", "fp32"),
+                   forward_func=data.get("forward_func"), max_batch_size=data.get("max_batch_size", 1),
+                   batch_sizes=list(data.get("batch_sizes") or []), tolerances=tolerances,
+                   graphs={k: GraphEntry.from_json(e) for k, e in data["graphs"].items()},
+                   updated=data.get("updated"))
