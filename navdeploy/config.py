@@ -87,6 +87,9 @@ class OptimizeConfig:
             not disturbed. ``None`` reads ``NAVDEPLOY_BUILD_WORKERS`` (default 1). Needs multiprocessing.
             ``timeout_s`` stays wall time (less any wait to profile), and builds side by side share the cores:
             give slow builds more of it.
+        pipeline_repeats: after the swap the whole callable is timed over the dataloader eager and optimized,
+            this many passes each, alternating; modules go back to eager (largest loss first) until the optimized
+            pipeline is faster beyond noise. 0 skips the check. Read from the config given to ``nav.optimize``.
     """
 
     target_formats: Optional[Sequence[Union[Format, str]]] = None
@@ -104,6 +107,7 @@ class OptimizeConfig:
     use_multiprocessing: Optional[bool] = None
     precisions: Optional[Sequence[str]] = None
     build_workers: Optional[int] = None
+    pipeline_repeats: int = 5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -160,6 +164,10 @@ class OptimizeConfig:
                               "nav.LatencyBudget(ms).")
         if int(self.sample_count) < 1:
             raise ConfigError(f"sample_count={self.sample_count!r}: must be >= 1.")
+        if isinstance(self.pipeline_repeats, bool) or not isinstance(self.pipeline_repeats, int) \
+                or self.pipeline_repeats < 0:
+            raise ConfigError(f"pipeline_repeats={self.pipeline_repeats!r}: use a whole number >= 0 (0 skips the "
+                              "eager-vs-optimized check of the whole pipeline; 5 is the default).")
         if self.build_workers is not None and (isinstance(self.build_workers, bool)
                                                or not isinstance(self.build_workers, int) or self.build_workers < 1):
             raise ConfigError(f"build_workers={self.build_workers!r}: use a whole number >= 1 (1 builds candidates "

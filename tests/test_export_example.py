@@ -28,8 +28,17 @@ def test_axes_that_varied_are_grown_past_one_in_the_example():
         recorder.record(module, (x, mask), {})
     (graph,) = recorder.finish()
     assert [tuple(t.shape) for t in graph.samples[0].inputs] == [(1, 1, 4), (1, 1)]
-    example = export_example(graph)
+    example = export_example(graph, max_batch_size=8)
     assert [tuple(t.shape) for t in example] == [(2, 2, 4), (2, 2)]  # batch and sequence both past 1
     out = module(*example)  # still a consistent call
     assert out.shape == (2, 4)
 
+
+
+def test_a_batch_axis_that_cannot_grow_stays_static():
+    """max_batch_size=1: the batch axis is not dynamic (torch.export refuses a Dim of min 1, max 1)."""
+    recorder = Recorder("one", 2, None)
+    recorder.record(Pool().eval(), (torch.randn(1, 3, 4), torch.ones(1, 3)), {})
+    (graph,) = recorder.finish()
+    assert graph.batching and graph.dynamic_axes(1) == [{}, {}]
+    assert [tuple(t.shape) for t in export_example(graph, max_batch_size=1)] == [(1, 3, 4), (1, 3)]

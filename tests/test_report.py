@@ -80,16 +80,18 @@ def test_pipeline_timing_is_measured(run):
     status, _, _ = run
     p = status.pipeline
     assert p is not None and p.error is None
-    assert p.eager_s > 0 and p.optimized_s > 0 and p.capture_s >= p.eager_s
+    assert p.eager_s > 0 and p.optimized_s > 0 and p.capture_s > 0
     assert p.items_timed == 2  # the first of three items is a warm-up
     assert set(p.module_eager_s) == set(p.module_optimized_s) == {"report_mlp", "report_shy"}
     assert all(v > 0 for v in p.module_eager_s.values())
     # The timers were only there while optimize measured: the live modules run what was selected (their
     # optimized handler, or plain eager where eager won: which of eager/ONNX wins an 8x4 Linear is timing noise).
+    assert p.repeats == 5 and len(p.eager_runs) == len(p.optimized_runs) == 5 and isinstance(p.faster, bool)
     for module in run[2]:
         selected = status.modules[module.name].graphs[0].selected
-        assert selected and module.is_optimized == (selected != "TorchCPU")
-        if selected == "TorchCPU":
+        reverted = module.name in p.reverted  # the pipeline check put it back to eager
+        assert selected and module.is_optimized == (selected != "TorchCPU" and not reverted)
+        if selected == "TorchCPU" or reverted:
             assert module.nav_state.handler is None  # not a leftover timer
 
 

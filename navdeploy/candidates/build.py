@@ -93,28 +93,25 @@ def expand_batch(inputs: list[torch.Tensor], batch_size: int) -> list[torch.Tens
     return out
 
 
-def _unit_dynamic_axes(graph: Graph, inputs: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """(input, axis) pairs of axes that varied in the capture (the batch axis when batching) but are 1 here."""
-    found = []
-    for i, (t, spec) in enumerate(zip(inputs, graph.inputs)):
-        axes = set(spec.dynamic_axes) | ({0} if graph.batching and t.dim() > 0 else set())
-        found += [(i, a) for a in sorted(axes) if a < t.dim() and t.shape[a] == 1]
-    return found
+def _unit_dynamic_axes(graph: Graph, inputs: list[torch.Tensor], max_batch_size: int) -> list[tuple[int, int]]:
+    """(input, axis) pairs of the axes exported as dynamic (those that varied, the batch axis) that are 1 here."""
+    return [(i, a) for i, (t, axes) in enumerate(zip(inputs, graph.dynamic_axes(max_batch_size)))
+            for a in sorted(axes) if a < t.dim() and t.shape[a] == 1]
 
 
 def _grow_axis(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
     return t.repeat_interleave(size, dim=axis).clone(memory_format=torch.contiguous_format)
 
 
-def export_example(graph: Graph) -> list[torch.Tensor]:
+def export_example(graph: Graph, max_batch_size: int) -> list[torch.Tensor]:
     """Example inputs for exporters, with every axis that varied in the capture larger than 1: exporters such as
     torch.export specialise an axis of size 1 (and then fail, or refuse the other sizes). The first kept sample
     where that already holds, else the first sample with those axes grown to 2 by repeating their entries."""
     for sample in graph.samples:
-        if not _unit_dynamic_axes(graph, sample.inputs):
+        if not _unit_dynamic_axes(graph, sample.inputs, max_batch_size):
             return sample.inputs
     inputs = list(graph.samples[0].inputs)
-    for i, axis in _unit_dynamic_axes(graph, inputs):
+    for i, axis in _unit_dynamic_axes(graph, inputs, max_batch_size):
         inputs[i] = _grow_axis(inputs[i], axis, 2)
     return inputs
 
@@ -150,7 +147,8 @@ def _export(job: Job, graph: Graph, runner_format, flat: FlatModule, cast: Calla
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ctx = BuildContext(flat, cast(export_example(graph)), graph, graph.dynamic_axes(job.max_batch_size), tmp,
+    example = cast(export_example(graph, job.max_batch_size))
+    ctx = BuildContext(flat, example, graph, graph.dynamic_axes(job.max_batch_size), tmp,
                        job.device, precision, job.module_dir)
     start = time.perf_counter()
     try:

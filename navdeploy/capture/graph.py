@@ -82,7 +82,7 @@ class Graph:
         result = []
         for t in self.inputs:
             axes = {a: (t.min_shape[a], t.max_shape[a]) for a in t.dynamic_axes}
-            if self.batching and t.min_shape:
+            if self.batching and t.min_shape and max(max_batch_size, t.max_shape[0]) > 1:  # 1..1 is no axis
                 axes[0] = (1, max(max_batch_size, t.max_shape[0]))
             result.append(axes)
         return result

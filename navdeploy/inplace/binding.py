@@ -108,6 +108,10 @@ def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fing
     device = manifest.device
     if device == "cuda" and not torch.cuda.is_available():
         return _warn(module, "it was optimized for CUDA but no GPU is present.")
+    if manifest.reverted:
+        log.info("module %s stays eager: %s", module.name, manifest.reverted)
+        module.nav_state.bind(None)
+        return True  # the pipeline check chose eager for it: bound, as eager
     selected = {key: entry.selected for key, entry in manifest.graphs.items()}
     if selected and all(name in EAGER_RUNNER.values() for name in selected.values()):  # eager, own precision
         module.nav_state.bind(None)

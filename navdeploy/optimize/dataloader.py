@@ -45,14 +45,13 @@ def script_command() -> Optional[str]:
     return script
 
 
-def run_capture(func: Callable, items: list[tuple[int, Any]],
-                 after_item: Optional[Callable[[int], None]] = None) -> None:
+def run_capture(func: Callable, items: list[tuple[int, Any]]) -> None:
+    """Call ``func`` on every item (the capture pass); a first item that does not fit its signature is a
+    DataloaderError that says how samples are unpacked."""
     for i, (_, sample) in enumerate(items):
         args, kwargs = split_sample(sample)
         try:
             func(*args, **kwargs)
-            if after_item is not None:
-                after_item(i)
         except TypeError as exc:
             if i == 0 and isinstance(sample, (list, tuple)) and "argument" in str(exc):
                 raise DataloaderError(

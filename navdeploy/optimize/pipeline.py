@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import statistics
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -93,19 +94,51 @@ def _timed_pass(func: Callable, items: list[tuple[int, Any]], timer: PassTimer) 
     return time.perf_counter() - start, len(items) - warmup
 
 
-def measure_optimized(func: Callable, items: list[tuple[int, Any]], modules: list[Module], capture_s: float,
-                       capture_timer: PassTimer, capture_timed_s: float, timed_items: int) -> PipelineTiming:
-    """Eager figures from the capture pass (recording overhead taken out), optimized ones from one more pass."""
-    overhead = sum(capture_timer.handler_s.values()) - sum(capture_timer.module_s.values())
-    in_run = {m.name for m in modules}  # a module of another pipeline that this callable never called is not part of it
-    timing = PipelineTiming(capture_s, max(capture_timed_s - overhead, 0.0), None, timed_items,
-                            {n: s for n, s in capture_timer.module_s.items() if n in in_run})
+def _compiles() -> int:
+    """torch.compile graphs compiled in this process so far (0 when dynamo was never imported)."""
+    import sys
+
+    utils = sys.modules.get("torch._dynamo.utils")
+    return int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0
+
+
+def _one_pass(func: Callable, items: list[tuple[int, Any]], modules: list[Module], eager: bool) -> tuple[float, dict]:
+    """One timed pass, every module eager (``eager``) or with what it is bound to; (seconds, per-module seconds)."""
     timer = PassTimer()
-    try:
-        with handlers(modules, lambda m, h: timer.wrap(m.name, h, False)), torch.no_grad():
-            timing.optimized_s, _ = _timed_pass(func, items, timer)
-        timing.module_optimized_s = dict(timer.module_s)
-    except Exception as exc:  # noqa: BLE001 - a measurement must not fail the run
-        timing.error = f"{type(exc).__name__}: {exc}"
-        log.warning("navdeploy: timing the optimized pipeline failed: %s", timing.error)
+    with handlers(modules, lambda m, h: timer.wrap(m.name, None if eager else h, False)), torch.no_grad():
+        seconds, _ = _timed_pass(func, items, timer)
+    return seconds, dict(timer.module_s)
+
+
+def _mad(values: list[float]) -> float:
+    middle = statistics.median(values)
+    return statistics.median(abs(v - middle) for v in values)
+
+
+def compare(func: Callable, items: list[tuple[int, Any]], modules: list[Module], repeats: int,
+            timing: PipelineTiming) -> PipelineTiming:
+    """Fill ``timing`` with an A/B of the callable: a warm-up pass each way, then ``repeats`` eager and optimized
+    passes alternating (eager first), medians and spreads; ``faster`` when the optimized median beats the eager
+    one by more than either's median absolute deviation."""
+    _one_pass(func, items, modules, eager=False)
+    _one_pass(func, items, modules, eager=True)
+    runs: dict[bool, list[tuple[float, dict]]] = {True: [], False: []}
+    compiled = 0
+    for _ in range(repeats):
+        for eager in (True, False):
+            before = _compiles()
+            runs[eager].append(_one_pass(func, items, modules, eager))
+            compiled += _compiles() != before
+    names = {m.name for m in modules}
+
+    def module_medians(passes: list[tuple[float, dict]]) -> dict[str, float]:
+        return {n: statistics.median(p[1].get(n, 0.0) for p in passes) for n in sorted(names)}
+
+    timing.eager_runs = [p[0] for p in runs[True]]
+    timing.optimized_runs = [p[0] for p in runs[False]]
+    timing.eager_s, timing.optimized_s = statistics.median(timing.eager_runs), statistics.median(timing.optimized_runs)
+    timing.module_eager_s, timing.module_optimized_s = module_medians(runs[True]), module_medians(runs[False])
+    timing.repeats, timing.compiled = repeats, compiled
+    noise = max(_mad(timing.eager_runs), _mad(timing.optimized_runs))
+    timing.faster = timing.optimized_s < timing.eager_s - noise
     return timing

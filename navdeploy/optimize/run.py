@@ -17,8 +17,9 @@ from navdeploy.inplace.registry import registered_modules
 from navdeploy.optimize.dataloader import dataloader_items, run_capture, script_command
 from navdeploy.optimize.events import NullListener, OptimizeListener
 from navdeploy.optimize.module import candidate_pairs, module_config, module_device, optimize_module
+from navdeploy.optimize.never_slower import check_pipeline
 from navdeploy.optimize.participants import modules_to_optimize
-from navdeploy.optimize.pipeline import PassTimer, handlers, measure_optimized, sync_cuda
+from navdeploy.optimize.pipeline import handlers, sync_cuda
 from navdeploy.optimize.scope import inductor_cache
 from navdeploy.optimize.status import OptimizeStatus
 
@@ -27,7 +28,8 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
                  listener: OptimizeListener = NullListener(), measure_pipeline: bool = True) -> OptimizeStatus:
     """Optimize every ``nav.Module`` that ``func`` calls while it runs over ``dataloader``, telling ``listener``.
 
-    ``measure_pipeline`` times one more pass of ``func`` with the selected runners in place (``status.pipeline``).
+    ``measure_pipeline`` times ``func`` eager against optimized afterwards and reverts modules that make it no
+    faster (``status.pipeline``; ``config.pipeline_repeats`` alternating passes of each, 0 skips it).
     Each dataloader item is ``(batch_size, sample)``: a tuple/list sample is positional arguments (a
     trailing dict is keyword arguments), a dict alone is keyword arguments, anything else is one argument.
     Modules with ``module.optimize_config`` set use it; the others use ``config`` (or the defaults).
@@ -53,23 +55,11 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
     configs = {m.name: module_config(m, config) for m in modules}
     recorders = {m.name: Recorder(m.name, configs[m.name].sample_count, m.nav_state.batching,
                                    m.nav_state.output_mapping) for m in modules}
-    capture_timer = PassTimer()
-    marks: dict[str, float] = {}
-
-    def after_item(i: int) -> None:  # the first item is a warm-up when there are two or more
-        if i == 0 and len(items) >= 2:
-            sync_cuda()
-            marks["timed_from"] = time.perf_counter()
-            capture_timer.reset()
-
     capture_start = time.perf_counter()
-    with handlers(modules, lambda m, _: recorders[m.name].record), \
-            handlers(modules, lambda m, h: capture_timer.wrap(m.name, h, True)), torch.no_grad():
-        run_capture(func, items, after_item)
+    with handlers(modules, lambda m, _: recorders[m.name].record), torch.no_grad():
+        run_capture(func, items)
     sync_cuda()
-    capture_end = time.perf_counter()
-    capture_s = capture_end - capture_start
-    capture_timed_s = capture_end - marks.get("timed_from", capture_start)
+    capture_s = time.perf_counter() - capture_start
     modules = modules_to_optimize(modules, recorders)
     if not modules:  # every module stayed eager, each with its warning: nothing to build or report
         return OptimizeStatus(seconds=time.perf_counter() - start, workspace=resolve_workspace(config))
@@ -88,9 +78,14 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
     finally:
         listener.candidates_finished()
     status.seconds = time.perf_counter() - start
-    if measure_pipeline:
-        status.pipeline = measure_optimized(func, items, modules, capture_s, capture_timer, capture_timed_s,
-                                             len(items) - (1 if len(items) >= 2 else 0))
+    repeats = (config or OptimizeConfig()).pipeline_repeats
+    if measure_pipeline and repeats:
+        # Eager against optimized, the whole callable: modules whose runners make it no faster go back to eager.
+        status.pipeline = check_pipeline(func, items, modules, {n: s.folder for n, s in status.modules.items()},
+                                         repeats, capture_s, len(items) - (1 if len(items) >= 2 else 0))
+        for name in status.pipeline.reverted:
+            status.modules[name].optimized = False
+            status.modules[name].reverted = status.pipeline.reverted[name]
     listener.run_finished(status)
     return status
 

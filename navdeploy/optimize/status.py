@@ -44,16 +44,22 @@ class ModuleStatus:
     optimized: bool
     seconds: float
     tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)  # precision -> (atol, rtol)
+    reverted: Optional[str] = None  # why the pipeline check put it back to eager
 
 
 @dataclass
 class PipelineTiming:
-    """End-to-end time of the callable over the dataloader, eager (the capture pass) and after the swap.
+    """End-to-end time of the callable over the dataloader, eager and with the selected runners in place, from
+    ``repeats`` passes of each, alternating, in this process, after a warm-up pass of each.
 
-    ``eager_s`` is the capture pass minus navdeploy's recording overhead; ``optimized_s`` one pass with the
-    selected runners in place. When the dataloader has two items or more the first is a warm-up and not timed
-    (``items_timed`` says how many were). Per-module seconds are inclusive: a module called inside another
-    counts in both. ``error`` is set when the optimized pass raised (then ``optimized_s`` is None)."""
+    ``eager_s``/``optimized_s`` and the per-module seconds are medians over the repeats (per-module seconds are
+    inclusive: a module called inside another counts in both); ``eager_runs``/``optimized_runs`` every pass.
+    When the dataloader has two items or more the first item of each pass is a warm-up and not timed
+    (``items_timed`` says how many were). ``faster``: the optimized median beats the eager one by more than the
+    spread of either (median absolute deviation). ``reverted``: modules put back to eager, largest loss first,
+    until that held, each with why; the figures are those of the final pipeline. ``compiled`` names the timed
+    passes in which a torch.compile runner compiled (the figures then include a compile). ``error`` is set when
+    a pass raised (then ``optimized_s`` is None)."""
 
     capture_s: float
     eager_s: float
@@ -62,6 +68,12 @@ class PipelineTiming:
     module_eager_s: dict[str, float] = field(default_factory=dict)
     module_optimized_s: dict[str, float] = field(default_factory=dict)
     error: Optional[str] = None
+    repeats: int = 0
+    eager_runs: list[float] = field(default_factory=list)
+    optimized_runs: list[float] = field(default_factory=list)
+    faster: Optional[bool] = None
+    reverted: dict[str, str] = field(default_factory=dict)
+    compiled: int = 0
 
     @property
     def speedup(self) -> Optional[float]:
@@ -72,14 +84,18 @@ class PipelineTiming:
     def to_json(self) -> dict:
         return {"capture_s": self.capture_s, "eager_s": self.eager_s, "optimized_s": self.optimized_s,
                 "items_timed": self.items_timed, "module_eager_s": self.module_eager_s,
-                "module_optimized_s": self.module_optimized_s, "error": self.error}
+                "module_optimized_s": self.module_optimized_s, "error": self.error, "repeats": self.repeats,
+                "eager_runs": self.eager_runs, "optimized_runs": self.optimized_runs, "faster": self.faster,
+                "reverted": self.reverted, "compiled": self.compiled}
 
     @classmethod
     def from_json(cls, data: dict) -> "PipelineTiming":
         return cls(float(data["capture_s"]), float(data["eager_s"]),
                    None if data.get("optimized_s") is None else float(data["optimized_s"]),
                    int(data.get("items_timed", 0)), dict(data.get("module_eager_s", {})),
-                   dict(data.get("module_optimized_s", {})), data.get("error"))
+                   dict(data.get("module_optimized_s", {})), data.get("error"), int(data.get("repeats", 0)),
+                   [float(x) for x in data.get("eager_runs", [])], [float(x) for x in data.get("optimized_runs", [])],
+                   data.get("faster"), dict(data.get("reverted", {})), int(data.get("compiled", 0)))
 
 
 @dataclass

@@ -16,7 +16,7 @@ from rich.table import Table
 from navdeploy.optimize.events import NullListener
 
 if TYPE_CHECKING:
-    from navdeploy.optimize.status import OptimizeStatus
+    from navdeploy.optimize.status import OptimizeStatus, PipelineTiming
 
 # Not a terminal (CI logs, files): rich would wrap at 80 columns; the table needs ~110.
 _console = Console(stderr=True)
@@ -105,6 +105,23 @@ def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
     return tables
 
 
+def _range_ms(runs: list[float]) -> str:
+    return f"{min(runs) * 1e3:.2f}-{max(runs) * 1e3:.2f}" if runs else "-"
+
+
+def pipeline_lines(p: PipelineTiming) -> list[str]:
+    """The pipeline check in words: medians with their range over the alternating passes, the ratio, whether
+    the optimized pipeline is faster beyond noise, modules put back to eager, compiles inside timed passes."""
+    verdict = "faster beyond noise" if p.faster else "not faster beyond noise: as eager"
+    lines = [f"pipeline end to end ({p.repeats} alternating passes each, medians): eager {p.eager_s * 1e3:.2f} ms "
+             f"[{_range_ms(p.eager_runs)}], optimized {(p.optimized_s or 0.0) * 1e3:.2f} ms "
+             f"[{_range_ms(p.optimized_runs)}], {p.speedup or 0.0:.2f}x, {verdict}"]
+    lines += [f"  {name} went back to eager: {why}" for name, why in p.reverted.items()]
+    if p.compiled:
+        lines.append(f"  {p.compiled} timed pass(es) included a torch.compile compile: those figures are high")
+    return lines
+
+
 def print_status(status: OptimizeStatus, detailed: bool = False) -> None:
     """Print the status tables and where the logs are."""
     for table in status_tables(status, detailed):
@@ -113,9 +130,8 @@ def print_status(status: OptimizeStatus, detailed: bool = False) -> None:
         _console.print(f"[dim]{module.name}: {module.seconds:.1f}s, log and manifest in {module.folder}[/]")
     pipeline = getattr(status, "pipeline", None)
     if pipeline is not None and pipeline.optimized_s is not None and pipeline.eager_s:
-        _console.print(f"pipeline end to end: eager {pipeline.eager_s * 1e3:.1f} ms, optimized "
-                       f"{pipeline.optimized_s * 1e3:.1f} ms ({pipeline.eager_s / pipeline.optimized_s:.2f}x)",
-                       highlight=False)
+        for line in pipeline_lines(pipeline):
+            _console.print(line, soft_wrap=True, highlight=False, markup=False)
     report = getattr(status, "report_path", None)
     if report is not None:
         _console.print(f"report: {report}", soft_wrap=True, highlight=False)

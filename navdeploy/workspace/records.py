@@ -213,9 +213,13 @@ class Manifest:
     tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)  # precision -> (atol, rtol)
     graphs: dict[str, GraphEntry] = field(default_factory=dict)
     updated: Optional[str] = None
+    # Why the pipeline check put this module back to eager (its runners made the pipeline no faster); bind then
+    # leaves it eager. The next nav.optimize decides again.
+    reverted: Optional[str] = None
 
     def to_json(self) -> dict:
-        return {"version": self.version, "navdeploy": self.navdeploy, "torch": self.torch, "module": self.module,
+        extra = {"reverted": self.reverted} if self.reverted else {}
+        return {**extra, "version": self.version, "navdeploy": self.navdeploy, "torch": self.torch, "module": self.module,
                 "class": self.class_name, "fingerprint": self.fingerprint, "device": self.device,
                 "precision": self.precision, "forward_func": self.forward_func,
                 "max_batch_size": self.max_batch_size, "batch_sizes": list(self.batch_sizes),
@@ -231,4 +235,4 @@ class Manifest:
                    forward_func=data.get("forward_func"), max_batch_size=data.get("max_batch_size", 1),
                    batch_sizes=list(data.get("batch_sizes") or []), tolerances=tolerances,
                    graphs={k: GraphEntry.from_json(e) for k, e in data["graphs"].items()},
-                   updated=data.get("updated"))
+                   updated=data.get("updated"), reverted=data.get("reverted"))

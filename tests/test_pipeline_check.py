@@ -1,0 +1,49 @@
+"""The pipeline check after the swap: the whole callable, eager against optimized, in this process; a module
+whose runner makes the pipeline no faster goes back to eager, and stays eager after load_optimized."""
+
+from __future__ import annotations
+
+import torch
+
+import navdeploy as nav
+from navdeploy.inplace.binding import bind
+from navdeploy.optimize.never_slower import check_pipeline
+from navdeploy.optimize.status import PipelineTiming
+from navdeploy.workspace.manifest import read_manifest
+
+
+def test_a_runner_that_makes_the_pipeline_no_faster_goes_back_to_eager(tmp_path, choose_candidate):
+    torch.manual_seed(0)
+    module = nav.Module(torch.nn.Linear(4, 4).eval(), name="check_slow")
+    config = nav.OptimizeConfig(runners=("TorchExportCPU",), batch_sizes=(1,), max_batch_size=1,
+                                profile_time_s=0.02, workspace=tmp_path, use_multiprocessing=False,
+                                pipeline_repeats=0)  # the check below runs on its own
+    x = torch.randn(1, 4)
+
+    def pipeline(x):
+        for _ in range(200):  # many calls a pass: a tiny Linear through an ExportedProgram costs more than eager
+            y = module(x)
+        return y
+
+    with torch.no_grad():
+        nav.optimize(pipeline, [(1, x), (1, x)], config=config)
+    choose_candidate(module, tmp_path, "TorchExportCPU")  # a runner no faster than eager for this module
+    timing = check_pipeline(pipeline, [(1, x), (1, x)], [module], {module.name: tmp_path / module.name},
+                            repeats=5, capture_s=0.0, items_timed=1)
+    assert timing.error is None
+    assert list(timing.reverted) == [module.name] and "not faster than eager" in timing.reverted[module.name]
+    assert not module.is_optimized and module.nav_state.bound  # bound, as eager
+    assert len(timing.eager_runs) == len(timing.optimized_runs) == 5
+    manifest = read_manifest(tmp_path / module.name)
+    assert manifest.reverted == timing.reverted[module.name]
+    assert bind(module, tmp_path / module.name) and not module.is_optimized  # a fresh process keeps it eager
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), module.__wrapped__(x))
+
+
+def test_pipeline_timing_round_trips_through_json():
+    timing = PipelineTiming(0.5, 0.01, 0.005, 2, {"a": 0.004}, {"a": 0.002}, None, 5, [0.01] * 5, [0.005] * 5,
+                            True, {"b": "why"}, 1)
+    assert PipelineTiming.from_json(timing.to_json()) == timing
+    old = {"capture_s": 0.5, "eager_s": 0.01, "optimized_s": 0.005, "items_timed": 2}  # a report from before
+    assert PipelineTiming.from_json(old).repeats == 0
