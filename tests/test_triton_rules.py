@@ -167,7 +167,8 @@ def test_ensemble_without_scheduling_and_unused_tensors(tmp_path):
         "instance_group [ { count: 1 kind: KIND_CPU } ]", "")
     _repo(tmp_path, ensemble, files={})
     _assert_reported(_errors(tmp_path), "ensemble_scheduling", "without ensemble_scheduling")
-    (tmp_path / "m" / "config.pbtxt").write_text(ensemble + 'input [ { name: "EXTRA" data_type: TYPE_FP32 dims: [ 1 ] } ]'
+    extra = 'input [ { name: "EXTRA" data_type: TYPE_FP32 dims: [ 1 ] } ]'
+    (tmp_path / "m" / "config.pbtxt").write_text(ensemble + extra +
                                                  'ensemble_scheduling { step [ { model_name: "step" '
                                                  'input_map { key: "input__0" value: "input__0" } '
                                                  'output_map { key: "output__0" value: "output__0" } } ] }')
@@ -274,7 +275,8 @@ def test_torchscript_counts_and_names(tmp_path):
     torch.jit.save(torch.jit.trace(nn.Linear(4, 3).eval(), torch.randn(1, 4)), str(path))
     data = path.read_bytes()
     assert _errors(_repo(tmp_path / "ok", TORCHSCRIPT, {"1/model.pt": data})) == []
-    two = TORCHSCRIPT.replace("dims: [ 4 ] } ]", 'dims: [ 4 ] }, { name: "INPUT__1" data_type: TYPE_FP32 dims: [ 4 ] } ]')
+    second = '{ name: "INPUT__1" data_type: TYPE_FP32 dims: [ 4 ] } ]'
+    two = TORCHSCRIPT.replace("dims: [ 4 ] } ]", "dims: [ 4 ] }, " + second)
     _assert_reported(_errors(_repo(tmp_path / "two", two, {"1/model.pt": data})), "input", "takes 1 tensor argument")
     outs = TORCHSCRIPT.replace('"OUTPUT__0"', '"result"')
     _assert_reported(_errors(_repo(tmp_path / "names", outs, {"1/model.pt": data})), "output[0] ('result').name",
@@ -347,3 +349,27 @@ def test_aoti_model_per_triton_version(tmp_path):
     old = parse_config((old_repo / "lin" / "config.pbtxt").read_text())
     assert (old.backend, old.platform, old.input[0].name) == ("python", "", "input__0")
     assert sorted(p.name for p in (old_repo / "lin" / "1").iterdir()) == ["model.pt2", "model.py"]
+
+
+def test_bundled_triton_serves_an_unbatched_scalar_output(tmp_path):
+    """Server 2.51 (nvidia-pytriton) loads the dims [1] form and model.py sends the 0-d sum as shape [1]."""
+    pytest.importorskip("pytriton")
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    from navdeploy.triton import TritonServer, export_model_repository
+
+    ws = _workspace(tmp_path / "ws", "total", "torchscript", "TorchScriptCPU", batching=False, out_shape=[])
+    repo = export_model_repository(tmp_path / "repo", workspace=ws, triton_version="24.10")
+    server = TritonServer(repo, startup_timeout_s=120)
+    server.start()
+    try:
+        client = httpclient.InferenceServerClient(server.http_url)
+        x = np.arange(4, dtype=np.float32)
+        inp = httpclient.InferInput("input__0", [4], "FP32")
+        inp.set_data_from_numpy(x)
+        out = client.infer("total", [inp]).as_numpy("output__0")
+        client.close()
+    finally:
+        server.stop()
+    assert out.shape == (1,) and float(out[0]) == pytest.approx(float(x.sum()))

@@ -143,3 +143,16 @@ def test_backend_is_inferred_from_the_version_folder_like_triton(tmp_path):
     (tmp_path / "inferred" / "1" / "model.py").unlink()
     code, out = _validate(tmp_path)
     assert code == 1 and "neither backend nor platform" in out and "Fix:" in out
+
+
+def test_cli_triton_version(tmp_path):
+    aoti = GOOD.replace('backend: "python"', 'backend: "pytorch"\nplatform: "torch_aoti"').replace(
+        "input__0", "INPUT__0").replace("output__0", "OUTPUT__0")
+    path = _model(tmp_path, "aoti", aoti.format(name="aoti"))
+    (path / "1" / "model.pt2").write_bytes(b"pt2")
+    code, out = _validate(tmp_path, "--triton-version", "26.03")
+    assert code == 0, out
+    code, out = _validate(tmp_path, "--triton-version", "24.10")
+    assert code == 1 and "does not know platform 'torch_aoti'" in out and "Fix:" in out
+    code, out = _validate(tmp_path, "--triton-version", "1.0")
+    assert code == 2 and "unknown Triton version" in out

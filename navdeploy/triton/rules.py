@@ -10,6 +10,7 @@ rule is a generator of :class:`Problem`; a rule never stops at the first problem
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from math import prod
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -56,12 +57,12 @@ class ModelContext:
     def problem(self, where: str, message: str, fix: str, severity: str = "error") -> Problem:
         return Problem(self.model, where, message, fix, severity)
 
-    @property
+    @cached_property
     def versions(self) -> list[str]:
         """The numeric version folders, in Triton's order (by number)."""
         return sorted((p.name for p in self.folder.iterdir() if p.is_dir() and p.name.isdigit()), key=int)
 
-    @property
+    @cached_property
     def resolved(self) -> Resolved:
         return resolve_backend(self.cfg, self.model, self.folder, self.release)
 
