@@ -209,6 +209,12 @@ def report(workspace: Optional[Path] = WorkspaceOption,
             _console.print("[yellow]no web browser found; open the file above yourself[/]")
 
 
+TritonVersionOption = typer.Option(
+    None, "--triton-version", help="Triton release the repository is for, e.g. 24.10 (= server 2.51, the one in "
+    "nvidia-pytriton); default: the newest navdeploy supports. Decides the platforms accepted and how AOTInductor "
+    "models are emitted.")
+
+
 @app.command("export-repo")
 def export_repo(path: Path = typer.Argument(Path("model_repository"), help="Repository folder to write (replaced "
                                             "atomically)."),
@@ -220,7 +226,8 @@ def export_repo(path: Path = typer.Argument(Path("model_repository"), help="Repo
                 instances: int = typer.Option(1, "--instances", help="instance_group count per model."),
                 warmup: bool = typer.Option(False, "--warmup", help="Add model_warmup with zero inputs."),
                 templates: Optional[Path] = typer.Option(None, "--templates", help="Folder with your own "
-                                                         "config.pbtxt.j2 / model.py.j2.")) -> None:
+                                                         "config.pbtxt.j2 / model.py.j2."),
+                triton_version: Optional[str] = TritonVersionOption) -> None:
     """Write a Triton model repository: one model per optimized module graph, configs from Jinja templates.
 
     Example: navdeploy export-repo model_repository --backend python -w ./workspace
@@ -230,8 +237,8 @@ def export_repo(path: Path = typer.Argument(Path("model_repository"), help="Repo
 
     try:
         out = export_model_repository(path, module or None, backend, workspace, instance_count=instances,
-                                      warmup=warmup, templates_dir=templates)
-        plans = plan_repository(_workspace(workspace), module or None, backend, warmup)
+                                      warmup=warmup, templates_dir=templates, triton_version=triton_version)
+        plans = plan_repository(_workspace(workspace), module or None, backend, warmup, triton_version)
     except NavdeployError as exc:
         _console.print(f"[red]export failed:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from exc
@@ -247,17 +254,23 @@ def export_repo(path: Path = typer.Argument(Path("model_repository"), help="Repo
 @app.command("validate-repo")
 def validate_repo(path: Path = typer.Argument(..., help="Model repository folder."),
                   target: str = typer.Option("auto", "--target", help="cpu, gpu, or auto (gpu when one is "
-                                             "visible): whether KIND_GPU is allowed.")) -> None:
+                                             "visible): whether KIND_GPU is allowed."),
+                  triton_version: Optional[str] = TritonVersionOption) -> None:
     """Check every config.pbtxt with Triton's protobuf and the rules Triton applies when loading a model.
 
     Exit code 1 when any model would be refused. Example: navdeploy validate-repo model_repository
     """
+    from navdeploy.errors import NavdeployError
     from navdeploy.triton import validate_repository
 
     if target not in ("auto", "cpu", "gpu"):
         _console.print(f"[red]--target must be auto, cpu or gpu, not {target!r}[/]")
         raise typer.Exit(2)
-    problems = validate_repository(path, target=target)
+    try:
+        problems = validate_repository(path, target=target, triton_version=triton_version)
+    except NavdeployError as exc:
+        _console.print(f"[red]{escape(str(exc))}[/]", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from exc
     failed = [p for p in problems if p.severity == "error"]
     for p in problems:  # one line per problem (never wrapped): easy to grep in CI logs
         tag = "[red]error[/]" if p.severity == "error" else "[yellow]warning[/]"

@@ -21,13 +21,20 @@ instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 """
 
 
+MODEL_PY = """
+class TritonPythonModel:
+    def execute(self, requests):
+        return []
+"""
+
+
 def _model(repo: Path, name: str, config: str, version: bool = True, folder: str = None) -> Path:
     path = repo / (folder or name)
     path.mkdir(parents=True)
     (path / "config.pbtxt").write_text(config)
     if version:
         (path / "1").mkdir()
-        (path / "1" / "model.py").write_text("# placeholder\n")
+        (path / "1" / "model.py").write_text(MODEL_PY)
     return path
 
 
@@ -54,9 +61,9 @@ def test_hand_written_good_repository_passes(tmp_path):
     ("batching_without_max", GOOD.replace("max_batch_size: 8", "max_batch_size: 0"),
      ["dynamic_batching", "max_batch_size > 0"]),
     ("gpu_on_cpu", GOOD.replace("KIND_CPU", "KIND_GPU"), ["instance_group[0].kind", "KIND_GPU", "KIND_CPU"]),
-    ("bad_pair", GOOD.replace('backend: "python"', 'backend: "python"\nplatform: "onnxruntime_onnx"'),
-     ["platform"]),
-    ("no_backend", GOOD.replace('backend: "python"', ""), ["neither backend nor platform"]),
+    # python ignores any platform (Triton checks the pair only for the backends it knows): this pair it refuses
+    ("bad_pair", GOOD.replace('backend: "python"', 'backend: "onnxruntime"\nplatform: "pytorch_libtorch"'),
+     ["platform", "'onnxruntime' does not serve platform 'pytorch_libtorch'", 'platform "onnxruntime_onnx"']),
 ])
 def test_broken_config_is_rejected(tmp_path, case, config, expected):
     _model(tmp_path, case, config.format(name=case))
@@ -126,3 +133,26 @@ def test_not_a_repository(tmp_path):
     assert code == 1 and "is not a folder" in out
     code, out = _validate(tmp_path)
     assert code == 1 and "holds no model folders" in out
+
+
+def test_backend_is_inferred_from_the_version_folder_like_triton(tmp_path):
+    """No backend and no platform: Triton's auto-complete takes the backend from the first version folder's file."""
+    _model(tmp_path, "inferred", GOOD.format(name="inferred").replace('backend: "python"', ""))
+    problems = validate_repository(tmp_path, target="cpu")
+    assert [p.severity for p in problems] == ["warning"] and "infers backend 'python'" in problems[0].message
+    (tmp_path / "inferred" / "1" / "model.py").unlink()
+    code, out = _validate(tmp_path)
+    assert code == 1 and "neither backend nor platform" in out and "Fix:" in out
+
+
+def test_cli_triton_version(tmp_path):
+    aoti = GOOD.replace('backend: "python"', 'backend: "pytorch"\nplatform: "torch_aoti"').replace(
+        "input__0", "INPUT__0").replace("output__0", "OUTPUT__0")
+    path = _model(tmp_path, "aoti", aoti.format(name="aoti"))
+    (path / "1" / "model.pt2").write_bytes(b"pt2")
+    code, out = _validate(tmp_path, "--triton-version", "26.03")
+    assert code == 0, out
+    code, out = _validate(tmp_path, "--triton-version", "24.10")
+    assert code == 1 and "does not know platform 'torch_aoti'" in out and "Fix:" in out
+    code, out = _validate(tmp_path, "--triton-version", "1.0")
+    assert code == 2 and "unknown Triton version" in out

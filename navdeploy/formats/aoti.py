@@ -32,7 +32,7 @@ def _load(ctx: LoadContext) -> RunFn:
 
 
 FORMAT = FormatSpec(Format.TORCH_AOTI, artifact="model.pt2", export=_export,
-                    triton=TritonMapping("pytorch", "torch_aoti", python_preference=3))
+                    triton=TritonMapping("pytorch", "torch_aoti", io_names="INPUT__N", python_preference=3))
 RUNNERS = [
     RunnerSpec("AOTInductorCPU", Format.TORCH_AOTI, "cpu", _load),
     RunnerSpec("AOTInductorCUDA", Format.TORCH_AOTI, "cuda", _load),

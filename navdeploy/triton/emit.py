@@ -10,7 +10,8 @@ Backend by the selected runner's format (``backend="auto"``), as each format fil
     onnx                    -> onnxruntime (onnxruntime_onnx, model.onnx; ORT TensorRT/CUDA accelerator if that won)
     trt                     -> tensorrt (tensorrt_plan, model.plan; CUDA graphs where the runner used them)
     torchscript             -> pytorch (pytorch_libtorch, model.pt; I/O named INPUT__i / OUTPUT__i)
-    torch-aoti              -> pytorch (torch_aoti, model.pt2)
+    torch-aoti              -> pytorch (torch_aoti, model.pt2; INPUT__i / OUTPUT__i) where the target Triton's
+                               core knows torch_aoti (``triton_version``), else python
     torch / torch-exportedprogram / anything else -> python (model.py loading an artifact of the graph)
 
 ``backend="python"`` emits every graph as a Python-backend model, runnable on any Triton, including the
@@ -37,6 +38,7 @@ from navdeploy.formats.base import Format, FormatSpec, RunnerTriton, TritonMappi
 from navdeploy.formats.registry import FORMATS, RUNNERS
 from navdeploy.templates_dir import templates_dir
 from navdeploy.triton.validate import errors, validate_repository
+from navdeploy.triton.versions import TritonRelease, resolve_release
 from navdeploy.workspace.layout import MANIFEST
 from navdeploy.workspace.manifest import load_manifest
 from navdeploy.workspace.records import CandidateRecord, GraphEntry, Manifest
@@ -99,6 +101,7 @@ class TensorConfig:
     data_type: str
     dims: list[int]
     reshape: Optional[list[int]] = None
+    scalar: bool = False  # a 0-d tensor per batch item (or per call): the model.py reshapes it on its side
 
 
 @dataclass
@@ -172,13 +175,21 @@ def _python_artifact(graph_dir: Path, candidate: CandidateRecord, entry: GraphEn
     return best.format, graph_dir / best.artifact_dir(module_precision), best
 
 
-def _dims(spec: TensorSpec, batching: bool) -> tuple[list[int], Optional[list[int]]]:
+def _dims(spec: TensorSpec, batching: bool) -> tuple[list[int], Optional[list[int]], bool]:
+    """(dims, reshape, scalar) of a tensor. Triton has no scalar tensors: a scalar per batch item is dims [1]
+    with an empty reshape (the model sees [B]); a 0-d tensor of a non-batching model is dims [1] without reshape
+    (core refuses an empty reshape there), and the Python-backend model.py reshapes between [1] and []."""
     dims = [-1 if lo != hi or lo < 1 else lo for lo, hi in zip(spec.min_shape, spec.max_shape)]
     if batching:
         dims = dims[1:]
-    if not dims:  # a scalar per batch item (or a 0-d tensor): Triton needs non-empty dims
-        return [1], []
-    return dims, None
+    if not dims:
+        return [1], ([] if batching else None), True
+    return dims, None, False
+
+
+def _has_unbatched_scalar(graph: Graph) -> bool:
+    """A 0-d tensor in a non-batching graph: native backends compare ranks with dims [1] and refuse it."""
+    return not graph.batching and any(not t.min_shape for t in list(graph.inputs) + list(graph.outputs))
 
 
 def _run_dtype(dtype: str, precision: str, module_precision: str) -> str:
@@ -230,7 +241,7 @@ def _accelerators(runner: RunnerTriton, precision: str) -> list[dict]:
 
 
 def _plan_graph(name: str, module_folder: Path, manifest: Manifest, entry: GraphEntry, backend: str,
-                instance_kind: str, warmup: bool) -> Optional[ModelPlan]:
+                instance_kind: str, warmup: bool, release: TritonRelease) -> Optional[ModelPlan]:
     module = manifest.module
     module_precision = manifest.precision
     graph = entry.graph
@@ -251,6 +262,10 @@ def _plan_graph(name: str, module_folder: Path, manifest: Manifest, entry: Graph
     in_dtypes = [t.dtype for t in graph.inputs]
     out_dtypes = [t.dtype for t in graph.outputs]
     run_dtypes = list(in_dtypes)
+    if _has_unbatched_scalar(graph) or (mapping.platform == "torch_aoti" and not release.torch_aoti):
+        backend = "python"  # a form this Triton loads: no torch_aoti in its core, or no scalar tensors natively
+    if _has_unbatched_scalar(graph) or (fmt == "torch-aoti" and not release.torch_aoti):
+        backend = "python"  # a form this Triton loads: no torch_aoti in its core, or no scalar tensors natively
 
     if backend == "auto" and mapping.backend is not None:
         triton_backend, platform = mapping.backend, mapping.platform
@@ -298,8 +313,10 @@ def _plan_graph(name: str, module_folder: Path, manifest: Manifest, entry: Graph
 
 
 def plan_repository(workspace: Path, modules: Optional[Iterable[str]] = None, backend: str = "auto",
-                    warmup: bool = False) -> list[ModelPlan]:
-    """The Triton models a workspace yields, without writing anything."""
+                    warmup: bool = False, triton_version: Optional[str] = None) -> list[ModelPlan]:
+    """The Triton models a workspace yields, without writing anything (``triton_version``: the target release,
+    which decides how AOTInductor artifacts are served; None: the newest supported)."""
+    release = resolve_release(triton_version)
     if backend not in BACKENDS:
         raise NavdeployError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     workspace = Path(workspace)
@@ -322,7 +339,8 @@ def plan_repository(workspace: Path, modules: Optional[Iterable[str]] = None, ba
         kind = "KIND_GPU" if manifest.device.startswith("cuda") else "KIND_CPU"
         graphs = manifest.graphs
         for key in sorted(graphs):
-            plan = _plan_graph(model_name(name, key, len(graphs)), folder, manifest, graphs[key], backend, kind, warmup)
+            plan = _plan_graph(model_name(name, key, len(graphs)), folder, manifest, graphs[key], backend, kind, warmup,
+                               release)
             if plan is not None:
                 plans.append(plan)
     if wanted is not None and wanted - found:
@@ -354,7 +372,8 @@ def render_model(plan: ModelPlan, env: jinja2.Environment, instance_count: int =
         files["1/model.py"] = env.get_template("model.py.j2").render(
             **context, artifact_format=plan.artifact_format, artifact_file=artifact_file(plan.artifact_format),
             input_names=repr([t.name for t in plan.inputs]), output_names=repr([t.name for t in plan.outputs]),
-            run_dtypes=repr(plan.run_dtypes), batching=repr(plan.max_batch_size > 0))
+            run_dtypes=repr(plan.run_dtypes), batching=repr(plan.max_batch_size > 0),
+            scalar_inputs=repr([t.scalar for t in plan.inputs]), scalar_outputs=repr([t.scalar for t in plan.outputs]))
     return files
 
 
@@ -393,7 +412,7 @@ def render_serve_script(plans: list[ModelPlan], env: jinja2.Environment, workspa
 
 def write_repository(plans: list[ModelPlan], path: Path, instance_count: int = 1, max_queue_delay_us: int = 100,
                      templates_dir: Optional[Path] = None, target: str = "auto",
-                     extra_files: Optional[dict[str, str]] = None) -> Path:
+                     extra_files: Optional[dict[str, str]] = None, triton_version: Optional[str] = None) -> Path:
     """Render and copy every model into a temporary folder beside ``path``, validate it, then swap it into place.
 
     A failure (render, copy or validation) leaves an existing repository at ``path`` untouched."""
@@ -412,7 +431,7 @@ def write_repository(plans: list[ModelPlan], path: Path, instance_count: int = 1
                 (folder / rel).write_text(text)
         for rel, text in (extra_files or {}).items():
             (tmp / rel).write_text(text)
-        problems = errors(validate_repository(tmp, target=target))
+        problems = errors(validate_repository(tmp, target=target, triton_version=triton_version))
         if problems:
             raise NavdeployError("the emitted repository does not validate:\n" + "\n".join(map(str, problems)))
         old = None
@@ -438,7 +457,7 @@ def export_model_repository(path: str | Path = "model_repository", modules: Opti
                             backend: str = "auto", workspace: Optional[str | Path] = None, *,
                             instance_count: int = 1, max_queue_delay_us: int = 100, warmup: bool = False,
                             templates_dir: Optional[str | Path] = None, pipeline: Optional[str] = None,
-                            pipeline_factory: bool = False) -> Path:
+                            pipeline_factory: bool = False, triton_version: Optional[str] = None) -> Path:
     """Write a Triton model repository with one model per optimized module graph; returns its path.
 
     Args:
@@ -455,6 +474,10 @@ def export_model_repository(path: str | Path = "model_repository", modules: Opti
         templates_dir: a folder with your own ``config.pbtxt.j2`` / ``model.py.j2`` overriding the shipped ones.
         pipeline: ``"module:function"`` of the Python pipeline; the repository's generated ``serve.py`` serves it
             through PyTriton (``pipeline_factory=True`` when the function returns the pipeline).
+        triton_version: the Triton release the repository is for (``"24.10"`` = server 2.51, the one in
+            nvidia-pytriton; default: the newest navdeploy supports). AOTInductor artifacts become ``torch_aoti``
+            models where that release's core knows the platform, else Python-backend models; the repository is
+            validated against that release.
     """
     from navdeploy.config import default_workspace
 
@@ -470,13 +493,14 @@ def export_model_repository(path: str | Path = "model_repository", modules: Opti
             if workspace is None and own is not None:
                 workspace = own
     ws = Path(workspace) if workspace is not None else default_workspace()
-    plans = plan_repository(ws, names, backend, warmup)
+    plans = plan_repository(ws, names, backend, warmup, triton_version)
     gpu = any(p.instance_kind == "KIND_GPU" for p in plans)
     templates = Path(templates_dir) if templates_dir else None
     # serve.py names the workspace only when the caller chose one: an implicit one is resolved where it is served.
     serve_py = render_serve_script(plans, _environment(templates), Path(workspace) if workspace is not None else None,
                                    pipeline, pipeline_factory)
     out = write_repository(plans, Path(path), instance_count, max_queue_delay_us, templates,
-                           target="gpu" if gpu else "cpu", extra_files={"serve.py": serve_py})
+                           target="gpu" if gpu else "cpu", extra_files={"serve.py": serve_py},
+                           triton_version=triton_version)
     log.info("wrote Triton model repository %s: %s", out, ", ".join(f"{p.name} ({p.backend})" for p in plans))
     return out

@@ -17,6 +17,9 @@ OUTPUT_NAMES = ['output__0']
 # numpy dtype each artifact input is run in (float inputs are cast when the artifact was built in another precision)
 RUN_DTYPES = ['float32']
 BATCHING = True
+# 0-d tensors of the artifact: Triton has no scalars, so a non-batching model sends and takes them as shape [1]
+SCALAR_INPUTS = [False]
+SCALAR_OUTPUTS = [False]
 
 
 def _numpy_dtype(name):
@@ -68,12 +71,16 @@ class TritonPythonModel:
 
     def _inputs(self, request):
         arrays = []
-        for name, dtype in zip(INPUT_NAMES, RUN_DTYPES):
+        for name, dtype, scalar in zip(INPUT_NAMES, RUN_DTYPES, SCALAR_INPUTS):
             array = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+            if scalar and not BATCHING:
+                array = array.reshape(())
             arrays.append(np.ascontiguousarray(array, dtype=_numpy_dtype(dtype)))
         return arrays
 
     def _response(self, outputs):
+        if not BATCHING:
+            outputs = [np.reshape(out, (1,)) if scalar else out for out, scalar in zip(outputs, SCALAR_OUTPUTS)]
         tensors = [pb_utils.Tensor(name, np.ascontiguousarray(out, dtype=dtype))
                    for name, out, dtype in zip(OUTPUT_NAMES, outputs, self.output_dtypes)]
         return pb_utils.InferenceResponse(output_tensors=tensors)
