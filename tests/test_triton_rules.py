@@ -309,8 +309,10 @@ def _workspace(ws: Path, module: str, fmt: str, runner: str, batching: bool, out
     else:
         (folder / "model.pt2").write_bytes(b"an AOTInductor package")
     candidate = {"name": runner, "runner": runner, "format": fmt, "precision": "fp32", "status": "ok",
-                 "profile": [{"batch_size": 4 if batching else 1, "p50_ms": 0.1}]}
-    manifest = {"module": module, "precision": "fp32", "device": "cpu", "max_batch_size": 8 if batching else 0,
+                 "profile": [{"batch_size": 4 if batching else None, "p50_ms": 0.1, "p90_ms": 0.1, "throughput": 1e4,
+                              "iterations": 10, "stable": True}]}
+    manifest = {"version": 1, "fingerprint": "hand-made", "module": module, "precision": "fp32", "device": "cpu",
+                "max_batch_size": 8 if batching else 1,
                 "graphs": {"k0": {"graph": graph.to_json(), "selected": runner, "candidates": [candidate]}}}
     (ws / module / "manifest.json").write_text(__import__("json").dumps(manifest))
     return ws
