@@ -245,7 +245,8 @@ def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
                      else [(None, graph.samples[0].inputs)])
             for bs, inputs in sized:
                 with _current_device(inputs):
-                    record.profile.append(measure(lambda: run(inputs), bs, job.device, job.profile_time_s))
+                    record.profile.append(measure(lambda inputs=inputs: run(inputs), bs, job.device,
+                                                  job.profile_time_s))
             record.times["profile_s"] = time.perf_counter() - start
         record.status = "ok"
     except Exception as exc:  # noqa: BLE001 - a failing candidate must never stop the others

@@ -169,7 +169,7 @@ class Payload:
             if self._bytes is None:
                 try:
                     self._bytes = cloudpickle.dumps(self._job)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     raise WorkerStartError(f"the module cannot be sent to a child process ({type(exc).__name__}: "
                                            f"{exc})") from exc
             return self._bytes
@@ -288,7 +288,7 @@ class Executor:
                 if failure:
                     self._kill()
                     if self._stopped:  # killed by stop(): not the candidate's failure, and nothing to record
-                        raise RunStopped(_STOPPED)
+                        raise RunStopped(_STOPPED) from None  # the empty poll is not the cause
                     return replace(new_record(RUNNERS[task.runner], task.precision, self.job.precision),
                                    step="isolation", error=failure)
 

@@ -29,7 +29,7 @@ def export_program(ctx: BuildContext) -> torch.export.ExportedProgram:
     """Export the flat module; dims the model forces to a constant fall back to Dim.AUTO."""
     try:
         return torch.export.export(ctx.module, tuple(ctx.example), dynamic_shapes=dynamic_shapes(ctx))
-    except Exception as exc:  # noqa: BLE001 - constraint violations have several exception types
+    except Exception as exc:  # constraint violations have several exception types
         if "Constraints violated" not in str(exc) and "specialized" not in str(exc):
             raise
         auto = tuple([{a: torch.export.Dim.AUTO for a in axes} or None for axes in ctx.dynamic_axes])

@@ -38,7 +38,8 @@ def export_onnx(ctx: BuildContext) -> None:
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         for leftover in ctx.path.iterdir():
             leftover.unlink()
-        axes = {name: {a: f"{name}_axis{a}" for a in dyn} for name, dyn in zip(ctx.input_names, ctx.dynamic_axes) if dyn}
+        axes = {name: {a: f"{name}_axis{a}" for a in dyn}
+                for name, dyn in zip(ctx.input_names, ctx.dynamic_axes) if dyn}
         torch.onnx.export(ctx.module, tuple(ctx.example), path, dynamo=False, input_names=ctx.input_names,
                           output_names=ctx.output_names, dynamic_axes=axes, opset_version=17)
 

@@ -14,7 +14,7 @@ ENABLED_PRECISIONS = {"fp32": (torch.float32,), "tf32": (torch.float32,), "fp16"
 
 
 def _export(ctx: BuildContext) -> None:
-    import torch_tensorrt  # noqa: F401 - needed for the Input class and the compile call below
+    import torch_tensorrt
 
     profile = optimization_profile(ctx.graph, max((a.get(0, (1, 1))[1] for a in ctx.dynamic_axes), default=1))
     inputs = [torch_tensorrt.Input(min_shape=lo, opt_shape=opt, max_shape=hi, dtype=t.dtype)

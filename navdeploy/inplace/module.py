@@ -17,7 +17,7 @@ from navdeploy.errors import ConfigError
 from navdeploy.inplace import registry
 from navdeploy.inplace.handler import OptimizedHandler
 from navdeploy.inplace.hooks import call_with_hooks, has_forward_hooks
-from navdeploy.inplace.state import ModuleState
+from navdeploy.inplace.state import ModuleState, weights_precision
 
 
 class Module(wrapt.ObjectProxy):
@@ -71,8 +71,7 @@ class Module(wrapt.ObjectProxy):
         if other is not None and other.__wrapped__ is not module:
             raise ValueError(f"two nav.Modules are named {name!r}; pass a unique name=..., e.g. "
                              f"nav.Module(module, name='{name}_2').")
-        self._self_state = ModuleState(name, input_mapping, output_mapping, forward_func, batching,
-                                       precision or "fp32")
+        self._self_state = ModuleState(name, input_mapping, output_mapping, forward_func, batching, precision)
         if forward_func is not None:
             self._nav_patch()
         registry.register(self)
@@ -101,7 +100,15 @@ class Module(wrapt.ObjectProxy):
 
     @property
     def precision(self) -> str:
-        return self._self_state.precision
+        """The precision of the module's weights: the one given to ``nav.Module``, else read from its floating-point
+        parameters when asked (fp16/bf16 weights are fp16/bf16; anything else fp32), so a module cast with
+        ``.half()`` before or after wrapping is not cast again and is checked with its own precision's tolerance."""
+        return self._self_state.precision or weights_precision(self.__wrapped__)
+
+    @property
+    def precision_inferred(self) -> bool:
+        """True when ``precision`` was read from the weights rather than given."""
+        return self._self_state.precision is None
 
     @property
     def is_optimized(self) -> bool:

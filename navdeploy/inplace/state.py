@@ -9,12 +9,23 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
+import torch
+
 from navdeploy.config import OptimizeConfig
 
 # ``handler(fn, args, kwargs)``: runs the call (inputs already mapped) its own way; ``fn`` is the eager forward.
 Handler = Callable[[Callable, tuple, dict], Any]
 
 _order = itertools.count(1)
+_LOW = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def weights_precision(module: torch.nn.Module) -> str:
+    """fp16 or bf16 when the module's floating-point parameters (else buffers) are in that dtype, else fp32."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return _LOW.get(tensor.dtype, "fp32")
+    return "fp32"
 
 
 @dataclass
@@ -26,7 +37,7 @@ class ModuleState:
     output_mapping: Optional[Callable[[Any], Any]]
     forward_func: Optional[str]
     batching: Optional[bool]
-    precision: str
+    precision: Optional[str]  # None: read from the weights when needed (Module.precision)
     optimize_config: Optional[OptimizeConfig] = None
     handler: Optional[Handler] = None
     bound: bool = False  # a selection (possibly eager itself) is in place

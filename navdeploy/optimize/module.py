@@ -172,34 +172,39 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
         if module.__wrapped__.training:
             log.warning("module %s is in training mode; call .eval() before nav.optimize for stable results",
                         module.name)
+        precision = module.precision  # read once: given, or from the weights (an fp16 module is not cast again)
+        if module.precision_inferred:
+            log.info("%s: precision %s, read from its weights (pass precision= to nav.Module to set it)",
+                     module.name, precision)
         fp = fingerprint(module.__wrapped__)
         old = read_manifest(folder)
         old_graphs = old.graphs if old and old.fingerprint == fp and old.device == device else {}
         batch_sizes = config.profile_batch_sizes(max(g.inputs[0].max_shape[0] if g.batching else 1 for g in graphs))
         checked_as = {p: tolerance_precision(p, module.__wrapped__, device)
-                      for p in candidate_precisions(module.precision, device, config.precisions) + (module.precision,)}
+                      for p in candidate_precisions(precision, device, config.precisions) + (precision,)}
         tolerances = {p: config.tolerance_for(q) for p, q in checked_as.items()}
         if checked_as.get("fp32") == "tf32":
             log.info("%s: fp32 candidates are checked with the tf32 tolerance %s, as eager itself runs TF32 "
                      "convolutions/matmuls here (set torch.backends.cudnn.allow_tf32 = False for a strict check)",
                      module.name, tolerances["fp32"])
         job = Job(module.name, module.__wrapped__, module.nav_state.forward_func, {g.key: g for g in graphs}, folder,
-                  device, module.precision, tolerances, config.verify_func, batch_sizes, config.max_batch_size,
+                  device, precision, tolerances, config.verify_func, batch_sizes, config.max_batch_size,
                   config.profile_time_s)
         entries = dict(old_graphs)  # graphs not seen this time stay valid: same weights, same device
         with module._nav_unpatched(), ExecutorPool(job, use_multiprocessing(config), config.timeout_s,
                                                    folder / LOG_FILE, build_workers(config)) as executors:
             for graph in graphs:
-                gkey = _graph_cache_key(graph, fp, device, module.precision, config, batch_sizes, tolerances)
+                gkey = _graph_cache_key(graph, fp, device, precision, config, batch_sizes, tolerances)
                 entries[graph.key] = _optimize_graph(graph, job, executors, config, device,
                                                      old_graphs.get(graph.key), gkey, listener)
         wrapped = type(module.__wrapped__)
         manifest = Manifest(module.name, fp, device, MANIFEST_VERSION, __version__, torch.__version__,
-                            f"{wrapped.__module__}.{wrapped.__qualname__}", module.precision,
+                            f"{wrapped.__module__}.{wrapped.__qualname__}", precision,
                             module.nav_state.forward_func, config.max_batch_size, list(batch_sizes),
-                            dict(tolerances), entries, now())
+                            dict(tolerances), entries, now(), precision_inferred=module.precision_inferred)
         write_manifest(folder, manifest)  # last: a killed run leaves the old manifest
         optimized = bind(module, folder, manifest, fp)
     statuses = [GraphStatus(g.key, entries[g.key].selected, entries[g.key].candidates, g.batching)
                 for g in graphs]
-    return ModuleStatus(module.name, folder, device, statuses, optimized, time.perf_counter() - start, tolerances)
+    return ModuleStatus(module.name, folder, device, statuses, optimized, time.perf_counter() - start, tolerances,
+                        precision=precision, precision_inferred=module.precision_inferred)

@@ -45,6 +45,8 @@ class ModuleStatus:
     seconds: float
     tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)  # precision -> (atol, rtol)
     reverted: Optional[str] = None  # why the pipeline check put it back to eager
+    precision: str = "fp32"  # of its weights: eager runs in it, and candidates are checked against it
+    precision_inferred: bool = False  # read from the weights, not given to nav.Module
 
 
 @dataclass

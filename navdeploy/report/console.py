@@ -79,7 +79,9 @@ def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
     for module in status.modules.values():
         for graph in module.graphs:
             title = f"{module.name} · graph {graph.key} · {module.device}" + \
-                ("" if graph.batching else " · no batching")
+                ("" if graph.batching else " · no batching") + \
+                (f" · {module.precision} (from its weights)" if module.precision_inferred and module.precision != "fp32"
+                 else "")
             table = Table(title=title, title_justify="left")
             for col in ("", "runner", "format", "status", "max abs err", "p50 ms", "p90 ms", "best thr/s"):
                 table.add_column(col, justify="right" if col.endswith(("err", "ms", "/s")) else "left")

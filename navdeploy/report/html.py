@@ -357,7 +357,7 @@ def _status_run(status: "OptimizeStatus", env: Optional[dict] = None, created: O
 
 def _modules_from_record(record: dict) -> list[dict]:
     modules = []
-    for name, info in record["modules"].items():
+    for _name, info in record["modules"].items():
         folder = Path(info["folder"])
         manifest = read_manifest(folder)
         if manifest is None:

@@ -25,7 +25,7 @@ class HtmlReporter(NullListener):
             from navdeploy.report.html import write_run_report
 
             status.report_path = write_run_report(status)
-        except Exception as exc:  # the optimization itself succeeded: this only costs the report
+        except Exception as exc:  # noqa: BLE001 - the optimization itself succeeded: this only costs the report
             log.warning("navdeploy: could not write the HTML report: %s: %s", type(exc).__name__, exc)
             # stacklevel: here, Listeners.run_finished, run_optimize, navdeploy.api.optimize, the user's call.
             warnings.warn(f"navdeploy: could not write the HTML report: {type(exc).__name__}: {exc}", RuntimeWarning,

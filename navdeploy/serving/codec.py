@@ -116,8 +116,9 @@ class PipelineCall:
         for spec in self.outputs:
             array = to_numpy(named[spec.name], spec)
             if self.batched and (array.ndim == 0 or array.shape[0] != batch):
-                raise NavdeployError(f"output {spec.name!r}: the pipeline returned shape {list(array.shape)} for a batch "
-                                     f"of {batch}; a batching pipeline returns one item per input item on axis 0.")
+                raise NavdeployError(f"output {spec.name!r}: the pipeline returned shape {list(array.shape)} "
+                                     f"for a batch of {batch}; a batching pipeline returns one item per input item "
+                                     "on axis 0.")
             self._check(spec.name, array, spec, "output")
             out[spec.name] = array
         return out

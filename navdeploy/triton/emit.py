@@ -50,8 +50,8 @@ TEMPLATES = templates_dir()
 DATA_TYPES = {
     "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
     "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
-    "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32", "uint64": "TYPE_UINT64", "bool": "TYPE_BOOL", "str": "TYPE_STRING",
-    "string": "TYPE_STRING", "bytes": "TYPE_STRING",
+    "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32", "uint64": "TYPE_UINT64", "bool": "TYPE_BOOL",
+    "str": "TYPE_STRING", "string": "TYPE_STRING", "bytes": "TYPE_STRING",
 }
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # ONNX TensorProto element types -> torch-style dtype names
@@ -295,8 +295,9 @@ def _plan_graph(name: str, module_folder: Path, manifest: Manifest, entry: Graph
         raise NavdeployError(f"module {module!r} graph {graph.key}: artifact {artifact} is missing; "
                              "re-run nav.optimize to rebuild it.")
     if len(in_names) != len(graph.inputs) or len(out_names) != len(graph.outputs):
-        raise NavdeployError(f"module {module!r} graph {graph.key}: the {art_fmt} artifact has {len(in_names)} inputs and "
-                             f"{len(out_names)} outputs, the captured graph {len(graph.inputs)} and {len(graph.outputs)}.")
+        raise NavdeployError(f"module {module!r} graph {graph.key}: the {art_fmt} artifact has {len(in_names)} "
+                             f"inputs and {len(out_names)} outputs, the captured graph {len(graph.inputs)} and "
+                             f"{len(graph.outputs)}.")
     where = f"module {module!r} graph {graph.key}"
     inputs = [TensorConfig(n, _triton_type(d, where), *_dims(t, graph.batching))
               for n, d, t in zip(in_names, in_dtypes, graph.inputs)]

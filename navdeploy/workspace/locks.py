@@ -67,8 +67,8 @@ def locked(folder: Path, timeout_s: float = 600.0) -> Iterator[None]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise WorkspaceError(f"cannot create {str(folder)!r} ({exc.strerror or exc}); pass OptimizeConfig(workspace=...) "
-                             "or set NAVDEPLOY_WORKSPACE to a writable folder.") from exc
+        raise WorkspaceError(f"cannot create {str(folder)!r} ({exc.strerror or exc}); pass "
+                             "OptimizeConfig(workspace=...) or set NAVDEPLOY_WORKSPACE to a writable folder.") from exc
     lock = FileLock(str(folder / LOCK_FILE))
     try:
         lock.acquire(timeout=0)

@@ -33,7 +33,8 @@ def check_entry(key: Any, entry: Any, graph: bool = True) -> None:
     """The parts of a graph entry that optimize and bind read, with the types they expect."""
 
     need(isinstance(key, str) and isinstance(entry, dict), f"graph {key!r} is not an object")
-    need(entry.get("selected") is None or isinstance(entry["selected"], str), f"graph {key}: 'selected' is not a string")
+    need(entry.get("selected") is None or isinstance(entry["selected"], str),
+         f"graph {key}: 'selected' is not a string")
     need(isinstance(entry.get("cache_key", ""), str), f"graph {key}: 'cache_key' is not a string")
     formats = entry.get("formats", {})
     need(isinstance(formats, dict) and all(isinstance(v, dict) for v in formats.values()),

@@ -216,11 +216,14 @@ class Manifest:
     # Why the pipeline check put this module back to eager (its runners made the pipeline no faster); bind then
     # leaves it eager. The next nav.optimize decides again.
     reverted: Optional[str] = None
+    precision_inferred: bool = False  # ``precision`` was read from the weights, not given to nav.Module
 
     def to_json(self) -> dict:
         extra = {"reverted": self.reverted} if self.reverted else {}
-        return {**extra, "version": self.version, "navdeploy": self.navdeploy, "torch": self.torch, "module": self.module,
-                "class": self.class_name, "fingerprint": self.fingerprint, "device": self.device,
+        if self.precision_inferred:
+            extra["precision_inferred"] = True
+        return {**extra, "version": self.version, "navdeploy": self.navdeploy, "torch": self.torch,
+                "module": self.module, "class": self.class_name, "fingerprint": self.fingerprint, "device": self.device,
                 "precision": self.precision, "forward_func": self.forward_func,
                 "max_batch_size": self.max_batch_size, "batch_sizes": list(self.batch_sizes),
                 "tolerances": {p: list(t) for p, t in self.tolerances.items()},
@@ -235,4 +238,5 @@ class Manifest:
                    forward_func=data.get("forward_func"), max_batch_size=data.get("max_batch_size", 1),
                    batch_sizes=list(data.get("batch_sizes") or []), tolerances=tolerances,
                    graphs={k: GraphEntry.from_json(e) for k, e in data["graphs"].items()},
-                   updated=data.get("updated"), reverted=data.get("reverted"))
+                   updated=data.get("updated"), reverted=data.get("reverted"),
+                   precision_inferred=bool(data.get("precision_inferred", False)))
