@@ -5,8 +5,8 @@ each variant in its own process (a crash in torch's loader must not end the chec
 
 A variant is ``model:dtype:shapes`` with model ``small`` (5-layer CNN) or ``resnet50`` (torchvision, random
 weights), dtype ``fp32``/``fp16`` and shapes ``static`` (batch 2) or ``dynamic`` (batch 1..32, as navdeploy
-exports it). Written because navdeploy's AOTInductorCUDA candidate died with SIGSEGV on the device machine:
-this tells a torch/driver problem from a navdeploy one.
+exports it). When navdeploy's AOTInductorCUDA candidate dies (e.g. with SIGSEGV), this tells a torch/driver
+problem from a navdeploy one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ model_name, dtype, shapes = sys.argv[1:4]
 torch.manual_seed(0)
 if model_name == "small":
     nn = torch.nn
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 10))
     shape = (3, 32, 32)
 else:
     import torchvision

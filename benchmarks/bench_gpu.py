@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import navdeploy as nav  # noqa: E402
+import navdeploy as nav
 from navdeploy.inplace.binding import bind
 from navdeploy.workspace.manifest import read_manifest
 from navdeploy.workspace.records import Manifest
 
 RESNET50_GFLOP_PER_IMAGE = 2 * 4.09  # 4.09 GMACs per 224x224 image
-BF16_MATMUL_CEILING_TFLOPS = 798.0  # measured on the device tool's H100/H200 (KINDS.md: 769-798, 8192^3 bf16 matmul)
+BF16_MATMUL_CEILING_TFLOPS = 798.0  # an H100/H200's measured bf16 matmul rate (769-798 TFLOP/s, 8192^3)
 
 
 def cuda_ms(fn, warmup: int = 10, iters: int = 50, repeats: int = 5) -> float:
@@ -71,7 +71,8 @@ def bert():
     model = BertModel(BertConfig()).eval().cuda()
 
     def sample(bs):
-        return (torch.randint(0, 30000, (bs, 128), device="cuda"),), {"attention_mask": torch.ones(bs, 128, dtype=torch.long, device="cuda")}
+        ids = torch.randint(0, 30000, (bs, 128), device="cuda")
+        return (ids,), {"attention_mask": torch.ones(bs, 128, dtype=torch.long, device="cuda")}
 
     return model, sample, {}
 
@@ -101,7 +102,8 @@ def bench_model(name: str, workspace: Path, timeout_s: float, runners, profile_t
     build, batch_sizes = MODELS[name]
     model32, sample, _ = build()
     captured = batch_sizes[0]
-    result: dict = {"model": name, "parameters": sum(p.numel() for p in model32.parameters()), "batch_sizes": batch_sizes}
+    result: dict = {"model": name, "parameters": sum(p.numel() for p in model32.parameters()),
+                    "batch_sizes": batch_sizes}
 
     def time_call(module, call: tuple[tuple, dict]) -> float:
         a, k = call
@@ -153,7 +155,8 @@ def bench_model(name: str, workspace: Path, timeout_s: float, runners, profile_t
     # The swapped module right after optimize, measured here, outside navdeploy.
     result["optimized_ms"] = {bs: time_at(wrapped, bs) for bs in batch_sizes}
     checkpoint(result)
-    result["speedup_vs_eager_fp16"] = {bs: result["eager_fp16_ms"][bs] / ms for bs, ms in result["optimized_ms"].items()}
+    result["speedup_vs_eager_fp16"] = {bs: result["eager_fp16_ms"][bs] / ms
+                                       for bs, ms in result["optimized_ms"].items()}
     result["selected_vs_best"] = {}
     for bs, ms in result["optimized_ms"].items():
         best = min((c["p50_ms"].get(bs) for c in ok.values() if c["p50_ms"].get(bs)), default=None)
@@ -209,9 +212,11 @@ def print_table(r: dict) -> None:
         print(f"selected / fastest independent: {r['selected_vs_fastest_independent']:.3f} (target <= 1.03)")
     if r.get("optimized_rebound_ms"):
         print("selected runner rebound from the manifest (ms): "
-              + ", ".join(f"b{b} {ms:.3f} ({r['eager_fp16_ms'][b] / ms:.2f}x eager fp16)" for b, ms in r["optimized_rebound_ms"].items()))
+              + ", ".join(f"b{b} {ms:.3f} ({r['eager_fp16_ms'][b] / ms:.2f}x eager fp16)"
+                          for b, ms in r["optimized_rebound_ms"].items()))
     if "tflops_b32" in r:
-        print(f"achieved {r['tflops_b32']:.1f} TFLOP/s at batch 32 (bf16 matmul ceiling ~{r['tflops_ceiling_bf16']:.0f})")
+        print(f"achieved {r['tflops_b32']:.1f} TFLOP/s at batch 32 "
+              f"(bf16 matmul ceiling ~{r['tflops_ceiling_bf16']:.0f})")
 
 
 def main() -> None:

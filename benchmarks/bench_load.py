@@ -1,7 +1,8 @@
 """Load benchmark: concurrent clients against the PyTriton-served optimized pipeline, on loopback only, bounded
 in requests and time. Reports p50/p99 latency, throughput and failed requests (the target: zero failures).
 
-    python benchmarks/bench_load.py [--clients 8] [--requests 200] [--seconds 30] [--out benchmarks/results/load_cpu.json]
+    python benchmarks/bench_load.py [--clients 8] [--requests 200] [--seconds 30]
+        [--out benchmarks/results/load_cpu.json]
 
 The pipeline is the two-module example (`examples/two_module_pipeline.py`), optimized into a temporary workspace
 and served with `nav.serve` (dynamic batching up to 8). Every response is checked against the eager pipeline.
@@ -23,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-
-import navdeploy as nav  # noqa: E402
+import navdeploy as nav
 from navdeploy.serving import Tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))  # two_module_pipeline, imported in main()
 
 
 def main() -> dict:

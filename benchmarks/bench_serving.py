@@ -33,7 +33,7 @@ import navdeploy as nav
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-import stable_diffusion as sd  # noqa: E402
+import stable_diffusion as sd  # noqa: E402 - examples/ must be on sys.path first
 
 PROMPTS = [sd.PROMPT, "a horse on mars", "an astronaut", "a photo of mars"]
 

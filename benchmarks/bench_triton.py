@@ -116,20 +116,22 @@ def main() -> dict:
                 xn = x.numpy()
                 with torch.no_grad():
                     expected = model.__wrapped__(x).numpy()
-                    inproc = summary(timed(lambda: model(x), args.seconds), batch)
+                    inproc = summary(timed(lambda x=x: model(x), args.seconds), batch)
                 rows.append({"path": f"in-process ({selected})", **inproc})
                 for proto, mod, client in (("HTTP", httpclient, http), ("gRPC", grpcclient, grpc)):
                     inp = mod.InferInput("input__0", list(xn.shape), "FP32")
                     inp.set_data_from_numpy(xn)
                     got = client.infer(name, [inp]).as_numpy("output__0")
                     assert np.allclose(got, expected, atol=1e-4, rtol=1e-3), "served output differs from eager"
-                    served = summary(timed(lambda: client.infer(name, [inp]), args.seconds), batch)
+                    call = lambda client=client, inp=inp: client.infer(name, [inp])
+                    served = summary(timed(call, args.seconds), batch)
                     rows.append({"path": f"Triton {proto} (python backend)", **served,
                                  "p50_vs_in_process": served["p50_ms"] / inproc["p50_ms"]})
             x1 = np.random.randn(1, 3, 64, 64).astype(np.float32)
             conc = concurrent_grpc(server.grpc_url, name, x1, in_flight=8, seconds=args.seconds)
             stats = grpc.get_inference_statistics(name, as_json=True)["model_stats"][0]
-            conc["server_inferences_per_execution"] = int(stats["inference_count"]) / max(1, int(stats["execution_count"]))
+            conc["server_inferences_per_execution"] = (int(stats["inference_count"])
+                                                       / max(1, int(stats["execution_count"])))
             rows.append({"path": "Triton gRPC, 8 requests in flight (dynamic batching)", **conc})
         finally:
             http.close()
@@ -145,7 +147,8 @@ def main() -> dict:
                       f"{r['throughput_samples_s']:.0f}", f"{ratio:.1f}x" if ratio else "-")
     Console(width=140).print(table)
     result = {
-        "command": "python benchmarks/bench_triton.py" + (f" --seconds {args.seconds:g}" if args.seconds != 2.0 else ""),
+        "command": ("python benchmarks/bench_triton.py"
+                    + (f" --seconds {args.seconds:g}" if args.seconds != 2.0 else "")),
         "machine": {"cpu": platform.machine(), "cores": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__},
         "model": {"name": "cnn", "parameters": sum(p.numel() for p in model.__wrapped__.parameters()),

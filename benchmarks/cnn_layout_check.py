@@ -87,9 +87,11 @@ def run_variant(name: str, lock_path: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--parallel", type=int, default=5, help="variants compiling at once")
-    parser.add_argument("--deadline", type=float, default=480.0, help="seconds after which unfinished variants are stopped")
+    parser.add_argument("--deadline", type=float, default=480.0,
+                        help="seconds after which unfinished variants are stopped")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
     parser.add_argument("--lock", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -130,7 +132,8 @@ def main() -> None:
         b1, b32 = ms["1"], ms["32"]
         x1, x32 = eager.get("1", 0) / b1, eager.get("32", 0) / b32
         r["tflops_b32"] = 32 * GFLOP_PER_IMAGE / b32
-        print(f"{name:40} {b1:8.3f} {b32:8.3f} {x1:6.2f} {x32:6.2f} {r['tflops_b32']:11.1f} {r.get('compile_s', 0):9.1f}")
+        print(f"{name:40} {b1:8.3f} {b32:8.3f} {x1:6.2f} {x32:6.2f} {r['tflops_b32']:11.1f} "
+              f"{r.get('compile_s', 0):9.1f}")
     import torch
 
     args.out.write_text(json.dumps({"command": " ".join(sys.argv), "torch": torch.__version__,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU runs of issue 5, one device call each (the `device` tool: 10 minutes a command, no downloads there).
+# The GPU benchmark runs, one device call each (the `device` tool: 10 minutes a command, no downloads there).
 #
 # Prepare once, on the dev machine (diffusers is not on the device image; the UNet needs it):
 #   mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
@@ -12,7 +12,7 @@
 #   bash benchmarks/gpu_device_run.sh autotune   # ResNet-50 with max-autotune-no-cudagraphs against eager
 # Logs and JSON land in $OUT; copy the JSON into benchmarks/results/ with the command in its README.
 #
-# bench leaves out AOTInductorCUDA: on torch 2.11 it crashed in torch's own loader, also outside navdeploy
+# bench leaves out AOTInductorCUDA: on torch 2.11 it crashes in torch's own loader, also outside navdeploy
 # (benchmarks/aoti_cuda_load_check.py), after ~80 s of building per model. autotune is its own call because
 # max-autotune builds alone (it times kernels on the GPU while it compiles).
 set -uo pipefail

@@ -1,4 +1,4 @@
-"""Why fp32 candidates of a conv module are checked at the tf32 tolerance on CUDA (navdeploy/precision.py).
+"""Why fp32 candidates of a conv module are checked at the tf32 tolerance on CUDA (navdeploy/candidates/precision.py).
 
 Compiles the two-conv CNN of tests/test_gpu_candidates.py::test_parallel_builds_on_the_gpu_profile_alone with
 torch.compile and prints the max abs error against eager, with cuDNN's TF32 on (torch's default) and off.
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from navdeploy.config import DEFAULT_TOLERANCES  # noqa: E402
+from navdeploy.config import DEFAULT_TOLERANCES
 
 
 def max_error(allow_tf32: bool) -> float:

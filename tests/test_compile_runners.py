@@ -16,15 +16,17 @@ from navdeploy.formats.registry import RUNNERS
 
 def test_every_compiled_module_of_a_process_gets_its_own_compile():
     """Dynamo counts recompiles per code object (8 by default). Nine different modules bound to compile runners in
-    one process (a pipeline of modules, or a benchmark binding each candidate) must each compile: before each
-    runner got its own frame, the 9th shared FlatModule.forward's exhausted budget and ran uncompiled."""
+    one process (a pipeline of modules, or a benchmark binding each candidate) must each compile: each runner
+    compiles its own frame (own_frame), as with one shared FlatModule.forward the 9th finds the budget spent and
+    runs uncompiled."""
     for width in range(1, 10):
         module = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU()).eval()
         x = torch.randn(2, 4)
         recorder = Recorder(f"m{width}", 4, None)
         recorder.record(module, (x,), {})
         graph = recorder.finish()[0]
-        run = RUNNERS["TorchCompileCPU"].load(LoadContext(None, FlatModule(module, graph.input_spec), graph, "cpu", "fp32"))
+        ctx = LoadContext(None, FlatModule(module, graph.input_spec), graph, "cpu", "fp32")
+        run = RUNNERS["TorchCompileCPU"].load(ctx)
         compiled = counters["stats"]["unique_graphs"]
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -61,7 +63,7 @@ def test_a_new_compiled_module_does_not_inherit_another_modules_dynamic_shapes()
 
 def test_after_load_optimized_no_profiled_batch_size_pays_a_compile(tmp_path, choose_candidate):
     """A torch.compile winner on the CPU is warmed up at every profiled batch size when bound: the first request
-    of a profiled size compiles nothing (it took 9 s before, after load_optimized)."""
+    of a profiled size compiles nothing (a compile there takes 9 s, after load_optimized)."""
     import navdeploy as nav
 
     module = nav.Module(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()).eval(), name="warm_compile")

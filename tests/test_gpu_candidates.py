@@ -72,7 +72,7 @@ def test_precision_flags_and_candidates():
 
 def test_fp32_candidates_are_checked_at_tf32_tolerance_where_eager_itself_rounds_to_tf32():
     """cuDNN runs fp32 convolutions in TF32 by default, so eager's own outputs carry TF32 rounding on CUDA: a
-    correct compiled conv differed from it by 2.6e-4 on the H200, past the fp32 tolerance."""
+    correct compiled conv differs from it by 2.6e-4 on the H200, past the fp32 tolerance."""
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     linear = nn.Sequential(nn.Linear(4, 4))
     conv_flag, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
@@ -97,7 +97,7 @@ def test_fp32_candidates_are_checked_at_tf32_tolerance_where_eager_itself_rounds
 
 def test_gpu_runners_are_registered_with_their_requirements():
     names = {r.name for r in runners_for("cuda")}
-    # max-autotune is opt-in: tried when named, never by default (it ran past 280 s on ResNet-50).
+    # max-autotune is opt-in: tried when named, never by default (it takes over 280 s on ResNet-50).
     assert "TorchCompileCUDAMaxAutotune" not in names
     assert [r.name for r in runners_for("cuda", names=("TorchCompileCUDAMaxAutotune",))] == [
         "TorchCUDA", "TorchCompileCUDAMaxAutotune"]

@@ -146,7 +146,8 @@ def test_crash_site_is_read_from_the_crashing_threads_dump_and_kept_in_the_log(t
     log.write_text("earlier lines\n")
     current = ('Fatal Python error: Segmentation fault\n\nThread 0x01 (most recent call first):\n'
                '  File "/usr/lib/python3.11/threading.py", line 327 in wait\n\n'
-               'Current thread 0x02 (most recent call first):\n  File "/site/torch/_inductor/package.py", line 9 in load\n'
+               'Current thread 0x02 (most recent call first):\n'
+               '  File "/site/torch/_inductor/package.py", line 9 in load\n'
                '  File "/site/navdeploy/candidate.py", line 5 in run_task\n\nExtension modules: torch._C\n')
     faults.write_text(current)
     assert _describe_exit(-11, log, faults).startswith("the candidate process died with SIGSEGV in torch/_inductor/"

@@ -25,7 +25,8 @@ def workspace(tmp_path, monkeypatch):
 
 @pytest.fixture
 def model(request):
-    m = nav.Module(torch.nn.Linear(3, 2), name="test_optimize_inputs-" + request.node.name.replace("[", "-").rstrip("]"))
+    name = "test_optimize_inputs-" + request.node.name.replace("[", "-").rstrip("]")
+    m = nav.Module(torch.nn.Linear(3, 2), name=name)
     calls = []
 
     def pipeline(x):

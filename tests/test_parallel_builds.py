@@ -182,7 +182,7 @@ def test_parallel_builds_profile_alone_and_give_the_same_candidates(tmp_path):
 
     _, _, sequential = _optimize(tmp_path, "sequential", workers=1)
     assert [c.name for c in sequential[0].candidates] == [c.name for c in records]
-    assert len({c.pid for g in sequential for c in g.candidates}) == 1  # one worker, as before
+    assert len({c.pid for g in sequential for c in g.candidates}) == 1  # one worker runs every candidate
 
 
 def test_a_runner_that_cannot_run_here_is_skipped_without_a_worker(tmp_path, monkeypatch):

@@ -45,5 +45,5 @@ def test_pipeline_timing_round_trips_through_json():
     timing = PipelineTiming(0.5, 0.01, 0.005, 2, {"a": 0.004}, {"a": 0.002}, None, 5, [0.01] * 5, [0.005] * 5,
                             True, {"b": "why"}, 1)
     assert PipelineTiming.from_json(timing.to_json()) == timing
-    old = {"capture_s": 0.5, "eager_s": 0.01, "optimized_s": 0.005, "items_timed": 2}  # a report from before
+    old = {"capture_s": 0.5, "eager_s": 0.01, "optimized_s": 0.005, "items_timed": 2}  # a report of an earlier version
     assert PipelineTiming.from_json(old).repeats == 0

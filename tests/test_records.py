@@ -47,7 +47,7 @@ def test_records_round_trip_through_the_manifest_on_disk(tmp_path):
     manifest = _manifest(_fp16_winner_entry())
     write_manifest(tmp_path, manifest)
     data = json.loads((tmp_path / "manifest.json").read_text())
-    # The JSON keys navdeploy has always written.
+    # The manifest format's JSON keys, in the order navdeploy writes them.
     assert list(data) == ["version", "navdeploy", "torch", "module", "class", "fingerprint", "device", "precision",
                           "forward_func", "max_batch_size", "batch_sizes", "tolerances", "graphs", "updated"]
     entry = data["graphs"]["g0"]

@@ -234,7 +234,7 @@ def test_two_modules_with_the_same_name(ws, uname):
 
 def test_module_never_called(ws, uname):
     used = nav.Module(nn.Linear(3, 3).eval(), name=uname + "-used")
-    unused = nav.Module(nn.Linear(3, 3).eval(), name=uname + "-unused")  # noqa: F841
+    unused = nav.Module(nn.Linear(3, 3).eval(), name=uname + "-unused")  # noqa: F841 - registered, never called
     with pytest.raises(nav.CaptureError, match=f"'{uname}-unused'.*forward_func='forward'"):
         nav.optimize(used, [(1, torch.randn(1, 3))], fast(ws))
 

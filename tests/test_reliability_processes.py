@@ -67,8 +67,8 @@ SCRIPT = textwrap.dedent('''
         print("RESULT", json.dumps({"graphs": graphs, "loaded": loaded, "optimized": again.is_optimized}), flush=True)
 ''')
 
-# The optimize loop writes a checkpoint after each candidate once this call site is in place (see
-# navdeploy.workspace.checkpoint.checkpoint_graph); without it a killed run's completed candidates are run again.
+# The optimize loop writes a checkpoint after each candidate (navdeploy.workspace.checkpoint.checkpoint_graph), so a
+# killed run's completed candidates are not run again.
 
 
 def _start(script: Path, workspace: Path, name: str, slow: float, marker: str, timeout: float = 120,
@@ -155,7 +155,7 @@ def test_kill_9_mid_run_then_the_next_run_starts_cleanly_and_reuses_what_was_don
     manifest = json.loads((folder / "manifest.json").read_text())
     for key, entry in manifest["graphs"].items():
         assert all(c["status"] == "ok" for c in entry["candidates"]), entry["candidates"]
-        for fmt, state in entry["formats"].items():
+        for fmt, _state in entry["formats"].items():
             assert (folder / key / fmt).is_dir()  # every artifact the manifest names is complete and in place
 
     cached = {key: {n: c["cached"] for n, c in g.items()} for key, g in result["graphs"].items()}

@@ -193,7 +193,8 @@ def test_next_optimize_rebuilds_a_corrupted_workspace(ws):
     workspace, module = ws
     (graph_dir,) = [p for p in (workspace / NAME).iterdir() if p.is_dir()]
     (graph_dir / "onnx" / "model.onnx").write_bytes(b"garbage")
-    status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))], fast(workspace, runners=("OnnxCPU",)))
+    status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))],
+                          fast(workspace, runners=("OnnxCPU",)))
     graph = status.modules[NAME].graphs[0]
     onnx = graph.candidate("OnnxCPU")
     assert onnx.status == "ok" and not onnx.cached  # rebuilt, not trusted
@@ -249,7 +250,8 @@ def test_manifests_are_plain_json(original):
     workspace, _ = original
     for path in workspace.rglob("*.json"):
         json.loads(path.read_text())
-    assert {p.suffix for p in (workspace / NAME).rglob("*") if p.is_file()} <= {".json", ".log", ".pt", ".onnx", ".data", ".owner", ""}
+    suffixes = {p.suffix for p in (workspace / NAME).rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".log", ".pt", ".onnx", ".data", ".owner", ""}
 
 
 # --- weights changed after optimization -------------------------------------------------------------
@@ -400,7 +402,8 @@ def test_runner_error_at_run_time_runs_eagerly_with_one_warning(bound):
     assert len(messages) == 1 and "device lost" in messages[0]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="other-device inputs need a CUDA device; this machine is CPU only")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="other-device inputs need a CUDA device; this machine is CPU only")
 def test_input_on_another_device_runs_eagerly(bound):
     bound.__wrapped__.cuda()
     try:

@@ -141,7 +141,7 @@ def test_serve_unbatched_with_inferred_specs(optimized):
     sigterm_before = signal.getsignal(signal.SIGTERM)
     stubs_before = _backend_stubs()
     # An exit timeout shorter than the stub's unload (~2.5 s here): Triton exits first and stop() must end the
-    # stub it left behind, which used to run on, orphaned, after every such stop.
+    # stub it leaves behind, which otherwise runs on, orphaned, after every such stop.
     server = nav.serve(one, sample={"prompt": "sample"}, name="one", max_batch_size=0, blocking=False,
                        load_optimized=False, exit_timeout_secs=2)
     try:

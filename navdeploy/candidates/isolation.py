@@ -321,7 +321,7 @@ class Executor:
 
 class ExecutorPool:
     """The executors of one module: ``workers`` of them share a timing gate, so candidates build side by side
-    and profile alone. With one worker (the default) candidates run one after another, as they always did."""
+    and profile alone. With one worker (the default) candidates run one after another."""
 
     def __init__(self, job: Job, isolate: bool, timeout_s: float, log_path: Path, workers: int = 1):
         # Several workers only with isolation: in-process candidates run one at a time anyway.

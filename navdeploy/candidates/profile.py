@@ -10,7 +10,7 @@ import torch
 
 from navdeploy.workspace.records import ProfilePoint
 
-# The name measure's result had before it became the candidate record's own type.
+# measure's result, a candidate record's profile point, also importable under this name.
 Measurement = ProfilePoint
 
 

@@ -20,7 +20,8 @@ def channels_last_copy(module: torch.nn.Module) -> torch.nn.Module:
     Inductor picks channels-last for convolutions only when their shapes are static (its layout optimization is
     off under symbolic shapes, pytorch#102670), and the batch axis becomes symbolic once a second batch size is
     seen. Channels-last weights make cuDNN run the convolutions in NHWC, which tensor cores need: on the H100
-    ResNet-50 fp16 batch 32 went from 5.2 to 1.6 ms under CUDA graphs (benchmarks/results/cnn_layout_check_h100.json).
+    ResNet-50 fp16 batch 32 under CUDA graphs takes 1.6 ms with them, 5.2 ms without
+    (benchmarks/results/cnn_layout_check_h100.json).
     A copy, because the user's module stays the eager reference (its forward hooks stay the user's objects);
     only conv weights change layout, as other 4-D tensors may be viewed in ways channels-last strides do not
     allow."""
@@ -44,7 +45,7 @@ def compile_target(ctx: LoadContext) -> tuple[torch.nn.Module, Optional[bool]]:
     default, and an NHWC algorithm rounds differently (3e-4 on a small CNN on the H100), past the fp32 tolerance.
     CPU: one compile with every axis dynamic instead of a recompile per profiled batch size. CUDA: torch's
     automatic dynamic shapes (a static first compile; a recompile makes only the axes that changed symbolic): a
-    compile with every axis symbolic ran past 150 s on a small diffusion UNet and gives slower kernels."""
+    compile with every axis symbolic takes over 150 s on a small diffusion UNet and gives slower kernels."""
     if ctx.device == "cpu":
         varies = ctx.graph.batching or any(t.dynamic_axes for t in ctx.graph.inputs)
         return ctx.module, (True if varies else None)
@@ -57,11 +58,11 @@ def own_frame(module: torch.nn.Module) -> Callable[..., Any]:
 
     Dynamo keeps compiled code and the recompile count per code object, and automatic-dynamic state per
     (file, line, *name*). Compiling modules directly shares ``FlatModule.forward`` between every candidate, graph
-    and module of a process, and its 8 recompiles (``recompile_limit``) ran out: the 9th different module ran
-    uncompiled, with only a warning (seen on the H100 in a benchmark of three models). A copy under the same name
-    still shared the shape history: a new module whose first call came after another's second compiled with every
-    axis symbolic (slow kernels; a compile past 150 s for a diffusion UNet). The name takes no part in Inductor's
-    cache key, so compiled graphs are still found across processes."""
+    and module of a process, and its 8 recompiles (``recompile_limit``) run out: the 9th different module runs
+    uncompiled, with only a warning (a benchmark binding every candidate of three models gets there). A copy
+    under the same name still shares the shape history: a new module whose first call comes after another's
+    second compiles with every axis symbolic (slow kernels; a compile past 150 s for a diffusion UNet). The name
+    takes no part in Inductor's cache key, so compiled graphs are still found across processes."""
 
     def call(*tensors: torch.Tensor) -> Any:
         return module(*tensors)
@@ -109,7 +110,7 @@ RUNNERS = [
     RunnerSpec("TorchCompileCPU", Format.TORCH, "cpu", _loader("default")),
     RunnerSpec("TorchCompileCUDA", Format.TORCH, "cuda", _loader("default")),
     # It benchmarks kernel choices on the GPU while it compiles, so it builds alone. Opt-in: on ResNet-50 fp16 it
-    # did not finish within 280 s on the H200 (benchmarks/results/gpu_h200_autotune.json), time the defaults
+    # does not finish within 280 s on the H200 (benchmarks/results/gpu_h200_autotune.json), time the defaults
     # would spend per precision while every other build waits.
     RunnerSpec("TorchCompileCUDAMaxAutotune", Format.TORCH, "cuda", _loader("max-autotune-no-cudagraphs"),
                builds_alone=True, by_default=False),

@@ -70,7 +70,7 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: GraphEntry, 
 def extra_warm_up_sizes(graph: Graph, record: CandidateRecord, captured: list[torch.Tensor]) -> list[int]:
     """The batch sizes besides the captured one that a bound runner is warmed up at: every batch size it was
     profiled at. torch.compile runners compile again for a second batch size (with the batch axis symbolic; on
-    the CPU a first call at a new size took 9 s) and CUDA-graph runners record a graph per shape, so without this
+    the CPU a first call at a new size takes 9 s) and CUDA-graph runners record a graph per shape, so without this
     the first request of a new batch size would pay for a compile."""
     if not graph.batching:
         return []

@@ -1,1 +1,2 @@
-"""How optimize runs are shown: console tables and progress (and, later, HTML reports)."""
+"""How optimize runs are shown: console progress and tables, the HTML report, and the reporters that listen to
+optimize's events and produce them."""

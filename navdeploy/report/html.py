@@ -81,7 +81,7 @@ def collect_environment() -> dict[str, str]:
             env[package] = getattr(module, "__version__", "?")
             if package == "onnxruntime":
                 env["onnxruntime providers"] = ", ".join(module.get_available_providers())
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a package missing or broken is left out of the environment
             continue
     return env
 

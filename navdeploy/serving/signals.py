@@ -30,8 +30,8 @@ def wait_for_stop(handle: ServerHandle, ready: Optional[str] = None) -> None:
     ``ready`` is printed once the handlers are in place: a supervisor that signals as soon as it reads it
     must not kill the process with the default handler."""
     # A flag, not a threading.Event: the handler runs in the main thread between bytecodes, possibly inside
-    # Event.wait holding the Event's lock, and Event.set would then wait for that lock for ever (seen: a SIGTERM
-    # hung a blocking server 1 time in 5).
+    # Event.wait holding the Event's lock, and Event.set would then wait for that lock for ever (with an Event, a
+    # SIGTERM hangs a blocking server about 1 time in 5).
     stop: list[int] = []
     previous = {}
     if in_main_thread():

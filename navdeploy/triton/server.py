@@ -1,11 +1,11 @@
 """Serve a model repository with the ``tritonserver`` binary bundled in the ``nvidia-pytriton`` wheel.
 
-That binary holds only the Python backend. Launching it outside PyTriton needs (measured here, see
-``DESIGN.md``): a ``--backend-directory`` with ``python/`` holding ``libtriton_python.so``,
-``triton_python_backend_utils.py`` and the stub built for this Python (``python_backend_stubs/3.X/``);
-the interpreter's ``bin`` first on ``PATH``; ``LD_LIBRARY_PATH`` with this Python's ``LIBDIR`` (else the stub
-loads the distro's libpython) and the wheel's bundled libraries. :class:`TritonServer` does all of that,
-binds 127.0.0.1 on chosen or free ports, waits for readiness and stops cleanly.
+That binary holds only the Python backend. Launching it outside PyTriton needs: a ``--backend-directory`` with
+``python/`` holding ``libtriton_python.so``, ``triton_python_backend_utils.py`` and the stub built for this
+Python (``python_backend_stubs/3.X/``); the interpreter's ``bin`` first on ``PATH``; ``LD_LIBRARY_PATH`` with
+this Python's ``LIBDIR`` (else the stub loads the distro's libpython) and the wheel's bundled libraries.
+:class:`TritonServer` does all of that, binds 127.0.0.1 on chosen or free ports, waits for readiness and stops
+cleanly.
 
     with TritonServer("model_repository") as server:
         client = tritonclient.http.InferenceServerClient(server.http_url)

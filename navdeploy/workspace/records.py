@@ -1,11 +1,11 @@
 """The typed records of a workspace: what navdeploy keeps about each candidate, format and graph of a module.
 
 Everything in memory works on these records; JSON exists only at the disk boundary, through each record's
-``to_json()`` / ``from_json()``. The JSON is the manifest's format as navdeploy has always written it:
-``from_json`` fills what older manifests lack (a candidate's ``name``, its ``precision``) and ``to_json``
-writes optional keys (``pid``, ``window``, ``artifact_checksum``, ``cached``) only when they are set, as
-records were written before. ``from_json`` expects JSON that passed :mod:`navdeploy.workspace.manifest`'s
-validation, which names what is wrong with a malformed manifest."""
+``to_json()`` / ``from_json()``. The JSON is the manifest's format, one for every navdeploy version:
+``from_json`` fills what manifests of earlier versions lack (a candidate's ``name``, its ``precision``) and
+``to_json`` writes optional keys (``pid``, ``window``, ``artifact_checksum``, ``cached``) only when they are
+set, so a record without them has the same JSON in every version. ``from_json`` expects JSON that passed
+:mod:`navdeploy.workspace.manifest`'s validation, which names what is wrong with a malformed manifest."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class CandidateRecord:
     name: str
     runner: str
     format: str
-    precision: Optional[str]  # None only in manifests older than candidate precisions: the module's own
+    precision: Optional[str]  # None only in manifests of versions without candidate precisions: the module's own
     device: Optional[str]
     status: str = "failed"
     error: Optional[str] = None
@@ -85,7 +85,7 @@ class CandidateRecord:
         return self.status == "ok"
 
     def precision_in(self, module_precision: str) -> str:
-        """The candidate's precision; the module's own for records written before candidates had one."""
+        """The candidate's precision; the module's own for records without one (manifests of earlier versions)."""
         return self.precision or module_precision
 
     def artifact_dir(self, module_precision: str) -> str:
