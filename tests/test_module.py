@@ -299,6 +299,7 @@ def test_deepcopy_with_forward_func_gives_independent_module(uname):
     pickle.dumps(m)
 
 
+@torch.no_grad()  # the optimized path: with grad on, parameters that require grad send a call to eager
 def test_forward_hooks_run_around_the_optimized_runner(tmp_path, uname, choose_candidate):
     """Hooks are part of calling a module: registered before or after optimize, they run in optimized mode too,
     once per call, and a hook that rewrites inputs or outputs does so around the runner."""
