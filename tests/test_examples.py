@@ -100,13 +100,15 @@ def test_two_module_pipeline_per_module_configs(pipeline_run):
     assert _tried(status, "head") == [{EAGER, "TorchExportCPU"}]
     for name in ("encoder", "head"):
         ms = status.modules[name]
-        assert ms.optimized and ms.folder == workspace / name and (ms.folder / "manifest.json").is_file()
+        # optimized, unless the pipeline check put it back to eager (then its manifest says why)
+        assert ms.optimized or ms.reverted
+        assert ms.folder == workspace / name and (ms.folder / "manifest.json").is_file()
         for g in ms.graphs:
             assert g.batching
             assert g.selected is not None and g.candidate(g.selected).status == "ok"
         module = getattr(pipe, name)
         # is_optimized means "calls go to a non-eager runner"; eager may win for tiny modules.
-        assert module.is_optimized == any(g.selected != EAGER for g in ms.graphs)
+        assert module.is_optimized == (any(g.selected != EAGER for g in ms.graphs) and not ms.reverted)
 
     assert result["max_abs_diff"] <= 1e-4
     # New inputs at other batch sizes (within max_batch_size=8) match the unwrapped modules.
@@ -146,6 +148,7 @@ _FRESH = textwrap.dedent("""
 def test_two_module_pipeline_fresh_process_load_optimized(pipeline_run):
     workspace, result = pipeline_run
     selected = result["selected"]
+    reverted = {n: bool(m.reverted) for n, m in result["status"].modules.items()}  # by the pipeline check
     env = {**os.environ, "NAVDEPLOY_USE_MULTIPROCESSING": "0", "NAVDEPLOY_WORKSPACE": str(workspace / "unused")}
     proc = subprocess.run([sys.executable, "-c", _FRESH.format(examples=str(EXAMPLES), workspace=str(workspace))],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -155,6 +158,6 @@ def test_two_module_pipeline_fresh_process_load_optimized(pipeline_run):
 
     assert out["loaded"] == {"encoder": True, "head": True}
     for name in ("encoder", "head"):
-        assert out["is_optimized"][name] == any(r != EAGER for r in selected[name]), (name, selected, out)
-    assert out["is_optimized"]["encoder"], selected  # ONNX/TorchScript beat eager on the conv encoder
+        runs_winner = any(r != EAGER for r in selected[name]) and not reverted[name]
+        assert out["is_optimized"][name] == runs_winner, (name, selected, reverted, out)
     assert out["max_abs_diff"] <= 1e-4

@@ -140,7 +140,8 @@ def test_fresh_process_reloads_without_optimizing(optimized):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     winner = status.modules["e2e_cnn"].graphs[0].selected
-    assert f"LOADED True {winner != 'TorchCPU'}" in out.stdout
+    runs_winner = winner != "TorchCPU" and not status.modules["e2e_cnn"].reverted  # reverted: eager there too
+    assert f"LOADED True {runs_winner}" in out.stdout
 
 
 class TwoOutputs(nn.Module):

@@ -48,7 +48,7 @@ SCRIPT = textwrap.dedent('''
         module = nav.Module(build(), name=name)
         config = nav.OptimizeConfig(workspace=workspace, target_formats=(nav.Format.TORCHSCRIPT, nav.Format.ONNX),
                                     runners=("TorchCPU", "TorchScriptCPU", "OnnxCPU"), batch_sizes=(1, 2),
-                                    max_batch_size=2, profile_time_s=0.05, timeout_s=timeout)
+                                    max_batch_size=2, profile_time_s=0.05, timeout_s=timeout, pipeline_repeats=0)
         data = [(1, torch.randn(1, 4)), (2, torch.randn(2, 4)), (1, torch.randn(1, 3, 4))]
         try:
             status = nav.optimize(module, data, config)
