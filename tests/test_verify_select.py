@@ -204,3 +204,14 @@ def test_a_candidate_too_slow_for_ten_calls_is_flagged_not_stable():
 
     m = measure(lambda: time.sleep(0.05), batch_size=1, device="cpu", time_budget_s=0.01)  # 10x budget: ~2 calls
     assert m.iterations < 10 and not m.stable
+
+
+def test_a_gain_smaller_than_the_routing_cost_keeps_eager():
+    from navdeploy.candidates.select import ROUTING_COST_MS
+
+    eager = rec("TorchCPU", [(1, 0.100, 10000.0)])
+    barely = rec("OnnxCPU", [(1, 0.100 - ROUTING_COST_MS / 2, 10500.0)])  # faster, but by less than routing costs
+    clearly = rec("TorchScriptCPU", [(1, 0.100 - 2 * ROUTING_COST_MS, 16000.0)])
+    assert select([eager, barely], nav.MinLatency(), batch_size=1, eager="TorchCPU") is eager
+    assert select([eager, barely, clearly], nav.MinLatency(), batch_size=1, eager="TorchCPU") is clearly
+    assert select([eager, barely], nav.MinLatency(), batch_size=1) is barely  # no baseline named: plain minimum

@@ -21,11 +21,19 @@ def _at_batch(profile: list[ProfilePoint], batch_size: Optional[int]) -> Optiona
     return sized[-1]
 
 
+# What routing a call to a runner costs on top of the runner itself (graph lookup, range and staleness checks,
+# output conversion): a runner must beat eager by more than this at the captured batch, or eager (no routing at
+# all) stays. It measured 10-24 us per call on the 2-core CPU machine while tests ran (benchmarks/bench_core.py).
+ROUTING_COST_MS = 0.02
+
+
 def select(candidates: Sequence[CandidateRecord], strategy: Strategy,
-           batch_size: Optional[int]) -> Optional[CandidateRecord]:
+           batch_size: Optional[int], eager: Optional[str] = None) -> Optional[CandidateRecord]:
     """The winning candidate record (``status == "ok"`` only), or None when none is correct.
 
-    ``batch_size`` is the batch the pipeline actually used, at which latency is compared.
+    ``batch_size`` is the batch the pipeline actually used, at which latency is compared. Under ``MinLatency``
+    a runner whose gain over ``eager`` (that candidate's name) is smaller than ``ROUTING_COST_MS`` loses to it:
+    a call routed to it would cost more than the runner saves.
     """
     ok = [c for c in candidates if c.ok and c.profile]
     if not ok:
@@ -40,4 +48,8 @@ def select(candidates: Sequence[CandidateRecord], strategy: Strategy,
         within = [(m.throughput, c) for c in ok for m in c.profile if m.p50_ms <= strategy.ms]
         if within:
             return max(within, key=lambda pair: pair[0])[1]
-    return min(ok, key=latency)
+    best = min(ok, key=latency)
+    baseline = next((c for c in ok if c.name == eager), None)
+    if baseline is not None and best is not baseline and latency(best) > latency(baseline) - ROUTING_COST_MS:
+        return baseline
+    return best

@@ -155,7 +155,8 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                   else _chains(pairs, job.precision))
     candidates = [records[i] for i in sorted(records)]
     batch = graph.inputs[0].opt_shape[0] if graph.batching and graph.inputs else None
-    winner = select(candidates, config.strategy, batch)
+    eager = candidate_name(pairs[0][0].name, pairs[0][1], job.precision)  # the baseline comes first
+    winner = select(candidates, config.strategy, batch, eager)
     return GraphEntry(graph, gkey, formats, candidates, winner.name if winner else None, now())
 
 
