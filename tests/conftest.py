@@ -49,6 +49,7 @@ def choose_candidate() -> Callable[..., None]:
         for entry in manifest.graphs.values():
             assert {c.runner: c.status for c in entry.candidates}.get(runner) == "ok", entry.candidates
             entry.selected = runner
+        manifest.reverted = None  # the pipeline check may have put it back to eager: the choice is by hand now
         write_manifest(folder, manifest)
         assert bind(module, folder) and module.is_optimized
 
