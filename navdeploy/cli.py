@@ -13,12 +13,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import runpy
 import shutil
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -27,7 +29,7 @@ from rich.table import Table
 
 from navdeploy.config import CONSOLE_MODES, default_workspace, run_defaults
 from navdeploy.formats.registry import EAGER_RUNNER
-from navdeploy.workspace.manifest import read_manifest
+from navdeploy.workspace.manifest import load_manifest
 from navdeploy.workspace.records import CandidateRecord
 
 app = typer.Typer(help="navdeploy: optimize PyTorch modules in place, verify them, deploy them.", no_args_is_help=True)
@@ -45,6 +47,23 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     """Print one readable line (never wrapped, no traceback) and return the Exit to raise."""
     _console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
+
+
+def _warn(message: str) -> None:
+    """Print one warning line (never wrapped)."""
+    _console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Show the warnings navdeploy raises inside the block as one line each, not Python's two-line form."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:  # also when the block fails: the warnings often say why
+            for w in caught:
+                _warn(str(w.message).removeprefix("navdeploy: "))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -159,7 +178,9 @@ def status(workspace: Optional[Path] = WorkspaceOption) -> None:
         table.add_column(col)
     found = 0
     for folder in sorted(p for p in ws.iterdir() if p.is_dir()):
-        manifest = read_manifest(folder)
+        manifest, problem = load_manifest(folder)
+        if problem:  # one line naming the file; the other modules are still listed
+            _warn(f"{problem}; re-run nav.optimize for that module, or `navdeploy clean {folder.name}`.")
         if manifest is None:
             continue
         for key, entry in manifest.graphs.items():
@@ -196,7 +217,8 @@ def report(workspace: Optional[Path] = WorkspaceOption,
     if not ws.is_dir():
         raise _fail(f"workspace {ws} does not exist; run nav.optimize first or pass --workspace.")
     try:
-        path = render_workspace_report(ws, output)
+        with _warnings_as_lines():  # an unusable manifest: one line naming it, the report covers the others
+            path = render_workspace_report(ws, output)
     except FileNotFoundError as exc:
         raise _fail(str(exc)) from exc
     except OSError as exc:
@@ -227,17 +249,21 @@ def export_repo(path: Path = typer.Argument(Path("model_repository"), help="Repo
                 warmup: bool = typer.Option(False, "--warmup", help="Add model_warmup with zero inputs."),
                 templates: Optional[Path] = typer.Option(None, "--templates", help="Folder with your own "
                                                          "config.pbtxt.j2 / model.py.j2."),
-                triton_version: Optional[str] = TritonVersionOption) -> None:
+                triton_version: Optional[str] = TritonVersionOption,
+                force: bool = typer.Option(False, "--force", help="Replace PATH even when it is a non-empty folder "
+                                           "navdeploy did not write (its files are deleted).")) -> None:
     """Write a Triton model repository: one model per optimized module graph, configs from Jinja templates.
 
-    Example: navdeploy export-repo model_repository --backend python -w ./workspace
+    PATH must be new, empty or a repository navdeploy wrote (a regular file is never replaced; another folder
+    only with --force). Example: navdeploy export-repo model_repository --backend python -w ./workspace
     """
     from navdeploy.errors import NavdeployError
     from navdeploy.triton import export_model_repository, plan_repository
 
     try:
         out = export_model_repository(path, module or None, backend, workspace, instance_count=instances,
-                                      warmup=warmup, templates_dir=templates, triton_version=triton_version)
+                                      warmup=warmup, templates_dir=templates, triton_version=triton_version,
+                                      force=force)
         plans = plan_repository(_workspace(workspace), module or None, backend, warmup, triton_version)
     except NavdeployError as exc:
         _console.print(f"[red]export failed:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
@@ -398,23 +424,70 @@ def serve_repo(path: Path = typer.Argument(..., help="Model repository folder (P
         signal.signal(signal.SIGTERM, previous)
 
 
+def _clean_targets(ws: Path, module: Optional[str]) -> list[Path]:
+    """What ``clean`` deletes: the named module's folder, or every module folder and navdeploy's own folders.
+    Anything that is not a navdeploy workspace or module folder is refused with one line."""
+    from navdeploy.workspace.identity import is_module_folder, is_workspace, module_folders, own_folders
+    from navdeploy.workspace.layout import WORKSPACE_MARKER, plain_name_problem
+
+    if not ws.is_dir():
+        raise _fail(f"workspace {ws} does not exist; pass --workspace.")
+    if not is_workspace(ws):
+        raise _fail(f"{ws} is not a navdeploy workspace (no {WORKSPACE_MARKER} and no module folder with a valid "
+                    "manifest); clean deletes only what nav.optimize wrote. Pass the workspace with --workspace.")
+    if module is None:
+        return module_folders(ws) + own_folders(ws)
+    if plain_name_problem(module):
+        raise _fail(f"{module!r} is not a module name: clean takes the name of one module of the workspace as "
+                    "`navdeploy status` lists it (no path, no '..'), e.g. `navdeploy clean unet`.")
+    folder = ws / module
+    if not is_module_folder(folder):
+        names = ", ".join(p.name for p in module_folders(ws)) or "none"
+        raise _fail(f"no module {module!r} in workspace {ws} (modules there: {names}).")
+    return [folder]
+
+
+def _delete(path: Path) -> None:
+    """Delete a module folder, refusing while an optimize run holds its lock (it would rebuild half of it)."""
+    from filelock import FileLock, Timeout
+
+    from navdeploy.workspace.locks import LOCK_FILE
+
+    lock = FileLock(str(path / LOCK_FILE)) if (path / LOCK_FILE).exists() else None
+    try:
+        if lock is not None:
+            lock.acquire(timeout=0)
+    except Timeout:
+        raise _fail(f"{path} is being optimized by another run; wait for it to finish, then clean.") from None
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        raise _fail(f"cannot delete {path}: {_one_line(exc)}") from exc
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 @app.command()
 def clean(module: Optional[str] = typer.Argument(None, help="Module name; all modules when omitted."),
           workspace: Optional[Path] = WorkspaceOption,
           yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
     """Delete results from the workspace so the next nav.optimize rebuilds them.
 
-    Example: navdeploy clean unet --yes
+    Only a navdeploy workspace is cleaned, and in it only module folders (and reports/, inductor_cache/); the
+    workspace folder and files navdeploy did not write stay. Example: navdeploy clean unet --yes
     """
     ws = _workspace(workspace)
-    target = ws / module if module else ws
-    if not target.exists():
-        _console.print(f"[red]{target} does not exist[/]")
+    targets = _clean_targets(ws, module)
+    if not targets:
+        _console.print(f"nothing to clean in {ws}", soft_wrap=True, highlight=False)
+        return
+    listing = ", ".join(p.name for p in targets)
+    if not yes and not typer.confirm(f"Delete {listing} from {ws}?"):
         raise typer.Exit(1)
-    if not yes and not typer.confirm(f"Delete {target}?"):
-        raise typer.Exit(1)
-    shutil.rmtree(target)
-    _console.print(f"deleted {target}")
+    for path in targets:
+        _delete(path)
+    _console.print(f"deleted {listing} from {ws}", soft_wrap=True, highlight=False)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ def test_faulty_candidate_fails_alone(fault, reason, tmp_path):
     module, records = _optimize(fault, tmp_path, timeout_s=10)
     assert records["TorchScriptCPU"].status == "failed"
     assert reason in records["TorchScriptCPU"].error
+    # A kill from outside or a timeout may pass on the next run (retried once); a crash or an error recurs.
+    assert records["TorchScriptCPU"].transient is (fault in ("hang", "oom"))
     if fault == "segfault":  # the worker's faulthandler dump names where the crash happened
         assert "tests/test_isolation.py:" in records["TorchScriptCPU"].error
         assert " in forward (stack in " in records["TorchScriptCPU"].error

@@ -23,8 +23,10 @@ from navdeploy.candidates.profile import measure
 from navdeploy.candidates.verify import LOW_PRECISIONS, Comparison, compare, conform
 from navdeploy.capture.flat_module import FlatModule
 from navdeploy.capture.graph import Graph
+from navdeploy.errors import WorkspaceError
 from navdeploy.formats.base import BuildContext, LoadContext, RunnerSpec
 from navdeploy.formats.registry import FORMATS, RUNNERS
+from navdeploy.workspace.atomic import is_disk_error, writing
 from navdeploy.workspace.fingerprint import checksum
 from navdeploy.workspace.layout import artifact_dir
 from navdeploy.workspace.records import BuildWindow, CandidateRecord
@@ -143,24 +145,29 @@ class WorkerState:
 
 def _export(job: Job, graph: Graph, runner_format, flat: FlatModule, cast: Callable, precision: str,
             final: Path) -> float:
+    """Export into ``<final>.tmp-<pid>`` and move it into place only when complete, so a killed run or a failed
+    write never leaves a half-written artifact behind. A full disk, read-only file system or permission problem
+    raises a WorkspaceError naming the folder (and the free space)."""
     spec = FORMATS[runner_format]
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    example = cast(export_example(graph, job.max_batch_size))
-    ctx = BuildContext(flat, example, graph, graph.dynamic_axes(job.max_batch_size), tmp,
-                       job.device, precision, job.module_dir)
     start = time.perf_counter()
     try:
-        spec.export(ctx)
+        with writing(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        example = cast(export_example(graph, job.max_batch_size))
+        ctx = BuildContext(flat, example, graph, graph.dynamic_axes(job.max_batch_size), tmp,
+                           job.device, precision, job.module_dir)
+        with writing(tmp, disk_only=True):  # the exporter's other OSErrors are its own failure, as they are
+            spec.export(ctx)
         if not (tmp / spec.artifact).exists():
             raise RuntimeError(f"exporter wrote no {spec.artifact}")
+        with writing(final):
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # Move into place only when complete, so a killed run never leaves a half-written artifact behind.
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
     return time.perf_counter() - start
 
 
@@ -252,5 +259,7 @@ def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
     except Exception as exc:  # noqa: BLE001 - a failing candidate must never stop the others
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         _fail(record, step, f"{step}: {type(exc).__name__}: {first}"[:500])
+        # A full disk or an unwritable folder is not the candidate's fault: the next run tries it again.
+        record.transient = isinstance(exc, WorkspaceError) or is_disk_error(exc)
         log.info("%s/%s failed in %s:\n%s", job.module_name, runner.name, step, traceback.format_exc())
     return record

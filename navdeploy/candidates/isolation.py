@@ -125,6 +125,17 @@ def _describe_exit(code: Optional[int], log_path: Optional[Path] = None,
     return f"the candidate process exited with code {code}"
 
 
+# Signals a worker gets from outside (the OOM killer's SIGKILL, a user's kill): the candidate may well pass on the
+# next run, so its failure is transient. A crash signal (SIGSEGV, SIGABRT, ...) comes from the candidate's own code
+# and recurs: that failure stays cached.
+_EXTERNAL_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
+
+
+def killed_from_outside(code: Optional[int]) -> bool:
+    """Whether a worker's exit code says it was killed by a signal from outside (see ``_EXTERNAL_SIGNALS``)."""
+    return code is not None and code < 0 and -code in _EXTERNAL_SIGNALS
+
+
 def _take_dump(faults_path: Path, log_path: Optional[Path]) -> str:
     """The dump a dead worker left in its faults file, appended to the module's log; the file is emptied for
     the executor's next worker."""
@@ -280,17 +291,19 @@ class Executor:
                 elif kind == "result":
                     return value
             except queue.Empty:
-                failure = None
+                failure, transient = None, False
                 if not proc.is_alive():
                     failure = _describe_exit(proc.exitcode, self.log_path, self._faults)
+                    transient = killed_from_outside(proc.exitcode)
                 elif time.monotonic() > deadline:
-                    failure = f"timed out after {self.timeout_s:g} s"
+                    # A busy machine can make a candidate overrun once: the next run tries it again.
+                    failure, transient = f"timed out after {self.timeout_s:g} s", True
                 if failure:
                     self._kill()
                     if self._stopped:  # killed by stop(): not the candidate's failure, and nothing to record
                         raise RunStopped(_STOPPED) from None  # the empty poll is not the cause
                     return replace(new_record(RUNNERS[task.runner], task.precision, self.job.precision),
-                                   step="isolation", error=failure)
+                                   step="isolation", error=failure, transient=transient)
 
     def stop(self) -> None:
         """Kill the worker now and start no further task (an interrupted run): the task in flight raises

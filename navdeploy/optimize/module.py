@@ -26,9 +26,9 @@ from navdeploy.inplace.module import Module
 from navdeploy.optimize.events import OptimizeListener
 from navdeploy.optimize.scope import logging_to
 from navdeploy.optimize.status import GraphStatus, ModuleStatus
-from navdeploy.workspace.atomic import ensure_writable
 from navdeploy.workspace.checkpoint import checkpoint_graph, resume_entry
 from navdeploy.workspace.fingerprint import cache_key, checksum, fingerprint
+from navdeploy.workspace.identity import ensure_writable
 from navdeploy.workspace.layout import LOG_FILE, artifact_dir, module_dir, now
 from navdeploy.workspace.locks import locked
 from navdeploy.workspace.manifest import MANIFEST_VERSION, read_manifest, write_manifest
@@ -74,6 +74,14 @@ def _valid_formats(old_entry: Optional[GraphEntry], folder: Path) -> dict[str, F
     return valid
 
 
+def _reusable(cached: Optional[CandidateRecord], artifact_ok: bool) -> bool:
+    """Whether an earlier run's record stands without running the candidate again: a success whose artifact is
+    intact, or a failure, unless that failure was transient and has not been retried yet."""
+    if cached is None or cached.worth_retrying():
+        return False
+    return cached.status == "failed" or (cached.status == "ok" and artifact_ok)
+
+
 def candidate_pairs(config: OptimizeConfig, device: str, module_precision: str) -> list[tuple[RunnerSpec, str]]:
     """(runner, precision) pairs to try; eager in the module's own precision (the baseline) always comes first."""
     runners = runners_for(device, config.target_formats, config.runners)
@@ -108,6 +116,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     previous = {c.name: c for c in old_entry.candidates} if reusable else {}
     pairs = candidate_pairs(config, device, job.precision)
     records: dict[int, CandidateRecord] = {}  # by the candidate's place in ``pairs``: the manifest keeps that order
+    transient_formats: set[str] = set()  # formats whose export failed transiently this run
     lock = threading.Lock()  # chains run on several threads when the module has several build workers
 
     def done(index: int, name: str, record: CandidateRecord, checkpoint: bool) -> None:
@@ -124,20 +133,27 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                 fmt = artifact_dir(runner.format.value, precision, job.precision)
                 cached = previous.get(name)
                 artifact_ok = FORMATS[runner.format].export is None or fmt in formats
-                if cached and cached.status in ("ok", "failed") and (artifact_ok or cached.status == "failed"):
+                if _reusable(cached, artifact_ok):
                     done(index, name, replace(cached, cached=True), checkpoint=False)
                     continue
+                retries = cached.retries + 1 if cached is not None and cached.worth_retrying() else 0
+                if retries:
+                    log.info("%s graph %s %s: retrying after a transient failure (%s)", job.module_name, graph.key,
+                             name, cached.error)
                 reason = runner.unavailable_reason()
                 if reason:  # decided here: no worker starts, and a builds_alone runner never holds up the others
                     done(index, name, replace(new_record(runner, precision, job.precision), status="skipped",
                                               error=reason), checkpoint=True)
                     continue
                 if fmt in formats and formats[fmt].status == "failed":
+                    # The artifact it loads failed to export this run: transient when that failure was.
                     done(index, name, replace(new_record(runner, precision, job.precision), step="export",
-                                              error=formats[fmt].error), checkpoint=False)
+                                              error=formats[fmt].error, transient=fmt in transient_formats,
+                                              retries=retries), checkpoint=False)
                     continue
                 listener.candidate_started(job.module_name, name)
                 record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision))
+                record.retries = retries
                 state = None
                 if record.exported:
                     state = FormatState("ok", checksum=record.artifact_checksum, export_s=record.times.get("export_s"))
@@ -146,6 +162,8 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                 if state is not None:
                     with lock:
                         formats[fmt] = state
+                        if record.transient:
+                            transient_formats.add(fmt)
                 log.info("%s graph %s %s: %s%s", job.module_name, graph.key, name, record.status,
                          f" ({record.error})" if record.error else "")
                 done(index, name, record, checkpoint=True)

@@ -58,6 +58,10 @@ PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 8: "string",
                9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
 BACKENDS = ("auto", "python")
+# In every repository navdeploy writes: a later export may replace that folder without --force. Its text holds no
+# version or date, so exporting the same workspace twice gives the same files.
+REPOSITORY_MARKER = ".navdeploy-repository"
+REPOSITORY_MARKER_TEXT = '{"navdeploy_repository": 1}\n'
 
 
 def _format_spec(fmt: str) -> Optional[FormatSpec]:
@@ -331,7 +335,9 @@ def plan_repository(workspace: Path, modules: Optional[Iterable[str]] = None, ba
             continue
         manifest, problem = load_manifest(folder)
         if manifest is None:
-            log.warning("skipping manifest: %s", problem)
+            if wanted is None or folder.name in wanted:  # never export a deployment with a module silently missing
+                raise NavdeployError(f"{problem}; re-run nav.optimize for module {folder.name!r} to rewrite it, or "
+                                     f"leave it out with --module (modules=).")
             continue
         name = manifest.module
         if wanted is not None and name not in wanted:
@@ -411,17 +417,44 @@ def render_serve_script(plans: list[ModelPlan], env: jinja2.Environment, workspa
         python_only=all(p.backend == "python" for p in plans))
 
 
+def is_navdeploy_repository(path: Path) -> bool:
+    """Whether ``path`` is a folder navdeploy wrote as a model repository (it holds the marker)."""
+    return path.is_dir() and (path / REPOSITORY_MARKER).is_file()
+
+
+def check_target(path: Path, force: bool = False) -> None:
+    """Refuse a target that export would destroy without having written it: a regular file (always), or a
+    non-empty folder that is not a navdeploy repository (unless ``force``)."""
+    if path.is_symlink():
+        raise NavdeployError(f"{path} is a symbolic link; export-repo replaces folders, never links. Pass the "
+                             "folder it points to, or another path.")
+    if path.exists() and not path.is_dir():
+        raise NavdeployError(f"{path} is a file, not a model repository folder; export-repo never replaces a file. "
+                             "Pass another path, or move the file away.")
+    if not path.is_dir() or is_navdeploy_repository(path) or force:
+        return
+    if next(path.iterdir(), None) is not None:
+        raise NavdeployError(f"{path} is a folder with files that navdeploy did not write (no {REPOSITORY_MARKER}); "
+                             "exporting would delete them. Pass an empty or new folder, or --force (force=True) "
+                             "to replace it.")
+
+
 def write_repository(plans: list[ModelPlan], path: Path, instance_count: int = 1, max_queue_delay_us: int = 100,
                      templates_dir: Optional[Path] = None, target: str = "auto",
-                     extra_files: Optional[dict[str, str]] = None, triton_version: Optional[str] = None) -> Path:
+                     extra_files: Optional[dict[str, str]] = None, triton_version: Optional[str] = None, *,
+                     force: bool = False) -> Path:
     """Render and copy every model into a temporary folder beside ``path``, validate it, then swap it into place.
 
-    A failure (render, copy or validation) leaves an existing repository at ``path`` untouched."""
-    path = Path(path).resolve()
+    A failure (render, copy or validation) leaves an existing repository at ``path`` untouched. ``path`` must be
+    new, empty or a repository navdeploy wrote (``force``: any folder); see :func:`check_target`."""
+    path = Path(path).absolute()
+    check_target(path, force)
+    path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     env = _environment(Path(templates_dir) if templates_dir else None)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
+        (tmp / REPOSITORY_MARKER).write_text(REPOSITORY_MARKER_TEXT)
         for plan in plans:
             folder = tmp / plan.name
             fmt = plan.artifact_format
@@ -454,15 +487,28 @@ def write_repository(plans: list[ModelPlan], path: Path, instance_count: int = 1
     return path
 
 
+def _templates_folder(templates_dir: Optional[str | Path]) -> Optional[Path]:
+    """The user's templates folder, which must exist: a mistyped path never falls back to the shipped templates."""
+    if templates_dir is None or str(templates_dir) == "":
+        return None
+    folder = Path(templates_dir)
+    if not folder.is_dir():
+        raise NavdeployError(f"templates folder {folder} does not exist or is not a folder; pass the folder that "
+                             "holds your config.pbtxt.j2 / model.py.j2, or leave it out for the shipped templates.")
+    return folder
+
+
 def export_model_repository(path: str | Path = "model_repository", modules: Optional[Iterable[Any]] = None,
                             backend: str = "auto", workspace: Optional[str | Path] = None, *,
                             instance_count: int = 1, max_queue_delay_us: int = 100, warmup: bool = False,
                             templates_dir: Optional[str | Path] = None, pipeline: Optional[str] = None,
-                            pipeline_factory: bool = False, triton_version: Optional[str] = None) -> Path:
+                            pipeline_factory: bool = False, triton_version: Optional[str] = None,
+                            force: bool = False) -> Path:
     """Write a Triton model repository with one model per optimized module graph; returns its path.
 
     Args:
-        path: the repository folder; replaced atomically (built beside it, validated, then renamed).
+        path: the repository folder; replaced atomically (built beside it, validated, then renamed). It must be
+            new, empty or a repository navdeploy wrote; a regular file there is never replaced.
         modules: module names or ``nav.Module``s to export; all modules of the workspace when None.
         backend: ``"auto"`` (by the selected runner's format: onnxruntime, pytorch, tensorrt, else python) or
             ``"python"`` (every model a Python-backend model: runs on any Triton, including the one bundled in
@@ -479,6 +525,7 @@ def export_model_repository(path: str | Path = "model_repository", modules: Opti
             nvidia-pytriton; default: the newest navdeploy supports). AOTInductor artifacts become ``torch_aoti``
             models where that release's core knows the platform, else Python-backend models; the repository is
             validated against that release.
+        force: replace ``path`` even when it is a non-empty folder navdeploy did not write.
     """
     from navdeploy.config import default_workspace
 
@@ -494,14 +541,15 @@ def export_model_repository(path: str | Path = "model_repository", modules: Opti
             if workspace is None and own is not None:
                 workspace = own
     ws = Path(workspace) if workspace is not None else default_workspace()
+    check_target(Path(path).absolute(), force)  # before any work: a refused target costs nothing
+    templates = _templates_folder(templates_dir)
     plans = plan_repository(ws, names, backend, warmup, triton_version)
     gpu = any(p.instance_kind == "KIND_GPU" for p in plans)
-    templates = Path(templates_dir) if templates_dir else None
     # serve.py names the workspace only when the caller chose one: an implicit one is resolved where it is served.
     serve_py = render_serve_script(plans, _environment(templates), Path(workspace) if workspace is not None else None,
                                    pipeline, pipeline_factory)
     out = write_repository(plans, Path(path), instance_count, max_queue_delay_us, templates,
                            target="gpu" if gpu else "cpu", extra_files={"serve.py": serve_py},
-                           triton_version=triton_version)
+                           triton_version=triton_version, force=force)
     log.info("wrote Triton model repository %s: %s", out, ", ".join(f"{p.name} ({p.backend})" for p in plans))
     return out

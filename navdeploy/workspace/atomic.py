@@ -1,42 +1,100 @@
-"""Writes that readers see whole or not at all, and the writability check with its fix."""
+"""Writes that readers see whole or not at all, and the translation of a failed write (disk full, read-only file
+system, permission denied) into a WorkspaceError that names the path and the fix."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 from navdeploy.errors import WorkspaceError
 
 log = logging.getLogger("navdeploy")
 
 
-def ensure_writable(workspace: Path) -> None:
-    """Create the workspace or raise a WorkspaceError that names the path and the fix."""
+# The errors a write gets from the disk itself rather than from what is written: the same write fails again until
+# the user frees space or fixes the folder.
+DISK_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS, errno.EACCES,
+                                    errno.EPERM) if e is not None)
+
+
+_ELSEWHERE = "or optimize into another workspace (OptimizeConfig(workspace=...) or NAVDEPLOY_WORKSPACE)"
+
+
+def free_space(path: Path) -> Optional[int]:
+    """Bytes free on the file system holding ``path`` (its nearest existing parent); None when unknown."""
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
+def _size(n: Optional[int]) -> str:
+    """``n`` bytes for a person: ``512 B``, ``63.5 KiB``, ``2.0 GiB``."""
+    if n is None:
+        return "an unknown amount"
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def write_error(exc: OSError, path: Path) -> WorkspaceError:
+    """The WorkspaceError for an OSError raised while writing ``path``: what went wrong, where, and the fix."""
+    code = exc.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        what = "the disk is full" if code == errno.ENOSPC else "the disk quota is exceeded"
+        return WorkspaceError(f"cannot write {path}: {what} ({_size(free_space(path))} free on that file "
+                              f"system); free some space there, {_ELSEWHERE} on a larger disk.")
+    if code == errno.EROFS:
+        return WorkspaceError(f"cannot write {path}: the file system is read-only; remount it read-write, "
+                              f"{_ELSEWHERE} on a writable disk.")
+    if code in (errno.EACCES, errno.EPERM):
+        return WorkspaceError(f"cannot write {path}: permission denied; make the folder writable for this user, "
+                              f"{_ELSEWHERE}.")
+    return WorkspaceError(f"cannot write {path} ({exc.strerror or exc}); check the folder, {_ELSEWHERE}.")
+
+
+def is_disk_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an OSError of the disk (full, read-only, permission denied), not of what was written."""
+    return isinstance(exc, OSError) and exc.errno in DISK_ERRNOS
+
+
+@contextlib.contextmanager
+def writing(path: Path, disk_only: bool = False) -> Iterator[None]:
+    """Turn an OSError raised inside the block, while writing ``path``, into :func:`write_error`'s WorkspaceError
+    (``disk_only``: only the disk's own errors, for blocks that run third-party code with OSErrors of its own)."""
     try:
-        workspace.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workspace, prefix=".write-test-"):
-            pass
+        yield
     except OSError as exc:
-        raise WorkspaceError(f"workspace {str(workspace)!r} is not writable ({exc.strerror or exc}); pass "
-                             "OptimizeConfig(workspace=...) or set NAVDEPLOY_WORKSPACE to a writable folder.") from exc
+        if disk_only and not is_disk_error(exc):
+            raise
+        raise write_error(exc, path) from exc
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON next to ``path`` and rename it into place: readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write JSON next to ``path`` and rename it into place: readers see the old or the new file, never half.
+    A failed write leaves no temporary file and raises a WorkspaceError (see :func:`write_error`)."""
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=2, default=str)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise

@@ -1,5 +1,7 @@
 """Where things are in a workspace:
 
+    <workspace>/.navdeploy-workspace            the marker: this folder is a navdeploy workspace (written by optimize)
+    <workspace>/reports/, inductor_cache/       HTML reports; torch.compile's cache (unless the user set one)
     <workspace>/<module>/manifest.json          candidates, errors, metrics, selection per graph
     <workspace>/<module>/navdeploy.log          log of every optimize run of the module
     <workspace>/<module>/.lock, .lock.owner     held (flock) by the run optimizing the module; who holds it
@@ -14,13 +16,22 @@ that is not what navdeploy writes is ignored with a warning, never trusted."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
+from typing import Optional
 
 log = logging.getLogger("navdeploy")
 
 
 MANIFEST = "manifest.json"
+
+
+WORKSPACE_MARKER = ".navdeploy-workspace"
+
+
+# Folders navdeploy itself creates at the top of a workspace, besides the module folders.
+OWN_FOLDERS = ("reports", "inductor_cache")
 
 
 LOG_FILE = "navdeploy.log"
@@ -38,3 +49,12 @@ def artifact_dir(fmt_value: str, precision: str, module_precision: str) -> str:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def plain_name_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot be one folder name inside a workspace (empty, ``..``, a path, absolute), or None."""
+    if not name or name in (".", ".."):
+        return "is not a name"
+    if os.path.isabs(name) or "/" in name or "\\" in name or "\0" in name:
+        return "is a path, not a name"
+    return None

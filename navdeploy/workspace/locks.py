@@ -81,7 +81,7 @@ def locked(folder: Path, timeout_s: float = 600.0) -> Iterator[None]:
                                  f"gave up after {timeout_s:g} s. Wait for that run to finish, or optimize into "
                                  "another workspace (OptimizeConfig(workspace=...)).") from None
     try:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, WorkspaceError):  # who holds the lock is only a courtesy
             write_json_atomic(folder / OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname(), "since": now()})
         clean_stale(folder)
         yield

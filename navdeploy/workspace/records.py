@@ -2,9 +2,10 @@
 
 Everything in memory works on these records; JSON exists only at the disk boundary, through each record's
 ``to_json()`` / ``from_json()``. The JSON is the manifest's format, one for every navdeploy version:
-``from_json`` fills what manifests of earlier versions lack (a candidate's ``name``, its ``precision``) and
-``to_json`` writes optional keys (``pid``, ``window``, ``artifact_checksum``, ``cached``) only when they are
-set, so a record without them has the same JSON in every version. ``from_json`` expects JSON that passed
+``from_json`` fills what manifests of earlier versions lack (a candidate's ``name``, its ``precision``; a failure
+without ``transient`` is deterministic) and ``to_json`` writes optional keys (``pid``, ``window``,
+``artifact_checksum``, ``cached``, ``retries``) only when they are set, so a record without them has the same JSON
+in every version; a failed record always says whether it is ``transient``. ``from_json`` expects JSON that passed
 :mod:`navdeploy.workspace.manifest`'s validation, which names what is wrong with a malformed manifest."""
 
 from __future__ import annotations
@@ -60,7 +61,12 @@ class CandidateRecord:
     """One candidate (a runner in one precision) of one graph: how it went and what it measured.
 
     ``status`` is "ok", "failed" or "skipped"; ``step`` the step that failed (export, load, verify, profile,
-    isolation); ``times`` seconds per step (``export_s``, ``load_s``, ``verify_s``, ``profile_s``)."""
+    isolation); ``times`` seconds per step (``export_s``, ``load_s``, ``verify_s``, ``profile_s``).
+
+    ``transient``: the failure came from outside the candidate (its worker was killed by a signal such as the OOM
+    killer's SIGKILL, it timed out, the disk was full), so the next run tries it again; a deterministic failure
+    (an exporter error, wrong outputs, a segfault) stays cached. ``retries``: how many runs already retried it
+    after a transient failure; a candidate is retried once."""
 
     name: str
     runner: str
@@ -79,10 +85,16 @@ class CandidateRecord:
     window: Optional[BuildWindow] = None
     artifact_checksum: Optional[str] = None
     cached: bool = False  # reused from an earlier run, not run this time
+    transient: bool = False
+    retries: int = 0
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    def worth_retrying(self, max_retries: int = 1) -> bool:
+        """Whether a cached record is a transient failure that has not been retried ``max_retries`` times yet."""
+        return self.status == "failed" and self.transient and self.retries < max_retries
 
     def precision_in(self, module_precision: str) -> str:
         """The candidate's precision; the module's own for records without one (manifests of earlier versions)."""
@@ -115,6 +127,10 @@ class CandidateRecord:
             data["artifact_checksum"] = self.artifact_checksum
         if self.cached:
             data["cached"] = True
+        if self.status == "failed":
+            data["transient"] = self.transient
+        if self.retries:
+            data["retries"] = self.retries
         return data
 
     @classmethod
@@ -127,7 +143,8 @@ class CandidateRecord:
                    profile=[ProfilePoint.from_json(m) for m in data.get("profile") or []],
                    times=dict(data.get("times") or {}), exported=bool(data.get("exported", False)),
                    pid=data.get("pid"), window=BuildWindow.from_json(window) if isinstance(window, dict) else None,
-                   artifact_checksum=data.get("artifact_checksum"), cached=bool(data.get("cached", False)))
+                   artifact_checksum=data.get("artifact_checksum"), cached=bool(data.get("cached", False)),
+                   transient=data.get("transient") is True, retries=int(data.get("retries") or 0))
 
 
 def find_candidate(candidates: Sequence[CandidateRecord], name: Optional[str]) -> Optional[CandidateRecord]:

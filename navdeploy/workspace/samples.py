@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import pickle
@@ -12,19 +14,34 @@ import torch
 
 from navdeploy.capture.graph import Graph, Sample
 from navdeploy.errors import WorkspaceError
+from navdeploy.workspace.atomic import writing
 
 log = logging.getLogger("navdeploy")
 
 
 def save_samples(graph: Graph, folder: Path) -> None:
-    """Store the kept samples as plain tensors (loadable with ``weights_only=True``)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Store the kept samples as plain tensors (loadable with ``weights_only=True``), atomically: a failed write
+    (a full disk) leaves the previous file and no temporary one, and raises a WorkspaceError naming the path."""
     data = {"inputs": [[t.cpu() for t in s.inputs] for s in graph.samples],
             "outputs": [[t.cpu() for t in s.outputs] for s in graph.samples]}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".samples.", suffix=".tmp")
-    os.close(fd)
-    torch.save(data, tmp)
-    os.replace(tmp, folder / "samples.pt")
+    path = folder / "samples.pt"
+    # Serialized in memory first: torch.save writing to a full disk raises a RuntimeError of its zip writer, not the
+    # OSError that names the cause; the kept samples are small.
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    with writing(path):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".samples.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def load_samples(folder: Path, device: str = "cpu") -> list[Sample]:
