@@ -256,9 +256,9 @@ def test_bound_compile_runner_serves_every_profiled_batch_size_without_compiling
     """Bound from the manifest (as load_optimized binds), a CUDA-graph compile runner of an fp32 conv module's
     fp16 candidate has compiled for each profiled batch size before the first call: serving batch 4 compiles
     nothing, and the outputs are the eager ones, in fp32, on the GPU."""
-    import json
-
     from torch._dynamo.utils import counters
+
+    from navdeploy.workspace.manifest import read_manifest
 
     torch.manual_seed(0)
     inner = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).cuda().eval()
@@ -267,10 +267,11 @@ def test_bound_compile_runner_serves_every_profiled_batch_size_without_compiling
                                 runners=("TorchCUDA", "TorchCompileCUDAGraphs"))
     nav.optimize(module, [(1, torch.randn(1, 3, 16, 16, device="cuda"))], config)
     folder = tmp_path / "gpu_warm"
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for entry in manifest["graphs"].values():
-        assert {c["name"]: c["status"] for c in entry["candidates"]}["TorchCompileCUDAGraphs[fp16]"] == "ok"
-        entry["selected"] = "TorchCompileCUDAGraphs[fp16]"
+    manifest = read_manifest(folder)
+    manifest.reverted = None  # chosen here whatever the pipeline check decided
+    for entry in manifest.graphs.values():
+        assert {c.name: c.status for c in entry.candidates}["TorchCompileCUDAGraphs[fp16]"] == "ok"
+        entry.selected = "TorchCompileCUDAGraphs[fp16]"
     before_bind = counters["stats"]["unique_graphs"]
     assert binding.bind(module, folder, manifest) and module.is_optimized
     compiled = counters["stats"]["unique_graphs"]

@@ -42,6 +42,13 @@ def make_net() -> Net:
     return Net().eval()
 
 
+@pytest.fixture(autouse=True)
+def _inference():
+    """Calls as inference runs them (with grad on, parameters that require grad send a call to eager)."""
+    with torch.no_grad():
+        yield
+
+
 def fast(workspace, **kw) -> nav.OptimizeConfig:
     cfg = dict(workspace=workspace, target_formats=(nav.Format.ONNX,), batch_sizes=(1, 2), max_batch_size=2,
                profile_time_s=0.05, use_multiprocessing=False, tolerances={"atol": 1e-4, "rtol": 1e-3},
