@@ -82,15 +82,15 @@ def writing(path: Path, disk_only: bool = False) -> Iterator[None]:
         raise write_error(exc, path) from exc
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON next to ``path`` and rename it into place: readers see the old or the new file, never half.
+def write_bytes_atomic(path: Path, data: bytes, prefix: str | None = None) -> None:
+    """Write ``data`` next to ``path`` and rename it into place: readers see the old or the new file, never half.
     A failed write leaves no temporary file and raises a WorkspaceError (see :func:`write_error`)."""
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".{path.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=2, default=str)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -98,3 +98,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """``data`` as indented JSON, written with :func:`write_bytes_atomic`."""
+    write_bytes_atomic(path, json.dumps(data, indent=2, default=str).encode())

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from navdeploy.capture.graph import Graph, Sample
 from navdeploy.errors import WorkspaceError
-from navdeploy.workspace.atomic import writing
+from navdeploy.workspace.atomic import write_bytes_atomic
 
 log = logging.getLogger("navdeploy")
 
@@ -29,19 +26,7 @@ def save_samples(graph: Graph, folder: Path) -> None:
     # OSError that names the cause; the kept samples are small.
     buffer = io.BytesIO()
     torch.save(data, buffer)
-    with writing(path):
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".samples.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+    write_bytes_atomic(path, buffer.getvalue(), prefix=".samples.")
 
 
 def load_samples(folder: Path, device: str = "cpu") -> list[Sample]:
