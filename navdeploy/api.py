@@ -33,9 +33,10 @@ def optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConf
     trailing dict is keyword arguments), a dict alone is keyword arguments, anything else is one argument.
     Modules with ``module.optimize_config`` set use it; the others use ``config`` (or the defaults).
     After it returns, the wrapped modules run their fastest verified runner; inputs they were not
-    optimized for run eagerly. Progress and a table per module go to the console
-    (``NAVDEPLOY_CONSOLE_OUTPUT``); unless ``NAVDEPLOY_REPORT=0`` the pipeline is timed once more with the
-    selected runners and an HTML report is written to ``<workspace>/reports``.
+    optimized for run eagerly, and modules whose runners leave the whole callable no faster than eager are
+    put back to eager (the pipeline check; ``OptimizeConfig(pipeline_repeats=0)`` skips it). Progress and a
+    table per module go to the console (``NAVDEPLOY_CONSOLE_OUTPUT``); unless ``NAVDEPLOY_REPORT=0`` an HTML
+    report is written to ``<workspace>/reports``.
     """
     report = report_enabled()
-    return run_optimize(func, dataloader, config, default_listeners(console_output(), report), measure_pipeline=report)
+    return run_optimize(func, dataloader, config, default_listeners(console_output(), report))

@@ -229,7 +229,7 @@ def build_workers(config: OptimizeConfig) -> int:
 
 
 def report_enabled() -> bool:
-    """NAVDEPLOY_REPORT=0 skips the timed optimized pass and the HTML report (default: on)."""
+    """NAVDEPLOY_REPORT=0 skips the HTML report (default: on); the pipeline check runs either way."""
     return _env_flag("NAVDEPLOY_REPORT", default=True)
 
 
