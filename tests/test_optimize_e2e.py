@@ -54,13 +54,21 @@ def test_every_cpu_candidate_is_tried_and_the_fastest_correct_one_wins(optimized
         assert [m.batch_size for m in r.profile] == [1, 2, 4, 8]
     winner = graphs[0].selected
     assert winner in ok
-    # MinLatency at the captured batch size (1): nobody correct is faster than the winner.
-    assert ok[winner].profile[0].p50_ms == min(r.profile[0].p50_ms for r in ok.values())
+    # MinLatency at the captured batch size (1): nobody correct is faster than the winner, except by less than a
+    # routed call costs, when eager (no routing at all) stays.
+    from navdeploy.candidates.select import ROUTING_COST_MS
+
+    fastest = min(r.profile[0].p50_ms for r in ok.values())
+    if winner == "TorchCPU":
+        assert ok[winner].profile[0].p50_ms - fastest < ROUTING_COST_MS
+    else:
+        assert ok[winner].profile[0].p50_ms == fastest
 
 
 def test_swapped_module_returns_what_eager_returns(optimized):
     model, status, _ = optimized
-    assert model.is_optimized or status.modules["e2e_cnn"].graphs[0].selected == "TorchCPU"
+    ms = status.modules["e2e_cnn"]
+    assert model.is_optimized or ms.graphs[0].selected == "TorchCPU" or ms.reverted  # eager won, or the check chose it
     for batch in (1, 3, 8):
         x = torch.randn(batch, 3, 16, 16)
         with warnings.catch_warnings(), torch.no_grad():
@@ -121,7 +129,8 @@ def test_changed_weights_are_never_served_from_stale_artifacts(optimized):
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(model(x), model.__wrapped__(x))
     model.load_state_dict(original)
-    assert nav.load_optimized(workspace)["e2e_cnn"] is (status.modules["e2e_cnn"].optimized)
+    ms = status.modules["e2e_cnn"]
+    assert nav.load_optimized(workspace)["e2e_cnn"] is (ms.optimized or ms.reverted is not None)  # bound either way
 
 
 def test_fresh_process_reloads_without_optimizing(optimized):
