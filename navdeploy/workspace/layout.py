@@ -1,7 +1,9 @@
 """Where things are in a workspace:
 
     <workspace>/.navdeploy-workspace            the marker: this folder is a navdeploy workspace (written by optimize)
-    <workspace>/reports/, inductor_cache/       HTML reports; torch.compile's cache (unless the user set one)
+    <workspace>/reports/                        HTML reports
+    <workspace>/inductor_cache/<module>/        torch.compile's and AOTInductor's cache of a module (unless the user
+                                                set one; workspaces of earlier versions have one cache for all)
     <workspace>/<module>/manifest.json          candidates, errors, metrics, selection per graph
     <workspace>/<module>/navdeploy.log          log of every optimize run of the module
     <workspace>/<module>/.lock, .lock.owner     held (flock) by the run optimizing the module; who holds it
@@ -10,8 +12,9 @@
     <workspace>/<module>/<graph>/<format>/      the exported artifact of one format in the module's precision
     <workspace>/<module>/<graph>/<format>-<precision>/  ... and in another precision (e.g. ``onnx-fp16``)
 
-Nothing here is ever unpickled except ``samples.pt`` with ``weights_only=True``; a manifest or checkpoint
-that is not what navdeploy writes is ignored with a warning, never trusted."""
+navdeploy unpickles nothing here except ``samples.pt`` with ``weights_only=True`` (inductor reads its own cache,
+on reload only from a private copy that matched the manifest's checksum); a manifest or checkpoint that is not what
+navdeploy writes is ignored with a warning, never trusted."""
 
 from __future__ import annotations
 

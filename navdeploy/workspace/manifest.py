@@ -62,7 +62,8 @@ _FORMAT = {"status": STR, "checksum": OPT_STR, "export_s": OPT_NUMBER, "error": 
 _ENTRY = {"selected": OPT_STR, "cache_key": STR, "updated": OPT_STR}
 _MANIFEST = {"fingerprint": STR, "device": STR, "module": STR, "precision": STR, "navdeploy": OPT_STR,
              "torch": OPT_STR, "class": OPT_STR, "forward_func": OPT_STR, "updated": OPT_STR, "reverted": OPT_STR,
-             "precision_inferred": BOOL, "max_batch_size": ("an int >= 1", lambda v: _int(v) and v >= 1)}
+             "precision_inferred": BOOL, "inductor_cache": OPT_STR,
+             "max_batch_size": ("an int >= 1", lambda v: _int(v) and v >= 1)}
 
 
 def _fields(data: dict, spec: dict, where: str, required: tuple[str, ...] = ()) -> None:
