@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import navdeploy as nav
+from navdeploy.workspace.layout import build_dir
 
 CPU_RUNNERS = {"TorchCPU", "TorchCompileCPU", "TorchScriptCPU", "TorchExportCPU", "AOTInductorCPU", "OnnxCPU"}
 
@@ -106,7 +107,7 @@ def test_workspace_holds_manifest_log_samples_and_artifacts(optimized):
     samples = torch.load(folder / key / "samples.pt", weights_only=True)
     assert len(samples["inputs"]) == len(samples["outputs"]) >= 2
     for fmt, state in entry["formats"].items():
-        assert state["status"] != "ok" or (folder / key / fmt).is_dir()
+        assert state["status"] != "ok" or (folder / key / build_dir(fmt, state["checksum"])).is_dir()
     assert not list(folder.rglob("*.tmp*")), "no half-written files are left behind"
 
 

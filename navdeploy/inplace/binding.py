@@ -24,6 +24,7 @@ from navdeploy.inplace.module import Module
 from navdeploy.inplace.staleness import WeightsWatch
 from navdeploy.workspace.fingerprint import checksum, fingerprint
 from navdeploy.workspace.inductor import pointed_at, private_copy, user_cache_dir
+from navdeploy.workspace.layout import artifact_path
 from navdeploy.workspace.manifest import load_manifest
 from navdeploy.workspace.records import CandidateRecord, GraphEntry, Manifest
 from navdeploy.workspace.samples import load_samples
@@ -43,8 +44,8 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: GraphEntry, 
     artifact = None
     if spec.export is not None:
         fmt = record.artifact_dir(module_precision)
-        fmt_dir = folder / graph.key / fmt
         state = entry.formats.get(fmt)
+        fmt_dir = artifact_path(folder / graph.key, fmt, state.checksum if state is not None else None)
         if not fmt_dir.is_dir() or state is None or checksum(fmt_dir) != state.checksum:
             raise RuntimeError(f"artifact {fmt_dir} is missing or was modified (checksum mismatch)")
         artifact = fmt_dir / spec.artifact

@@ -32,7 +32,7 @@ from navdeploy.workspace.identity import ensure_writable
 from navdeploy.workspace.inductor import cache_checksum, discard_unvouched
 from navdeploy.workspace.layout import LOG_FILE, artifact_dir, module_dir, now
 from navdeploy.workspace.locks import locked
-from navdeploy.workspace.manifest import MANIFEST_VERSION, read_manifest, write_manifest
+from navdeploy.workspace.manifest import MANIFEST_VERSION, read_manifest, remove_unnamed_builds, write_manifest
 from navdeploy.workspace.records import CandidateRecord, FormatState, GraphEntry, Manifest
 from navdeploy.workspace.samples import save_samples
 
@@ -69,7 +69,7 @@ def _valid_formats(old_entry: Optional[GraphEntry], folder: Path) -> dict[str, F
     """Formats built by an earlier run whose artifacts are still intact."""
     valid = {}
     for fmt, state in (old_entry.formats if old_entry else {}).items():
-        path = folder / fmt
+        path = old_entry.artifact_folder(folder, fmt)
         if state.status == "ok" and path.is_dir() and checksum(path) == state.checksum:
             valid[fmt] = state
     return valid
@@ -153,7 +153,8 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                                               retries=retries), checkpoint=False)
                     continue
                 listener.candidate_started(job.module_name, name)
-                record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision))
+                record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision,
+                                           artifact_checksum=formats[fmt].checksum if fmt in formats else None))
                 record.retries = retries
                 state = None
                 if record.exported:
@@ -231,6 +232,7 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
         except BaseException:
             module.nav_state.unbind()  # what is bound stands for a manifest on disk, or nothing
             raise
+        remove_unnamed_builds(folder, manifest, old)  # earlier builds go only now: the new manifest is in place
     statuses = [GraphStatus(g.key, entries[g.key].selected, entries[g.key].candidates, g.batching)
                 for g in graphs]
     return ModuleStatus(module.name, folder, device, statuses, optimized, time.perf_counter() - start, tolerances,

@@ -12,10 +12,11 @@ wrong with a malformed manifest."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from navdeploy.capture.graph import Graph
-from navdeploy.workspace.layout import artifact_dir
+from navdeploy.workspace.layout import artifact_dir, artifact_path
 
 
 @dataclass
@@ -102,7 +103,8 @@ class CandidateRecord:
         return self.precision or module_precision
 
     def artifact_dir(self, module_precision: str) -> str:
-        """The name of this candidate's artifact folder inside its graph's folder."""
+        """The key of this candidate's format in its graph's ``formats`` (see :meth:`GraphEntry.artifact_folder`
+        for the folder of its build)."""
         return artifact_dir(self.format, self.precision_in(module_precision), module_precision)
 
     def first_p50_ms(self) -> Optional[float]:
@@ -193,6 +195,12 @@ class GraphEntry:
     def selected_candidate(self) -> Optional[CandidateRecord]:
         """The record of the selected candidate, None when nothing was selected."""
         return find_candidate(self.candidates, self.selected)
+
+    def artifact_folder(self, graph_dir: Path, fmt_key: str) -> Path:
+        """The folder of the build of format ``fmt_key`` this entry names (its checksum's build folder; the
+        format's one folder in manifests of earlier versions)."""
+        state = self.formats.get(fmt_key)
+        return artifact_path(graph_dir, fmt_key, state.checksum if state is not None else None)
 
     def to_json(self) -> dict:
         data: dict[str, Any] = {}
