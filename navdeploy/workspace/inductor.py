@@ -34,6 +34,7 @@ CACHE_DIR = "inductor_cache"
 _NOT_CODE = ("locks",)
 
 _ENV = "TORCHINDUCTOR_CACHE_DIR"
+_TRITON_ENV = "TRITON_CACHE_DIR"
 
 
 def cache_dir(module_folder: Path) -> Path:
@@ -63,25 +64,36 @@ _own: set[str] = set()  # the caches navdeploy pointed TORCHINDUCTOR_CACHE_DIR a
 
 
 def _is_navdeploy_cache(path: str) -> bool:
-    return os.path.abspath(path) in _own
+    path = os.path.abspath(path)
+    return any(path == own or path.startswith(own + os.sep) for own in _own)
 
 
 @contextlib.contextmanager
 def pointed_at(path: Path) -> Iterator[None]:
-    """``TORCHINDUCTOR_CACHE_DIR`` is ``path`` for the block, unless the user set their own; then as before."""
+    """``TORCHINDUCTOR_CACHE_DIR`` is ``path`` for the block, unless the user set their own; then as before.
+
+    ``TRITON_CACHE_DIR`` too (``path/triton``), unless the user set it: inductor sets it once per process, from the
+    cache of the moment, so without this every later module's GPU kernels would land in the first module's cache
+    (changing it after its checksum was taken)."""
     if user_cache_dir() is not None:
         yield
         return
-    previous = os.environ.get(_ENV)
+    previous = {name: os.environ.get(name) for name in (_ENV, _TRITON_ENV)}
     _own.add(os.path.abspath(path))
     os.environ[_ENV] = str(path)
+    triton = previous[_TRITON_ENV]
+    if triton is None or _is_navdeploy_cache(triton):
+        os.environ[_TRITON_ENV] = str(path / "triton")
+    else:
+        previous.pop(_TRITON_ENV)  # the user's: left alone
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(_ENV, None)
-        else:
-            os.environ[_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def cache_checksum(module_folder: Path) -> Optional[str]:
