@@ -4,6 +4,7 @@ real PyTriton one on 127.0.0.1 free ports, always stopped."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import urllib.error
 import urllib.request
@@ -67,8 +68,8 @@ def server(tmp_path_factory):
         handle.stop()
 
 
-def _http(server, body: bytes, header_length: int | None = None) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/octet-stream"}
+def _http(server, body: bytes, header_length: int | None = None, **extra: str) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/octet-stream", **extra}
     if header_length is not None:
         headers["Inference-Header-Content-Length"] = str(header_length)
     request = urllib.request.Request(f"http://{server.http_url}/v2/models/bounded/infer", data=body,
@@ -245,6 +246,14 @@ def test_malformed_and_oversized_requests(server):
             if header_length == "header":
                 header_length = body.index(b"\0")
             status, answer = _http(server, body, header_length)
+            assert 400 <= status < 500, (label, status, answer)
+            _valid(rng, "json", server, stub)
+        # compressed bodies are checked as they decompress: a huge declared shape, and a small gzip that inflates
+        # past max_request_bytes
+        huge = json.dumps({"inputs": [_entry("x", "FP32", [1, 2**40, 3], [1.0] * 3)]}).encode()
+        for label, body in (("gzip, huge shape", gzip.compress(huge)),
+                            ("gzip bomb", gzip.compress(b" " * (MAX_BYTES * 4) + huge))):
+            status, answer = _http(server, body, **{"Content-Encoding": "gzip"})
             assert 400 <= status < 500, (label, status, answer)
             _valid(rng, "json", server, stub)
         # over-long strings within the limit are served, by every protocol
