@@ -29,7 +29,7 @@ from navdeploy.optimize.status import GraphStatus, ModuleStatus
 from navdeploy.workspace.checkpoint import checkpoint_graph, resume_entry
 from navdeploy.workspace.fingerprint import cache_key, checksum, fingerprint
 from navdeploy.workspace.identity import ensure_writable
-from navdeploy.workspace.inductor import cache_checksum, discard_unvouched
+from navdeploy.workspace.inductor import checksum_to_record, discard_unvouched
 from navdeploy.workspace.layout import LOG_FILE, artifact_dir, module_dir, now
 from navdeploy.workspace.locks import locked
 from navdeploy.workspace.manifest import MANIFEST_VERSION, read_manifest, remove_unnamed_builds, write_manifest
@@ -226,7 +226,7 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                             dict(tolerances), entries, now(), precision_inferred=module.precision_inferred)
         # Bound first: its warm-up compiles into the module's inductor cache, whose checksum the manifest records.
         optimized = bind(module, folder, manifest, fp, in_optimize=True)
-        manifest.inductor_cache = cache_checksum(folder)
+        manifest.inductor_cache = checksum_to_record(folder)
         try:
             write_manifest(folder, manifest)  # last: a killed run leaves the old manifest
         except BaseException:

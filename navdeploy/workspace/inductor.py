@@ -102,6 +102,12 @@ def cache_checksum(module_folder: Path) -> Optional[str]:
     return _checksum(cache_dir(module_folder))
 
 
+def checksum_to_record(module_folder: Path) -> Optional[str]:
+    """What a module's manifest records at the end of its optimize: its cache's checksum, or None when the run
+    compiled into a cache the user chose (the module's own, if any, then holds nothing of this run)."""
+    return cache_checksum(module_folder) if user_cache_dir() is None else None
+
+
 def _checksum(folder: Path) -> Optional[str]:
     if not folder.is_dir():
         return None
