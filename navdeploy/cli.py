@@ -333,6 +333,9 @@ def serve(spec: str = typer.Argument(..., help="The pipeline: module:function or
                                                    "modules (default: $NAVDEPLOY_WORKSPACE or ~/.cache/navdeploy)."),
           load_optimized: bool = typer.Option(True, "--load-optimized/--no-load-optimized", help="Load the "
                                               "optimized modules from the workspace first."),
+          max_request_bytes: Optional[int] = typer.Option(None, "--max-request-bytes", help="The most bytes one "
+                                                          "request may declare for its inputs (default 64 MiB); "
+                                                          "larger requests are refused before they are allocated."),
           log_verbose: Optional[int] = typer.Option(None, "--log-verbose", help="Triton log verbosity.")) -> None:
     """Serve a Python pipeline (module:function) through PyTriton until Ctrl-C.
 
@@ -356,7 +359,7 @@ def serve(spec: str = typer.Argument(..., help="The pipeline: module:function or
     ports = {k: v for k, v in (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port)) if v is not None}
     for key, value in (("name", name), ("host", host), ("ports", ports or None), ("max_batch_size", max_batch_size),
                        ("max_queue_delay_us", max_queue_delay_us), ("workspace", workspace),
-                       ("log_verbose", log_verbose)):
+                       ("log_verbose", log_verbose), ("max_request_bytes", max_request_bytes)):
         if value is not None:
             kwargs[key] = value
     if not load_optimized:

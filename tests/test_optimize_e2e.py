@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import navdeploy as nav
+from navdeploy.workspace.layout import build_dir
 
 CPU_RUNNERS = {"TorchCPU", "TorchCompileCPU", "TorchScriptCPU", "TorchExportCPU", "AOTInductorCPU", "OnnxCPU"}
 
@@ -35,8 +36,8 @@ def optimized(tmp_path_factory):
     user_set_cache = "TORCHINDUCTOR_CACHE_DIR" in os.environ
     status = nav.optimize(model, data, nav.OptimizeConfig(workspace=workspace))
     if not user_set_cache:
-        # torch.compile/AOTInductor cached inside the workspace, and the variable is not left behind.
-        assert (workspace / "inductor_cache").is_dir()
+        # torch.compile/AOTInductor cached inside the module's folder, and the variable is not left behind.
+        assert (workspace / "inductor_cache" / "e2e_cnn").is_dir()
         assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     return model, status, workspace
 
@@ -106,7 +107,7 @@ def test_workspace_holds_manifest_log_samples_and_artifacts(optimized):
     samples = torch.load(folder / key / "samples.pt", weights_only=True)
     assert len(samples["inputs"]) == len(samples["outputs"]) >= 2
     for fmt, state in entry["formats"].items():
-        assert state["status"] != "ok" or (folder / key / fmt).is_dir()
+        assert state["status"] != "ok" or (folder / key / build_dir(fmt, state["checksum"])).is_dir()
     assert not list(folder.rglob("*.tmp*")), "no half-written files are left behind"
 
 

@@ -388,5 +388,5 @@ def test_torch_compile_cache_variables(tmp_path, inductor_imported_first):
     (result,) = _run_scripts([path], env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RESULT ok None True True" in result.stdout, result.stdout[-2000:]
-    cache = tmp_path / "ws" / "inductor_cache"  # TORCHINDUCTOR_CACHE_DIR defaults to the workspace
+    cache = tmp_path / "ws" / "inductor_cache" / "ref_compile_cache"  # TORCHINDUCTOR_CACHE_DIR: the module's own
     assert cache.is_dir() and (cache / "fxgraph").is_dir() and (cache / "aotautograd").is_dir()

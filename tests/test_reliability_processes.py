@@ -17,6 +17,8 @@ import pytest
 from filelock import FileLock
 
 from navdeploy.workspace.checkpoint import CHECKPOINT
+from navdeploy.workspace.layout import artifact_path, build_dir
+from navdeploy.workspace.manifest import read_manifest, write_manifest
 
 SCRIPT = textwrap.dedent('''
     import gc, json, os, sys, time
@@ -156,8 +158,10 @@ def test_kill_9_mid_run_then_the_next_run_starts_cleanly_and_reuses_what_was_don
     manifest = json.loads((folder / "manifest.json").read_text())
     for key, entry in manifest["graphs"].items():
         assert all(c["status"] == "ok" for c in entry["candidates"]), entry["candidates"]
-        for fmt, _state in entry["formats"].items():
-            assert (folder / key / fmt).is_dir()  # every artifact the manifest names is complete and in place
+        named = {artifact_path(folder / key, fmt, state["checksum"]) for fmt, state in entry["formats"].items()}
+        assert all(p.is_dir() for p in named)  # every artifact the manifest names is complete and in place
+        # ... and nothing else: the killed run's builds went once the manifest was switched
+        assert {p for p in (folder / key).iterdir() if p.is_dir()} == named
 
     cached = {key: {n: c["cached"] for n, c in g.items()} for key, g in result["graphs"].items()}
     done_graph = next(k for k, g in cached.items() if all(g.values()))  # graph 1: everything reused
@@ -224,3 +228,101 @@ def test_ctrl_c_stops_a_run_with_parallel_builds_and_its_workers_at_once(script,
     records = [c for path in (workspace / name).glob(f"*/{CHECKPOINT}")
                for c in json.loads(path.read_text())["candidates"]]
     assert records and not [c for c in records if c["status"] != "ok"], records
+
+
+SIDE_BY_SIDE = textwrap.dedent('''
+    import json, os, sys, time
+    from pathlib import Path
+    import torch
+    from torch import nn
+    import navdeploy as nav
+
+
+    class Net(nn.Module):
+        """Tracing 3-d inputs for TorchScript hangs once NAV_TEST_HANG names a file (touched first)."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if torch.jit.is_tracing() and x.dim() == 3 and os.environ.get("NAV_TEST_HANG"):
+                Path(os.environ["NAV_TEST_HANG"]).touch()
+                time.sleep(600)
+            return self.linear(x).relu()
+
+
+    if __name__ == "__main__":
+        mode, workspace, name = sys.argv[1], sys.argv[2], sys.argv[3]
+        torch.manual_seed(0)
+        module = nav.Module(Net().eval(), name=name)
+        if mode == "load":
+            loaded = nav.load_optimized(workspace)[name]
+            x = torch.randn(2, 4)
+            with torch.no_grad():
+                same = torch.allclose(module(x), module.__wrapped__(x), atol=1e-5)
+            print("RESULT", json.dumps({"loaded": loaded, "optimized": module.is_optimized, "same": same}))
+            sys.exit(0)
+        # "first": one graph, batches up to 2. "rerun": batches up to 4 (every artifact of that graph is built
+        # again, into new folders), then a second graph whose TorchScript trace hangs.
+        data = [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))]
+        if mode == "rerun":
+            data.append((1, torch.randn(1, 3, 4)))
+        config = nav.OptimizeConfig(workspace=workspace, runners=("TorchCPU", "TorchExportCPU", "TorchScriptCPU"),
+                                    batch_sizes=(1, 2), max_batch_size=2 if mode == "first" else 4,
+                                    profile_time_s=0.05, pipeline_repeats=0)
+        with torch.no_grad():
+            nav.optimize(module, data, config)
+        print("DONE", flush=True)
+''')
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find orphaned workers")
+def test_a_rerun_killed_after_building_new_artifacts_leaves_the_previous_result_loadable(tmp_path):
+    """kill -9 of a re-run after it built new artifacts of a graph, before its manifest switch: the previous,
+    complete optimization still binds in a fresh process, to the artifacts it was verified with."""
+    script, workspace, name, marker = tmp_path / "side_by_side.py", tmp_path / "ws", "rel_side", uuid.uuid4().hex
+    script.write_text(SIDE_BY_SIDE)
+    hang = tmp_path / "hanging"
+    env = {**os.environ, "NAV_TEST_MARKER": marker, "NAVDEPLOY_CONSOLE_OUTPUT": "simple"}
+    for key in ("NAVDEPLOY_USE_MULTIPROCESSING", "NAVIGATOR_USE_MULTIPROCESSING", "NAVDEPLOY_BUILD_WORKERS"):
+        env.pop(key, None)
+
+    def run(mode: str, **extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(script), mode, str(workspace), name], env={**env, **extra},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = run("first")
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0 and "DONE" in out, err[-3000:]
+    folder = workspace / name
+    manifest = read_manifest(folder)
+    ((key, entry),) = manifest.graphs.items()
+    entry.selected = "TorchExportCPU"  # chosen by hand: which runner wins a Linear(4, 4) is timing noise
+    manifest.reverted = None
+    write_manifest(folder, manifest)
+    state = entry.formats["torch-exportedprogram"]
+    previous = folder / key / build_dir("torch-exportedprogram", state.checksum)
+    assert previous.is_dir()
+
+    rerun = run("rerun", NAV_TEST_HANG=str(hang))
+    try:
+        _wait_for(lambda: hang.exists() or rerun.poll() is not None, 240, "the re-run to reach the second graph")
+        assert rerun.poll() is None, rerun.communicate()[1][-3000:]
+        os.kill(rerun.pid, signal.SIGKILL)
+        rerun.wait(10)
+    finally:
+        if rerun.poll() is None:
+            rerun.kill()
+    _wait_for(lambda: not _marked_processes(marker), 10, "the orphaned worker to exit")
+    # The re-run built the first graph's artifacts again, beside the previous ones, and never switched the manifest.
+    rebuilt = [p for p in (folder / key).iterdir() if p.name.startswith("torch-exportedprogram.") and p != previous]
+    assert rebuilt, sorted(p.name for p in (folder / key).iterdir())
+    assert read_manifest(folder).graphs[key].formats["torch-exportedprogram"].checksum == state.checksum
+
+    load = run("load")
+    out, err = load.communicate(timeout=300)
+    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+    assert load.returncode == 0 and line, err[-3000:]
+    result = json.loads(line[len("RESULT "):])
+    assert result == {"loaded": True, "optimized": True, "same": True}, (result, err[-3000:])

@@ -18,6 +18,7 @@ from torch import nn
 
 import navdeploy as nav
 from navdeploy.workspace.fingerprint import fingerprint
+from navdeploy.workspace.layout import build_dir, remove_replaced_builds
 from navdeploy.workspace.manifest import read_manifest
 from navdeploy.workspace.samples import load_samples
 
@@ -104,10 +105,45 @@ def _edit(workspace: Path, change) -> None:
     path.write_text(json.dumps(data))
 
 
+def _onnx_folder(workspace: Path) -> Path:
+    """The folder of the ONNX build the manifest names."""
+    ((key, entry),) = read_manifest(workspace / NAME).graphs.items()
+    return entry.artifact_folder(workspace / NAME / key, "onnx")
+
+
 def test_intact_copy_loads(ws):
     workspace, module = ws
     bound, messages = _load(module, workspace)
     assert bound and module.is_optimized and messages == []
+
+
+def test_a_workspace_of_an_earlier_version_loads_and_is_reused(ws):
+    """Earlier versions kept one folder per format (``<graph>/onnx/``), not one per build."""
+    workspace, module = ws
+    build = _onnx_folder(workspace)
+    assert build.name.startswith("onnx.") and build.is_dir()
+    build.rename(build.with_name("onnx"))
+    bound, messages = _load(module, workspace)
+    assert bound and module.is_optimized and messages == []
+    status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))],
+                          fast(workspace, runners=("OnnxCPU",)))
+    assert status.modules[NAME].graphs[0].candidate("OnnxCPU").cached  # its artifact was found and reused
+    assert _onnx_folder(workspace) == build.with_name("onnx") and build.with_name("onnx").is_dir()
+
+
+def test_only_the_builds_a_manifest_no_longer_names_are_removed(tmp_path):
+    in_use, old = "a" * 64, "b" * 64
+    names = [build_dir("onnx", in_use), build_dir("onnx", old), "onnx", build_dir("torchscript", old),
+             "onnx.notes", "mine"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    (tmp_path / "samples.pt").write_bytes(b"")
+    removed = remove_replaced_builds(tmp_path, {"onnx": in_use})
+    assert sorted(p.name for p in removed) == sorted([build_dir("onnx", old), "onnx"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([build_dir("onnx", in_use), build_dir(
+        "torchscript", old), "onnx.notes", "mine", "samples.pt"])
+    remove_replaced_builds(tmp_path, {"torchscript": None})  # a format the manifest no longer has: every build
+    assert not (tmp_path / build_dir("torchscript", old)).exists()
 
 
 RAW = {
@@ -176,8 +212,7 @@ def test_hand_edited_manifest_values_warn_and_run_eagerly(ws, edit, needle):
 @pytest.mark.parametrize("tamper", ["flip-bytes", "truncate", "delete-file", "delete-folder", "extra-file"])
 def test_modified_artifact_is_never_loaded(ws, tamper):
     workspace, module = ws
-    (graph_dir,) = [p for p in (workspace / NAME).iterdir() if p.is_dir()]
-    artifact = graph_dir / "onnx" / "model.onnx"
+    artifact = _onnx_folder(workspace) / "model.onnx"
     if tamper == "flip-bytes":
         data = bytearray(artifact.read_bytes())
         for i in range(len(data) // 2, len(data) // 2 + 16):
@@ -199,8 +234,7 @@ def test_modified_artifact_is_never_loaded(ws, tamper):
 
 def test_next_optimize_rebuilds_a_corrupted_workspace(ws):
     workspace, module = ws
-    (graph_dir,) = [p for p in (workspace / NAME).iterdir() if p.is_dir()]
-    (graph_dir / "onnx" / "model.onnx").write_bytes(b"garbage")
+    (_onnx_folder(workspace) / "model.onnx").write_bytes(b"garbage")
     status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))],
                           fast(workspace, runners=("OnnxCPU",)))
     graph = status.modules[NAME].graphs[0]

@@ -18,6 +18,7 @@ import torch
 
 import navdeploy as nav
 from navdeploy.serving import Tensor, infer_specs, serve_from_spec
+from navdeploy.serving.bounds import RequestBounds
 
 pytest.importorskip("pytriton")
 from tritonclient.http import InferenceServerException, InferInput
@@ -113,7 +114,7 @@ def test_serve_batched_pipeline_and_bad_requests(optimized):
             "missing input": ([], "prompt"),
             "wrong dtype": ([_prompt(["a"]), _tensor("scale", np.ones((1, 8), np.int32), "INT32")], "FP32"),
             "wrong shape": ([_prompt(["a"]), _tensor("scale", np.ones((1, 3), np.float32), "FP32")], "shape"),
-            "batch over the limit": ([_prompt(["a"] * 5)], "batch-size must be <= 4"),
+            "batch over the limit": ([_prompt(["a"] * 5)], "batches of at most 4"),
             "pipeline error": ([_prompt(["boom"])], "the pipeline failed on this prompt"),
         }
         for label, (inputs, message) in bad.items():
@@ -127,6 +128,18 @@ def test_serve_batched_pipeline_and_bad_requests(optimized):
     assert not server.running
     assert time.perf_counter() - start < 15
     assert _backend_stubs() <= stubs_before  # the model's stub process ended with the server
+
+
+def test_captured_max_shapes_bound_a_served_input(optimized):
+    """The scorer captured x of [1, 8] and [2, 8] and batches: one item is at most (8,), from its manifest."""
+    pipe, ws = optimized
+    caps = nav.serving.captured_max_shapes(pipe.scorer, ws)
+    assert caps == {"x": (8,)}
+    spec = Tensor("x", np.float32, (-1,), max_shape=caps["x"])
+    bounds = RequestBounds.of([spec], max_batch_size=4)
+    assert bounds.shape_problem("x", [2, 8]) is None
+    assert "over its bound of 8" in bounds.shape_problem("x", [2, 9])
+    assert nav.serving.captured_max_shapes(TextPipeline.features, ws) == {}  # not a wrapped module
 
 
 def test_serve_unbatched_with_inferred_specs(optimized):

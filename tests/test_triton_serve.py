@@ -30,6 +30,7 @@ from navdeploy.errors import NavdeployError
 from navdeploy.templates_dir import templates_dir
 from navdeploy.triton import TritonServer, export_model_repository, model_name, validate_repository
 from navdeploy.triton.validate import parse_config
+from navdeploy.workspace.layout import artifact_path
 
 ATOL, RTOL = 1e-4, 1e-3
 
@@ -328,10 +329,11 @@ def test_gpu_selections_map_to_tensorrt_and_ort_accelerator(optimized, tmp_path)
     manifest["device"] = "cuda"
     (key, entry), = manifest["graphs"].items()
     graph_dir = copy / "pool" / key
-    shutil.copytree(graph_dir / "onnx", graph_dir / "onnx-fp16")
+    onnx = artifact_path(graph_dir, "onnx", entry["formats"]["onnx"]["checksum"])  # the build the manifest names
+    shutil.copytree(onnx, graph_dir / "onnx-fp16")  # the hand-made ones: one folder per format, as earlier versions
     (graph_dir / "trt-fp16").mkdir()
     (graph_dir / "trt-fp16" / "model.plan").write_bytes(b"engine")
-    shutil.copy(graph_dir / "onnx" / "model.onnx", graph_dir / "trt-fp16" / "model.onnx")
+    shutil.copy(onnx / "model.onnx", graph_dir / "trt-fp16" / "model.onnx")
     profile = [{"batch_size": 4, "p50_ms": 0.1, "p90_ms": 0.1, "throughput": 1.0}]
     entry["candidates"] += [
         {"name": "TensorRT[fp16]", "runner": "TensorRT", "format": "trt", "precision": "fp16", "device": "cuda",

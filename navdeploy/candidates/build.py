@@ -28,7 +28,7 @@ from navdeploy.formats.base import BuildContext, LoadContext, RunnerSpec
 from navdeploy.formats.registry import FORMATS, RUNNERS
 from navdeploy.workspace.atomic import is_disk_error, writing
 from navdeploy.workspace.fingerprint import checksum
-from navdeploy.workspace.layout import artifact_dir
+from navdeploy.workspace.layout import artifact_dir, artifact_path, build_dir
 from navdeploy.workspace.records import BuildWindow, CandidateRecord
 
 log = logging.getLogger("navdeploy")
@@ -54,12 +54,14 @@ class Job:
 
 @dataclass(frozen=True)
 class Task:
-    """Try ``runner`` in ``precision`` on graph ``graph_key``; ``export``: whether its artifact must be (re)built."""
+    """Try ``runner`` in ``precision`` on graph ``graph_key``; ``export``: whether its artifact must be (re)built;
+    else ``artifact_checksum`` names the build to load (None: the format's folder of an earlier version)."""
 
     graph_key: str
     runner: str
     export: bool
     precision: str
+    artifact_checksum: Optional[str] = None
 
 
 def prepare(module: torch.nn.Module, forward_func: Optional[str], graph: Graph, runner: RunnerSpec, precision: str,
@@ -144,12 +146,14 @@ class WorkerState:
 
 
 def _export(job: Job, graph: Graph, runner_format, flat: FlatModule, cast: Callable, precision: str,
-            final: Path) -> float:
-    """Export into ``<final>.tmp-<pid>`` and move it into place only when complete, so a killed run or a failed
-    write never leaves a half-written artifact behind. A full disk, read-only file system or permission problem
-    raises a WorkspaceError naming the folder (and the free space)."""
+            graph_dir: Path, fmt_key: str) -> tuple[float, Path, str]:
+    """Export into ``<fmt_key>.tmp-<pid>`` and, once complete, move it into a build folder of its own beside the
+    others (``<fmt_key>.<checksum>``): a killed run or a failed write never leaves a half-written artifact behind,
+    and never touches the build the current manifest names. Returns the seconds taken, the build folder and its
+    checksum. A full disk, read-only file system or permission problem raises a WorkspaceError naming the folder
+    (and the free space)."""
     spec = FORMATS[runner_format]
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    tmp = graph_dir / f"{fmt_key}.tmp-{os.getpid()}"
     start = time.perf_counter()
     try:
         with writing(tmp):
@@ -162,13 +166,19 @@ def _export(job: Job, graph: Graph, runner_format, flat: FlatModule, cast: Calla
             spec.export(ctx)
         if not (tmp / spec.artifact).exists():
             raise RuntimeError(f"exporter wrote no {spec.artifact}")
+        # Hashed here, while this candidate still counts as a build: never beside another's profiling.
+        digest = checksum(tmp)
+        final = graph_dir / build_dir(fmt_key, digest)
         with writing(final):
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            if final.is_dir() and checksum(final) == digest:
+                shutil.rmtree(tmp)  # the same build is there already (its name is its checksum)
+            else:
+                shutil.rmtree(final, ignore_errors=True)  # a folder whose bytes are not its name's: no build at all
+                os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return time.perf_counter() - start
+    return time.perf_counter() - start, final, digest
 
 
 def _current_device(inputs: list[torch.Tensor]) -> contextlib.AbstractContextManager:
@@ -211,12 +221,14 @@ def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
             flat, cast = prepare(job.module, job.forward_func, graph, runner, task.precision, job.precision, state.flat)
             artifact = None
             if spec.export is not None:
-                folder = job.module_dir / graph.key / artifact_dir(spec.format.value, task.precision, job.precision)
+                graph_dir = job.module_dir / graph.key
+                fmt_key = artifact_dir(spec.format.value, task.precision, job.precision)
                 if task.export:
-                    record.times["export_s"] = _export(job, graph, runner.format, flat, cast, task.precision, folder)
+                    record.times["export_s"], folder, record.artifact_checksum = _export(
+                        job, graph, runner.format, flat, cast, task.precision, graph_dir, fmt_key)
                     record.exported = True
-                    # Hashed here, while this candidate still counts as a build: never beside another's profiling.
-                    record.artifact_checksum = checksum(folder)
+                else:
+                    folder = artifact_path(graph_dir, fmt_key, task.artifact_checksum)
                 artifact = folder / spec.artifact
             step = "load"
             start = time.perf_counter()

@@ -6,6 +6,7 @@ what is tested once is what users get in both.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -16,12 +17,14 @@ import torch
 from navdeploy.candidates.build import expand_batch, prepare
 from navdeploy.candidates.verify import conform
 from navdeploy.capture.graph import Graph
-from navdeploy.formats.base import LoadContext, RunFn
+from navdeploy.formats.base import Format, LoadContext, RunFn
 from navdeploy.formats.registry import EAGER_RUNNER, FORMATS, RUNNERS
 from navdeploy.inplace.handler import OptimizedHandler
 from navdeploy.inplace.module import Module
 from navdeploy.inplace.staleness import WeightsWatch
 from navdeploy.workspace.fingerprint import checksum, fingerprint
+from navdeploy.workspace.inductor import pointed_at, private_copy, user_cache_dir
+from navdeploy.workspace.layout import artifact_path
 from navdeploy.workspace.manifest import load_manifest
 from navdeploy.workspace.records import CandidateRecord, GraphEntry, Manifest
 from navdeploy.workspace.samples import load_samples
@@ -41,8 +44,8 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: GraphEntry, 
     artifact = None
     if spec.export is not None:
         fmt = record.artifact_dir(module_precision)
-        fmt_dir = folder / graph.key / fmt
         state = entry.formats.get(fmt)
+        fmt_dir = artifact_path(folder / graph.key, fmt, state.checksum if state is not None else None)
         if not fmt_dir.is_dir() or state is None or checksum(fmt_dir) != state.checksum:
             raise RuntimeError(f"artifact {fmt_dir} is missing or was modified (checksum mismatch)")
         artifact = fmt_dir / spec.artifact
@@ -78,16 +81,38 @@ def extra_warm_up_sizes(graph: Graph, record: CandidateRecord, captured: list[to
     return sorted({m.batch_size for m in record.profile if m.batch_size} - {batch})
 
 
+# Formats whose runners run code from the inductor cache when they load (torch.compile's graphs; AOTInductor
+# takes its lock there and compiles helpers into it).
+_INDUCTOR_FORMATS = (Format.TORCH, Format.TORCH_AOTI)
+
+
+def _inductor_cache_for(module: Module, folder: Path, manifest: Manifest,
+                        in_optimize: bool) -> contextlib.AbstractContextManager:
+    """Where the selected runners find the module's inductor cache while they load and warm up."""
+    uses = [RUNNERS[c.runner] for c in (e.selected_candidate() for e in manifest.graphs.values())
+            if c is not None and c.runner in RUNNERS]
+    if in_optimize or user_cache_dir() is not None or not any(
+            r.format in _INDUCTOR_FORMATS and r.name not in EAGER_RUNNER.values() for r in uses):
+        return contextlib.nullcontext()
+    return pointed_at(private_copy(folder, manifest.inductor_cache, module.name))
+
+
 def _warn(module: Module, message: str) -> bool:
     log.warning("module %s runs eagerly: %s", module.name, message)
     warnings.warn(f"navdeploy: module {module.name!r} runs eagerly: {message}", RuntimeWarning, stacklevel=4)
     return False
 
 
-def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fingerprint_: Optional[str] = None) -> bool:
+def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fingerprint_: Optional[str] = None,
+         in_optimize: bool = False) -> bool:
     """Route ``module`` to the runners its manifest selected. Returns False (module stays eager, with one
     warning) when there is nothing usable: no manifest, an unreadable or hand-edited one, changed weights,
-    missing or modified artifacts. It never raises for what it finds in the workspace."""
+    missing or modified artifacts. It never raises for what it finds in the workspace.
+
+    torch.compile and AOTInductor runners load from a private copy of the module's inductor cache that matched
+    the manifest's checksum (:mod:`navdeploy.workspace.inductor`): nothing is written into the workspace. With
+    ``in_optimize`` (the end of ``nav.optimize``, whose scope points at the workspace's cache, and which records
+    the cache's checksum after this) they load from the workspace's cache itself."""
     module.nav_state.unbind()  # every path that does not bind leaves the module eager
     if manifest is None:
         manifest, problem = load_manifest(folder)
@@ -118,14 +143,16 @@ def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fing
         return True  # eager won everywhere: plain pass-through, no routing cost
     graphs: dict[str, tuple[Graph, RunFn]] = {}
     problems = []
-    for key, entry in manifest.graphs.items():
-        name = entry.selected
-        if not name:
-            continue  # every candidate failed: this input structure runs eagerly
-        try:
-            graphs[key] = (entry.graph, _load_runner(module, folder, entry.graph, entry, device, manifest.precision))
-        except Exception as exc:  # noqa: BLE001 - a broken artifact must not break the user's pipeline
-            problems.append(f"cannot load {name} for graph {key} ({type(exc).__name__}: {exc})")
+    with _inductor_cache_for(module, folder, manifest, in_optimize):
+        for key, entry in manifest.graphs.items():
+            name = entry.selected
+            if not name:
+                continue  # every candidate failed: this input structure runs eagerly
+            try:
+                graphs[key] = (entry.graph, _load_runner(module, folder, entry.graph, entry, device,
+                                                         manifest.precision))
+            except Exception as exc:  # noqa: BLE001 - a broken artifact must not break the user's pipeline
+                problems.append(f"cannot load {name} for graph {key} ({type(exc).__name__}: {exc})")
     if problems:
         scope = "those input structures run" if graphs else "it runs"
         log.warning("module %s: %s", module.name, "; ".join(problems))

@@ -9,7 +9,6 @@ from typing import Optional
 from navdeploy.config import resolve_workspace
 from navdeploy.inplace.binding import bind
 from navdeploy.inplace.registry import registered_modules
-from navdeploy.optimize.scope import inductor_cache
 from navdeploy.workspace.layout import module_dir
 
 log = logging.getLogger("navdeploy")
@@ -21,10 +20,11 @@ def load_optimized(workspace: Optional[str | Path] = None) -> dict[str, bool]:
     Reads ``<workspace>/<name>/manifest.json`` for each module (workspace: the argument, the module's
     ``optimize_config.workspace``, ``$NAVDEPLOY_WORKSPACE`` or ``~/.cache/navdeploy``). Modules without a usable
     optimization keep running eagerly, with a warning. Returns module name -> whether it is optimized.
+    Nothing is written into the workspace: it may be read-only (torch.compile and AOTInductor winners run from a
+    private, checked copy of the module's inductor cache).
     """
     result = {}
     for m in registered_modules():
         ws = Path(workspace) if workspace is not None else resolve_workspace(m.optimize_config)
-        with inductor_cache(ws):
-            result[m.name] = bind(m, module_dir(ws, m.name))
+        result[m.name] = bind(m, module_dir(ws, m.name))
     return result

@@ -29,9 +29,10 @@ from navdeploy.optimize.status import GraphStatus, ModuleStatus
 from navdeploy.workspace.checkpoint import checkpoint_graph, resume_entry
 from navdeploy.workspace.fingerprint import cache_key, checksum, fingerprint
 from navdeploy.workspace.identity import ensure_writable
+from navdeploy.workspace.inductor import checksum_to_record, discard_unvouched
 from navdeploy.workspace.layout import LOG_FILE, artifact_dir, module_dir, now
 from navdeploy.workspace.locks import locked
-from navdeploy.workspace.manifest import MANIFEST_VERSION, read_manifest, write_manifest
+from navdeploy.workspace.manifest import MANIFEST_VERSION, read_manifest, remove_unnamed_builds, write_manifest
 from navdeploy.workspace.records import CandidateRecord, FormatState, GraphEntry, Manifest
 from navdeploy.workspace.samples import save_samples
 
@@ -68,7 +69,7 @@ def _valid_formats(old_entry: Optional[GraphEntry], folder: Path) -> dict[str, F
     """Formats built by an earlier run whose artifacts are still intact."""
     valid = {}
     for fmt, state in (old_entry.formats if old_entry else {}).items():
-        path = folder / fmt
+        path = old_entry.artifact_folder(folder, fmt)
         if state.status == "ok" and path.is_dir() and checksum(path) == state.checksum:
             valid[fmt] = state
     return valid
@@ -152,7 +153,8 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                                               retries=retries), checkpoint=False)
                     continue
                 listener.candidate_started(job.module_name, name)
-                record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision))
+                record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision,
+                                           artifact_checksum=formats[fmt].checksum if fmt in formats else None))
                 record.retries = retries
                 state = None
                 if record.exported:
@@ -197,6 +199,7 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                      module.name, precision)
         fp = fingerprint(module.__wrapped__)
         old = read_manifest(folder)
+        discard_unvouched(folder, old.inductor_cache if old else None)  # before anything compiles into it
         old_graphs = old.graphs if old and old.fingerprint == fp and old.device == device else {}
         batch_sizes = config.profile_batch_sizes(max(g.inputs[0].max_shape[0] if g.batching else 1 for g in graphs))
         checked_as = {p: tolerance_precision(p, module.__wrapped__, device)
@@ -221,8 +224,15 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                             f"{wrapped.__module__}.{wrapped.__qualname__}", precision,
                             module.nav_state.forward_func, config.max_batch_size, list(batch_sizes),
                             dict(tolerances), entries, now(), precision_inferred=module.precision_inferred)
-        write_manifest(folder, manifest)  # last: a killed run leaves the old manifest
-        optimized = bind(module, folder, manifest, fp)
+        # Bound first: its warm-up compiles into the module's inductor cache, whose checksum the manifest records.
+        optimized = bind(module, folder, manifest, fp, in_optimize=True)
+        manifest.inductor_cache = checksum_to_record(folder)
+        try:
+            write_manifest(folder, manifest)  # last: a killed run leaves the old manifest
+        except BaseException:
+            module.nav_state.unbind()  # what is bound stands for a manifest on disk, or nothing
+            raise
+        remove_unnamed_builds(folder, manifest, old)  # earlier builds go only now: the new manifest is in place
     statuses = [GraphStatus(g.key, entries[g.key].selected, entries[g.key].candidates, g.batching)
                 for g in graphs]
     return ModuleStatus(module.name, folder, device, statuses, optimized, time.perf_counter() - start, tolerances,

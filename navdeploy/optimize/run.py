@@ -22,6 +22,7 @@ from navdeploy.optimize.participants import modules_to_optimize
 from navdeploy.optimize.pipeline import handlers, sync_cuda
 from navdeploy.optimize.scope import inductor_cache
 from navdeploy.optimize.status import OptimizeStatus
+from navdeploy.workspace.layout import module_dir
 
 
 def run_optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConfig] = None,
@@ -72,8 +73,8 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
     listener.candidates_started(total)
     try:
         for m in modules:
-            # torch.compile caches inside the workspace so reloads and re-runs compile from cache.
-            with inductor_cache(resolve_workspace(configs[m.name])):
+            # torch.compile caches inside the module's folder so reloads and re-runs compile from cache.
+            with inductor_cache(module_dir(resolve_workspace(configs[m.name]), m.name)):
                 status.modules[m.name] = optimize_module(m, work[m.name], configs[m.name], listener)
     finally:
         listener.candidates_finished()

@@ -1,42 +1,22 @@
-"""What a module's optimize (and a reload) runs inside: the workspace's inductor cache, the module's log file."""
+"""What a module's optimize runs inside: the module's inductor cache in the workspace, the module's log file."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from navdeploy.workspace.inductor import cache_dir, pointed_at
 
 log = logging.getLogger("navdeploy")
 
 
-@contextlib.contextmanager
-def inductor_cache(workspace: Path) -> Iterator[None]:
-    """TORCHINDUCTOR_CACHE_DIR inside the workspace for the duration of the block, unless the user set it.
-
-    Importing torch._inductor writes torch's default into the environment, so that value counts as unset."""
-    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if previous is not None and os.path.abspath(previous) != os.path.abspath(_torch_default_cache_dir()):
-        yield
-        return
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(workspace / "inductor_cache")
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
-
-
-def _torch_default_cache_dir() -> str:
-    try:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-        return default_cache_dir()
-    except ImportError:  # older torch: no default to tell apart
-        return ""
+def inductor_cache(module_folder: Path) -> contextlib.AbstractContextManager:
+    """TORCHINDUCTOR_CACHE_DIR is the module's cache in the workspace (``inductor_cache/<module>``) for the block,
+    unless the user set one: what a module's optimize compiles lands there, and its manifest records the
+    cache's checksum (see :mod:`navdeploy.workspace.inductor`)."""
+    return pointed_at(cache_dir(module_folder))
 
 
 @contextlib.contextmanager

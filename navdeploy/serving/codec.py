@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from navdeploy.errors import NavdeployError
 
 if TYPE_CHECKING:  # annotations only: the runtime import goes the other way
+    from navdeploy.serving.bounds import RequestBounds
     from navdeploy.serving.specs import Tensor
 
 
@@ -74,9 +75,10 @@ class PipelineCall:
     Errors raised here become the error response of that request only; the server keeps serving."""
 
     def __init__(self, func: Callable, inputs: Sequence[Tensor], outputs: Sequence[Tensor], batched: bool,
-                 max_batch_size: int):
+                 max_batch_size: int, bounds: Optional[RequestBounds] = None):
         self.func, self.inputs, self.outputs = func, list(inputs), list(outputs)
         self.batched, self.max_batch_size = batched, max_batch_size
+        self.bounds = bounds  # checked here too: gRPC requests reach the pipeline without the HTTP guard
         self.lock = threading.Lock()  # one pipeline call at a time: pipelines keep state (schedulers, caches)
 
     def _check(self, name: str, array: np.ndarray, spec: Tensor, what: str) -> None:
@@ -103,6 +105,9 @@ class PipelineCall:
         batch = None
         for name, array in arrays.items():
             self._check(name, array, known[name], "input")
+            problem = self.bounds.shape_problem(name, array.shape) if self.bounds is not None else None
+            if problem:
+                raise PyTritonValidationError(problem)
             if self.batched:
                 if batch is not None and array.shape[0] != batch:
                     raise PyTritonValidationError(f"inputs disagree on the batch size: {name!r} has {array.shape[0]}, "

@@ -75,6 +75,7 @@ class ServerHandle:
         self._stopped = False
         self._lock = threading.Lock()
         self._on_term: Optional[TermHandler] = None  # the SIGTERM handler of a background server
+        self.guard: Optional[Any] = None  # the HTTP front (serving.guard.RequestGuard), stopped before Triton
 
     @property
     def http_url(self) -> str:
@@ -118,7 +119,13 @@ class ServerHandle:
                 client.close()
         self._clients.clear()
         self._release_signal_handler()
-        self._triton.stop()
+        # The HTTP guard first: it lets in-flight HTTP requests finish, then closes its connections to Triton,
+        # which otherwise waits its whole exit timeout for them.
+        try:
+            if self.guard is not None:
+                self.guard.stop()
+        finally:
+            self._triton.stop()
         if self._stub_prefix:
             killed = kill_processes_from(self._stub_prefix)
             if killed:

@@ -32,7 +32,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from navdeploy.errors import ConfigError, NavdeployError
+from navdeploy.serving.bounds import DEFAULT_MAX_REQUEST_BYTES, RequestBounds, captured_max_shapes
 from navdeploy.serving.codec import PipelineCall
+from navdeploy.serving.guard import RequestGuard
 from navdeploy.serving.handle import ServerHandle
 from navdeploy.serving.signals import SIGNALS, in_main_thread, install_background_handlers, wait_for_stop
 from navdeploy.serving.specs import Tensor, infer_specs
@@ -84,7 +86,8 @@ def serve(infer_callable: Callable, inputs: Optional[Sequence[Tensor]] = None,
           ports: Union[None, int, Sequence[int], Mapping[str, int]] = None, blocking: bool = True,
           load_optimized: bool = True, workspace: Optional[Union[str, Path]] = None,
           max_queue_delay_us: int = 0, exit_timeout_secs: int = 10, log_verbose: int = 0,
-          triton_workspace: Optional[Union[str, Path]] = None) -> ServerHandle:
+          triton_workspace: Optional[Union[str, Path]] = None,
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> ServerHandle:
     """Serve a Python pipeline through PyTriton; wrapped modules run their selected runners in-process.
 
     Args:
@@ -105,6 +108,10 @@ def serve(infer_callable: Callable, inputs: Optional[Sequence[Tensor]] = None,
         max_queue_delay_us: dynamic batcher delay: how long the server waits to gather a batch.
         exit_timeout_secs: how long stopping waits for in-flight requests and for the model to unload (its Python
             backend stub takes ~2.5 s on an idle CPU machine). Stub processes still alive after it are killed.
+        max_request_bytes: the most bytes one request may declare for its inputs (shape x item size, strings 4
+            bytes an element at least) and the largest HTTP body (decoded). With each input's fixed axes,
+            ``Tensor.max_shape`` and ``max_batch_size`` it bounds what a request may declare; a request over the
+            bounds is refused with an error before the server allocates anything (:mod:`navdeploy.serving.bounds`).
     """
     _check_environment()
     from pytriton.model_config import DynamicBatcher, ModelConfig
@@ -136,9 +143,15 @@ def serve(infer_callable: Callable, inputs: Optional[Sequence[Tensor]] = None,
     names = [t.name for t in inputs] + [t.name for t in outputs]
     if len(set(names)) != len(names):
         raise ConfigError(f"input and output names must be unique; got {names}.")
+    if not isinstance(max_request_bytes, int) or max_request_bytes < 1:
+        raise ConfigError(f"max_request_bytes={max_request_bytes!r}: use an int >= 1 (bytes).")
+    bounds = RequestBounds.of(inputs, max_batch_size, max_request_bytes,
+                              captured_max_shapes(infer_callable, workspace))
     port_map = _resolve_ports(ports, host)
+    # tritonserver's own HTTP endpoint listens on loopback only: HTTP clients reach it through the guard.
+    triton_http = next(p for p in free_ports(4, "127.0.0.1") if p not in port_map.values())
 
-    call = PipelineCall(infer_callable, inputs, outputs, batched, max_batch_size)
+    call = PipelineCall(infer_callable, inputs, outputs, batched, max_batch_size, bounds)
     if batched:
         from pytriton.decorators import batch, group_by_keys
 
@@ -151,7 +164,7 @@ def serve(infer_callable: Callable, inputs: Optional[Sequence[Tensor]] = None,
 
         model_config = ModelConfig(max_batch_size=0, batching=False)
 
-    config = TritonConfig(http_address=host, http_port=port_map["http"], grpc_address=host,
+    config = TritonConfig(http_address="127.0.0.1", http_port=triton_http, grpc_address=host,
                           grpc_port=port_map["grpc"], metrics_address=host, metrics_port=port_map["metrics"],
                           allow_metrics=False, exit_timeout_secs=exit_timeout_secs, log_verbose=log_verbose)
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS} if in_main_thread() else {}
@@ -164,6 +177,8 @@ def serve(infer_callable: Callable, inputs: Optional[Sequence[Tensor]] = None,
             triton.bind(model_name=name, infer_func=infer_func, inputs=[t.to_pytriton() for t in inputs],
                         outputs=[t.to_pytriton() for t in outputs], config=model_config, strict=True)
             triton.run()
+        handle.guard = RequestGuard(bounds, name, host, port_map["http"], triton_http, exit_timeout_secs)
+        handle.guard.start()
     except BaseException:
         with contextlib.suppress(Exception):
             triton.stop()

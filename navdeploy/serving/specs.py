@@ -23,12 +23,18 @@ class Tensor:
         dtype: a numpy dtype (``np.float32``, ``np.int64``...), ``bytes`` or ``str`` for strings (Triton BYTES).
         shape: the shape of ONE item, without the batch axis; ``-1`` marks an axis of any size.
         optional: an input the request may leave out (the pipeline then does not get that argument).
+        max_shape: for an input, the largest size of each axis of one item (same length as ``shape``; a fixed axis
+            repeats its size, ``-1`` leaves an axis bounded only by ``nav.serve``'s ``max_request_bytes``).
+            ``nav.serve`` refuses a request declaring more before the server allocates anything (see
+            :mod:`navdeploy.serving.bounds`). ``None``: ``-1`` axes are bounded by the range captured for the
+            wrapped module the input is passed to, where that is known, else by the byte limit only.
     """
 
     name: str
     dtype: Any
     shape: tuple[int, ...]
     optional: bool = False
+    max_shape: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -36,6 +42,13 @@ class Tensor:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         if any(s < -1 or s == 0 for s in self.shape):
             raise ConfigError(f"Tensor {self.name!r}: shape {self.shape} may hold sizes >= 1 and -1 (any size) only.")
+        if self.max_shape is not None:
+            object.__setattr__(self, "max_shape", tuple(int(s) for s in self.max_shape))
+            if len(self.max_shape) != len(self.shape) or any(
+                    m != s if s != -1 else (m < 1 and m != -1) for s, m in zip(self.shape, self.max_shape)):
+                raise ConfigError(f"Tensor {self.name!r}: max_shape {self.max_shape} must have one size per axis "
+                                  f"of shape {self.shape}: the same size on a fixed axis, a bound >= 1 (or -1) on a "
+                                  "-1 axis.")
         if not self.is_string:
             try:
                 np.dtype(self.dtype)

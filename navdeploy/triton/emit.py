@@ -156,19 +156,20 @@ def _p50(candidate: CandidateRecord) -> float:
     return float("inf") if p50 is None else p50
 
 
-def _python_loadable(graph_dir: Path, candidate: CandidateRecord, module_precision: str) -> bool:
+def _python_loadable(graph_dir: Path, candidate: CandidateRecord, entry: GraphEntry, module_precision: str) -> bool:
     """Whether the templated model.py can load the candidate's format and its artifact is there."""
+    folder = entry.artifact_folder(graph_dir, candidate.artifact_dir(module_precision))
     return _triton_mapping(candidate.format).python_preference is not None \
-        and (graph_dir / candidate.artifact_dir(module_precision) / artifact_file(candidate.format)).exists()
+        and (folder / artifact_file(candidate.format)).exists()
 
 
 def _python_artifact(graph_dir: Path, candidate: CandidateRecord, entry: GraphEntry,
                      module_precision: str) -> tuple[str, Path, CandidateRecord]:
     """The artifact a Python-backend model runs: the winner's when it has one the template loads, else the
     fastest verified candidate's that does."""
-    if _python_loadable(graph_dir, candidate, module_precision):
-        return candidate.format, graph_dir / candidate.artifact_dir(module_precision), candidate
-    usable = [c for c in entry.candidates if c.ok and _python_loadable(graph_dir, c, module_precision)]
+    if _python_loadable(graph_dir, candidate, entry, module_precision):
+        return candidate.format, entry.artifact_folder(graph_dir, candidate.artifact_dir(module_precision)), candidate
+    usable = [c for c in entry.candidates if c.ok and _python_loadable(graph_dir, c, entry, module_precision)]
     if not usable:
         raise NavdeployError(
             f"graph {graph_dir.name} of module {graph_dir.parent.name!r}: the selected runner "
@@ -176,7 +177,7 @@ def _python_artifact(graph_dir: Path, candidate: CandidateRecord, entry: GraphEn
             "verified TorchScript, ExportedProgram, ONNX or AOTInductor artifact exists. Re-run nav.optimize with one "
             "of those in target_formats (e.g. nav.Format.TORCHSCRIPT).")
     best = min(usable, key=lambda c: (_p50(c), _triton_mapping(c.format).python_preference))
-    return best.format, graph_dir / best.artifact_dir(module_precision), best
+    return best.format, entry.artifact_folder(graph_dir, best.artifact_dir(module_precision)), best
 
 
 def _dims(spec: TensorSpec, batching: bool) -> tuple[list[int], Optional[list[int]], bool]:
@@ -273,7 +274,7 @@ def _plan_graph(name: str, module_folder: Path, manifest: Manifest, entry: Graph
 
     if backend == "auto" and mapping.backend is not None:
         triton_backend, platform = mapping.backend, mapping.platform
-        art_fmt, art_dir = fmt, graph_dir / candidate.artifact_dir(module_precision)
+        art_fmt, art_dir = fmt, entry.artifact_folder(graph_dir, candidate.artifact_dir(module_precision))
         if mapping.io_names == "onnx-file":  # the ONNX graph's own names and dtypes
             ins, outs = _onnx_io(art_dir / artifact_file(fmt))
             in_names, in_dtypes = [n for n, _ in ins], [d for _, d in ins]

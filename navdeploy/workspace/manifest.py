@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from navdeploy.capture.graph import Graph
 from navdeploy.workspace.atomic import write_json_atomic
-from navdeploy.workspace.layout import MANIFEST, plain_name_problem
+from navdeploy.workspace.layout import MANIFEST, plain_name_problem, remove_replaced_builds
 from navdeploy.workspace.records import Manifest
 
 log = logging.getLogger("navdeploy")
@@ -62,7 +62,8 @@ _FORMAT = {"status": STR, "checksum": OPT_STR, "export_s": OPT_NUMBER, "error": 
 _ENTRY = {"selected": OPT_STR, "cache_key": STR, "updated": OPT_STR}
 _MANIFEST = {"fingerprint": STR, "device": STR, "module": STR, "precision": STR, "navdeploy": OPT_STR,
              "torch": OPT_STR, "class": OPT_STR, "forward_func": OPT_STR, "updated": OPT_STR, "reverted": OPT_STR,
-             "precision_inferred": BOOL, "max_batch_size": ("an int >= 1", lambda v: _int(v) and v >= 1)}
+             "precision_inferred": BOOL, "inductor_cache": OPT_STR,
+             "max_batch_size": ("an int >= 1", lambda v: _int(v) and v >= 1)}
 
 
 def _fields(data: dict, spec: dict, where: str, required: tuple[str, ...] = ()) -> None:
@@ -177,3 +178,13 @@ def read_manifest(folder: Path) -> Optional[Manifest]:
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     """Write the module's manifest atomically: a run killed while writing leaves the old one."""
     write_json_atomic(folder / MANIFEST, manifest.to_json())
+
+
+def remove_unnamed_builds(folder: Path, manifest: Manifest, previous: Optional[Manifest]) -> None:
+    """After ``manifest`` replaced ``previous`` on disk: remove the artifact builds of its graphs' formats (and of
+    the formats ``previous`` had) that it does not name. Until then a killed run leaves ``previous`` loadable."""
+    for key, entry in manifest.graphs.items():
+        in_use: dict[str, Optional[str]] = dict.fromkeys(previous.graphs[key].formats if previous is not None
+                                                         and key in previous.graphs else ())
+        in_use.update({fmt: state.checksum if state.status == "ok" else None for fmt, state in entry.formats.items()})
+        remove_replaced_builds(folder / key, in_use)

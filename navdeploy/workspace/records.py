@@ -4,17 +4,19 @@ Everything in memory works on these records; JSON exists only at the disk bounda
 ``to_json()`` / ``from_json()``. The JSON is the manifest's format, one for every navdeploy version:
 ``from_json`` fills what manifests of earlier versions lack (a candidate's ``name``, its ``precision``; a failure
 without ``transient`` is deterministic) and ``to_json`` writes optional keys (``pid``, ``window``,
-``artifact_checksum``, ``cached``, ``retries``) only when they are set, so a record without them has the same JSON
-in every version; a failed record always says whether it is ``transient``. ``from_json`` expects JSON that passed
-:mod:`navdeploy.workspace.manifest`'s validation, which names what is wrong with a malformed manifest."""
+``artifact_checksum``, ``cached``, ``retries``, the manifest's ``inductor_cache``) only when they are set, so a
+record without them has the same JSON in every version; a failed record always says whether it is ``transient``.
+``from_json`` expects JSON that passed :mod:`navdeploy.workspace.manifest`'s validation, which names what is
+wrong with a malformed manifest."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from navdeploy.capture.graph import Graph
-from navdeploy.workspace.layout import artifact_dir
+from navdeploy.workspace.layout import artifact_dir, artifact_path
 
 
 @dataclass
@@ -101,7 +103,8 @@ class CandidateRecord:
         return self.precision or module_precision
 
     def artifact_dir(self, module_precision: str) -> str:
-        """The name of this candidate's artifact folder inside its graph's folder."""
+        """The key of this candidate's format in its graph's ``formats`` (see :meth:`GraphEntry.artifact_folder`
+        for the folder of its build)."""
         return artifact_dir(self.format, self.precision_in(module_precision), module_precision)
 
     def first_p50_ms(self) -> Optional[float]:
@@ -193,6 +196,12 @@ class GraphEntry:
         """The record of the selected candidate, None when nothing was selected."""
         return find_candidate(self.candidates, self.selected)
 
+    def artifact_folder(self, graph_dir: Path, fmt_key: str) -> Path:
+        """The folder of the build of format ``fmt_key`` this entry names (its checksum's build folder; the
+        format's one folder in manifests of earlier versions)."""
+        state = self.formats.get(fmt_key)
+        return artifact_path(graph_dir, fmt_key, state.checksum if state is not None else None)
+
     def to_json(self) -> dict:
         data: dict[str, Any] = {}
         if self.graph is not None:
@@ -234,11 +243,16 @@ class Manifest:
     # leaves it eager. The next nav.optimize decides again.
     reverted: Optional[str] = None
     precision_inferred: bool = False  # ``precision`` was read from the weights, not given to nav.Module
+    # The checksum of the module's inductor cache (navdeploy.workspace.inductor) when this manifest was written;
+    # None: no cache of its own (a user-set TORCHINDUCTOR_CACHE_DIR, or a manifest of an earlier version).
+    inductor_cache: Optional[str] = None
 
     def to_json(self) -> dict:
         extra = {"reverted": self.reverted} if self.reverted else {}
         if self.precision_inferred:
             extra["precision_inferred"] = True
+        if self.inductor_cache is not None:
+            extra["inductor_cache"] = self.inductor_cache
         return {**extra, "version": self.version, "navdeploy": self.navdeploy, "torch": self.torch,
                 "module": self.module, "class": self.class_name, "fingerprint": self.fingerprint, "device": self.device,
                 "precision": self.precision, "forward_func": self.forward_func,
@@ -256,4 +270,5 @@ class Manifest:
                    batch_sizes=list(data.get("batch_sizes") or []), tolerances=tolerances,
                    graphs={k: GraphEntry.from_json(e) for k, e in data["graphs"].items()},
                    updated=data.get("updated"), reverted=data.get("reverted"),
-                   precision_inferred=bool(data.get("precision_inferred", False)))
+                   precision_inferred=bool(data.get("precision_inferred", False)),
+                   inductor_cache=data.get("inductor_cache"))

@@ -1,0 +1,187 @@
+"""A module's inductor cache: the code torch.compile and AOTInductor generate (Python sources, shared libraries,
+pickled graphs), kept in ``<workspace>/inductor_cache/<module>/`` so that a reload compiles from cache (the module
+folder holds only graph folders; ``navdeploy clean`` removes the whole ``inductor_cache/``, and a module's cache
+that no manifest vouches for is removed by its next optimize).
+
+That code runs on reload, so it is covered like an artifact: the module's manifest holds the cache's checksum,
+taken when ``nav.optimize`` last wrote into it. A reload never runs the workspace's cache itself: it copies it into
+a private, writable folder, checks the copy against the checksum and points ``TORCHINDUCTOR_CACHE_DIR`` there (a
+cache that does not match is not used: the reload compiles again, into an empty private folder). So a read-only
+workspace loads every winner (inductor creates lock files in its cache), and a reload writes nothing into the
+workspace. A cache the user chose (``TORCHINDUCTOR_CACHE_DIR``) is the user's: navdeploy neither checks nor copies
+it."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+log = logging.getLogger("navdeploy")
+
+
+CACHE_DIR = "inductor_cache"
+
+# Lock files: inductor creates one (empty) per key it locks, whoever reads the cache; they hold no code.
+_NOT_CODE = ("locks",)
+
+_ENV = "TORCHINDUCTOR_CACHE_DIR"
+_TRITON_ENV = "TRITON_CACHE_DIR"
+
+
+def cache_dir(module_folder: Path) -> Path:
+    """The inductor cache of the module whose folder is ``module_folder``: ``<workspace>/inductor_cache/<module>``."""
+    return module_folder.parent / CACHE_DIR / module_folder.name
+
+
+def user_cache_dir() -> Optional[str]:
+    """The inductor cache the user set in ``TORCHINDUCTOR_CACHE_DIR``, or None. Importing ``torch._inductor``
+    writes torch's default there, so that value counts as unset."""
+    current = os.environ.get(_ENV)
+    if current is None or os.path.abspath(current) == os.path.abspath(_torch_default_cache_dir()):
+        return None
+    return None if _is_navdeploy_cache(current) else current
+
+
+def _torch_default_cache_dir() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return default_cache_dir()
+    except ImportError:  # older torch: no default to tell apart
+        return ""
+
+
+_own: set[str] = set()  # the caches navdeploy pointed TORCHINDUCTOR_CACHE_DIR at in this process
+
+
+def _is_navdeploy_cache(path: str) -> bool:
+    path = os.path.abspath(path)
+    return any(path == own or path.startswith(own + os.sep) for own in _own)
+
+
+@contextlib.contextmanager
+def pointed_at(path: Path) -> Iterator[None]:
+    """``TORCHINDUCTOR_CACHE_DIR`` is ``path`` for the block, unless the user set their own; then as before.
+
+    ``TRITON_CACHE_DIR`` too (``path/triton``), unless the user set it: inductor sets it once per process, from the
+    cache of the moment, so without this every later module's GPU kernels would land in the first module's cache
+    (changing it after its checksum was taken)."""
+    if user_cache_dir() is not None:
+        yield
+        return
+    previous = {name: os.environ.get(name) for name in (_ENV, _TRITON_ENV)}
+    _own.add(os.path.abspath(path))
+    os.environ[_ENV] = str(path)
+    triton = previous[_TRITON_ENV]
+    if triton is None or _is_navdeploy_cache(triton):
+        os.environ[_TRITON_ENV] = str(path / "triton")
+    else:
+        previous.pop(_TRITON_ENV)  # the user's: left alone
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def cache_checksum(module_folder: Path) -> Optional[str]:
+    """A hash of the module's inductor cache (file names and bytes; lock files and symbolic links left out, as
+    they are never copied); None when it has none."""
+    return _checksum(cache_dir(module_folder))
+
+
+def checksum_to_record(module_folder: Path) -> Optional[str]:
+    """What a module's manifest records at the end of its optimize: its cache's checksum, or None when the run
+    compiled into a cache the user chose (the module's own, if any, then holds nothing of this run)."""
+    return cache_checksum(module_folder) if user_cache_dir() is None else None
+
+
+def _checksum(folder: Path) -> Optional[str]:
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+        relative = path.relative_to(folder)
+        if relative.parts[0] in _NOT_CODE:
+            continue
+        h.update(str(relative).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def discard_unvouched(module_folder: Path, recorded: Optional[str]) -> None:
+    """Before ``nav.optimize`` compiles into the module's cache: remove it unless it still matches the checksum
+    its manifest recorded (hand-edited, corrupted, or written by a run killed before its manifest), so that the
+    checksum this run records never vouches for code navdeploy did not check."""
+    folder = cache_dir(module_folder)
+    if not folder.is_dir() or user_cache_dir() is not None:
+        return
+    if recorded is not None and _checksum(folder) == recorded:
+        return
+    why = "does not match the checksum in its manifest" if recorded else "is not covered by a manifest"
+    log.info("%s %s: removing it (torch.compile and AOTInductor compile again)", folder, why)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _not_copied(folder: str, names: list[str]) -> set[str]:
+    """Lock files, and symbolic links (inductor writes none; one could point anywhere, so none is copied)."""
+    return {n for n in names if n in _NOT_CODE or os.path.islink(os.path.join(folder, n))}
+
+
+_copies: dict[tuple[str, str], Path] = {}  # (module folder, checksum) -> its verified private copy
+_copies_lock = threading.Lock()
+_root: list[Path] = []  # the private folder holding this process's copies, removed at exit
+
+
+def _private_root() -> Path:
+    if not _root:
+        _root.append(Path(tempfile.mkdtemp(prefix="navdeploy-inductor-")))
+        atexit.register(shutil.rmtree, str(_root[0]), True)
+    return _root[0]
+
+
+def private_copy(module_folder: Path, recorded: Optional[str], module_name: str) -> Path:
+    """A private, writable copy of the module's cache that matched ``recorded``; an empty private folder when
+    there is no cache, no checksum, or the copy does not match (then with a warning: the code is not used)."""
+    source = cache_dir(module_folder)
+    with _copies_lock:
+        if recorded is not None and (str(module_folder), recorded) in _copies:
+            return _copies[(str(module_folder), recorded)]
+        target = Path(tempfile.mkdtemp(prefix=f"{module_name}-", dir=_private_root()))
+        copy = target / CACHE_DIR
+        try:
+            if recorded is not None and source.is_dir():
+                shutil.copytree(source, copy, ignore=_not_copied, symlinks=True)
+        except OSError as exc:
+            log.warning("module %s: cannot copy its inductor cache %s (%s); compiling again", module_name, source,
+                        exc)
+            shutil.rmtree(copy, ignore_errors=True)
+        if copy.is_dir() and _checksum(copy) == recorded:  # checked on the copy: what runs is what was checked
+            _copies[(str(module_folder), recorded)] = copy
+            return copy
+        if copy.is_dir() or (recorded is not None and not source.is_dir()):
+            message = (f"its inductor cache {source} does not match the checksum in its manifest (modified or "
+                       "incomplete); its code is not used and torch.compile/AOTInductor compile again. Re-run "
+                       "nav.optimize to rebuild it.")
+            log.warning("module %s: %s", module_name, message)
+            warnings.warn(f"navdeploy: module {module_name!r}: {message}", RuntimeWarning, stacklevel=4)
+        else:
+            log.info("module %s: no checked inductor cache in %s; torch.compile/AOTInductor compile again",
+                     module_name, module_folder)
+        shutil.rmtree(copy, ignore_errors=True)
+        copy.mkdir()
+        return copy

@@ -1,0 +1,177 @@
+"""The inductor cache torch.compile and AOTInductor winners load from: a read-only workspace loads them, a reload
+writes nothing into the workspace, and code in a modified cache never runs (the manifest holds the cache's
+checksum). Every optimize and reload is a fresh process, as a user's would be. The read-only workspace is a real
+read-only bind mount (root only: chmod does not stop root's writes); elsewhere the reload runs on the writable
+workspace, which it must leave as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from navdeploy.workspace.inductor import cache_checksum, cache_dir, discard_unvouched
+from navdeploy.workspace.manifest import read_manifest, write_manifest
+
+NAME = "rel_inductor"
+RUNNERS = ("TorchCompileCPU", "AOTInductorCPU")
+
+SCRIPT = textwrap.dedent('''
+    import json, sys, warnings
+    import torch
+    from torch import nn
+    import navdeploy as nav
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.linear(x).relu() * 2
+
+
+    mode, workspace, name = sys.argv[1], sys.argv[2], sys.argv[3]
+    module = nav.Module(Net().eval(), name=name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if mode == "optimize":  # both winners built, with the inductor cache navdeploy keeps in the module's folder
+            config = nav.OptimizeConfig(workspace=workspace, runners=("TorchCPU", "TorchCompileCPU", "AOTInductorCPU"),
+                                        batch_sizes=(1, 2), max_batch_size=2, profile_time_s=0.05,
+                                        use_multiprocessing=False, pipeline_repeats=0)
+            with torch.no_grad():
+                nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))], config)
+            loaded = module.nav_state.bound
+        else:
+            loaded = nav.load_optimized(workspace)[name]
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        diff = (module(x) - module.__wrapped__(x)).abs().max().item()
+    print("RESULT", json.dumps({"loaded": loaded, "optimized": module.is_optimized, "diff": diff,
+                                "warnings": [str(w.message) for w in caught if "navdeploy" in str(w.message)]}))
+''')
+
+
+def _run(mode: str, workspace: Path, folder: Path) -> dict:
+    """The script in a fresh process, with no TORCHINDUCTOR_CACHE_DIR of the user's."""
+    script = folder / "inductor_script.py"
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    done = subprocess.run([sys.executable, str(script), mode, str(workspace), NAME], env=env, capture_output=True,
+                          text=True, timeout=500)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert done.returncode == 0 and line, done.stderr[-3000:]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def optimized(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("inductor_ws")
+    _run("optimize", workspace, tmp_path_factory.mktemp("script"))
+    manifest = read_manifest(workspace / NAME)
+    for entry in manifest.graphs.values():
+        assert {c.runner for c in entry.candidates if c.ok} >= set(RUNNERS), entry.candidates
+    assert manifest.inductor_cache and manifest.inductor_cache == cache_checksum(workspace / NAME)
+    return workspace
+
+
+def _copy_choosing(optimized: Path, target: Path, runner: str) -> Path:
+    """A copy of the workspace whose manifest selects ``runner`` (as a user may choose by hand): which runner wins
+    a Linear(4, 4) is timing noise."""
+    shutil.copytree(optimized, target)
+    folder = target / NAME
+    manifest = read_manifest(folder)
+    for entry in manifest.graphs.values():
+        entry.selected = runner
+    manifest.reverted = None
+    write_manifest(folder, manifest)
+    return target
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with the hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _read_only_view(folder: Path, mount: Path) -> Optional[Path]:
+    """A read-only bind mount of ``folder`` at ``mount``, or None where mounting is not allowed (chmod does not
+    stop root's writes, so root gets the mount; others cannot mount)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return None
+    mount.mkdir()
+    for command in (["mount", "--bind", str(folder), str(mount)],
+                    ["mount", "-o", "remount,bind,ro", str(mount)]):
+        if subprocess.run(command, capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+            return None
+    return mount
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_read_only_workspace_loads_the_winner_and_a_reload_writes_nothing(optimized, tmp_path, runner):
+    workspace = _copy_choosing(optimized, tmp_path / "ws", runner)
+    before = _tree(workspace)
+    view = _read_only_view(workspace, tmp_path / "ro")
+    try:
+        if view is not None:
+            with pytest.raises(OSError):
+                (view / NAME / "probe").write_text("the mount must be read-only")
+        else:  # no mount here: the workspace stays writable, and the reload must still write nothing into it
+            warnings.warn("no read-only bind mount here (needs root): the reload runs on a writable workspace",
+                          stacklevel=1)
+        result = _run("load", view or workspace, tmp_path)
+    finally:
+        if view is not None:
+            subprocess.run(["umount", "-l", str(view)], check=False)
+    assert result["loaded"] and result["optimized"], result
+    assert result["diff"] < 1e-5 and not result["warnings"], result
+    assert _tree(workspace) == before
+
+
+@pytest.mark.slow
+def test_code_in_a_modified_inductor_cache_never_runs(optimized, tmp_path):
+    workspace = _copy_choosing(optimized, tmp_path / "ws", "TorchCompileCPU")
+    marker = tmp_path / "the_cached_code_ran"
+    sources = [p for p in workspace.rglob("*.py")]
+    assert sources, "torch.compile left no generated code in the workspace"
+    for path in sources:  # what a corrupted or hand-edited cache could hold
+        path.write_text(path.read_text() + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    result = _run("load", workspace, tmp_path)
+    assert not marker.exists()
+    # the winner is compiled again, from nothing, and still serves the module
+    assert result["loaded"] and result["optimized"] and result["diff"] < 1e-5, result
+    assert any("does not match the checksum" in w for w in result["warnings"]), result
+
+
+def test_optimize_discards_a_cache_its_manifest_does_not_vouch_for(tmp_path):
+    """Before nav.optimize compiles into a module's cache, a cache that does not match the recorded checksum is
+    removed, so the checksum the run records never covers code navdeploy did not write."""
+    module_folder = tmp_path / NAME
+    code = cache_dir(module_folder) / "ab" / "generated.py"
+    code.parent.mkdir(parents=True)
+    code.write_text("x = 1\n")
+    (cache_dir(module_folder) / "locks").mkdir()
+    recorded = cache_checksum(module_folder)
+    (cache_dir(module_folder) / "locks" / "k.lock").write_text("")  # a reader's lock file changes nothing
+    discard_unvouched(module_folder, recorded)
+    assert code.exists() and cache_checksum(module_folder) == recorded
+    code.write_text("x = 1\nimport os\n")
+    discard_unvouched(module_folder, recorded)
+    assert not cache_dir(module_folder).exists()
+    code.parent.mkdir(parents=True)
+    code.write_text("x = 1\n")
+    discard_unvouched(module_folder, None)  # no manifest vouches for it (a run killed before its manifest)
+    assert not cache_dir(module_folder).exists()
