@@ -18,7 +18,7 @@ from navdeploy.candidates.isolation import ExecutorPool
 from navdeploy.candidates.precision import candidate_name, candidate_precisions, tolerance_precision
 from navdeploy.candidates.select import select
 from navdeploy.capture.graph import Graph
-from navdeploy.config import OptimizeConfig, build_workers, resolve_workspace, use_multiprocessing
+from navdeploy.config import OptimizeConfig, build_workers, keep_artifacts, resolve_workspace, use_multiprocessing
 from navdeploy.formats.base import RunnerSpec
 from navdeploy.formats.registry import FORMATS, runners_for
 from navdeploy.inplace.binding import bind
@@ -32,6 +32,7 @@ from navdeploy.workspace.identity import ensure_writable
 from navdeploy.workspace.layout import LOG_FILE, artifact_dir, module_dir, now
 from navdeploy.workspace.locks import locked
 from navdeploy.workspace.manifest import MANIFEST_VERSION, read_manifest, write_manifest
+from navdeploy.workspace.prune import PRUNED, prune_module, reclaim_pruned
 from navdeploy.workspace.records import CandidateRecord, FormatState, GraphEntry, Manifest
 from navdeploy.workspace.samples import save_samples
 
@@ -65,11 +66,11 @@ def _graph_cache_key(graph: Graph, fp: str, device: str, precision: str, config:
 
 
 def _valid_formats(old_entry: Optional[GraphEntry], folder: Path) -> dict[str, FormatState]:
-    """Formats built by an earlier run whose artifacts are still intact."""
+    """Formats built by an earlier run whose artifacts are still intact, or were pruned (their records stand)."""
     valid = {}
     for fmt, state in (old_entry.formats if old_entry else {}).items():
         path = folder / fmt
-        if state.status == "ok" and path.is_dir() and checksum(path) == state.checksum:
+        if state.status == PRUNED or (state.status == "ok" and path.is_dir() and checksum(path) == state.checksum):
             valid[fmt] = state
     return valid
 
@@ -175,6 +176,12 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     batch = graph.inputs[0].opt_shape[0] if graph.batching and graph.inputs else None
     eager = candidate_name(pairs[0][0].name, pairs[0][1], job.precision)  # the baseline comes first
     winner = select(candidates, config.strategy, batch, eager)
+    rebuild = reclaim_pruned(formats, candidates, winner, job.precision)  # the winner needs a pruned artifact
+    if rebuild:
+        executors.map(run_chain, [[(i, r, p) for i, (r, p) in enumerate(pairs)
+                                   if artifact_dir(r.format.value, p, job.precision) in rebuild]])
+        candidates = [records[i] for i in sorted(records)]
+        winner = select(candidates, config.strategy, batch, eager)
     return GraphEntry(graph, gkey, formats, candidates, winner.name if winner else None, now())
 
 
@@ -210,8 +217,9 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                   device, precision, tolerances, config.verify_func, batch_sizes, config.max_batch_size,
                   config.profile_time_s)
         entries = dict(old_graphs)  # graphs not seen this time stay valid: same weights, same device
+        workers = build_workers(config, device, module.__wrapped__)  # from cores and GPU memory unless given
         with module._nav_unpatched(), ExecutorPool(job, use_multiprocessing(config), config.timeout_s,
-                                                   folder / LOG_FILE, build_workers(config)) as executors:
+                                                   folder / LOG_FILE, workers) as executors:
             for graph in graphs:
                 gkey = _graph_cache_key(graph, fp, device, precision, config, batch_sizes, tolerances)
                 entries[graph.key] = _optimize_graph(graph, job, executors, config, device,
@@ -222,6 +230,8 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                             module.nav_state.forward_func, config.max_batch_size, list(batch_sizes),
                             dict(tolerances), entries, now(), precision_inferred=module.precision_inferred)
         write_manifest(folder, manifest)  # last: a killed run leaves the old manifest
+        if not keep_artifacts(config):
+            prune_module(folder, manifest)  # the folders nothing will load; their records stay
         optimized = bind(module, folder, manifest, fp)
     statuses = [GraphStatus(g.key, entries[g.key].selected, entries[g.key].candidates, g.batching)
                 for g in graphs]

@@ -7,6 +7,18 @@ this Python's ``LIBDIR`` (else the stub loads the distro's libpython) and the wh
 :class:`TritonServer` does all of that, binds 127.0.0.1 on chosen or free ports, waits for readiness and stops
 cleanly.
 
+Where the wheel keeps its libraries (``libtritonserver``, ``libcudart-*.so.12``, ...): ``nvidia_pytriton.libs``
+beside the ``pytriton`` package. Its binaries find them through an RPATH relative to their own place
+(``$ORIGIN/../../../nvidia_pytriton.libs``), which holds only where the wheel installed them: PyTriton runs a copy
+of ``tritonserver`` from its own workspace and adds one folder to ``LD_LIBRARY_PATH`` — ``nvidia_pytriton.libs``
+when ``pytriton`` lies in one of ``site.getsitepackages()``, else ``pytriton/tritonserver/external_libs`` (a source
+checkout), a folder the wheel does not have. A ``pip install --target`` folder on ``PYTHONPATH`` is such an
+"else", so there the copy finds no ``libcudart``: :func:`bundled_library_dirs` finds the folder that exists.
+
+The stub of that wheel is built with pybind11's numpy 1.x interface (it imports ``numpy.core.multiarray`` and
+reads numpy 1.x's array-descriptor layout), so Python-backend models need ``numpy<2`` in the environment the stub
+runs in: :func:`check_stub_numpy`.
+
     with TritonServer("model_repository") as server:
         client = tritonclient.http.InferenceServerClient(server.http_url)
 """
@@ -39,6 +51,33 @@ def _pytriton_root() -> Path:
         raise NavdeployError("serving a repository needs the nvidia-pytriton wheel (it bundles tritonserver): "
                              "pip install 'navdeploy[triton]'") from exc
     return Path(pytriton.__file__).resolve().parent
+
+
+def bundled_library_dirs() -> list[str]:
+    """The folders of the libraries bundled in the nvidia-pytriton wheel that exist here: ``nvidia_pytriton.libs``
+    beside the ``pytriton`` package (a wheel install, ``pip install --target`` included) and
+    ``pytriton/tritonserver/external_libs`` (a source checkout). A copy of ``tritonserver`` or of the stub outside
+    the wheel's folders needs them on ``LD_LIBRARY_PATH``."""
+    root = _pytriton_root()
+    candidates = [root.parent / "nvidia_pytriton.libs", root / "tritonserver" / "external_libs"]
+    return [str(p) for p in candidates if p.is_dir()]
+
+
+def check_stub_numpy(numpy_version: Optional[str] = None) -> None:
+    """Raise a :class:`NavdeployError` saying why and what to do when numpy 2 is installed: the bundled
+    Python-backend stub (nvidia-pytriton 0.7.0, Triton 2.51) reads numpy 1.x's structures, and with numpy 2
+    the server starts but its responses come back empty. ``numpy_version``: the version to judge (this
+    environment's by default)."""
+    if numpy_version is None:
+        import numpy
+
+        numpy_version = numpy.__version__
+    if int(numpy_version.split(".")[0]) >= 2:
+        raise NavdeployError(
+            f"numpy {numpy_version} is installed, but the Python-backend stub of the tritonserver in nvidia-pytriton "
+            "is built for numpy 1.x (with numpy 2 its responses come back empty). Serve from an environment with "
+            "numpy<2: python -m pip install 'navdeploy[triton]' (it pins numpy<2), or 'numpy<2' beside it; "
+            "nav.optimize, load_optimized and export-repo work with either numpy.")
 
 
 def bundled_tritonserver() -> Path:
@@ -92,13 +131,16 @@ STUB_VARIABLES = ("PATH", "LD_LIBRARY_PATH")
 
 
 @contextlib.contextmanager
-def stub_environment_while(extra_libs: Sequence[str] = ()) -> Iterator[None]:
+def stub_environment_while(extra_libs: Optional[Sequence[str]] = None) -> Iterator[None]:
     """``os.environ`` as :func:`stub_environment` makes it, only while the block runs: for a library that copies
-    ``os.environ`` when it starts its server (PyTriton). ``PATH`` and ``LD_LIBRARY_PATH`` get their previous
-    values (or stay unset) when the block ends, also on error, so the user's process keeps its own."""
+    ``os.environ`` when it starts its server (PyTriton). ``extra_libs`` (default: :func:`bundled_library_dirs`, the
+    wheel's own libraries, which PyTriton's copy of ``tritonserver`` cannot find by itself when ``pytriton`` is not
+    in a site-packages folder) go on ``LD_LIBRARY_PATH`` after this Python's ``LIBDIR``. ``PATH`` and
+    ``LD_LIBRARY_PATH`` get their previous values (or stay unset) when the block ends, also on error, so the user's
+    process keeps its own."""
     saved = {k: os.environ.get(k) for k in STUB_VARIABLES}
     env = {k: v for k, v in saved.items() if v is not None}
-    stub_environment(env, extra_libs)
+    stub_environment(env, bundled_library_dirs() if extra_libs is None else extra_libs)
     os.environ.update(env)
     try:
         yield
@@ -113,8 +155,7 @@ def stub_environment_while(extra_libs: Sequence[str] = ()) -> Iterator[None]:
 def server_environment(base: Optional[dict] = None) -> dict:
     """The environment the bundled server and its Python stubs need."""
     env = dict(os.environ if base is None else base)
-    root = _pytriton_root()
-    stub_environment(env, [str(root.parent / "nvidia_pytriton.libs"), str(root / "tritonserver" / "external_libs")])
+    stub_environment(env, bundled_library_dirs())
     if sys.prefix != sys.base_prefix:  # a venv: the stub's embedded Python must see its site-packages
         import site
 
@@ -213,6 +254,7 @@ class TritonServer:
         if not self.repository.is_dir():
             raise NavdeployError(f"model repository {self.repository} does not exist")
         if self.tritonserver is None:
+            check_stub_numpy()
             blocked = non_python_models(self.repository)
             if blocked:
                 raise NavdeployError(
