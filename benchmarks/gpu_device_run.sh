@@ -1,49 +1,202 @@
 #!/usr/bin/env bash
-# The GPU benchmark runs, one device call each (the `device` tool: 10 minutes a command, no downloads there).
+# The GPU runs, one device call each (the `device` tool: 10 minutes a command, at most 64 MiB carried a call, no
+# downloads there; /tmp persists between calls while the machine stays warm, 30 s after a call).
 #
-# Prepare once, on the dev machine (diffusers is not on the device image; the UNet needs it):
-#   mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata zipp
-# Then call the device tool with carry [".whl"] and one of, in this order (the most needed first: 30 minutes of
-# device time hold the three only when none runs to its limit; bench and autotune save their JSON as they go):
-#   bash benchmarks/gpu_device_run.sh bench      # bench_gpu: ResNet-50, BERT-base, small UNet in one call
-#   bash benchmarks/gpu_device_run.sh tests      # the CUDA tests (tests/test_gpu_candidates.py, test_compile_runners.py)
-#   bash benchmarks/gpu_device_run.sh autotune   # ResNet-50 with max-autotune-no-cudagraphs against eager
-# Logs and JSON land in $OUT; copy the JSON into benchmarks/results/ with the command in its README.
+#   bash benchmarks/gpu_device_run.sh MODE [ARGS]
+#
+# Modes (the wheels the device lacks travel in .whl/<bundle>/ folders, named in the call's `carry`; every mode first
+# installs whatever bundle it finds there, so any call can bring the next bundle; see /work/wheels/PLAN.md):
+#   setup                 install the carried bundles, report what is there (versions, imports under numpy 1.26)
+#   tests                 the CUDA tests (GPU candidates, compile runners, build workers; ONNX Runtime CUDA once
+#                         onnxruntime-gpu is installed)
+#   sd PHASES             benchmarks/bench_sd_gpu.py --phases PHASES (eager,optimize,rerun,load,baseline,serve) on the
+#                         workspace $ND_TMP/nd-sd/ws; `serve` runs under numpy 1.26 (site-np1), the others under
+#                         the image's numpy 2. SD_BASELINE_MODES (default reduce-overhead) for `baseline`.
+#   ort [MODELS]          benchmarks/ort_cuda_check.py (resnet50,unet by default) with onnxruntime-gpu
+#   bench                 bench_gpu: ResNet-50, BERT-base, small UNet in one call (as in session 7)
+#   autotune              ResNet-50 with max-autotune-no-cudagraphs against eager
+# Results accumulate in $ND_TMP/nd-results (the SD JSON across calls) and are copied to $OUT at the end of each call;
+# the Python commands run under `timeout ${ND_LIMIT:-560}` so that the copy happens inside the 10 minutes.
+#
+# Bundles (built on the dev machine, see /work/wheels/PLAN.md): base (diffusers, tritonclient[http] and its deps,
+# pyzmq, sh, importlib_metadata, ml_dtypes) -> $ND_TMP/site; np1 (numpy 1.26.4, scipy 1.16.3) and pytriton
+# (nvidia-pytriton 0.7.0) -> $ND_TMP/site-np1; ort0..ort4 (onnxruntime-gpu 1.31.1 in 60 MiB pieces) ->
+# $ND_TMP/nd-ort-parts, installed into $ND_TMP/site-ort once all five are there (ND_TMP: /tmp by default). Only
+# where needed: base/optional (protobuf, if the image's cannot import tritonclient's model_config_pb2) and
+# base/libpython (if the Python-backend stub cannot find this Python's libpython3.12.so.1.0).
+# SD_ARGS / ORT_ARGS pass extra arguments (e.g. SD_ARGS="--tiny" and ORT_ARGS="--device cpu" to rehearse on a CPU).
 #
 # bench leaves out AOTInductorCUDA: on torch 2.11 it crashes in torch's own loader, also outside navdeploy
 # (benchmarks/aoti_cuda_load_check.py), after ~80 s of building per model. autotune is its own call because
 # max-autotune builds alone (it times kernels on the GPU while it compiles).
 set -uo pipefail
-mode=${1:?usage: gpu_device_run.sh tests|bench|autotune}
+mode=${1:?usage: gpu_device_run.sh setup|tests|sd PHASES|ort [MODELS]|bench|autotune}
+shift
 out=${OUT:-/tmp/navdeploy-gpu-out}
-mkdir -p "$out"
+tmp=${ND_TMP:-/tmp}  # where installs, pieces, workspaces and results persist between calls
+results=$tmp/nd-results
+limit=${ND_LIMIT:-560}
+mkdir -p "$out" "$results"
 cd "$(dirname "$0")/.."
+repo=$PWD
 export PYTHONUNBUFFERED=1 NAVDEPLOY_CONSOLE_OUTPUT=logs
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+ORT_WHEEL=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+ORT_SHA256=05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7
+
+pip_target() {  # pip_target DIR WHEEL...: install wheels (no deps, no index) into DIR
+  local dir=$1; shift
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$dir" "$@"
+}
+
+install_bundles() {
+  local b marker
+  for b in base np1 pytriton; do
+    [ -d ".whl/$b" ] || continue
+    ls .whl/$b/*.whl >/dev/null 2>&1 || continue
+    case $b in base) dir=$tmp/site ;; *) dir=$tmp/site-np1 ;; esac
+    marker=$tmp/nd-installed-$b
+    if [ ! -e "$marker" ]; then
+      pip_target "$dir" .whl/$b/*.whl && touch "$marker" && echo "installed bundle $b into $dir"
+    fi
+  done
+  mkdir -p $tmp/nd-ort-parts
+  for f in .whl/ort*/*.part*; do
+    [ -e "$f" ] && [ ! -e "$tmp/nd-ort-parts/$(basename "$f")" ] && cp "$f" $tmp/nd-ort-parts/ && echo "kept $(basename "$f")"
+  done
+  if [ ! -e $tmp/nd-installed-ort ]; then
+    local n
+    n=$(ls $tmp/nd-ort-parts/$ORT_WHEEL.part* 2>/dev/null | wc -l)
+    echo "onnxruntime-gpu pieces here: $n of 5"
+    if [ "$n" -eq 5 ]; then
+      cat $tmp/nd-ort-parts/$ORT_WHEEL.part{0,1,2,3,4} > $tmp/$ORT_WHEEL
+      if echo "$ORT_SHA256  $tmp/$ORT_WHEEL" | sha256sum -c --quiet; then
+        pip_target $tmp/site-ort $tmp/$ORT_WHEEL && touch $tmp/nd-installed-ort && echo "installed onnxruntime-gpu"
+        rm -f $tmp/$ORT_WHEEL $tmp/nd-ort-parts/*
+      else
+        echo "onnxruntime-gpu: the assembled wheel's checksum is wrong" >&2
+      fi
+    fi
+  fi
+  if [ -e $tmp/nd-installed-base ] && [ ! -e $tmp/nd-installed-pb ] && \
+     ! PYTHONPATH=$tmp/site python3 -c "import tritonclient.grpc.model_config_pb2" 2>/dev/null; then
+    ls .whl/base/optional/protobuf-*.whl >/dev/null 2>&1 && pip_target $tmp/site-pb .whl/base/optional/protobuf-*.whl \
+      && touch $tmp/nd-installed-pb && echo "installed protobuf into $tmp/site-pb (the image's cannot load tritonclient)"
+  fi
+}
+
+stub_libraries() {  # what the Python-backend stub of the installed pytriton cannot load, in nav.serve's environment
+  PYTHONPATH=$(path_of np1) python3 - <<'PY'
+import os, subprocess, sys
+from pathlib import Path
+import pytriton
+from navdeploy.triton.server import stub_environment_while
+stub = Path(pytriton.__file__).parent / "tritonserver" / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}" / "triton_python_backend_stub"
+with stub_environment_while():
+    env = dict(os.environ)
+out = subprocess.run(["ldd", str(stub)], env=env, capture_output=True, text=True).stdout
+print("\n".join(line for line in out.splitlines() if "not found" in line) or "all found")
+PY
+}
+
+use_libpython_fallback() {  # the stub links libpython3.X.so.1.0; where this Python's LIBDIR lacks it, the carried copy
+  if [ -e $tmp/nd-installed-np1 ] && [ -e $tmp/nd-installed-pytriton ] && stub_libraries | grep -q "libpython.*not found"; then
+    if [ -e .whl/base/libpython/libpython3.12.so.1.0 ] || [ -e $tmp/nd-libpython/libpython3.12.so.1.0 ]; then
+      mkdir -p $tmp/nd-libpython && cp -n .whl/base/libpython/* $tmp/nd-libpython/ 2>/dev/null
+      export LD_LIBRARY_PATH=$tmp/nd-libpython${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+      echo "the stub's libpython is not in this Python's LIBDIR: using the carried copy ($tmp/nd-libpython)"
+    fi
+  fi
+}
+
+path_of() {  # path_of np2|np1|ort: the PYTHONPATH of a phase
+  local p=$repo
+  [ "$1" = np1 ] && p=$p:$tmp/site-np1
+  [ "$1" = ort ] && [ -e $tmp/nd-installed-ort ] && p=$p:$tmp/site-ort
+  [ -e $tmp/nd-installed-pb ] && p=$p:$tmp/site-pb
+  echo "$p:$tmp/site"
+}
+
+finish() {  # copy the results (JSON, this call's log) into $OUT: at most 8 files come back
+  cp "$results"/*.json "$out"/ 2>/dev/null
+  [ -n "${log:-}" ] && [ -e "$log" ] && cp "$log" "$out"/
+  ls -la "$out"
+}
+trap finish EXIT
+
+install_bundles
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+export PYTHONPATH
+PYTHONPATH=$(path_of np2)
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
 
 runners=TorchCUDA,TorchCompileCUDA,TorchCompileCUDAGraphs,TorchScriptCUDA,TorchExportCUDA,OnnxCUDA,OnnxTensorRT
 runners=$runners,TensorRT,TorchTensorRT
+stamp=$(date +%H%M%S)
 case "$mode" in
+  setup)
+    log=$results/setup_$stamp.log
+    {
+      python3 -c "import google.protobuf as g, numpy; print('protobuf', g.__version__, 'numpy', numpy.__version__)"
+      python3 -c "import diffusers, tritonclient.http; print('diffusers', diffusers.__version__, 'tritonclient ok')"
+      [ -e $tmp/nd-installed-ort ] && PYTHONPATH=$(path_of ort) python3 -c \
+        "import torch, onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+      if [ -e $tmp/nd-installed-np1 ] && [ -e $tmp/nd-installed-pytriton ]; then
+        PYTHONPATH=$(path_of np1) python3 -c "
+import numpy, scipy, scipy.integrate, torch, transformers, diffusers
+from transformers import CLIPTextModel
+from diffusers import StableDiffusionPipeline
+print('numpy', numpy.__version__, 'scipy', scipy.__version__, 'torch', torch.__version__, 'transformers',
+      transformers.__version__, 'diffusers', diffusers.__version__)
+import pytriton.triton, tritonclient.http, navdeploy.serving.serve
+from navdeploy.triton.server import bundled_library_dirs
+print('pytriton ok; its libraries:', bundled_library_dirs())"
+        echo "the stub's libraries in nav.serve's environment: $(stub_libraries)"
+        use_libpython_fallback
+        [ -n "${LD_LIBRARY_PATH:-}" ] && echo "with the fallback: $(stub_libraries)"
+      fi
+    } 2>&1 | tee "$log" ;;
   tests)
+    log=$results/gpu_tests_$stamp.log
+    PYTHONPATH=$(path_of ort)
     # -v and faulthandler_timeout: if the timeout ends pytest, the log still says which test hung and where.
-    timeout 540 python3 -m pytest -v -p no:cacheprovider -rs -o faulthandler_timeout=120 \
-      tests/test_gpu_candidates.py tests/test_compile_runners.py \
-      2>&1 | tee "$out/gpu_tests.log" ;;
+    timeout "$limit" python3 -m pytest -v -p no:cacheprovider -rs -o faulthandler_timeout=120 \
+      tests/test_gpu_candidates.py tests/test_compile_runners.py tests/test_build_workers.py tests/test_ort_cuda.py \
+      2>&1 | tee "$log" ;;
+  sd)
+    phases=${1:?usage: gpu_device_run.sh sd PHASES (eager,optimize,rerun,load,baseline,serve)}
+    log=$results/sd_${phases//,/-}_$stamp.log
+    first=${phases//serve/}; first=$(echo "$first" | tr -s ',' | sed 's/^,//; s/,$//')
+    start=$(date +%s)
+    if [ -n "$first" ]; then
+      # shellcheck disable=SC2086 # SD_ARGS: extra arguments (--tiny for a check on a CPU machine)
+      timeout "$limit" python3 benchmarks/bench_sd_gpu.py --phases "$first" --workspace $tmp/nd-sd/ws \
+        --out "$results/sd_gpu.json" --baseline-modes "${SD_BASELINE_MODES:-reduce-overhead}" ${SD_ARGS:-} \
+        2>&1 | tee -a "$log"
+    fi
+    if [ "$first" != "$phases" ]; then
+      left=$(( limit - ($(date +%s) - start) ))
+      if [ "$left" -lt 90 ]; then
+        echo "serve: only $left s left of $limit; run it in a call of its own" | tee -a "$log"
+      else
+        use_libpython_fallback  # not in a pipe: it exports LD_LIBRARY_PATH for the serve phase
+        # shellcheck disable=SC2086
+        PYTHONPATH=$(path_of np1) timeout "$left" python3 benchmarks/bench_sd_gpu.py --phases serve \
+          --workspace $tmp/nd-sd/ws --out "$results/sd_gpu.json" ${SD_ARGS:-} 2>&1 | tee -a "$log"
+      fi
+    fi ;;
+  ort)
+    log=$results/ort_cuda_$stamp.log
+    # shellcheck disable=SC2086 # ORT_ARGS: extra arguments (--torch-runners ..., --device cpu for a CPU check)
+    PYTHONPATH=$(path_of ort) timeout "$limit" python3 benchmarks/ort_cuda_check.py --models "${1:-resnet50,unet}" \
+      --workspace $tmp/nd-ort/ws --out "$results/ort_cuda.json" ${ORT_ARGS:-} 2>&1 | tee "$log" ;;
   bench)
-    timeout 570 python3 benchmarks/bench_gpu.py --models resnet50,bert,unet --timeout 150 --build-workers 4 \
-      --runners "$runners" --out "$out/gpu_bench.json" 2>&1 | tee "$out/gpu_bench.log" ;;
+    log=$results/gpu_bench_$stamp.log
+    timeout "$limit" python3 benchmarks/bench_gpu.py --models resnet50,bert,unet --timeout 150 --build-workers 4 \
+      --runners "$runners" --out "$results/gpu_bench.json" 2>&1 | tee "$log" ;;
   autotune)
-    timeout 570 python3 benchmarks/bench_gpu.py --models resnet50 --timeout 280 --build-workers 2 \
-      --runners TorchCUDA,TorchCompileCUDAMaxAutotune --out "$out/gpu_autotune.json" 2>&1 | tee "$out/gpu_autotune.log" ;;
+    log=$results/gpu_autotune_$stamp.log
+    timeout "$limit" python3 benchmarks/bench_gpu.py --models resnet50 --timeout 280 --build-workers 2 \
+      --runners TorchCUDA,TorchCompileCUDAMaxAutotune --out "$results/gpu_autotune.json" 2>&1 | tee "$log" ;;
   *)
-    echo "unknown mode $mode: use tests, bench or autotune" >&2; exit 2 ;;
+    echo "unknown mode $mode: use setup, tests, sd PHASES, ort [MODELS], bench or autotune" >&2; exit 2 ;;
 esac

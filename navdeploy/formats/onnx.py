@@ -96,6 +96,12 @@ def _loader(providers: list):
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(ctx.artifact), session_options(), providers=providers)
+        if providers[0] != "CPUExecutionProvider" and session.get_providers()[0] != providers[0]:
+            # ORT falls back to the next provider with only a log line when one cannot start (e.g. CUDA or cuDNN
+            # libraries it cannot load): this runner would run elsewhere than its name says.
+            raise RuntimeError(f"{providers[0]} did not start (the session runs {session.get_providers()}); "
+                               "check that onnxruntime-gpu matches this CUDA and cuDNN (import torch first, or "
+                               "call onnxruntime.preload_dlls())")
         names = [i.name for i in session.get_inputs()]
         out_names = [o.name for o in session.get_outputs()]
         device = torch.device(ctx.device)
