@@ -10,8 +10,10 @@
 #   tests                 the CUDA tests (GPU candidates, compile runners, build workers; ONNX Runtime CUDA once
 #                         onnxruntime-gpu is installed)
 #   sd PHASES             benchmarks/bench_sd_gpu.py --phases PHASES (eager,optimize,rerun,load,baseline,serve) on the
-#                         workspace $ND_TMP/nd-sd/ws; `serve` runs under numpy 1.26 (site-np1), the others under
-#                         the image's numpy 2. SD_BASELINE_MODES (default reduce-overhead) for `baseline`.
+#                         workspace $ND_TMP/nd-sd/ws; the others under the image's numpy 2, `serve` in a venv whose
+#                         site-packages put numpy 1.26 and pyzmq first (serve_python: the Python-backend stub runs
+#                         that venv's python3 isolated, so PYTHONPATH cannot give it numpy 1.26).
+#                         SD_BASELINE_MODES (default reduce-overhead) for `baseline`.
 #   ort [MODELS]          benchmarks/ort_cuda_check.py (resnet50,unet by default) with onnxruntime-gpu
 #   bench                 bench_gpu: ResNet-50, BERT-base, small UNet in one call (as in session 7)
 #   autotune              ResNet-50 with max-autotune-no-cudagraphs against eager
@@ -84,8 +86,24 @@ install_bundles() {
   fi
 }
 
+serve_python() {  # the interpreter of the serve phase: a venv whose site-packages list numpy 1.26 and pyzmq first
+  # (a .pth file), then the image's packages. The Python-backend stub runs this venv's python3 in isolated mode,
+  # where PYTHONPATH does not reach: numpy 1.26 on PYTHONPATH beside the image's venv would leave it numpy 2.
+  local venv=$tmp/nd-serve-venv image site
+  [ -x $venv/bin/python3 ] || python3 -m venv --without-pip $venv >&2 || return 1
+  image=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  site=$($venv/bin/python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  {
+    echo "$tmp/site-np1"
+    [ -e $tmp/nd-installed-pb ] && echo "$tmp/site-pb"
+    echo "$tmp/site"
+    echo "import site; site.addsitedir('$image')"
+  } > "$site/nd-serving.pth"
+  echo $venv/bin/python3
+}
+
 stub_libraries() {  # what the Python-backend stub of the installed pytriton cannot load, in nav.serve's environment
-  PYTHONPATH=$(path_of np1) python3 - <<'PY'
+  PYTHONPATH=$repo "$(serve_python)" - <<'PY'
 import os, subprocess, sys
 from pathlib import Path
 import pytriton
@@ -108,9 +126,8 @@ use_libpython_fallback() {  # the stub links libpython3.X.so.1.0; where this Pyt
   fi
 }
 
-path_of() {  # path_of np2|np1|ort: the PYTHONPATH of a phase
+path_of() {  # path_of np2|ort: the PYTHONPATH of a phase (serve: serve_python)
   local p=$repo
-  [ "$1" = np1 ] && p=$p:$tmp/site-np1
   [ "$1" = ort ] && [ -e $tmp/nd-installed-ort ] && p=$p:$tmp/site-ort
   [ -e $tmp/nd-installed-pb ] && p=$p:$tmp/site-pb
   echo "$p:$tmp/site"
@@ -141,15 +158,16 @@ case "$mode" in
       [ -e $tmp/nd-installed-ort ] && PYTHONPATH=$(path_of ort) python3 -c \
         "import torch, onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
       if [ -e $tmp/nd-installed-np1 ] && [ -e $tmp/nd-installed-pytriton ]; then
-        PYTHONPATH=$(path_of np1) python3 -c "
+        PYTHONPATH=$repo "$(serve_python)" -c "
 import numpy, scipy, scipy.integrate, torch, transformers, diffusers
 from transformers import CLIPTextModel
 from diffusers import StableDiffusionPipeline
 print('numpy', numpy.__version__, 'scipy', scipy.__version__, 'torch', torch.__version__, 'transformers',
       transformers.__version__, 'diffusers', diffusers.__version__)
 import pytriton.triton, tritonclient.http, navdeploy.serving.serve
-from navdeploy.triton.server import bundled_library_dirs
-print('pytriton ok; its libraries:', bundled_library_dirs())"
+from navdeploy.triton.server import bundled_library_dirs, stub_packages, stub_python
+print('pytriton ok; its libraries:', bundled_library_dirs())
+print('the stub runs', stub_python(), 'isolated, and finds', stub_packages(['numpy', 'zmq']))"
         echo "the stub's libraries in nav.serve's environment: $(stub_libraries)"
         use_libpython_fallback
         [ -n "${LD_LIBRARY_PATH:-}" ] && echo "with the fallback: $(stub_libraries)"
@@ -180,15 +198,16 @@ print('pytriton ok; its libraries:', bundled_library_dirs())"
       else
         use_libpython_fallback  # not in a pipe: it exports LD_LIBRARY_PATH for the serve phase
         # shellcheck disable=SC2086
-        PYTHONPATH=$(path_of np1) timeout "$left" python3 benchmarks/bench_sd_gpu.py --phases serve \
+        PYTHONPATH=$repo timeout "$left" "$(serve_python)" benchmarks/bench_sd_gpu.py --phases serve \
           --workspace $tmp/nd-sd/ws --out "$results/sd_gpu.json" ${SD_ARGS:-} 2>&1 | tee -a "$log"
       fi
     fi ;;
   ort)
-    log=$results/ort_cuda_$stamp.log
+    models=${1:-resnet50,unet}
+    log=$results/ort_cuda_${models//,/-}_$stamp.log
     # shellcheck disable=SC2086 # ORT_ARGS: extra arguments (--torch-runners ..., --device cpu for a CPU check)
-    PYTHONPATH=$(path_of ort) timeout "$limit" python3 benchmarks/ort_cuda_check.py --models "${1:-resnet50,unet}" \
-      --workspace $tmp/nd-ort/ws --out "$results/ort_cuda.json" ${ORT_ARGS:-} 2>&1 | tee "$log" ;;
+    PYTHONPATH=$(path_of ort) timeout "$limit" python3 benchmarks/ort_cuda_check.py --models "$models" \
+      --workspace $tmp/nd-ort/ws --out "$results/ort_cuda_${models//,/-}.json" ${ORT_ARGS:-} 2>&1 | tee "$log" ;;
   bench)
     log=$results/gpu_bench_$stamp.log
     timeout "$limit" python3 benchmarks/bench_gpu.py --models resnet50,bert,unet --timeout 150 --build-workers 4 \

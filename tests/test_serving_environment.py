@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 
 from navdeploy.errors import NavdeployError
-from navdeploy.triton.server import bundled_library_dirs, check_stub_numpy, stub_environment_while
+from navdeploy.triton.server import (
+    TritonServer,
+    bundled_library_dirs,
+    check_stub_environment,
+    check_stub_numpy,
+    stub_environment_while,
+    stub_packages,
+    stub_python,
+)
 
 pytest.importorskip("pytriton")
 
@@ -77,9 +85,81 @@ def test_a_copied_tritonserver_loads_its_libraries_in_the_stub_environment(tmp_p
 
 
 def test_numpy_2_is_refused_for_the_bundled_stub_with_the_fix():
-    with pytest.raises(NavdeployError, match=r"numpy 2\.1\.0 is installed.*numpy<2.*navdeploy\[triton\]"):
-        check_stub_numpy("2.1.0")
-    check_stub_numpy("1.26.4")
+    with pytest.raises(NavdeployError, match=r"numpy 2\.1\.0 is installed here.*numpy<2.*navdeploy\[triton\]"):
+        check_stub_numpy("2.1.0", "here")
+    check_stub_numpy("1.26.4", "here")
+
+
+_PROBE_MODEL = """
+import sys
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        seen = np.array([sys.executable.encode(), str(sys.flags.isolated).encode()], dtype=object)
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("seen", seen)]) for _ in requests]
+"""
+
+_PROBE_CONFIG = """
+name: "probe"
+backend: "python"
+max_batch_size: 0
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "seen" data_type: TYPE_STRING dims: [ 2 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+
+
+def test_stub_python_is_the_interpreter_the_stub_runs_isolated(tmp_path):
+    """What the navdeploy checks ask (``stub_python()``, isolated) is what the bundled stub runs: a model
+    reports its ``sys.executable`` and ``sys.flags.isolated`` from inside the stub."""
+    import numpy as np
+    from tritonclient.http import InferenceServerClient, InferInput
+
+    (tmp_path / "repo" / "probe" / "1").mkdir(parents=True)
+    (tmp_path / "repo" / "probe" / "config.pbtxt").write_text(_PROBE_CONFIG)
+    (tmp_path / "repo" / "probe" / "1" / "model.py").write_text(_PROBE_MODEL)
+    with TritonServer(tmp_path / "repo", exit_timeout_s=2) as server:
+        client = InferenceServerClient(server.http_url)
+        try:
+            x = InferInput("x", [1], "FP32")
+            x.set_data_from_numpy(np.zeros(1, np.float32))
+            executable, isolated = client.infer("probe", [x]).as_numpy("seen").tolist()
+        finally:
+            client.close()
+    assert Path(executable.decode()) == stub_python() and isolated.decode() == "1"
+
+
+def _venv_with(tmp_path: Path, packages: dict[str, str]) -> tuple[Path, Path]:
+    """A real venv (no pip) whose site-packages hold stand-in packages ``name -> __version__``: (its python3, its
+    site-packages)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site,) = venv.glob("lib/python3.*/site-packages")
+    for name, version in packages.items():
+        (site / name).mkdir()
+        (site / name / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    return venv / "bin" / "python3", site
+
+
+def test_the_stub_check_asks_the_isolated_interpreter_not_pythonpath(tmp_path, monkeypatch):
+    """numpy 2 in the stub's environment is refused even with a numpy 1 first on PYTHONPATH (the stub ignores it,
+    as on the GPU machine, where numpy 1.26 sat on PYTHONPATH beside a venv holding numpy 2); a missing module is
+    named; numpy 1 there passes."""
+    python, site = _venv_with(tmp_path, {"numpy": "2.1.0"})
+    shadow = tmp_path / "pythonpath" / "numpy"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("__version__ = '1.26.4'\n")
+    monkeypatch.setenv("PYTHONPATH", str(shadow.parent))
+    assert stub_packages(["numpy", "zmq"], python) == {"numpy": "2.1.0", "zmq": None}
+    with pytest.raises(NavdeployError, match=r"numpy 2\.1\.0 is installed for .*isolated"):
+        check_stub_environment(("numpy",), python)
+    with pytest.raises(NavdeployError, match=r"cannot import zmq"):
+        check_stub_environment(("numpy", "zmq"), python)
+    (site / "numpy" / "__init__.py").write_text("__version__ = '1.26.4'\n")
+    check_stub_environment(("numpy",), python)
 
 
 _SERVE = textwrap.dedent("""

@@ -15,9 +15,12 @@ when ``pytriton`` lies in one of ``site.getsitepackages()``, else ``pytriton/tri
 checkout), a folder the wheel does not have. A ``pip install --target`` folder on ``PYTHONPATH`` is such an
 "else", so there the copy finds no ``libcudart``: :func:`bundled_library_dirs` finds the folder that exists.
 
-The stub of that wheel is built with pybind11's numpy 1.x interface (it imports ``numpy.core.multiarray`` and
-reads numpy 1.x's array-descriptor layout), so Python-backend models need ``numpy<2`` in the environment the stub
-runs in: :func:`check_stub_numpy`.
+The stub embeds Python in isolated mode (``sys.flags.isolated``): it runs the first ``python3`` on its ``PATH``
+(this interpreter's ``bin``, which both PyTriton and navdeploy put first) with that environment's site-packages and
+``.pth`` files, and ignores ``PYTHONPATH`` and the user site. It is built with pybind11's numpy 1.x interface (it
+imports ``numpy.core.multiarray`` and reads numpy 1.x's array-descriptor layout): with numpy 2 there, a request's
+input arrives wrong and the response comes back empty. So Python-backend models need ``numpy<2`` installed *in that
+environment*, where ``PYTHONPATH`` cannot put it: :func:`check_stub_environment` asks that interpreter.
 
     with TritonServer("model_repository") as server:
         client = tritonclient.http.InferenceServerClient(server.http_url)
@@ -63,21 +66,66 @@ def bundled_library_dirs() -> list[str]:
     return [str(p) for p in candidates if p.is_dir()]
 
 
-def check_stub_numpy(numpy_version: Optional[str] = None) -> None:
-    """Raise a :class:`NavdeployError` saying why and what to do when numpy 2 is installed: the bundled
-    Python-backend stub (nvidia-pytriton 0.7.0, Triton 2.51) reads numpy 1.x's structures, and with numpy 2
-    the server starts but its responses come back empty. ``numpy_version``: the version to judge (this
-    environment's by default)."""
-    if numpy_version is None:
-        import numpy
+def stub_python() -> Path:
+    """The interpreter the Python-backend stub embeds: ``python3`` in this interpreter's ``bin`` (first on the
+    ``PATH`` the server gets), else this interpreter."""
+    for candidate in (Path(sys.executable).parent / "python3", Path(sys.exec_prefix) / "bin" / "python3"):
+        if candidate.exists():
+            return candidate
+    return Path(sys.executable)
 
-        numpy_version = numpy.__version__
+
+_PROBE = """
+import importlib, json, sys
+found = {}
+for name in sys.argv[1:]:
+    try:
+        found[name] = getattr(importlib.import_module(name), "__version__", "")
+    except Exception as exc:
+        found[name] = None
+print(json.dumps(found))
+"""
+
+
+def stub_packages(modules: Sequence[str], python: Optional[Path] = None) -> dict[str, Optional[str]]:
+    """Module -> version (None: not importable) as the stub's Python sees them: ``python`` (default
+    :func:`stub_python`) in isolated mode, as the stub runs it (``PYTHONPATH`` does not reach it)."""
+    python = python or stub_python()
+    run = subprocess.run([str(python), "-I", "-c", _PROBE, *modules], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")})
+    if run.returncode != 0:
+        raise NavdeployError(f"{python} could not be started to check the Python-backend stub's packages: "
+                             f"{run.stderr.strip()[-500:]}")
+    import json
+
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def check_stub_numpy(numpy_version: str, where: str) -> None:
+    """Raise a :class:`NavdeployError` with the reason and the fix when ``numpy_version`` (found in ``where``) is
+    2 or later: the bundled stub reads numpy 1.x's structures."""
     if int(numpy_version.split(".")[0]) >= 2:
         raise NavdeployError(
-            f"numpy {numpy_version} is installed, but the Python-backend stub of the tritonserver in nvidia-pytriton "
-            "is built for numpy 1.x (with numpy 2 its responses come back empty). Serve from an environment with "
-            "numpy<2: python -m pip install 'navdeploy[triton]' (it pins numpy<2), or 'numpy<2' beside it; "
-            "nav.optimize, load_optimized and export-repo work with either numpy.")
+            f"numpy {numpy_version} is installed {where}, but the Python-backend stub of the tritonserver in "
+            "nvidia-pytriton is built for numpy 1.x (with numpy 2 inputs arrive wrong and responses come back "
+            "empty). Serve from an environment with numpy<2: python -m pip install 'navdeploy[triton]' (it pins "
+            "numpy<2), or 'numpy<2' beside it; nav.optimize, load_optimized and export-repo work with either numpy.")
+
+
+def check_stub_environment(modules: Sequence[str] = ("numpy",), python: Optional[Path] = None) -> None:
+    """Raise a :class:`NavdeployError` naming the interpreter and the fix when the stub's Python (isolated, as the
+    stub runs it) cannot import one of ``modules`` or has numpy 2."""
+    python = python or stub_python()
+    found = stub_packages(modules, python)
+    missing = [name for name in modules if found.get(name) is None]
+    if missing:
+        raise NavdeployError(
+            f"the Python-backend stub runs {python} (isolated: PYTHONPATH and the user site do not reach it), which "
+            f"cannot import {', '.join(missing)}. Install them into that environment (python -m pip install "
+            "'navdeploy[triton]' there), or serve from an environment that has them.")
+    if found.get("numpy"):
+        check_stub_numpy(found["numpy"], f"for {python} (the interpreter the stub runs, isolated: PYTHONPATH "
+                                         "does not reach it)")
 
 
 def bundled_tritonserver() -> Path:
@@ -155,12 +203,8 @@ def stub_environment_while(extra_libs: Optional[Sequence[str]] = None) -> Iterat
 def server_environment(base: Optional[dict] = None) -> dict:
     """The environment the bundled server and its Python stubs need."""
     env = dict(os.environ if base is None else base)
+    # The stub finds a venv through PATH (it runs that python3, isolated), never through PYTHONPATH.
     stub_environment(env, bundled_library_dirs())
-    if sys.prefix != sys.base_prefix:  # a venv: the stub's embedded Python must see its site-packages
-        import site
-
-        extra = [p for p in site.getsitepackages() if Path(p).is_dir()]
-        env["PYTHONPATH"] = ":".join(extra + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
 
@@ -254,7 +298,7 @@ class TritonServer:
         if not self.repository.is_dir():
             raise NavdeployError(f"model repository {self.repository} does not exist")
         if self.tritonserver is None:
-            check_stub_numpy()
+            check_stub_environment()
             blocked = non_python_models(self.repository)
             if blocked:
                 raise NavdeployError(
