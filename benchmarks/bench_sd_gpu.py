@@ -217,8 +217,8 @@ def folder_bytes(path: Path) -> int:
 class Results:
     """The JSON at ``path``: ``environment`` and a list of phase records, rewritten atomically on every change."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, mirror: Optional[Path] = None):
+        self.path, self.mirror = path, mirror  # mirror: a copy kept up to date too (e.g. in the device's $OUT)
         self._lock = threading.Lock()
 
     def read(self) -> dict:
@@ -231,10 +231,13 @@ class Results:
         with self._lock:
             data = self.read()
             change(data)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=2, default=str))
-            os.replace(tmp, self.path)
+            text = json.dumps(data, indent=2, default=str)
+            for path in (self.path, self.mirror):
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                    tmp.write_text(text)
+                    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -297,6 +300,10 @@ class Context:
         return np.load(self.eager_image_path) if self.eager_image_path.exists() else None
 
     runners: Optional[tuple[str, ...]] = None  # only for quick checks of this script: the runs use the defaults
+    mirror: Optional[Path] = None
+
+    def results(self) -> Results:
+        return Results(self.out, self.mirror)
 
     def config(self) -> nav.OptimizeConfig:
         return nav.OptimizeConfig(workspace=self.workspace, runners=self.runners)  # else navdeploy's defaults
@@ -371,14 +378,14 @@ def _optimized_pipeline(ctx: Context, t2i: Text2Image, record: dict) -> None:
     stats = timed(lambda: t2i(PROMPT), ctx.runs, ctx.size)
     record["optimized_pipeline"] = summary(stats)
     _against_eager(ctx, stats["_result"], record)
-    eager = next((p for p in Results(ctx.out).read()["phases"] if p["phase"] == "eager" and p["status"] == "ok"),
+    eager = next((p for p in ctx.results().read()["phases"] if p["phase"] == "eager" and p["status"] == "ok"),
                  None)
     if eager is not None:
         record["speedup_vs_eager"] = eager["pipeline"]["median_s"] / stats["median_s"]
 
 
 def phase_optimize(ctx: Context, record: dict) -> None:
-    earlier = [p for p in Results(ctx.out).read()["phases"] if p["phase"] == "optimize" and p["pid"] != os.getpid()]
+    earlier = [p for p in ctx.results().read()["phases"] if p["phase"] == "optimize" and p["pid"] != os.getpid()]
     if any(p["status"] == "ok" for p in earlier):
         record["status"] = "skipped"  # so a plan can always name it: an optimize now would be the rerun phase
         record["error"] = "the cold optimize finished in an earlier call (its record is above)"
@@ -492,7 +499,7 @@ def environment(size: Size) -> dict:
 
 
 def run_phase(ctx: Context, name: str, args: argparse.Namespace) -> int:
-    results = Results(ctx.out)
+    results = ctx.results()
 
     def describe(data: dict) -> None:
         if not data.get("environment"):
@@ -529,6 +536,7 @@ def main() -> int:
                         help="torch.compile modes of the by-hand baseline, comma-separated; '+cl' adds channels-last")
     parser.add_argument("--runners", default=None,
                         help="comma-separated runners instead of the default set: only to check this script quickly")
+    parser.add_argument("--mirror", default=None, help="a second path kept up to date with the results JSON")
     parser.add_argument("--run-phase", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--baseline-mode", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -538,7 +546,8 @@ def main() -> int:
     ctx = Context(size, Path(args.workspace).resolve(), Path(args.out).resolve(),
                   args.runs or (2 if args.tiny else 5), [m for m in args.baseline_modes.split(",") if m],
                   args.serve_requests or (3 if args.tiny else 10),
-                  tuple(r for r in args.runners.split(",") if r) if args.runners else None)
+                  tuple(r for r in args.runners.split(",") if r) if args.runners else None,
+                  Path(args.mirror).resolve() if args.mirror else None)
     if args.run_phase:
         return run_phase(ctx, args.run_phase, args)
     phases = PHASES if args.phases == "all" else tuple(p for p in args.phases.split(",") if p)

@@ -17,8 +17,10 @@
 #   ort [MODELS]          benchmarks/ort_cuda_check.py (resnet50,unet by default) with onnxruntime-gpu
 #   bench                 bench_gpu: ResNet-50, BERT-base, small UNet in one call (as in session 7)
 #   autotune              ResNet-50 with max-autotune-no-cudagraphs against eager
-# Results accumulate in $ND_TMP/nd-results (the SD JSON across calls) and are copied to $OUT at the end of each call;
-# the Python commands run under `timeout ${ND_LIMIT:-560}` so that the copy happens inside the 10 minutes.
+# Results accumulate in $ND_TMP/nd-results (the SD JSON across calls, also written into $OUT as it changes) and are
+# copied to $OUT at the end of each call; the Python commands run under `timeout` to 20 s before the call's 600 s
+# (ND_BUDGET) are up, counted from this script's start, so that the copy happens inside the 10 minutes (ND_LIMIT:
+# a fixed limit instead).
 #
 # Bundles (built on the dev machine, see /work/wheels/PLAN.md): base (diffusers, tritonclient[http] and its deps,
 # pyzmq, sh, importlib_metadata, ml_dtypes) -> $ND_TMP/site; np1 (numpy 1.26.4, scipy 1.16.3) and pytriton
@@ -37,7 +39,7 @@ shift
 out=${OUT:-/tmp/navdeploy-gpu-out}
 tmp=${ND_TMP:-/tmp}  # where installs, pieces, workspaces and results persist between calls
 results=$tmp/nd-results
-limit=${ND_LIMIT:-560}
+script_start=$(date +%s)
 mkdir -p "$out" "$results"
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -126,6 +128,12 @@ use_libpython_fallback() {  # the stub links libpython3.X.so.1.0; where this Pyt
   fi
 }
 
+left_s() {  # seconds a Python command may run now: the call's 600 s less what has passed and 20 s to copy results
+  [ -n "${ND_LIMIT:-}" ] && { echo "$ND_LIMIT"; return; }
+  local left=$(( ${ND_BUDGET:-600} - 20 - ($(date +%s) - script_start) ))
+  echo $(( left < 1 ? 1 : left ))  # never 0: timeout 0 would mean no limit
+}
+
 path_of() {  # path_of np2|ort: the PYTHONPATH of a phase (serve: serve_python)
   local p=$repo
   [ "$1" = ort ] && [ -e $tmp/nd-installed-ort ] && p=$p:$tmp/site-ort
@@ -177,44 +185,43 @@ print('the stub runs', stub_python(), 'isolated, and finds', stub_packages(['num
     log=$results/gpu_tests_$stamp.log
     PYTHONPATH=$(path_of ort)
     # -v and faulthandler_timeout: if the timeout ends pytest, the log still says which test hung and where.
-    timeout "$limit" python3 -m pytest -v -p no:cacheprovider -rs -o faulthandler_timeout=120 \
+    timeout "$(left_s)" python3 -m pytest -v -p no:cacheprovider -rs -o faulthandler_timeout=120 \
       tests/test_gpu_candidates.py tests/test_compile_runners.py tests/test_build_workers.py tests/test_ort_cuda.py \
       2>&1 | tee "$log" ;;
   sd)
     phases=${1:?usage: gpu_device_run.sh sd PHASES (eager,optimize,rerun,load,baseline,serve)}
     log=$results/sd_${phases//,/-}_$stamp.log
     first=${phases//serve/}; first=$(echo "$first" | tr -s ',' | sed 's/^,//; s/,$//')
-    start=$(date +%s)
     if [ -n "$first" ]; then
       # shellcheck disable=SC2086 # SD_ARGS: extra arguments (--tiny for a check on a CPU machine)
-      timeout "$limit" python3 benchmarks/bench_sd_gpu.py --phases "$first" --workspace $tmp/nd-sd/ws \
-        --out "$results/sd_gpu.json" --baseline-modes "${SD_BASELINE_MODES:-reduce-overhead}" ${SD_ARGS:-} \
-        2>&1 | tee -a "$log"
+      timeout "$(left_s)" python3 benchmarks/bench_sd_gpu.py --phases "$first" --workspace $tmp/nd-sd/ws \
+        --out "$results/sd_gpu.json" --mirror "$out/sd_gpu.json" \
+        --baseline-modes "${SD_BASELINE_MODES:-reduce-overhead}" ${SD_ARGS:-} 2>&1 | tee -a "$log"
     fi
     if [ "$first" != "$phases" ]; then
-      left=$(( limit - ($(date +%s) - start) ))
-      if [ "$left" -lt 90 ]; then
-        echo "serve: only $left s left of $limit; run it in a call of its own" | tee -a "$log"
+      if [ "$(left_s)" -lt 90 ]; then
+        echo "serve: only $(left_s) s left; run it in a call of its own" | tee -a "$log"
       else
         use_libpython_fallback  # not in a pipe: it exports LD_LIBRARY_PATH for the serve phase
         # shellcheck disable=SC2086
-        PYTHONPATH=$repo timeout "$left" "$(serve_python)" benchmarks/bench_sd_gpu.py --phases serve \
-          --workspace $tmp/nd-sd/ws --out "$results/sd_gpu.json" ${SD_ARGS:-} 2>&1 | tee -a "$log"
+        PYTHONPATH=$repo timeout "$(left_s)" "$(serve_python)" benchmarks/bench_sd_gpu.py --phases serve \
+          --workspace $tmp/nd-sd/ws --out "$results/sd_gpu.json" --mirror "$out/sd_gpu.json" ${SD_ARGS:-} \
+          2>&1 | tee -a "$log"
       fi
     fi ;;
   ort)
     models=${1:-resnet50,unet}
     log=$results/ort_cuda_${models//,/-}_$stamp.log
     # shellcheck disable=SC2086 # ORT_ARGS: extra arguments (--torch-runners ..., --device cpu for a CPU check)
-    PYTHONPATH=$(path_of ort) timeout "$limit" python3 benchmarks/ort_cuda_check.py --models "$models" \
+    PYTHONPATH=$(path_of ort) timeout "$(left_s)" python3 benchmarks/ort_cuda_check.py --models "$models" \
       --workspace $tmp/nd-ort/ws --out "$results/ort_cuda_${models//,/-}.json" ${ORT_ARGS:-} 2>&1 | tee "$log" ;;
   bench)
     log=$results/gpu_bench_$stamp.log
-    timeout "$limit" python3 benchmarks/bench_gpu.py --models resnet50,bert,unet --timeout 150 --build-workers 4 \
+    timeout "$(left_s)" python3 benchmarks/bench_gpu.py --models resnet50,bert,unet --timeout 150 --build-workers 4 \
       --runners "$runners" --out "$results/gpu_bench.json" 2>&1 | tee "$log" ;;
   autotune)
     log=$results/gpu_autotune_$stamp.log
-    timeout "$limit" python3 benchmarks/bench_gpu.py --models resnet50 --timeout 280 --build-workers 2 \
+    timeout "$(left_s)" python3 benchmarks/bench_gpu.py --models resnet50 --timeout 280 --build-workers 2 \
       --runners TorchCUDA,TorchCompileCUDAMaxAutotune --out "$results/gpu_autotune.json" 2>&1 | tee "$log" ;;
   *)
     echo "unknown mode $mode: use setup, tests, sd PHASES, ort [MODELS], bench or autotune" >&2; exit 2 ;;

@@ -29,6 +29,7 @@ environment*, where ``PYTHONPATH`` cannot put it: :func:`check_stub_environment`
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -81,7 +82,7 @@ found = {}
 for name in sys.argv[1:]:
     try:
         found[name] = getattr(importlib.import_module(name), "__version__", "")
-    except Exception as exc:
+    except Exception:
         found[name] = None
 print(json.dumps(found))
 """
@@ -96,8 +97,6 @@ def stub_packages(modules: Sequence[str], python: Optional[Path] = None) -> dict
     if run.returncode != 0:
         raise NavdeployError(f"{python} could not be started to check the Python-backend stub's packages: "
                              f"{run.stderr.strip()[-500:]}")
-    import json
-
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
