@@ -130,9 +130,10 @@ def build_tokenizer(max_length: int):
     from stable_diffusion import _write_tokenizer_files
     from transformers import CLIPTokenizer
 
-    folder = _write_tokenizer_files(Path(tempfile.mkdtemp(prefix="sd_bench_tok_")))
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
-                         pad_token="<|endoftext|>")
+    with tempfile.TemporaryDirectory(prefix="sd_bench_tok_") as tmp:  # read when the tokenizer is made
+        folder = _write_tokenizer_files(Path(tmp))
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
+                             pad_token="<|endoftext|>")
 
 
 def build_pipeline(size: Size, seed: int = SEED):

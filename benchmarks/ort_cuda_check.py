@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -127,6 +128,7 @@ def check_model(name: str, device: str, workspace: Path, timeout_s: float, torch
     check = subprocess.run([sys.executable, "-m", "navdeploy.cli", "validate-repo", str(repo), "--target", target],
                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     result["validate_repo"] = {"returncode": check.returncode, "output": (check.stdout + check.stderr)[-3000:]}
+    shutil.rmtree(repo.parent, ignore_errors=True)  # its config is in the JSON; the artifact is in the workspace
     return result
 
 
