@@ -128,7 +128,7 @@ def bench_model(name: str, workspace: Path, timeout_s: float, runners, profile_t
     wrapped = nav.Module(model16, name=f"bench_{name}", precision="fp16")
     config = nav.OptimizeConfig(workspace=workspace, batch_sizes=batch_sizes, max_batch_size=max(batch_sizes),
                                 profile_time_s=profile_time_s, timeout_s=timeout_s, runners=runners,
-                                build_workers=build_workers)
+                                build_workers=build_workers, keep_artifacts=True)  # every candidate is bound below
     args, kwargs = sample16(captured)
     data = [(captured, (*args, kwargs))] if kwargs else [(captured, args)]
     start = time.perf_counter()

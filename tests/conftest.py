@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import subprocess
 import threading
 import time
@@ -11,6 +12,13 @@ from pathlib import Path
 from typing import Callable, ContextManager, Optional
 
 import pytest
+
+
+def pytest_configure(config) -> None:
+    """The suite keeps every candidate's artifact (unless NAVDEPLOY_KEEP_ARTIFACTS is set already): its tests
+    choose and bind losing candidates by hand (``choose_candidate``), which pruning would leave without an
+    artifact. ``tests/test_prune.py`` tests the default, with ``keep_artifacts=False`` in its configs."""
+    os.environ.setdefault("NAVDEPLOY_KEEP_ARTIFACTS", "1")
 
 
 @pytest.fixture(scope="session")

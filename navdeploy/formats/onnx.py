@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from typing import Optional
@@ -55,12 +56,23 @@ def _provider_check(provider: str):
     return check
 
 
+_HOST_COPY_WARNED = False
+
+
 def _to_torch(value, device: torch.device) -> torch.Tensor:
-    """An ORT output as a torch tensor, through DLPack (no copy) where this onnxruntime build has it."""
-    try:
+    """An ORT output as a torch tensor without a copy, through DLPack: the protocol (``OrtValue.__dlpack__``, recent
+    onnxruntime), else ``OrtValue.to_dlpack()`` (older builds). Only where neither exists does a CUDA output travel
+    through host memory (``numpy()`` and back), and the log says so once."""
+    global _HOST_COPY_WARNED
+    with contextlib.suppress(AttributeError, TypeError, RuntimeError, BufferError):
+        return torch.from_dlpack(value)
+    with contextlib.suppress(AttributeError, RuntimeError):
         return torch.utils.dlpack.from_dlpack(value.to_dlpack())
-    except (AttributeError, RuntimeError):
-        return torch.from_numpy(value.numpy()).to(device)
+    if device.type == "cuda" and not _HOST_COPY_WARNED:
+        _HOST_COPY_WARNED = True
+        log.warning("this onnxruntime build hands out no DLPack tensors: ONNX Runtime CUDA outputs are copied "
+                    "through host memory")
+    return torch.from_numpy(value.numpy()).to(device)
 
 
 def session_options():
@@ -84,6 +96,12 @@ def _loader(providers: list):
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(ctx.artifact), session_options(), providers=providers)
+        if providers[0] != "CPUExecutionProvider" and session.get_providers()[0] != providers[0]:
+            # ORT falls back to the next provider with only a log line when one cannot start (e.g. CUDA or cuDNN
+            # libraries it cannot load): this runner would run elsewhere than its name says.
+            raise RuntimeError(f"{providers[0]} did not start (the session runs {session.get_providers()}); "
+                               "check that onnxruntime-gpu matches this CUDA and cuDNN (import torch first, or "
+                               "call onnxruntime.preload_dlls())")
         names = [i.name for i in session.get_inputs()]
         out_names = [o.name for o in session.get_outputs()]
         device = torch.device(ctx.device)

@@ -18,7 +18,7 @@ from navdeploy.candidates.isolation import ExecutorPool
 from navdeploy.candidates.precision import candidate_name, candidate_precisions, tolerance_precision
 from navdeploy.candidates.select import select
 from navdeploy.capture.graph import Graph
-from navdeploy.config import OptimizeConfig, build_workers, resolve_workspace, use_multiprocessing
+from navdeploy.config import OptimizeConfig, build_workers, keep_artifacts, resolve_workspace, use_multiprocessing
 from navdeploy.formats.base import RunnerSpec
 from navdeploy.formats.registry import FORMATS, runners_for
 from navdeploy.inplace.binding import bind
@@ -33,6 +33,7 @@ from navdeploy.workspace.inductor import checksum_to_record, discard_unvouched
 from navdeploy.workspace.layout import LOG_FILE, artifact_dir, module_dir, now
 from navdeploy.workspace.locks import locked
 from navdeploy.workspace.manifest import MANIFEST_VERSION, read_manifest, remove_unnamed_builds, write_manifest
+from navdeploy.workspace.prune import PRUNED, mark_unused, reclaim_pruned
 from navdeploy.workspace.records import CandidateRecord, FormatState, GraphEntry, Manifest
 from navdeploy.workspace.samples import save_samples
 
@@ -66,11 +67,11 @@ def _graph_cache_key(graph: Graph, fp: str, device: str, precision: str, config:
 
 
 def _valid_formats(old_entry: Optional[GraphEntry], folder: Path) -> dict[str, FormatState]:
-    """Formats built by an earlier run whose artifacts are still intact."""
+    """Formats built by an earlier run whose artifacts are still intact, or were pruned (their records stand)."""
     valid = {}
     for fmt, state in (old_entry.formats if old_entry else {}).items():
         path = old_entry.artifact_folder(folder, fmt)
-        if state.status == "ok" and path.is_dir() and checksum(path) == state.checksum:
+        if state.status == PRUNED or (state.status == "ok" and path.is_dir() and checksum(path) == state.checksum):
             valid[fmt] = state
     return valid
 
@@ -153,6 +154,10 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                                               retries=retries), checkpoint=False)
                     continue
                 listener.candidate_started(job.module_name, name)
+                if fmt in formats and formats[fmt].status == PRUNED:  # it runs: its artifact must be there again
+                    with lock:
+                        del formats[fmt]
+                    artifact_ok = False
                 record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision,
                                            artifact_checksum=formats[fmt].checksum if fmt in formats else None))
                 record.retries = retries
@@ -177,6 +182,12 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     batch = graph.inputs[0].opt_shape[0] if graph.batching and graph.inputs else None
     eager = candidate_name(pairs[0][0].name, pairs[0][1], job.precision)  # the baseline comes first
     winner = select(candidates, config.strategy, batch, eager)
+    rebuild = reclaim_pruned(formats, candidates, winner, job.precision)  # the winner needs a pruned artifact
+    if rebuild:
+        executors.map(run_chain, [[(i, r, p) for i, (r, p) in enumerate(pairs)
+                                   if artifact_dir(r.format.value, p, job.precision) in rebuild]])
+        candidates = [records[i] for i in sorted(records)]
+        winner = select(candidates, config.strategy, batch, eager)
     return GraphEntry(graph, gkey, formats, candidates, winner.name if winner else None, now())
 
 
@@ -213,8 +224,9 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                   device, precision, tolerances, config.verify_func, batch_sizes, config.max_batch_size,
                   config.profile_time_s)
         entries = dict(old_graphs)  # graphs not seen this time stay valid: same weights, same device
+        workers = build_workers(config, device, module.__wrapped__)  # from cores and GPU memory unless given
         with module._nav_unpatched(), ExecutorPool(job, use_multiprocessing(config), config.timeout_s,
-                                                   folder / LOG_FILE, build_workers(config)) as executors:
+                                                   folder / LOG_FILE, workers) as executors:
             for graph in graphs:
                 gkey = _graph_cache_key(graph, fp, device, precision, config, batch_sizes, tolerances)
                 entries[graph.key] = _optimize_graph(graph, job, executors, config, device,
@@ -227,12 +239,15 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
         # Bound first: its warm-up compiles into the module's inductor cache, whose checksum the manifest records.
         optimized = bind(module, folder, manifest, fp, in_optimize=True)
         manifest.inductor_cache = checksum_to_record(folder)
+        if not keep_artifacts(config):
+            mark_unused(manifest)  # builds nothing will load: their records stay, their folders go below
         try:
             write_manifest(folder, manifest)  # last: a killed run leaves the old manifest
         except BaseException:
             module.nav_state.unbind()  # what is bound stands for a manifest on disk, or nothing
             raise
-        remove_unnamed_builds(folder, manifest, old)  # earlier builds go only now: the new manifest is in place
+        # Earlier builds, and the pruned ones, go only now: the new manifest is in place.
+        remove_unnamed_builds(folder, manifest, old)
     statuses = [GraphStatus(g.key, entries[g.key].selected, entries[g.key].candidates, g.batching)
                 for g in graphs]
     return ModuleStatus(module.name, folder, device, statuses, optimized, time.perf_counter() - start, tolerances,

@@ -38,19 +38,20 @@ from navdeploy.serving.guard import RequestGuard
 from navdeploy.serving.handle import ServerHandle
 from navdeploy.serving.signals import SIGNALS, in_main_thread, install_background_handlers, wait_for_stop
 from navdeploy.serving.specs import Tensor, infer_specs
-from navdeploy.triton.server import free_ports, stub_environment_while
+from navdeploy.triton.server import check_stub_environment, check_stub_numpy, free_ports, stub_environment_while
 
 log = logging.getLogger("navdeploy")
 
 
 # --- environment: what PyTriton needs on a machine like this one ------------------------------------------
 def _check_environment() -> None:
-    if int(np.__version__.split(".")[0]) >= 2:
-        raise NavdeployError(f"nvidia-pytriton needs numpy<2 but numpy {np.__version__} is installed; "
-                             "run: python -m pip install 'numpy<2'.")
     if importlib.util.find_spec("pytriton") is None:
         raise NavdeployError("nav.serve needs nvidia-pytriton; run: python -m pip install 'navdeploy[triton]' "
                              "(or 'nvidia-pytriton tritonclient[grpc,http]').")
+    # nvidia-pytriton 0.7.0 needs numpy<2 here, and its proxy model runs in the bundled Python-backend stub, which
+    # reads numpy 1.x's structures and imports numpy and zmq from its own isolated interpreter.
+    check_stub_numpy(np.__version__, "in this process")
+    check_stub_environment(("numpy", "zmq"))
 
 
 def _resolve_ports(ports: Union[None, int, Sequence[int], Mapping[str, int]], host: str) -> dict[str, int]:

@@ -7,6 +7,21 @@ this Python's ``LIBDIR`` (else the stub loads the distro's libpython) and the wh
 :class:`TritonServer` does all of that, binds 127.0.0.1 on chosen or free ports, waits for readiness and stops
 cleanly.
 
+Where the wheel keeps its libraries (``libtritonserver``, ``libcudart-*.so.12``, ...): ``nvidia_pytriton.libs``
+beside the ``pytriton`` package. Its binaries find them through an RPATH relative to their own place
+(``$ORIGIN/../../../nvidia_pytriton.libs``), which holds only where the wheel installed them: PyTriton runs a copy
+of ``tritonserver`` from its own workspace and adds one folder to ``LD_LIBRARY_PATH`` — ``nvidia_pytriton.libs``
+when ``pytriton`` lies in one of ``site.getsitepackages()``, else ``pytriton/tritonserver/external_libs`` (a source
+checkout), a folder the wheel does not have. A ``pip install --target`` folder on ``PYTHONPATH`` is such an
+"else", so there the copy finds no ``libcudart``: :func:`bundled_library_dirs` finds the folder that exists.
+
+The stub embeds Python in isolated mode (``sys.flags.isolated``): it runs the first ``python3`` on its ``PATH``
+(this interpreter's ``bin``, which both PyTriton and navdeploy put first) with that environment's site-packages and
+``.pth`` files, and ignores ``PYTHONPATH`` and the user site. It is built with pybind11's numpy 1.x interface (it
+imports ``numpy.core.multiarray`` and reads numpy 1.x's array-descriptor layout): with numpy 2 there, a request's
+input arrives wrong and the response comes back empty. So Python-backend models need ``numpy<2`` installed *in that
+environment*, where ``PYTHONPATH`` cannot put it: :func:`check_stub_environment` asks that interpreter.
+
     with TritonServer("model_repository") as server:
         client = tritonclient.http.InferenceServerClient(server.http_url)
 """
@@ -14,6 +29,7 @@ cleanly.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -39,6 +55,76 @@ def _pytriton_root() -> Path:
         raise NavdeployError("serving a repository needs the nvidia-pytriton wheel (it bundles tritonserver): "
                              "pip install 'navdeploy[triton]'") from exc
     return Path(pytriton.__file__).resolve().parent
+
+
+def bundled_library_dirs() -> list[str]:
+    """The folders of the libraries bundled in the nvidia-pytriton wheel that exist here: ``nvidia_pytriton.libs``
+    beside the ``pytriton`` package (a wheel install, ``pip install --target`` included) and
+    ``pytriton/tritonserver/external_libs`` (a source checkout). A copy of ``tritonserver`` or of the stub outside
+    the wheel's folders needs them on ``LD_LIBRARY_PATH``."""
+    root = _pytriton_root()
+    candidates = [root.parent / "nvidia_pytriton.libs", root / "tritonserver" / "external_libs"]
+    return [str(p) for p in candidates if p.is_dir()]
+
+
+def stub_python() -> Path:
+    """The interpreter the Python-backend stub embeds: ``python3`` in this interpreter's ``bin`` (first on the
+    ``PATH`` the server gets), else this interpreter."""
+    for candidate in (Path(sys.executable).parent / "python3", Path(sys.exec_prefix) / "bin" / "python3"):
+        if candidate.exists():
+            return candidate
+    return Path(sys.executable)
+
+
+_PROBE = """
+import importlib, json, sys
+found = {}
+for name in sys.argv[1:]:
+    try:
+        found[name] = getattr(importlib.import_module(name), "__version__", "")
+    except Exception:
+        found[name] = None
+print(json.dumps(found))
+"""
+
+
+def stub_packages(modules: Sequence[str], python: Optional[Path] = None) -> dict[str, Optional[str]]:
+    """Module -> version (None: not importable) as the stub's Python sees them: ``python`` (default
+    :func:`stub_python`) in isolated mode, as the stub runs it (``PYTHONPATH`` does not reach it)."""
+    python = python or stub_python()
+    run = subprocess.run([str(python), "-I", "-c", _PROBE, *modules], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")})
+    if run.returncode != 0:
+        raise NavdeployError(f"{python} could not be started to check the Python-backend stub's packages: "
+                             f"{run.stderr.strip()[-500:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def check_stub_numpy(numpy_version: str, where: str) -> None:
+    """Raise a :class:`NavdeployError` with the reason and the fix when ``numpy_version`` (found in ``where``) is
+    2 or later: the bundled stub reads numpy 1.x's structures."""
+    if int(numpy_version.split(".")[0]) >= 2:
+        raise NavdeployError(
+            f"numpy {numpy_version} is installed {where}, but the Python-backend stub of the tritonserver in "
+            "nvidia-pytriton is built for numpy 1.x (with numpy 2 inputs arrive wrong and responses come back "
+            "empty). Serve from an environment with numpy<2: python -m pip install 'navdeploy[triton]' (it pins "
+            "numpy<2), or 'numpy<2' beside it; nav.optimize, load_optimized and export-repo work with either numpy.")
+
+
+def check_stub_environment(modules: Sequence[str] = ("numpy",), python: Optional[Path] = None) -> None:
+    """Raise a :class:`NavdeployError` naming the interpreter and the fix when the stub's Python (isolated, as the
+    stub runs it) cannot import one of ``modules`` or has numpy 2."""
+    python = python or stub_python()
+    found = stub_packages(modules, python)
+    missing = [name for name in modules if found.get(name) is None]
+    if missing:
+        raise NavdeployError(
+            f"the Python-backend stub runs {python} (isolated: PYTHONPATH and the user site do not reach it), which "
+            f"cannot import {', '.join(missing)}. Install them into that environment (python -m pip install "
+            "'navdeploy[triton]' there), or serve from an environment that has them.")
+    if found.get("numpy"):
+        check_stub_numpy(found["numpy"], f"for {python} (the interpreter the stub runs, isolated: PYTHONPATH "
+                                         "does not reach it)")
 
 
 def bundled_tritonserver() -> Path:
@@ -92,13 +178,16 @@ STUB_VARIABLES = ("PATH", "LD_LIBRARY_PATH")
 
 
 @contextlib.contextmanager
-def stub_environment_while(extra_libs: Sequence[str] = ()) -> Iterator[None]:
+def stub_environment_while(extra_libs: Optional[Sequence[str]] = None) -> Iterator[None]:
     """``os.environ`` as :func:`stub_environment` makes it, only while the block runs: for a library that copies
-    ``os.environ`` when it starts its server (PyTriton). ``PATH`` and ``LD_LIBRARY_PATH`` get their previous
-    values (or stay unset) when the block ends, also on error, so the user's process keeps its own."""
+    ``os.environ`` when it starts its server (PyTriton). ``extra_libs`` (default: :func:`bundled_library_dirs`, the
+    wheel's own libraries, which PyTriton's copy of ``tritonserver`` cannot find by itself when ``pytriton`` is not
+    in a site-packages folder) go on ``LD_LIBRARY_PATH`` after this Python's ``LIBDIR``. ``PATH`` and
+    ``LD_LIBRARY_PATH`` get their previous values (or stay unset) when the block ends, also on error, so the user's
+    process keeps its own."""
     saved = {k: os.environ.get(k) for k in STUB_VARIABLES}
     env = {k: v for k, v in saved.items() if v is not None}
-    stub_environment(env, extra_libs)
+    stub_environment(env, bundled_library_dirs() if extra_libs is None else extra_libs)
     os.environ.update(env)
     try:
         yield
@@ -113,13 +202,8 @@ def stub_environment_while(extra_libs: Sequence[str] = ()) -> Iterator[None]:
 def server_environment(base: Optional[dict] = None) -> dict:
     """The environment the bundled server and its Python stubs need."""
     env = dict(os.environ if base is None else base)
-    root = _pytriton_root()
-    stub_environment(env, [str(root.parent / "nvidia_pytriton.libs"), str(root / "tritonserver" / "external_libs")])
-    if sys.prefix != sys.base_prefix:  # a venv: the stub's embedded Python must see its site-packages
-        import site
-
-        extra = [p for p in site.getsitepackages() if Path(p).is_dir()]
-        env["PYTHONPATH"] = ":".join(extra + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    # The stub finds a venv through PATH (it runs that python3, isolated), never through PYTHONPATH.
+    stub_environment(env, bundled_library_dirs())
     return env
 
 
@@ -213,6 +297,7 @@ class TritonServer:
         if not self.repository.is_dir():
             raise NavdeployError(f"model repository {self.repository} does not exist")
         if self.tritonserver is None:
+            check_stub_environment()
             blocked = non_python_models(self.repository)
             if blocked:
                 raise NavdeployError(
