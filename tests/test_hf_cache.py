@@ -252,3 +252,23 @@ def test_cache_counting_tokens_in_a_python_int_stays_eager_and_says_why():
             recorder.record(module.forward, (x,), {"cache": cache})
     assert not recorder.graphs
     assert "cumulative_length" in recorder.uncapturable and "Python int" in recorder.uncapturable
+
+
+def test_cache_tensors_a_runner_returns_strided_are_made_contiguous_as_eager_makes_them():
+    """AOTInductor returned a prefill's keys in another layout than eager's torch.cat: passed back in on the next
+    call, they failed its input stride check (and would make torch.compile recompile)."""
+    module = CachedAttention().eval()
+    _, graphs = _optimized(module, DynamicCache)
+    strided = {}
+    for key, (graph, run) in graphs.items():
+        def other_layout(inputs, run=run):  # what a runner may return: the same values, 4-d ones strided
+            return [t.transpose(1, 2).contiguous().transpose(1, 2) if t.dim() == 4 else t for t in run(inputs)]
+        strided[key] = (graph, other_layout)
+    handler = OptimizedHandler("attn", strided, max_batch_size=8, output_mapping=None)
+    eager_cache, cache = DynamicCache(), DynamicCache()
+    with torch.no_grad():
+        for x in _steps():
+            module(x, cache=eager_cache)
+            handler(module.forward, (x,), {"cache": cache})
+            assert all(layer.keys.is_contiguous() and layer.values.is_contiguous() for layer in cache.layers)
+            assert_same_state(cache, eager_cache)

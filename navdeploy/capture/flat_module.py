@@ -14,6 +14,9 @@ class FlatModule(torch.nn.Module):
 
     ``forward(*tensors)`` rebuilds the captured ``(args, kwargs)`` (constants included), runs the
     module and returns its output tensors as a tuple, in :func:`navdeploy.capture.pytree.flatten` order.
+    An HF cache argument is built afresh from its tensors on every call (exporters trace the object's
+    construction and its update) and the cache returned is flattened into outputs; input tensors eager changes in
+    place (a StaticCache's) are copied first, so the traced function never writes into its inputs.
     """
 
     def __init__(self, module: torch.nn.Module, input_spec: Spec, forward_func: Optional[str] = None):

@@ -22,6 +22,7 @@ Spec = Any
 _CACHE_MODULE = "transformers.cache_utils"
 # A cache, and the layers it holds (attention, linear-attention/SSM, the data-less dummy layer).
 _CACHE_BASES = ("Cache", "CacheLayerMixin", "LinearAttentionCacheLayerMixin", "DummyLayer")
+_LEAVES = (torch.Tensor, str, int, float, bool, type(None))
 
 
 def _bases() -> tuple[type, ...]:
@@ -44,8 +45,12 @@ def flatten_cache(cache: Any, leaf: Callable[[Any, str], Spec], where: str) -> S
     classes inside it are walked here; anything else (tensors, constants) by ``leaf(value, where)``, which raises
     CaptureError for what cannot be captured (e.g. the CUDA stream of an offloading cache)."""
 
+    bases = _bases()
+
     def state(value: Any, at: str) -> Spec:
-        if is_cache(value):
+        if isinstance(value, _LEAVES):  # the most common values first: this runs on every optimized call
+            return leaf(value, at)
+        if isinstance(value, bases):
             names = list(vars(value))
             return {"t": "hfcache", "cls": class_path(type(value)), "k": names,
                     "c": [state(vars(value)[n], f"{at}.{n}") for n in names]}
@@ -64,6 +69,9 @@ def flatten_cache(cache: Any, leaf: Callable[[Any, str], Spec], where: str) -> S
     return state(cache, where)
 
 
+_resolved: dict[str, type] = {}  # class path -> class, once resolved (a class that resolves stays loaded)
+
+
 def build_cache(node: Spec, leaf: Callable[[Spec], Any], live: Optional[Any] = None) -> Any:
     """The cache of ``node`` (a ``flatten_cache`` spec); ``leaf(spec)`` builds tensors and constants.
 
@@ -71,10 +79,11 @@ def build_cache(node: Spec, leaf: Callable[[Spec], Any], live: Optional[Any] = N
     layers, lists and dicts, instead of new ones: whoever holds them sees what eager would have left there."""
 
     def resolve(path: str) -> type:
-        cls = resolve_class(path)
+        cls = _resolved.get(path) or resolve_class(path)
         if cls is None:
             raise ValueError(f"cannot rebuild the HF cache class {path}: its module is not imported. Import "
                              "transformers (and the model's module) before calling the optimized module.")
+        _resolved[path] = cls
         return cls
 
     def state(spec: Spec, current: Any) -> Any:
@@ -110,6 +119,12 @@ def build_cache(node: Spec, leaf: Callable[[Spec], Any], live: Optional[Any] = N
                 current.update(values)
                 return current
             return values
-        return leaf(spec)
+        value = leaf(spec)
+        if type(value) is torch.Tensor and "in" not in spec and not value.is_contiguous():
+            # HF caches hold contiguous tensors (torch.cat, torch.zeros make them); a runner may return a strided
+            # one (AOTInductor does, for a prefill), which the next call passes back in: AOTInductor checks input
+            # strides and torch.compile guards on them, so both would run eagerly or recompile.
+            return value.contiguous()
+        return value
 
     return state(node, live)
