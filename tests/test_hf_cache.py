@@ -5,6 +5,7 @@ state eager leaves it in (same object, same layer objects, new keys/values; Stat
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -177,7 +178,7 @@ def _optimized(module, make_cache):
             recorder.record(module.forward, (x,), {"cache": cache})
     graphs = {}
     for graph in recorder.finish():
-        flat = FlatModule(module, graph.input_spec)
+        flat = FlatModule(module, graph.input_spec, output_spec=graph.output_spec)
         graphs[graph.key] = (graph, lambda inputs, flat=flat: list(flat(*inputs)))
     return OptimizedHandler("attn", graphs, max_batch_size=8, output_mapping=None), graphs
 
@@ -272,3 +273,18 @@ def test_cache_tensors_a_runner_returns_strided_are_made_contiguous_as_eager_mak
             handler(module.forward, (x,), {"cache": cache})
             assert all(layer.keys.is_contiguous() and layer.values.is_contiguous() for layer in cache.layers)
             assert_same_state(cache, eager_cache)
+
+
+def test_traced_flat_module_returns_the_tensors_eager_returned():
+    """A StaticCache layer keeps its batch size and head sizes as ints read from shapes; torch.jit.trace hands
+    them out as tensors. The flat module's outputs follow eager's output spec, so the trace has eager's outputs."""
+    module = CachedAttention().eval()
+    _, graphs = _optimized(module, lambda: StaticCache(config=_gpt2_config(), max_cache_len=12))
+    prefill = min((graph for graph, _ in graphs.values()), key=lambda graph: len(graph.inputs))  # no keys yet
+    flat = FlatModule(module, prefill.input_spec, output_spec=prefill.output_spec)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(flat, tuple(prefill.samples[0].inputs), check_trace=False, strict=False)
+        outputs = traced(*prefill.samples[0].inputs)
+    assert [t.shape for t in outputs] == [t.shape for t in prefill.samples[0].outputs]
+    assert all(torch.equal(a, b) for a, b in zip(outputs, prefill.samples[0].outputs))

@@ -209,3 +209,28 @@ def test_encoder_decoder_generate_with_encoder_decoder_cache(tmp_path, choose_ca
     assert not _eager_warnings(caught)
     assert counter.calls == 0
     assert torch.equal(actual, expected)
+
+
+@pytest.mark.slow
+def test_generate_with_a_static_cache(tmp_path, choose_candidate):
+    """cache_implementation="static": the layers allocate their full length on the first call and are written in
+    place after; the optimized decoder writes into the caller's tensors too."""
+    def generate(model, ids, mask):
+        with torch.inference_mode():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=GPT2_NEW_TOKENS, do_sample=False,
+                                  cache_implementation="static")
+
+    expected = generate(tiny_gpt2_varied(), *GPT2_PROMPT)
+    model = nav.Module(tiny_gpt2_varied(), name="gpt2_static_cache", forward_func="forward")
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=["TorchScriptCPU"], batch_sizes=(2,),
+                                profile_time_s=0.05, pipeline_repeats=0, use_multiprocessing=False)
+    status = nav.optimize(lambda ids, mask: generate(model, ids, mask), [(2, GPT2_PROMPT)], config)
+    assert len(status.modules[model.name].graphs) == 2
+    choose_candidate(model, tmp_path, runner="TorchScriptCPU")
+    counter = CallCounter(model.__wrapped__.transformer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = generate(model, *GPT2_PROMPT)
+    assert not _eager_warnings(caught)
+    assert counter.calls == 0
+    assert torch.equal(actual, expected)

@@ -136,6 +136,32 @@ def unflatten(spec: Spec, tensors: list[Any], rebuild_classes: bool = True, call
     return build(spec)
 
 
+def tensors_at(spec: Spec, tree: Any) -> list[torch.Tensor]:
+    """The tensors of ``tree`` where ``spec`` (the flatten spec of what eager returned) has them, in flatten order.
+
+    What the spec holds as a constant is not read: a tracer hands out sizes as tensors (TorchScript) or symbolic
+    ints (torch.export) where eager had ints, e.g. the batch size a StaticCache layer keeps."""
+    found: list[torch.Tensor] = []
+
+    def walk(node: Spec, value: Any) -> None:
+        t = node["t"]
+        if t == "tensor":
+            found.append(value)
+        elif t in ("tuple", "list", "namedtuple"):
+            for i, child in enumerate(node["c"]):
+                walk(child, value[i])
+        elif t == "dict":
+            for k, child in zip(node["k"], node["c"]):
+                walk(child, value[k])
+        elif t in ("dataclass", "hfcache"):
+            state = vars(value) if t == "hfcache" else None
+            for k, child in zip(node["k"], node["c"]):
+                walk(child, state[k] if state is not None else getattr(value, k))
+
+    walk(spec, tree)
+    return found
+
+
 def describe(tree: Any) -> str:
     """A short description of a pytree's structure for error messages, e.g. ``dict(last_hidden_state=Tensor)``."""
     if isinstance(tree, torch.Tensor):
