@@ -45,12 +45,9 @@ def follow(spec: Spec, tree: Any, path: list[int]) -> Any:
 
 def _step(node: Spec, step: int) -> str:
     """How a spec step reads in an argument path: ``['key']``, ``[0]``, ``.field``."""
-    kind = node["t"]
-    if kind in ("dataclass", "hfcache", "namedtuple"):
-        return f".{node['k'][step]}" if "k" in node else f"[{step}]"
-    if kind == "dict":
+    if node["t"] == "dict":
         return f"[{node['k'][step]!r}]"
-    return f"[{step}]"
+    return f".{node['k'][step]}" if "k" in node else f"[{step}]"  # attributes (dataclass, cache) or positions
 
 
 def _node_at(spec: Spec, path: list[int]) -> tuple[Spec, str]:
