@@ -145,7 +145,8 @@ class GPT2Generate(Spec):
 
 class GPT2GenerateKVCache(GPT2Generate):
     name = "gpt2_generate_kv_cache"
-    description = "as gpt2_generate with use_cache=True (DynamicCache: navdeploy keeps the decoder eager)"
+    description = ("as gpt2_generate with use_cache=True: the decoder takes and returns a DynamicCache (two graphs, "
+                   "prefill and decode, the cache length a dynamic axis)")
     use_cache = True
     module_name = "gpt2_kv"
 
@@ -541,7 +542,7 @@ def _selected_text(opt: dict) -> str:
         parts.append(f"{name}: {picks}{mark}")
     statuses = (opt.get("status") or {}).get("modules") or {}
     for name in opt.get("modules") or []:
-        if name not in statuses:  # never captured (e.g. a DynamicCache argument): navdeploy kept it eager
+        if name not in statuses:  # never captured (an argument capture cannot handle): navdeploy kept it eager
             parts.append(f"{name}: eager (not captured)")
     return "\n".join(parts) or "-"
 

@@ -94,7 +94,8 @@ def test_argument_the_capture_cannot_handle_names_its_path_and_input_mapping(ws,
 
 
 def test_an_uncapturable_module_stays_eager_and_the_others_are_optimized(tmp_path, uname):
-    """HF generate passes cache objects, for example: that module stays eager; nav.optimize does not abort."""
+    """An argument capture cannot handle (any object that is no tensor, constant, container or HF cache): that module
+    stays eager; nav.optimize does not abort."""
     odd = nav.Module(TakesOpaque().eval(), name=f"{uname}-odd")
     fine = nav.Module(nn.Linear(3, 3).eval(), name=f"{uname}-fine")
 

@@ -190,3 +190,20 @@ def test_a_report_that_cannot_be_written_only_warns(tmp_path, monkeypatch, capsy
     assert status.report_path is None and status.modules["report_broken"].graphs[0].selected
     err = capsys.readouterr().err
     assert "TorchScriptCPU" in err and "report:" not in err  # the tables still print, with no report line
+
+
+class CountingOutput(nn.Module):
+    """A 0-d output (a count, as a StaticCache layer keeps): the graph does not batch, its profile has no batch size."""
+
+    def forward(self, x: torch.Tensor):
+        return x * 2, (x > 0).sum()
+
+
+def test_a_graph_that_does_not_batch_gets_a_report(tmp_path, recwarn):
+    module = nav.Module(CountingOutput().eval(), name="report_no_batch")
+    config = nav.OptimizeConfig(workspace=tmp_path, target_formats=(nav.Format.TORCHSCRIPT,), profile_time_s=0.02,
+                                use_multiprocessing=False, pipeline_repeats=0)
+    status = nav.optimize(module, [(2, torch.randn(2, 3))], config)
+    assert not status.modules["report_no_batch"].graphs[0].batching
+    assert not [str(w.message) for w in recwarn if "HTML report" in str(w.message)]
+    assert status.report_path is not None and "report_no_batch" in status.report_path.read_text()

@@ -75,7 +75,8 @@ def prepare(module: torch.nn.Module, forward_func: Optional[str], graph: Graph, 
     if cache is not None and key in cache:
         flat = cache[key]
     else:
-        flat = FlatModule(cast_module(module, precision) if cast else module, graph.input_spec, forward_func)
+        flat = FlatModule(cast_module(module, precision) if cast else module, graph.input_spec, forward_func,
+                          graph.output_spec)
         if cache is not None:
             cache[key] = flat
     if cast:
@@ -133,7 +134,7 @@ class WorkerState:
         """The module in its own precision: the eager reference."""
         key = (graph.key, job.precision)
         if key not in self.flat:
-            self.flat[key] = FlatModule(job.module, graph.input_spec, job.forward_func)
+            self.flat[key] = FlatModule(job.module, graph.input_spec, job.forward_func, graph.output_spec)
         return self.flat[key]
 
     def reference(self, job: Job, graph: Graph, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import torch
 
-from navdeploy.capture.pytree import Spec, flatten, unflatten
+from navdeploy.capture.pytree import Spec, flatten, tensors_at, unflatten
 
 
 class FlatModule(torch.nn.Module):
@@ -14,13 +14,20 @@ class FlatModule(torch.nn.Module):
 
     ``forward(*tensors)`` rebuilds the captured ``(args, kwargs)`` (constants included), runs the
     module and returns its output tensors as a tuple, in :func:`navdeploy.capture.pytree.flatten` order.
+    An HF cache argument is built afresh from its tensors on every call (exporters trace the object's
+    construction and its update) and the cache returned is flattened into outputs; input tensors eager changes in
+    place (a StaticCache's) are copied first, so the traced function never writes into its inputs. With
+    ``output_spec`` (what eager returned) the outputs are the tensors where eager had tensors, whatever a tracer
+    makes of the constants (:func:`navdeploy.capture.pytree.tensors_at`).
     """
 
-    def __init__(self, module: torch.nn.Module, input_spec: Spec, forward_func: Optional[str] = None):
+    def __init__(self, module: torch.nn.Module, input_spec: Spec, forward_func: Optional[str] = None,
+                 output_spec: Optional[Spec] = None):
         super().__init__()
         self.inner = module
         self.input_spec = input_spec
         self.forward_func = forward_func
+        self.output_spec = output_spec
 
     def call_inner(self, *args: Any, **kwargs: Any) -> Any:
         if self.forward_func:
@@ -33,4 +40,6 @@ class FlatModule(torch.nn.Module):
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         call = unflatten(self.input_spec, list(tensors), rebuild_classes=True)
         output = self.call_inner(*call["args"], **call["kwargs"])
+        if self.output_spec is not None:
+            return tuple(tensors_at(self.output_spec, output))
         return tuple(flatten(output, path="outputs")[1])

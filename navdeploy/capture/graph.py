@@ -4,11 +4,13 @@ dtypes/ranks are equal share one exported model), its tensors' shape ranges and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from navdeploy.capture.aliases import returns_inputs
 from navdeploy.capture.pytree import Spec
 
 
@@ -76,6 +78,11 @@ class Graph:
             inputs=[TensorSpec(**t) for t in data["inputs"]], outputs=[TensorSpec(**t) for t in data["outputs"]],
             batching=data["batching"], calls=data.get("calls", 0),
         )
+
+    @functools.cached_property
+    def returns_inputs(self) -> bool:
+        """Whether eager returns some of the call's own inputs (the HF cache it was given)."""
+        return returns_inputs(self.output_spec)
 
     def dynamic_axes(self, max_batch_size: int) -> list[dict[int, tuple[int, int]]]:
         """Per input tensor: ``{axis: (min, max)}`` for every axis that varies (batch axis 0 when batching)."""

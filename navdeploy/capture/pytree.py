@@ -7,12 +7,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
 import torch
 
+from navdeploy.capture.aliases import LiveCall
+from navdeploy.capture.classes import class_path as _class_path
+from navdeploy.capture.classes import resolve_class as _resolve_class
+from navdeploy.capture.hf_cache import build_cache, flatten_cache, is_cache
 from navdeploy.errors import CaptureError
 
 Spec = Any  # a JSON-able tree of dicts; see flatten()
@@ -21,36 +24,28 @@ Spec = Any  # a JSON-able tree of dicts; see flatten()
 _CONSTANT_TYPES = (str, int, float, bool, type(None))
 
 
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def _resolve_class(path: str) -> Optional[type]:
-    """The class named by ``module:qualname`` if its module is already imported (never imports code)."""
-    module_name, _, qualname = path.partition(":")
-    obj: Any = sys.modules.get(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None) if obj is not None else None
-    return obj if isinstance(obj, type) else None
-
-
 def _is_model_output(value: Any) -> bool:
     # HF ModelOutput is an OrderedDict and a dataclass; recognise it without importing transformers.
     return isinstance(value, OrderedDict) and dataclasses.is_dataclass(value)
 
 
-def flatten(tree: Any, path: str = "inputs", outputs: bool = False) -> tuple[Spec, list[torch.Tensor]]:
+def flatten(tree: Any, path: str = "inputs", outputs: bool = False,
+            aliases: Optional[dict[int, dict]] = None) -> tuple[Spec, list[torch.Tensor]]:
     """Split a pytree into a JSON-able spec and its tensor leaves (in depth-first order).
 
     Supported nodes: tensors; str/int/float/bool/None constants; tuples, lists, named tuples;
-    dicts with string keys; dataclasses and HF ``ModelOutput``s. Anything else raises
-    :class:`CaptureError` naming the path of the offending value.
+    dicts with string keys; dataclasses and HF ``ModelOutput``s; HF cache objects (``DynamicCache``,
+    ``StaticCache``, ``EncoderDecoderCache``, ...: see :mod:`navdeploy.capture.hf_cache`). Anything else raises
+    :class:`CaptureError` naming the path of the offending value. ``aliases`` (from
+    :func:`navdeploy.capture.aliases.input_aliases`) marks the nodes of an output that are the call's own inputs.
     """
     tensors: list[torch.Tensor] = []
 
     def walk(node: Any, where: str) -> Spec:
         if isinstance(node, torch.Tensor):
             tensors.append(node)
+            if aliases and id(node) in aliases:
+                return {"t": "tensor", "i": len(tensors) - 1, **aliases[id(node)]}
             return {"t": "tensor", "i": len(tensors) - 1}
         if isinstance(node, _CONSTANT_TYPES):
             return {"t": "const", "v": node}
@@ -73,8 +68,14 @@ def flatten(tree: Any, path: str = "inputs", outputs: bool = False) -> tuple[Spe
             names = [f.name for f in dataclasses.fields(node) if f.init]
             return {"t": "dataclass", "cls": _class_path(type(node)), "k": names,
                     "c": [walk(getattr(node, n), f"{where}.{n}") for n in names]}
+        if is_cache(node):
+            spec = flatten_cache(node, walk, where)
+            if aliases and id(node) in aliases:
+                spec.update(aliases[id(node)])
+            return spec
         kind = f"{type(node).__module__}.{type(node).__qualname__}"
-        supported = "supported: tensors, str/int/float/bool/None, tuples, lists, dicts, dataclasses, HF ModelOutput"
+        supported = ("supported: tensors, str/int/float/bool/None, tuples, lists, dicts, dataclasses, HF ModelOutput, "
+                     "HF cache objects")
         if outputs:
             raise CaptureError(
                 f"{where}: the module returned a value of type {kind}, which cannot be captured ({supported}). "
@@ -94,13 +95,28 @@ def flatten_call(args: tuple, kwargs: dict, name: str) -> tuple[Spec, list[torch
     return flatten({"args": list(args), "kwargs": dict(sorted(kwargs.items()))}, path=f"{name} inputs")
 
 
-def unflatten(spec: Spec, tensors: list[Any], rebuild_classes: bool = True) -> Any:
-    """Inverse of :func:`flatten`. With ``rebuild_classes=False`` dataclasses/ModelOutputs come back as dicts."""
+def unflatten(spec: Spec, tensors: list[Any], rebuild_classes: bool = True, call: Optional[LiveCall] = None) -> Any:
+    """Inverse of :func:`flatten`. With ``rebuild_classes=False`` dataclasses/ModelOutputs come back as dicts
+    (HF caches are always rebuilt).
+
+    An input tensor eager changed in place (``"m"``) comes back as a copy. ``call``: the live call an output is
+    rebuilt for; what eager returns of it (the HF cache it was given, tensors of it) is returned itself, brought
+    to the new state (the cache's state written into it, a tensor changed in place copied into)."""
 
     def build(node: Spec) -> Any:
         t = node["t"]
         if t == "tensor":
-            return tensors[node["i"]]
+            if len(node) == 2:  # no marks
+                return tensors[node["i"]]
+            if call is not None and "in" in node:
+                live = call.tensors[node["in"]]
+                if node.get("m") and live is not tensors[node["i"]]:
+                    live.copy_(tensors[node["i"]])
+                return live
+            return tensors[node["i"]].clone() if node.get("m") else tensors[node["i"]]
+        if t == "hfcache":
+            live = call.follow(node["alias"]) if call is not None and "alias" in node else None
+            return build_cache(node, build, live)
         if t == "const":
             return node["v"]
         if t == "tuple":
@@ -118,6 +134,32 @@ def unflatten(spec: Spec, tensors: list[Any], rebuild_classes: bool = True) -> A
         raise ValueError(f"unknown spec node {t!r}")
 
     return build(spec)
+
+
+def tensors_at(spec: Spec, tree: Any) -> list[torch.Tensor]:
+    """The tensors of ``tree`` where ``spec`` (the flatten spec of what eager returned) has them, in flatten order.
+
+    What the spec holds as a constant is not read: a tracer hands out sizes as tensors (TorchScript) or symbolic
+    ints (torch.export) where eager had ints, e.g. the batch size a StaticCache layer keeps."""
+    found: list[torch.Tensor] = []
+
+    def walk(node: Spec, value: Any) -> None:
+        t = node["t"]
+        if t == "tensor":
+            found.append(value)
+        elif t in ("tuple", "list", "namedtuple"):
+            for i, child in enumerate(node["c"]):
+                walk(child, value[i])
+        elif t == "dict":
+            for k, child in zip(node["k"], node["c"]):
+                walk(child, value[k])
+        elif t in ("dataclass", "hfcache"):
+            state = vars(value) if t == "hfcache" else None
+            for k, child in zip(node["k"], node["c"]):
+                walk(child, state[k] if state is not None else getattr(value, k))
+
+    walk(spec, tree)
+    return found
 
 
 def describe(tree: Any) -> str:

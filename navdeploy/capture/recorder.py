@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from navdeploy.capture.aliases import cache_paths, counters, held_tensors, input_aliases, mark_changed
 from navdeploy.capture.graph import Graph, Sample, TensorSpec
 from navdeploy.capture.pytree import check_output_mapping, describe, flatten, flatten_call, spec_key, unflatten
 from navdeploy.errors import CaptureError
@@ -21,6 +22,11 @@ def _batch_size_of(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> O
     if len(sizes) == 1 and batched_inputs and all(t.dim() > 0 for t in outputs):
         return sizes.pop()
     return None
+
+
+def _same(t: torch.Tensor, before: torch.Tensor) -> bool:
+    """Whether a tensor still holds what it held before the call (NaNs count as changed: a copy too many at most)."""
+    return t.shape == before.shape and t.dtype == before.dtype and bool(torch.equal(t, before))
 
 
 class Recorder:
@@ -43,11 +49,20 @@ class Recorder:
             in_spec, inputs = flatten_call(args, kwargs, self.name)
         except CaptureError as exc:
             return self._not_captured(exc, fn(*args, **kwargs))
+        # An HF cache argument is changed by the call (in place, for a StaticCache): keep what the call was given.
+        held = {i: inputs[i].detach().clone() for i in held_tensors(in_spec)}
         output = fn(*args, **kwargs)
+        aliases = input_aliases(in_spec, args, kwargs, inputs) if cache_paths(in_spec) else None
         try:
-            out_spec, outputs = flatten(output, path=f"{self.name} outputs", outputs=True)
+            out_spec, outputs = flatten(output, path=f"{self.name} outputs", outputs=True, aliases=aliases)
         except CaptureError as exc:
             return self._not_captured(exc, output)
+        counted = counters(in_spec, out_spec) if aliases else []
+        if counted:
+            return self._not_captured(f"the HF cache it is given counts tokens in a Python int ({counted[0]}), so "
+                                      "every call would be a graph of its own (a sliding-window cache does)", output)
+        changed = {i for i, before in held.items() if not _same(inputs[i], before)}
+        inputs = [held.get(i, t) for i, t in enumerate(inputs)]
         if not outputs:
             return self._not_captured(f"it returned no tensors ({describe(output)}); wrap only the part of it that "
                                       "computes tensors, or do not wrap it with nav.Module", output)
@@ -64,6 +79,8 @@ class Recorder:
         elif len(outputs) != len(graph.outputs):
             raise CaptureError(f"module {self.name!r}: calls with the same input structure returned different "
                                "output structures; navdeploy needs the output structure to follow from the inputs.")
+        if changed:
+            mark_changed(graph.input_spec, graph.output_spec, changed)
         for spec, t in zip(graph.inputs, inputs):
             spec.update(list(t.shape))
         for spec, t in zip(graph.outputs, outputs):

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from navdeploy.candidates.verify import conform
+from navdeploy.capture.aliases import LiveCall
 from navdeploy.capture.graph import Graph
 from navdeploy.capture.pytree import describe, flatten_call, spec_key, unflatten
 from navdeploy.errors import CaptureError
@@ -121,8 +122,10 @@ class OptimizedHandler:
                 outputs = self._conform(key, graph, run(tensors))
         except Exception as exc:  # noqa: BLE001 - never crash the user's pipeline on a runner error
             return self._fallback(f"runner error: {type(exc).__name__}: {exc}", fn, args, kwargs)
+        # What eager returns of the call's own inputs (an HF cache) is returned itself, in its new state.
+        call = LiveCall(graph.input_spec, args, kwargs, tensors) if graph.returns_inputs else None
         if self.output_mapping is not None:
-            structured = unflatten(graph.output_spec, outputs, rebuild_classes=False)
+            structured = unflatten(graph.output_spec, outputs, rebuild_classes=False, call=call)
             try:
                 return self.output_mapping(structured)
             except Exception as exc:
@@ -131,4 +134,4 @@ class OptimizedHandler:
                              f"optimized runner's output {describe(structured)} (HF ModelOutputs and dataclasses "
                              "arrive as plain dicts).")
                 raise
-        return unflatten(graph.output_spec, outputs)
+        return unflatten(graph.output_spec, outputs, call=call)

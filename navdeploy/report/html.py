@@ -216,7 +216,8 @@ class _Plotter:
     def performance(self, graph: dict) -> Optional[str]:
         """p50 latency and throughput vs batch size, one line per candidate; the winner thick, gold, starred."""
         measured = [c for c in graph["candidates"] if c["profile"]]
-        if not measured:
+        # A graph that does not batch is profiled once, at its captured shapes (no batch size): the table says it.
+        if not measured or any(p["batch_size"] is None for c in measured for p in c["profile"]):
             return None
         from matplotlib.ticker import NullLocator
 

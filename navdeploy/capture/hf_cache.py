@@ -1,0 +1,130 @@
+"""HF cache objects (``transformers.cache_utils``: ``DynamicCache``, ``StaticCache``, ``EncoderDecoderCache``,
+their layers) as pytree nodes.
+
+A cache is an object whose state (its ``__dict__``) holds tensors, constants (lengths, window sizes, flags), its
+layers, the class it makes new layers from, a device. ``flatten_cache`` records the class path and that state;
+``build_cache`` makes the object again as pickle does (``cls.__new__``, then the state; ``__init__`` does not run),
+or writes the state into a live object: the cache a call was given and returns ends in the state eager leaves it
+in, layer objects and lists included. transformers is never imported: a value is a cache only when
+``transformers.cache_utils`` is loaded already (it is, wherever a cache exists), and classes resolve only from
+loaded modules."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Optional
+
+import torch
+
+from navdeploy.capture.classes import class_path, resolve_class
+
+Spec = Any
+_CACHE_MODULE = "transformers.cache_utils"
+# A cache, and the layers it holds (attention, linear-attention/SSM, the data-less dummy layer).
+_CACHE_BASES = ("Cache", "CacheLayerMixin", "LinearAttentionCacheLayerMixin", "DummyLayer")
+_LEAVES = (torch.Tensor, str, int, float, bool, type(None))
+
+
+def _bases() -> tuple[type, ...]:
+    module = sys.modules.get(_CACHE_MODULE)
+    if module is None:
+        return ()
+    return tuple(cls for cls in (getattr(module, name, None) for name in _CACHE_BASES) if isinstance(cls, type))
+
+
+def is_cache(value: Any) -> bool:
+    """Whether ``value`` is an HF cache or cache layer (False whenever transformers' cache module is not loaded)."""
+    bases = _bases()
+    return bool(bases) and isinstance(value, bases)
+
+
+def flatten_cache(cache: Any, leaf: Callable[[Any, str], Spec], where: str) -> Spec:
+    """The spec of a cache: ``{"t": "hfcache", "cls": path, "k": attribute names, "c": their specs}``.
+
+    Layers, lists, tuples, dicts (string or int keys: EncoderDecoderCache's ``is_updated``), devices, dtypes and
+    classes inside it are walked here; anything else (tensors, constants) by ``leaf(value, where)``, which raises
+    CaptureError for what cannot be captured (e.g. the CUDA stream of an offloading cache)."""
+
+    bases = _bases()
+
+    def state(value: Any, at: str) -> Spec:
+        if isinstance(value, _LEAVES):  # the most common values first: this runs on every optimized call
+            return leaf(value, at)
+        if isinstance(value, bases):
+            names = list(vars(value))
+            return {"t": "hfcache", "cls": class_path(type(value)), "k": names,
+                    "c": [state(vars(value)[n], f"{at}.{n}") for n in names]}
+        if isinstance(value, torch.device):
+            return {"t": "device", "v": str(value)}
+        if isinstance(value, torch.dtype):
+            return {"t": "dtype", "v": str(value).removeprefix("torch.")}
+        if isinstance(value, type):
+            return {"t": "class", "v": class_path(value)}
+        if type(value) in (list, tuple):
+            return {"t": type(value).__name__, "c": [state(v, f"{at}[{i}]") for i, v in enumerate(value)]}
+        if type(value) is dict and all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in value):
+            return {"t": "dict", "k": list(value), "c": [state(v, f"{at}[{k!r}]") for k, v in value.items()]}
+        return leaf(value, at)
+
+    return state(cache, where)
+
+
+_resolved: dict[str, type] = {}  # class path -> class, once resolved (a class that resolves stays loaded)
+
+
+def build_cache(node: Spec, leaf: Callable[[Spec], Any], live: Optional[Any] = None) -> Any:
+    """The cache of ``node`` (a ``flatten_cache`` spec); ``leaf(spec)`` builds tensors and constants.
+
+    With ``live`` (the object of the same class the call was given) the state is written into it, and into its
+    layers, lists and dicts, instead of new ones: whoever holds them sees what eager would have left there."""
+
+    def resolve(path: str) -> type:
+        cls = _resolved.get(path) or resolve_class(path)
+        if cls is None:
+            raise ValueError(f"cannot rebuild the HF cache class {path}: its module is not imported. Import "
+                             "transformers (and the model's module) before calling the optimized module.")
+        _resolved[path] = cls
+        return cls
+
+    def state(spec: Spec, current: Any) -> Any:
+        kind = spec["t"]
+        if kind == "hfcache":
+            cls = resolve(spec["cls"])
+            obj = current if type(current) is cls else cls.__new__(cls)
+            attributes = vars(obj)
+            values = {k: state(c, attributes.get(k)) for k, c in zip(spec["k"], spec["c"])}
+            attributes.clear()
+            attributes.update(values)
+            return obj
+        if kind == "device":
+            return torch.device(spec["v"])
+        if kind == "dtype":
+            return getattr(torch, spec["v"])
+        if kind == "class":
+            return resolve(spec["v"])
+        if kind in ("list", "tuple"):
+            old = current if isinstance(current, (list, tuple)) else ()
+            items = [state(c, old[i] if i < len(old) else None) for i, c in enumerate(spec["c"])]
+            if kind == "tuple":
+                return tuple(items)
+            if type(current) is list:
+                current[:] = items
+                return current
+            return items
+        if kind == "dict" and "cls" not in spec:
+            old = current if type(current) is dict else {}
+            values = {k: state(c, old.get(k)) for k, c in zip(spec["k"], spec["c"])}
+            if type(current) is dict:
+                current.clear()
+                current.update(values)
+                return current
+            return values
+        value = leaf(spec)
+        if type(value) is torch.Tensor and "in" not in spec and not value.is_contiguous():
+            # HF caches hold contiguous tensors (torch.cat, torch.zeros make them); a runner may return a strided
+            # one (AOTInductor does, for a prefill), which the next call passes back in: AOTInductor checks input
+            # strides and torch.compile guards on them, so both would run eagerly or recompile.
+            return value.contiguous()
+        return value
+
+    return state(node, live)
