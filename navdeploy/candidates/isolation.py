@@ -272,7 +272,7 @@ class Executor:
         ctx = mp.get_context("spawn")
         if self._faults is None:
             with contextlib.suppress(OSError):
-                fd, path = tempfile.mkstemp(prefix="navdeploy-worker-", suffix=".faults")
+                fd, path = tempfile.mkstemp(prefix=f"navdeploy-worker-{os.getpid()}-", suffix=".faults")
                 os.close(fd)
                 self._faults = Path(path)
         self._ending = False

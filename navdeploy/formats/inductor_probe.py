@@ -122,6 +122,11 @@ _AOTI_CHILD = """
 import os, sys, torch
 device, folder = sys.argv[1], sys.argv[2]
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(folder, "inductor_cache")
+try:  # the host code's ISA probe from the machine cache, as navdeploy's workers run it
+    from navdeploy.formats.inductor_probe import warm_cpu_isa
+    warm_cpu_isa()
+except ImportError:
+    pass
 torch.manual_seed(0)
 module = torch.nn.Linear(8, 4).to(device).eval()
 x = torch.randn(2, 8, device=device)

@@ -78,7 +78,7 @@ _STYLES = {"ok": "green", "failed": "red", "skipped": "dim", "screened": "yellow
 def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
     """One table per module and graph: every candidate, its error vs eager, latency, throughput, the winner;
     then why each failed, skipped or screened candidate was not run or not profiled in full (and, detailed, time
-    per step). A screened candidate's p50 is its screen figure, marked ``s``."""
+    per step). A screened candidate's p50 is its screen figure, marked ``*``."""
     tables: list = []
     for module in status.modules.values():
         for graph in module.graphs:
@@ -109,6 +109,8 @@ def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
                     notes.append(f"  [bold]{name}[/] {times}")
                 table.add_row(*row)
             tables.append(table)
+            if any(c.status == "screened" for c in graph.candidates):
+                notes.insert(0, "  [dim]* a screen: a few calls at one batch size, not a full profile[/]")
             tables.extend(notes)
     return tables
 
@@ -116,7 +118,7 @@ def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
 def _p50(c) -> str:
     if c.profile:
         return f"{c.profile[0].p50_ms:.3f}"
-    return f"{c.screen.p50_ms:.3f} s" if c.screen is not None else "-"
+    return f"{c.screen.p50_ms:.3f}*" if c.screen is not None else "-"
 
 
 def _range_ms(runs: list[float]) -> str:
