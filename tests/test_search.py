@@ -213,38 +213,30 @@ def test_a_cached_aoti_answer_is_used_and_a_new_key_probes_again(tmp_path, monke
 
 
 @pytest.mark.slow
-def test_aoti_probe_runs_once_per_machine_key(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAVDEPLOY_MACHINE_CACHE", str(tmp_path))
+def test_aoti_probe_and_isa_programs_are_kept_per_machine(tmp_path, monkeypatch):
+    """The AOTInductor probe's child builds and runs a real package here, and its answer is kept. Its Inductor
+    compiled the ISA test programs into the machine cache: a process with another inductor cache (a new
+    workspace) loads them (the probe's load check still runs) instead of compiling them, and its cache holds none."""
+    machine = tmp_path / "machine"
+    monkeypatch.setenv("NAVDEPLOY_MACHINE_CACHE", str(machine))
     monkeypatch.setattr(inductor_probe, "_aoti_problems", {})
-    assert inductor_probe.aoti_problem("cpu") is None  # the probe's child builds and runs a real package here
-    (folder,) = tmp_path.glob("aoti-cpu-*")
+    assert inductor_probe.aoti_problem("cpu") is None
+    (folder,) = machine.glob("aoti-cpu-*")
     assert read_result(folder, "aoti.json")["problem"] is None
+    programs = {p: p.stat().st_mtime_ns for p in machine.glob("inductor-cpu-isa-*/**/*.so")}
+    assert programs  # the probe's child warmed the ISA probe in the machine cache
 
-
-@pytest.mark.slow
-def test_a_new_workspace_reuses_the_machines_isa_probe(tmp_path):
-    """Two processes, two inductor caches (two workspaces), one machine cache: the ISA test programs are compiled
-    by the first only; the second loads them (the probe's load check still runs) and its cache holds none."""
     script = textwrap.dedent("""
         from navdeploy.formats.inductor_probe import warm_cpu_isa
         from torch._inductor.cpu_vec_isa import pick_vec_isa
         warm_cpu_isa()
         print("isa", pick_vec_isa())
     """)
-    machine = tmp_path / "machine"
-    env = dict(os.environ, NAVDEPLOY_MACHINE_CACHE=str(machine), PYTHONPATH=str(Path(__file__).parent.parent))
-
-    def run(workspace: str) -> str:
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                             env=dict(env, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / workspace)))
-        assert out.returncode == 0, out.stderr[-2000:]
-        return out.stdout
-
-    first = run("ws1")
-    programs = {p: p.stat().st_mtime_ns for p in machine.rglob("*.so")}
-    assert programs and not list((tmp_path / "ws1").rglob("*.so"))
-    assert run("ws2") == first  # the same ISA
-    assert {p: p.stat().st_mtime_ns for p in machine.rglob("*.so")} == programs  # reused, not compiled again
+    env = dict(os.environ, NAVDEPLOY_MACHINE_CACHE=str(machine), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "ws2"),
+               PYTHONPATH=str(Path(__file__).parent.parent))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("isa "), out.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in machine.glob("inductor-cpu-isa-*/**/*.so")} == programs  # reused
     assert not list((tmp_path / "ws2").rglob("*.so"))
 
 

@@ -262,10 +262,6 @@ class Executor:
         """Whether this executor may serve another module: not stopped."""
         return not self._stopped
 
-    def _start(self) -> None:
-        self._spawn()
-        self._await_ready()
-
     def _spawn(self, temporary_log: bool = False) -> None:
         """Start the worker process; it says "ready" once it has imported torch (``_await_ready``).
         ``temporary_log``: ``log_path`` only holds its output until its first job, which takes it over."""
@@ -578,5 +574,7 @@ class WorkerHub:
         deadline = time.monotonic() + 5
         for executor in idle:
             executor.close(deadline)
+            if executor.job is None:  # started ahead of time, never given a job: its startup log goes too
+                executor.log_path.unlink(missing_ok=True)
         for _, pool in pools:
             pool.shutdown(wait=True)
