@@ -294,3 +294,19 @@ def test_table_and_report_say_what_was_screened_and_skipped(tmp_path):
     page = render_workspace_report(tmp_path).read_text()
     assert "Screened out" in page and "100% slower than TorchCPU" in page and "not built: AOTInductorCPU" in page
     assert read_manifest(tmp_path / "m").graphs[graph.key].candidates[1].screen.p50_ms == 2.0
+
+
+def test_thorough_comes_from_the_config_then_the_run_defaults_then_the_environment(monkeypatch):
+    from navdeploy.config import run_defaults, thorough
+    from navdeploy.errors import ConfigError
+
+    assert thorough(nav.OptimizeConfig()) is False
+    monkeypatch.setenv("NAVDEPLOY_THOROUGH", "1")
+    assert thorough(nav.OptimizeConfig()) is True
+    assert thorough(nav.OptimizeConfig(thorough=False)) is False  # the config wins
+    monkeypatch.delenv("NAVDEPLOY_THOROUGH")
+    with run_defaults(thorough=True):  # what `navdeploy optimize --thorough` sets
+        assert thorough(nav.OptimizeConfig()) is True
+    assert thorough(nav.OptimizeConfig()) is False
+    with pytest.raises(ConfigError, match="thorough='yes'"):
+        nav.OptimizeConfig(thorough="yes")
