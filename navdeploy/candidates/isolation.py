@@ -569,12 +569,15 @@ class WorkerHub:
             self._closed = True
             idle, self._idle = self._idle, []
             pools, self._pools = self._pools, []
-        for executor in idle:  # all at once: each worker frees its memory meanwhile
-            executor.ask_to_end()
+        for executor in idle:
+            if executor.job is None:  # started ahead of time and never used: it holds nothing, no need to wait
+                executor.stop()
+                executor.close()
+                executor.log_path.unlink(missing_ok=True)  # its startup log
+            else:  # all at once: each worker frees its memory meanwhile
+                executor.ask_to_end()
         deadline = time.monotonic() + 5
         for executor in idle:
             executor.close(deadline)
-            if executor.job is None:  # started ahead of time, never given a job: its startup log goes too
-                executor.log_path.unlink(missing_ok=True)
         for _, pool in pools:
             pool.shutdown(wait=True)

@@ -23,6 +23,7 @@ from navdeploy.optimize.participants import modules_to_optimize
 from navdeploy.optimize.pipeline import handlers, sync_cuda
 from navdeploy.optimize.scope import inductor_cache
 from navdeploy.optimize.status import OptimizeStatus
+from navdeploy.workspace.layout import MANIFEST, module_dir
 
 
 def run_optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConfig] = None,
@@ -57,9 +58,11 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
     recorders = {m.name: Recorder(m.name, configs[m.name].sample_count, m.nav_state.batching,
                                    m.nav_state.output_mapping) for m in modules}
     with WorkerHub() as hub:
-        # The first module's worker imports torch while the pipeline is captured; later modules reuse it.
+        # The first module's worker imports torch while the pipeline is captured; later modules reuse it. Not
+        # when every module was optimized before: a re-run is usually answered from the cache, with no worker.
         first = configs[modules[0].name]
-        if use_multiprocessing(first):
+        if use_multiprocessing(first) and any(
+                not (module_dir(resolve_workspace(configs[m.name]), m.name) / MANIFEST).is_file() for m in modules):
             hub.prestart(build_workers(first))
         capture_start = time.perf_counter()
         with handlers(modules, lambda m, _: recorders[m.name].record), torch.no_grad():
