@@ -75,6 +75,8 @@ def child(model: str, mode: str, workspace: str, out: str) -> None:
 
     warm = any(machine_cache_root().glob("inductor-cpu-isa-*/*/*.so")) if machine_cache_root().is_dir() else False
     import navdeploy as nav
+    from navdeploy.candidates.search import graph_search
+    from navdeploy.workspace.manifest import read_manifest
 
     _, func, data, name = build(model)
     config = nav.OptimizeConfig(workspace=workspace, thorough=mode == "thorough")
@@ -82,9 +84,13 @@ def child(model: str, mode: str, workspace: str, out: str) -> None:
     status = nav.optimize(func, data, config)
     seconds = time.perf_counter() - start
     module = status.modules[name]
+    manifest = read_manifest(module.folder)
     graphs = []
     for graph in module.graphs:
-        batch = None
+        # The batch size selection compares candidates at (MinLatency: the profiled size for the captured batch).
+        entry = manifest.graphs[graph.key].graph
+        captured = entry.inputs[0].opt_shape[0] if entry.batching and entry.inputs else None
+        batch = graph_search(config.strategy, False, entry.batching, captured, manifest.batch_sizes).batch
         records = []
         for c in graph.candidates:
             records.append({"name": c.name, "status": c.status, "error": (c.error or "")[:300],
@@ -129,6 +135,7 @@ def mn_run(mn_python: str) -> dict:
 
 
 def _p50_at(candidate: dict, batch) -> float | None:
+    """p50 at ``batch`` in a candidate's full profile (its only point when the graph does not batch)."""
     for point in candidate["profile"]:
         if point["batch_size"] == batch or batch is None:
             return point["p50_ms"]
@@ -143,7 +150,7 @@ def compare(quick: dict, thorough: dict) -> dict:
         by_name = {c["name"]: c for c in t["candidates"]}
         winner = by_name.get(t["selected"])
         chosen = by_name.get(q["selected"])
-        batch = winner["profile"][0]["batch_size"] if winner and winner["profile"] else None
+        batch = t.get("batch")
         best, mine = (_p50_at(winner, batch) if winner else None), (_p50_at(chosen, batch) if chosen else None)
         ratio = mine / best if best and mine else None
         rows.append({"graph": q["key"], "quick_winner": q["selected"], "thorough_winner": t["selected"],
