@@ -13,9 +13,18 @@ Writes ``benchmarks/results/search_cpu.json`` and prints a table. Figures from a
 
     python -m venv /tmp/mn014 && /tmp/mn014/bin/pip install torch==2.13.0 triton-model-navigator==0.14.0
 
-(on a machine without NVIDIA's index its ``tensorrt`` requirement does not install: install the wheel with
-``--no-deps`` and its other requirements by hand, ``onnxruntime`` for ``onnxruntime-gpu``; MN does not import
-TensorRT on CPU.)
+Without NVIDIA's package index its ``tensorrt`` requirement does not install (a placeholder that downloads from
+there); Model Navigator does not import TensorRT on CPU, so install it without it (``onnxruntime`` for
+``onnxruntime-gpu``, no ``nvidia-modelopt``), as on the dev machine:
+
+    python -m venv /tmp/mn014
+    /tmp/mn014/bin/pip download --no-deps triton-model-navigator==0.14.0 -d /tmp/mnwheel
+    /tmp/mn014/bin/pip install --no-deps torch==2.13.0 /tmp/mnwheel/triton_model_navigator-0.14.0-py3-none-any.whl
+    /tmp/mn014/bin/pip install "dacite~=1.8" "fire>=0.4.0" "jsonlines>=3.1.0" "loguru>=0.7.2" "mpmath~=1.3" \
+        "numpy<2" "onnx~=1.16" "onnx_graphsurgeon~=0.5" "onnxruntime~=1.20" onnxscript "packaging~=24.1" \
+        "polygraphy>=0.49.0" "psutil>=5.7" "py-cpuinfo>=8.0" "pynvml~=11.5" "python-slugify~=8.0" "pyyaml~=6.0" \
+        "tabulate>=0.8" "tritonclient[grpc]~=2.47" "wrapt>=1.16" "pyee>=11.1.0" "rich>=13.7.1" filelock \
+        typing-extensions sympy networkx jinja2 fsspec "setuptools>=77.0.3"
 """
 
 from __future__ import annotations
