@@ -115,14 +115,16 @@ def optimize(target: str = typer.Argument(..., help="path/to/script.py (run as _
              workspace: Optional[Path] = typer.Option(None, "--workspace", "-w", help="Workspace folder for this "
                                                       "run (instead of $NAVDEPLOY_WORKSPACE)."),
              console: Optional[str] = typer.Option(None, "--console", help="simple, detailed or logs (instead "
-                                                   "of $NAVDEPLOY_CONSOLE_OUTPUT).")) -> None:
+                                                   "of $NAVDEPLOY_CONSOLE_OUTPUT)."),
+             thorough: bool = typer.Option(False, "--thorough", help="Build and profile every candidate in full "
+                                           "(the exhaustive search) instead of screening them.")) -> None:
     """Run a script or function that wraps modules with nav.Module and calls nav.optimize.
 
     A script runs in this process as __main__ (its `if __name__ == "__main__":` block runs); a
     module:function or path/file.py:function is imported and called with no arguments.
 
     Examples: navdeploy optimize examples/image_classifier.py -w ./workspace;
-    navdeploy optimize my_pkg.pipeline:optimize --console detailed
+    navdeploy optimize my_pkg.pipeline:optimize --console detailed --thorough
     """
     from navdeploy.errors import NavdeployError
 
@@ -139,7 +141,7 @@ def optimize(target: str = typer.Argument(..., help="path/to/script.py (run as _
     # Passed in-process as the defaults of the script's own nav.optimize calls: the environment stays the
     # user's settings, untouched, for the script and whatever it starts.
     ws = workspace.expanduser().resolve() if workspace is not None else None
-    with run_defaults(workspace=ws, console=console):
+    with run_defaults(workspace=ws, console=console, thorough=True if thorough else None):
         if is_spec:
             func = _load_function(target)
             try:

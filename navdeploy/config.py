@@ -97,6 +97,11 @@ class OptimizeConfig:
         pipeline_repeats: after the swap the whole callable is timed over the dataloader eager and optimized,
             this many passes each, alternating; modules go back to eager (largest loss first) until the optimized
             pipeline is faster beyond noise. 0 skips the check. Read from the config given to ``nav.optimize``.
+        thorough: ``True`` restores the exhaustive search: every candidate is built and profiled in full. By
+            default candidates are screened on a few calls and only the leaders profiled in full, and a
+            candidate that cannot win is not built (``navdeploy/candidates/search.py``; README "Search").
+            ``None`` reads the run default (``navdeploy optimize --thorough``), then ``NAVDEPLOY_THOROUGH``
+            (default false). Results are shared: a thorough run after a quick one builds only what is missing.
     """
 
     target_formats: Optional[Sequence[Union[Format, str]]] = None
@@ -116,6 +121,7 @@ class OptimizeConfig:
     build_workers: Optional[int] = None
     pipeline_repeats: int = 5
     keep_artifacts: Optional[bool] = None
+    thorough: Optional[bool] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -183,6 +189,9 @@ class OptimizeConfig:
         if self.keep_artifacts is not None and not isinstance(self.keep_artifacts, bool):
             raise ConfigError(f"keep_artifacts={self.keep_artifacts!r}: use True (keep every candidate's artifact), "
                               "False (remove what nothing will load) or None (read NAVDEPLOY_KEEP_ARTIFACTS).")
+        if self.thorough is not None and not isinstance(self.thorough, bool):
+            raise ConfigError(f"thorough={self.thorough!r}: use True (build and profile every candidate in full), "
+                              "False (screen them and profile the leaders) or None (the default).")
         for name in ("timeout_s", "profile_time_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be > 0 seconds.")
@@ -285,6 +294,15 @@ def keep_artifacts(config: OptimizeConfig) -> bool:
     return _env_flag("NAVDEPLOY_KEEP_ARTIFACTS", default=False)
 
 
+def thorough(config: OptimizeConfig) -> bool:
+    """Whether the search is exhaustive: the config wins, then the run defaults, then ``NAVDEPLOY_THOROUGH``."""
+    if config.thorough is not None:
+        return config.thorough
+    if _run_defaults.thorough is not None:
+        return _run_defaults.thorough
+    return _env_flag("NAVDEPLOY_THOROUGH", default=False)
+
+
 def report_enabled() -> bool:
     """NAVDEPLOY_REPORT=0 skips the HTML report (default: on); the pipeline check runs either way."""
     return _env_flag("NAVDEPLOY_REPORT", default=True)
@@ -300,6 +318,7 @@ class RunDefaults:
 
     workspace: Optional[Path] = None
     console: Optional[str] = None
+    thorough: Optional[bool] = None
 
 
 # Process-wide, like the environment variables it stands in for: threads a script starts see it too (a
@@ -308,10 +327,12 @@ _run_defaults = RunDefaults()
 
 
 @contextlib.contextmanager
-def run_defaults(workspace: Optional[Union[str, Path]] = None, console: Optional[str] = None) -> Iterator[RunDefaults]:
-    """Make ``workspace`` and ``console`` the defaults of every ``nav.optimize`` (and workspace lookup) in this
-    process while the block runs, ahead of ``NAVDEPLOY_WORKSPACE``/``NAVDEPLOY_CONSOLE_OUTPUT``; the previous
-    defaults come back when it ends, also on error. Settings left ``None`` keep the enclosing defaults."""
+def run_defaults(workspace: Optional[Union[str, Path]] = None, console: Optional[str] = None,
+                 thorough: Optional[bool] = None) -> Iterator[RunDefaults]:
+    """Make ``workspace``, ``console`` and ``thorough`` the defaults of every ``nav.optimize`` (and workspace lookup)
+    in this process while the block runs, ahead of ``NAVDEPLOY_WORKSPACE``/``NAVDEPLOY_CONSOLE_OUTPUT``/
+    ``NAVDEPLOY_THOROUGH``; the previous defaults come back when it ends, also on error. Settings left ``None`` keep
+    the enclosing defaults."""
     global _run_defaults
     if console is not None:
         console = console.strip().lower()
@@ -319,7 +340,8 @@ def run_defaults(workspace: Optional[Union[str, Path]] = None, console: Optional
             raise ConfigError(f"console={console!r}: use simple, detailed or logs.")
     previous = _run_defaults
     _run_defaults = RunDefaults(Path(workspace).expanduser() if workspace is not None else previous.workspace,
-                                console if console is not None else previous.console)
+                                console if console is not None else previous.console,
+                                thorough if thorough is not None else previous.thorough)
     try:
         yield _run_defaults
     finally:

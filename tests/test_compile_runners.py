@@ -68,7 +68,7 @@ def test_after_load_optimized_no_profiled_batch_size_pays_a_compile(tmp_path, ch
 
     module = nav.Module(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()).eval(), name="warm_compile")
     config = nav.OptimizeConfig(runners=("TorchCompileCPU",), batch_sizes=(1, 2, 4), profile_time_s=0.05,
-                                workspace=tmp_path, use_multiprocessing=False)
+                                workspace=tmp_path, use_multiprocessing=False, thorough=True)  # profiled at each
     with torch.no_grad():
         nav.optimize(module, [(2, torch.randn(2, 4))], config=config)
     torch._dynamo.reset()  # a fresh process: nothing compiled yet

@@ -125,7 +125,7 @@ def test_bf16_candidates_on_cpu_are_cast_copies_checked_against_fp32(tmp_path):
     bf16 = records["TorchCPU[bf16]"]
     assert bf16.precision == "bf16" and bf16.max_abs_err > 0  # really ran in bf16
     assert inner[0].weight.dtype == torch.float32  # the user's module was not re-cast
-    if records["OnnxCPU[bf16]"].status == "ok":
+    if records["OnnxCPU[bf16]"].verified:
         assert (tmp_path / "gpu_logic_bf16" / status.modules["gpu_logic_bf16"].graphs[0].key / "onnx-bf16").is_dir()
     x = torch.randn(2, 16)
     out = module(x)
@@ -146,7 +146,8 @@ def test_cuda_candidates_end_to_end(tmp_path):
     status = nav.optimize(module, [(1, torch.randn(1, 3, 32, 32, device="cuda"))], config)
     records = {c.name: c for c in status.modules["gpu_e2e"].graphs[0].candidates}
     assert records["TorchCUDA"].status == "ok"
-    assert records["TorchCompileCUDAGraphs[fp16]"].status == "ok", records["TorchCompileCUDAGraphs[fp16]"]
+    # Verified: profiled in full, or screened out by a faster one (timing decides which).
+    assert records["TorchCompileCUDAGraphs[fp16]"].verified, records["TorchCompileCUDAGraphs[fp16]"]
     x = torch.randn(4, 3, 32, 32, device="cuda")
     out = module(x)
     assert out.is_cuda and out.dtype == torch.float32
@@ -264,7 +265,7 @@ def test_bound_compile_runner_serves_every_profiled_batch_size_without_compiling
     inner = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).cuda().eval()
     module = nav.Module(inner, name="gpu_warm")
     config = nav.OptimizeConfig(workspace=tmp_path, batch_sizes=(1, 4), max_batch_size=4, profile_time_s=0.1,
-                                runners=("TorchCUDA", "TorchCompileCUDAGraphs"))
+                                runners=("TorchCUDA", "TorchCompileCUDAGraphs"), thorough=True)  # profiled at 1 and 4
     nav.optimize(module, [(1, torch.randn(1, 3, 16, 16, device="cuda"))], config)
     folder = tmp_path / "gpu_warm"
     manifest = read_manifest(folder)
@@ -297,7 +298,7 @@ def test_parallel_builds_on_the_gpu_profile_alone(tmp_path):
     inner = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).cuda().eval()
     module = nav.Module(inner, name="gpu_parallel")
     config = nav.OptimizeConfig(workspace=tmp_path, batch_sizes=(1, 4), max_batch_size=4, profile_time_s=0.1,
-                                precisions=("fp32",), build_workers=2,
+                                precisions=("fp32",), build_workers=2, thorough=True,  # every one profiled
                                 runners=("TorchCUDA", "TorchScriptCUDA", "TorchCompileCUDA", "TorchExportCUDA"))
     status = nav.optimize(module, [(1, torch.randn(1, 3, 16, 16, device="cuda"))], config)
     records = status.modules["gpu_parallel"].graphs[0].candidates
@@ -326,7 +327,7 @@ def test_tensorrt_candidate_builds_and_verifies(tmp_path):
                                 batch_sizes=(1, 2), profile_time_s=0.1)
     status = nav.optimize(module, [(1, torch.randn(1, 8, device="cuda"))], config)
     records = {c.name: c for c in status.modules["gpu_trt"].graphs[0].candidates}
-    assert records["TensorRT"].status == "ok" and records["TensorRT[fp16]"].status == "ok"
+    assert records["TensorRT"].verified and records["TensorRT[fp16]"].verified
     assert (tmp_path / "gpu_trt" / "tensorrt.timing.cache").exists()
 
 

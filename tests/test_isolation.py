@@ -63,7 +63,7 @@ def test_faulty_candidate_fails_alone(fault, reason, tmp_path):
         assert "tests/test_isolation.py:" in records["TorchScriptCPU"].error
         assert " in forward (stack in " in records["TorchScriptCPU"].error
     # The next candidate runs in a fresh worker and is unaffected.
-    assert records["OnnxCPU"].status == "ok", records["OnnxCPU"].error
+    assert records["OnnxCPU"].verified, records["OnnxCPU"].error  # profiled in full or screened: timing decides
     assert records["TorchCPU"].status == "ok"
     assert records["OnnxCPU"].pid != os.getpid()  # it ran in a spawned child
     x = torch.randn(2, 4)
@@ -74,7 +74,7 @@ def test_a_crash_beside_other_builds_fails_alone(tmp_path):
     """With two build workers the crashing candidate's thread releases the timing gate: the others finish."""
     module, records = _optimize("segfault", tmp_path, build_workers=2)
     assert "died with SIGSEGV in " in records["TorchScriptCPU"].error
-    assert records["OnnxCPU"].status == "ok" and records["TorchCPU"].status == "ok"
+    assert records["OnnxCPU"].verified and records["TorchCPU"].status == "ok"
     x = torch.randn(2, 4)
     torch.testing.assert_close(module(x), module.__wrapped__(x), atol=1e-4, rtol=1e-3)
 
@@ -130,14 +130,15 @@ def test_two_crashes_at_once_each_name_their_own_frame(tmp_path):
     assert records["TorchCPU"].status == "ok"
     log = (tmp_path / "ws" / module.name / "navdeploy.log").read_text()
     assert log.count("Fatal Python error: Segmentation fault") == 2  # both dumps kept in the module's log
-    assert not list(Path(tempfile.gettempdir()).glob("navdeploy-crash_together-*.faults"))  # no file left behind
+    # No faults file of this process's workers is left behind.
+    assert not list(Path(tempfile.gettempdir()).glob(f"navdeploy-worker-{os.getpid()}-*.faults"))
 
 
 def test_in_process_mode_still_survives_an_exception(tmp_path, monkeypatch):
     monkeypatch.setenv("NAVIGATOR_USE_MULTIPROCESSING", "False")  # the peer's name is accepted too
     _, records = _optimize("raise", tmp_path)
     assert records["TorchScriptCPU"].status == "failed" and "boom" in records["TorchScriptCPU"].error
-    assert records["OnnxCPU"].status == "ok"
+    assert records["OnnxCPU"].verified
     assert records["OnnxCPU"].pid == os.getpid()  # no child process was used
 
 

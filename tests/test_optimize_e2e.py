@@ -1,5 +1,6 @@
-"""End to end on CPU: every default candidate is built, verified, profiled; the winner is swapped in,
-written to the workspace, reused from cache, and reloaded in a fresh process."""
+"""End to end on CPU: every default candidate is built, verified, profiled (the exhaustive search, thorough=True;
+tests/test_search.py covers the default one); the winner is swapped in, written to the workspace, reused from
+cache (also by a default run), and reloaded in a fresh process."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def optimized(tmp_path_factory):
     model = nav.Module(small_cnn(), name="e2e_cnn")
     data = [(1, torch.randn(1, 3, 16, 16)) for _ in range(3)] + [(2, torch.randn(2, 3, 16, 16))]
     user_set_cache = "TORCHINDUCTOR_CACHE_DIR" in os.environ
-    status = nav.optimize(model, data, nav.OptimizeConfig(workspace=workspace))
+    status = nav.optimize(model, data, nav.OptimizeConfig(workspace=workspace, thorough=True))
     if not user_set_cache:
         # torch.compile/AOTInductor cached inside the module's folder, and the variable is not left behind.
         assert (workspace / "inductor_cache" / "e2e_cnn").is_dir()

@@ -29,7 +29,7 @@ def test_a_bf16_module_is_optimized_in_bf16_with_its_tolerance(tmp_path, capsys)
         status = nav.optimize(module, [(1, torch.randn(1, 8, dtype=torch.bfloat16))], config=config)
     names = [c.name for c in status.modules["prec_bf16"].graphs[0].candidates]
     assert names == ["TorchCPU", "TorchScriptCPU"]  # in its own precision: no [bf16] twins, no cast copies
-    assert all(c.status == "ok" and c.precision == "bf16" for c in status.modules["prec_bf16"].graphs[0].candidates)
+    assert all(c.verified and c.precision == "bf16" for c in status.modules["prec_bf16"].graphs[0].candidates)
     manifest = read_manifest(tmp_path / "prec_bf16")
     assert manifest.precision == "bf16" and manifest.precision_inferred
     assert manifest.tolerances == {"bf16": nav.config.DEFAULT_TOLERANCES["bf16"]}

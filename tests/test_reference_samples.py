@@ -376,7 +376,7 @@ def test_torch_compile_cache_variables(tmp_path, inductor_imported_first):
         if __name__ == "__main__":
             model = nav.Module(torch.nn.Linear(4, 4).eval(), name="ref_compile_cache")
             config = nav.OptimizeConfig(workspace={str(tmp_path / 'ws')!r}, runners=("TorchCompileCPU",),
-                                        batch_sizes=(1,), max_batch_size=1, profile_time_s=0.05)
+                                        batch_sizes=(1,), max_batch_size=1, profile_time_s=0.05, thorough=True)
             status = nav.optimize(model, [(1, torch.randn(1, 4))], config)
             record = status.modules["ref_compile_cache"].graphs[0].candidate("TorchCompileCPU")
             import torch._functorch.config as functorch

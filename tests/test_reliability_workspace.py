@@ -65,7 +65,7 @@ def original(tmp_path_factory, choose_candidate):
     module = nav.Module(make_net(), name=NAME, batching=True)
     status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))],
                           fast(ws, runners=("OnnxCPU",)))
-    assert status.modules[NAME].graphs[0].candidate("OnnxCPU").status == "ok"
+    assert status.modules[NAME].graphs[0].candidate("OnnxCPU").verified
     choose_candidate(module, ws)  # these tests need a winner with an artifact, not eager
     return ws, module
 
@@ -239,7 +239,7 @@ def test_next_optimize_rebuilds_a_corrupted_workspace(ws):
                           fast(workspace, runners=("OnnxCPU",)))
     graph = status.modules[NAME].graphs[0]
     onnx = graph.candidate("OnnxCPU")
-    assert onnx.status == "ok" and not onnx.cached  # rebuilt, not trusted
+    assert onnx.verified and not onnx.cached  # rebuilt, not trusted
     # Bound to what this run selected (which of eager and ONNX wins a Linear(4, 4) is timing noise).
     assert module.is_optimized == (graph.selected == "OnnxCPU")
     (workspace / NAME / "manifest.json").write_text("{ broken")
@@ -247,7 +247,7 @@ def test_next_optimize_rebuilds_a_corrupted_workspace(ws):
         status = nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))],
                               fast(workspace, runners=("OnnxCPU",)))
     graph = status.modules[NAME].graphs[0]
-    assert graph.candidate("OnnxCPU").status == "ok" and graph.selected in ("OnnxCPU", "TorchCPU")
+    assert graph.candidate("OnnxCPU").verified and graph.selected in ("OnnxCPU", "TorchCPU")
     assert module.is_optimized == (graph.selected == "OnnxCPU")
     assert read_manifest(workspace / NAME).graphs[graph.key].selected == graph.selected
 

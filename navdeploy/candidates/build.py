@@ -1,7 +1,7 @@
 """One candidate, start to end: export its format (if not built yet), load the runner, verify it against
-eager on every kept sample and at every profiled batch size, then profile it. Runs in the worker child
-(or in-process when isolation is off); returns a :class:`~navdeploy.workspace.records.CandidateRecord` and
-never raises."""
+eager on every kept sample and at every profiled batch size, then screen or profile it (``Task.plan``). Runs in
+the worker child (or in-process when isolation is off); returns a
+:class:`~navdeploy.workspace.records.CandidateRecord` and never raises."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 
 from navdeploy.candidates.precision import candidate_name, cast_inputs, cast_module, needs_cast
 from navdeploy.candidates.profile import measure
+from navdeploy.candidates.search import SCREEN_MARGIN, screen_time_s
 from navdeploy.candidates.verify import LOW_PRECISIONS, Comparison, compare, conform
 from navdeploy.capture.flat_module import FlatModule
 from navdeploy.capture.graph import Graph
@@ -55,13 +56,20 @@ class Job:
 @dataclass(frozen=True)
 class Task:
     """Try ``runner`` in ``precision`` on graph ``graph_key``; ``export``: whether its artifact must be (re)built;
-    else ``artifact_checksum`` names the build to load (None: the format's folder of an earlier version)."""
+    else ``artifact_checksum`` names the build to load (None: the format's folder of an earlier version).
+
+    ``plan`` says what follows verification: ``full`` profiles every batch size; ``screen`` times a few calls at
+    ``screen_batch`` (status "screened"), keeping the runner loaded when its screen is under ``keep_below_ms``;
+    ``profile`` profiles in full a candidate screened earlier (its kept runner, else loaded and verified again)."""
 
     graph_key: str
     runner: str
     export: bool
     precision: str
     artifact_checksum: Optional[str] = None
+    plan: str = "full"
+    screen_batch: Optional[int] = None
+    keep_below_ms: Optional[float] = None
 
 
 def prepare(module: torch.nn.Module, forward_func: Optional[str], graph: Graph, runner: RunnerSpec, precision: str,
@@ -123,12 +131,32 @@ def export_example(graph: Graph, max_batch_size: int) -> list[torch.Tensor]:
 
 @dataclass
 class WorkerState:
-    """Per-process caches: flat modules and eager references at profiled batch sizes."""
+    """Per-process caches of one job: flat modules, eager references at profiled batch sizes, what the formats of
+    the current graph share (its ExportedProgram) and the runners kept loaded for a full profile after screening."""
 
     flat: dict[tuple[str, str], FlatModule] = field(default_factory=dict)
     references: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
     # Called before a candidate profiles; a worker waits there until no other candidate builds (timing_gate.py).
     before_profile: Optional[Callable[[], None]] = None
+    graph_key: Optional[str] = None  # the graph the caches below belong to
+    shared: dict[str, dict] = field(default_factory=dict)  # by precision: BuildContext.shared
+    kept: dict[str, tuple[float, Callable]] = field(default_factory=dict)  # candidate name -> (screen ms, run)
+
+    def enter_graph(self, graph_key: str) -> None:
+        """Drop what belongs to another graph: its ExportedProgram and kept runners hold weights."""
+        if graph_key != self.graph_key:
+            self.graph_key = graph_key
+            self.shared.clear()
+            self.kept.clear()
+
+    def keep(self, name: str, screen_ms: float, run: Callable, below_ms: Optional[float]) -> None:
+        """Keep ``run`` loaded when its screen may lead; drop kept runners that a faster screen left behind."""
+        if below_ms is not None and screen_ms > below_ms:
+            return
+        self.kept[name] = (screen_ms, run)
+        best = min(ms for ms, _ in self.kept.values())
+        for other in [n for n, (ms, _) in self.kept.items() if ms > best * (1 + SCREEN_MARGIN)]:
+            del self.kept[other]
 
     def flat_module(self, job: Job, graph: Graph) -> FlatModule:
         """The module in its own precision: the eager reference."""
@@ -147,12 +175,14 @@ class WorkerState:
 
 
 def _export(job: Job, graph: Graph, runner_format, flat: FlatModule, cast: Callable, precision: str,
-            graph_dir: Path, fmt_key: str) -> tuple[float, Path, str]:
+            graph_dir: Path, fmt_key: str, shared: Optional[dict] = None,
+            timings: Optional[dict] = None) -> tuple[float, Path, str]:
     """Export into ``<fmt_key>.tmp-<pid>`` and, once complete, move it into a build folder of its own beside the
     others (``<fmt_key>.<checksum>``): a killed run or a failed write never leaves a half-written artifact behind,
     and never touches the build the current manifest names. Returns the seconds taken, the build folder and its
     checksum. A full disk, read-only file system or permission problem raises a WorkspaceError naming the folder
-    (and the free space)."""
+    (and the free space). ``shared`` holds what exporters of one graph and precision share in this worker (the
+    one torch.export); ``timings`` receives the exporters' own figures."""
     spec = FORMATS[runner_format]
     tmp = graph_dir / f"{fmt_key}.tmp-{os.getpid()}"
     start = time.perf_counter()
@@ -162,7 +192,7 @@ def _export(job: Job, graph: Graph, runner_format, flat: FlatModule, cast: Calla
             tmp.mkdir(parents=True)
         example = cast(export_example(graph, job.max_batch_size))
         ctx = BuildContext(flat, example, graph, graph.dynamic_axes(job.max_batch_size), tmp,
-                           job.device, precision, job.module_dir)
+                           job.device, precision, job.module_dir, shared, timings if timings is not None else {})
         with writing(tmp, disk_only=True):  # the exporter's other OSErrors are its own failure, as they are
             spec.export(ctx)
         if not (tmp / spec.artifact).exists():
@@ -212,63 +242,93 @@ def _fail(record: CandidateRecord, step: str, error: str) -> CandidateRecord:
     return record
 
 
+def _verify(job: Job, graph: Graph, run: Callable, record: CandidateRecord, task: Task,
+            state: WorkerState) -> Comparison:
+    """Every kept sample, and a batch at every profiled size when the graph batches, against eager."""
+    atol, rtol = job.tolerances[task.precision]
+    scale = task.precision in LOW_PRECISIONS or job.precision in LOW_PRECISIONS
+    start = time.perf_counter()
+    result = Comparison()
+    for i, sample in enumerate(graph.samples):
+        actual = conform(run(sample.inputs), graph.outputs)
+        compare(sample.outputs, actual, atol, rtol, result, job.verify_func, f"sample {i}: ", scale)
+    for bs in job.batch_sizes if graph.batching else ():
+        inputs, expected = state.reference(job, graph, bs)
+        compare(expected, conform(run(inputs), graph.outputs), atol, rtol, result, None, f"batch size {bs}: ", scale)
+    record.times["verify_s"] = time.perf_counter() - start
+    record.max_abs_err, record.max_rel_err = result.max_abs_err, result.max_rel_err
+    return result
+
+
+def _inputs_at(job: Job, graph: Graph, state: WorkerState, batch_size: Optional[int]) -> list[torch.Tensor]:
+    return state.reference(job, graph, batch_size)[0] if graph.batching else graph.samples[0].inputs
+
+
+def _time(job: Job, graph: Graph, run: Callable, record: CandidateRecord, task: Task, state: WorkerState) -> None:
+    """After the timing gate let it run alone: the screen (``plan == "screen"``) or the full profile."""
+    record.window.verified = time.time()
+    if state.before_profile is not None:
+        state.before_profile()
+    record.window.profile = time.time()
+    start = time.perf_counter()
+    if task.plan == "screen":
+        inputs = _inputs_at(job, graph, state, task.screen_batch)
+        with _current_device(inputs):
+            record.screen = measure(lambda: run(inputs), task.screen_batch if graph.batching else None, job.device,
+                                    screen_time_s(job.profile_time_s))
+        record.times["screen_s"] = time.perf_counter() - start
+        record.status = "screened"
+        state.keep(record.name, record.screen.p50_ms, run, task.keep_below_ms)
+        return
+    sized = [(bs, _inputs_at(job, graph, state, bs)) for bs in job.batch_sizes] if graph.batching \
+        else [(None, graph.samples[0].inputs)]
+    for bs, inputs in sized:
+        with _current_device(inputs):
+            record.profile.append(measure(lambda inputs=inputs: run(inputs), bs, job.device, job.profile_time_s))
+    record.times["profile_s"] = time.perf_counter() - start
+    record.status = "ok"
+
+
 def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
                    record: CandidateRecord) -> CandidateRecord:
     graph = job.graphs[task.graph_key]
+    state.enter_graph(graph.key)
     spec = FORMATS[runner.format]  # the runner can run here: optimize skips the others before they get a task
     step = "export"
     try:
         with torch.no_grad():
-            flat, cast = prepare(job.module, job.forward_func, graph, runner, task.precision, job.precision, state.flat)
-            artifact = None
-            if spec.export is not None:
-                graph_dir = job.module_dir / graph.key
-                fmt_key = artifact_dir(spec.format.value, task.precision, job.precision)
-                if task.export:
-                    record.times["export_s"], folder, record.artifact_checksum = _export(
-                        job, graph, runner.format, flat, cast, task.precision, graph_dir, fmt_key)
-                    record.exported = True
-                else:
-                    folder = artifact_path(graph_dir, fmt_key, task.artifact_checksum)
-                artifact = folder / spec.artifact
-            step = "load"
-            start = time.perf_counter()
-            loaded = runner.load(LoadContext(artifact, flat, graph, job.device, task.precision))
-            run = lambda inputs: loaded(cast(inputs))
-            record.times["load_s"] = time.perf_counter() - start
-            atol, rtol = job.tolerances[task.precision]
-            scale = task.precision in LOW_PRECISIONS or job.precision in LOW_PRECISIONS
+            kept = state.kept.pop(record.name, None) if task.plan == "profile" else None
+            if kept is not None:  # screened in this worker and still loaded: verified already
+                run = kept[1]
+            else:
+                flat, cast = prepare(job.module, job.forward_func, graph, runner, task.precision, job.precision,
+                                     state.flat)
+                artifact = None
+                if spec.export is not None:
+                    graph_dir = job.module_dir / graph.key
+                    fmt_key = artifact_dir(spec.format.value, task.precision, job.precision)
+                    if task.export:
+                        shared = state.shared.setdefault(task.precision, {})
+                        record.times["export_s"], folder, record.artifact_checksum = _export(
+                            job, graph, runner.format, flat, cast, task.precision, graph_dir, fmt_key, shared,
+                            record.times)
+                        record.exported = True
+                    else:
+                        folder = artifact_path(graph_dir, fmt_key, task.artifact_checksum)
+                    artifact = folder / spec.artifact
+                step = "load"
+                start = time.perf_counter()
+                loaded = runner.load(LoadContext(artifact, flat, graph, job.device, task.precision))
+                run = lambda inputs: loaded(cast(inputs))
+                record.times["load_s"] = time.perf_counter() - start
 
-            step = "verify"
-            start = time.perf_counter()
-            result = Comparison()
-            for i, sample in enumerate(graph.samples):
-                actual = conform(run(sample.inputs), graph.outputs)
-                compare(sample.outputs, actual, atol, rtol, result, job.verify_func, f"sample {i}: ", scale)
-            batch_sizes = job.batch_sizes if graph.batching else ()
-            for bs in batch_sizes:
-                inputs, expected = state.reference(job, graph, bs)
-                compare(expected, conform(run(inputs), graph.outputs), atol, rtol, result, None,
-                        f"batch size {bs}: ", scale)
-            record.times["verify_s"] = time.perf_counter() - start
-            record.max_abs_err, record.max_rel_err = result.max_abs_err, result.max_rel_err
-            if not result.ok:
-                return _fail(record, "verify", result.reason)
+                step = "verify"
+                result = _verify(job, graph, run, record, task, state)
+                if not result.ok:
+                    return _fail(record, "verify", result.reason)
 
             step = "profile"
-            record.window.verified = time.time()
-            if state.before_profile is not None:
-                state.before_profile()
-            record.window.profile = time.time()
-            start = time.perf_counter()
-            sized = ([(bs, state.reference(job, graph, bs)[0]) for bs in batch_sizes] if graph.batching
-                     else [(None, graph.samples[0].inputs)])
-            for bs, inputs in sized:
-                with _current_device(inputs):
-                    record.profile.append(measure(lambda inputs=inputs: run(inputs), bs, job.device,
-                                                  job.profile_time_s))
-            record.times["profile_s"] = time.perf_counter() - start
-        record.status = "ok"
+            _time(job, graph, run, record, task, state)
     except Exception as exc:  # noqa: BLE001 - a failing candidate must never stop the others
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         _fail(record, step, f"{step}: {type(exc).__name__}: {first}"[:500])

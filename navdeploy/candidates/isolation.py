@@ -75,13 +75,33 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="navdeploy-parent-watch", daemon=True).start()
 
 
-def _worker_main(payload: bytes, tasks, results, grants, log_path: str, faults_path: str) -> None:
-    global _FAULTS
-    _die_with_parent()
-    # Exporters print a lot straight to the file descriptors; keep it in the module's log, off the console.
+def _redirect_output(log_path: str) -> None:
+    """Exporters print a lot straight to the file descriptors; keep it in the module's log, off the console."""
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _log_to(log_path: str, previous: Optional[logging.Handler]) -> logging.Handler:
+    logger = logging.getLogger("navdeploy")
+    if previous is not None:
+        logger.removeHandler(previous)
+        previous.close()
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [worker] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
+
+
+def _worker_main(tasks, results, grants, log_path: str, faults_path: str, temporary_log: bool = False) -> None:
+    """A worker: ready once started (torch imported), then for each job (one module's, sent as
+    ``("job", payload, log_path, cache_env)``) runs its tasks one by one, until told to end (``None``). Workers
+    outlive a module: the next module's job reuses a warm one, with that module's inductor cache (``cache_env``)."""
+    global _FAULTS
+    _die_with_parent()
+    _redirect_output(log_path)
     # A crash in native code (SIGSEGV in a compiled library) leaves the Python stack in this worker's own file
     # (the parent copies it into the log): in the shared log, another worker's dump could pass for this one's.
     if faults_path:
@@ -89,25 +109,63 @@ def _worker_main(payload: bytes, tasks, results, grants, log_path: str, faults_p
         faulthandler.enable(file=_FAULTS)
     else:  # no temporary folder to write to: the shared log, as the last resort
         faulthandler.enable()
-    handler = logging.FileHandler(log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [worker] %(message)s"))
-    logger = logging.getLogger("navdeploy")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    job: Job = cloudpickle.loads(payload)
+    handler = _log_to(log_path, None)
+    import torch  # noqa: F401 - what every job needs, imported while the parent still captures
+
+    job: Optional[Job] = None
     state = WorkerState()
 
     def wait_for_timing() -> None:  # the parent's thread holds the gate; ask it and wait for its answer
         results.put(("timing", None))
         grants.get()
 
-    state.before_profile = wait_for_timing
     results.put(("ready", os.getpid()))
     while True:
-        task = tasks.get()
-        if task is None:
+        message = tasks.get()
+        if message is None:
             return
-        results.put(("result", run_task(job, task, state)))
+        if isinstance(message, tuple) and message[0] == "job":
+            _, payload, job_log, cache_env = message
+            _apply_environment(cache_env)
+            if job_log != log_path:
+                _redirect_output(job_log)
+                handler = _log_to(job_log, handler)
+                if temporary_log:  # what the worker printed while it started goes into the first module's log
+                    with contextlib.suppress(OSError):
+                        with open(log_path) as startup, open(job_log, "a") as module_log:
+                            module_log.write(startup.read())
+                        os.unlink(log_path)
+                    temporary_log = False
+                log_path = job_log
+            try:
+                job = cloudpickle.loads(payload)
+            except Exception as exc:  # noqa: BLE001 - the parent falls back to running in-process
+                job = None
+                results.put(("job-error", f"{type(exc).__name__}: {exc}"))
+                continue
+            state = WorkerState(before_profile=wait_for_timing)  # caches belong to one module
+            results.put(("job-ready", os.getpid()))
+            continue
+        results.put(("result", run_task(job, message, state)))
+
+
+# What a job carries of the parent's environment: the module's inductor cache, which the parent points at while
+# that module is optimized (``navdeploy.optimize.scope.inductor_cache``); a warm worker started before, or for
+# another module, would otherwise compile into another cache.
+_JOB_ENVIRONMENT = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+def _job_environment() -> dict[str, Optional[str]]:
+    return {name: os.environ.get(name) for name in _JOB_ENVIRONMENT}
+
+
+def _apply_environment(values: dict[str, Optional[str]]) -> None:
+    """In a worker (a process of navdeploy's own): take the job's values of ``_JOB_ENVIRONMENT``."""
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _describe_exit(code: Optional[int], log_path: Optional[Path] = None,
@@ -189,16 +247,18 @@ class Payload:
 class Executor:
     """Runs tasks of one job, isolated in a worker child or in this process."""
 
-    def __init__(self, job: Job, isolate: bool, timeout_s: float, log_path: Path,
+    def __init__(self, job: Optional[Job], isolate: bool, timeout_s: float, log_path: Path,
                  gate: Optional[TimingGate] = None, payload: Optional[Payload] = None):
         self.job = job
         self.isolate = isolate
         self.timeout_s = timeout_s
         self.log_path = log_path
         self.gate = gate or TimingGate()
-        self._payload = payload or Payload(job)
+        self._payload = payload or (Payload(job) if job is not None else None)
+        self._sent: Optional[Payload] = None  # the job the worker holds
         self._state = WorkerState()
         self._proc = None
+        self._ready = False  # the worker said it is ready
         self._faults: Optional[Path] = None  # the worker's faulthandler file, one per executor
         self._ending = False  # the worker was told to end after its task
         self._lock = threading.Lock()  # guards _proc and _stopped against stop() from another thread
@@ -210,29 +270,52 @@ class Executor:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _start(self) -> None:
-        payload = self._payload.get()
+    def assign(self, job: Job, isolate: bool, timeout_s: float, log_path: Path, gate: TimingGate,
+               payload: Payload) -> None:
+        """Run ``job``'s tasks from now on; a warm worker keeps running and receives the job with the next task."""
+        self.job, self.isolate, self.timeout_s, self.log_path, self.gate = job, isolate, timeout_s, log_path, gate
+        self._payload = payload
+        self._state = WorkerState()
+
+    @property
+    def reusable(self) -> bool:
+        """Whether this executor may serve another module: not stopped."""
+        return not self._stopped
+
+    def _spawn(self, temporary_log: bool = False) -> None:
+        """Start the worker process; it says "ready" once it has imported torch (``_await_ready``).
+        ``temporary_log``: ``log_path`` only holds its output until its first job, which takes it over."""
         ctx = mp.get_context("spawn")
         if self._faults is None:
             with contextlib.suppress(OSError):
-                fd, path = tempfile.mkstemp(prefix=f"navdeploy-{self.job.module_name}-", suffix=".faults")
+                fd, path = tempfile.mkstemp(prefix=f"navdeploy-worker-{os.getpid()}-", suffix=".faults")
                 os.close(fd)
                 self._faults = Path(path)
         self._ending = False
+        self._sent = None
         self._tasks, self._results, self._grants = ctx.Queue(), ctx.Queue(), ctx.Queue()
-        proc = ctx.Process(target=_worker_main, name=f"navdeploy-{self.job.module_name}",
-                           args=(payload, self._tasks, self._results, self._grants, str(self.log_path),
-                                 str(self._faults or "")), daemon=True)
+        proc = ctx.Process(target=_worker_main, name=f"navdeploy-{self.job.module_name if self.job else 'worker'}",
+                           args=(self._tasks, self._results, self._grants, str(self.log_path),
+                                 str(self._faults or ""), temporary_log), daemon=True)
         with self._lock:
             if self._stopped:
                 raise RunStopped(_STOPPED)
             proc.start()
             self._proc = proc
+            self._ready = False
+
+    def _await_ready(self) -> None:
+        proc = self._proc
+        if proc is None:
+            raise RunStopped(_STOPPED)
+        if self._ready:
+            return
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
                 kind, _ = self._results.get(timeout=0.2)
                 if kind == "ready":
+                    self._ready = True
                     return
             except queue.Empty:
                 if not proc.is_alive():
@@ -245,6 +328,34 @@ class Executor:
             "nav.optimize at import time, put it under `if __name__ == \"__main__\":` (spawned children re-import "
             "the main script), or set NAVDEPLOY_USE_MULTIPROCESSING=False. See " + str(self.log_path)
         )
+
+    def _send_job(self) -> None:
+        """Give the worker this executor's job (the module, pickled once for every worker) unless it holds it."""
+        if self._sent is self._payload:
+            return
+        payload = self._payload.get()
+        self._tasks.put(("job", payload, str(self.log_path), _job_environment()))
+        proc = self._proc
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                kind, value = self._results.get(timeout=0.2)
+            except queue.Empty:
+                if proc is None or not proc.is_alive():
+                    break
+                continue
+            if kind == "job-ready":
+                self._sent = self._payload
+                return
+            if kind == "job-error":
+                self._kill()
+                raise WorkerStartError(f"the worker cannot load the module ({value})")
+        code = proc.exitcode if proc is not None else None
+        self._kill()
+        if self._stopped:
+            raise RunStopped(_STOPPED)
+        raise WorkerStartError(f"{_describe_exit(code, self.log_path, self._faults)} while loading the module. "
+                               "See " + str(self.log_path))
 
     def _kill(self) -> None:
         with self._lock:
@@ -262,14 +373,16 @@ class Executor:
             raise RunStopped(_STOPPED)
         if self.isolate:
             with self.gate.task(exclusive=RUNNERS[task.runner].builds_alone) as slot:
-                if self._proc is None or not self._proc.is_alive():
-                    try:
-                        self._start()  # inside the gate: starting a worker is build work too
-                    except WorkerStartError as exc:
-                        log.warning("running candidates of %s in-process: %s", self.job.module_name, exc)
-                        warnings.warn(f"navdeploy: running candidates of {self.job.module_name!r} in this process, "
-                                      f"without crash isolation: {exc}", RuntimeWarning, stacklevel=2)
-                        self.isolate = False
+                try:
+                    if self._proc is None or not self._proc.is_alive():
+                        self._spawn()  # inside the gate: starting a worker is build work too
+                    self._await_ready()  # a worker started ahead of time may still be importing
+                    self._send_job()
+                except WorkerStartError as exc:
+                    log.warning("running candidates of %s in-process: %s", self.job.module_name, exc)
+                    warnings.warn(f"navdeploy: running candidates of {self.job.module_name!r} in this process, "
+                                  f"without crash isolation: {exc}", RuntimeWarning, stacklevel=2)
+                    self.isolate = False
                 if self.isolate:
                     return self._run_in_worker(task, slot)
         # Outside the gate: an in-process run never waits for timing while it holds _IN_PROCESS.
@@ -334,24 +447,35 @@ class Executor:
 
 class ExecutorPool:
     """The executors of one module: ``workers`` of them share a timing gate, so candidates build side by side
-    and profile alone. With one worker (the default) candidates run one after another."""
+    and profile alone. With one worker (the default) candidates run one after another. From a :class:`WorkerHub`,
+    the executors (and their warm worker processes) come from the hub and go back to it afterwards."""
 
-    def __init__(self, job: Job, isolate: bool, timeout_s: float, log_path: Path, workers: int = 1):
+    def __init__(self, job: Job, isolate: bool, timeout_s: float, log_path: Path, workers: int = 1,
+                 hub: Optional["WorkerHub"] = None):
         # Several workers only with isolation: in-process candidates run one at a time anyway.
         self.workers = max(1, workers) if isolate else 1
-        # The threads live as long as the pool: a worker's death signal (PR_SET_PDEATHSIG) follows the *thread*
+        self._hub = hub
+        # The threads live as long as the workers: a worker's death signal (PR_SET_PDEATHSIG) follows the *thread*
         # that started it, so a thread that ended after one graph would take its worker down with it.
-        self._threads = ThreadPoolExecutor(self.workers, "navdeploy-build") if self.workers > 1 else None
+        if hub is not None:
+            self._threads = hub.threads(self.workers) if self.workers > 1 else None
+        else:
+            self._threads = ThreadPoolExecutor(self.workers, "navdeploy-build") if self.workers > 1 else None
         gate, payload = TimingGate(), Payload(job)
-        self._free: queue.SimpleQueue[Executor] = queue.SimpleQueue()
-        self._all = [Executor(job, isolate, timeout_s, log_path, gate, payload) for _ in range(self.workers)]
+        self._all = hub.take(self.workers) if hub is not None else \
+            [Executor(job, isolate, timeout_s, log_path) for _ in range(self.workers)]
         for executor in self._all:
-            self._free.put(executor)
+            executor.assign(job, isolate, timeout_s, log_path, gate, payload)
+        self._free = list(self._all)
+        self._cond = threading.Condition()
 
     def __enter__(self) -> "ExecutorPool":
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._hub is not None:
+            self._hub.give_back(self._all)
+            return
         for executor in self._all:  # all at once: each worker frees its memory (a CUDA context) meanwhile
             executor.ask_to_end()
         deadline = time.monotonic() + 5
@@ -361,13 +485,19 @@ class ExecutorPool:
             self._threads.shutdown(wait=True)
 
     @contextlib.contextmanager
-    def borrow(self) -> Iterator[Executor]:
-        """An executor (and so a worker) of the pool for a while; the block runs its tasks one by one."""
-        executor = self._free.get()
+    def borrow(self, prefer: Optional[Executor] = None) -> Iterator[Executor]:
+        """An executor (and so a worker) of the pool for a while, ``prefer`` when it is free (its worker may hold
+        what the task needs); the block runs its tasks one by one."""
+        with self._cond:
+            self._cond.wait_for(lambda: bool(self._free))
+            executor = prefer if prefer in self._free else self._free[0]
+            self._free.remove(executor)
         try:
             yield executor
         finally:
-            self._free.put(executor)
+            with self._cond:
+                self._free.append(executor)
+                self._cond.notify()
 
     def map(self, fn: Callable[[T], None], items: Sequence[T]) -> None:
         """``fn(item)`` for every item: in this thread, in order, with one worker; else on ``workers`` threads.
@@ -391,3 +521,83 @@ class ExecutorPool:
                 executor.stop()
             wait(futures)
             raise
+
+
+class WorkerHub:
+    """The worker processes of one ``nav.optimize`` run, kept warm between its modules: a spawned worker imports
+    torch (seconds), so the second module reuses the first one's worker instead of starting another. ``prestart``
+    starts workers before any module needs them (while the pipeline is captured). ``close`` ends them all."""
+
+    def __init__(self) -> None:
+        self._idle: list[Executor] = []
+        self._pools: list[tuple[int, ThreadPoolExecutor]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __enter__(self) -> "WorkerHub":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def prestart(self, count: int) -> None:
+        """Start ``count`` workers now and return at once: they import torch while this process goes on. Their
+        output goes to a temporary file until their first job. A worker that cannot start is left for the first
+        task to report."""
+        for _ in range(max(1, count)):
+            try:
+                fd, path = tempfile.mkstemp(prefix="navdeploy-worker-", suffix=".log")
+                os.close(fd)
+                executor = Executor(None, True, 60.0, Path(path))
+                executor._spawn(temporary_log=True)  # from this thread, which outlives it (see _die_with_parent)
+            except (OSError, WorkerStartError, RunStopped) as exc:
+                log.info("could not start a worker ahead of time: %s", exc)
+                continue
+            with self._lock:
+                self._idle.append(executor)
+
+    def threads(self, workers: int) -> ThreadPoolExecutor:
+        """Threads that run a module's chains side by side. They live as long as the hub, as the workers they
+        start do (a worker dies with the thread that started it)."""
+        with self._lock:
+            for size, pool in self._pools:
+                if size >= workers:
+                    return pool
+            pool = ThreadPoolExecutor(workers, "navdeploy-build")
+            self._pools.append((workers, pool))
+            return pool
+
+    def take(self, count: int) -> list[Executor]:
+        """``count`` executors for a module: warm ones first (each gets the module's job before its first task)."""
+        with self._lock:
+            taken = [self._idle.pop(0) for _ in range(min(count, len(self._idle)))]
+        unstarted = Path(tempfile.gettempdir())  # replaced by the module's log when the executor is assigned
+        return taken + [Executor(None, True, 60.0, unstarted) for _ in range(count - len(taken))]
+
+    def give_back(self, executors: Sequence[Executor]) -> None:
+        """Executors a module is done with: kept warm for the next module, unless stopped or the hub is closed."""
+        with self._lock:
+            keep = [e for e in executors if e.reusable] if not self._closed else []
+            self._idle.extend(keep)
+        for executor in executors:
+            if executor not in keep:
+                executor.close()
+
+    def close(self) -> None:
+        """End every worker: politely for up to 5 s, then by force."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            pools, self._pools = self._pools, []
+        for executor in idle:
+            if executor.job is None:  # started ahead of time and never used: it holds nothing, no need to wait
+                executor.stop()
+                executor.close()
+                executor.log_path.unlink(missing_ok=True)  # its startup log
+            else:  # all at once: each worker frees its memory meanwhile
+                executor.ask_to_end()
+        deadline = time.monotonic() + 5
+        for executor in idle:
+            executor.close(deadline)
+        for _, pool in pools:
+            pool.shutdown(wait=True)

@@ -40,6 +40,11 @@ class BuildContext:
     device: str
     precision: str  # the candidate's precision (the module was already cast when the runner casts)
     module_dir: Path  # the module's workspace folder, for caches kept across builds (e.g. TensorRT timing cache)
+    # What the formats of one graph and precision share within a worker (the one torch.export that AOTInductor,
+    # ONNX and the ExportedProgram start from); None: nothing is shared.
+    shared: Optional[dict] = None
+    # Seconds of sub-steps worth recording beside ``export_s`` (e.g. ``torch_export_s`` when this export ran it).
+    timings: dict = field(default_factory=dict)
 
     @property
     def input_names(self) -> list[str]:
@@ -119,6 +124,11 @@ class RunnerSpec:
     # False: tried only when named in OptimizeConfig(runners=...), never by default.
     by_default: bool = True
     triton: RunnerTriton = RunnerTriton()
+    # Where the search builds it (lower first): the likely winners first (candidates/search.py).
+    search_rank: int = 50
+    # The runner whose kernels this one runs behind a wrapper of its own (torch.compile's Python wrapper and guards
+    # around AOTInductor's kernels): the search builds it only when that runner did not verify (thorough: always).
+    twin_of: Optional[str] = None
 
     def unavailable_reason(self) -> Optional[str]:
         """None when the runner can run here, else why not (missing package, no provider, no GPU)."""

@@ -9,6 +9,7 @@ import torch
 
 from navdeploy.candidates.precision import copy_module
 from navdeploy.formats.base import Format, LoadContext, RunFn, RunnerSpec, RunnerTriton, as_list
+from navdeploy.formats.inductor_probe import warm_cpu_isa
 
 log = logging.getLogger("navdeploy")
 
@@ -84,6 +85,8 @@ def _eager_layout(t: torch.Tensor) -> torch.Tensor:
 
 def _loader(mode: str):
     def load(ctx: LoadContext) -> RunFn:
+        if ctx.device == "cpu":
+            warm_cpu_isa()  # before the first call compiles
         module, dynamic = compile_target(ctx)
         compiled = torch.compile(own_frame(module), mode=None if mode == "default" else mode, dynamic=dynamic)
         relayout = module is not ctx.module
@@ -107,13 +110,16 @@ def _loader(mode: str):
 
 
 RUNNERS = [
-    RunnerSpec("TorchCompileCPU", Format.TORCH, "cpu", _loader("default")),
-    RunnerSpec("TorchCompileCUDA", Format.TORCH, "cuda", _loader("default")),
+    # AOTInductor's kernels behind a Python wrapper and guards: built when AOTInductor did not verify.
+    RunnerSpec("TorchCompileCPU", Format.TORCH, "cpu", _loader("default"), search_rank=60, twin_of="AOTInductorCPU"),
+    RunnerSpec("TorchCompileCUDA", Format.TORCH, "cuda", _loader("default"), search_rank=60,
+               twin_of="AOTInductorCUDA"),
     # It benchmarks kernel choices on the GPU while it compiles, so it builds alone. Opt-in: on ResNet-50 fp16 it
     # does not finish within 280 s on the H200 (benchmarks/results/gpu_h200_autotune.json), time the defaults
     # would spend per precision while every other build waits.
     RunnerSpec("TorchCompileCUDAMaxAutotune", Format.TORCH, "cuda", _loader("max-autotune-no-cudagraphs"),
-               builds_alone=True, by_default=False),
+               builds_alone=True, by_default=False, search_rank=70),
+    # Built first on CUDA: it won every module of the GPU benchmarks (benchmarks/results/README.md).
     RunnerSpec("TorchCompileCUDAGraphs", Format.TORCH, "cuda", _loader("reduce-overhead"),
-               triton=RunnerTriton(cuda_graphs=True)),
+               triton=RunnerTriton(cuda_graphs=True), search_rank=10),
 ]

@@ -1,4 +1,5 @@
-"""ONNX (dynamo exporter with dynamic shapes; the TorchScript exporter as fallback) run by ONNX Runtime."""
+"""ONNX (from the graph's shared ExportedProgram, with its dynamic shapes; the dynamo exporter on the module and the
+TorchScript exporter as fallbacks) run by ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -19,16 +20,35 @@ from navdeploy.formats.base import (
     RunnerTriton,
     TritonMapping,
 )
-from navdeploy.formats.exported_program import dynamic_shapes
+from navdeploy.formats.exported_program import dynamic_shapes, export_program
 
 log = logging.getLogger(__name__)
 
 
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
+
+
+def _clear(folder) -> None:
+    for leftover in folder.iterdir():
+        leftover.unlink()
+
+
 def export_onnx(ctx: BuildContext) -> None:
-    """Write ``model.onnx`` (and its external data) into ``ctx.path``."""
+    """Write ``model.onnx`` (and its external data) into ``ctx.path``: translated from the graph's shared
+    ExportedProgram (the one torch.export AOTInductor compiles too), else by the dynamo exporter from the module
+    (its own export strategies), else by the TorchScript exporter."""
     path = str(ctx.path / "model.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(export_program(ctx), tuple(ctx.example), path, dynamo=True, external_data=True,
+                              input_names=ctx.input_names, output_names=ctx.output_names)
+            return
+        except Exception as exc:  # noqa: BLE001 - the dynamo exporter has export strategies of its own
+            log.warning("ONNX from the ExportedProgram failed (%s: %s); trying the dynamo exporter on the module",
+                        type(exc).__name__, _first_line(exc))
+        _clear(ctx.path)
         try:
             torch.onnx.export(ctx.module, tuple(ctx.example), path, dynamo=True, external_data=True,
                               dynamic_shapes=dynamic_shapes(ctx), input_names=ctx.input_names,
@@ -36,9 +56,8 @@ def export_onnx(ctx: BuildContext) -> None:
             return
         except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript-based exporter
             log.warning("dynamo ONNX export failed (%s: %s); trying the TorchScript exporter",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        for leftover in ctx.path.iterdir():
-            leftover.unlink()
+                        type(exc).__name__, _first_line(exc))
+        _clear(ctx.path)
         axes = {name: {a: f"{name}_axis{a}" for a in dyn}
                 for name, dyn in zip(ctx.input_names, ctx.dynamic_axes) if dyn}
         torch.onnx.export(ctx.module, tuple(ctx.example), path, dynamo=False, input_names=ctx.input_names,
@@ -134,13 +153,14 @@ FORMAT = FormatSpec(Format.ONNX, artifact="model.onnx", export=export_onnx, requ
                     triton=TritonMapping("onnxruntime", "onnxruntime_onnx", io_names="onnx-file",
                                          python_preference=2))
 RUNNERS = [
-    RunnerSpec("OnnxCPU", Format.ONNX, "cpu", _loader(["CPUExecutionProvider"]), requires=("onnxruntime",)),
+    RunnerSpec("OnnxCPU", Format.ONNX, "cpu", _loader(["CPUExecutionProvider"]), requires=("onnxruntime",),
+               search_rank=20),
     RunnerSpec("OnnxCUDA", Format.ONNX, "cuda", _loader(["CUDAExecutionProvider", "CPUExecutionProvider"]),
                requires=("onnxruntime",), is_available=_provider_check("CUDAExecutionProvider"),
-               triton=RunnerTriton(accelerator="cuda")),
+               triton=RunnerTriton(accelerator="cuda"), search_rank=30),
     RunnerSpec("OnnxTensorRT", Format.ONNX, "cuda",
                _loader(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]),
                requires=("onnxruntime",), is_available=_provider_check("TensorrtExecutionProvider"),
                builds_alone=True,  # the EP builds and times its engine when the session starts
-               triton=RunnerTriton(accelerator="tensorrt")),
+               triton=RunnerTriton(accelerator="tensorrt"), search_rank=30),
 ]

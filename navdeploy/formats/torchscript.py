@@ -35,6 +35,6 @@ def _load(ctx: LoadContext) -> RunFn:
 FORMAT = FormatSpec(Format.TORCHSCRIPT, artifact="model.pt", export=_export,
                     triton=TritonMapping("pytorch", "pytorch_libtorch", io_names="INPUT__N", python_preference=1))
 RUNNERS = [
-    RunnerSpec("TorchScriptCPU", Format.TORCHSCRIPT, "cpu", _load),
-    RunnerSpec("TorchScriptCUDA", Format.TORCHSCRIPT, "cuda", _load),
+    RunnerSpec("TorchScriptCPU", Format.TORCHSCRIPT, "cpu", _load, search_rank=30),
+    RunnerSpec("TorchScriptCUDA", Format.TORCHSCRIPT, "cuda", _load, search_rank=40),
 ]

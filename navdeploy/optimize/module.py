@@ -8,17 +8,25 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from navdeploy._version import __version__
 from navdeploy.candidates.build import Job, Task, new_record
-from navdeploy.candidates.isolation import ExecutorPool
+from navdeploy.candidates.isolation import Executor, ExecutorPool, WorkerHub
 from navdeploy.candidates.precision import candidate_name, candidate_precisions, tolerance_precision
+from navdeploy.candidates.search import Search, graph_search, search_order, twin_skip_reason
 from navdeploy.candidates.select import select
 from navdeploy.capture.graph import Graph
-from navdeploy.config import OptimizeConfig, build_workers, keep_artifacts, resolve_workspace, use_multiprocessing
+from navdeploy.config import (
+    OptimizeConfig,
+    build_workers,
+    keep_artifacts,
+    resolve_workspace,
+    thorough,
+    use_multiprocessing,
+)
 from navdeploy.formats.base import RunnerSpec
 from navdeploy.formats.registry import FORMATS, runners_for
 from navdeploy.inplace.binding import bind
@@ -76,36 +84,56 @@ def _valid_formats(old_entry: Optional[GraphEntry], folder: Path) -> dict[str, F
     return valid
 
 
-def _reusable(cached: Optional[CandidateRecord], artifact_ok: bool) -> bool:
+def _reusable(cached: Optional[CandidateRecord], artifact_ok: bool, thorough: bool = False) -> bool:
     """Whether an earlier run's record stands without running the candidate again: a success whose artifact is
-    intact, or a failure, unless that failure was transient and has not been retried yet."""
+    intact, a screened candidate's too unless the search is thorough (that profiles it in full, from its artifact),
+    or a failure, unless that failure was transient and has not been retried yet. A skipped candidate is decided
+    again (a package may have been installed; a twin may have to be built now)."""
     if cached is None or cached.worth_retrying():
         return False
+    if cached.status == "screened":
+        return artifact_ok and not thorough
     return cached.status == "failed" or (cached.status == "ok" and artifact_ok)
 
 
 def candidate_pairs(config: OptimizeConfig, device: str, module_precision: str) -> list[tuple[RunnerSpec, str]]:
-    """(runner, precision) pairs to try; eager in the module's own precision (the baseline) always comes first."""
+    """(runner, precision) pairs to try, in the order the search builds them: eager in the module's own precision
+    (the baseline) first, then the likely winners (``search.search_order``)."""
     runners = runners_for(device, config.target_formats, config.runners)
     pairs = [(runners[0], module_precision)]
     for runner in runners:
         for precision in candidate_precisions(module_precision, device, config.precisions):
             if (runner, precision) != pairs[0]:
                 pairs.append((runner, precision))
-    return pairs
+    return search_order(pairs)
 
 
 def _chains(pairs: list[tuple[RunnerSpec, str]], module_precision: str) -> list[list[tuple[int, RunnerSpec, str]]]:
     """Candidates in chains that may run side by side: runners sharing an exported artifact (ONNX's) form one
-    chain, in order, since the first one exports it and the others load it; every other candidate is a chain
-    of its own."""
+    chain, in order, since the first one exports it and the others load it; a runner with a ``twin_of`` joins its
+    twin's chain, after it, so the search knows whether it must be built; every other candidate is a chain of its
+    own."""
     chains: dict[str, list[tuple[int, RunnerSpec, str]]] = {}
+    keys: dict[tuple[str, str], str] = {}
     for index, (runner, precision) in enumerate(pairs):
         name = candidate_name(runner.name, precision, module_precision)
         key = artifact_dir(runner.format.value, precision, module_precision) \
             if FORMATS[runner.format].export is not None else name
+        key = keys.get((runner.twin_of, precision), key) if runner.twin_of else key
+        keys[(runner.name, precision)] = key
         chains.setdefault(key, []).append((index, runner, precision))
     return list(chains.values())
+
+
+def _merge_profile(screened: CandidateRecord, profiled: CandidateRecord) -> CandidateRecord:
+    """A screened candidate's record after its full profile: the build's figures stay, the profile (or the failure
+    of that step) is added."""
+    times = dict(screened.times)
+    for key, seconds in profiled.times.items():  # a reload adds its load and verify time to the first one's
+        times[key] = (times.get(key) or 0.0) + (seconds or 0.0)
+    return replace(screened, status=profiled.status, error=profiled.error, step=profiled.step,
+                   profile=profiled.profile, times=times, transient=profiled.transient, cached=False,
+                   pid=profiled.pid or screened.pid)
 
 
 def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: OptimizeConfig, device: str,
@@ -117,16 +145,25 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     formats = _valid_formats(old_entry, folder) if reusable else {}
     previous = {c.name: c for c in old_entry.candidates} if reusable else {}
     pairs = candidate_pairs(config, device, job.precision)
+    batch = graph.inputs[0].opt_shape[0] if graph.batching and graph.inputs else None
+    search = graph_search(config.strategy, thorough(config), graph.batching, batch, job.batch_sizes)
     records: dict[int, CandidateRecord] = {}  # by the candidate's place in ``pairs``: the manifest keeps that order
+    built_by: dict[int, Executor] = {}  # which executor screened a candidate: it may still hold its runner
     transient_formats: set[str] = set()  # formats whose export failed transiently this run
     lock = threading.Lock()  # chains run on several threads when the module has several build workers
 
-    def done(index: int, name: str, record: CandidateRecord, checkpoint: bool) -> None:
+    def done(index: int, name: str, record: CandidateRecord, checkpoint: bool, finished: bool = True) -> None:
         with lock:
             records[index] = record
             if checkpoint:  # survives a kill -9 of this run
                 checkpoint_graph(job.module_dir, graph.key, gkey, formats, [records[i] for i in sorted(records)])
-        listener.candidate_finished(job.module_name, name, bool(record.cached))
+        if finished:
+            listener.candidate_finished(job.module_name, name, bool(record.cached))
+
+    def record_of(runner_name: Optional[str], precision: str) -> Optional[CandidateRecord]:
+        with lock:
+            return next((r for i, r in records.items() if pairs[i][0].name == runner_name and pairs[i][1] == precision),
+                        None)
 
     def run_chain(chain: list[tuple[int, RunnerSpec, str]]) -> None:
         with executors.borrow() as executor:
@@ -135,15 +172,17 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                 fmt = artifact_dir(runner.format.value, precision, job.precision)
                 cached = previous.get(name)
                 artifact_ok = FORMATS[runner.format].export is None or fmt in formats
-                if _reusable(cached, artifact_ok):
+                if _reusable(cached, artifact_ok, search.thorough):
                     done(index, name, replace(cached, cached=True), checkpoint=False)
                     continue
                 retries = cached.retries + 1 if cached is not None and cached.worth_retrying() else 0
                 if retries:
                     log.info("%s graph %s %s: retrying after a transient failure (%s)", job.module_name, graph.key,
                              name, cached.error)
-                reason = runner.unavailable_reason()
+                reason = runner.unavailable_reason() or twin_skip_reason(runner, record_of(runner.twin_of, precision),
+                                                                         search)
                 if reason:  # decided here: no worker starts, and a builds_alone runner never holds up the others
+                    log.info("%s graph %s %s: skipped (%s)", job.module_name, graph.key, name, reason)
                     done(index, name, replace(new_record(runner, precision, job.precision), status="skipped",
                                               error=reason), checkpoint=True)
                     continue
@@ -158,9 +197,14 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                     with lock:
                         del formats[fmt]
                     artifact_ok = False
+                with lock:
+                    keep_below = search.keep_below_ms(records.values())
                 record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision,
-                                           artifact_checksum=formats[fmt].checksum if fmt in formats else None))
+                                           artifact_checksum=formats[fmt].checksum if fmt in formats else None,
+                                           plan=search.plan(eager=index == 0), screen_batch=search.batch,
+                                           keep_below_ms=keep_below))
                 record.retries = retries
+                built_by[index] = executor
                 state = None
                 if record.exported:
                     state = FormatState("ok", checksum=record.artifact_checksum, export_s=record.times.get("export_s"))
@@ -178,22 +222,61 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     # One worker: every candidate in order, as one chain. Several: chains side by side (profiling still alone).
     executors.map(run_chain, [[(i, r, p) for i, (r, p) in enumerate(pairs)]] if executors.workers == 1
                   else _chains(pairs, job.precision))
-    candidates = [records[i] for i in sorted(records)]
-    batch = graph.inputs[0].opt_shape[0] if graph.batching and graph.inputs else None
     eager = candidate_name(pairs[0][0].name, pairs[0][1], job.precision)  # the baseline comes first
-    winner = select(candidates, config.strategy, batch, eager)
+
+    def selection() -> tuple[list[CandidateRecord], Optional[CandidateRecord]]:
+        _profile_leaders(graph, job, executors, search, pairs, records, formats, built_by, done, listener)
+        candidates = [records[i] for i in sorted(records)]
+        for i, record in enumerate(candidates):
+            if record.status == "screened":  # why, against the final figures (also for screens cached before)
+                candidates[i] = replace(record, error=search.screened_reason(record, candidates))
+        return candidates, select(candidates, config.strategy, batch, eager)
+
+    candidates, winner = selection()
     rebuild = reclaim_pruned(formats, candidates, winner, job.precision)  # the winner needs a pruned artifact
     if rebuild:
         executors.map(run_chain, [[(i, r, p) for i, (r, p) in enumerate(pairs)
                                    if artifact_dir(r.format.value, p, job.precision) in rebuild]])
-        candidates = [records[i] for i in sorted(records)]
-        winner = select(candidates, config.strategy, batch, eager)
+        candidates, winner = selection()
     return GraphEntry(graph, gkey, formats, candidates, winner.name if winner else None, now())
 
 
+def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Search,
+                     pairs: list[tuple[RunnerSpec, str]], records: dict[int, CandidateRecord],
+                     formats: dict[str, FormatState], built_by: dict[int, Executor], done: Callable[..., None],
+                     listener: OptimizeListener) -> None:
+    """The full profile for the screened candidates that lead (``Search.leaders``), on the executor that screened
+    each one (its worker may still hold the runner; another loads the build ``formats`` names). A leader whose
+    profile fails leaves the lead to the next."""
+    while True:
+        leaders = {r.name for r in search.leaders(records.values())}
+        todo = [i for i in sorted(records) if records[i].status == "screened" and records[i].name in leaders]
+        if not todo:
+            return
+        for index in todo:
+            screened = records[index]
+            runner, precision = pairs[index]
+            listener.candidate_started(job.module_name, f"{screened.name} (full profile)")
+            fmt = artifact_dir(runner.format.value, precision, job.precision)
+            # A leader screened by an earlier run whose build was pruned since: built again for its profile.
+            rebuild = fmt in formats and formats[fmt].status == PRUNED
+            with executors.borrow(prefer=built_by.get(index)) as executor:
+                profiled = executor.run(Task(graph.key, runner.name, export=rebuild, precision=precision,
+                                             artifact_checksum=formats[fmt].checksum if fmt in formats else None,
+                                             plan="profile", screen_batch=search.batch))
+            if profiled.exported:
+                formats[fmt] = FormatState("ok", checksum=profiled.artifact_checksum,
+                                           export_s=profiled.times.get("export_s"))
+            record = _merge_profile(screened, profiled)
+            log.info("%s graph %s %s: full profile %s%s", job.module_name, graph.key, record.name, record.status,
+                     f" ({record.error})" if record.error else "")
+            done(index, record.name, record, checkpoint=True, finished=False)
+
+
 def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
-                    listener: OptimizeListener) -> ModuleStatus:
-    """Optimize one module's captured graphs, write its manifest and bind the winners; events go to ``listener``."""
+                    listener: OptimizeListener, hub: Optional[WorkerHub] = None) -> ModuleStatus:
+    """Optimize one module's captured graphs, write its manifest and bind the winners; events go to ``listener``.
+    Its candidates run on the ``hub``'s warm workers when given (the run's), else on workers of its own."""
     start = time.perf_counter()
     workspace = resolve_workspace(config)
     ensure_writable(workspace)
@@ -226,7 +309,7 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
         entries = dict(old_graphs)  # graphs not seen this time stay valid: same weights, same device
         workers = build_workers(config, device, module.__wrapped__)  # from cores and GPU memory unless given
         with module._nav_unpatched(), ExecutorPool(job, use_multiprocessing(config), config.timeout_s,
-                                                   folder / LOG_FILE, workers) as executors:
+                                                   folder / LOG_FILE, workers, hub) as executors:
             for graph in graphs:
                 gkey = _graph_cache_key(graph, fp, device, precision, config, batch_sizes, tolerances)
                 entries[graph.key] = _optimize_graph(graph, job, executors, config, device,

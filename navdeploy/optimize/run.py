@@ -10,8 +10,9 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from navdeploy.candidates.isolation import WorkerHub
 from navdeploy.capture.recorder import Recorder
-from navdeploy.config import OptimizeConfig, resolve_workspace
+from navdeploy.config import OptimizeConfig, build_workers, resolve_workspace, use_multiprocessing
 from navdeploy.errors import NavdeployError
 from navdeploy.inplace.registry import registered_modules
 from navdeploy.optimize.dataloader import dataloader_items, run_capture, script_command
@@ -22,7 +23,7 @@ from navdeploy.optimize.participants import modules_to_optimize
 from navdeploy.optimize.pipeline import handlers, sync_cuda
 from navdeploy.optimize.scope import inductor_cache
 from navdeploy.optimize.status import OptimizeStatus
-from navdeploy.workspace.layout import module_dir
+from navdeploy.workspace.layout import MANIFEST, module_dir
 
 
 def run_optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConfig] = None,
@@ -56,28 +57,37 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
     configs = {m.name: module_config(m, config) for m in modules}
     recorders = {m.name: Recorder(m.name, configs[m.name].sample_count, m.nav_state.batching,
                                    m.nav_state.output_mapping) for m in modules}
-    capture_start = time.perf_counter()
-    with handlers(modules, lambda m, _: recorders[m.name].record), torch.no_grad():
-        run_capture(func, items)
-    sync_cuda()
-    capture_s = time.perf_counter() - capture_start
-    modules = modules_to_optimize(modules, recorders)
-    if not modules:  # every module stayed eager, each with its warning: nothing to build or report
-        return OptimizeStatus(seconds=time.perf_counter() - start, workspace=resolve_workspace(config))
-    for m in modules:
-        m.nav_state.captured = True
-    status = OptimizeStatus(workspace=resolve_workspace(config), command=script_command())
-    work = {m.name: recorders[m.name].finish() for m in modules}
-    total = sum(len(work[m.name]) * len(candidate_pairs(configs[m.name], configs[m.name].target_device
-                                                    or module_device(m.__wrapped__), m.precision)) for m in modules)
-    listener.candidates_started(total)
-    try:
+    with WorkerHub() as hub:
+        # The first module's worker imports torch while the pipeline is captured; later modules reuse it. Not
+        # when every module was optimized before: a re-run is usually answered from the cache, with no worker.
+        first = configs[modules[0].name]
+        if use_multiprocessing(first) and any(
+                not (module_dir(resolve_workspace(configs[m.name]), m.name) / MANIFEST).is_file() for m in modules):
+            hub.prestart(build_workers(first))
+        capture_start = time.perf_counter()
+        with handlers(modules, lambda m, _: recorders[m.name].record), torch.no_grad():
+            run_capture(func, items)
+        sync_cuda()
+        capture_s = time.perf_counter() - capture_start
+        modules = modules_to_optimize(modules, recorders)
+        if not modules:  # every module stayed eager, each with its warning: nothing to build or report
+            return OptimizeStatus(seconds=time.perf_counter() - start, workspace=resolve_workspace(config))
         for m in modules:
-            # torch.compile caches inside the module's folder so reloads and re-runs compile from cache.
-            with inductor_cache(module_dir(resolve_workspace(configs[m.name]), m.name)):
-                status.modules[m.name] = optimize_module(m, work[m.name], configs[m.name], listener)
-    finally:
-        listener.candidates_finished()
+            m.nav_state.captured = True
+        status = OptimizeStatus(workspace=resolve_workspace(config), command=script_command())
+        work = {m.name: recorders[m.name].finish() for m in modules}
+        total = sum(len(work[m.name]) * len(candidate_pairs(configs[m.name], configs[m.name].target_device
+                                                        or module_device(m.__wrapped__), m.precision))
+                    for m in modules)
+        listener.candidates_started(total)
+        try:
+            for m in modules:
+                # torch.compile caches inside the module's folder so reloads and re-runs compile from cache; the
+                # module's job takes it to the workers too.
+                with inductor_cache(module_dir(resolve_workspace(configs[m.name]), m.name)):
+                    status.modules[m.name] = optimize_module(m, work[m.name], configs[m.name], listener, hub)
+        finally:
+            listener.candidates_finished()
     status.seconds = time.perf_counter() - start
     repeats = (config or OptimizeConfig()).pipeline_repeats
     if measure_pipeline and repeats:

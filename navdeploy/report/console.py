@@ -72,9 +72,13 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+_STYLES = {"ok": "green", "failed": "red", "skipped": "dim", "screened": "yellow"}
+
+
 def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
     """One table per module and graph: every candidate, its error vs eager, latency, throughput, the winner;
-    then why each failed or skipped candidate did not run (and, detailed, time per step)."""
+    then why each failed, skipped or screened candidate was not run or not profiled in full (and, detailed, time
+    per step). A screened candidate's p50 is its screen figure, marked ``*``."""
     tables: list = []
     for module in status.modules.values():
         for graph in module.graphs:
@@ -88,23 +92,33 @@ def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
             notes = []
             for c in graph.candidates:
                 first = c.profile[0] if c.profile else None
-                style = {"ok": "green", "failed": "red", "skipped": "dim"}.get(c.status, "")
+                style = _STYLES.get(c.status, "bold")
                 # By candidate name: an fp16 winner (TensorRT[fp16]) is not its runner's fp32 record. Escaped, or
                 # rich reads "[fp16]" as markup and drops it.
                 name = escape(c.name)
                 row = ["★" if c.name == graph.selected else "", name, c.format,
                        f"[{style}]{c.status}{' (cached)' if c.cached else ''}[/]",
-                       _fmt(c.max_abs_err, ".2e"), _fmt(first.p50_ms if first else None, ".3f"),
+                       _fmt(c.max_abs_err, ".2e"), _p50(c),
                        _fmt(first.p90_ms if first else None, ".3f"), _fmt(c.best_throughput(), ".0f")]
                 if c.error:
-                    notes.append(f"  [bold]{name}[/] {c.status}: {c.error if detailed else c.error[:150]}")
+                    # A reason (screened, skipped) is shown whole; an error is cut unless detailed.
+                    text = c.error if detailed or c.status in ("screened", "skipped") else c.error[:150]
+                    notes.append(f"  [bold]{name}[/] {c.status}: {escape(text)}")
                 elif detailed:
                     times = ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in c.times.items() if v is not None)
                     notes.append(f"  [bold]{name}[/] {times}")
                 table.add_row(*row)
             tables.append(table)
+            if any(c.status == "screened" for c in graph.candidates):
+                notes.insert(0, "  [dim]* a screen: a few calls at one batch size, not a full profile[/]")
             tables.extend(notes)
     return tables
+
+
+def _p50(c) -> str:
+    if c.profile:
+        return f"{c.profile[0].p50_ms:.3f}"
+    return f"{c.screen.p50_ms:.3f}*" if c.screen is not None else "-"
 
 
 def _range_ms(runs: list[float]) -> str:

@@ -123,7 +123,8 @@ def _module_view(manifest: Manifest, graph_keys: Optional[list[str]], seconds: O
                        "batching": bool(info.get("batching")), "calls": info.get("calls"), "batch": batch,
                        "inputs": info.get("inputs") or [], "outputs": info.get("outputs") or [],
                        "failed": [c for c in candidates if c["status"] == "failed"],
-                       "skipped": [c for c in candidates if c["status"] == "skipped"]})
+                       "skipped": [c for c in candidates if c["status"] == "skipped"],
+                       "screened": [c for c in candidates if c["status"] == "screened"]})
     steps = {"export_s": 0.0, "load_s": 0.0, "verify_s": 0.0, "profile_s": 0.0}
     cached = 0
     for g in graphs:
@@ -133,6 +134,7 @@ def _module_view(manifest: Manifest, graph_keys: Optional[list[str]], seconds: O
                 continue
             for k in steps:
                 steps[k] += c["times"].get(k, 0.0)
+            steps["profile_s"] += c["times"].get("screen_s", 0.0)  # a screen is a short profile
     return {"name": manifest.module, "device": manifest.device, "precision": manifest.precision,
             "class": manifest.class_name or "", "folder": str(folder), "seconds": seconds, "optimized": optimized,
             "updated": manifest.updated, "batch_sizes": manifest.batch_sizes, "graphs": graphs,

@@ -152,7 +152,7 @@ def _environment(templates_dir: Optional[Path]) -> jinja2.Environment:
 
 
 def _p50(candidate: CandidateRecord) -> float:
-    p50 = candidate.first_p50_ms()
+    p50 = candidate.shown_p50_ms()  # a screened candidate's screen figure
     return float("inf") if p50 is None else p50
 
 
@@ -169,7 +169,8 @@ def _python_artifact(graph_dir: Path, candidate: CandidateRecord, entry: GraphEn
     fastest verified candidate's that does."""
     if _python_loadable(graph_dir, candidate, entry, module_precision):
         return candidate.format, entry.artifact_folder(graph_dir, candidate.artifact_dir(module_precision)), candidate
-    usable = [c for c in entry.candidates if c.ok and _python_loadable(graph_dir, c, entry, module_precision)]
+    # Verified ones: fully profiled, or screened out by the search (correct, only not the fastest).
+    usable = [c for c in entry.candidates if c.verified and _python_loadable(graph_dir, c, entry, module_precision)]
     if not usable:
         raise NavdeployError(
             f"graph {graph_dir.name} of module {graph_dir.parent.name!r}: the selected runner "

@@ -87,6 +87,10 @@ def _check_candidate(c: Any, where: str) -> None:
     times = c.get("times", {})
     need(times is None or (isinstance(times, dict) and all(OPT_NUMBER[1](v) for v in times.values())),
          f"{where}: 'times' is not an object of numbers")
+    screen = c.get("screen")
+    need(screen is None or isinstance(screen, dict), f"{where}: 'screen' is not an object")
+    if screen is not None:
+        _fields(screen, _PROFILE_POINT, f"{where}: screen", _REQUIRED_POINT)
     window = c.get("window")
     need(window is None or isinstance(window, dict), f"{where}: 'window' is not an object")
     if window is not None:

@@ -48,7 +48,7 @@ def _has_artifact(fmt: str) -> bool:
 
 
 def _p50(candidate: CandidateRecord) -> float:
-    p50 = candidate.first_p50_ms()
+    p50 = candidate.shown_p50_ms()  # a screened candidate's screen figure, as triton/emit.py reads it
     return float("inf") if p50 is None else p50
 
 
@@ -64,7 +64,7 @@ def artifacts_in_use(entry: GraphEntry, module_precision: str) -> set[str]:
     if _python_preference(winner.format) is None:
         # Pruned folders count as built: what the export would choose with every folder there is what is in use.
         built = {name for name, state in entry.formats.items() if state.status in ("ok", PRUNED)}
-        usable = [c for c in entry.candidates if c.ok and _python_preference(c.format) is not None
+        usable = [c for c in entry.candidates if c.verified and _python_preference(c.format) is not None
                   and c.artifact_dir(module_precision) in built]
         if usable:
             best = min(usable, key=lambda c: (_p50(c), _python_preference(c.format)))

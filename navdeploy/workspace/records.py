@@ -5,9 +5,9 @@ Everything in memory works on these records; JSON exists only at the disk bounda
 ``from_json`` fills what manifests of earlier versions lack (a candidate's ``name``, its ``precision``; a failure
 without ``transient`` is deterministic) and ``to_json`` writes optional keys (``pid``, ``window``,
 ``artifact_checksum``, ``cached``, ``retries``, the manifest's ``inductor_cache``) only when they are set, so a
-record without them has the same JSON in every version; a failed record always says whether it is ``transient``.
-``from_json`` expects JSON that passed :mod:`navdeploy.workspace.manifest`'s validation, which names what is
-wrong with a malformed manifest."""
+record without them has the same JSON in every version; a failed record always says whether it is ``transient``;
+``screen`` (a screened candidate's short measurement) is written only when taken. ``from_json`` expects JSON that
+passed :mod:`navdeploy.workspace.manifest`'s validation, which names what is wrong with a malformed manifest."""
 
 from __future__ import annotations
 
@@ -62,8 +62,11 @@ class BuildWindow:
 class CandidateRecord:
     """One candidate (a runner in one precision) of one graph: how it went and what it measured.
 
-    ``status`` is "ok", "failed" or "skipped"; ``step`` the step that failed (export, load, verify, profile,
-    isolation); ``times`` seconds per step (``export_s``, ``load_s``, ``verify_s``, ``profile_s``).
+    ``status`` is "ok" (verified and fully profiled), "screened" (verified and timed on a few calls at one batch
+    size, ``screen``, but not profiled in full: it could not win; ``error`` says why), "failed" or "skipped" (not
+    run: its package is missing, or the search did not build it; ``error`` says why); ``step`` the step that
+    failed (export, load, verify, profile, isolation); ``times`` seconds per step (``export_s``, ``load_s``,
+    ``verify_s``, ``screen_s``, ``profile_s``).
 
     ``transient``: the failure came from outside the candidate (its worker was killed by a signal such as the OOM
     killer's SIGKILL, it timed out, the disk was full), so the next run tries it again; a deterministic failure
@@ -89,10 +92,25 @@ class CandidateRecord:
     cached: bool = False  # reused from an earlier run, not run this time
     transient: bool = False
     retries: int = 0
+    screen: Optional[ProfilePoint] = None  # the screening measurement (few calls at the batch the strategy compares)
 
     @property
     def ok(self) -> bool:
+        """Verified and fully profiled: a candidate selection may pick."""
         return self.status == "ok"
+
+    @property
+    def verified(self) -> bool:
+        """Its outputs matched eager's: fully profiled ("ok") or screened out."""
+        return self.status in ("ok", "screened")
+
+    def screen_ms(self, batch_size: Optional[int]) -> Optional[float]:
+        """p50 latency (ms) by which the search compares it at ``batch_size``: its screening measurement, else the
+        point of its full profile at that batch size (the first point when the graph does not batch)."""
+        if self.screen is not None:
+            return self.screen.p50_ms
+        point = next((m for m in self.profile if m.batch_size == batch_size), None)
+        return point.p50_ms if point is not None else None
 
     def worth_retrying(self, max_retries: int = 1) -> bool:
         """Whether a cached record is a transient failure that has not been retried ``max_retries`` times yet."""
@@ -110,6 +128,11 @@ class CandidateRecord:
     def first_p50_ms(self) -> Optional[float]:
         """p50 latency of the first measurement (the captured or smallest profiled batch), None if not profiled."""
         return self.profile[0].p50_ms if self.profile else None
+
+    def shown_p50_ms(self) -> Optional[float]:
+        """The p50 latency a table shows: the first profiled point, else the screening measurement."""
+        first = self.first_p50_ms()
+        return first if first is not None else (self.screen.p50_ms if self.screen is not None else None)
 
     def best_throughput(self) -> Optional[float]:
         return max((m.throughput for m in self.profile), default=None)
@@ -134,6 +157,8 @@ class CandidateRecord:
             data["transient"] = self.transient
         if self.retries:
             data["retries"] = self.retries
+        if self.screen is not None:
+            data["screen"] = self.screen.to_json()
         return data
 
     @classmethod
@@ -147,7 +172,8 @@ class CandidateRecord:
                    times=dict(data.get("times") or {}), exported=bool(data.get("exported", False)),
                    pid=data.get("pid"), window=BuildWindow.from_json(window) if isinstance(window, dict) else None,
                    artifact_checksum=data.get("artifact_checksum"), cached=bool(data.get("cached", False)),
-                   transient=data.get("transient") is True, retries=int(data.get("retries") or 0))
+                   transient=data.get("transient") is True, retries=int(data.get("retries") or 0),
+                   screen=ProfilePoint.from_json(data["screen"]) if isinstance(data.get("screen"), dict) else None)
 
 
 def find_candidate(candidates: Sequence[CandidateRecord], name: Optional[str]) -> Optional[CandidateRecord]:

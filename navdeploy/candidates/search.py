@@ -1,0 +1,110 @@
+"""The search policy: which candidates are built, in what order, and which are profiled in full.
+
+Every default candidate that can run here is built and verified, the likely winners first (each runner's
+``search_rank``). Eager, the baseline, is profiled in full at every batch size. Every other candidate is first
+*screened*: timed on a few calls (``SCREEN_SHARE`` of ``profile_time_s``) at the batch size the strategy compares
+candidates at. Once all are screened, only the leaders (a screen within ``SCREEN_MARGIN`` of the best one,
+eager's included) get the full profile, with its stability rules (``profile.measure``); the others keep their
+screen figure, status "screened", and the reason. Selection picks among fully profiled candidates only.
+
+A runner whose kernels are another runner's behind a wrapper of its own (``twin_of``: torch.compile's Python
+wrapper and guards around the kernels AOTInductor compiles ahead of time) is not built when that runner verified:
+it could win only by the wrapper being faster than none. It is built when that runner failed or is not tried.
+
+``LatencyBudget`` compares candidates at every batch size, so under it every candidate is profiled in full.
+``thorough=True`` restores the exhaustive search: every candidate built and profiled in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from navdeploy.config import LatencyBudget, MaxThroughput, Strategy
+from navdeploy.formats.base import RunnerSpec
+from navdeploy.workspace.records import CandidateRecord
+
+# A screen this much slower than the best screen cannot win: screens over a tenth of a second differ by a few
+# percent from run to run on a quiet machine; the margin leaves room for that and for a busy one (at a load of 8
+# on 2 cores two candidates' figures swapped by 19% between a quick and a thorough run).
+SCREEN_MARGIN = 0.20
+# The share of profile_time_s (the budget per batch size of a full profile) a screen may take.
+SCREEN_SHARE = 0.2
+
+
+def screen_time_s(profile_time_s: float) -> float:
+    """The time budget of one screen."""
+    return max(profile_time_s * SCREEN_SHARE, 0.02)
+
+
+@dataclass(frozen=True)
+class Search:
+    """How one graph's candidates are searched.
+
+    ``screens``: candidates other than eager are screened first and only the leaders profiled in full (False:
+    thorough, or a strategy that compares every batch size). ``batch``: the batch size candidates are screened
+    and compared at (None when the graph does not batch)."""
+
+    thorough: bool
+    screens: bool
+    batch: Optional[int]
+
+    def plan(self, eager: bool) -> str:
+        """What a candidate's task does after it verifies: ``full`` (profile every batch size) or ``screen``."""
+        return "full" if eager or not self.screens else "screen"
+
+    def leaders(self, records: Iterable[CandidateRecord]) -> list[CandidateRecord]:
+        """The verified candidates whose screen is within ``SCREEN_MARGIN`` of the best one."""
+        timed = [(r.screen_ms(self.batch), r) for r in records if r.verified]
+        timed = [(ms, r) for ms, r in timed if ms is not None]
+        if not timed:
+            return []
+        best = min(ms for ms, _ in timed)
+        return [r for ms, r in timed if ms <= best * (1 + SCREEN_MARGIN)]
+
+    def keep_below_ms(self, records: Iterable[CandidateRecord]) -> Optional[float]:
+        """The screen under which a worker keeps a candidate's runner loaded for its full profile."""
+        times = [r.screen_ms(self.batch) for r in records if r.verified]
+        times = [ms for ms in times if ms is not None]
+        return min(times) * (1 + SCREEN_MARGIN) if times else None
+
+    def screened_reason(self, record: CandidateRecord, records: Iterable[CandidateRecord]) -> str:
+        """Why a screened candidate was not profiled in full: how far its screen was from the best one."""
+        timed = [(r.screen_ms(self.batch), r) for r in records if r.verified]
+        ms, best = min(((ms, r) for ms, r in timed if ms is not None), key=lambda pair: pair[0])
+        mine = record.screen_ms(self.batch) or 0.0
+        at = f"batch {self.batch}" if self.batch is not None else "its captured input"
+        calls = f" over {record.screen.iterations} calls" if record.screen is not None else ""
+        return (f"screened out: p50 {mine:.3f} ms at {at}{calls}, {100 * (mine / ms - 1):.0f}% slower than "
+                f"{best.name} ({ms:.3f} ms); only candidates within {100 * SCREEN_MARGIN:.0f}% of the best are "
+                "profiled in full (thorough=True profiles every one)")
+
+
+def graph_search(strategy: Strategy, thorough: bool, batching: bool, captured_batch: Optional[int],
+                 batch_sizes: Sequence[int]) -> Search:
+    """The search of one graph: screening at the batch size its strategy compares candidates at (MinLatency: the
+    profiled size selection reads for the captured batch; MaxThroughput: the largest profiled size)."""
+    if not batching:
+        return Search(thorough, not thorough and not isinstance(strategy, LatencyBudget), None)
+    sizes = sorted(batch_sizes)
+    if isinstance(strategy, MaxThroughput):
+        batch = sizes[-1]
+    else:
+        batch = next((b for b in sizes if b >= (captured_batch or 1)), sizes[-1])
+    return Search(thorough, not thorough and not isinstance(strategy, LatencyBudget), batch)
+
+
+def search_order(pairs: Sequence[tuple[RunnerSpec, str]]) -> list[tuple[RunnerSpec, str]]:
+    """Candidates in the order the search builds them: the baseline (first in ``pairs``) first, then by each
+    runner's ``search_rank`` (the likely winners first; a runner with a ``twin_of`` after its twin)."""
+    first, rest = pairs[0], list(pairs[1:])
+    return [first] + sorted(rest, key=lambda pair: pair[0].search_rank)
+
+
+def twin_skip_reason(runner: RunnerSpec, twin: Optional[CandidateRecord], search: Search) -> Optional[str]:
+    """Why ``runner`` is not built (``twin``: the record of its ``twin_of`` runner in the same precision, when that
+    ran), or None when it is."""
+    if search.thorough or runner.twin_of is None or twin is None or not twin.verified:
+        return None
+    return (f"not built: {twin.name} verified, and {runner.name} runs the same kernels behind a wrapper of its own "
+            f"(the search builds it when {twin.name} fails; thorough=True builds it)")

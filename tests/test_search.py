@@ -1,0 +1,312 @@
+"""The search (issue 19): candidates screened on a few calls and only the leaders profiled in full, the Inductor
+twin not built when AOTInductor verified, one torch.export shared by the formats that start from it, thorough=True
+restoring the exhaustive search (building only what a quick run left out), warm workers reused across modules,
+and the per-machine probe cache. Verdicts never rest on which candidate is faster: they check the search's own
+rules against the figures it recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import navdeploy as nav
+from navdeploy.candidates.search import SCREEN_MARGIN, graph_search, search_order, twin_skip_reason
+from navdeploy.formats import inductor_probe
+from navdeploy.formats.registry import RUNNERS
+from navdeploy.optimize.module import _reusable, candidate_pairs
+from navdeploy.workspace.machine_cache import key_hash, probe_folder, read_result, write_result
+from navdeploy.workspace.manifest import read_manifest
+from navdeploy.workspace.records import CandidateRecord, ProfilePoint
+
+CHEAP = ("TorchCPU", "TorchScriptCPU", "TorchExportCPU")  # no compiler, no ONNX export: seconds
+FAST = dict(batch_sizes=(1, 2), max_batch_size=2, profile_time_s=0.05, pipeline_repeats=0)
+
+
+def _record(name: str, status: str = "screened", screen_ms=None, profile_ms=None) -> CandidateRecord:
+    runner = name.split("[")[0]
+    record = CandidateRecord(name, runner, "x", "fp32", "cpu", status=status)
+    if screen_ms is not None:
+        record.screen = ProfilePoint(1, screen_ms, screen_ms, 1e3 / screen_ms, 40, True)
+    if profile_ms is not None:
+        record.profile = [ProfilePoint(1, profile_ms, profile_ms, 1e3 / profile_ms, 40, True),
+                          ProfilePoint(2, 2 * profile_ms, 2 * profile_ms, 1e3 / profile_ms, 40, True)]
+    return record
+
+
+# --- the policy on records ------------------------------------------------------------------------------------
+def test_only_candidates_within_the_margin_of_the_best_screen_lead():
+    search = graph_search(nav.MinLatency(), False, True, 1, (1, 2, 4))
+    eager = _record("TorchCPU", "ok", profile_ms=1.0)
+    near = _record("OnnxCPU", screen_ms=0.5)
+    close = _record("AOTInductorCPU", screen_ms=0.5 * (1 + SCREEN_MARGIN) * 0.99)
+    slow = _record("TorchScriptCPU", screen_ms=0.9)
+    broken = _record("TorchExportCPU", "failed")
+    records = [eager, near, close, slow, broken]
+    assert [r.name for r in search.leaders(records)] == ["OnnxCPU", "AOTInductorCPU"]
+    reason = search.screened_reason(slow, records)
+    assert reason.startswith("screened out: p50 0.900 ms at batch 1 over 40 calls, 80% slower than OnnxCPU")
+    assert "thorough=True" in reason
+    # Eager is compared by its full profile at the same batch size.
+    assert {r.name for r in search.leaders([eager, slow])} == {"TorchCPU", "TorchScriptCPU"}  # 1.0 is within the margin
+    assert {r.name for r in search.leaders([eager, near])} == {"OnnxCPU"}
+
+
+def test_the_strategy_says_where_candidates_are_screened():
+    assert graph_search(nav.MinLatency(), False, True, 3, (1, 2, 4, 8)).batch == 4  # what selection reads for 3
+    assert graph_search(nav.MinLatency(), False, True, 16, (1, 2, 4, 8)).batch == 8
+    assert graph_search(nav.MaxThroughput(), False, True, 1, (1, 2, 4, 8)).batch == 8
+    assert graph_search(nav.MinLatency(), False, False, None, (1,)).batch is None
+    assert graph_search(nav.MinLatency(), False, True, 1, (1, 2)).plan(eager=False) == "screen"
+    assert graph_search(nav.MinLatency(), False, True, 1, (1, 2)).plan(eager=True) == "full"  # the baseline
+    assert graph_search(nav.LatencyBudget(1.0), False, True, 1, (1, 2)).plan(eager=False) == "full"
+    assert graph_search(nav.MinLatency(), True, True, 1, (1, 2)).plan(eager=False) == "full"  # thorough
+
+
+def test_likely_winners_are_built_first_and_the_twin_after_aoti():
+    pairs = candidate_pairs(nav.OptimizeConfig(), "cpu", "fp32")
+    names = [r.name for r, _ in pairs]
+    assert names[0] == "TorchCPU" and names.index("AOTInductorCPU") < names.index("TorchCompileCPU")
+    assert names.index("AOTInductorCPU") < names.index("OnnxCPU") < names.index("TorchExportCPU")
+    assert search_order(pairs) == pairs
+
+
+def test_the_twin_is_built_only_when_aoti_did_not_verify():
+    compile_cpu = RUNNERS["TorchCompileCPU"]
+    quick = graph_search(nav.MinLatency(), False, True, 1, (1, 2))
+    thorough = graph_search(nav.MinLatency(), True, True, 1, (1, 2))
+    aoti = _record("AOTInductorCPU", screen_ms=1.0)
+    reason = twin_skip_reason(compile_cpu, aoti, quick)
+    assert reason and reason.startswith("not built: AOTInductorCPU verified") and "thorough=True" in reason
+    assert twin_skip_reason(compile_cpu, _record("AOTInductorCPU", "failed"), quick) is None
+    assert twin_skip_reason(compile_cpu, None, quick) is None  # AOTInductor not tried (runners=...)
+    assert twin_skip_reason(compile_cpu, aoti, thorough) is None
+    assert twin_skip_reason(RUNNERS["OnnxCPU"], aoti, quick) is None
+
+
+def test_a_screened_record_is_reused_unless_the_search_is_thorough():
+    screened = _record("OnnxCPU", screen_ms=1.0)
+    assert _reusable(screened, artifact_ok=True) and not _reusable(screened, artifact_ok=True, thorough=True)
+    assert not _reusable(screened, artifact_ok=False)
+    assert not _reusable(_record("TorchCompileCPU", "skipped"), artifact_ok=True)  # decided again each run
+    data = screened.to_json()
+    assert data["screen"]["p50_ms"] == 1.0 and CandidateRecord.from_json(data).screen == screened.screen
+    assert "screen" not in _record("TorchCPU", "ok", profile_ms=1.0).to_json()  # old manifests' JSON unchanged
+
+
+# --- real runs --------------------------------------------------------------------------------------------------
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+
+
+def _check_search_rules(graph, batch=1) -> None:
+    """What the search promises, whatever the timings were: every verified candidate within the margin of the best
+    screen was profiled in full, every screened one was not and says why, the winner was profiled in full."""
+    by_name = {c.name: c for c in graph.candidates}
+    timed = {c.name: c.screen_ms(batch) for c in graph.candidates if c.verified}
+    sizes = [1, 2] if graph.batching else [None]
+    best = min(timed.values())
+    for name, ms in timed.items():
+        c = by_name[name]
+        if ms <= best * (1 + SCREEN_MARGIN) or name == "TorchCPU":  # the baseline: always profiled in full
+            assert c.status == "ok" and [p.batch_size for p in c.profile] == sizes, c
+        else:
+            assert c.status == "screened" and not c.profile and c.screen is not None, c
+            assert c.error.startswith("screened out: ") and f"{ms:.3f} ms" in c.error
+    assert graph.selected is not None and by_name[graph.selected].status == "ok"
+
+
+def test_quick_search_then_thorough_builds_only_what_is_missing(tmp_path):
+    module = nav.Module(_net(), name="search_quick")
+    data = [(1, torch.randn(1, 16)), (2, torch.randn(2, 16))]
+    quick = nav.optimize(module, data, nav.OptimizeConfig(workspace=tmp_path, runners=CHEAP, **FAST))
+    graph = quick.modules["search_quick"].graphs[0]
+    _check_search_rules(graph)
+    manifest = read_manifest(tmp_path / "search_quick")  # the validated reader takes screened records
+    assert {c.name: c.status for c in manifest.graphs[graph.key].candidates} == \
+        {c.name: c.status for c in graph.candidates}
+
+    full = nav.optimize(module, data, nav.OptimizeConfig(workspace=tmp_path, runners=CHEAP, thorough=True, **FAST))
+    records = {c.name: c for c in full.modules["search_quick"].graphs[0].candidates}
+    assert all(c.status == "ok" and len(c.profile) == 2 for c in records.values()), records
+    for c in graph.candidates:  # fully profiled before: reused; screened before: profiled now, from its artifact
+        assert records[c.name].cached == (c.status == "ok")
+        assert records[c.name].cached or not records[c.name].exported
+
+    again = nav.optimize(module, data, nav.OptimizeConfig(workspace=tmp_path, runners=CHEAP, **FAST))
+    assert all(c.cached for c in again.modules["search_quick"].graphs[0].candidates)  # a quick run takes them all
+
+
+def test_warm_workers_serve_every_module_of_a_run(tmp_path):
+    first, second = nav.Module(_net(1), name="search_first"), nav.Module(_net(2), name="search_second")
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "TorchScriptCPU"), **FAST)
+    status = nav.optimize(lambda x: second(first(x).repeat(1, 4)), [(1, torch.randn(1, 16))], config)
+    pids = {c.pid for m in status.modules.values() for g in m.graphs for c in g.candidates}
+    assert len(pids) == 1 and os.getpid() not in pids  # one spawned worker, started once, for both modules
+
+
+@pytest.mark.slow
+def test_aoti_twin_shared_export_and_thorough(tmp_path):
+    """AOTInductor, ONNX and the ExportedProgram start from one torch.export; TorchCompileCPU is not built while
+    AOTInductor verified, and a thorough run builds it (and only it)."""
+    module = nav.Module(_net(3), name="search_twin", batching=False)  # static shapes: one compile each
+    data = [(1, torch.randn(1, 16))]
+    runners = ("TorchCPU", "AOTInductorCPU", "OnnxCPU", "TorchExportCPU", "TorchCompileCPU")
+    quick = nav.optimize(module, data, nav.OptimizeConfig(workspace=tmp_path, runners=runners, **FAST))
+    graph = quick.modules["search_twin"].graphs[0]
+    records = {c.name: c for c in graph.candidates}
+    assert records["AOTInductorCPU"].verified, records["AOTInductorCPU"].error
+    twin = records["TorchCompileCPU"]
+    assert twin.status == "skipped" and twin.error.startswith("not built: AOTInductorCPU verified"), twin
+    exporters = [n for n in ("AOTInductorCPU", "OnnxCPU", "TorchExportCPU") if "torch_export_s" in records[n].times]
+    assert exporters == ["AOTInductorCPU"]  # built first, it ran the one torch.export the other two reused
+    assert all(records[n].exported for n in ("AOTInductorCPU", "OnnxCPU", "TorchExportCPU"))
+    _check_search_rules(graph, batch=None)
+
+    full = nav.optimize(module, data, nav.OptimizeConfig(workspace=tmp_path, runners=runners, thorough=True, **FAST))
+    records = {c.name: c for c in full.modules["search_twin"].graphs[0].candidates}
+    assert records["TorchCompileCPU"].status == "ok" and not records["TorchCompileCPU"].cached
+    assert not any(c.exported for c in records.values() if not c.cached)  # nothing exported again
+
+
+# --- the machine cache and the probes ----------------------------------------------------------------------------
+def test_probe_folders_are_keyed_and_an_unwritable_cache_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAVDEPLOY_MACHINE_CACHE", str(tmp_path / "cache"))
+    one = probe_folder("p", {"torch": "1"})
+    assert one is not None and json.loads((one / "key.json").read_text()) == {"torch": "1"}
+    assert probe_folder("p", {"torch": "1"}) == one
+    assert probe_folder("p", {"torch": "2"}) != one and key_hash({"torch": "2"}) != key_hash({"torch": "1"})
+    assert write_result(one, "r.json", {"problem": None}) and read_result(one, "r.json") == {"problem": None}
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("NAVDEPLOY_MACHINE_CACHE", str(blocker / "cache"))  # cannot be created (even as root)
+    assert probe_folder("p", {"torch": "1"}) is None and not write_result(None, "r.json", {})
+    monkeypatch.setattr(inductor_probe, "_isa_warmed", False)  # this process has not warmed yet, as a new one
+    inductor_probe.warm_cpu_isa()  # without a cache it leaves the probe to Inductor, and does not fail
+    assert not blocker.read_text()
+
+
+def test_probe_children_report_crashes_and_errors():
+    assert inductor_probe.run_probe_child("print('navdeploy-probe-ok')", [], 60) == (None, True)
+    why, definitive = inductor_probe.run_probe_child("import ctypes; ctypes.string_at(0)", [], 60)
+    assert definitive and why.startswith("the probe died with SIGSEGV"), why
+    why, definitive = inductor_probe.run_probe_child("raise RuntimeError('no kernel image')", [], 60)
+    assert definitive and "RuntimeError: no kernel image" in why
+
+
+def test_a_cached_aoti_answer_is_used_and_a_new_key_probes_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAVDEPLOY_MACHINE_CACHE", str(tmp_path))
+    monkeypatch.setattr(inductor_probe, "_aoti_problems", {})
+    folder = probe_folder("aoti-cpu", inductor_probe.cpu_key())
+    write_result(folder, "aoti.json", {"problem": "recorded by an earlier probe"})
+    assert inductor_probe.aoti_problem("cpu") == "recorded by an earlier probe"
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no other probe ran
+
+
+@pytest.mark.slow
+def test_aoti_probe_and_isa_programs_are_kept_per_machine(tmp_path, monkeypatch):
+    """The AOTInductor probe's child builds and runs a real package here, and its answer is kept. Its Inductor
+    compiled the ISA test programs into the machine cache: a process with another inductor cache (a new
+    workspace) loads them (the probe's load check still runs) instead of compiling them, and its cache holds none."""
+    machine = tmp_path / "machine"
+    monkeypatch.setenv("NAVDEPLOY_MACHINE_CACHE", str(machine))
+    monkeypatch.setattr(inductor_probe, "_aoti_problems", {})
+    assert inductor_probe.aoti_problem("cpu") is None
+    (folder,) = machine.glob("aoti-cpu-*")
+    assert read_result(folder, "aoti.json")["problem"] is None
+    programs = {p: p.stat().st_mtime_ns for p in machine.glob("inductor-cpu-isa-*/**/*.so")}
+    assert programs  # the probe's child warmed the ISA probe in the machine cache
+
+    script = textwrap.dedent("""
+        from navdeploy.formats.inductor_probe import warm_cpu_isa
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        warm_cpu_isa()
+        print("isa", pick_vec_isa())
+    """)
+    env = dict(os.environ, NAVDEPLOY_MACHINE_CACHE=str(machine), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "ws2"),
+               PYTHONPATH=str(Path(__file__).parent.parent))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("isa "), out.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in machine.glob("inductor-cpu-isa-*/**/*.so")} == programs  # reused
+    assert not list((tmp_path / "ws2").rglob("*.so"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU host)")
+def test_aoti_cuda_probe_is_kept_and_decides_the_candidate(tmp_path, monkeypatch):
+    """On a GPU: the probe's answer is kept per machine and a second process-level lookup reads it; where
+    AOTInductor packages do not work, AOTInductorCUDA is skipped with the probe's reason instead of building."""
+    monkeypatch.setenv("NAVDEPLOY_MACHINE_CACHE", str(tmp_path / "machine"))
+    monkeypatch.setattr(inductor_probe, "_aoti_problems", {})
+    first = inductor_probe.aoti_problem("cuda")
+    (folder,) = (tmp_path / "machine").glob("aoti-cuda-*")
+    assert read_result(folder, "aoti.json")["problem"] == first
+    monkeypatch.setattr(inductor_probe, "_aoti_problems", {})
+    assert inductor_probe.aoti_problem("cuda") == first  # from the machine cache
+    module = nav.Module(_net().cuda(), name="search_aoti_cuda")
+    config = nav.OptimizeConfig(workspace=tmp_path / "ws", runners=("TorchCUDA", "AOTInductorCUDA"), **FAST)
+    status = nav.optimize(module, [(1, torch.randn(1, 16, device="cuda"))], config)
+    record = status.modules["search_aoti_cuda"].graphs[0].candidate("AOTInductorCUDA")
+    if first is not None:
+        assert record.status == "skipped" and record.error == first, record
+    else:
+        assert record.status != "skipped", record
+
+
+def test_table_and_report_say_what_was_screened_and_skipped(tmp_path):
+    from rich.console import Console
+
+    from navdeploy.capture.recorder import Recorder
+    from navdeploy.optimize.status import GraphStatus, ModuleStatus, OptimizeStatus
+    from navdeploy.report.console import status_tables
+    from navdeploy.report.html import render_workspace_report
+    from navdeploy.workspace.manifest import write_manifest
+    from navdeploy.workspace.records import GraphEntry, Manifest
+
+    eager = _record("TorchCPU", "ok", profile_ms=1.0)
+    screened = _record("TorchScriptCPU[fp16]", screen_ms=2.0)
+    screened.error = "screened out: p50 2.000 ms at batch 1 over 40 calls, 100% slower than TorchCPU (1.000 ms)"
+    skipped = _record("TorchCompileCPU", "skipped")
+    skipped.error = "not built: AOTInductorCPU verified, and TorchCompileCPU runs the same kernels"
+    candidates = [eager, screened, skipped]
+    status = OptimizeStatus({"m": ModuleStatus("m", tmp_path / "m", "cpu", [GraphStatus("g", "TorchCPU", candidates,
+                                                                                        True)], True, 1.0)})
+    console = Console(record=True, width=200)
+    for part in status_tables(status):
+        console.print(part)
+    text = console.export_text()
+    assert "2.000*" in text and "TorchScriptCPU[fp16] screened: screened out: p50 2.000 ms" in text
+    assert "TorchCompileCPU skipped: not built: AOTInductorCPU verified" in text
+
+    recorder = Recorder("m", 4, None)
+    recorder.record(nn.Linear(4, 4), (torch.randn(1, 4),), {})
+    graph = recorder.finish()[0]
+    entry = GraphEntry(graph, "key", {}, candidates, "TorchCPU", "now")
+    write_manifest(tmp_path / "m", Manifest("m", "fp", "cpu", graphs={graph.key: entry}, batch_sizes=[1, 2]))
+    page = render_workspace_report(tmp_path).read_text()
+    assert "Screened out" in page and "100% slower than TorchCPU" in page and "not built: AOTInductorCPU" in page
+    assert read_manifest(tmp_path / "m").graphs[graph.key].candidates[1].screen.p50_ms == 2.0
+
+
+def test_thorough_comes_from_the_config_then_the_run_defaults_then_the_environment(monkeypatch):
+    from navdeploy.config import run_defaults, thorough
+    from navdeploy.errors import ConfigError
+
+    assert thorough(nav.OptimizeConfig()) is False
+    monkeypatch.setenv("NAVDEPLOY_THOROUGH", "1")
+    assert thorough(nav.OptimizeConfig()) is True
+    assert thorough(nav.OptimizeConfig(thorough=False)) is False  # the config wins
+    monkeypatch.delenv("NAVDEPLOY_THOROUGH")
+    with run_defaults(thorough=True):  # what `navdeploy optimize --thorough` sets
+        assert thorough(nav.OptimizeConfig()) is True
+    assert thorough(nav.OptimizeConfig()) is False
+    with pytest.raises(ConfigError, match="thorough='yes'"):
+        nav.OptimizeConfig(thorough="yes")
