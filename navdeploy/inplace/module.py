@@ -128,7 +128,7 @@ class Module(wrapt.ObjectProxy):
         if handler is None:
             return inner(*args, **kwargs)
         if not (inner._forward_pre_hooks or inner._forward_hooks or _hooks._global_forward_pre_hooks
-                or _hooks._global_forward_hooks):  # has_forward_hooks, inline: every call reads it
+                or _hooks._global_forward_hooks):  # no forward hooks, the module's or global ones (read inline)
             return handler(inner, args, kwargs)
         # The runner replaces forward, not the module call: the module's hooks still run around it, and see
         # the mapped inputs, as they do eagerly.
