@@ -150,8 +150,14 @@ def test_fresh_process_reloads_without_optimizing(optimized):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    winner = status.modules["e2e_cnn"].graphs[0].selected
-    runs_winner = winner != "TorchCPU" and not status.modules["e2e_cnn"].reverted  # reverted: eager there too
+    from navdeploy.workspace.manifest import read_manifest
+
+    # What the workspace holds now: a re-run above (test_rerun_with_nothing_changed...) may have reverted the module,
+    # as the pipeline check's verdict on this tiny CNN is timing noise.
+    manifest = read_manifest(workspace / "e2e_cnn")
+    winner = next(iter(manifest.graphs.values())).selected
+    assert winner == status.modules["e2e_cnn"].graphs[0].selected
+    runs_winner = winner != "TorchCPU" and not manifest.reverted  # reverted: eager there too
     assert f"LOADED True {runs_winner}" in out.stdout
 
 

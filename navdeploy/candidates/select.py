@@ -21,10 +21,11 @@ def _at_batch(profile: list[ProfilePoint], batch_size: Optional[int]) -> Optiona
     return sized[-1]
 
 
-# What routing a call to a runner costs on top of the runner itself (graph lookup, range and staleness checks,
-# output conversion): a runner must beat eager by more than this at the captured batch, or eager (no routing at
-# all) stays. It measured 10-24 us per call on the 2-core CPU machine while tests ran (benchmarks/bench_core.py).
-ROUTING_COST_MS = 0.02
+# What routing a call to a runner costs on top of the runner itself (route lookup, staleness checks, output
+# checks): a runner must beat eager by more than this at the captured batch, or eager (no routing at all) stays.
+# It measured 18k instructions per call (callgrind; 63k before the route memo and the shared version counter), 2.6 us
+# on the 2-core CPU machine (3-4 us under load), plus about 0.1 us per buffer (read one by one): bench_core.py.
+ROUTING_COST_MS = 0.005
 
 
 def select(candidates: Sequence[CandidateRecord], strategy: Strategy,

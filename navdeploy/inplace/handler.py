@@ -1,10 +1,15 @@
 """The handler of an optimized module: routes each call to the runner of its graph, and anything the
-runner was not built for to eager."""
+runner was not built for to eager.
+
+Every call of an optimized module pays for this routing, so the common case is one dict lookup: a flat call
+(tensors and constants, no containers) is keyed by its signature and shapes (``_flat_key``), and the key's *route*
+(the runner, or why the call runs eagerly) is memoised. Other calls (nested containers, HF cache objects) are
+flattened as a pytree on every call."""
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -19,12 +24,46 @@ from navdeploy.inplace.staleness import WeightsWatch
 _CONSTANTS = (str, int, float, bool, type(None))
 _MEMO_LIMIT = 4096
 _COVER_HINT = " Re-run nav.optimize with a dataloader covering these inputs to optimize them too."
+_Tensor = torch.Tensor
+_SINGLE = {"t": "tensor", "i": 0}  # the output spec of a module that returns one tensor
+
+
+class _Route(NamedTuple):
+    """Where the calls of one input structure and shape go: the runner of graph ``key``, or eagerly for ``reason``
+    (with ``key`` None). ``kinds``: the (dtype, on CUDA) eager returned for each output, checked until the runner
+    returned them once (then empty); ``single``: the output is one bare tensor (returned as it is, no pytree to
+    rebuild)."""
+
+    key: Optional[str]
+    reason: Optional[str]
+    kinds: tuple = ()
+    single: bool = False
+
+
+def _flat_key(args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> Optional[tuple]:
+    """The memo key of a flat call (its arity, keyword names, and for each value: a tensor's dtype, shape and device,
+    a constant's type and value), with its tensors appended to ``tensors``; None when a value is neither (a
+    container, a cache object). Runs on every call of an optimized module: cheap attributes only."""
+    if kwargs:
+        names = sorted(kwargs)
+        values: Any = (*args, *[kwargs[name] for name in names])
+        key = [len(args), *names]
+    else:
+        values, key = args, [len(args)]
+    for value in values:
+        if isinstance(value, _Tensor):
+            key += (value.dtype, value.shape, value.device)
+            tensors.append(value)
+        elif isinstance(value, _CONSTANTS):
+            key += (type(value), value)
+        else:
+            return None
+    return tuple(key)
 
 
 def _flat_call(args: tuple, kwargs: dict) -> tuple[Optional[tuple], list[torch.Tensor]]:
     """A flat call's signature ((dtype, rank, on CUDA) of each tensor, the value of each constant) and its
-    tensors; (None, []) when the call nests containers or holds a tensor on a device other than CPU or CUDA.
-    Runs on every call of an optimized module: cheap attributes only (``t.device`` builds an object)."""
+    tensors; (None, []) when the call nests containers or holds a tensor on a device other than CPU or CUDA."""
     names = sorted(kwargs) if kwargs else ()
     signature: list = []
     tensors: list[torch.Tensor] = []
@@ -53,17 +92,12 @@ class OptimizedHandler:
         self.output_mapping = output_mapping
         self._warned: set[str] = set()
         self._keys: dict[tuple, str] = {}
-        self._accepted: dict[tuple, Optional[str]] = {}
-        # Per graph: the (dtype, device type) eager returned for each output, resolved once.
-        self._kinds = {key: [(spec.torch_dtype, torch.device(spec.device).type) for spec in graph.outputs]
-                       for key, (graph, _) in graphs.items()}
+        self._routes: dict[tuple, _Route] = {}
 
-    def _conform(self, key: str, graph: Graph, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Runner outputs in the dtype and device eager returned (``conform``, with the kinds resolved once)."""
-        kinds = self._kinds[key]
-        if all(t.dtype is dtype and t.device.type == device for t, (dtype, device) in zip(outputs, kinds)):
-            return outputs
-        return conform(outputs, graph.outputs)
+    def release(self) -> None:
+        """Calls no longer come here (another handler or eager took over): what the watch changed is given back."""
+        if self.watch is not None:
+            self.watch.release()
 
     def _fallback(self, reason: str, fn: Callable, args: tuple, kwargs: dict, hint: str = _COVER_HINT) -> Any:
         kind = reason.split(":")[0]
@@ -86,52 +120,67 @@ class OptimizedHandler:
             self._keys[signature] = key
         return key, tensors, signature
 
-    def _accepts(self, graph: Graph, tensors: list[torch.Tensor], signature: Optional[tuple]) -> Optional[str]:
-        """``graph.accepts``, memoised for flat calls by signature (dtype, rank, device) and shapes: a server
-        sees the same few shapes again and again."""
-        if signature is None:
-            return graph.accepts(tensors, self.max_batch_size)
-        memo = (signature, *(t.shape for t in tensors))
-        if memo not in self._accepted:
-            if len(self._accepted) >= _MEMO_LIMIT:  # shapes without end (every sequence length): stop memoising
-                return graph.accepts(tensors, self.max_batch_size)
-            self._accepted[memo] = graph.accepts(tensors, self.max_batch_size)
-        return self._accepted[memo]
-
-    def __call__(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+    def _route(self, args: tuple, kwargs: dict) -> tuple[_Route, list[torch.Tensor]]:
+        """The route of a call the memo does not hold, and its flat tensors."""
         try:
-            key, tensors, signature = self._graph_key(args, kwargs)
+            key, tensors, _ = self._graph_key(args, kwargs)
         except CaptureError as exc:
-            return self._fallback(f"uncapturable input: {exc}", fn, args, kwargs)
+            return _Route(None, f"uncapturable input: {exc}"), []
         entry = self.graphs.get(key)
         if entry is None:
-            return self._fallback("new input structure: not seen while optimizing", fn, args, kwargs)
-        graph, run = entry
-        reason = self._accepts(graph, tensors, signature)
+            return _Route(None, "new input structure: not seen while optimizing"), tensors
+        graph, _ = entry
+        reason = graph.accepts(tensors, self.max_batch_size)
         if reason is not None:
-            return self._fallback(f"input outside the optimized range: {reason}", fn, args, kwargs)
-        if self.watch is not None:
-            reason = self.watch.reason(tensors)
+            return _Route(None, f"input outside the optimized range: {reason}"), tensors
+        kinds = tuple((spec.torch_dtype, torch.device(spec.device).type == "cuda") for spec in graph.outputs)
+        return _Route(key, None, kinds, graph.output_spec == _SINGLE), tensors
+
+    def __call__(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        tensors: list[torch.Tensor] = []
+        memo = _flat_key(args, kwargs, tensors)
+        route = self._routes.get(memo) if memo is not None else None
+        if route is None:
+            route, tensors = self._route(args, kwargs)
+            if memo is not None and len(self._routes) < _MEMO_LIMIT:  # shapes without end: stop memoising
+                self._routes[memo] = route
+        key, reason, kinds, single = route
+        if key is None:
+            if self.watch is not None:
+                self.watch.reason(tensors)  # a training call gets the parameters their own counters back first
+            return self._fallback(reason, fn, args, kwargs)
+        graph, run = self.graphs[key]
+        watch = self.watch
+        if watch is not None:
+            reason = watch.reason(tensors)
             if reason is not None:
                 return self._fallback(reason, fn, args, kwargs, hint="")
         try:
             if torch.is_grad_enabled():  # nothing here requires grad (the watch said so): record no graph either
                 with torch.no_grad():
-                    outputs = self._conform(key, graph, run(tensors))
+                    outputs = run(tensors)
             else:
-                outputs = self._conform(key, graph, run(tensors))
+                outputs = run(tensors)
+            if kinds:  # outputs in the dtype and device eager returned
+                for t, (dtype, cuda) in zip(outputs, kinds):
+                    if t.dtype is not dtype or t.is_cuda is not cuda:
+                        outputs = conform(outputs, graph.outputs)
+                        break
+                else:  # a runner's output dtypes and devices are fixed for the same input kinds and shapes
+                    if memo in self._routes:
+                        self._routes[memo] = route._replace(kinds=())
         except Exception as exc:  # noqa: BLE001 - never crash the user's pipeline on a runner error
             return self._fallback(f"runner error: {type(exc).__name__}: {exc}", fn, args, kwargs)
         # What eager returns of the call's own inputs (an HF cache) is returned itself, in its new state.
         call = LiveCall(graph.input_spec, args, kwargs, tensors) if graph.returns_inputs else None
-        if self.output_mapping is not None:
-            structured = unflatten(graph.output_spec, outputs, rebuild_classes=False, call=call)
-            try:
-                return self.output_mapping(structured)
-            except Exception as exc:
-                # The user's function: a clear error, never a silent eager fallback that would hide the bug.
-                exc.add_note(f"navdeploy: raised by the output_mapping of module {self.name!r}, called with the "
-                             f"optimized runner's output {describe(structured)} (HF ModelOutputs and dataclasses "
-                             "arrive as plain dicts).")
-                raise
-        return unflatten(graph.output_spec, outputs, call=call)
+        if self.output_mapping is None:
+            return outputs[0] if single and call is None else unflatten(graph.output_spec, outputs, call=call)
+        structured = unflatten(graph.output_spec, outputs, rebuild_classes=False, call=call)
+        try:
+            return self.output_mapping(structured)
+        except Exception as exc:
+            # The user's function: a clear error, never a silent eager fallback that would hide the bug.
+            exc.add_note(f"navdeploy: raised by the output_mapping of module {self.name!r}, called with the "
+                         f"optimized runner's output {describe(structured)} (HF ModelOutputs and dataclasses "
+                         "arrive as plain dicts).")
+            raise

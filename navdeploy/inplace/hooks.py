@@ -10,11 +10,6 @@ import torch
 import torch.nn.modules.module as _hooks  # the global forward hooks live there
 
 
-def has_forward_hooks(module: torch.nn.Module) -> bool:
-    return bool(module._forward_pre_hooks or module._forward_hooks or _hooks._global_forward_pre_hooks
-                or _hooks._global_forward_hooks)
-
-
 def call_with_hooks(module: torch.nn.Module, forward: Callable[[tuple, dict], Any], args: tuple, kwargs: dict) -> Any:
     """``forward(args, kwargs)`` with the module's (and global) forward pre-hooks and hooks applied as
     ``nn.Module.__call__`` applies them, for when a runner stands in for ``forward``: hooks registered with

@@ -10,13 +10,14 @@ import weakref
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.nn.modules.module as _hooks  # the global forward hooks live there
 import wrapt
 
 from navdeploy.config import PRECISIONS, OptimizeConfig
 from navdeploy.errors import ConfigError
 from navdeploy.inplace import registry
 from navdeploy.inplace.handler import OptimizedHandler
-from navdeploy.inplace.hooks import call_with_hooks, has_forward_hooks
+from navdeploy.inplace.hooks import call_with_hooks
 from navdeploy.inplace.state import ModuleState, weights_precision
 
 
@@ -116,16 +117,21 @@ class Module(wrapt.ObjectProxy):
         return isinstance(self._self_state.handler, OptimizedHandler)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._self_state.forward_func is not None:
+        # Every call of an optimized module pays for this path: attribute reads and one call into the handler.
+        state = self._self_state
+        if state.forward_func is not None:
             return self.__wrapped__(*args, **kwargs)  # the patched method does the routing
         inner = self.__wrapped__
-        if self._self_state.handler is None or not has_forward_hooks(inner):
-            return self._nav_call(inner, args, kwargs)
+        if state.input_mapping is not None:
+            args, kwargs = state.input_mapping(args, kwargs)
+        handler = state.handler
+        if handler is None:
+            return inner(*args, **kwargs)
+        if not (inner._forward_pre_hooks or inner._forward_hooks or _hooks._global_forward_pre_hooks
+                or _hooks._global_forward_hooks):  # no forward hooks, the module's or global ones (read inline)
+            return handler(inner, args, kwargs)
         # The runner replaces forward, not the module call: the module's hooks still run around it, and see
         # the mapped inputs, as they do eagerly.
-        mapping = self._self_state.input_mapping
-        if mapping is not None:
-            args, kwargs = mapping(args, kwargs)
         return call_with_hooks(inner, lambda a, k: self._nav_dispatch(inner.forward, a, k), args, kwargs)
 
     def __repr__(self) -> str:
@@ -154,6 +160,9 @@ class Module(wrapt.ObjectProxy):
         return self._nav_same(self.__wrapped__.eval())
 
     def train(self, mode: bool = True) -> Any:
+        watch = getattr(self._self_state.handler, "watch", None)
+        if mode and watch is not None:
+            watch.for_training()  # before any training forward runs (see WeightsWatch.for_training)
         return self._nav_same(self.__wrapped__.train(mode))
 
     def half(self) -> Any:
@@ -180,6 +189,10 @@ class Module(wrapt.ObjectProxy):
     def share_memory(self) -> Any:
         return self._nav_same(self.__wrapped__.share_memory())
 
+    def _apply(self, *args: Any, **kwargs: Any) -> Any:
+        # A parent's .to()/.half() reaches its children through _apply, not through the methods above.
+        return self._nav_converted(self.__wrapped__._apply(*args, **kwargs))
+
     # Pickling or copying a pipeline stores the plain module (without the forward_func patch):
     # a proxy is a process-local view.
     def __reduce_ex__(self, protocol: int) -> Any:
@@ -196,10 +209,12 @@ class Module(wrapt.ObjectProxy):
 
     # --- routing --------------------------------------------------------------------------------
     def _nav_call(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
-        mapping = self._self_state.input_mapping
-        if mapping is not None:
-            args, kwargs = mapping(args, kwargs)
-        return self._nav_dispatch(fn, args, kwargs)
+        """A call of ``fn`` (the patched ``forward_func``): mapped inputs, then the handler (as ``__call__``)."""
+        state = self._self_state
+        if state.input_mapping is not None:
+            args, kwargs = state.input_mapping(args, kwargs)
+        handler = state.handler
+        return fn(*args, **kwargs) if handler is None else handler(fn, args, kwargs)
 
     def _nav_dispatch(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
         """The call (inputs already mapped) through the handler: recorder, optimized runner or none."""

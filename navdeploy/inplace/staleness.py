@@ -1,11 +1,12 @@
 """When a bound runner no longer stands for the live module: its weights changed since it was built, it is in
 training mode, or the call needs autograd. Such calls run eagerly (the handler says why, once).
 
-The checks run on every call of an optimized module, so they are cheap: an in-place edit (``copy_`` from
-``load_state_dict``, ``mul_`` under ``no_grad``) bumps the tensors' version counters, summed in C by ``map``;
-a replaced parameter or buffer goes through ``nn.Module``'s registration hooks, which bump a process-wide
-generation; ``.to()``/``.half()``... on the proxy bump the module's own conversion count (they change tensors
-through ``set_data``, which keeps the version counter)."""
+The checks run on every call of an optimized module, so each is a read or two: an in-place edit (``copy_`` from
+``load_state_dict``, ``mul_`` under ``no_grad``, an optimizer step) bumps a version counter, and the parameters
+share one (``versions.share``), so whether any was edited is one read whatever their number (buffers, and
+parameters that cannot share, are read one by one); a replaced parameter or buffer goes through ``nn.Module``'s
+registration hooks, which bump a process-wide generation; ``.to()``/``.half()``... on the proxy bump the module's
+own conversion count (they change tensors through ``set_data``, which keeps the version counter)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,19 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 import torch.nn.modules.module as nn_module
 
+from navdeploy.inplace import versions
+
 if TYPE_CHECKING:
     from navdeploy.inplace.state import ModuleState
 
-_version = operator.attrgetter("_version")
 _requires_grad = operator.attrgetter("requires_grad")
 _generation = itertools.count(1)
 _current = [0]  # bumped by the registration hooks; read on every call
 _hooked = [False]
+_TRAINING = ("training mode: the module is in training mode (dropout, batch-norm statistics); call .eval() to use "
+             "the optimized runner")
+_AUTOGRAD = ("autograd: grad mode is on and its inputs or parameters require grad; the runner returns no gradients. "
+             "Call it under torch.no_grad() or torch.inference_mode() to use the optimized runner")
 
 
 def _bump(*_: Any) -> None:
@@ -60,16 +66,20 @@ class WeightsWatch:
         self._tensors = _tensors(module)
         self._ids = tuple(map(id, self._tensors))
         self._kinds = _kinds(self._tensors)
-        self._versions = sum(map(_version, self._tensors))
         self._generation = _current[0]
+        self.versions = versions.share(module.parameters(), module.buffers())
         self.changed: Optional[str] = None  # set once: a runner built from other weights never comes back
+        self._training_seen = False
 
     def _weights_changed(self) -> Optional[str]:
         if self._state.conversions != self._seen_conversions:
             self._seen_conversions = self._state.conversions
-            if _kinds(self._tensors) != self._kinds:  # a .to() onto the same dtype and device changes nothing
+            current = _tensors(self.module)
+            if _kinds(current) != self._kinds:  # a .to() onto the same dtype and device changes nothing
                 return "its tensors were moved to another dtype or device (.to(), .half()...) since it was optimized"
-        if sum(map(_version, self._tensors)) != self._versions:
+            if tuple(map(id, current)) != self._ids:  # nn.Module._apply puts new buffers in without a hook
+                return "its parameters or buffers were replaced since it was optimized"
+        if self.versions.changed():
             return "its parameters or buffers were edited in place (e.g. load_state_dict) since it was optimized"
         if _current[0] != self._generation:  # some module registered a tensor: is it one of ours?
             self._generation = _current[0]
@@ -77,16 +87,30 @@ class WeightsWatch:
                 return "its parameters or buffers were replaced since it was optimized"
         return None
 
+    def release(self) -> None:
+        """The runner is no longer bound: the parameters get their own version counters back."""
+        versions.unshare(self.versions)
+
+    def for_training(self) -> None:
+        """The module is being trained: its parameters get their own version counters back (autograd checks each
+        saved tensor by its counter; a shared one would fail a backward for an edit of another parameter)."""
+        if not self._training_seen:
+            self._training_seen = True
+            if self.changed is None:
+                self.changed = self._weights_changed()  # decided on the counters before they change hands
+            versions.unshare(self.versions)
+
     def reason(self, inputs: list[torch.Tensor]) -> Optional[str]:
         """Why this call must run eagerly, or None when the runner stands for the module."""
-        if self.changed is None:
+        if self.changed is None and (self.versions.changed() or self._state.conversions != self._seen_conversions
+                                     or _current[0] != self._generation):
             self.changed = self._weights_changed()
         if self.changed is not None:
             return f"stale runner: {self.changed}; re-run nav.optimize to optimize the new weights"
         if self.module.training:
-            return ("training mode: the module is in training mode (dropout, batch-norm statistics); call "
-                    ".eval() to use the optimized runner")
+            self.for_training()
+            return _TRAINING
         if torch.is_grad_enabled() and (any(map(_requires_grad, inputs)) or any(map(_requires_grad, self._tensors))):
-            return ("autograd: grad mode is on and its inputs or parameters require grad; the runner returns no "
-                    "gradients. Call it under torch.no_grad() or torch.inference_mode() to use the optimized runner")
+            self.for_training()
+            return _AUTOGRAD
         return None

@@ -50,13 +50,21 @@ class ModuleState:
 
     def bind(self, handler: Optional[Handler]) -> None:
         """Route calls through ``handler`` (None: eager) from now on; the module counts as bound."""
+        self._release(handler)
         self.handler = handler
         self.bound = True
 
     def unbind(self) -> None:
         """Back to eager pass-through, with no selection in place."""
+        self._release(None)
         self.handler = None
         self.bound = False
+
+    def _release(self, successor: Optional[Handler]) -> None:
+        # The handler being replaced gives back what it changed (an optimized handler: the shared version counter).
+        release = getattr(self.handler, "release", None)
+        if release is not None and self.handler is not successor:
+            release()
 
     @contextlib.contextmanager
     def routed_through(self, handler: Optional[Handler]) -> Iterator[None]:
