@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent('''
         if mode == "optimize":  # both winners built, with the inductor cache navdeploy keeps in the module's folder
             config = nav.OptimizeConfig(workspace=workspace, runners=("TorchCPU", "TorchCompileCPU", "AOTInductorCPU"),
                                         batch_sizes=(1, 2), max_batch_size=2, profile_time_s=0.05,
-                                        use_multiprocessing=False, pipeline_repeats=0)
+                                        use_multiprocessing=False, pipeline_repeats=0, thorough=True)
             with torch.no_grad():
                 nav.optimize(module, [(1, torch.randn(1, 4)), (2, torch.randn(2, 4))], config)
             loaded = module.nav_state.bound

@@ -105,7 +105,7 @@ def test_served_pipeline_returns_the_same_image(sd_run):
         # a batch of two prompts: each image depends on its prompt only (one generator per prompt)
         pair = ask([sd.PROMPT, "a horse"])
         np.testing.assert_allclose(pair[0], image[0], atol=1e-5)
-        with pytest.raises(InferenceServerException, match="batch-size must be <= 2"):
+        with pytest.raises(InferenceServerException, match="batches of at most 2"):
             ask([sd.PROMPT] * 3)
         np.testing.assert_allclose(ask([sd.PROMPT]), image, atol=1e-5)  # still serving
     assert not server.running
