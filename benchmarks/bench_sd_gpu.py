@@ -369,7 +369,9 @@ def _optimize(ctx: Context, record: dict) -> tuple[Any, Text2Image]:
     record["selected"] = status.selected()
     record["modules"] = _module_records(status)
     record["pipeline_check"] = status.pipeline.to_json() if status.pipeline is not None else None
-    record["all_cached"] = all(c.cached for m in status.modules.values() for g in m.graphs for c in g.candidates)
+    # Skipped candidates (not installed, a twin not built) are decided again on every run: nothing to cache.
+    record["all_cached"] = all(c.cached for m in status.modules.values() for g in m.graphs for c in g.candidates
+                               if c.status != "skipped")
     record["workspace_bytes"] = folder_bytes(ctx.workspace)
     record["inductor_cache_bytes"] = folder_bytes(ctx.workspace / "inductor_cache")
     return status, t2i
