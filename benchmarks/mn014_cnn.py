@@ -10,7 +10,10 @@ venv), the same dataloader, a fresh cache folder (``MODEL_NAVIGATOR_DEFAULT_CACH
 Model Navigator 0.14's torch runners call ``torch.cuda.synchronize()`` around every timed call even with
 ``target_device=CPU``, which raises on a CPU build of torch, so no torch runner could be profiled. This script
 makes that call a no-op where torch has no CUDA, in its own process and in the profiling processes Model Navigator
-starts (a ``sitecustomize`` on their ``PYTHONPATH``); nothing else of Model Navigator is changed.
+starts (a ``sitecustomize`` on their ``PYTHONPATH``). Its ``optimize`` ends by loading the winners with
+``load_optimized(activate_runners=False)``, whose ``device`` defaults to ``"cuda"``, which fails on a CPU
+(``Runner `OnnxCPU` not supported on DeviceKind.CUDA``) after the whole search; this script makes that default
+``"cpu"`` (:func:`_load_on_cpu`). Nothing else of Model Navigator is changed.
 """
 
 from __future__ import annotations
@@ -74,6 +77,18 @@ def _no_cuda_sync() -> None:
     exec(compile(_NO_CUDA_SYNC, "sitecustomize.py", "exec"), {})  # this process started before it existed
 
 
+def _load_on_cpu(nav) -> None:
+    """``nav.Module.load_optimized``'s default device is "cuda"; on this CPU machine it is "cpu"."""
+    from model_navigator.inplace.wrapper import Module
+
+    original = Module.load_optimized
+
+    def load_optimized(self, *args, device="cpu", **kwargs):
+        return original(self, *args, device=device, **kwargs)
+
+    Module.load_optimized = load_optimized
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -83,14 +98,17 @@ def main() -> int:
     import model_navigator as nav
     import torch
 
+    _load_on_cpu(nav)
+
     model = nav.Module(build_classifier(), name="classifier")
     dataloader = [(1, torch.randn(1, 3, 64, 64)) for _ in range(4)]
     config = nav.OptimizeConfig(target_device=nav.DeviceKind.CPU)
     start = time.perf_counter()
     nav.optimize(model, dataloader, config)
     seconds = time.perf_counter() - start
+    model.load_optimized()  # optimize left its runners inactive; the optimized module answers once loaded
     with torch.no_grad():
-        model(torch.randn(1, 3, 64, 64))  # the optimized module answers
+        model(torch.randn(1, 3, 64, 64))
     with open(args.out, "w") as out:
         json.dump({"optimize_s": seconds, "model_navigator": nav.__version__, "torch": torch.__version__,
                    "python": sys.version.split()[0]}, out, indent=2)
