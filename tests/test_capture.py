@@ -234,7 +234,7 @@ def test_recorder_min_max_and_dynamic_axes():
     spec = g.inputs[0]
     assert spec.min_shape == [1, 2, 8] and spec.max_shape == [3, 6, 8]
     assert spec.dynamic_axes == [0, 1]
-    assert spec.opt_shape == [1, 4, 8]  # first kept sample
+    assert spec.opt_shape == [3, 2, 8]  # the kept sample of the batch size that carried most samples
     assert g.outputs[0].max_shape == [3, 6, 8]
     assert g.batching is True
     assert g.dynamic_axes(max_batch_size=16) == [{0: (1, 16), 1: (2, 6)}]
@@ -304,6 +304,23 @@ def test_recorder_distinct_graphs_for_distinct_constants():
 class AddOne(torch.nn.Module):
     def forward(self, t):
         return t + 1
+
+
+def test_recorder_counts_calls_per_batch_size_and_takes_opt_shapes_from_the_most_common():
+    """A retrieval flow embeds 1 query and 8 documents per request: both sizes are counted, so the winner is
+    chosen over that mix; screening and the opt shapes use the size that carried most samples."""
+    calls = [((torch.ones(1, 5),), {}), ((torch.ones(8, 7),), {}), ((torch.ones(8, 6),), {})]
+    _, (graph,) = record_calls(calls)
+    assert graph.batching and graph.batch_counts == {1: 1, 8: 2} and graph.typical_batch == 8
+    assert graph.inputs[0].opt_shape == [8, 7] and graph.batch_weights == {1: 1, 8: 2}
+    again = type(graph).from_json(graph.to_json())  # as the manifest keeps it
+    assert again.batch_counts == {1: 1, 8: 2} and again.typical_batch == 8
+    _, (mix,) = record_calls([((torch.ones(1, 5),), {})] * 5 + [((torch.ones(2, 5),), {})])
+    assert mix.typical_batch == 1 and mix.batch_weights == {1: 5, 2: 1}  # 5 samples at batch 1, 2 at batch 2
+    _, (single,) = record_calls([((torch.ones(2, 5),), {}), ((torch.ones(2, 6),), {})])
+    assert single.typical_batch == 2 and single.batch_weights is None  # one size: compared at that size
+    _, (unbatched,) = record_calls(calls, batching=False)
+    assert unbatched.typical_batch is None and unbatched.batch_weights is None
 
 
 def test_input_mapping_is_applied_before_recording():

@@ -19,7 +19,13 @@ from typing import Optional
 
 import pytest
 
-from navdeploy.workspace.inductor import cache_checksum, cache_dir, discard_unvouched
+from navdeploy.workspace.inductor import (
+    cache_checksum,
+    cache_dir,
+    checksum_to_record,
+    discard_unvouched,
+    files_list,
+)
 from navdeploy.workspace.manifest import read_manifest, write_manifest
 
 NAME = "rel_inductor"
@@ -175,3 +181,24 @@ def test_optimize_discards_a_cache_its_manifest_does_not_vouch_for(tmp_path):
     code.write_text("x = 1\n")
     discard_unvouched(module_folder, None)  # no manifest vouches for it (a run killed before its manifest)
     assert not cache_dir(module_folder).exists()
+
+
+def test_a_cache_that_no_longer_matches_is_logged_with_the_files_that_changed(tmp_path, caplog):
+    """What wrote into a finished module's cache is read from the log: the files changed, new and missing since
+    the checksum (a list of them is written next to the cache with it)."""
+    module_folder = tmp_path / NAME
+    folder = cache_dir(module_folder)
+    for name in ("ab/kernel.py", "ab/kernel.so", "triton/x/kernel.json"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(name)
+    recorded = checksum_to_record(module_folder)
+    assert recorded == cache_checksum(module_folder) and files_list(module_folder).is_file()
+    (folder / "ab" / "kernel.py").write_text("edited")
+    (folder / "triton" / "x" / "kernel.json").unlink()
+    (folder / "dynamo").mkdir()
+    (folder / "dynamo" / "code_state_1.pkl").write_bytes(b"state")
+    with caplog.at_level("INFO", logger="navdeploy"):
+        discard_unvouched(module_folder, recorded)
+    assert not folder.exists() and not files_list(module_folder).exists()
+    assert ("changed: ab/kernel.py; new: dynamo/code_state_1.pkl; missing: triton/x/kernel.json"
+            in caplog.text), caplog.text

@@ -124,6 +124,13 @@ def test_min_latency_at_captured_batch():
     assert select(ALL, nav.MinLatency(), batch_size=None).runner == "A"  # first measurement
 
 
+def test_min_latency_over_the_captured_batch_mix():
+    # A: 1.0 ms at 1, 6.0 at 8; B: 2.0 and 4.0. One call of each size: A 3.5 ms a call on average, B 3.0.
+    assert select(ALL, nav.MinLatency(), batch_size=1, batch_weights={1: 1, 8: 1}).runner == "B"
+    assert select(ALL, nav.MinLatency(), batch_size=1, batch_weights={1: 3, 8: 1}).runner == "A"  # 2.25 vs 2.5
+    assert select(ALL, nav.MinLatency(), batch_size=1, batch_weights=None).runner == "A"
+
+
 def test_max_throughput():
     assert select(ALL, nav.MaxThroughput(), batch_size=1).runner == "B"
 

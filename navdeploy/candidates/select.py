@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from navdeploy.config import LatencyBudget, MaxThroughput, Strategy
 from navdeploy.workspace.records import CandidateRecord, ProfilePoint
@@ -29,18 +29,24 @@ ROUTING_COST_MS = 0.005
 
 
 def select(candidates: Sequence[CandidateRecord], strategy: Strategy,
-           batch_size: Optional[int], eager: Optional[str] = None) -> Optional[CandidateRecord]:
+           batch_size: Optional[int], eager: Optional[str] = None,
+           batch_weights: Optional[Mapping[int, int]] = None) -> Optional[CandidateRecord]:
     """The winning candidate record (``status == "ok"`` only), or None when none is correct.
 
-    ``batch_size`` is the batch the pipeline actually used, at which latency is compared. Under ``MinLatency``
-    a runner whose gain over ``eager`` (that candidate's name) is smaller than ``ROUTING_COST_MS`` loses to it:
-    a call routed to it would cost more than the runner saves.
+    ``batch_size`` is the batch the pipeline used most, at which latency is compared; ``batch_weights`` (captured
+    calls per batch size), when the pipeline used several, makes it the mean latency per call over that mix (a
+    retrieval flow embedding 1 query and 8 documents per request runs both sizes). Under ``MinLatency`` a runner
+    whose gain over ``eager`` (that candidate's name) is smaller than ``ROUTING_COST_MS`` loses to it: a call
+    routed to it would cost more than the runner saves.
     """
     ok = [c for c in candidates if c.ok and c.profile]
     if not ok:
         return None
 
     def latency(c: CandidateRecord) -> float:
+        if batch_weights:
+            total = sum(batch_weights.values())
+            return sum(n * _at_batch(c.profile, b).p50_ms for b, n in batch_weights.items()) / total
         return _at_batch(c.profile, batch_size).p50_ms
 
     if isinstance(strategy, MaxThroughput):

@@ -62,6 +62,9 @@ class Graph:
     batching: bool
     calls: int = 0
     samples: list[Sample] = field(default_factory=list)
+    # How many captured calls had each batch size (calls whose tensors share one axis-0 size), in first-seen order:
+    # the winner is the fastest over this mix, as the pipeline calls it.
+    batch_counts: dict[int, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -69,6 +72,7 @@ class Graph:
             "inputs": [dataclasses.asdict(t) for t in self.inputs],
             "outputs": [dataclasses.asdict(t) for t in self.outputs],
             "batching": self.batching, "calls": self.calls,
+            "batch_counts": {str(b): n for b, n in self.batch_counts.items()},
         }
 
     @classmethod
@@ -77,7 +81,25 @@ class Graph:
             key=data["key"], input_spec=data["input_spec"], output_spec=data["output_spec"],
             inputs=[TensorSpec(**t) for t in data["inputs"]], outputs=[TensorSpec(**t) for t in data["outputs"]],
             batching=data["batching"], calls=data.get("calls", 0),
+            batch_counts={int(b): int(n) for b, n in (data.get("batch_counts") or {}).items()},
         )
+
+    @property
+    def typical_batch(self) -> Optional[int]:
+        """The batch size that carried most of the captured samples (calls × size; the first seen of equals): where
+        the pipeline spends most of this graph's time, so where candidates are screened. None when the graph does
+        not batch."""
+        if not self.batching:
+            return None
+        if self.batch_counts:
+            return max(self.batch_counts, key=lambda b: self.batch_counts[b] * b)
+        return next((t.opt_shape[0] for t in self.inputs if t.opt_shape), None)
+
+    @property
+    def batch_weights(self) -> Optional[dict[int, int]]:
+        """The captured calls per batch size, when the graph batches and more than one size was seen (else None:
+        candidates are compared at :attr:`typical_batch`)."""
+        return dict(self.batch_counts) if self.batching and len(self.batch_counts) > 1 else None
 
     @functools.cached_property
     def returns_inputs(self) -> bool:

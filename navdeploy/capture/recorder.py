@@ -86,8 +86,11 @@ class Recorder:
         for spec, t in zip(graph.outputs, outputs):
             spec.update(list(t.shape))
         graph.calls += 1
-        if _batch_size_of(inputs, outputs) is None:
+        batch = _batch_size_of(inputs, outputs)
+        if batch is None:
             self._batch_consistent[key] = False
+        else:
+            graph.batch_counts[batch] = graph.batch_counts.get(batch, 0) + 1
         self._keep(graph, inputs, outputs)
         return output
 
@@ -112,12 +115,16 @@ class Recorder:
         graph.samples.append(Sample([t.detach().clone() for t in inputs], [t.detach().clone() for t in outputs]))
 
     def finish(self) -> list[Graph]:
-        """The graphs, with batching decided and opt shapes set from the first kept sample."""
+        """The graphs, with batching decided and opt shapes set from the first kept sample of their typical batch
+        size (``Graph.typical_batch``)."""
         for key, graph in self.graphs.items():
             consistent = self._batch_consistent[key]
             graph.batching = consistent if self.batching is None else (self.batching and consistent)
-            for spec, t in zip(graph.inputs, graph.samples[0].inputs):
+            typical = graph.typical_batch
+            sample = next((s for s in graph.samples if typical is not None
+                           and _batch_size_of(s.inputs, s.outputs) == typical), graph.samples[0])
+            for spec, t in zip(graph.inputs, sample.inputs):
                 spec.opt_shape = list(t.shape)
-            for spec, t in zip(graph.outputs, graph.samples[0].outputs):
+            for spec, t in zip(graph.outputs, sample.outputs):
                 spec.opt_shape = list(t.shape)
         return list(self.graphs.values())

@@ -145,7 +145,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     formats = _valid_formats(old_entry, folder) if reusable else {}
     previous = {c.name: c for c in old_entry.candidates} if reusable else {}
     pairs = candidate_pairs(config, device, job.precision)
-    batch = graph.inputs[0].opt_shape[0] if graph.batching and graph.inputs else None
+    batch = graph.typical_batch
     search = graph_search(config.strategy, thorough(config), graph.batching, batch, job.batch_sizes)
     records: dict[int, CandidateRecord] = {}  # by the candidate's place in ``pairs``: the manifest keeps that order
     built_by: dict[int, Executor] = {}  # which executor screened a candidate: it may still hold its runner
@@ -230,7 +230,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         for i, record in enumerate(candidates):
             if record.status == "screened":  # why, against the final figures (also for screens cached before)
                 candidates[i] = replace(record, error=search.screened_reason(record, candidates))
-        return candidates, select(candidates, config.strategy, batch, eager)
+        return candidates, select(candidates, config.strategy, batch, eager, graph.batch_weights)
 
     candidates, winner = selection()
     rebuild = reclaim_pruned(formats, candidates, winner, job.precision)  # the winner needs a pruned artifact
@@ -331,7 +331,8 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
             raise
         # Earlier builds, and the pruned ones, go only now: the new manifest is in place.
         remove_unnamed_builds(folder, manifest, old)
-    statuses = [GraphStatus(g.key, entries[g.key].selected, entries[g.key].candidates, g.batching)
+    statuses = [GraphStatus(g.key, entries[g.key].selected, entries[g.key].candidates, g.batching,
+                            dict(g.batch_counts) if g.batching else {})
                 for g in graphs]
     return ModuleStatus(module.name, folder, device, statuses, optimized, time.perf_counter() - start, tolerances,
                         precision=precision, precision_inferred=module.precision_inferred)

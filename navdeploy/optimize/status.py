@@ -21,6 +21,8 @@ class GraphStatus:
     selected: Optional[str]  # the winner's candidate name (``TensorRT[fp16]``), not only its runner's
     candidates: list[CandidateRecord]
     batching: bool
+    # Captured calls per batch size: with more than one size, the winner is the fastest over this mix.
+    batch_counts: dict[int, int] = field(default_factory=dict)
 
     def candidate(self, runner: str) -> Optional[CandidateRecord]:
         """The record of one candidate by its name (``OnnxCPU``, ``TensorRT[fp16]``), else the first record of

@@ -85,7 +85,7 @@ def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
             title = f"{module.name} · graph {graph.key} · {module.device}" + \
                 ("" if graph.batching else " · no batching") + \
                 (f" · {module.precision} (from its weights)" if module.precision_inferred and module.precision != "fp32"
-                 else "")
+                 else "") + _mix(graph.batch_counts)
             table = Table(title=title, title_justify="left")
             for col in ("", "runner", "format", "status", "max abs err", "p50 ms", "p90 ms", "best thr/s"):
                 table.add_column(col, justify="right" if col.endswith(("err", "ms", "/s")) else "left")
@@ -113,6 +113,13 @@ def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
                 notes.insert(0, "  [dim]* a screen: a few calls at one batch size, not a full profile[/]")
             tables.extend(notes)
     return tables
+
+
+def _mix(batch_counts: dict[int, int]) -> str:
+    """`` · chosen over the calls seen: batch 1 ×1, 8 ×2`` when the pipeline called the graph at several sizes."""
+    if len(batch_counts) < 2:
+        return ""
+    return " · chosen over the calls seen: " + ", ".join(f"batch {b} ×{n}" for b, n in sorted(batch_counts.items()))
 
 
 def _p50(c) -> str:

@@ -119,8 +119,11 @@ def _module_view(manifest: Manifest, graph_keys: Optional[list[str]], seconds: O
         batch = None
         if info.get("batching") and info.get("inputs"):
             batch = info["inputs"][0].get("opt_shape", [None])[0]
+        counts = info.get("batch_counts") or {}
+        mix = ", ".join(f"batch {b} ×{n}" for b, n in sorted(counts.items(), key=lambda kv: int(kv[0])))
         graphs.append({"key": key, "selected": entry.selected, "candidates": candidates,
                        "batching": bool(info.get("batching")), "calls": info.get("calls"), "batch": batch,
+                       "mix": mix if len(counts) > 1 else "",
                        "inputs": info.get("inputs") or [], "outputs": info.get("outputs") or [],
                        "failed": [c for c in candidates if c["status"] == "failed"],
                        "skipped": [c for c in candidates if c["status"] == "skipped"],

@@ -4,9 +4,13 @@ folder holds only graph folders; ``navdeploy clean`` removes the whole ``inducto
 that no manifest vouches for is removed by its next optimize).
 
 That code runs on reload, so it is covered like an artifact: the module's manifest holds the cache's checksum,
-taken when ``nav.optimize`` last wrote into it. A reload never runs the workspace's cache itself: it copies it into
-a private, writable folder, checks the copy against the checksum and points ``TORCHINDUCTOR_CACHE_DIR`` there (a
-cache that does not match is not used: the reload compiles again, into an empty private folder). So a read-only
+taken when ``nav.optimize`` last wrote into it. Next to the cache, ``<module>.files.json`` lists each file's own
+hash at that moment: when the cache no longer matches, the log names the files that changed, appeared or went
+(what wrote into a finished module's cache is then found from the log alone).
+
+A reload never runs the workspace's cache itself: it copies it into a private, writable folder, checks the copy
+against the checksum and points ``TORCHINDUCTOR_CACHE_DIR`` there (a cache that does not match is not used: the
+reload compiles again, into an empty private folder). So a read-only
 workspace loads every winner (inductor creates lock files in its cache), and a reload writes nothing into the
 workspace. A cache the user chose (``TORCHINDUCTOR_CACHE_DIR``) is the user's: navdeploy neither checks nor copies
 it."""
@@ -16,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -24,6 +29,8 @@ import threading
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
+
+from navdeploy.workspace.atomic import write_json_atomic
 
 log = logging.getLogger("navdeploy")
 
@@ -104,23 +111,66 @@ def cache_checksum(module_folder: Path) -> Optional[str]:
 
 def checksum_to_record(module_folder: Path) -> Optional[str]:
     """What a module's manifest records at the end of its optimize: its cache's checksum, or None when the run
-    compiled into a cache the user chose (the module's own, if any, then holds nothing of this run)."""
-    return cache_checksum(module_folder) if user_cache_dir() is None else None
+    compiled into a cache the user chose (the module's own, if any, then holds nothing of this run). The list of
+    the cache's files and their hashes is written next to it, for :func:`describe_changes`."""
+    if user_cache_dir() is not None:
+        return None
+    folder = cache_dir(module_folder)
+    checksum, files = _digest(folder)
+    if checksum is not None:
+        try:
+            write_json_atomic(files_list(module_folder), files)
+        except OSError as exc:  # a diagnostic only: the checksum alone still guards the cache
+            log.warning("cannot write %s (%s)", files_list(module_folder), exc)
+    return checksum
+
+
+def files_list(module_folder: Path) -> Path:
+    """``<workspace>/inductor_cache/<module>.files.json``: the cache's files and their hashes at its checksum."""
+    return cache_dir(module_folder).with_name(module_folder.name + ".files.json")
 
 
 def _checksum(folder: Path) -> Optional[str]:
+    return _digest(folder)[0]
+
+
+def _digest(folder: Path) -> tuple[Optional[str], dict[str, str]]:
+    """The folder's checksum (file names and bytes, in name order) and each file's own sha256."""
     if not folder.is_dir():
-        return None
-    h = hashlib.sha256()
+        return None, {}
+    h, files = hashlib.sha256(), {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
         relative = path.relative_to(folder)
         if relative.parts[0] in _NOT_CODE:
             continue
         h.update(str(relative).encode() + b"\0")
+        one = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-    return h.hexdigest()
+                one.update(chunk)
+        files[str(relative)] = one.hexdigest()
+    return h.hexdigest(), files
+
+
+def describe_changes(module_folder: Path, folder: Optional[Path] = None, shown: int = 5) -> str:
+    """Which files of the module's cache (or of ``folder``, a copy of it) differ from the list taken with its
+    checksum, e.g. ``changed: a/x.py; new: triton/b.json (+3 more)``; empty when there is no list to compare."""
+    try:
+        recorded = json.loads(files_list(module_folder).read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(recorded, dict):
+        return ""
+    current = _digest(folder or cache_dir(module_folder))[1]
+    parts = []
+    for what, names in (("changed", [n for n in current if n in recorded and current[n] != recorded[n]]),
+                        ("new", [n for n in current if n not in recorded]),
+                        ("missing", [n for n in recorded if n not in current])):
+        if names:
+            more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+            parts.append(f"{what}: {', '.join(sorted(names)[:shown])}{more}")
+    return "; ".join(parts)
 
 
 def discard_unvouched(module_folder: Path, recorded: Optional[str]) -> None:
@@ -133,8 +183,12 @@ def discard_unvouched(module_folder: Path, recorded: Optional[str]) -> None:
     if recorded is not None and _checksum(folder) == recorded:
         return
     why = "does not match the checksum in its manifest" if recorded else "is not covered by a manifest"
-    log.info("%s %s: removing it (torch.compile and AOTInductor compile again)", folder, why)
+    changes = describe_changes(module_folder) if recorded else ""
+    log.info("%s %s%s: removing it (torch.compile and AOTInductor compile again)", folder, why,
+             f" ({changes})" if changes else "")
     shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        files_list(module_folder).unlink()
 
 
 def _not_copied(folder: str, names: list[str]) -> set[str]:
@@ -177,7 +231,8 @@ def private_copy(module_folder: Path, recorded: Optional[str], module_name: str)
             message = (f"its inductor cache {source} does not match the checksum in its manifest (modified or "
                        "incomplete); its code is not used and torch.compile/AOTInductor compile again. Re-run "
                        "nav.optimize to rebuild it.")
-            log.warning("module %s: %s", module_name, message)
+            changes = describe_changes(module_folder, copy) if copy.is_dir() else ""
+            log.warning("module %s: %s%s", module_name, message, f" Differences: {changes}." if changes else "")
             warnings.warn(f"navdeploy: module {module_name!r}: {message}", RuntimeWarning, stacklevel=4)
         else:
             log.info("module %s: no checked inductor cache in %s; torch.compile/AOTInductor compile again",

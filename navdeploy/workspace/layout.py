@@ -4,6 +4,7 @@
     <workspace>/reports/                        HTML reports
     <workspace>/inductor_cache/<module>/        torch.compile's and AOTInductor's cache of a module (unless the user
                                                 set one; workspaces of earlier versions have one cache for all)
+    <workspace>/inductor_cache/<module>.files.json  that cache's files and hashes when its checksum was taken
     <workspace>/<module>/manifest.json          candidates, errors, metrics, selection per graph
     <workspace>/<module>/navdeploy.log          log of every optimize run of the module
     <workspace>/<module>/.lock, .lock.owner     held (flock) by the run optimizing the module; who holds it
