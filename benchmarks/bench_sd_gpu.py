@@ -345,7 +345,7 @@ def _module_records(status) -> dict:
                  "cached": c.cached, "max_abs_err": c.max_abs_err,
                  "p50_ms": {str(p.batch_size): p.p50_ms for p in c.profile}, "times": c.times}
                 for c in g.candidates]})
-        modules[name] = {"optimized": m.optimized, "seconds": m.seconds, "precision": m.precision,
+        modules[name] = {"optimized": m.optimized, "seconds": m.seconds, "bind_s": m.bind_s, "precision": m.precision,
                          "precision_inferred": m.precision_inferred, "reverted": m.reverted, "graphs": graphs}
     return modules
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -104,7 +105,10 @@ def test_workspace_holds_manifest_log_samples_and_artifacts(optimized):
     assert manifest["module"] == "e2e_cnn" and manifest["device"] == "cpu"
     (key, entry), = manifest["graphs"].items()
     assert entry["selected"] == status.modules["e2e_cnn"].graphs[0].selected
-    assert (folder / "navdeploy.log").stat().st_size > 0
+    log = (folder / "navdeploy.log").read_text()
+    bind_s = status.modules["e2e_cnn"].bind_s
+    assert bind_s is not None and 0 <= bind_s < status.modules["e2e_cnn"].seconds
+    assert re.search(r"module e2e_cnn bound in \d+\.\d s", log) or status.modules["e2e_cnn"].reverted, log[-2000:]
     samples = torch.load(folder / key / "samples.pt", weights_only=True)
     assert len(samples["inputs"]) == len(samples["outputs"]) >= 2
     for fmt, state in entry["formats"].items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -114,6 +115,7 @@ def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fing
     ``in_optimize`` (the end of ``nav.optimize``, whose scope points at the workspace's cache, and which records
     the cache's checksum after this) they load from the workspace's cache itself."""
     module.nav_state.unbind()  # every path that does not bind leaves the module eager
+    start = time.perf_counter()
     if manifest is None:
         manifest, problem = load_manifest(folder)
         if problem:
@@ -140,7 +142,9 @@ def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fing
     selected = {key: entry.selected for key, entry in manifest.graphs.items()}
     if selected and all(name in EAGER_RUNNER.values() for name in selected.values()):  # eager, own precision
         module.nav_state.bind(None)
-        return True  # eager won everywhere: plain pass-through, no routing cost
+        log.info("module %s bound in %.1f s: eager won everywhere (a plain pass-through, no routing)", module.name,
+                 time.perf_counter() - start)
+        return True
     graphs: dict[str, tuple[Graph, RunFn]] = {}
     problems = []
     with _inductor_cache_for(module, folder, manifest, in_optimize):
@@ -163,5 +167,6 @@ def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fing
     watch = WeightsWatch(module.__wrapped__, module.nav_state)  # calls the runner no longer stands for run eagerly
     module.nav_state.bind(OptimizedHandler(module.name, graphs, manifest.max_batch_size,
                                            module.nav_state.output_mapping, watch))
-    log.info("module %s bound: %s", module.name, {k: manifest.graphs[k].selected for k in graphs})
+    log.info("module %s bound in %.1f s: %s", module.name, time.perf_counter() - start,
+             {k: manifest.graphs[k].selected for k in graphs})
     return True

@@ -320,7 +320,9 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                             module.nav_state.forward_func, config.max_batch_size, list(batch_sizes),
                             dict(tolerances), entries, now(), precision_inferred=module.precision_inferred)
         # Bound first: its warm-up compiles into the module's inductor cache, whose checksum the manifest records.
+        bind_start = time.perf_counter()
         optimized = bind(module, folder, manifest, fp, in_optimize=True)
+        bind_s = time.perf_counter() - bind_start
         manifest.inductor_cache = checksum_to_record(folder)
         if not keep_artifacts(config):
             mark_unused(manifest)  # builds nothing will load: their records stay, their folders go below
@@ -335,4 +337,4 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                             dict(g.batch_counts) if g.batching else {})
                 for g in graphs]
     return ModuleStatus(module.name, folder, device, statuses, optimized, time.perf_counter() - start, tolerances,
-                        precision=precision, precision_inferred=module.precision_inferred)
+                        precision=precision, precision_inferred=module.precision_inferred, bind_s=bind_s)

@@ -49,6 +49,7 @@ class ModuleStatus:
     reverted: Optional[str] = None  # why the pipeline check put it back to eager
     precision: str = "fp32"  # of its weights: eager runs in it, and candidates are checked against it
     precision_inferred: bool = False  # read from the weights, not given to nav.Module
+    bind_s: Optional[float] = None  # putting the winners in place after the candidates (loads, warm-up compiles)
 
 
 @dataclass

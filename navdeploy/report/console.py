@@ -150,7 +150,8 @@ def print_status(status: OptimizeStatus, detailed: bool = False) -> None:
     for table in status_tables(status, detailed):
         _console.print(table, highlight=False)
     for module in status.modules.values():
-        _console.print(f"[dim]{module.name}: {module.seconds:.1f}s, log and manifest in {module.folder}[/]")
+        bind = f" (bind {module.bind_s:.1f}s)" if module.bind_s is not None else ""
+        _console.print(f"[dim]{module.name}: {module.seconds:.1f}s{bind}, log and manifest in {module.folder}[/]")
     pipeline = getattr(status, "pipeline", None)
     if pipeline is not None and pipeline.optimized_s is not None and pipeline.eager_s:
         for line in pipeline_lines(pipeline):

@@ -358,7 +358,7 @@ def _status_run(status: "OptimizeStatus", env: Optional[dict] = None, created: O
             "seconds": status.seconds, "pipeline": status.pipeline.to_json() if status.pipeline else None,
             "env": env or collect_environment(),
             "modules": {n: {"folder": str(m.folder), "graphs": [g.key for g in m.graphs], "seconds": m.seconds,
-                            "optimized": m.optimized} for n, m in status.modules.items()}}
+                            "bind_s": m.bind_s, "optimized": m.optimized} for n, m in status.modules.items()}}
 
 
 def _modules_from_record(record: dict) -> list[dict]:
