@@ -397,3 +397,18 @@ def test_spec_key_ignores_kwargs_order():
     a = spec_key(*flatten_call((), {"x": x, "mask": m}, "m"))
     b = spec_key(*flatten_call((), {"mask": m, "x": x}, "m"))
     assert a == b
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_a_call_that_writes_into_its_input_is_not_captured(mode):
+    """ReLU(inplace=True) on the input changes the caller's tensor; a runner (ONNX, AOTInductor) would leave it as
+    it was, so such calls stay eager and say why. With an inference tensor (no version counter) too."""
+    module = torch.nn.Sequential(torch.nn.ReLU(inplace=True), torch.nn.Linear(4, 2)).eval()
+    rec = Recorder("writes_input", 2, None)
+    with mode():
+        x = torch.randn(3, 4)
+        out = rec.record(module, (x,), {})
+        assert (x >= 0).all()  # eager's effect on the caller's tensor is kept
+        torch.testing.assert_close(out, module[1](x))
+    assert rec.uncapturable is not None and "input tensor #0 in place" in rec.uncapturable
+    assert not rec.graphs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import pickle
 import warnings
 
@@ -298,6 +299,26 @@ def test_deepcopy_with_forward_func_gives_independent_module(uname):
     assert torch.equal(clone(torch.randn(1, 4)), torch.zeros(1, 3))
     pickle.dumps(m)
 
+
+
+def test_deepcopy_of_the_plain_module_computes_with_the_copy(uname):
+    """With forward_func the user often keeps calling the plain module (model.generate), and copies it (an EMA or
+    reference copy): the copy's forward must be its own, not the original's routed one (deepcopy keeps functions
+    as they are, so a routing closure in the instance dict computed with the original's weights and runner)."""
+    inner = Encoder()
+    m = nav.Module(inner, name=uname, forward_func="forward")
+    log = []
+    m.nav_state.handler = recording_handler(log)
+    clone = copy.deepcopy(inner)
+    with torch.no_grad():
+        clone.proj.weight.zero_()
+        clone.proj.bias.zero_()
+    x = torch.randn(1, 4)
+    assert torch.equal(clone.encode(x), torch.zeros(1, 3))
+    assert torch.equal(clone(x), torch.zeros(1, 3))
+    assert log == []  # not routed through the original's nav.Module
+    assert inspect.signature(clone.forward) == inspect.signature(inner.forward)
+    assert torch.allclose(inner.encode(x), inner.proj(x) * 2) and len(log) == 1  # the original is still routed
 
 @torch.no_grad()  # the optimized path: with grad on, parameters that require grad send a call to eager
 def test_forward_hooks_run_around_the_optimized_runner(tmp_path, uname, choose_candidate):

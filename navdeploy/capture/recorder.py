@@ -29,6 +29,24 @@ def _same(t: torch.Tensor, before: torch.Tensor) -> bool:
     return t.shape == before.shape and t.dtype == before.dtype and bool(torch.equal(t, before))
 
 
+def _states(inputs: list[torch.Tensor], held: dict[int, torch.Tensor]) -> list[object]:
+    """What each input tensor not held by an HF cache is before the call, to see whether the call writes into it:
+    its version counter, or a copy for an inference tensor (which has no counter)."""
+    return [None if i in held else t.detach().clone() if t.is_inference() else t._version
+            for i, t in enumerate(inputs)]
+
+
+def _written(inputs: list[torch.Tensor], before: list[object]) -> Optional[int]:
+    """The index of the first input tensor the call changed in place (see ``_states``), or None."""
+    for i, (t, state) in enumerate(zip(inputs, before)):
+        if isinstance(state, torch.Tensor):
+            if not _same(t, state):
+                return i
+        elif state is not None and t._version != state:
+            return i
+    return None
+
+
 class Recorder:
     """Collects the calls of one wrapped module into graphs while ``nav.optimize`` runs the callable."""
 
@@ -51,7 +69,13 @@ class Recorder:
             return self._not_captured(exc, fn(*args, **kwargs))
         # An HF cache argument is changed by the call (in place, for a StaticCache): keep what the call was given.
         held = {i: inputs[i].detach().clone() for i in held_tensors(in_spec)}
+        before = _states(inputs, held)
         output = fn(*args, **kwargs)
+        written = _written(inputs, before)
+        if written is not None:
+            return self._not_captured(f"it changes its input tensor #{written} in place (e.g. an in-place activation "
+                                      "on its input); a runner does not write into its inputs, so the caller would "
+                                      "see the tensor unchanged", output)
         aliases = input_aliases(in_spec, args, kwargs, inputs) if cache_paths(in_spec) else None
         try:
             out_spec, outputs = flatten(output, path=f"{self.name} outputs", outputs=True, aliases=aliases)

@@ -42,7 +42,7 @@ class _Route(NamedTuple):
 
 def _flat_key(args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> Optional[tuple]:
     """The memo key of a flat call (its arity, keyword names, and for each value: a tensor's dtype, shape and device,
-    a constant's type and value), with its tensors appended to ``tensors``; None when a value is neither (a
+    a constant's ``_constant_key``), with its tensors appended to ``tensors``; None when a value is neither (a
     container, a cache object). Runs on every call of an optimized module: cheap attributes only."""
     if kwargs:
         names = sorted(kwargs)
@@ -55,10 +55,16 @@ def _flat_key(args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> Optiona
             key += (value.dtype, value.shape, value.device)
             tensors.append(value)
         elif isinstance(value, _CONSTANTS):
-            key += (type(value), value)
+            key += _constant_key(value)
         else:
             return None
     return tuple(key)
+
+
+def _constant_key(value: Any) -> tuple:
+    """A constant's part of a memo key: its type and value, and for a float zero its sign (-0.0 == 0.0 and they
+    hash alike, so one dict key would serve both, but they are different constants of the traced graph)."""
+    return (type(value), value, repr(value)) if isinstance(value, float) and not value else (type(value), value)
 
 
 def _flat_call(args: tuple, kwargs: dict) -> tuple[Optional[tuple], list[torch.Tensor]]:
@@ -74,7 +80,7 @@ def _flat_call(args: tuple, kwargs: dict) -> tuple[Optional[tuple], list[torch.T
             signature.append((value.dtype, value.dim(), value.is_cuda))
             tensors.append(value)
         elif isinstance(value, _CONSTANTS):
-            signature.append((type(value), value))
+            signature.append(_constant_key(value))
         else:
             return None, []
     return (len(args), tuple(names), tuple(signature)), tensors

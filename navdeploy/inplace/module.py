@@ -226,24 +226,12 @@ class Module(wrapt.ObjectProxy):
     def _nav_patch(self) -> None:
         """Shadow ``forward_func`` on the instance so calls like ``self.forward(x)`` are routed too."""
         module, name = self.__wrapped__, self._self_state.forward_func
-        original = getattr(type(module), name).__get__(module)
-        proxy_ref = weakref.ref(self)
-
-        # wraps: callers that inspect the method (HF generate reads forward's signature to decide which inputs,
-        # e.g. position_ids, to pass) see the original's signature, name and doc, not (*args, **kwargs).
-        @functools.wraps(original)
-        def routed(*args: Any, **kwargs: Any) -> Any:
-            proxy = proxy_ref()
-            if proxy is None:
-                return original(*args, **kwargs)
-            return proxy._nav_call(original, args, kwargs)
-
-        routed.__navdeploy_routed__ = True
-        module.__dict__[name] = routed  # bypasses nn.Module.__setattr__: a plain instance attribute
+        # A plain instance attribute (bypasses nn.Module.__setattr__).
+        module.__dict__[name] = _Routed(self, name, getattr(type(module), name).__get__(module))
 
     def _nav_unpatch(self) -> None:
         name = self._self_state.forward_func
-        if name and getattr(self.__wrapped__.__dict__.get(name), "__navdeploy_routed__", False):
+        if name and isinstance(self.__wrapped__.__dict__.get(name), _Routed):
             del self.__wrapped__.__dict__[name]
 
     @contextlib.contextmanager
@@ -255,6 +243,34 @@ class Module(wrapt.ObjectProxy):
         finally:
             if self._self_state.forward_func is not None:
                 self._nav_patch()
+
+
+class _Routed:
+    """The ``forward_func`` method of a wrapped module, routed through its nav.Module (``Module._nav_call``).
+
+    A callable object rather than a closure so that a deep copy of the *module* (``copy.deepcopy(model)`` of the
+    plain model the user still holds, e.g. for an EMA or reference copy) gets its own method, bound to the copy:
+    deepcopy keeps functions as they are, and the copy would compute with the original's weights and runner."""
+
+    def __init__(self, proxy: Module, name: str, original: Callable):
+        # Callers that inspect the method (HF generate reads forward's signature to decide which inputs, e.g.
+        # position_ids, to pass) see the original's signature, name and doc, not (*args, **kwargs).
+        functools.update_wrapper(self, original)
+        self._proxy = weakref.ref(proxy)
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        proxy = self._proxy()
+        if proxy is None:
+            return self.__wrapped__(*args, **kwargs)
+        return proxy._nav_call(self.__wrapped__, args, kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        original = self.__wrapped__
+        copied = memo.get(id(original.__self__))  # the module's copy, made before its __dict__ is copied
+        if copied is None:  # the method copied on its own: a plain method of a copy of the module
+            copied = copy.deepcopy(original.__self__, memo)
+        return getattr(type(copied), self._name).__get__(copied)
 
 
 # The nn.Module methods above that return the module itself: one docstring for all of them.

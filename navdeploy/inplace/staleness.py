@@ -1,5 +1,6 @@
 """When a bound runner no longer stands for the live module: its weights changed since it was built, it is in
-training mode, or the call needs autograd. Such calls run eagerly (the handler says why, once).
+training mode, the call needs autograd, or it runs under ``torch.autocast``. Such calls run eagerly (the handler says
+why, once).
 
 The checks run on every call of an optimized module, so each is a read or two: an in-place edit (``copy_`` from
 ``load_state_dict``, ``mul_`` under ``no_grad``, an optimizer step) bumps a version counter, and the parameters
@@ -30,6 +31,10 @@ _TRAINING = ("training mode: the module is in training mode (dropout, batch-norm
              "the optimized runner")
 _AUTOGRAD = ("autograd: grad mode is on and its inputs or parameters require grad; the runner returns no gradients. "
              "Call it under torch.no_grad() or torch.inference_mode() to use the optimized runner")
+_AUTOCAST = ("autocast: torch.autocast is on, under which eager computes in its lower precision and returns its dtype; "
+             "the runner computes in the precision it was built for. Call it outside torch.autocast to use the "
+             "optimized runner")
+_autocast_on = torch._C._is_any_autocast_enabled  # one C call: is autocast on for any device type
 
 
 def _bump(*_: Any) -> None:
@@ -113,4 +118,6 @@ class WeightsWatch:
         if torch.is_grad_enabled() and (any(map(_requires_grad, inputs)) or any(map(_requires_grad, self._tensors))):
             self.for_training()
             return _AUTOGRAD
+        if _autocast_on():  # eager would compute in autocast's dtype; a runner is built in one precision
+            return _AUTOCAST
         return None
