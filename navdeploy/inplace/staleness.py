@@ -7,12 +7,15 @@ The checks run on every call of an optimized module, so each is a read or two: a
 share one (``versions.share``), so whether any was edited is one read whatever their number (buffers, and
 parameters that cannot share, are read one by one); a replaced parameter or buffer goes through ``nn.Module``'s
 registration hooks, which bump a process-wide generation; ``.to()``/``.half()``... on the proxy bump the module's
-own conversion count (they change tensors through ``set_data``, which keeps the version counter)."""
+own conversion count (they change tensors through ``set_data``, which keeps the version counter). A forward hook
+registered on a submodule after the bind bumps the generation too: the runner does not run submodules, so their
+hooks would silently not run (their forward-hook dicts, empty at the bind, are replaced by ones that bump it)."""
 
 from __future__ import annotations
 
 import itertools
 import operator
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -51,6 +54,54 @@ def _install_hooks() -> None:
     _hooked[0] = True
 
 
+class _WatchedHooks(OrderedDict):
+    """A submodule's forward (pre-)hook dict: registering or removing a hook bumps the generation the per-call
+    check reads, so a hook added after the bind is seen at no cost per call. It pickles and copies as the plain
+    OrderedDict it replaces (nothing of navdeploy's in a saved module)."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        _bump()
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        _bump()
+
+    def __reduce__(self) -> tuple:
+        return OrderedDict, (list(self.items()),)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+
+
+def _watch_submodule_hooks(module: torch.nn.Module) -> list[tuple[str, OrderedDict]]:
+    """The forward-hook dicts of ``module``'s submodules, each replaced by a ``_WatchedHooks`` where it is empty (a
+    non-empty one stays: a hook's removal handle holds that very dict). Hooks of ``module`` itself run around the
+    runner and need no watching."""
+    watched = []
+    for name, sub in module.named_modules():
+        if sub is module:
+            continue
+        for attr in _HOOK_DICTS:
+            hooks = sub.__dict__.get(attr)
+            if type(hooks) is OrderedDict and not hooks:
+                hooks = sub.__dict__[attr] = _WatchedHooks()
+            if isinstance(hooks, _WatchedHooks):
+                watched.append((name, hooks))
+    return watched
+
+
+def _hooks_reason(watched: list[tuple[str, OrderedDict]]) -> Optional[str]:
+    names = sorted({name for name, hooks in watched if hooks})
+    if not names:
+        return None
+    return (f"submodule hooks: forward hooks were registered on {', '.join(repr(n) for n in names[:3])}"
+            f"{' and others' if len(names) > 3 else ''} after it was optimized; the runner does not run submodules, "
+            "so their hooks would not run. Remove them to use the optimized runner")
+
+
 def _tensors(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
     return (*module.parameters(), *module.buffers())
 
@@ -75,6 +126,8 @@ class WeightsWatch:
         self.versions = versions.share(module.parameters(), module.buffers())
         self.changed: Optional[str] = None  # set once: a runner built from other weights never comes back
         self._training_seen = False
+        self._hook_dicts = _watch_submodule_hooks(module)
+        self.hooks: Optional[str] = None  # while submodules have forward hooks added after the bind
 
     def _weights_changed(self) -> Optional[str]:
         if self._state.conversions != self._seen_conversions:
@@ -86,8 +139,9 @@ class WeightsWatch:
                 return "its parameters or buffers were replaced since it was optimized"
         if self.versions.changed():
             return "its parameters or buffers were edited in place (e.g. load_state_dict) since it was optimized"
-        if _current[0] != self._generation:  # some module registered a tensor: is it one of ours?
+        if _current[0] != self._generation:  # some module registered a tensor or a hook: is it one of ours?
             self._generation = _current[0]
+            self.hooks = _hooks_reason(self._hook_dicts)
             if tuple(map(id, _tensors(self.module))) != self._ids:
                 return "its parameters or buffers were replaced since it was optimized"
         return None
@@ -112,6 +166,8 @@ class WeightsWatch:
             self.changed = self._weights_changed()
         if self.changed is not None:
             return f"stale runner: {self.changed}; re-run nav.optimize to optimize the new weights"
+        if self.hooks is not None:
+            return self.hooks
         if self.module.training:
             self.for_training()
             return _TRAINING
