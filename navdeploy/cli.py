@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import runpy
 import shutil
 import sys
@@ -29,6 +30,7 @@ from rich.table import Table
 
 from navdeploy.config import CONSOLE_MODES, default_workspace, run_defaults
 from navdeploy.formats.registry import EAGER_RUNNER
+from navdeploy.workspace.identity import module_folders
 from navdeploy.workspace.manifest import load_manifest
 from navdeploy.workspace.records import CandidateRecord
 
@@ -64,6 +66,19 @@ def _warnings_as_lines() -> Iterator[None]:
         finally:  # also when the block fails: the warnings often say why
             for w in caught:
                 _warn(str(w.message).removeprefix("navdeploy: "))
+
+
+@contextlib.contextmanager
+def _quiet_log() -> Iterator[None]:
+    """Keep navdeploy's log records out of the terminal inside the block (Python prints a library's warnings
+    when no handler is set): the command prints each problem once, as one line."""
+    log = logging.getLogger("navdeploy")
+    handler = logging.NullHandler()
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -179,7 +194,7 @@ def status(workspace: Optional[Path] = WorkspaceOption) -> None:
     for col in ("module", "graph", "device", "selected", "p50 ms", "eager p50 ms", "candidates ok/tried", "updated"):
         table.add_column(col)
     found = 0
-    for folder in sorted(p for p in ws.iterdir() if p.is_dir()):
+    for folder in module_folders(ws):  # not the user's folders beside them (a manifest.json of their own)
         manifest, problem = load_manifest(folder)
         if problem:  # one line naming the file; the other modules are still listed
             _warn(f"{problem}; re-run nav.optimize for that module, or `navdeploy clean {folder.name}`.")
@@ -214,17 +229,23 @@ def report(workspace: Optional[Path] = WorkspaceOption,
     matplotlib. Example: navdeploy report -w ./workspace --open
     """
     from navdeploy.report.html import render_workspace_report
+    from navdeploy.workspace.atomic import write_error
+    from navdeploy.workspace.layout import REPORTS_DIR
 
     ws = _workspace(workspace)
     if not ws.is_dir():
         raise _fail(f"workspace {ws} does not exist; run nav.optimize first or pass --workspace.")
+    if output is not None and (output.is_dir() or not output.name):
+        raise _fail(f"--output {output} is a folder; give the HTML file to write, e.g. "
+                    f"--output {output / 'report.html'}")
     try:
-        with _warnings_as_lines():  # an unusable manifest: one line naming it, the report covers the others
+        with _warnings_as_lines(), _quiet_log():  # an unusable manifest: one line naming it (not the log's too)
             path = render_workspace_report(ws, output)
     except FileNotFoundError as exc:
         raise _fail(str(exc)) from exc
     except OSError as exc:
-        raise _fail(f"cannot write the report: {_one_line(exc)}") from exc
+        where = output if output is not None else ws / REPORTS_DIR
+        raise _fail(str(write_error(exc, where, "or pass --output FILE to write the report elsewhere"))) from exc
     _console.print(f"report: {path}", soft_wrap=True, highlight=False)
     if open_:
         import webbrowser
@@ -262,6 +283,8 @@ def export_repo(path: Path = typer.Argument(Path("model_repository"), help="Repo
     from navdeploy.errors import NavdeployError
     from navdeploy.triton import export_model_repository, plan_repository
 
+    if instances < 1:
+        raise _fail(f"--instances must be 1 or more (model instances per model), not {instances}.", 2)
     try:
         out = export_model_repository(path, module or None, backend, workspace, instance_count=instances,
                                       warmup=warmup, templates_dir=templates, triton_version=triton_version,
@@ -294,6 +317,9 @@ def validate_repo(path: Path = typer.Argument(..., help="Model repository folder
     if target not in ("auto", "cpu", "gpu"):
         _console.print(f"[red]--target must be auto, cpu or gpu, not {target!r}[/]")
         raise typer.Exit(2)
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise _fail(f"{path} {what}; pass the model repository folder (navdeploy export-repo writes one).")
     try:
         problems = validate_repository(path, target=target, triton_version=triton_version)
     except NavdeployError as exc:
@@ -432,7 +458,7 @@ def serve_repo(path: Path = typer.Argument(..., help="Model repository folder (P
 def _clean_targets(ws: Path, module: Optional[str]) -> list[Path]:
     """What ``clean`` deletes: the named module's folder, or every module folder and navdeploy's own folders.
     Anything that is not a navdeploy workspace or module folder is refused with one line."""
-    from navdeploy.workspace.identity import is_module_folder, is_workspace, module_folders, own_folders
+    from navdeploy.workspace.identity import is_module_folder, is_workspace, own_paths
     from navdeploy.workspace.layout import WORKSPACE_MARKER, plain_name_problem
 
     if not ws.is_dir():
@@ -441,7 +467,7 @@ def _clean_targets(ws: Path, module: Optional[str]) -> list[Path]:
         raise _fail(f"{ws} is not a navdeploy workspace (no {WORKSPACE_MARKER} and no module folder with a valid "
                     "manifest); clean deletes only what nav.optimize wrote. Pass the workspace with --workspace.")
     if module is None:
-        return module_folders(ws) + own_folders(ws)
+        return module_folders(ws) + own_paths(ws)
     if plain_name_problem(module):
         raise _fail(f"{module!r} is not a module name: clean takes the name of one module of the workspace as "
                     "`navdeploy status` lists it (no path, no '..'), e.g. `navdeploy clean unet`.")
@@ -453,21 +479,26 @@ def _clean_targets(ws: Path, module: Optional[str]) -> list[Path]:
 
 
 def _delete(path: Path) -> None:
-    """Delete a module folder, refusing while an optimize run holds its lock (it would rebuild half of it)."""
+    """Delete a module folder (refusing while an optimize run holds its lock: it would rebuild half of it), the
+    inductor cache or a report file."""
     from filelock import FileLock, Timeout
 
+    from navdeploy.workspace.atomic import write_error
     from navdeploy.workspace.locks import LOCK_FILE
 
+    fix = "or leave the workspace as it is"
     lock = FileLock(str(path / LOCK_FILE)) if (path / LOCK_FILE).exists() else None
     try:
         if lock is not None:
             lock.acquire(timeout=0)
     except Timeout:
         raise _fail(f"{path} is being optimized by another run; wait for it to finish, then clean.") from None
+    except OSError as exc:  # a read-only workspace cannot even take the lock
+        raise _fail(str(write_error(exc, path, fix)).replace("cannot write", "cannot delete", 1)) from exc
     try:
-        shutil.rmtree(path)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     except OSError as exc:
-        raise _fail(f"cannot delete {path}: {_one_line(exc)}") from exc
+        raise _fail(str(write_error(exc, path, fix)).replace("cannot write", "cannot delete", 1)) from exc
     finally:
         if lock is not None:
             lock.release()
@@ -479,19 +510,23 @@ def clean(module: Optional[str] = typer.Argument(None, help="Module name; all mo
           yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
     """Delete results from the workspace so the next nav.optimize rebuilds them.
 
-    Only a navdeploy workspace is cleaned, and in it only module folders (and reports/, inductor_cache/); the
-    workspace folder and files navdeploy did not write stay. Example: navdeploy clean unet --yes
+    Only a navdeploy workspace is cleaned, and in it only the module folders navdeploy created, inductor_cache/
+    and the reports in reports/; files navdeploy did not write stay. Example: navdeploy clean unet --yes
     """
+    from navdeploy.workspace.layout import REPORTS_DIR
+
     ws = _workspace(workspace)
     targets = _clean_targets(ws, module)
     if not targets:
         _console.print(f"nothing to clean in {ws}", soft_wrap=True, highlight=False)
         return
-    listing = ", ".join(p.name for p in targets)
+    listing = ", ".join(str(p.relative_to(ws)) for p in targets)
     if not yes and not typer.confirm(f"Delete {listing} from {ws}?"):
         raise typer.Exit(1)
     for path in targets:
         _delete(path)
+    with contextlib.suppress(OSError):  # reports/ goes once it is empty: not when it holds files of the user's
+        (ws / REPORTS_DIR).rmdir()
     _console.print(f"deleted {listing} from {ws}", soft_wrap=True, highlight=False)
 
 

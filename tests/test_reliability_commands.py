@@ -8,9 +8,13 @@ validated reader, so a hand-edited manifest is one line naming the file. The com
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -218,3 +222,120 @@ def test_status_and_export_on_a_hand_edited_manifest_name_the_file(ws, tmp_path,
     assert not (tmp_path / "repo").exists()
     report = cli("report", "-w", str(ws))
     assert report.exit_code == 1 and str(path) in report.output
+
+
+# -- a workspace that is also the user's project folder (``-w .``) --------------------------------------------
+
+
+def _users_files(ws: Path) -> dict[str, str]:
+    """Folders of the user's own beside the modules, named like navdeploy's: what a project used as the workspace
+    holds (a web app's manifest.json, a log named navdeploy.log, the user's reports/)."""
+    mine = {"webapp/manifest.json": '{"name": "my app", "icons": []}', "docs/navdeploy.log": "notes",
+            "reports/q3.txt": "my report"}
+    for rel, text in mine.items():
+        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ws / rel).write_text(text)
+    return mine
+
+
+def test_clean_all_in_a_project_folder_deletes_only_what_navdeploy_wrote(ws):
+    mine = _users_files(ws)
+    result = cli("clean", "--yes", "-w", str(ws))
+    assert result.exit_code == 0, result.output
+    assert {rel: (ws / rel).read_text() for rel in mine} == mine
+    assert not (ws / NAME).exists() and sorted(p.name for p in (ws / "reports").iterdir()) == ["q3.txt"]
+
+
+@pytest.mark.parametrize("name", ["webapp", "docs"])
+def test_clean_refuses_a_users_folder_that_looks_like_a_module(ws, name):
+    mine = _users_files(ws)
+    assert f"no module {name!r}" in one_line_error(cli("clean", name, "--yes", "-w", str(ws)))
+    assert {rel: (ws / rel).read_text() for rel in mine} == mine
+
+
+def test_status_report_and_export_ignore_a_users_manifest_json(ws, tmp_path):
+    _users_files(ws)
+    status = cli("status", "-w", str(ws))
+    assert status.exit_code == 0 and "webapp" not in status.output, status.output  # never `navdeploy clean webapp`
+    report = cli("report", "-w", str(ws), "-o", str(tmp_path / "r.html"))
+    assert report.exit_code == 0 and "webapp" not in report.output, report.output
+    export = cli("export-repo", str(tmp_path / "repo"), "-w", str(ws))
+    assert export.exit_code == 0, export.output
+
+
+def test_optimize_never_writes_into_a_folder_it_did_not_create(tmp_path):
+    ws = tmp_path / "project"
+    (ws / NAME).mkdir(parents=True)
+    mine = {"__init__.py": "def net(): pass\n", ".notes.tmp": "draft", "manifest.json": '{"name": "my app"}'}
+    for rel, text in mine.items():
+        (ws / NAME / rel).write_text(text)
+    module = nav.Module(torch.nn.Linear(4, 2).eval(), name=NAME)
+    config = nav.OptimizeConfig(workspace=ws, target_formats=(nav.Format.TORCHSCRIPT,), batch_sizes=(1,),
+                                profile_time_s=0.05, use_multiprocessing=False, pipeline_repeats=0)
+    with pytest.raises(nav.WorkspaceError, match="navdeploy did not create") as info:
+        nav.optimize(module, [(1, torch.randn(1, 4))], config)
+    assert str(ws / NAME) in str(info.value) and "name=" in str(info.value)
+    assert {p.name: p.read_text() for p in (ws / NAME).iterdir()} == mine
+
+
+# -- what the operating system refuses: one line naming the path and the fix ------------------------------------
+
+
+@contextlib.contextmanager
+def _mounted(folder: Path, *options: list[str]) -> Iterator[Path]:
+    """``folder`` mounted by each of ``options`` in turn (a tmpfs, a read-only bind mount) for the block; the test
+    is skipped where mounting is not allowed (root only: chmod does not stop root's writes)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting needs root")
+    folder.mkdir(exist_ok=True)
+    for command in options:
+        done = subprocess.run([*command, str(folder)], capture_output=True)
+        if done.returncode:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+            pytest.skip(f"cannot mount here: {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _read_only(folder: Path):
+    return _mounted(folder, ["mount", "--bind", str(folder)], ["mount", "-o", "remount,bind,ro"])
+
+
+def test_clean_and_report_in_a_read_only_workspace(ws, tmp_path):
+    before = files(ws)
+    with _read_only(ws):
+        line = one_line_error(cli("clean", NAME, "--yes", "-w", str(ws)))
+        assert str(ws / NAME) in line and "read-only" in line
+        line = one_line_error(cli("report", "-w", str(ws)))
+        assert str(ws / "reports") in line and "read-only" in line and "--output" in line
+        assert cli("report", "-w", str(ws), "-o", str(tmp_path / "r.html")).exit_code == 0
+    assert files(ws) == before
+
+
+def test_export_to_a_read_only_folder_or_a_full_disk(ws, tmp_path):
+    with _read_only(tmp_path / "ro"):
+        line = one_line_error(cli("export-repo", str(tmp_path / "ro" / "repo"), "-w", str(ws)))
+        assert str(tmp_path / "ro" / "repo") in line and "read-only" in line
+    with _mounted(tmp_path / "disk", ["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs"]) as disk:
+        line = one_line_error(cli("export-repo", str(disk / "repo"), "-w", str(ws)))
+        assert str(disk / "repo") in line and "disk is full" in line and "free" in line
+        assert list(disk.iterdir()) == []  # nothing half-written stays
+
+
+# -- bad arguments ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("report", "-o", "/"), "--output"),
+    (("export-repo", "REPO", "--instances", "0"), "--instances"),
+    (("export-repo", "REPO", "--instances", "-3"), "--instances"),
+    (("validate-repo", "MISSING"), "does not exist"),
+])
+def test_bad_arguments_are_one_line(ws, tmp_path, args, needle):
+    args = [str(tmp_path / "repo") if a == "REPO" else str(tmp_path / "missing") if a == "MISSING" else a
+            for a in args]
+    line = one_line_error(cli(*args, *(["-w", str(ws)] if args[0] != "validate-repo" else [])))
+    assert needle in line
+    assert not (tmp_path / "repo").exists()

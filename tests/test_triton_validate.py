@@ -130,7 +130,7 @@ ensemble_scheduling { step [ { model_name: "step" model_version: -1
 
 def test_not_a_repository(tmp_path):
     code, out = _validate(tmp_path / "absent")
-    assert code == 1 and "is not a folder" in out
+    assert code == 1 and "does not exist" in out
     code, out = _validate(tmp_path)
     assert code == 1 and "holds no model folders" in out
 

@@ -36,7 +36,7 @@ from navdeploy.optimize.scope import logging_to
 from navdeploy.optimize.status import GraphStatus, ModuleStatus
 from navdeploy.workspace.checkpoint import checkpoint_graph, resume_entry
 from navdeploy.workspace.fingerprint import cache_key, checksum, fingerprint
-from navdeploy.workspace.identity import ensure_writable
+from navdeploy.workspace.identity import claim_module_folder, ensure_writable
 from navdeploy.workspace.inductor import checksum_to_record, discard_unvouched
 from navdeploy.workspace.layout import LOG_FILE, artifact_dir, module_dir, now
 from navdeploy.workspace.locks import locked
@@ -281,6 +281,7 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
     workspace = resolve_workspace(config)
     ensure_writable(workspace)
     folder = module_dir(workspace, module.name)
+    claim_module_folder(folder)  # never a folder of the user's: this run writes into it, clean would delete it
     device = config.target_device or module_device(module.__wrapped__)
     with locked(folder, config.timeout_s), logging_to(folder / LOG_FILE, listener.log_handlers()):
         log.info("optimizing %s: %d graph(s) on %s", module.name, len(graphs), device)

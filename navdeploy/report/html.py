@@ -27,6 +27,8 @@ import jinja2
 from navdeploy.config import DEFAULT_TOLERANCES
 from navdeploy.templates_dir import templates_dir
 from navdeploy.workspace.atomic import write_json_atomic
+from navdeploy.workspace.identity import module_folders
+from navdeploy.workspace.layout import REPORTS_DIR
 from navdeploy.workspace.manifest import read_manifest
 from navdeploy.workspace.records import CandidateRecord, Manifest
 
@@ -34,7 +36,6 @@ if TYPE_CHECKING:
     from navdeploy.optimize.status import OptimizeStatus
 
 TEMPLATES = templates_dir()
-REPORTS_DIR = "reports"
 RUN_RECORD = "latest.json"
 _EAGER = ("TorchCPU", "TorchCUDA")
 _COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
@@ -419,7 +420,7 @@ def render_workspace_report(workspace: str | Path, path: Optional[str | Path] = 
     last = record.get("modules") or {}
     modules = []
     if workspace.is_dir():
-        for folder in sorted(p for p in workspace.iterdir() if p.is_dir() and p.name != REPORTS_DIR):
+        for folder in module_folders(workspace):  # not the user's folders beside them
             manifest = read_manifest(folder)
             if manifest is None:
                 continue

@@ -39,6 +39,8 @@ from navdeploy.formats.registry import FORMATS, RUNNERS
 from navdeploy.templates_dir import templates_dir
 from navdeploy.triton.validate import errors, validate_repository
 from navdeploy.triton.versions import TritonRelease, resolve_release
+from navdeploy.workspace.atomic import write_error
+from navdeploy.workspace.identity import module_folders
 from navdeploy.workspace.layout import MANIFEST
 from navdeploy.workspace.manifest import load_manifest
 from navdeploy.workspace.records import CandidateRecord, GraphEntry, Manifest
@@ -332,7 +334,7 @@ def plan_repository(workspace: Path, modules: Optional[Iterable[str]] = None, ba
     wanted = set(modules) if modules is not None else None
     plans: list[ModelPlan] = []
     found: set[str] = set()
-    for folder in sorted(p for p in workspace.iterdir() if p.is_dir()):
+    for folder in module_folders(workspace):  # not the user's folders beside them (a manifest.json of their own)
         if not (folder / MANIFEST).is_file():
             continue
         manifest, problem = load_manifest(folder)
@@ -451,7 +453,16 @@ def write_repository(plans: list[ModelPlan], path: Path, instance_count: int = 1
     new, empty or a repository navdeploy wrote (``force``: any folder); see :func:`check_target`."""
     path = Path(path).absolute()
     check_target(path, force)
-    path = path.resolve()
+    try:
+        return _write_repository(plans, path.resolve(), instance_count, max_queue_delay_us, templates_dir, target,
+                                 extra_files, triton_version)
+    except OSError as exc:  # a full disk, a read-only or forbidden folder: one error naming the path and the fix
+        raise write_error(exc, path, "or export to another folder") from exc
+
+
+def _write_repository(plans: list[ModelPlan], path: Path, instance_count: int, max_queue_delay_us: int,
+                      templates_dir: Optional[Path], target: str, extra_files: Optional[dict[str, str]],
+                      triton_version: Optional[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     env = _environment(Path(templates_dir) if templates_dir else None)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
@@ -543,6 +554,8 @@ def export_model_repository(path: str | Path = "model_repository", modules: Opti
             if workspace is None and own is not None:
                 workspace = own
     ws = Path(workspace) if workspace is not None else default_workspace()
+    if not isinstance(instance_count, int) or instance_count < 1:
+        raise NavdeployError(f"instance_count must be 1 or more (model instances per model), not {instance_count!r}.")
     check_target(Path(path).absolute(), force)  # before any work: a refused target costs nothing
     templates = _templates_folder(templates_dir)
     plans = plan_repository(ws, names, backend, warmup, triton_version)

@@ -100,7 +100,8 @@ def validate_repository(path: str | Path, target: str = "auto",
     release = resolve_release(triton_version)
     repo = Path(path)
     if not repo.is_dir():
-        return [Problem(str(repo), "repository", f"{repo} is not a folder.", "pass the model repository's path.")]
+        what = "is not a folder" if repo.exists() else "does not exist"
+        return [Problem(str(repo), "repository", f"{repo} {what}.", "pass the model repository's path.")]
     folders = _model_folders(repo)
     if not folders:
         return [Problem(str(repo), "repository", f"{repo} holds no model folders.",

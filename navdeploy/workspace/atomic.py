@@ -49,20 +49,21 @@ def _size(n: Optional[int]) -> str:
     return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
 
 
-def write_error(exc: OSError, path: Path) -> WorkspaceError:
-    """The WorkspaceError for an OSError raised while writing ``path``: what went wrong, where, and the fix."""
+def write_error(exc: OSError, path: Path, elsewhere: str = _ELSEWHERE) -> WorkspaceError:
+    """The WorkspaceError for an OSError raised while writing ``path``: what went wrong, where, and the fix
+    (``elsewhere``: how to write somewhere else instead; by default another workspace)."""
     code = exc.errno
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         what = "the disk is full" if code == errno.ENOSPC else "the disk quota is exceeded"
         return WorkspaceError(f"cannot write {path}: {what} ({_size(free_space(path))} free on that file "
-                              f"system); free some space there, {_ELSEWHERE} on a larger disk.")
+                              f"system); free some space there, {elsewhere} on a larger disk.")
     if code == errno.EROFS:
         return WorkspaceError(f"cannot write {path}: the file system is read-only; remount it read-write, "
-                              f"{_ELSEWHERE} on a writable disk.")
+                              f"{elsewhere} on a writable disk.")
     if code in (errno.EACCES, errno.EPERM):
         return WorkspaceError(f"cannot write {path}: permission denied; make the folder writable for this user, "
-                              f"{_ELSEWHERE}.")
-    return WorkspaceError(f"cannot write {path} ({exc.strerror or exc}); check the folder, {_ELSEWHERE}.")
+                              f"{elsewhere}.")
+    return WorkspaceError(f"cannot write {path} ({exc.strerror or exc}); check the folder, {elsewhere}.")
 
 
 def is_disk_error(exc: BaseException) -> bool:

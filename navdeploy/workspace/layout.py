@@ -5,6 +5,7 @@
     <workspace>/inductor_cache/<module>/        torch.compile's and AOTInductor's cache of a module (unless the user
                                                 set one; workspaces of earlier versions have one cache for all)
     <workspace>/inductor_cache/<module>.files.json  that cache's files and hashes when its checksum was taken
+    <workspace>/<module>/.navdeploy-module      the marker: navdeploy created this module folder (written by optimize)
     <workspace>/<module>/manifest.json          candidates, errors, metrics, selection per graph
     <workspace>/<module>/navdeploy.log          log of every optimize run of the module
     <workspace>/<module>/.lock, .lock.owner     held (flock) by the run optimizing the module; who holds it
@@ -39,8 +40,11 @@ MANIFEST = "manifest.json"
 WORKSPACE_MARKER = ".navdeploy-workspace"
 
 
-# Folders navdeploy itself creates at the top of a workspace, besides the module folders.
-OWN_FOLDERS = ("reports", "inductor_cache")
+MODULE_MARKER = ".navdeploy-module"
+
+
+# The folder of the HTML reports at the top of a workspace (it may be the user's too: see workspace.identity).
+REPORTS_DIR = "reports"
 
 
 LOG_FILE = "navdeploy.log"
