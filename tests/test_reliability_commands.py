@@ -187,6 +187,12 @@ def test_export_with_a_missing_templates_folder_is_an_error(ws, tmp_path):
                               str(tmp_path / "nonexistent")))
     assert "nonexistent" in line and "templates" in line
     assert not (tmp_path / "repo").exists()
+    mistaken = tmp_path / "my_templates"  # a folder, but not one of templates (a typo of the folder above it)
+    (mistaken / "nested").mkdir(parents=True)
+    (mistaken / "nested" / "config.pbtxt.j2").write_text("")
+    line = one_line_error(cli("export-repo", str(tmp_path / "repo"), "-w", str(ws), "--templates", str(mistaken)))
+    assert "holds none of config.pbtxt.j2" in line and str(mistaken) in line
+    assert not (tmp_path / "repo").exists()
 
 
 # -- manifests through the validated reader -------------------------------------------------------------------

@@ -508,7 +508,15 @@ def _templates_folder(templates_dir: Optional[str | Path]) -> Optional[Path]:
     if not folder.is_dir():
         raise NavdeployError(f"templates folder {folder} does not exist or is not a folder; pass the folder that "
                              "holds your config.pbtxt.j2 / model.py.j2, or leave it out for the shipped templates.")
+    if not any((folder / name).is_file() for name in _OVERRIDABLE):
+        raise NavdeployError(f"templates folder {folder} holds none of {', '.join(_OVERRIDABLE)}, so every file "
+                             "would come from the shipped templates; pass the folder that holds yours, or leave it "
+                             "out for the shipped templates.")
     return folder
+
+
+# The templates of a repository a user's folder may override (each one it lacks comes from the shipped ones).
+_OVERRIDABLE = ("config.pbtxt.j2", "model.py.j2", "serve.py.j2")
 
 
 def export_model_repository(path: str | Path = "model_repository", modules: Optional[Iterable[Any]] = None,
