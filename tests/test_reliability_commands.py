@@ -230,6 +230,15 @@ def test_status_and_export_on_a_hand_edited_manifest_name_the_file(ws, tmp_path,
     assert report.exit_code == 1 and str(path) in report.output
 
 
+def test_export_of_a_manifest_that_is_a_folder_names_it(ws, tmp_path):
+    path = ws / NAME / "manifest.json"
+    path.unlink()
+    path.mkdir()  # what a careless copy or a tool can leave
+    line = one_line_error(cli("export-repo", str(tmp_path / "repo"), "-w", str(ws)))
+    assert str(path) in line and "re-run nav.optimize" in line, line
+    assert not (tmp_path / "repo").exists()
+
+
 # -- a workspace that is also the user's project folder (``-w .``) --------------------------------------------
 
 

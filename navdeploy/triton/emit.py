@@ -335,9 +335,9 @@ def plan_repository(workspace: Path, modules: Optional[Iterable[str]] = None, ba
     plans: list[ModelPlan] = []
     found: set[str] = set()
     for folder in module_folders(workspace):  # not the user's folders beside them (a manifest.json of their own)
-        if not (folder / MANIFEST).is_file():
+        if not (folder / MANIFEST).exists():  # a module whose first optimize has not finished
             continue
-        manifest, problem = load_manifest(folder)
+        manifest, problem = load_manifest(folder)  # a manifest that is a folder, unreadable or malformed: named
         if manifest is None:
             if wanted is None or folder.name in wanted:  # never export a deployment with a module silently missing
                 raise NavdeployError(f"{problem}; re-run nav.optimize for module {folder.name!r} to rewrite it, or "
