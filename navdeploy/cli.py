@@ -45,6 +45,11 @@ def _workspace(path: Optional[Path]) -> Path:
     return path if path is not None else default_workspace()
 
 
+def _missing(path: Path) -> str:
+    """Why ``path`` is not a folder, in words: it is a file, or it does not exist."""
+    return "is a file, not a workspace folder" if path.exists() else "does not exist"
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     """Print one readable line (never wrapped, no traceback) and return the Exit to raise."""
     _console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
@@ -188,7 +193,7 @@ def status(workspace: Optional[Path] = WorkspaceOption) -> None:
     """
     ws = _workspace(workspace)
     if not ws.is_dir():
-        _console.print(f"[red]workspace {ws} does not exist[/]; run nav.optimize first or pass --workspace.")
+        _console.print(f"[red]workspace {ws} {_missing(ws)}[/]; run nav.optimize first or pass --workspace.")
         raise typer.Exit(1)
     table = Table(title=f"navdeploy workspace {ws}")
     for col in ("module", "graph", "device", "selected", "p50 ms", "eager p50 ms", "candidates ok/tried", "updated"):
@@ -234,7 +239,7 @@ def report(workspace: Optional[Path] = WorkspaceOption,
 
     ws = _workspace(workspace)
     if not ws.is_dir():
-        raise _fail(f"workspace {ws} does not exist; run nav.optimize first or pass --workspace.")
+        raise _fail(f"workspace {ws} {_missing(ws)}; run nav.optimize first or pass --workspace.")
     if output is not None and (output.is_dir() or not output.name):
         raise _fail(f"--output {output} is a folder; give the HTML file to write, e.g. "
                     f"--output {output / 'report.html'}")
@@ -462,7 +467,7 @@ def _clean_targets(ws: Path, module: Optional[str]) -> list[Path]:
     from navdeploy.workspace.layout import WORKSPACE_MARKER, plain_name_problem
 
     if not ws.is_dir():
-        raise _fail(f"workspace {ws} does not exist; pass --workspace.")
+        raise _fail(f"workspace {ws} {_missing(ws)}; pass --workspace.")
     if not is_workspace(ws):
         raise _fail(f"{ws} is not a navdeploy workspace (no {WORKSPACE_MARKER} and no module folder with a valid "
                     "manifest); clean deletes only what nav.optimize wrote. Pass the workspace with --workspace.")

@@ -347,10 +347,14 @@ def test_export_to_a_read_only_folder_or_a_full_disk(ws, tmp_path):
     (("export-repo", "REPO", "--instances", "0"), "--instances"),
     (("export-repo", "REPO", "--instances", "-3"), "--instances"),
     (("validate-repo", "MISSING"), "does not exist"),
+    (("clean", "--yes", "-w", "FILE"), "is a file, not a workspace folder"),
+    (("report", "-w", "FILE"), "is a file, not a workspace folder"),
 ])
 def test_bad_arguments_are_one_line(ws, tmp_path, args, needle):
-    args = [str(tmp_path / "repo") if a == "REPO" else str(tmp_path / "missing") if a == "MISSING" else a
-            for a in args]
-    line = one_line_error(cli(*args, *(["-w", str(ws)] if args[0] != "validate-repo" else [])))
+    (tmp_path / "file").write_text("not a workspace")
+    args = [str(tmp_path / "repo") if a == "REPO" else str(tmp_path / "missing") if a == "MISSING" else
+            str(tmp_path / "file") if a == "FILE" else a for a in args]
+    given = "-w" in args or args[0] == "validate-repo"
+    line = one_line_error(cli(*args, *([] if given else ["-w", str(ws)])))
     assert needle in line
     assert not (tmp_path / "repo").exists()
