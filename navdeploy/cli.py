@@ -246,7 +246,7 @@ def report(workspace: Optional[Path] = WorkspaceOption,
     try:
         with _warnings_as_lines(), _quiet_log():  # an unusable manifest: one line naming it (not the log's too)
             path = render_workspace_report(ws, output)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, FileExistsError) as exc:  # no modules; a reports/latest.html of the user's
         raise _fail(str(exc)) from exc
     except OSError as exc:
         where = output if output is not None else ws / REPORTS_DIR

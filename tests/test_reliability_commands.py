@@ -9,6 +9,7 @@ validated reader, so a hand-edited manifest is one line naming the file. The com
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -240,6 +241,31 @@ def test_export_of_a_manifest_that_is_a_folder_names_it(ws, tmp_path):
 
 
 # -- a workspace that is also the user's project folder (``-w .``) --------------------------------------------
+
+
+def test_a_users_latest_html_in_reports_is_never_replaced(ws, tmp_path):
+    """A project folder used as the workspace may have a reports/ of its own: its latest.html and latest.json are
+    not navdeploy's, so neither an optimize nor `navdeploy report` replaces them."""
+    from navdeploy.report.html import write_run_report
+
+    mine = {"latest.html": "<html>Q3 numbers</html>", "latest.json": '{"quarter": 3}'}
+    for name, text in mine.items():
+        (ws / "reports" / name).write_text(text)
+    line = one_line_error(cli("report", "-w", str(ws)))
+    assert "is not a navdeploy report" in line and "--output" in line
+    torch.manual_seed(0)
+    module = nav.Module(torch.nn.Linear(4, 2).eval(), name=NAME)
+    config = nav.OptimizeConfig(workspace=ws, target_formats=(nav.Format.TORCHSCRIPT,), batch_sizes=(1,),
+                                profile_time_s=0.05, use_multiprocessing=False, pipeline_repeats=0)
+    status = nav.optimize(module, [(1, torch.randn(1, 4))], config)  # writes its report (cached: quick)
+    written = write_run_report(status)
+    assert written.name.startswith("report-") and written.is_file()
+    del module
+    gc.collect()  # the next test names its module alike
+    assert {name: (ws / "reports" / name).read_text() for name in mine} == mine
+    cli("clean", "--yes", "-w", str(ws))
+    assert {name: (ws / "reports" / name).read_text() for name in mine} == mine  # clean leaves them too
+    assert not written.exists()  # navdeploy's own report goes
 
 
 def _users_files(ws: Path) -> dict[str, str]:

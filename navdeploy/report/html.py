@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
+import logging
 import os
 import platform
 import re
@@ -31,6 +32,8 @@ from navdeploy.workspace.identity import module_folders
 from navdeploy.workspace.layout import REPORTS_DIR
 from navdeploy.workspace.manifest import read_manifest
 from navdeploy.workspace.records import CandidateRecord, Manifest
+
+log = logging.getLogger("navdeploy")
 
 if TYPE_CHECKING:
     from navdeploy.optimize.status import OptimizeStatus
@@ -398,11 +401,29 @@ def write_run_report(status: "OptimizeStatus") -> Path:
                     workspace, status.seconds, record["created"], regenerated=False)
     _render(run, path)
     latest = folder / "latest.html"
+    if not _ours(latest, _GENERATOR):  # a reports/ folder of the user's (a workspace that is a project folder)
+        log.warning("%s is not a navdeploy report: left as it is; this run's report is %s", latest, path)
+        return path
     tmp = folder / ".latest.html.tmp"
     tmp.write_bytes(path.read_bytes())
     os.replace(tmp, latest)
-    write_json_atomic(folder / RUN_RECORD, record)
+    if _ours(folder / RUN_RECORD, b'"pipeline"'):
+        write_json_atomic(folder / RUN_RECORD, record)
     return path
+
+
+_GENERATOR = b'<meta name="generator" content="navdeploy">'
+
+
+def _ours(path: Path, mark: bytes) -> bool:
+    """Whether navdeploy may replace ``path``: it does not exist, or its start holds navdeploy's ``mark``."""
+    try:
+        with open(path, "rb") as f:
+            return mark in f.read(4096)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def render_workspace_report(workspace: str | Path, path: Optional[str | Path] = None) -> Path:
@@ -434,7 +455,12 @@ def render_workspace_report(workspace: str | Path, path: Optional[str | Path] = 
     if record.get("env"):
         run["env"] = record["env"]
     run["recorded"] = record.get("created")
-    return _render(run, Path(path) if path else workspace / REPORTS_DIR / "latest.html")
+    if path is None:
+        path = workspace / REPORTS_DIR / "latest.html"
+        if not _ours(path, _GENERATOR):
+            raise FileExistsError(f"{path} is not a navdeploy report and stays as it is; pass --output (path=) to "
+                                  "write the report elsewhere.")
+    return _render(run, Path(path))
 
 
 __all__ = ["collect_environment", "render_report", "render_workspace_report", "write_run_report"]

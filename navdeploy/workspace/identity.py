@@ -22,8 +22,21 @@ from navdeploy.workspace.layout import LOG_FILE, MANIFEST, MODULE_MARKER, REPORT
 from navdeploy.workspace.locks import LOCK_FILE
 from navdeploy.workspace.manifest import load_manifest
 
-# What navdeploy writes into ``<workspace>/reports/`` (see navdeploy.report.html); nothing else there is deleted.
+# What navdeploy writes into ``<workspace>/reports/`` (see navdeploy.report.html); nothing else there is deleted,
+# and of these only what holds navdeploy's mark (a reports/ of the user's may have a latest.html of its own).
 _REPORT_FILE = re.compile(r"report-\d{8}-\d{6}(-\d+)?\.html|latest\.html|latest\.json|\.latest\.html\.tmp")
+_REPORT_MARK = {".html": b'<meta name="generator" content="navdeploy">', ".json": b'"pipeline"'}
+
+
+def _report_of_ours(path: Path) -> bool:
+    mark = _REPORT_MARK.get(path.suffix)
+    if mark is None:
+        return True  # the temporary file's name is navdeploy's own
+    try:
+        with open(path, "rb") as f:
+            return mark in f.read(4096)
+    except OSError:
+        return False
 
 MARKER_FORMAT = 1
 
@@ -124,5 +137,6 @@ def own_paths(workspace: Path) -> list[Path]:
         paths.append(inductor)
     reports = workspace / REPORTS_DIR
     if reports.is_dir() and not reports.is_symlink():
-        paths += sorted(p for p in reports.iterdir() if _REPORT_FILE.fullmatch(p.name) and p.is_file())
+        paths += sorted(p for p in reports.iterdir()
+                        if _REPORT_FILE.fullmatch(p.name) and p.is_file() and _report_of_ours(p))
     return paths
