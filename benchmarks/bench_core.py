@@ -122,9 +122,9 @@ def routing_overhead(module: nav.Module, run, x: torch.Tensor, calls: int, round
 
 def routing_only(module: nav.Module, key: str, run, x: torch.Tensor, calls: int, rounds: int) -> dict:
     """The routing of the CNN's calls alone: its runner replaced, for the measurement, by one that returns the
-    runner's output at once, minus that stand-in called directly. (Module minus real runner, above, also holds
-    how the runner itself runs when called from the handler: ORT's call measured ~10 µs slower there than in a
-    tight loop of its own, with ~3 µs of routing.)"""
+    runner's output at once, minus that stand-in called directly. (Module minus real runner, above, is within the
+    noise of a ~0.1 ms ORT call: loops of the runner with trivial extra work of their own, such as a tuple
+    allocation, measured up to ~10 µs apart from the bare runner, either way, on the 2-core machine.)"""
     handler = module.nav_state.handler
     graph, real = handler.graphs[key]
     with torch.no_grad():
