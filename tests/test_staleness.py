@@ -330,15 +330,17 @@ def test_a_negative_zero_constant_is_not_routed_as_zero(isolated_env, choose_can
             torch.testing.assert_close(out, module.__wrapped__(x, offset=-0.0))
 
 
-@pytest.mark.xfail(strict=True, reason="the watch reads the training flag of the wrapped module only; a submodule "
-                   "put in training mode on its own (Monte-Carlo dropout) is not seen. Fix: see the review9 report")
 def test_a_submodule_in_training_mode_runs_eagerly(bound):
     module, x = bound
-    module.drop.train()  # dropout on, the rest in eval mode
+    module.drop.train()  # dropout on, the rest in eval mode (Monte-Carlo dropout)
     torch.manual_seed(1)
     with torch.no_grad():
-        out = _call(module, x, "training mode")
+        out = _call(module, x, "a submodule whose forward reads its training flag")
     torch.manual_seed(1)
+    torch.testing.assert_close(out, _eager(module, x))
+    module.drop.eval()
+    with torch.no_grad():
+        out = _call(module, x, None)  # the runner again
     torch.testing.assert_close(out, _eager(module, x))
 
 

@@ -1,6 +1,6 @@
 """When a bound runner no longer stands for the live module: its weights changed since it was built, it is in
-training mode, the call needs autograd, or it runs under ``torch.autocast``. Such calls run eagerly (the handler says
-why, once).
+training mode (or a submodule whose forward reads its training flag is: Monte-Carlo dropout), the call needs
+autograd, or it runs under ``torch.autocast``. Such calls run eagerly (the handler says why, once).
 
 The checks run on every call of an optimized module, so each is a read or two: an in-place edit (``copy_`` from
 ``load_state_dict``, ``mul_`` under ``no_grad``, an optimizer step) bumps a version counter, and the parameters
@@ -13,6 +13,7 @@ hooks would silently not run (their forward-hook dicts, empty at the bind, are r
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from collections import OrderedDict
@@ -32,6 +33,10 @@ _current = [0]  # bumped by the registration hooks; read on every call
 _hooked = [False]
 _TRAINING = ("training mode: the module is in training mode (dropout, batch-norm statistics); call .eval() to use "
              "the optimized runner")
+_SUB_TRAINING = ("training mode: a submodule whose forward reads its training flag (dropout, batch norm) is in "
+                 "training mode, e.g. dropout on for Monte-Carlo sampling; call .eval() on it to use the optimized "
+                 "runner")
+_training_flag = operator.itemgetter("training")
 _AUTOGRAD = ("autograd: grad mode is on and its inputs or parameters require grad; the runner returns no gradients. "
              "Call it under torch.no_grad() or torch.inference_mode() to use the optimized runner")
 _AUTOCAST = ("autocast: torch.autocast is on, under which eager computes in its lower precision and returns its dtype; "
@@ -102,6 +107,27 @@ def _hooks_reason(watched: list[tuple[str, OrderedDict]]) -> Optional[str]:
             "so their hooks would not run. Remove them to use the optimized runner")
 
 
+@functools.lru_cache(maxsize=None)
+def _reads_training(cls: type) -> bool:
+    """Whether ``cls.forward`` reads ``self.training`` (dropout, batch norm, HF attention's dropout): a submodule of
+    such a class put in training mode on its own changes what the module computes."""
+    code = getattr(getattr(cls, "forward", None), "__code__", None)
+    return code is not None and "training" in code.co_names
+
+
+def _training_dicts(module: torch.nn.Module) -> tuple[dict, ...]:
+    """The ``__dict__`` of each submodule whose forward reads its training flag and that has no such submodule
+    below it (``.train()`` on any module reaches every one below it, so these are enough: an HF layer's flag goes
+    with its dropouts'). The per-call check reads the flags from them directly (a C-level ``itemgetter`` over a
+    tuple, ~1.3 µs for BERT-base's 37 dropouts)."""
+    reads: dict[int, torch.nn.Module] = {id(sub): sub for sub in module.modules()
+                                         if sub is not module and "training" in sub.__dict__
+                                         and _reads_training(type(sub))}
+    lowest = [sub for sub in reads.values()
+              if not any(id(below) in reads for below in sub.modules() if below is not sub)]
+    return tuple(sub.__dict__ for sub in lowest)
+
+
 def _tensors(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
     return (*module.parameters(), *module.buffers())
 
@@ -127,6 +153,7 @@ class WeightsWatch:
         self.changed: Optional[str] = None  # set once: a runner built from other weights never comes back
         self._training_seen = False
         self._hook_dicts = _watch_submodule_hooks(module)
+        self._training_dicts = _training_dicts(module)
         self.hooks: Optional[str] = None  # while submodules have forward hooks added after the bind
 
     def _weights_changed(self) -> Optional[str]:
@@ -171,6 +198,9 @@ class WeightsWatch:
         if self.module.training:
             self.for_training()
             return _TRAINING
+        if self._training_dicts and any(map(_training_flag, self._training_dicts)):
+            self.for_training()
+            return _SUB_TRAINING
         if torch.is_grad_enabled() and (any(map(_requires_grad, inputs)) or any(map(_requires_grad, self._tensors))):
             self.for_training()
             return _AUTOGRAD
