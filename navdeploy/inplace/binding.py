@@ -22,7 +22,7 @@ from navdeploy.formats.base import Format, LoadContext, RunFn
 from navdeploy.formats.registry import EAGER_RUNNER, FORMATS, RUNNERS
 from navdeploy.inplace.handler import OptimizedHandler
 from navdeploy.inplace.module import Module
-from navdeploy.inplace.staleness import WeightsWatch
+from navdeploy.inplace.staleness import WeightsWatch, watch_module_dicts
 from navdeploy.workspace.fingerprint import checksum, fingerprint
 from navdeploy.workspace.inductor import pointed_at, private_copy, user_cache_dir
 from navdeploy.workspace.layout import artifact_path
@@ -147,6 +147,7 @@ def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fing
         return True
     graphs: dict[str, tuple[Graph, RunFn]] = {}
     problems = []
+    watch_module_dicts(module.__wrapped__)  # before the runners load: what their guards read stays as it is
     with _inductor_cache_for(module, folder, manifest, in_optimize):
         for key, entry in manifest.graphs.items():
             name = entry.selected

@@ -6,8 +6,10 @@ The checks run on every call of an optimized module, so each is a read or two: a
 ``load_state_dict``, ``mul_`` under ``no_grad``, an optimizer step) bumps a version counter, and the parameters
 share one (``versions.share``), so whether any was edited is one read whatever their number (buffers, and
 parameters that cannot share, are read one by one); a replaced parameter or buffer goes through ``nn.Module``'s
-registration hooks, which bump a process-wide generation; ``.to()``/``.half()``... on the proxy bump the module's
-own conversion count (they change tensors through ``set_data``, which keeps the version counter). A forward hook
+registration hooks, which bump a process-wide generation (and so does a tensor put straight into a module's
+``_parameters`` or ``_buffers``: those dicts are swapped at the bind for ones that bump it); ``.to()``/``.half()``...
+on the proxy bump the module's own conversion count (they change tensors through ``set_data``, which keeps the
+version counter). A forward hook
 registered on a submodule after the bind bumps the generation too: the runner does not run submodules, so their
 hooks would silently not run (their forward-hook dicts, empty at the bind, are replaced by ones that bump it)."""
 
@@ -81,6 +83,38 @@ class _WatchedHooks(OrderedDict):
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 
 
+class _WatchedTensors(dict):
+    """A module's ``_parameters`` or ``_buffers`` dict: a tensor put straight into it (``m._parameters["weight"] =
+    p``, as accelerate's ``set_module_tensor_to_device`` does) goes through no registration hook, so setting or
+    deleting an entry bumps the generation the per-call check reads. It pickles and copies as a plain dict."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        _bump()
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        _bump()
+
+    def __reduce__(self) -> tuple:
+        return dict, (dict(self),)
+
+
+def watch_module_dicts(module: torch.nn.Module) -> None:
+    """Swap every (sub)module's ``_parameters`` and ``_buffers`` for a ``_WatchedTensors`` with the same entries, and
+    the submodules' empty forward-hook dicts for ``_WatchedHooks``; once per module (a watched dict stays). Called
+    before a bind loads its runners: a torch.compile runner's guards read those dicts, and a swap after its
+    warm-up would make the first requests compile again."""
+    for sub in module.modules():
+        for attr in ("_parameters", "_buffers"):
+            tensors = sub.__dict__.get(attr)
+            if type(tensors) is dict:
+                sub.__dict__[attr] = _WatchedTensors(tensors)
+    _watch_submodule_hooks(module)
+
+
 def _watch_submodule_hooks(module: torch.nn.Module) -> list[tuple[str, OrderedDict]]:
     """The forward-hook dicts of ``module``'s submodules, each replaced by a ``_WatchedHooks`` where it is empty (a
     non-empty one stays: a hook's removal handle holds that very dict). Hooks of ``module`` itself run around the
@@ -152,6 +186,7 @@ class WeightsWatch:
         self.versions = versions.share(module.parameters(), module.buffers())
         self.changed: Optional[str] = None  # set once: a runner built from other weights never comes back
         self._training_seen = False
+        watch_module_dicts(module)  # the bind did already, before loading its runners: nothing swapped here then
         self._hook_dicts = _watch_submodule_hooks(module)
         self._training_dicts = _training_dicts(module)
         self.hooks: Optional[str] = None  # while submodules have forward hooks added after the bind
