@@ -92,8 +92,10 @@ def gpt2_kv(tmp_path_factory):
     workspace = tmp_path_factory.mktemp("gpt2_kv")
     model = nav.Module(tiny_gpt2_varied(), name="gpt2_kv_cache", forward_func="forward")
     shorter = (GPT2_PROMPT[0][:, 1:], GPT2_PROMPT[1][:, 1:])
+    # thorough: every candidate profiled in full (a screen of a few calls under load can leave TorchScript
+    # unprofiled, and its first calls are slow while its profiling executor specialises)
     config = nav.OptimizeConfig(workspace=workspace, runners=["TorchScriptCPU"], batch_sizes=(2,),
-                                profile_time_s=0.05, pipeline_repeats=0, use_multiprocessing=False)
+                                profile_time_s=0.05, pipeline_repeats=0, use_multiprocessing=False, thorough=True)
     status = nav.optimize(lambda ids, mask: gpt2_generate(model, ids, mask), [(2, GPT2_PROMPT), (2, shorter)], config)
     # Which of eager and TorchScript wins a model this small is timing noise: choose TorchScript, as a user may.
     folder = workspace / model.name
