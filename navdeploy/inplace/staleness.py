@@ -61,50 +61,47 @@ def _install_hooks() -> None:
     _hooked[0] = True
 
 
-class _WatchedHooks(OrderedDict):
-    """A submodule's forward (pre-)hook dict: registering or removing a hook bumps the generation the per-call
-    check reads, so a hook added after the bind is seen at no cost per call. It pickles and copies as the plain
-    OrderedDict it replaces (nothing of navdeploy's in a saved module)."""
+class _Bumping:
+    """Setting or deleting an entry bumps the generation the per-call check reads, so a change to the dict is seen at
+    no cost per call. It pickles and copies as the plain dict it replaces (nothing of navdeploy's in a saved or
+    copied module)."""
 
     __slots__ = ()
+    _plain: type = dict
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(key, value)
+        super().__setitem__(key, value)  # type: ignore[misc]
         _bump()
 
     def __delitem__(self, key: Any) -> None:
-        super().__delitem__(key)
+        super().__delitem__(key)  # type: ignore[misc]
         _bump()
 
     def __reduce__(self) -> tuple:
-        return OrderedDict, (list(self.items()),)
+        return self._plain, (list(self.items()),)  # type: ignore[attr-defined]
+
+
+class _WatchedHooks(_Bumping, OrderedDict):
+    """A submodule's forward (pre-)hook dict: a hook added after the bind is seen."""
+
+    __slots__ = ()
+    _plain = OrderedDict
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 
 
-class _WatchedTensors(dict):
+class _WatchedTensors(_Bumping, dict):
     """A module's ``_parameters`` or ``_buffers`` dict: a tensor put straight into it (``m._parameters["weight"] =
-    p``, as accelerate's ``set_module_tensor_to_device`` does) goes through no registration hook, so setting or
-    deleting an entry bumps the generation the per-call check reads. It pickles and copies as a plain dict."""
+    p``, as accelerate's ``set_module_tensor_to_device`` does) goes through no registration hook."""
 
     __slots__ = ()
 
-    def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(key, value)
-        _bump()
 
-    def __delitem__(self, key: Any) -> None:
-        super().__delitem__(key)
-        _bump()
-
-    def __reduce__(self) -> tuple:
-        return dict, (dict(self),)
-
-
-def watch_module_dicts(module: torch.nn.Module) -> None:
+def watch_module_dicts(module: torch.nn.Module) -> list[tuple[str, OrderedDict]]:
     """Swap every (sub)module's ``_parameters`` and ``_buffers`` for a ``_WatchedTensors`` with the same entries, and
-    the submodules' empty forward-hook dicts for ``_WatchedHooks``; once per module (a watched dict stays). Called
+    the submodules' empty forward-hook dicts for ``_WatchedHooks``; once per module (a watched dict stays). Returns
+    the submodules' watched hook dicts by name. Called
     before a bind loads its runners: a torch.compile runner's guards read those dicts, and a swap after its
     warm-up would make the first requests compile again."""
     for sub in module.modules():
@@ -112,7 +109,7 @@ def watch_module_dicts(module: torch.nn.Module) -> None:
             tensors = sub.__dict__.get(attr)
             if type(tensors) is dict:
                 sub.__dict__[attr] = _WatchedTensors(tensors)
-    _watch_submodule_hooks(module)
+    return _watch_submodule_hooks(module)
 
 
 def _watch_submodule_hooks(module: torch.nn.Module) -> list[tuple[str, OrderedDict]]:
@@ -186,8 +183,8 @@ class WeightsWatch:
         self.versions = versions.share(module.parameters(), module.buffers())
         self.changed: Optional[str] = None  # set once: a runner built from other weights never comes back
         self._training_seen = False
-        watch_module_dicts(module)  # the bind did already, before loading its runners: nothing swapped here then
-        self._hook_dicts = _watch_submodule_hooks(module)
+        # The bind swapped them already, before loading its runners: here they are only collected then.
+        self._hook_dicts = watch_module_dicts(module)
         self._training_dicts = _training_dicts(module)
         self.hooks: Optional[str] = None  # while submodules have forward hooks added after the bind
 
