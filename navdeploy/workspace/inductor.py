@@ -131,11 +131,12 @@ def files_list(module_folder: Path) -> Path:
 
 
 def _checksum(folder: Path) -> Optional[str]:
-    return _digest(folder)[0]
+    return _digest(folder, per_file=False)[0]
 
 
-def _digest(folder: Path) -> tuple[Optional[str], dict[str, str]]:
-    """The folder's checksum (file names and bytes, in name order) and each file's own sha256."""
+def _digest(folder: Path, per_file: bool = True) -> tuple[Optional[str], dict[str, str]]:
+    """The folder's checksum (file names and bytes, in name order) and, with ``per_file``, each file's own sha256
+    (only recording and diagnosing need those: a reload's check hashes each byte once)."""
     if not folder.is_dir():
         return None, {}
     h, files = hashlib.sha256(), {}
@@ -144,12 +145,14 @@ def _digest(folder: Path) -> tuple[Optional[str], dict[str, str]]:
         if relative.parts[0] in _NOT_CODE:
             continue
         h.update(str(relative).encode() + b"\0")
-        one = hashlib.sha256()
+        one = hashlib.sha256() if per_file else None
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-                one.update(chunk)
-        files[str(relative)] = one.hexdigest()
+                if one is not None:
+                    one.update(chunk)
+        if one is not None:
+            files[str(relative)] = one.hexdigest()
     return h.hexdigest(), files
 
 
