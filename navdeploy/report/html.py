@@ -28,7 +28,7 @@ import jinja2
 from navdeploy.config import DEFAULT_TOLERANCES
 from navdeploy.templates_dir import templates_dir
 from navdeploy.workspace.atomic import write_json_atomic
-from navdeploy.workspace.identity import module_folders
+from navdeploy.workspace.identity import module_folders, report_replaceable
 from navdeploy.workspace.layout import REPORTS_DIR
 from navdeploy.workspace.manifest import read_manifest
 from navdeploy.workspace.records import CandidateRecord, Manifest
@@ -401,29 +401,17 @@ def write_run_report(status: "OptimizeStatus") -> Path:
                     workspace, status.seconds, record["created"], regenerated=False)
     _render(run, path)
     latest = folder / "latest.html"
-    if not _ours(latest, _GENERATOR):  # a reports/ folder of the user's (a workspace that is a project folder)
+    if not report_replaceable(latest):  # a reports/ folder of the user's (a workspace that is a project folder)
         log.warning("%s is not a navdeploy report: left as it is; this run's report is %s", latest, path)
         return path
     tmp = folder / ".latest.html.tmp"
     tmp.write_bytes(path.read_bytes())
     os.replace(tmp, latest)
-    if _ours(folder / RUN_RECORD, b'"pipeline"'):
+    if report_replaceable(folder / RUN_RECORD):
         write_json_atomic(folder / RUN_RECORD, record)
     return path
 
 
-_GENERATOR = b'<meta name="generator" content="navdeploy">'
-
-
-def _ours(path: Path, mark: bytes) -> bool:
-    """Whether navdeploy may replace ``path``: it does not exist, or its start holds navdeploy's ``mark``."""
-    try:
-        with open(path, "rb") as f:
-            return mark in f.read(4096)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
 
 
 def render_workspace_report(workspace: str | Path, path: Optional[str | Path] = None) -> Path:
@@ -457,7 +445,7 @@ def render_workspace_report(workspace: str | Path, path: Optional[str | Path] = 
     run["recorded"] = record.get("created")
     if path is None:
         path = workspace / REPORTS_DIR / "latest.html"
-        if not _ours(path, _GENERATOR):
+        if not report_replaceable(path):
             raise FileExistsError(f"{path} is not a navdeploy report and stays as it is; pass --output (path=) to "
                                   "write the report elsewhere.")
     return _render(run, Path(path))

@@ -28,13 +28,17 @@ _REPORT_FILE = re.compile(r"report-\d{8}-\d{6}(-\d+)?\.html|latest\.html|latest\
 _REPORT_MARK = {".html": b'<meta name="generator" content="navdeploy">', ".json": b'"pipeline"'}
 
 
-def _report_of_ours(path: Path) -> bool:
+def report_replaceable(path: Path) -> bool:
+    """Whether navdeploy may replace or delete the report file ``path``: it does not exist, or (a ``.html`` or
+    ``.json``) its start holds navdeploy's mark. A ``reports/`` of the user's may hold a latest.html of its own."""
     mark = _REPORT_MARK.get(path.suffix)
     if mark is None:
         return True  # the temporary file's name is navdeploy's own
     try:
         with open(path, "rb") as f:
             return mark in f.read(4096)
+    except FileNotFoundError:
+        return True
     except OSError:
         return False
 
@@ -138,5 +142,5 @@ def own_paths(workspace: Path) -> list[Path]:
     reports = workspace / REPORTS_DIR
     if reports.is_dir() and not reports.is_symlink():
         paths += sorted(p for p in reports.iterdir()
-                        if _REPORT_FILE.fullmatch(p.name) and p.is_file() and _report_of_ours(p))
+                        if _REPORT_FILE.fullmatch(p.name) and p.is_file() and report_replaceable(p))
     return paths
