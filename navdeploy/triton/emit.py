@@ -500,6 +500,10 @@ def _write_repository(plans: list[ModelPlan], path: Path, instance_count: int, m
     return path
 
 
+# The templates of a repository a user's folder may override (each one it lacks comes from the shipped ones).
+_OVERRIDABLE = ("config.pbtxt.j2", "model.py.j2", "serve.py.j2")
+
+
 def _templates_folder(templates_dir: Optional[str | Path]) -> Optional[Path]:
     """The user's templates folder, which must exist: a mistyped path never falls back to the shipped templates."""
     if templates_dir is None or str(templates_dir) == "":
@@ -513,10 +517,6 @@ def _templates_folder(templates_dir: Optional[str | Path]) -> Optional[Path]:
                              "would come from the shipped templates; pass the folder that holds yours, or leave it "
                              "out for the shipped templates.")
     return folder
-
-
-# The templates of a repository a user's folder may override (each one it lacks comes from the shipped ones).
-_OVERRIDABLE = ("config.pbtxt.j2", "model.py.j2", "serve.py.j2")
 
 
 def export_model_repository(path: str | Path = "model_repository", modules: Optional[Iterable[Any]] = None,
