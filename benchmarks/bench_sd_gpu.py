@@ -405,13 +405,19 @@ def phase_rerun(ctx: Context, record: dict) -> None:
     _optimized_pipeline(ctx, t2i, record)
 
 
-def phase_load(ctx: Context, record: dict) -> None:
+def _loaded_pipeline(ctx: Context, record: dict) -> Text2Image:
+    """The wrapped pipeline after ``nav.load_optimized`` in this fresh process (load and first-call times recorded)."""
     pipe = wrap(build_pipeline(ctx.size))
     start = time.perf_counter()
     record["loaded"] = nav.load_optimized(ctx.workspace)
     record["load_s"] = time.perf_counter() - start
     t2i = Text2Image(pipe, ctx.size)
     record["first_call_s"] = timed(lambda: t2i(PROMPT), 1, ctx.size)["median_s"]
+    return t2i
+
+
+def phase_load(ctx: Context, record: dict) -> None:
+    t2i = _loaded_pipeline(ctx, record)
     stats = timed(lambda: t2i(PROMPT), ctx.runs, ctx.size)
     record["pipeline"] = summary(stats)
     _against_eager(ctx, stats["_result"], record)
@@ -445,12 +451,7 @@ def phase_serve(ctx: Context, record: dict) -> None:
 
     from navdeploy.serving import Tensor
 
-    pipe = wrap(build_pipeline(ctx.size))
-    start = time.perf_counter()
-    record["loaded"] = nav.load_optimized(ctx.workspace)
-    record["load_s"] = time.perf_counter() - start
-    t2i = Text2Image(pipe, ctx.size)
-    record["first_call_s"] = timed(lambda: t2i(PROMPT), 1, ctx.size)["median_s"]
+    t2i = _loaded_pipeline(ctx, record)
     in_process_image = timed(lambda: t2i(PROMPT), 1, ctx.size)["_result"]
     served_fn = lambda prompt: {"image": t2i(prompt)}
     start = time.perf_counter()
