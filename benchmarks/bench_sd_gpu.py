@@ -242,9 +242,11 @@ class Results:
 
 
 @contextlib.contextmanager
-def phase_record(results: Results, name: str, extra: Optional[dict] = None):
-    """A phase's record: written at the start (``running``), every HEARTBEAT_S with ``elapsed_s``, and at the end
-    (``ok`` or ``failed`` with the error). The block fills the dict it gets."""
+def phase_record(results: Results, name: str, extra: Optional[dict] = None,
+                 progress: Optional[Callable[[], Any]] = None):
+    """A phase's record: written at the start (``running``), every HEARTBEAT_S with ``elapsed_s`` (and, while it
+    runs, what ``progress()`` returns), and at the end (``ok`` or ``failed`` with the error). The block fills the
+    dict it gets."""
     record: dict = {"phase": name, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "pid": os.getpid(), **(extra or {})}
     start = time.perf_counter()
@@ -252,6 +254,13 @@ def phase_record(results: Results, name: str, extra: Optional[dict] = None):
 
     def write() -> None:
         record["elapsed_s"] = round(time.perf_counter() - start, 1)
+        if progress is not None and record["status"] == "running":
+            try:
+                record["progress"] = progress()
+            except Exception as exc:  # noqa: BLE001 - a half-written file: the next beat reads it again
+                record["progress_error"] = repr(exc)[:300]
+        elif record["status"] == "ok":
+            record.pop("progress", None)  # the finished record has every module's candidates
 
         def change(data: dict) -> None:
             if not index:
@@ -333,6 +342,19 @@ def phase_eager(ctx: Context, record: dict) -> None:
     ctx.eager_image_path.parent.mkdir(parents=True, exist_ok=True)
     np.save(ctx.eager_image_path, image)
     record["eager_image"] = str(ctx.eager_image_path)
+
+
+def candidates_so_far(workspace: Path) -> dict:
+    """Every candidate record the workspace's checkpoints hold (module/graph -> records): what a run killed at the
+    device call's limit had found, with each candidate's step times."""
+    found = {}
+    for path in sorted(workspace.glob("*/*/checkpoint.json")):
+        data = json.loads(path.read_text())
+        found[f"{path.parent.parent.name}/{path.parent.name}"] = [
+            {"name": c.get("name"), "status": c.get("status"), "step": c.get("step"),
+             "error": (c.get("error") or "")[:300] or None, "times": c.get("times"),
+             "screen_ms": (c.get("screen") or {}).get("p50_ms")} for c in data.get("candidates", [])]
+    return found
 
 
 def _module_records(status) -> dict:
@@ -517,7 +539,8 @@ def run_phase(ctx: Context, name: str, args: argparse.Namespace) -> int:
             with phase_record(results, name, {"mode": args.baseline_mode}) as record:
                 phase_baseline(ctx, record, args.baseline_mode)
         else:
-            with phase_record(results, name) as record:
+            progress = (lambda: candidates_so_far(ctx.workspace)) if name in ("optimize", "rerun") else None
+            with phase_record(results, name, progress=progress) as record:
                 fn(ctx, record)
     except Exception:  # noqa: BLE001 - the record holds the error; the driver goes on with the next phase
         traceback.print_exc()

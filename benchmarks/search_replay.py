@@ -42,7 +42,7 @@ def replay(candidates: list[dict], batch: int) -> dict:
     search = graph_search(MinLatency(), False, True, batch, (batch,))
     by_name = {r.name: r for r in exhaustive}
     built = [r for r in exhaustive
-             if not twin_skip_reason(RUNNERS[r.name], by_name.get(RUNNERS[r.name].twin_of or ""), search)]
+             if not twin_skip_reason(RUNNERS[r.name], [by_name.get(t) for t in RUNNERS[r.name].twin_of], search)]
     leaders = {r.name for r in search.leaders(built)} | {"TorchCPU"}
     quick = select([r for r in built if r.name in leaders], MinLatency(), batch, "TorchCPU")
     ratio = quick.profile[0].p50_ms / best.profile[0].p50_ms

@@ -66,7 +66,11 @@ class OptimizeConfig:
             runners of the chosen formats, less the opt-in ``TorchCompileCUDAMaxAutotune`` (name it to try it).
             Eager (``TorchCPU``/``TorchCUDA``) is always measured as baseline.
         target_device: ``"cpu"`` or ``"cuda"``; ``None`` picks the device the module's weights live on.
-        batch_sizes: batch sizes to profile; ``None`` means powers of two up to ``max_batch_size``.
+        batch_sizes: batch sizes to profile; ``None`` means, on CPU, 1, the captured one and powers of two up to
+            ``max_batch_size``; on CUDA the captured ones only (each further size is one more torch.compile of
+            the module and CUDA-graph recording, minutes for a diffusion UNet; other sizes still run, a
+            torch.compile winner compiling on its first call at such a size). Name the sizes a served model
+            batches to (e.g. ``[1, 2, 4, 8]``) to have them verified, profiled and warmed.
         max_batch_size: the largest batch size profiled (and later served) when the module batches.
         tolerances: ``{"atol": .., "rtol": ..}`` overriding the defaults of the module's precision.
         strategy: how the winner is picked: ``MinLatency()`` (default), ``MaxThroughput()``,
@@ -208,11 +212,15 @@ class OptimizeConfig:
             rtol = float(self.tolerances.get("rtol", rtol))
         return atol, rtol
 
-    def profile_batch_sizes(self, captured_max: int) -> tuple[int, ...]:
-        """Batch sizes to profile: the user's list, or powers of two up to max_batch_size (and the captured one)."""
+    def profile_batch_sizes(self, captured: Sequence[int], device: str = "cpu") -> tuple[int, ...]:
+        """Batch sizes to profile: the user's list; else on CUDA the ``captured`` ones, on CPU 1, the largest
+        captured one and powers of two up to max_batch_size (each capped at max_batch_size)."""
         if self.batch_sizes is not None:
             return tuple(b for b in self.batch_sizes if b <= self.max_batch_size) or (min(self.batch_sizes),)
-        sizes = {1, min(captured_max, self.max_batch_size)}
+        captured = sorted({min(b, self.max_batch_size) for b in captured}) or [1]
+        if device == "cuda":
+            return tuple(captured)
+        sizes = {1, captured[-1]}
         b = 2
         while b <= self.max_batch_size:
             sizes.add(b)

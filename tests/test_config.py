@@ -142,13 +142,17 @@ def test_tolerance_for():
 
 
 def test_profile_batch_sizes():
-    assert nav.OptimizeConfig(max_batch_size=8).profile_batch_sizes(1) == (1, 2, 4, 8)
-    assert nav.OptimizeConfig(max_batch_size=8).profile_batch_sizes(3) == (1, 2, 3, 4, 8)
-    assert nav.OptimizeConfig(max_batch_size=6).profile_batch_sizes(16) == (1, 2, 4, 6)
-    assert nav.OptimizeConfig(max_batch_size=1).profile_batch_sizes(1) == (1,)
+    assert nav.OptimizeConfig(max_batch_size=8).profile_batch_sizes([1]) == (1, 2, 4, 8)
+    assert nav.OptimizeConfig(max_batch_size=8).profile_batch_sizes([3, 1]) == (1, 2, 3, 4, 8)
+    assert nav.OptimizeConfig(max_batch_size=6).profile_batch_sizes([16]) == (1, 2, 4, 6)
+    assert nav.OptimizeConfig(max_batch_size=1).profile_batch_sizes([1]) == (1,)
+    # CUDA: the captured sizes only (each further size is one more torch.compile of the module)
+    assert nav.OptimizeConfig().profile_batch_sizes([2], "cuda") == (2,)
+    assert nav.OptimizeConfig(max_batch_size=4).profile_batch_sizes([1, 2, 16], "cuda") == (1, 2, 4)
+    assert nav.OptimizeConfig(batch_sizes=[1, 8]).profile_batch_sizes([2], "cuda") == (1, 8)
     user = nav.OptimizeConfig(batch_sizes=[16, 2, 4], max_batch_size=8)
-    assert user.profile_batch_sizes(1) == (2, 4)
-    assert nav.OptimizeConfig(batch_sizes=[32, 16], max_batch_size=8).profile_batch_sizes(1) == (16,)
+    assert user.profile_batch_sizes([1]) == (2, 4)
+    assert nav.OptimizeConfig(batch_sizes=[32, 16], max_batch_size=8).profile_batch_sizes([1]) == (16,)
 
 
 # --- environment ----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from navdeploy.workspace.inductor import (
     checksum_to_record,
     discard_unvouched,
     files_list,
+    private_copy,
 )
 from navdeploy.workspace.manifest import read_manifest, write_manifest
 
@@ -202,3 +203,28 @@ def test_a_cache_that_no_longer_matches_is_logged_with_the_files_that_changed(tm
     assert not folder.exists() and not files_list(module_folder).exists()
     assert ("changed: ab/kernel.py; new: dynamo/code_state_1.pkl; missing: triton/x/kernel.json"
             in caplog.text), caplog.text
+
+
+def test_files_written_after_the_checksum_are_removed_and_the_rest_is_kept(tmp_path, caplog):
+    """Inductor writes into a cache after the compile that filled it (an entry for a shape seen later, an
+    autotuning result): those files are not vouched for, so they go, and the checked rest stays in use, in the
+    workspace before an optimize and in a reload's private copy, instead of everything compiling again."""
+    module_folder = tmp_path / NAME
+    folder = cache_dir(module_folder)
+    for name in ("ab/kernel.py", "triton/x/kernel.json"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(name)
+    recorded = checksum_to_record(module_folder)
+    later = folder / "cd" / "later.py"
+    later.parent.mkdir()
+    later.write_text("written by a compile after the checksum")
+    copy = private_copy(module_folder, recorded, NAME)  # a reload: the copy loses the later file, and is used
+    assert (copy / "ab" / "kernel.py").is_file() and not (copy / "cd" / "later.py").exists()
+    with caplog.at_level("INFO", logger="navdeploy"):
+        discard_unvouched(module_folder, recorded)
+    assert not later.exists() and (folder / "ab" / "kernel.py").is_file()
+    assert cache_checksum(module_folder) == recorded and "removed 1 file(s) written after its checksum" in caplog.text
+    later.write_text("again")
+    files_list(module_folder).unlink()  # without the list of recorded files nothing tells them apart: all goes
+    discard_unvouched(module_folder, recorded)
+    assert not folder.exists()

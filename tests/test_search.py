@@ -21,7 +21,7 @@ import navdeploy as nav
 from navdeploy.candidates.search import SCREEN_MARGIN, graph_search, search_order, twin_skip_reason
 from navdeploy.formats import inductor_probe
 from navdeploy.formats.registry import RUNNERS
-from navdeploy.optimize.module import _reusable, candidate_pairs
+from navdeploy.optimize.module import _chains, _reusable, candidate_pairs
 from navdeploy.workspace.machine_cache import key_hash, probe_folder, read_result, write_result
 from navdeploy.workspace.manifest import read_manifest
 from navdeploy.workspace.records import CandidateRecord, ProfilePoint
@@ -83,12 +83,27 @@ def test_the_twin_is_built_only_when_aoti_did_not_verify():
     quick = graph_search(nav.MinLatency(), False, True, 1, (1, 2))
     thorough = graph_search(nav.MinLatency(), True, True, 1, (1, 2))
     aoti = _record("AOTInductorCPU", screen_ms=1.0)
-    reason = twin_skip_reason(compile_cpu, aoti, quick)
+    reason = twin_skip_reason(compile_cpu, [aoti], quick)
     assert reason and reason.startswith("not built: AOTInductorCPU verified") and "thorough=True" in reason
-    assert twin_skip_reason(compile_cpu, _record("AOTInductorCPU", "failed"), quick) is None
-    assert twin_skip_reason(compile_cpu, None, quick) is None  # AOTInductor not tried (runners=...)
-    assert twin_skip_reason(compile_cpu, aoti, thorough) is None
-    assert twin_skip_reason(RUNNERS["OnnxCPU"], aoti, quick) is None
+    assert twin_skip_reason(compile_cpu, [_record("AOTInductorCPU", "failed")], quick) is None
+    assert twin_skip_reason(compile_cpu, [None], quick) is None  # AOTInductor not tried (runners=...)
+    assert twin_skip_reason(compile_cpu, [aoti], thorough) is None
+    assert twin_skip_reason(RUNNERS["OnnxCPU"], [aoti], quick) is None
+
+
+def test_on_cuda_plain_torch_compile_is_built_only_when_neither_cuda_graphs_nor_aoti_verified():
+    compile_cuda = RUNNERS["TorchCompileCUDA"]
+    quick = graph_search(nav.MinLatency(), False, True, 2, (2,))
+    graphs, aoti = _record("TorchCompileCUDAGraphs", screen_ms=1.0), _record("AOTInductorCUDA", screen_ms=1.0)
+    failed = _record("AOTInductorCUDA", "failed")
+    reason = twin_skip_reason(compile_cuda, [graphs, failed], quick)
+    assert reason and reason.startswith("not built: TorchCompileCUDAGraphs verified")
+    assert twin_skip_reason(compile_cuda, [None, aoti], quick).startswith("not built: AOTInductorCUDA verified")
+    assert twin_skip_reason(compile_cuda, [_record("TorchCompileCUDAGraphs", "failed"), failed], quick) is None
+    # It builds right after TorchCompileCUDAGraphs, in its chain: the search knows by then whether it must.
+    pairs = candidate_pairs(nav.OptimizeConfig(), "cuda", "fp16")
+    chain = next(c for c in _chains(pairs, "fp16") if c[0][1].name == "TorchCompileCUDAGraphs")
+    assert [r.name for _, r, _ in chain] == ["TorchCompileCUDAGraphs", "TorchCompileCUDA"]
 
 
 def test_a_screened_record_is_reused_unless_the_search_is_thorough():
@@ -210,6 +225,26 @@ def test_a_cached_aoti_answer_is_used_and_a_new_key_probes_again(tmp_path, monke
     write_result(folder, "aoti.json", {"problem": "recorded by an earlier probe"})
     assert inductor_probe.aoti_problem("cpu") == "recorded by an earlier probe"
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no other probe ran
+
+
+def test_callers_of_the_aoti_probe_meanwhile_wait_for_its_one_answer(tmp_path, monkeypatch):
+    """The probe starts in the background before capture (``start_availability_checks``); the search asking
+    meanwhile waits for that probe's answer instead of starting a second one."""
+    import threading
+
+    monkeypatch.setenv("NAVDEPLOY_MACHINE_CACHE", str(tmp_path / "machine"))
+    monkeypatch.setattr(inductor_probe, "_aoti_problems", {})
+    runs = tmp_path / "runs"
+    # A real child, slower than the callers' start: it logs each run and answers "works".
+    monkeypatch.setattr(inductor_probe, "_AOTI_CHILD", f"import time; open({str(runs)!r}, 'a').write('x'); "
+                                                       "time.sleep(1.0); print('navdeploy-probe-ok')")
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(inductor_probe.aoti_problem("cpu"))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert answers == [None, None, None] and runs.read_text() == "x"
 
 
 @pytest.mark.slow

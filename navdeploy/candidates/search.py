@@ -7,9 +7,11 @@ candidates at. Once all are screened, only the leaders (a screen within ``SCREEN
 eager's included) get the full profile, with its stability rules (``profile.measure``); the others keep their
 screen figure, status "screened", and the reason. Selection picks among fully profiled candidates only.
 
-A runner whose kernels are another runner's behind a wrapper of its own (``twin_of``: torch.compile's Python
-wrapper and guards around the kernels AOTInductor compiles ahead of time) is not built when that runner verified:
-it could win only by the wrapper being faster than none. It is built when that runner failed or is not tried.
+A runner whose kernels are another runner's (``twin_of``: torch.compile's Python wrapper and guards around the
+kernels AOTInductor compiles ahead of time; on CUDA also torch.compile's kernels without the CUDA-graph replay of
+TorchCompileCUDAGraphs) is not built when one of those runners verified: it could win only by its wrapper being
+faster than none, or launching kernels one by one being faster than replaying them as a graph. It is built when
+they failed or are not tried.
 
 ``LatencyBudget`` compares candidates at every batch size, so under it every candidate is profiled in full.
 ``thorough=True`` restores the exhaustive search: every candidate built and profiled in full.
@@ -101,10 +103,12 @@ def search_order(pairs: Sequence[tuple[RunnerSpec, str]]) -> list[tuple[RunnerSp
     return [first] + sorted(rest, key=lambda pair: pair[0].search_rank)
 
 
-def twin_skip_reason(runner: RunnerSpec, twin: Optional[CandidateRecord], search: Search) -> Optional[str]:
-    """Why ``runner`` is not built (``twin``: the record of its ``twin_of`` runner in the same precision, when that
-    ran), or None when it is."""
-    if search.thorough or runner.twin_of is None or twin is None or not twin.verified:
+def twin_skip_reason(runner: RunnerSpec, twins: Sequence[Optional[CandidateRecord]], search: Search) -> Optional[str]:
+    """Why ``runner`` is not built (``twins``: the records of its ``twin_of`` runners in the same precision, None for
+    those that have not run), or None when it is."""
+    twin = next((t for t in twins if t is not None and t.verified), None)
+    if search.thorough or not runner.twin_of or twin is None:
         return None
-    return (f"not built: {twin.name} verified, and {runner.name} runs the same kernels behind a wrapper of its own "
-            f"(the search builds it when {twin.name} fails; thorough=True builds it)")
+    verb = "fails" if len(runner.twin_of) == 1 else "fail"
+    return (f"not built: {twin.name} verified, and {runner.name} runs the same kernels (the search builds it when "
+            f"{' and '.join(runner.twin_of)} {verb}; thorough=True builds it)")

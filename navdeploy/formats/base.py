@@ -126,9 +126,10 @@ class RunnerSpec:
     triton: RunnerTriton = RunnerTriton()
     # Where the search builds it (lower first): the likely winners first (candidates/search.py).
     search_rank: int = 50
-    # The runner whose kernels this one runs behind a wrapper of its own (torch.compile's Python wrapper and guards
-    # around AOTInductor's kernels): the search builds it only when that runner did not verify (thorough: always).
-    twin_of: Optional[str] = None
+    # Runners whose kernels this one runs, with a wrapper of its own or without theirs (torch.compile's Python
+    # wrapper and guards around AOTInductor's kernels; the same kernels without CUDA-graph replay): the search
+    # builds it only when none of them verified (thorough: always). It builds in the first one's chain.
+    twin_of: tuple[str, ...] = ()
 
     def unavailable_reason(self) -> Optional[str]:
         """None when the runner can run here, else why not (missing package, no provider, no GPU)."""

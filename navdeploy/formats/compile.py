@@ -110,10 +110,13 @@ def _loader(mode: str):
 
 
 RUNNERS = [
-    # AOTInductor's kernels behind a Python wrapper and guards: built when AOTInductor did not verify.
-    RunnerSpec("TorchCompileCPU", Format.TORCH, "cpu", _loader("default"), search_rank=60, twin_of="AOTInductorCPU"),
+    # AOTInductor's kernels behind a Python wrapper and guards: built when AOTInductor did not verify. On CUDA also
+    # TorchCompileCUDAGraphs' kernels without the graph replay, which only removes launch overhead: built when
+    # neither verified (each is a full compile, minutes for a diffusion UNet).
+    RunnerSpec("TorchCompileCPU", Format.TORCH, "cpu", _loader("default"), search_rank=60,
+               twin_of=("AOTInductorCPU",)),
     RunnerSpec("TorchCompileCUDA", Format.TORCH, "cuda", _loader("default"), search_rank=60,
-               twin_of="AOTInductorCUDA"),
+               twin_of=("TorchCompileCUDAGraphs", "AOTInductorCUDA")),
     # It benchmarks kernel choices on the GPU while it compiles, so it builds alone. Opt-in: on ResNet-50 fp16 it
     # does not finish within 280 s on the H200 (benchmarks/results/gpu_h200_autotune.json), time the defaults
     # would spend per precision while every other build waits.

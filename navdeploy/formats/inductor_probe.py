@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -43,6 +44,7 @@ log = logging.getLogger("navdeploy")
 _isa_warmed = False
 _own_process = False  # a worker process of navdeploy's own (its Inductor config is navdeploy's to set)
 _aoti_problems: dict[str, Optional[str]] = {}
+_aoti_lock = threading.Lock()  # one probe at a time: a second caller waits for the first one's answer
 AOTI_PROBE_TIMEOUT_S = 600.0
 AOTI_RESULT = "aoti.json"
 ISA_RESULT = "isa.json"
@@ -203,6 +205,13 @@ def aoti_problem(device: str) -> Optional[str]:
     remembered per process too."""
     if device in _aoti_problems:
         return _aoti_problems[device]
+    with _aoti_lock:
+        if device not in _aoti_problems:
+            _aoti_problems[device] = _probe_aoti(device)
+    return _aoti_problems[device]
+
+
+def _probe_aoti(device: str) -> Optional[str]:
     key = cuda_key() if device == "cuda" else cpu_key()
     folder = probe_folder(f"aoti-{device}", key)
     cached = read_result(folder, AOTI_RESULT)
@@ -221,7 +230,6 @@ def aoti_problem(device: str) -> Optional[str]:
         if definitive:
             write_result(folder, AOTI_RESULT, {"problem": problem, "seconds": time.perf_counter() - start,
                                                "probed": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    _aoti_problems[device] = problem
     return problem
 
 

@@ -3,6 +3,9 @@ RUNNERS, listed here; nothing in the orchestration changes."""
 
 from __future__ import annotations
 
+import threading
+from typing import Iterable
+
 from navdeploy.formats import aoti, compile, eager, exported_program, onnx, tensorrt, torch_tensorrt, torchscript
 from navdeploy.formats.base import Format, FormatSpec, RunnerSpec
 
@@ -27,3 +30,13 @@ def runners_for(device: str, formats=None, names=None) -> list[RunnerSpec]:
     eager = RUNNERS[EAGER_RUNNER[device]]
     return [eager] + [r for r in chosen if r is not eager]
 
+
+
+def start_availability_checks(runners: Iterable[RunnerSpec]) -> None:
+    """Start the availability checks of ``runners`` (``RunnerSpec.is_available``) in background threads, so that a
+    slow one (AOTInductor's probe on CUDA builds and loads a package in a child process, ~95 s on a fresh H200)
+    runs while the pipeline is captured and the first candidates build; the search later takes the answer, or
+    waits for it. Each check keeps its own answer."""
+    for runner in {r.name: r for r in runners if r.is_available is not None}.values():
+        threading.Thread(target=runner.unavailable_reason, name=f"navdeploy-probe-{runner.name}",
+                         daemon=True).start()

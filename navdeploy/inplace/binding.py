@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -148,6 +149,7 @@ def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fing
     graphs: dict[str, tuple[Graph, RunFn]] = {}
     problems = []
     watch_module_dicts(module.__wrapped__)  # before the runners load: what their guards read stays as it is
+    cache_counts = _compile_cache_counts()
     with _inductor_cache_for(module, folder, manifest, in_optimize):
         for key, entry in manifest.graphs.items():
             name = entry.selected
@@ -168,6 +170,28 @@ def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fing
     watch = WeightsWatch(module.__wrapped__, module.nav_state)  # calls the runner no longer stands for run eagerly
     module.nav_state.bind(OptimizedHandler(module.name, graphs, manifest.max_batch_size,
                                            module.nav_state.output_mapping, watch))
-    log.info("module %s bound in %.1f s: %s", module.name, time.perf_counter() - start,
-             {k: manifest.graphs[k].selected for k in graphs})
+    log.info("module %s bound in %.1f s: %s%s", module.name, time.perf_counter() - start,
+             {k: manifest.graphs[k].selected for k in graphs}, compile_cache_use(cache_counts))
     return True
+
+
+def _compile_cache_counts() -> dict[str, int]:
+    """torch.compile's cache counters of this process (only read when torch._dynamo is already imported)."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    if dynamo is None:
+        return {}
+    counters = dynamo.counters
+    return {f"{group}.{name}": counters[group][name] for group, names in _CACHE_COUNTERS.items() for name in names}
+
+
+_CACHE_COUNTERS = {"inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"),
+                   "aot_autograd": ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass")}
+
+
+def compile_cache_use(before: dict[str, int]) -> str:
+    """What the bind's compiles found in the inductor cache since ``before`` (torch's counters), e.g. ``" (compile
+    caches: fxgraph_cache_hit 1, autograd_cache_hit 1)"``; empty when nothing compiled. A miss here is a compile
+    from scratch: what makes a bind take a minute instead of seconds."""
+    after = _compile_cache_counts()
+    used = {key.split(".")[1]: after[key] - before.get(key, 0) for key in after if after[key] > before.get(key, 0)}
+    return f" (compile caches: {', '.join(f'{k} {v}' for k, v in used.items())})" if used else ""

@@ -48,6 +48,17 @@ from navdeploy.workspace.samples import save_samples
 log = logging.getLogger("navdeploy")
 
 
+def captured_batch_sizes(graphs: list[Graph]) -> list[int]:
+    """The batch sizes the module's calls came in (1 for a graph that does not batch)."""
+    sizes: set[int] = set()
+    for graph in graphs:
+        if not graph.batching:
+            sizes.add(1)
+        else:
+            sizes.update(graph.batch_counts or {graph.inputs[0].max_shape[0]: 1})
+    return sorted(sizes)
+
+
 def module_config(module: Module, config: Optional[OptimizeConfig]) -> OptimizeConfig:
     """The module's own config (with the run's workspace when it names none), else the run's, else defaults."""
     own = module.optimize_config
@@ -111,15 +122,15 @@ def candidate_pairs(config: OptimizeConfig, device: str, module_precision: str) 
 def _chains(pairs: list[tuple[RunnerSpec, str]], module_precision: str) -> list[list[tuple[int, RunnerSpec, str]]]:
     """Candidates in chains that may run side by side: runners sharing an exported artifact (ONNX's) form one
     chain, in order, since the first one exports it and the others load it; a runner with a ``twin_of`` joins its
-    twin's chain, after it, so the search knows whether it must be built; every other candidate is a chain of its
-    own."""
+    first twin's chain, after it, so the search knows whether it must be built; every other candidate is a chain
+    of its own."""
     chains: dict[str, list[tuple[int, RunnerSpec, str]]] = {}
     keys: dict[tuple[str, str], str] = {}
     for index, (runner, precision) in enumerate(pairs):
         name = candidate_name(runner.name, precision, module_precision)
         key = artifact_dir(runner.format.value, precision, module_precision) \
             if FORMATS[runner.format].export is not None else name
-        key = keys.get((runner.twin_of, precision), key) if runner.twin_of else key
+        key = keys.get((runner.twin_of[0], precision), key) if runner.twin_of else key
         keys[(runner.name, precision)] = key
         chains.setdefault(key, []).append((index, runner, precision))
     return list(chains.values())
@@ -179,8 +190,8 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                 if retries:
                     log.info("%s graph %s %s: retrying after a transient failure (%s)", job.module_name, graph.key,
                              name, cached.error)
-                reason = runner.unavailable_reason() or twin_skip_reason(runner, record_of(runner.twin_of, precision),
-                                                                         search)
+                reason = runner.unavailable_reason() or twin_skip_reason(
+                    runner, [record_of(twin, precision) for twin in runner.twin_of], search)
                 if reason:  # decided here: no worker starts, and a builds_alone runner never holds up the others
                     log.info("%s graph %s %s: skipped (%s)", job.module_name, graph.key, name, reason)
                     done(index, name, replace(new_record(runner, precision, job.precision), status="skipped",
@@ -296,7 +307,7 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
         old = read_manifest(folder)
         discard_unvouched(folder, old.inductor_cache if old else None)  # before anything compiles into it
         old_graphs = old.graphs if old and old.fingerprint == fp and old.device == device else {}
-        batch_sizes = config.profile_batch_sizes(max(g.inputs[0].max_shape[0] if g.batching else 1 for g in graphs))
+        batch_sizes = config.profile_batch_sizes(captured_batch_sizes(graphs), device)
         checked_as = {p: tolerance_precision(p, module.__wrapped__, device)
                       for p in candidate_precisions(precision, device, config.precisions) + (precision,)}
         tolerances = {p: config.tolerance_for(q) for p, q in checked_as.items()}

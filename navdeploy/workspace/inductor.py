@@ -134,15 +134,22 @@ def _checksum(folder: Path) -> Optional[str]:
     return _digest(folder, per_file=False)[0]
 
 
-def _digest(folder: Path, per_file: bool = True) -> tuple[Optional[str], dict[str, str]]:
+def _code_files(folder: Path) -> list[Path]:
+    """The files a checksum covers, in its order (lock files and symbolic links left out)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()
+                  and p.relative_to(folder).parts[0] not in _NOT_CODE)
+
+
+def _digest(folder: Path, per_file: bool = True, only: Optional[set[str]] = None) -> tuple[Optional[str], dict[str, str]]:
     """The folder's checksum (file names and bytes, in name order) and, with ``per_file``, each file's own sha256
-    (only recording and diagnosing need those: a reload's check hashes each byte once)."""
+    (only recording and diagnosing need those: a reload's check hashes each byte once). ``only``: the checksum of
+    just those files (relative names)."""
     if not folder.is_dir():
         return None, {}
     h, files = hashlib.sha256(), {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+    for path in _code_files(folder):
         relative = path.relative_to(folder)
-        if relative.parts[0] in _NOT_CODE:
+        if only is not None and str(relative) not in only:
             continue
         h.update(str(relative).encode() + b"\0")
         one = hashlib.sha256() if per_file else None
@@ -176,6 +183,33 @@ def describe_changes(module_folder: Path, folder: Optional[Path] = None, shown: 
     return "; ".join(parts)
 
 
+def drop_later_files(module_folder: Path, folder: Path, recorded: Optional[str]) -> bool:
+    """When ``folder`` (the module's cache, or a copy of it) differs from ``recorded`` only by files added since its
+    checksum, remove those files and return True: the rest is exactly what was checked. Inductor writes into a
+    cache after the compile that filled it (an entry for a shape first seen later, a kernel's autotuning
+    result), and wiping the whole cache for that made the next optimize and every reload compile again (minutes
+    for a diffusion UNet). False, with nothing removed, when a recorded file changed or went, or no list of the
+    recorded files is at hand (``<module>.files.json``)."""
+    try:
+        listed = json.loads(files_list(module_folder).read_text())
+    except (OSError, ValueError):
+        return False
+    if recorded is None or not isinstance(listed, dict):
+        return False
+    present = {str(p.relative_to(folder)): p for p in _code_files(folder)}
+    if not set(listed) <= set(present) or _digest(folder, per_file=False, only=set(listed))[0] != recorded:
+        return False
+    later = sorted(set(present) - set(listed))
+    for name in later:
+        with contextlib.suppress(FileNotFoundError):
+            present[name].unlink()
+    if later:
+        more = f" (+{len(later) - 5} more)" if len(later) > 5 else ""
+        log.info("%s: removed %d file(s) written after its checksum (%s%s); the rest matches it", folder,
+                 len(later), ", ".join(later[:5]), more)
+    return True
+
+
 def discard_unvouched(module_folder: Path, recorded: Optional[str]) -> None:
     """Before ``nav.optimize`` compiles into the module's cache: remove it unless it still matches the checksum
     its manifest recorded (hand-edited, corrupted, or written by a run killed before its manifest), so that the
@@ -183,7 +217,7 @@ def discard_unvouched(module_folder: Path, recorded: Optional[str]) -> None:
     folder = cache_dir(module_folder)
     if not folder.is_dir() or user_cache_dir() is not None:
         return
-    if recorded is not None and _checksum(folder) == recorded:
+    if recorded is not None and (_checksum(folder) == recorded or drop_later_files(module_folder, folder, recorded)):
         return
     why = "does not match the checksum in its manifest" if recorded else "is not covered by a manifest"
     changes = describe_changes(module_folder) if recorded else ""
@@ -227,7 +261,8 @@ def private_copy(module_folder: Path, recorded: Optional[str], module_name: str)
             log.warning("module %s: cannot copy its inductor cache %s (%s); compiling again", module_name, source,
                         exc)
             shutil.rmtree(copy, ignore_errors=True)
-        if copy.is_dir() and _checksum(copy) == recorded:  # checked on the copy: what runs is what was checked
+        if copy.is_dir() and (_checksum(copy) == recorded  # checked on the copy: what runs is what was checked
+                              or drop_later_files(module_folder, copy, recorded)):
             _copies[(str(module_folder), recorded)] = copy
             return copy
         if copy.is_dir() or (recorded is not None and not source.is_dir()):
