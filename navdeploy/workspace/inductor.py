@@ -140,7 +140,8 @@ def _code_files(folder: Path) -> list[Path]:
                   and p.relative_to(folder).parts[0] not in _NOT_CODE)
 
 
-def _digest(folder: Path, per_file: bool = True, only: Optional[set[str]] = None) -> tuple[Optional[str], dict[str, str]]:
+def _digest(folder: Path, per_file: bool = True,
+            only: Optional[set[str]] = None) -> tuple[Optional[str], dict[str, str]]:
     """The folder's checksum (file names and bytes, in name order) and, with ``per_file``, each file's own sha256
     (only recording and diagnosing need those: a reload's check hashes each byte once). ``only``: the checksum of
     just those files (relative names)."""
