@@ -78,3 +78,37 @@ def test_after_load_optimized_no_profiled_batch_size_pays_a_compile(tmp_path, ch
         for batch in (1, 2, 4):
             torch.testing.assert_close(module(torch.ones(batch, 4)), module.__wrapped__(torch.ones(batch, 4)))
     assert counters["stats"]["unique_graphs"] == frames, "a profiled batch size compiled on its first request"
+
+
+def test_the_bind_finds_what_the_candidate_compiled_in_the_compile_caches(tmp_path, monkeypatch):
+    """A candidate is compiled from ``prepare``'s module; the bind compiles the winner again from the user's module,
+    whose parameter and buffer dicts it has swapped for watched ones. torch.compile's cache keys name the kind of
+    dict a parameter is read from, so with plain dicts at the candidate the bind found nothing in the cache and
+    compiled from scratch (the SD UNet's bind on the H200: 68 s). ``prepare`` watches the dicts first."""
+    from navdeploy.candidates.build import prepare
+    from navdeploy.inplace.staleness import watch_module_dicts
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 8)
+    recorder = Recorder("cached", 4, None)
+    recorder.record(module, (x,), {})
+    graph = recorder.finish()[0]
+    runner = RUNNERS["TorchCompileCPU"]
+
+    def compile_and_run() -> dict:
+        before = {k: counters[g][k] for g, k in (("inductor", "fxgraph_cache_hit"),
+                                                 ("aot_autograd", "autograd_cache_hit"))}
+        flat, _ = prepare(module, None, graph, runner, "fp32", "fp32")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (out,) = runner.load(LoadContext(None, flat, graph, "cpu", "fp32"))([x])
+        torch.testing.assert_close(out, module(x))
+        return {k: counters[g][k] - before[k] for g, k in (("inductor", "fxgraph_cache_hit"),
+                                                            ("aot_autograd", "autograd_cache_hit"))}
+
+    torch._dynamo.reset()
+    compile_and_run()  # the candidate
+    torch._dynamo.reset()  # a new process as far as dynamo is concerned; the caches on disk stay
+    watch_module_dicts(module)  # what bind does before it loads the runners
+    assert compile_and_run() == {"fxgraph_cache_hit": 1, "autograd_cache_hit": 1}

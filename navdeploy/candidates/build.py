@@ -27,6 +27,7 @@ from navdeploy.capture.graph import Graph
 from navdeploy.errors import WorkspaceError
 from navdeploy.formats.base import BuildContext, LoadContext, RunnerSpec
 from navdeploy.formats.registry import FORMATS, RUNNERS
+from navdeploy.inplace.staleness import watch_module_dicts
 from navdeploy.workspace.atomic import is_disk_error, writing
 from navdeploy.workspace.fingerprint import checksum
 from navdeploy.workspace.layout import artifact_dir, artifact_path, build_dir
@@ -77,7 +78,14 @@ def prepare(module: torch.nn.Module, forward_func: Optional[str], graph: Graph, 
     """The flat module a candidate exports or runs, and the cast its inputs need.
 
     Runners that cast (torch-based, ONNX) get a float-cast copy of the module and cast float inputs;
-    runners whose builder takes the precision (TensorRT) get the module as it is."""
+    runners whose builder takes the precision (TensorRT) get the module as it is.
+
+    The module's parameter and buffer dicts are first swapped for the watched ones a bind gives it
+    (``watch_module_dicts``; a no-op where they are already): torch.compile's cache keys name the kind of dict a
+    parameter is read from, so a candidate compiled with plain dicts left the bind of its winner nothing to find
+    in the cache. (Compiled in a worker process, the bind still misses: the worker's hash of the same inputs'
+    metadata differs; the SD UNet's bind on the H200 compiles again, 68 s.)"""
+    watch_module_dicts(module)
     cast = runner.precision_by == "cast" and needs_cast(precision, module_precision)
     key = (graph.key, precision if cast else module_precision)
     if cache is not None and key in cache:
