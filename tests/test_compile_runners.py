@@ -112,3 +112,52 @@ def test_the_bind_finds_what_the_candidate_compiled_in_the_compile_caches(tmp_pa
     torch._dynamo.reset()  # a new process as far as dynamo is concerned; the caches on disk stay
     watch_module_dicts(module)  # what bind does before it loads the runners
     assert compile_and_run() == {"fxgraph_cache_hit": 1, "autograd_cache_hit": 1}
+
+
+_WORKER_SCRIPT = '''
+import sys
+import torch
+from torch import nn
+import navdeploy as nav
+
+
+class Chain(nn.Module):  # pointwise ops torch.compile fuses into one kernel: it wins by far on any CPU
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 64)
+
+    def forward(self, x):
+        y = self.linear(x)
+        for _ in range(12):
+            y = torch.sin(y) * 1.01 + torch.cos(y)
+        return y
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    module = nav.Module(Chain().eval(), name="chain")
+    config = nav.OptimizeConfig(workspace=sys.argv[1], runners=("TorchCPU", "TorchCompileCPU"), batch_sizes=(32,),
+                                max_batch_size=32, profile_time_s=0.1, pipeline_repeats=0, use_multiprocessing=True)
+    with torch.no_grad():
+        status = nav.optimize(module, [(32, torch.randn(32, 64))], config)
+    print("selected", status.selected()["chain"])
+'''
+
+
+def test_a_winner_compiled_in_a_worker_is_found_in_the_cache_by_the_bind(tmp_path):
+    """The worker process compiles the candidate, the user's process binds the winner: the bind must find that
+    compile in the caches. torch's keys pickle objects such as ``torch.contiguous_format`` by reference to the first
+    module in ``sys.modules`` that reaches them, which in a spawned worker was the user's script (``__mp_main__``,
+    ahead of torch): every key differed and every bind compiled again."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "optimize_chain.py"
+    script.write_text(_WORKER_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ws")], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "selected ['TorchCompileCPU']" in done.stdout, done.stdout[-2000:]
+    log = (tmp_path / "ws" / "chain" / "navdeploy.log").read_text()
+    bound = next(line for line in log.splitlines() if "module chain bound in" in line)
+    assert "fxgraph_cache_hit" in bound and "miss" not in bound, bound

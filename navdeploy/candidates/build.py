@@ -83,8 +83,7 @@ def prepare(module: torch.nn.Module, forward_func: Optional[str], graph: Graph, 
     The module's parameter and buffer dicts are first swapped for the watched ones a bind gives it
     (``watch_module_dicts``; a no-op where they are already): torch.compile's cache keys name the kind of dict a
     parameter is read from, so a candidate compiled with plain dicts left the bind of its winner nothing to find
-    in the cache. (Compiled in a worker process, the bind still misses: the worker's hash of the same inputs'
-    metadata differs; the SD UNet's bind on the H200 compiles again, 68 s.)"""
+    in the cache (the worker's side of the same problem: ``isolation._main_module_last``)."""
     watch_module_dicts(module)
     cast = runner.precision_by == "cast" and needs_cast(precision, module_precision)
     key = (graph.key, precision if cast else module_precision)

@@ -96,6 +96,19 @@ def _log_to(log_path: str, previous: Optional[logging.Handler]) -> logging.Handl
     return handler
 
 
+def _main_module_last() -> None:
+    """Move ``__mp_main__`` (the user's script, run again by ``spawn``) to the end of ``sys.modules``.
+
+    torch's compile-cache keys pickle objects such as ``torch.contiguous_format`` by reference, and the pickler
+    names the first module in ``sys.modules`` through which it reaches them: in the user's process
+    ``torch._utils`` (``__main__`` is skipped), here ``__mp_main__``, which spawn put before torch and which
+    imported torch. So every key differed, and the bind of a winner compiled here found nothing in the cache
+    and compiled it again (the SD UNet's bind on the H200: 68 s)."""
+    main = sys.modules.pop("__mp_main__", None)
+    if main is not None:
+        sys.modules["__mp_main__"] = main
+
+
 def _worker_main(tasks, results, grants, log_path: str, faults_path: str, temporary_log: bool = False) -> None:
     """A worker: ready once started (torch imported), then for each job (one module's, sent as
     ``("job", payload, log_path, cache_env)``) runs its tasks one by one, until told to end (``None``). Workers
@@ -113,6 +126,8 @@ def _worker_main(tasks, results, grants, log_path: str, faults_path: str, tempor
         faulthandler.enable()
     handler = _log_to(log_path, None)
     import torch  # noqa: F401 - what every job needs, imported while the parent still captures
+
+    _main_module_last()
 
     job: Optional[Job] = None
     state = WorkerState()
