@@ -274,32 +274,15 @@ def test_aoti_probe_and_isa_programs_are_kept_per_machine(tmp_path, monkeypatch)
     assert {p: p.stat().st_mtime_ns for p in machine.glob("inductor-cpu-isa-*/**/*.so")} == programs  # reused
     assert not list((tmp_path / "ws2").rglob("*.so"))
 
-    # The answer is kept: navdeploy's worker processes take it instead of loading the base ISAs' programs in child
-    # processes again; the user's process (no own_process()) probes in full and its Inductor config stays as is.
+    # The answer is kept, and never taken as Inductor config: cpp.vec_isa_ok is part of torch.compile's cache
+    # keys, and a worker setting it left the user's process (where the winner is bound) nothing to find.
     (isa_folder,) = machine.glob("inductor-cpu-isa-*")
     answer = read_result(isa_folder, inductor_probe.ISA_RESULT)
     assert answer is not None and answer["loaded"], answer
-    if not answer["all_load"]:
-        pytest.skip(f"not every ISA of this CPU loaded ({answer}): nothing is taken as read")
-    counting = textwrap.dedent("""
-        import sys
-        from torch._inductor import config, cpu_vec_isa
-        from navdeploy.formats import inductor_probe
-        loads = []
-        load = cpu_vec_isa.VecISA._probe_load
-        cpu_vec_isa.VecISA._probe_load = lambda self, path: loads.append(path) or load(self, path)
-        if sys.argv[1] == "worker":
-            inductor_probe.own_process()
-        inductor_probe.warm_cpu_isa()
-        print(f"{cpu_vec_isa.pick_vec_isa()}|{len(loads)}|{config.cpp.vec_isa_ok}")
-    """)
-    runs = {who: subprocess.run([sys.executable, "-c", counting, who], capture_output=True, text=True, timeout=300,
-                                env=env) for who in ("worker", "user")}
-    assert all(r.returncode == 0 for r in runs.values()), {w: r.stderr[-2000:] for w, r in runs.items()}
-    worker, user = (runs[w].stdout.strip().splitlines()[-1].split("|") for w in ("worker", "user"))
-    assert worker[0] == user[0] == out.stdout.strip()[len("isa "):]  # the same ISA either way
-    assert int(worker[1]) <= 1 and worker[2] == "True"  # at most the VNNI check's own load
-    assert int(user[1]) > int(worker[1]) and user[2] == "None"
+    check = "from torch._inductor import config; from navdeploy.formats import inductor_probe; " \
+            "inductor_probe.warm_cpu_isa(); print(config.cpp.vec_isa_ok)"
+    again = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == "None", again.stderr[-2000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU host)")

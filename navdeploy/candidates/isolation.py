@@ -32,7 +32,6 @@ import cloudpickle
 
 from navdeploy.candidates.build import Job, Task, WorkerState, new_record, run_task
 from navdeploy.candidates.timing_gate import Slot, TimingGate
-from navdeploy.formats.inductor_probe import own_process
 from navdeploy.formats.registry import RUNNERS
 from navdeploy.workspace.records import CandidateRecord
 
@@ -114,7 +113,6 @@ def _worker_main(tasks, results, grants, log_path: str, faults_path: str, tempor
     ``("job", payload, log_path, cache_env)``) runs its tasks one by one, until told to end (``None``). Workers
     outlive a module: the next module's job reuses a warm one, with that module's inductor cache (``cache_env``)."""
     global _FAULTS
-    own_process()  # this process's Inductor config is navdeploy's
     _die_with_parent()
     _redirect_output(log_path)
     # A crash in native code (SIGSEGV in a compiled library) leaves the Python stack in this worker's own file

@@ -7,11 +7,11 @@ inductor cache, which navdeploy points into the workspace, so every new workspac
 :func:`warm_cpu_isa` runs the same probe with the inductor cache pointed, for the probe only, at a machine cache
 folder keyed by torch version, compiler and CPU flags: the programs are compiled once per machine, and every
 probe still loads them in a child (the check it exists for stays). The result is then Inductor's for the rest of
-the process. The answer is kept too (``isa.json``): where every ISA the CPU has loaded, navdeploy's own worker
-processes take that answer (``torch._inductor.config.cpp.vec_isa_ok``) instead of loading the base ISAs' programs in
-child processes again (three of the four loads, ~0.9 s of every cold optimize on the 2-core machine; the VNNI check
-ignores that setting and still loads its own). The user's process always probes: its Inductor config is not
-navdeploy's to set.
+the process. The answer is kept too (``isa.json``), for diagnosis only. Workers do not take it as
+``torch._inductor.config.cpp.vec_isa_ok`` (that saved ~0.9 s of a cold optimize): that setting is part of
+torch.compile's cache keys, and the user's process, where the winner is bound, leaves it unset, so every bind of
+a TorchCompileCPU winner missed the cache and compiled again (21.8 s against 2.7 s in
+``tests/test_compile_runners.py``).
 
 **AOTInductor on CUDA.** :func:`aoti_cuda_problem` answers whether an AOTInductor package loads and runs on this
 GPU at all: a tiny package (one Linear) is built and run in a child process, once per torch / CUDA / driver /
@@ -42,19 +42,11 @@ from navdeploy.workspace.machine_cache import probe_folder, read_result, write_r
 log = logging.getLogger("navdeploy")
 
 _isa_warmed = False
-_own_process = False  # a worker process of navdeploy's own (its Inductor config is navdeploy's to set)
 _aoti_problems: dict[str, Optional[str]] = {}
 _aoti_lock = threading.Lock()  # one probe at a time: a second caller waits for the first one's answer
 AOTI_PROBE_TIMEOUT_S = 600.0
 AOTI_RESULT = "aoti.json"
 ISA_RESULT = "isa.json"
-
-
-def own_process() -> None:
-    """Called first thing in navdeploy's worker processes: they may take the machine cache's recorded ISA answer
-    (:func:`warm_cpu_isa`)."""
-    global _own_process
-    _own_process = True
 
 
 def _compiler() -> str:
@@ -108,14 +100,6 @@ def warm_cpu_isa() -> None:
     folder = probe_folder("inductor-cpu-isa", cpu_key())
     if folder is None:
         return
-    recorded = read_result(folder, ISA_RESULT)
-    taken = _own_process and recorded is not None and recorded.get("all_load") is True
-    if taken:
-        from torch._inductor import config
-
-        # Every ISA this CPU has loaded, for this key. (The VNNI check still builds and loads its own program:
-        # below, from the machine cache, like the full probe.)
-        config.cpp.vec_isa_ok = True
     start = time.perf_counter()
     try:
         with _inductor_cache_at(folder):
@@ -125,10 +109,8 @@ def warm_cpu_isa() -> None:
         log.info("Inductor's CPU ISA probe failed in the machine cache (%s: %s); it runs in the inductor cache",
                  type(exc).__name__, exc)
         return
-    log.info("Inductor CPU ISA: %s (probe %.1f s%s; compiled test programs kept in %s)", isa or "none",
-             time.perf_counter() - start, ", the base ISAs' loads taken from the last probe" if taken else "", folder)
-    if taken:
-        return
+    log.info("Inductor CPU ISA: %s (probe %.1f s; compiled test programs kept in %s)", isa or "none",
+             time.perf_counter() - start, folder)
     has = _cpu_isas(cpu_vec_isa)
     write_result(folder, ISA_RESULT, {"cpu_isas": has, "loaded": loaded,
                                       "all_load": bool(has) and sorted(has) == sorted(loaded)})
