@@ -56,9 +56,9 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
         raise NavdeployError("no nav.Module to optimize: wrap the modules of your pipeline first, "
                              "e.g. pipe.unet = nav.Module(pipe.unet, name='unet').")
     configs = {m.name: module_config(m, config) for m in modules}
-    devices = {m.name: configs[m.name].target_device or module_device(m.__wrapped__) for m in modules}
-    start_availability_checks(runner for m in modules
-                              for runner, _ in candidate_pairs(configs[m.name], devices[m.name], m.precision))
+    pairs = {m.name: candidate_pairs(configs[m.name], configs[m.name].target_device or module_device(m.__wrapped__),
+                                     m.precision) for m in modules}
+    start_availability_checks(runner for m in modules for runner, _ in pairs[m.name])
     recorders = {m.name: Recorder(m.name, configs[m.name].sample_count, m.nav_state.batching,
                                    m.nav_state.output_mapping) for m in modules}
     with WorkerHub() as hub:
@@ -80,8 +80,7 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
             m.nav_state.captured = True
         status = OptimizeStatus(workspace=resolve_workspace(config), command=script_command())
         work = {m.name: recorders[m.name].finish() for m in modules}
-        total = sum(len(work[m.name]) * len(candidate_pairs(configs[m.name], devices[m.name], m.precision))
-                    for m in modules)
+        total = sum(len(work[m.name]) * len(pairs[m.name]) for m in modules)
         listener.candidates_started(total)
         try:
             for m in modules:
