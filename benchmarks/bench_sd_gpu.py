@@ -202,6 +202,40 @@ def timed(fn: Callable[[], Any], runs: int, size: Size) -> dict:
             "_result": result}
 
 
+def unet_calls(pipe, size: Size, blocks: int = 5, calls: int = 20) -> dict:
+    """The UNet alone, called as the pipeline calls it (batch 2 under guidance, a mid-schedule timestep): per-call
+    milliseconds of ``blocks`` blocks of ``calls`` back-to-back calls, synchronised at each block's ends, as the
+    denoising loop runs them. Where ``pipe.unet`` is optimized, also the bound runner on the same tensors without
+    navdeploy's routing (``runner_ms``): the routing's share of the call."""
+    gen = torch.Generator("cpu").manual_seed(SEED)
+    latent = size.image // pipe.vae_scale_factor
+    x = torch.randn(2, size.unet.get("in_channels", 4), latent, latent, generator=gen).to(size.device, size.dtype)
+    e = torch.randn(2, size.max_length, size.unet.get("cross_attention_dim", 1024), generator=gen).to(
+        size.device, size.dtype)
+    pipe.scheduler.set_timesteps(size.steps, device=size.device)
+    t = pipe.scheduler.timesteps[size.steps // 2]
+    kwargs = dict(encoder_hidden_states=e, timestep_cond=None, cross_attention_kwargs=None, added_cond_kwargs=None,
+                  return_dict=False)
+
+    def per_call(fn: Callable[[], Any]) -> dict:
+        with torch.no_grad():
+            for _ in range(3):
+                fn()
+            ms = [timed(lambda: [fn() for _ in range(calls)], 1, size)["median_s"] * 1000 / calls
+                  for _ in range(blocks)]
+        return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "blocks_ms": ms}
+
+    result = {"calls_per_block": calls, "unet_ms": per_call(lambda: pipe.unet(x, t, **kwargs))}
+    handler = getattr(getattr(pipe.unet, "nav_state", None), "handler", None)
+    if handler is not None and hasattr(handler, "graphs"):
+        key, tensors, _ = handler._graph_key((x, t), kwargs)
+        entry = handler.graphs.get(key)
+        if entry is not None:
+            run = entry[1]
+            result["runner_ms"] = per_call(lambda: run(tensors))
+    return result
+
+
 def summary(stats: dict) -> dict:
     return {k: v for k, v in stats.items() if k != "_result"}
 
@@ -342,6 +376,7 @@ def phase_eager(ctx: Context, record: dict) -> None:
     ctx.eager_image_path.parent.mkdir(parents=True, exist_ok=True)
     np.save(ctx.eager_image_path, image)
     record["eager_image"] = str(ctx.eager_image_path)
+    record["unet_calls"] = unet_calls(pipe, ctx.size)
 
 
 def candidates_so_far(workspace: Path) -> dict:
@@ -420,6 +455,7 @@ def phase_optimize(ctx: Context, record: dict) -> None:
         record["killed_run_elapsed_s"] = earlier[-1].get("elapsed_s")
     _, t2i = _optimize(ctx, record)
     _optimized_pipeline(ctx, t2i, record)
+    record["unet_calls"] = unet_calls(t2i.pipe, ctx.size)
 
 
 def phase_rerun(ctx: Context, record: dict) -> None:
@@ -443,6 +479,7 @@ def phase_load(ctx: Context, record: dict) -> None:
     stats = timed(lambda: t2i(PROMPT), ctx.runs, ctx.size)
     record["pipeline"] = summary(stats)
     _against_eager(ctx, stats["_result"], record)
+    record["unet_calls"] = unet_calls(t2i.pipe, ctx.size)
 
 
 def phase_baseline(ctx: Context, record: dict, mode: str) -> None:
@@ -460,6 +497,7 @@ def phase_baseline(ctx: Context, record: dict, mode: str) -> None:
     record["pipeline"] = summary(stats)
     record["compile_s_estimate"] = first["median_s"] - stats["median_s"]
     _against_eager(ctx, stats["_result"], record)
+    record["unet_calls"] = unet_calls(pipe, ctx.size)
 
 
 def phase_serve(ctx: Context, record: dict) -> None:
