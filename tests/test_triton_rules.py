@@ -375,3 +375,59 @@ def test_bundled_triton_serves_an_unbatched_scalar_output(tmp_path):
     finally:
         server.stop()
     assert out.shape == (1,) and float(out[0]) == pytest.approx(float(x.sum()))
+
+
+class _Denoise(nn.Module):
+    """A diffusion UNet's call shape: latents [B, 4] and one 0-d timestep for the whole batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, t):
+        return self.lin(x) * t
+
+
+def test_a_batched_graph_with_a_0d_input_is_served_per_request(tmp_path):
+    """A 0-d timestep has no batch axis: Triton cannot join requests that each carry their own, and the ONNX
+    model takes a scalar. The model is a Python-backend one without Triton batching, the batch axis -1 in dims;
+    the bundled server answers requests of two batch sizes as eager does."""
+    pytest.importorskip("pytriton")
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    import navdeploy as nav
+    from navdeploy.triton import TritonServer, export_model_repository
+    from navdeploy.triton.validate import parse_config
+
+    torch.manual_seed(0)
+    eager = _Denoise().eval()
+    module = nav.Module(_Denoise().eval(), name="denoise")
+    module.load_state_dict(eager.state_dict())
+    data = [(b, (torch.randn(b, 4), torch.tensor(float(b) / 2))) for b in (2, 3)]
+    status = nav.optimize(module, data, nav.OptimizeConfig(workspace=tmp_path / "ws", runners=("OnnxCPU",),
+                                                           pipeline_repeats=0, keep_artifacts=True))
+    onnx = [c for c in status.modules["denoise"].graphs[0].candidates if c.name == "OnnxCPU"]
+    assert onnx and onnx[0].status == "ok"  # the artifact served (eager may win the in-process search)
+    repo = export_model_repository(tmp_path / "repo", workspace=tmp_path / "ws")
+    cfg = parse_config((repo / "denoise" / "config.pbtxt").read_text())
+    assert (cfg.backend, cfg.max_batch_size) == ("python", 0)
+    assert list(cfg.input[0].dims) == [-1, 4] and list(cfg.input[1].dims) == [1]
+    assert _errors(repo) == []
+    server = TritonServer(repo, startup_timeout_s=120)
+    server.start()
+    try:
+        client = httpclient.InferenceServerClient(server.http_url)
+        for batch, t in ((1, 0.5), (3, 2.0)):
+            x = np.random.randn(batch, 4).astype(np.float32)
+            inputs = [httpclient.InferInput("input__0", [batch, 4], "FP32"),
+                      httpclient.InferInput("input__1", [1], "FP32")]
+            inputs[0].set_data_from_numpy(x)
+            inputs[1].set_data_from_numpy(np.array([t], dtype=np.float32))
+            got = client.infer("denoise", inputs).as_numpy("output__0")
+            with torch.no_grad():
+                want = eager(torch.from_numpy(x), torch.tensor(t)).numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        client.close()
+    finally:
+        server.stop()

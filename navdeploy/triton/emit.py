@@ -183,21 +183,33 @@ def _python_artifact(graph_dir: Path, candidate: CandidateRecord, entry: GraphEn
     return best.format, entry.artifact_folder(graph_dir, best.artifact_dir(module_precision)), best
 
 
-def _dims(spec: TensorSpec, batching: bool) -> tuple[list[int], Optional[list[int]], bool]:
+def _dims(spec: TensorSpec, batching: bool, batch_axis: bool) -> tuple[list[int], Optional[list[int]], bool]:
     """(dims, reshape, scalar) of a tensor. Triton has no scalar tensors: a scalar per batch item is dims [1]
     with an empty reshape (the model sees [B]); a 0-d tensor of a non-batching model is dims [1] without reshape
-    (core refuses an empty reshape there), and the Python-backend model.py reshapes between [1] and []."""
+    (core refuses an empty reshape there), and the Python-backend model.py reshapes between [1] and [].
+    ``batch_axis``: the graph's axis 0 is a batch axis that Triton does not batch (``_triton_batching``), so it
+    stays in dims as -1."""
     dims = [-1 if lo != hi or lo < 1 else lo for lo, hi in zip(spec.min_shape, spec.max_shape)]
     if batching:
         dims = dims[1:]
+    elif batch_axis and dims:
+        dims[0] = -1
     if not dims:
         return [1], ([] if batching else None), True
     return dims, None, False
 
 
-def _has_unbatched_scalar(graph: Graph) -> bool:
-    """A 0-d tensor in a non-batching graph: native backends compare ranks with dims [1] and refuse it."""
-    return not graph.batching and any(not t.min_shape for t in list(graph.inputs) + list(graph.outputs))
+def _has_0d(graph: Graph) -> bool:
+    """A 0-d tensor among the graph's inputs or outputs: native backends compare ranks with dims [1] and refuse
+    it, so only a Python-backend model (its model.py reshapes) serves it."""
+    return any(not t.min_shape for t in list(graph.inputs) + list(graph.outputs))
+
+
+def _triton_batching(graph: Graph) -> bool:
+    """Whether Triton batches the graph's model. Not when a tensor is 0-d (a diffusion UNet's timestep): it has
+    no batch axis, one value per call, so requests cannot be joined; such a model takes each request's full
+    shapes (the batch axis -1 in dims)."""
+    return graph.batching and not _has_0d(graph)
 
 
 def _run_dtype(dtype: str, precision: str, module_precision: str) -> str:
@@ -228,7 +240,7 @@ def _onnx_io(path: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 def _batching(graph: Graph, manifest: Manifest, candidate: CandidateRecord) -> tuple[int, list[int]]:
     """(max_batch_size, preferred sizes) from what was profiled; (0, []) when the graph is not batched."""
-    if not graph.batching:
+    if not _triton_batching(graph):
         return 0, []
     profiled = sorted({p.batch_size for p in candidate.profile}) or sorted(manifest.batch_sizes)
     # The artifacts accept batch sizes up to max(max_batch_size, captured max): never promise more.
@@ -270,9 +282,7 @@ def _plan_graph(name: str, module_folder: Path, manifest: Manifest, entry: Graph
     in_dtypes = [t.dtype for t in graph.inputs]
     out_dtypes = [t.dtype for t in graph.outputs]
     run_dtypes = list(in_dtypes)
-    if _has_unbatched_scalar(graph) or (mapping.platform == "torch_aoti" and not release.torch_aoti):
-        backend = "python"  # a form this Triton loads: no torch_aoti in its core, or no scalar tensors natively
-    if _has_unbatched_scalar(graph) or (fmt == "torch-aoti" and not release.torch_aoti):
+    if _has_0d(graph) or (mapping.platform == "torch_aoti" and not release.torch_aoti):
         backend = "python"  # a form this Triton loads: no torch_aoti in its core, or no scalar tensors natively
 
     if backend == "auto" and mapping.backend is not None:
@@ -307,15 +317,16 @@ def _plan_graph(name: str, module_folder: Path, manifest: Manifest, entry: Graph
                              f"inputs and {len(out_names)} outputs, the captured graph {len(graph.inputs)} and "
                              f"{len(graph.outputs)}.")
     where = f"module {module!r} graph {graph.key}"
-    inputs = [TensorConfig(n, _triton_type(d, where), *_dims(t, graph.batching))
+    batching = _triton_batching(graph)
+    inputs = [TensorConfig(n, _triton_type(d, where), *_dims(t, batching, graph.batching))
               for n, d, t in zip(in_names, in_dtypes, graph.inputs)]
-    outputs = [TensorConfig(n, _triton_type(d, where), *_dims(t, graph.batching))
+    outputs = [TensorConfig(n, _triton_type(d, where), *_dims(t, batching, graph.batching))
                for n, d, t in zip(out_names, out_dtypes, graph.outputs)]
     warm = None
     if warmup:
         warm = {"batch_size": 1, "inputs": [
             {"name": c.name, "data_type": c.data_type,
-             "dims": (t.opt_shape[1:] if graph.batching else t.opt_shape) or [1]}
+             "dims": (t.opt_shape[1:] if batching else t.opt_shape) or [1]}
             for c, t in zip(inputs, graph.inputs)]}
     return ModelPlan(name, module, graph.key, candidate.name, triton_backend, platform, art_fmt, art_dir,
                      max_batch, preferred, inputs, outputs, instance_kind, run_dtypes, accelerators, cuda_graphs, warm)
