@@ -218,12 +218,23 @@ def unet_calls(pipe, size: Size, blocks: int = 5, calls: int = 20) -> dict:
                   return_dict=False)
 
     def per_call(fn: Callable[[], Any]) -> dict:
+        """Wall ms a call, and ``host_ms``: the time the loop took to issue the calls, before waiting for the GPU
+        (close to the wall time: the calls are bound by the host, not the GPU)."""
+        wall, host = [], []
         with torch.no_grad():
             for _ in range(3):
                 fn()
-            ms = [timed(lambda: [fn() for _ in range(calls)], 1, size)["median_s"] * 1000 / calls
-                  for _ in range(blocks)]
-        return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "blocks_ms": ms}
+            for _ in range(blocks):
+                _sync(size)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                issued = time.perf_counter()
+                _sync(size)
+                wall.append((time.perf_counter() - start) * 1000 / calls)
+                host.append((issued - start) * 1000 / calls)
+        return {"median_ms": statistics.median(wall), "min_ms": min(wall), "max_ms": max(wall), "blocks_ms": wall,
+                "host_ms": statistics.median(host)}
 
     result = {"calls_per_block": calls, "unet_ms": per_call(lambda: pipe.unet(x, t, **kwargs))}
     handler = getattr(getattr(pipe.unet, "nav_state", None), "handler", None)
@@ -234,6 +245,22 @@ def unet_calls(pipe, size: Size, blocks: int = 5, calls: int = 20) -> dict:
             run = entry[1]
             result["runner_ms"] = per_call(lambda: run(tensors))
     return result
+
+
+def pipeline_profile(fn: Callable[[], Any], top: int = 25) -> list[str]:
+    """Where one pipeline call spends its host time: cProfile's ``top`` functions by own time (profiling slows the
+    call; the shares are what count)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    fn()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return [line for line in text.getvalue().splitlines() if line.strip()][-top - 1:]
 
 
 def summary(stats: dict) -> dict:
@@ -480,6 +507,7 @@ def phase_load(ctx: Context, record: dict) -> None:
     record["pipeline"] = summary(stats)
     _against_eager(ctx, stats["_result"], record)
     record["unet_calls"] = unet_calls(t2i.pipe, ctx.size)
+    record["pipeline_profile"] = pipeline_profile(lambda: t2i(PROMPT))
 
 
 def phase_baseline(ctx: Context, record: dict, mode: str) -> None:
@@ -498,6 +526,7 @@ def phase_baseline(ctx: Context, record: dict, mode: str) -> None:
     record["compile_s_estimate"] = first["median_s"] - stats["median_s"]
     _against_eager(ctx, stats["_result"], record)
     record["unet_calls"] = unet_calls(pipe, ctx.size)
+    record["pipeline_profile"] = pipeline_profile(lambda: t2i(PROMPT))
 
 
 def phase_serve(ctx: Context, record: dict) -> None:

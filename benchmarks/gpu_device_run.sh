@@ -13,7 +13,10 @@
 #                         workspace $ND_TMP/nd-sd/ws; the others under the image's numpy 2, `serve` in a venv whose
 #                         site-packages put numpy 1.26 and pyzmq first (serve_python: the Python-backend stub runs
 #                         that venv's python3 isolated, so PYTHONPATH cannot give it numpy 1.26).
-#                         SD_BASELINE_MODES (default reduce-overhead) for `baseline`.
+#                         SD_BASELINE_MODES (default reduce-overhead) for `baseline`. Each module's log is copied
+#                         to $OUT/sd_module_logs/; to see why a bind missed the compile caches, run with
+#                         TORCH_LOGS="+torch._functorch._aot_autograd.autograd_cache" (workers' keys in those logs,
+#                         the binding process's in the sd log).
 #   ort [MODELS]          benchmarks/ort_cuda_check.py (resnet50,unet by default) with onnxruntime-gpu
 #   bench                 bench_gpu: ResNet-50, BERT-base, small UNet in one call (as in session 7)
 #   autotune              ResNet-50 with max-autotune-no-cudagraphs against eager
@@ -208,7 +211,13 @@ print('the stub runs', stub_python(), 'isolated, and finds', stub_packages(['num
           --workspace $tmp/nd-sd/ws --out "$results/sd_gpu.json" --mirror "$out/sd_gpu.json" ${SD_ARGS:-} \
           2>&1 | tee -a "$log"
       fi
-    fi ;;
+    fi
+    # Each module's log (its workers' output lands there; with TORCH_LOGS set, their compile-cache keys), the last
+    # 8 MB of each: compared with the binding process's keys in $log, they say why a bind missed the caches.
+    mkdir -p "$out/sd_module_logs"
+    for f in $tmp/nd-sd/ws/*/navdeploy.log; do
+      [ -f "$f" ] && tail -c 8000000 "$f" > "$out/sd_module_logs/$(basename "$(dirname "$f")").log"
+    done ;;
   ort)
     models=${1:-resnet50,unet}
     log=$results/ort_cuda_${models//,/-}_$stamp.log
