@@ -206,7 +206,7 @@ def unet_calls(pipe, size: Size, blocks: int = 5, calls: int = 20) -> dict:
     """The UNet alone, called as the pipeline calls it (batch 2 under guidance, a mid-schedule timestep): per-call
     milliseconds of ``blocks`` blocks of ``calls`` back-to-back calls, synchronised at each block's ends, as the
     denoising loop runs them. Where ``pipe.unet`` is optimized, also the bound runner on the same tensors without
-    navdeploy's routing (``runner_ms``): the routing's share of the call."""
+    navdeploy's routing (``runner_ms``), alternating with the module call block by block: the routing's share."""
     gen = torch.Generator("cpu").manual_seed(SEED)
     latent = size.image // pipe.vae_scale_factor
     x = torch.randn(2, size.unet.get("in_channels", 4), latent, latent, generator=gen).to(size.device, size.dtype)
@@ -217,33 +217,40 @@ def unet_calls(pipe, size: Size, blocks: int = 5, calls: int = 20) -> dict:
     kwargs = dict(encoder_hidden_states=e, timestep_cond=None, cross_attention_kwargs=None, added_cond_kwargs=None,
                   return_dict=False)
 
-    def per_call(fn: Callable[[], Any]) -> dict:
-        """Wall ms a call, and ``host_ms``: the time the loop took to issue the calls, before waiting for the GPU
-        (close to the wall time: the calls are bound by the host, not the GPU)."""
-        wall, host = [], []
-        with torch.no_grad():
-            for _ in range(3):
-                fn()
-            for _ in range(blocks):
-                _sync(size)
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                issued = time.perf_counter()
-                _sync(size)
-                wall.append((time.perf_counter() - start) * 1000 / calls)
-                host.append((issued - start) * 1000 / calls)
-        return {"median_ms": statistics.median(wall), "min_ms": min(wall), "max_ms": max(wall), "blocks_ms": wall,
-                "host_ms": statistics.median(host)}
+    def block(fn: Callable[[], Any]) -> tuple[float, float]:
+        """(wall, host) ms a call over one block; host: the time the loop took to issue the calls, before waiting
+        for the GPU (close to the wall time: the calls are bound by the host, not the GPU)."""
+        _sync(size)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        issued = time.perf_counter()
+        _sync(size)
+        return (time.perf_counter() - start) * 1000 / calls, (issued - start) * 1000 / calls
 
-    result = {"calls_per_block": calls, "unet_ms": per_call(lambda: pipe.unet(x, t, **kwargs))}
+    fns = {"unet_ms": lambda: pipe.unet(x, t, **kwargs)}
     handler = getattr(getattr(pipe.unet, "nav_state", None), "handler", None)
     if handler is not None and hasattr(handler, "graphs"):
         key, tensors, _ = handler._graph_key((x, t), kwargs)
         entry = handler.graphs.get(key)
         if entry is not None:
             run = entry[1]
-            result["runner_ms"] = per_call(lambda: run(tensors))
+            fns["runner_ms"] = lambda: run(tensors)
+    walls: dict[str, list[float]] = {name: [] for name in fns}
+    hosts: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            for _ in range(3):
+                fn()
+        for _ in range(blocks):  # the module call and its runner alternate block by block
+            for name, fn in fns.items():
+                wall, host = block(fn)
+                walls[name].append(wall)
+                hosts[name].append(host)
+    result: dict = {"calls_per_block": calls}
+    for name, wall in walls.items():
+        result[name] = {"median_ms": statistics.median(wall), "min_ms": min(wall), "max_ms": max(wall),
+                        "blocks_ms": wall, "host_ms": statistics.median(hosts[name])}
     return result
 
 
