@@ -80,6 +80,48 @@ def test_after_load_optimized_no_profiled_batch_size_pays_a_compile(tmp_path, ch
     assert counters["stats"]["unique_graphs"] == frames, "a profiled batch size compiled on its first request"
 
 
+class _MidBlock(torch.nn.Module):
+    """diffusers' mid blocks loop over ``self.resnets[1:]``: a new ModuleList, registered module by module, on every
+    call."""
+
+    def __init__(self):
+        super().__init__()
+        self.resnets = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        x = self.resnets[0](x)
+        for resnet in self.resnets[1:]:
+            x = torch.relu(resnet(x))
+        return x
+
+
+def test_a_forward_that_builds_containers_is_not_recompiled_when_other_modules_register(tmp_path, choose_candidate):
+    """The staleness check's registration hooks count registrations on bound modules only and stay out of compiled
+    code. When torch.compile traced them inside ``self.resnets[1:]``, the compiled code guarded on navdeploy's
+    process-wide counter: every registration anywhere recompiled it on its next call (the SD UNet on CPU: 4
+    compiles at its bind instead of 2, one a cache miss, and more during the pipeline), and a module bound after
+    the hooks were installed missed the compile caches its worker had filled."""
+    import navdeploy as nav
+
+    first = nav.Module(_MidBlock().eval(), name="first_block")
+    second = nav.Module(_MidBlock().eval(), name="second_block")
+    config = nav.OptimizeConfig(runners=("TorchCompileCPU",), batch_sizes=(2,), profile_time_s=0.05,
+                                workspace=tmp_path, use_multiprocessing=False, thorough=True, pipeline_repeats=0)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        nav.optimize(lambda v: second(first(v)), [(2, x)], config=config)
+    torch._dynamo.reset()
+    choose_candidate(first, tmp_path, "TorchCompileCPU")  # installs the registration hooks
+    choose_candidate(second, tmp_path, "TorchCompileCPU")  # compiled with the hooks in place
+    frames = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for _ in range(3):
+            torch.nn.ModuleList([torch.nn.Linear(1, 1)])  # a registration elsewhere, between calls
+            _MidBlock()(x)  # an eager forward that builds containers
+            torch.testing.assert_close(second(first(x)), second.__wrapped__(first.__wrapped__(x)))
+    assert counters["stats"]["unique_graphs"] == frames, "a bound torch.compile runner recompiled"
+
+
 def test_the_bind_finds_what_the_candidate_compiled_in_the_compile_caches(tmp_path, monkeypatch):
     """A candidate is compiled from ``prepare``'s module; the bind compiles the winner again from the user's module,
     whose parameter and buffer dicts it has swapped for watched ones. torch.compile's cache keys name the kind of

@@ -6,7 +6,8 @@ The checks run on every call of an optimized module, so each is a read or two: a
 ``load_state_dict``, ``mul_`` under ``no_grad``, an optimizer step) bumps a version counter, and the parameters
 share one (``versions.share``), so whether any was edited is one read whatever their number (buffers, and
 parameters that cannot share, are read one by one); a replaced parameter or buffer goes through ``nn.Module``'s
-registration hooks, which bump a process-wide generation (and so does a tensor put straight into a module's
+registration hooks, which bump a process-wide generation when the module belongs to a bound one, and never inside
+code torch.compile traces (and so does a tensor put straight into a module's
 ``_parameters`` or ``_buffers``: those dicts are swapped at the bind for ones that bump it); ``.to()``/``.half()``...
 on the proxy bump the module's own conversion count (they change tensors through ``set_data``, which keeps the
 version counter). A forward hook
@@ -18,6 +19,7 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -47,17 +49,33 @@ _AUTOCAST = ("autocast: torch.autocast is on, under which eager computes in its 
 _autocast_on = torch._C._is_any_autocast_enabled  # one C call: is autocast on for any device type
 
 
+_watched: weakref.WeakSet = weakref.WeakSet()  # every (sub)module of a bound module: whose registrations count
+_compiling = torch.compiler.is_compiling
+
+
 def _bump(*_: Any) -> None:
-    _current[0] = next(_generation)
+    # Not inside a forward torch.compile traces: Dynamo would put the counter's state in the compiled code's
+    # guards, so every later bump anywhere would recompile it (and its compile-cache keys would differ from a
+    # worker's, which has no hooks).
+    if not _compiling():
+        _current[0] = next(_generation)
+
+
+def _registered(module: torch.nn.Module, *_: Any) -> None:
+    """A parameter, buffer or submodule was registered on ``module``: it counts when ``module`` belongs to a bound
+    module. Forwards that build containers on the fly (``self.resnets[1:]`` in diffusers' mid blocks makes a new
+    ModuleList on every call) register into modules no runner stands for."""
+    if not _compiling() and module in _watched:
+        _current[0] = next(_generation)
 
 
 def _install_hooks() -> None:
     """Process-wide registration hooks, installed on the first bind (never at import)."""
     if _hooked[0]:
         return
-    nn_module.register_module_parameter_registration_hook(_bump)
-    nn_module.register_module_buffer_registration_hook(_bump)
-    nn_module.register_module_module_registration_hook(_bump)
+    nn_module.register_module_parameter_registration_hook(_registered)
+    nn_module.register_module_buffer_registration_hook(_registered)
+    nn_module.register_module_module_registration_hook(_registered)
     _hooked[0] = True
 
 
@@ -103,7 +121,9 @@ def watch_module_dicts(module: torch.nn.Module) -> list[tuple[str, OrderedDict]]
     the submodules' empty forward-hook dicts for ``_WatchedHooks``; once per module (a watched dict stays). Returns
     the submodules' watched hook dicts by name. Called
     before a bind loads its runners: a torch.compile runner's guards read those dicts, and a swap after its
-    warm-up would make the first requests compile again."""
+    warm-up would make the first requests compile again. The registration hooks go in first for the same reason
+    (compiled code guards on whether there are any), here and in a candidate's worker alike."""
+    _install_hooks()
     for sub in module.modules():
         for attr in ("_parameters", "_buffers"):
             tensors = sub.__dict__.get(attr)
@@ -173,6 +193,7 @@ class WeightsWatch:
 
     def __init__(self, module: torch.nn.Module, state: ModuleState):
         _install_hooks()
+        _watched.update(module.modules())
         self.module = module
         self._state = state  # its conversion count: .to()/.half()... on the proxy
         self._seen_conversions = state.conversions
