@@ -65,8 +65,8 @@ def _registered(module: torch.nn.Module, *_: Any) -> None:
     """A parameter, buffer or submodule was registered on ``module``: it counts when ``module`` belongs to a bound
     module. Forwards that build containers on the fly (``self.resnets[1:]`` in diffusers' mid blocks makes a new
     ModuleList on every call) register into modules no runner stands for."""
-    if not _compiling() and module in _watched:
-        _current[0] = next(_generation)
+    if not _compiling() and module in _watched:  # the membership test is not traced either
+        _bump()
 
 
 def _install_hooks() -> None:
@@ -192,7 +192,6 @@ class WeightsWatch:
     whether a call may still use that runner."""
 
     def __init__(self, module: torch.nn.Module, state: ModuleState):
-        _install_hooks()
         _watched.update(module.modules())
         self.module = module
         self._state = state  # its conversion count: .to()/.half()... on the proxy
