@@ -228,3 +228,39 @@ def test_files_written_after_the_checksum_are_removed_and_the_rest_is_kept(tmp_p
     files_list(module_folder).unlink()  # without the list of recorded files nothing tells them apart: all goes
     discard_unvouched(module_folder, recorded)
     assert not folder.exists()
+
+
+def _benchmark_decision(key: str) -> None:
+    """What pad_mm does after it timed a padded matmul: store the decision in inductor's local cache."""
+    from torch._inductor.codecache import LocalCache
+
+    LocalCache().set_value("pad_mm", key, value=True)
+
+
+def _decisions(folder: Path) -> set[str]:
+    files = list((folder / "cache").glob("*"))
+    return {k for f in files for k in json.loads(f.read_text())["cache"].get("pad_mm", {})}
+
+
+def test_each_module_s_benchmark_decisions_land_in_its_own_cache(tmp_path):
+    """Inductor memoizes the path of its local cache (pad_mm's decisions) on first use in a process. The binding
+    process and a warm build worker compile several modules, each with its own cache: a later module's decisions
+    must not land in the first module's cache after its checksum was taken (the next run then found that cache
+    changed and compiled the first module again: the SD text encoder's re-run bind on the H200)."""
+    from navdeploy.candidates.isolation import _apply_environment
+    from navdeploy.workspace.inductor import pointed_at
+
+    first, second, third = (tmp_path / name for name in ("clip", "unet", "vae"))
+    with pointed_at(first):
+        _benchmark_decision("clip-mm")
+    recorded = _decisions(first)
+    with pointed_at(second):  # the binding process, next module
+        _benchmark_decision("unet-mm")
+    before = dict(os.environ)
+    try:  # a warm worker that built the first module takes the next module's job
+        _apply_environment({"TORCHINDUCTOR_CACHE_DIR": str(third), "TRITON_CACHE_DIR": str(third / "triton")})
+        _benchmark_decision("vae-mm")
+    finally:
+        _apply_environment({name: before.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")})
+    assert _decisions(first) == recorded == {"clip-mm"}
+    assert _decisions(second) == {"unet-mm"} and _decisions(third) == {"vae-mm"}

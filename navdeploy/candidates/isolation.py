@@ -33,6 +33,7 @@ import cloudpickle
 from navdeploy.candidates.build import Job, Task, WorkerState, new_record, run_task
 from navdeploy.candidates.timing_gate import Slot, TimingGate
 from navdeploy.formats.registry import RUNNERS
+from navdeploy.workspace.inductor import forget_memoized_paths
 from navdeploy.workspace.records import CandidateRecord
 
 log = logging.getLogger("navdeploy")
@@ -181,6 +182,7 @@ def _apply_environment(values: dict[str, Optional[str]]) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+    forget_memoized_paths()
 
 
 def _describe_exit(code: Optional[int], log_path: Optional[Path] = None,

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
@@ -93,6 +94,7 @@ def pointed_at(path: Path) -> Iterator[None]:
         os.environ[_TRITON_ENV] = str(path / "triton")
     else:
         previous.pop(_TRITON_ENV)  # the user's: left alone
+    forget_memoized_paths()
     try:
         yield
     finally:
@@ -101,6 +103,23 @@ def pointed_at(path: Path) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        forget_memoized_paths()
+
+
+def forget_memoized_paths() -> None:
+    """Make inductor read ``TORCHINDUCTOR_CACHE_DIR`` again for the paths it memoizes per process.
+
+    Inductor keeps its benchmark decisions (whether padding a matmul pays, runtime estimates) in
+    ``<cache>/cache/<system hash>`` and memoizes that path on first use. Without this, every module compiled later
+    in the same process (a warm worker that built the first module, or the binding process) wrote its decisions
+    into the first module's cache after that cache's checksum was taken: the next run found the first module's
+    cache changed, discarded it and compiled again (the SD text encoder's re-run bind on the H200: 21.6 s instead
+    of ~8). Nothing to do before inductor is imported: then nothing is memoized yet."""
+    codecache = sys.modules.get("torch._inductor.codecache")
+    path_of = getattr(getattr(codecache, "CacheBase", None), "get_local_cache_path", None)
+    clear = getattr(path_of, "cache_clear", None)
+    if callable(clear):
+        clear()
 
 
 def cache_checksum(module_folder: Path) -> Optional[str]:
