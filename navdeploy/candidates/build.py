@@ -25,7 +25,7 @@ from navdeploy.candidates.verify import LOW_PRECISIONS, Comparison, compare, con
 from navdeploy.capture.flat_module import FlatModule
 from navdeploy.capture.graph import Graph
 from navdeploy.errors import WorkspaceError
-from navdeploy.formats.base import BuildContext, LoadContext, RunnerSpec
+from navdeploy.formats.base import BuildContext, LoadContext, RunnerSpec, canonical_strides
 from navdeploy.formats.registry import FORMATS, RUNNERS
 from navdeploy.inplace.staleness import watch_module_dicts
 from navdeploy.workspace.atomic import is_disk_error, writing
@@ -129,11 +129,11 @@ def export_example(graph: Graph, max_batch_size: int) -> list[torch.Tensor]:
     where that already holds, else the first sample with those axes grown to 2 by repeating their entries."""
     for sample in graph.samples:
         if not _unit_dynamic_axes(graph, sample.inputs, max_batch_size):
-            return sample.inputs
+            return [canonical_strides(t) for t in sample.inputs]  # what the AOTInductor runner passes at run time
     inputs = list(graph.samples[0].inputs)
     for i, axis in _unit_dynamic_axes(graph, inputs, max_batch_size):
         inputs[i] = _grow_axis(inputs[i], axis, 2)
-    return inputs
+    return [canonical_strides(t) for t in inputs]
 
 
 @dataclass

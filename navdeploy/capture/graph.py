@@ -13,6 +13,24 @@ import torch
 from navdeploy.capture.aliases import returns_inputs
 from navdeploy.capture.pytree import Spec
 
+_MAX_CALL_KINDS = 4  # a pipeline mixes few; more would only lengthen the bind's warm-up
+
+
+def call_kind(inputs: list[torch.Tensor]) -> str:
+    """How a call meets inference mode: "I" under ``torch.inference_mode`` (else "N"), then per input "i" for an
+    inference tensor (else "n")."""
+    mode = "I" if torch.is_inference_mode_enabled() else "N"
+    return mode + "".join("i" if t.is_inference() else "n" for t in inputs)
+
+
+def tensors_of_kind(kind: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``inputs`` as a call of ``kind`` passes them (to be called in the mode ``kind[0]`` names)."""
+    out = []
+    for t, k in zip(inputs, kind[1:]):
+        with torch.inference_mode(k == "i"):
+            out.append(t.clone())
+    return out
+
 
 @dataclass
 class TensorSpec:
@@ -65,15 +83,23 @@ class Graph:
     # How many captured calls had each batch size (calls whose tensors share one axis-0 size), in first-seen order:
     # the winner is the fastest over this mix, as the pipeline calls it.
     batch_counts: dict[int, int] = field(default_factory=dict)
+    # How captured calls met inference mode, where not as plain tensors outside it: one string per distinct kind of
+    # call, "I" (under torch.inference_mode) or "N", then per input "i" (an inference tensor) or "n". torch.compile
+    # guards on the dispatch keys these make (HF generate is often called under inference_mode, with a mix), so
+    # the bind warms the runner up with calls of each kind (:func:`call_kind`).
+    call_kinds: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "key": self.key, "input_spec": self.input_spec, "output_spec": self.output_spec,
             "inputs": [dataclasses.asdict(t) for t in self.inputs],
             "outputs": [dataclasses.asdict(t) for t in self.outputs],
             "batching": self.batching, "calls": self.calls,
             "batch_counts": {str(b): n for b, n in self.batch_counts.items()},
         }
+        if self.call_kinds:  # only when set: the JSON of other graphs stays as it was
+            data["call_kinds"] = list(self.call_kinds)
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "Graph":
@@ -82,7 +108,14 @@ class Graph:
             inputs=[TensorSpec(**t) for t in data["inputs"]], outputs=[TensorSpec(**t) for t in data["outputs"]],
             batching=data["batching"], calls=data.get("calls", 0),
             batch_counts={int(b): int(n) for b, n in (data.get("batch_counts") or {}).items()},
+            call_kinds=[str(k) for k in data.get("call_kinds") or []],
         )
+
+    def note_call_kind(self, inputs: list[torch.Tensor]) -> None:
+        """Remember how a captured call met inference mode (see ``call_kinds``; plain calls are not listed)."""
+        kind = call_kind(inputs)
+        if kind.strip("Nn") and kind not in self.call_kinds and len(self.call_kinds) < _MAX_CALL_KINDS:
+            self.call_kinds.append(kind)
 
     @property
     def typical_batch(self) -> Optional[int]:

@@ -14,6 +14,7 @@ from navdeploy.formats.base import (
     RunnerSpec,
     TritonMapping,
     as_list,
+    canonical_strides,
 )
 from navdeploy.formats.exported_program import export_program
 from navdeploy.formats.inductor_probe import aoti_cuda_problem, warm_cpu_isa
@@ -32,7 +33,9 @@ def _load(ctx: LoadContext) -> RunFn:
     # and navdeploy falls back to eager. Read by the AOTI runtime, so it must be set before loading.
     os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
     runner = torch._inductor.aoti_load_package(str(ctx.artifact))
-    return lambda inputs: as_list(runner(*inputs))
+    # The check above compares every stride, also of size-1 axes, which a live call may carry from a view (a
+    # decoder's K/V cache after one token) where the captured samples, cloned, did not.
+    return lambda inputs: as_list(runner(*[canonical_strides(t) for t in inputs]))
 
 
 FORMAT = FormatSpec(Format.TORCH_AOTI, artifact="model.pt2", export=_export,

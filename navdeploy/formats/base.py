@@ -146,3 +146,18 @@ def as_list(outputs) -> list[torch.Tensor]:
     if isinstance(outputs, torch.Tensor):
         return [outputs]
     return list(outputs)
+
+
+def canonical_strides(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides a new tensor of its shape has, where only the strides of its size-1 (or size-0) axes
+    differ from them: torch calls such a tensor contiguous whatever those strides are, yet AOTInductor checks every
+    stride (a decoder's one-token K/V view, ``(2, 4, 1, 32)`` with strides ``(128, 32, 128, 1)``, was refused).
+    A view of the same memory, no copy; any other tensor is returned as it is."""
+    shape = t.shape
+    if len(shape) < 2 or (1 not in shape and 0 not in shape) or not t.is_contiguous():
+        return t
+    strides, step = [0] * len(shape), 1
+    for axis in range(len(shape) - 1, -1, -1):
+        strides[axis] = step
+        step *= max(shape[axis], 1)
+    return t if t.stride() == tuple(strides) else t.as_strided(shape, strides)

@@ -8,7 +8,15 @@ from typing import Any, Callable, Optional
 import torch
 
 from navdeploy.candidates.precision import copy_module
-from navdeploy.formats.base import Format, LoadContext, RunFn, RunnerSpec, RunnerTriton, as_list
+from navdeploy.formats.base import (
+    Format,
+    LoadContext,
+    RunFn,
+    RunnerSpec,
+    RunnerTriton,
+    as_list,
+    canonical_strides,
+)
 from navdeploy.formats.inductor_probe import warm_cpu_isa
 
 log = logging.getLogger("navdeploy")
@@ -90,10 +98,16 @@ def _loader(mode: str):
         module, dynamic = compile_target(ctx)
         compiled = torch.compile(own_frame(module), mode=None if mode == "default" else mode, dynamic=dynamic)
         relayout = module is not ctx.module
+
+        def call(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            # Dynamo guards on every stride, also of size-1 axes, which a live call may carry from a view (a
+            # decoder's one-token K/V cache) where the samples it was warmed up with did not: a recompile.
+            return as_list(compiled(*[canonical_strides(t) for t in inputs]))
+
         if mode != "reduce-overhead":
             if not relayout:
-                return lambda inputs: as_list(compiled(*inputs))
-            return lambda inputs: [_eager_layout(t) for t in as_list(compiled(*inputs))]
+                return call
+            return lambda inputs: [_eager_layout(t) for t in call(inputs)]
 
         def hand_out(t: torch.Tensor) -> torch.Tensor:
             # CUDA graphs replay into static buffers that the next replay overwrites: hand out copies.
@@ -102,7 +116,7 @@ def _loader(mode: str):
 
         def run_graphs(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
             torch.compiler.cudagraph_mark_step_begin()
-            return [hand_out(t) for t in as_list(compiled(*inputs))]
+            return [hand_out(t) for t in call(inputs)]
 
         return run_graphs
 

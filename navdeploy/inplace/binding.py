@@ -12,13 +12,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from navdeploy.candidates.build import expand_batch, prepare
 from navdeploy.candidates.verify import conform
-from navdeploy.capture.graph import Graph
+from navdeploy.capture.graph import Graph, Sample, tensors_of_kind
 from navdeploy.formats.base import Format, LoadContext, RunFn
 from navdeploy.formats.registry import EAGER_RUNNER, FORMATS, RUNNERS
 from navdeploy.inplace.handler import OptimizedHandler
@@ -61,15 +61,37 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: GraphEntry, 
     with torch.no_grad():
         for _ in range(calls):
             conform(run(captured), graph.outputs)  # a failure here rejects the runner: the graph stays eager
-        for batch_size in extra_warm_up_sizes(graph, record, captured):
-            try:
-                inputs = expand_batch(captured, batch_size)
-                for _ in range(calls):
-                    run(inputs)
-            except Exception as exc:  # noqa: BLE001 - e.g. out of memory at the largest batch: the runner stays,
-                # and a call of that size that fails again falls back to eager, as any failing runner call does
-                log.warning("module %s: warm-up at batch size %s failed: %s", module.name, batch_size, exc)
+    for batch_size, inputs in warm_up_inputs(graph, record, samples):
+        try:
+            for kind in ["N" + "n" * len(inputs)] + graph.call_kinds:
+                if kind == "N" + "n" * len(inputs) and inputs is captured:
+                    continue  # the first call above
+                kinded = inputs if kind.strip("Nn") == "" else tensors_of_kind(kind, inputs)
+                with torch.inference_mode(kind[0] == "I"), torch.no_grad():
+                    for _ in range(calls):
+                        run(kinded)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory at the largest batch: the runner stays,
+            # and a call of that size that fails again falls back to eager, as any failing runner call does
+            log.warning("module %s: warm-up at batch size %s failed: %s", module.name, batch_size, exc)
     return run
+
+
+def warm_up_inputs(graph: Graph, record: CandidateRecord,
+                   samples: list[Sample]) -> Iterator[tuple[Optional[int], list[torch.Tensor]]]:
+    """What a bound runner is warmed up with after its first call (each in every kind of call the capture saw,
+    ``Graph.call_kinds``: torch.compile guards on inference mode and inference tensors), so that no call the
+    pipeline makes pays for a compile: the first sample, each further captured shape (a decoder's cache length of
+    1, then 2: torch.compile specialises a size of 1), and every profiled batch size (:func:`extra_warm_up_sizes`)."""
+    captured = samples[0].inputs
+    yield None, captured
+    seen = [[tuple(t.shape) for t in captured]]
+    for sample in samples[1:]:
+        shapes = [tuple(t.shape) for t in sample.inputs]
+        if shapes not in seen:
+            seen.append(shapes)
+            yield None, sample.inputs
+    for batch_size in extra_warm_up_sizes(graph, record, captured):
+        yield batch_size, expand_batch(captured, batch_size)
 
 
 def extra_warm_up_sizes(graph: Graph, record: CandidateRecord, captured: list[torch.Tensor]) -> list[int]:
