@@ -72,7 +72,8 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: GraphEntry, 
                         run(kinded)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory at the largest batch: the runner stays,
             # and a call of that size that fails again falls back to eager, as any failing runner call does
-            log.warning("module %s: warm-up at batch size %s failed: %s", module.name, batch_size, exc)
+            at = f"batch size {batch_size}" if batch_size is not None else "a captured shape"
+            log.warning("module %s: warm-up at %s failed: %s", module.name, at, exc)
     return run
 
 
