@@ -111,9 +111,8 @@ class Graph:
             call_kinds=[str(k) for k in data.get("call_kinds") or []],
         )
 
-    def note_call_kind(self, inputs: list[torch.Tensor]) -> None:
-        """Remember how a captured call met inference mode (see ``call_kinds``; plain calls are not listed)."""
-        kind = call_kind(inputs)
+    def note_call_kind(self, kind: str) -> None:
+        """Remember how a captured call met inference mode (:func:`call_kind`; plain calls are not listed)."""
         if kind.strip("Nn") and kind not in self.call_kinds and len(self.call_kinds) < _MAX_CALL_KINDS:
             self.call_kinds.append(kind)
 

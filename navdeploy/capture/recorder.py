@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from navdeploy.capture.aliases import cache_paths, counters, held_tensors, input_aliases, mark_changed
-from navdeploy.capture.graph import Graph, Sample, TensorSpec
+from navdeploy.capture.graph import Graph, Sample, TensorSpec, call_kind
 from navdeploy.capture.pytree import check_output_mapping, describe, flatten, flatten_call, spec_key, unflatten
 from navdeploy.errors import CaptureError
 
@@ -67,7 +67,7 @@ class Recorder:
             in_spec, inputs = flatten_call(args, kwargs, self.name)
         except CaptureError as exc:
             return self._not_captured(exc, fn(*args, **kwargs))
-        live = list(inputs)  # as the call passes them (the held ones below are copies)
+        kind = call_kind(inputs)  # as the call passes them (the held ones below are copies)
         # An HF cache argument is changed by the call (in place, for a StaticCache): keep what the call was given.
         held = {i: inputs[i].detach().clone() for i in held_tensors(in_spec)}
         before = _states(inputs, held)
@@ -111,7 +111,7 @@ class Recorder:
         for spec, t in zip(graph.outputs, outputs):
             spec.update(list(t.shape))
         graph.calls += 1
-        graph.note_call_kind(live)
+        graph.note_call_kind(kind)
         batch = _batch_size_of(inputs, outputs)
         if batch is None:
             self._batch_consistent[key] = False

@@ -63,11 +63,10 @@ def _load_runner(module: Module, folder: Path, graph: Graph, entry: GraphEntry, 
             conform(run(captured), graph.outputs)  # a failure here rejects the runner: the graph stays eager
     for batch_size, inputs in warm_up_inputs(graph, record, samples):
         try:
-            for kind in ["N" + "n" * len(inputs)] + graph.call_kinds:
-                if kind == "N" + "n" * len(inputs) and inputs is captured:
-                    continue  # the first call above
-                kinded = inputs if kind.strip("Nn") == "" else tensors_of_kind(kind, inputs)
-                with torch.inference_mode(kind[0] == "I"), torch.no_grad():
+            # None: a plain call, which the first call above already made with the captured inputs.
+            for kind in graph.call_kinds if inputs is captured else [None, *graph.call_kinds]:
+                kinded = inputs if kind is None else tensors_of_kind(kind, inputs)
+                with torch.inference_mode(kind is not None and kind[0] == "I"), torch.no_grad():
                     for _ in range(calls):
                         run(kinded)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory at the largest batch: the runner stays,
