@@ -134,7 +134,11 @@ def test_kill_9_mid_run_then_the_next_run_starts_cleanly_and_reuses_what_was_don
         _wait_for(lambda: sleeping.exists() or proc.poll() is not None, 150, "the second graph's TorchScript trace")
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert len(_marked_processes(marker)) >= 2, "the candidate should run in a spawned worker"
-        finished = {n: log.read_text().count(f"{n}: ok") >= 2 for n in ("TorchCPU", "TorchScriptCPU", "OnnxCPU")}
+        # Done in both graphs: verified and fully profiled ("ok") or screened (the quick search's timing order
+        # decides which); a leader's later "full profile ok" line is not counted twice.
+        text = log.read_text()
+        finished = {n: len(re.findall(rf" {n}: (?:ok|screened)\b", text)) >= 2
+                    for n in ("TorchCPU", "TorchScriptCPU", "OnnxCPU")}
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -170,7 +174,11 @@ def test_kill_9_mid_run_then_the_next_run_starts_cleanly_and_reuses_what_was_don
     done_graph = next(k for k, g in cached.items() if all(g.values()))  # graph 1: everything reused
     (other,) = [k for k in cached if k != done_graph]
     assert finished["TorchCPU"] and not finished["TorchScriptCPU"], finished
-    assert cached[other] == finished, cached  # what finished before the kill is reused, the rest is built
+    # What finished before the kill is reused, the rest is built. A reused screened candidate may still get its
+    # full profile now (it leads once the rest is in), so "built again" is read from the re-run's log lines.
+    rerun_log = log.read_text().rsplit(f"optimizing {name}:", 1)[1]
+    built_again = {n: bool(re.search(rf"graph {other} {n}: (?:ok|screened|failed)\b", rerun_log)) for n in finished}
+    assert built_again == {n: not done for n, done in finished.items()}, rerun_log
 
 
 def test_two_runs_on_the_same_module_wait_or_fail_clearly(script, tmp_path):
