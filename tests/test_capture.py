@@ -358,22 +358,24 @@ def test_accepts_in_range():
 
 
 def test_accepts_dtype_reason():
-    reason = make_graph().accepts([torch.ones(2, 4, dtype=torch.float64)], 8)
-    assert reason is not None and "dtype" in reason and "float32" in reason
+    refusal = make_graph().accepts([torch.ones(2, 4, dtype=torch.float64)], 8)
+    assert refusal is not None and "dtype" in refusal.reason and "float32" in refusal.reason
+    assert refusal.reason.startswith("input 'args[0]'") and refusal.about == "input 'args[0]' dtype"
 
 
 def test_accepts_shape_out_of_range_reason():
     g = make_graph()
-    reason = g.accepts([torch.ones(2, 7)], 8)
-    assert reason is not None and "axis 1" in reason and "[4, 6]" in reason
-    assert "axis 1" in g.accepts([torch.ones(2, 3)], 8)
+    refusal = g.accepts([torch.ones(2, 7)], 8)
+    assert refusal is not None and "axis 1" in refusal.reason and "[4, 6]" in refusal.reason
+    assert g.accepts([torch.ones(2, 3)], 8).about == refusal.about == "input 'args[0]' axis 1"  # one kind, two sizes
 
 
 def test_accepts_batch_within_max_batch_size():
     g = make_graph()
     assert g.accepts([torch.ones(8, 4)], max_batch_size=8) is None
-    reason = g.accepts([torch.ones(9, 4)], max_batch_size=8)
-    assert reason is not None and "axis 0" in reason and "[1, 8]" in reason
+    refusal = g.accepts([torch.ones(9, 4)], max_batch_size=8)
+    assert refusal is not None and refusal.batch and "batch size 9" in refusal.reason and "above 8" in refusal.reason
+    assert "max_batch_size=8" in refusal.reason
     # max_batch_size smaller than what was captured: the captured max still counts
     assert g.accepts([torch.ones(4, 4)], max_batch_size=2) is None
 
@@ -381,15 +383,15 @@ def test_accepts_batch_within_max_batch_size():
 def test_accepts_without_batching_uses_captured_range():
     g = make_graph(batching=False)
     assert g.accepts([torch.ones(3, 4)], 8) is None
-    assert "axis 0" in g.accepts([torch.ones(1, 4)], 8)
-    assert "axis 0" in g.accepts([torch.ones(5, 4)], 8)
+    assert "axis 0" in g.accepts([torch.ones(1, 4)], 8).reason
+    assert "axis 0" in g.accepts([torch.ones(5, 4)], 8).reason
 
 
 def test_accepts_count_and_rank_mismatch():
     g = make_graph()
-    assert "expected 1 tensors, got 2" in g.accepts([torch.ones(2, 4), torch.ones(2, 4)], 8)
-    assert "rank" in g.accepts([torch.ones(4)], 8)
-    assert "rank" in g.accepts([torch.ones(2, 4, 1)], 8)
+    assert "expected 1 tensors, got 2" in g.accepts([torch.ones(2, 4), torch.ones(2, 4)], 8).reason
+    assert "rank" in g.accepts([torch.ones(4)], 8).reason
+    assert "rank" in g.accepts([torch.ones(2, 4, 1)], 8).reason
 
 
 def test_spec_key_ignores_kwargs_order():

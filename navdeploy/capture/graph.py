@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from navdeploy.capture.aliases import returns_inputs
+from navdeploy.capture.paths import tensor_paths
 from navdeploy.capture.pytree import Spec
 
 _MAX_CALL_KINDS = 4  # a pipeline mixes few; more would only lengthen the bind's warm-up
@@ -66,6 +67,15 @@ class Sample:
 
     inputs: list[torch.Tensor]
     outputs: list[torch.Tensor]
+
+
+class Refusal(NamedTuple):
+    """Why a graph's runners cannot take a call's inputs: ``reason`` for the message, ``about`` what is refused
+    without the values (one warning per ``about``), ``batch`` when the batch size is over the limit."""
+
+    reason: str
+    about: str
+    batch: bool = False
 
 
 @dataclass
@@ -148,21 +158,34 @@ class Graph:
             result.append(axes)
         return result
 
-    def accepts(self, tensors: list[torch.Tensor], max_batch_size: int) -> Optional[str]:
-        """None when the runner built for this graph can take these inputs, else the reason it cannot."""
+    @functools.cached_property
+    def input_paths(self) -> list[str]:
+        """The argument each input tensor comes from: ``input_ids``, ``args[0]``, ``past_key_values.layers[0].keys``."""
+        return tensor_paths(self.input_spec)
+
+    def accepts(self, tensors: list[torch.Tensor], max_batch_size: int) -> Optional[Refusal]:
+        """None when the runner built for this graph can take these inputs, else why it cannot."""
         if len(tensors) != len(self.inputs):
-            return f"expected {len(self.inputs)} tensors, got {len(tensors)}"
+            return Refusal(f"expected {len(self.inputs)} tensors, got {len(tensors)}", "tensor count")
+        paths = self.input_paths
         for i, (t, spec) in enumerate(zip(tensors, self.inputs)):
+            name = f"input {paths[i]!r}" if i < len(paths) else f"input {i}"
             if str(t.dtype).removeprefix("torch.") != spec.dtype:
-                return f"input {i}: dtype {t.dtype} differs from captured {spec.dtype}"
+                return Refusal(f"{name}: dtype {t.dtype} differs from captured {spec.dtype}", f"{name} dtype")
             if t.device.type != torch.device(spec.device).type:
-                return f"input {i}: device {t.device} differs from captured {spec.device}"
+                return Refusal(f"{name}: device {t.device} differs from captured {spec.device}", f"{name} device")
             if t.dim() != len(spec.min_shape):
-                return f"input {i}: rank {t.dim()} differs from captured rank {len(spec.min_shape)}"
+                return Refusal(f"{name}: rank {t.dim()} differs from captured rank {len(spec.min_shape)}",
+                               f"{name} rank")
             for axis, size in enumerate(t.shape):
                 lo, hi = spec.min_shape[axis], spec.max_shape[axis]
                 if self.batching and axis == 0:
+                    if size > max(max_batch_size, hi):
+                        return Refusal(f"batch size {size} (axis 0 of {name}) is above {max(max_batch_size, hi)}, "
+                                       f"the largest its runners take (max_batch_size={max_batch_size}, or the "
+                                       "largest captured batch when larger)", "batch size", batch=True)
                     lo, hi = 1, max(max_batch_size, hi)
                 if not lo <= size <= hi:
-                    return f"input {i}: size {size} of axis {axis} is outside the captured range [{lo}, {hi}]"
+                    return Refusal(f"{name}: size {size} of axis {axis} is outside the captured range [{lo}, {hi}]",
+                                   f"{name} axis {axis}")
         return None

@@ -16,6 +16,7 @@ import torch
 from navdeploy.candidates.verify import conform
 from navdeploy.capture.aliases import LiveCall
 from navdeploy.capture.graph import Graph
+from navdeploy.capture.paths import call_difference
 from navdeploy.capture.pytree import describe, flatten_call, spec_key, unflatten
 from navdeploy.errors import CaptureError
 from navdeploy.formats.base import RunFn
@@ -24,20 +25,24 @@ from navdeploy.inplace.staleness import WeightsWatch
 _CONSTANTS = (str, int, float, bool, type(None))
 _MEMO_LIMIT = 4096
 _COVER_HINT = " Re-run nav.optimize with a dataloader covering these inputs to optimize them too."
+_BATCH_HINT = (" Call it in smaller batches, or raise OptimizeConfig(max_batch_size=...) and re-run nav.optimize to "
+               "build runners for larger ones.")
 _Tensor = torch.Tensor
 _SINGLE = {"t": "tensor", "i": 0}  # the output spec of a module that returns one tensor
 
 
 class _Route(NamedTuple):
     """Where the calls of one input structure and shape go: the runner of graph ``key``, or eagerly for ``reason``
-    (with ``key`` None). ``kinds``: the (dtype, on CUDA) eager returned for each output, checked until the runner
-    returned them once (then empty); ``single``: the output is one bare tensor (returned as it is, no pytree to
-    rebuild)."""
+    (with ``key`` None; warned about once per ``about``, followed by ``hint``). ``kinds``: the (dtype, on CUDA) eager
+    returned for each output, checked until the runner returned them once (then empty); ``single``: the output is
+    one bare tensor (returned as it is, no pytree to rebuild)."""
 
     key: Optional[str]
     reason: Optional[str]
     kinds: tuple = ()
     single: bool = False
+    about: str = ""
+    hint: str = _COVER_HINT
 
 
 def _flat_key(args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> Optional[tuple]:
@@ -98,6 +103,7 @@ class OptimizedHandler:
         self.output_mapping = output_mapping
         self._warned: set[str] = set()
         self._keys: dict[tuple, str] = {}
+        self._unknown: dict[str, _Route] = {}  # graph key of a structure not captured -> its route (explained once)
         self._routes: dict[tuple, _Route] = {}
 
     def release(self) -> None:
@@ -105,8 +111,11 @@ class OptimizedHandler:
         if self.watch is not None:
             self.watch.release()
 
-    def _fallback(self, reason: str, fn: Callable, args: tuple, kwargs: dict, hint: str = _COVER_HINT) -> Any:
-        kind = reason.split(":")[0]
+    def _fallback(self, reason: str, fn: Callable, args: tuple, kwargs: dict, hint: str = _COVER_HINT,
+                  about: str = "") -> Any:
+        """Run the call eagerly; warn once per kind of reason (``about``, else the reason's text before its first
+        colon): a range warning per input and axis, a structure warning per structure."""
+        kind = about or reason.split(":")[0]
         if kind not in self._warned:
             self._warned.add(kind)
             warnings.warn(f"navdeploy: module {self.name!r} runs eagerly for this call: {reason}.{hint}",
@@ -134,13 +143,26 @@ class OptimizedHandler:
             return _Route(None, f"uncapturable input: {exc}"), []
         entry = self.graphs.get(key)
         if entry is None:
-            return _Route(None, "new input structure: not seen while optimizing"), tensors
+            route = self._unknown.get(key)
+            if route is None:
+                route = self._new_structure(args, kwargs)
+                if len(self._unknown) < _MEMO_LIMIT:
+                    self._unknown[key] = route
+            return route, tensors
         graph, _ = entry
-        reason = graph.accepts(tensors, self.max_batch_size)
-        if reason is not None:
-            return _Route(None, f"input outside the optimized range: {reason}"), tensors
+        refusal = graph.accepts(tensors, self.max_batch_size)
+        if refusal is not None:
+            return _Route(None, f"input outside the optimized range: {refusal.reason}", about=refusal.about,
+                          hint=_BATCH_HINT if refusal.batch else _COVER_HINT), tensors
         kinds = tuple((spec.torch_dtype, torch.device(spec.device).type == "cuda") for spec in graph.outputs)
         return _Route(key, None, kinds, graph.output_spec == _SINGLE), tensors
+
+    def _new_structure(self, args: tuple, kwargs: dict) -> _Route:
+        """The route of a call whose structure was not captured, saying how it differs from the nearest captured
+        one (a keyword left out, another constant, another dtype)."""
+        spec, tensors = flatten_call(args, kwargs, self.name)
+        how = call_difference(spec, tensors, [(g.input_spec, g.inputs) for g, _ in self.graphs.values()])
+        return _Route(None, f"new input structure: not seen while optimizing ({how})", about=f"structure: {how}")
 
     def __call__(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
         tensors: list[torch.Tensor] = []
@@ -150,11 +172,11 @@ class OptimizedHandler:
             route, tensors = self._route(args, kwargs)
             if memo is not None and len(self._routes) < _MEMO_LIMIT:  # shapes without end: stop memoising
                 self._routes[memo] = route
-        key, reason, kinds, single = route
+        key, reason, kinds, single, about, hint = route
         if key is None:
             if self.watch is not None:
                 self.watch.reason(tensors)  # a training call gets the parameters their own counters back first
-            return self._fallback(reason, fn, args, kwargs)
+            return self._fallback(reason, fn, args, kwargs, hint, about)
         graph, run = self.graphs[key]
         watch = self.watch
         if watch is not None:
