@@ -179,7 +179,9 @@ def export_repository(path: str | Path = "model_repository", profile_time_s: flo
             _environment(NAVDEPLOY_WORKSPACE=tmp, NAVDEPLOY_REPORT="0"):
         pipe = build_pipeline()
         for module in (pipe.encoder, pipe.head):
-            module.optimize_config = dataclasses.replace(module.optimize_config, profile_time_s=profile_time_s)
+            # keep_artifacts: the runners chosen below may have lost, and losers' builds are pruned by default
+            module.optimize_config = dataclasses.replace(module.optimize_config, profile_time_s=profile_time_s,
+                                                         keep_artifacts=True)
         nav.optimize(pipe, get_dataloader())
         _choose_runners(Path(tmp), REPOSITORY_RUNNERS)
         return nav.export_model_repository(path, backend="python")

@@ -18,7 +18,7 @@ def tensor_paths(spec: Spec) -> list[str]:
     paths: list[str] = []
 
     def walk(node: Spec, where: str) -> None:
-        t = node["t"]
+        t = node.get("t") if isinstance(node, dict) else None
         if t == "tensor":
             paths.append(where or "output")
         elif t in ("tuple", "list", "namedtuple"):

@@ -33,6 +33,7 @@ import jinja2
 
 from navdeploy._version import __version__
 from navdeploy.capture.graph import Graph, TensorSpec
+from navdeploy.capture.paths import tensor_paths
 from navdeploy.errors import NavdeployError
 from navdeploy.formats.base import Format, FormatSpec, RunnerTriton, TritonMapping
 from navdeploy.formats.registry import FORMATS, RUNNERS
@@ -108,6 +109,9 @@ class TensorConfig:
     dims: list[int]
     reshape: Optional[list[int]] = None
     scalar: bool = False  # a 0-d tensor per batch item (or per call): the model.py reshapes it on its side
+    # What the tensor is in the module's call or output (``attention_mask``, ``past_key_values.layers[0].keys``,
+    # ``logits``): the tensors are named by position, so a client needs this to send them in the right order.
+    source: Optional[str] = None
 
 
 @dataclass
@@ -181,6 +185,12 @@ def _python_artifact(graph_dir: Path, candidate: CandidateRecord, entry: GraphEn
             "of those in target_formats (e.g. nav.Format.TORCHSCRIPT).")
     best = min(usable, key=lambda c: (_p50(c), _triton_mapping(c.format).python_preference))
     return best.format, entry.artifact_folder(graph_dir, best.artifact_dir(module_precision)), best
+
+
+def _sources(paths: list[str], count: int) -> list[Optional[str]]:
+    """The config.pbtxt comment of each of ``count`` tensors (one line each: a dict key of the user's may hold a
+    line break); none when the spec does not name them all."""
+    return [" ".join(p.split()) for p in paths] if len(paths) == count else [None] * count
 
 
 def _dims(spec: TensorSpec, batching: bool, batch_axis: bool) -> tuple[list[int], Optional[list[int]], bool]:
@@ -318,10 +328,12 @@ def _plan_graph(name: str, module_folder: Path, manifest: Manifest, entry: Graph
                              f"{len(graph.outputs)}.")
     where = f"module {module!r} graph {graph.key}"
     batching = _triton_batching(graph)
-    inputs = [TensorConfig(n, _triton_type(d, where), *_dims(t, batching, graph.batching))
-              for n, d, t in zip(in_names, in_dtypes, graph.inputs)]
-    outputs = [TensorConfig(n, _triton_type(d, where), *_dims(t, batching, graph.batching))
-               for n, d, t in zip(out_names, out_dtypes, graph.outputs)]
+    in_paths = _sources(graph.input_paths, len(graph.inputs))
+    out_paths = _sources(tensor_paths(graph.output_spec), len(graph.outputs))
+    inputs = [TensorConfig(n, _triton_type(d, where), *_dims(t, batching, graph.batching), source=p)
+              for n, d, t, p in zip(in_names, in_dtypes, graph.inputs, in_paths)]
+    outputs = [TensorConfig(n, _triton_type(d, where), *_dims(t, batching, graph.batching), source=p)
+               for n, d, t, p in zip(out_names, out_dtypes, graph.outputs, out_paths)]
     warm = None
     if warmup:
         warm = {"batch_size": 1, "inputs": [
