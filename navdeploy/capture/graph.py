@@ -164,7 +164,48 @@ class Graph:
         return tensor_paths(self.input_spec)
 
     def accepts(self, tensors: list[torch.Tensor], max_batch_size: int) -> Optional[Refusal]:
-        """None when the runner built for this graph can take these inputs, else why it cannot."""
+        """None when the runner built for this graph can take these inputs, else why it cannot. Runs on every call
+        the route memo cannot hold (an HF cache's length grows each step): identity and tuple compares first, the
+        reason only when they fail."""
+        limits = self._limits.get(max_batch_size)
+        if limits is None:
+            limits = self._limits[max_batch_size] = [
+                (spec.torch_dtype, torch.device(spec.device).type == "cuda", tuple(lo), tuple(hi))
+                for spec, (lo, hi) in zip(self.inputs, self._bounds(max_batch_size))]
+        if len(tensors) == len(limits):
+            for t, (dtype, cuda, lo, hi) in zip(tensors, limits):
+                if t.dtype is not dtype or t.is_cuda is not cuda or not (cuda or t.is_cpu):
+                    break
+                shape = t.shape
+                if len(shape) != len(lo):
+                    break
+                for size, a, b in zip(shape, lo, hi):
+                    if size < a or size > b:
+                        break
+                else:
+                    continue
+                break
+            else:
+                return None
+        return self._refusal(tensors, max_batch_size)
+
+    @functools.cached_property
+    def _limits(self) -> dict[int, list[tuple]]:
+        return {}  # max_batch_size -> per input (dtype, on CUDA, min shape, max shape)
+
+    def _bounds(self, max_batch_size: int) -> list[tuple[list[int], list[int]]]:
+        """Per input, the sizes its runners take: the captured range, axis 0 from 1 to the batch limit when the
+        graph batches."""
+        bounds = []
+        for spec in self.inputs:
+            lo, hi = list(spec.min_shape), list(spec.max_shape)
+            if self.batching and lo:
+                lo[0], hi[0] = 1, max(max_batch_size, hi[0])
+            bounds.append((lo, hi))
+        return bounds
+
+    def _refusal(self, tensors: list[torch.Tensor], max_batch_size: int) -> Refusal:
+        """Why the runners cannot take these inputs (``accepts`` found that they cannot)."""
         if len(tensors) != len(self.inputs):
             return Refusal(f"expected {len(self.inputs)} tensors, got {len(tensors)}", "tensor count")
         paths = self.input_paths
@@ -188,4 +229,4 @@ class Graph:
                 if not lo <= size <= hi:
                     return Refusal(f"{name}: size {size} of axis {axis} is outside the captured range [{lo}, {hi}]",
                                    f"{name} axis {axis}")
-        return None
+        return Refusal("inputs not accepted", "inputs")  # not reached: accepts found a difference

@@ -8,6 +8,7 @@ flattened as a pytree on every call."""
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -103,6 +104,7 @@ class OptimizedHandler:
         self.output_mapping = output_mapping
         self._warned: set[str] = set()
         self._keys: dict[tuple, str] = {}
+        self._spec_keys: dict[tuple, str] = {}
         self._unknown: dict[str, _Route] = {}  # graph key of a structure not captured -> its route (explained once)
         self._routes: dict[tuple, _Route] = {}
 
@@ -130,10 +132,19 @@ class OptimizedHandler:
         if key is not None:
             return key, flat, signature
         spec, tensors = flatten_call(args, kwargs, self.name)
-        key = spec_key(spec, tensors)
         if signature is not None:
-            self._keys[signature] = key
-        return key, tensors, signature
+            key = self._keys[signature] = spec_key(spec, tensors)
+            return key, tensors, signature
+        # A call with containers (an HF cache) is flattened on every call; its key is memoised by the spec's
+        # pickle and the tensors' kinds, an exact in-process stand-in for spec_key's sorted JSON and hash (~5 us
+        # against ~45 us for a decoder step's cache).
+        memo = (pickle.dumps(spec, 5), tuple((t.dtype, t.dim(), t.device.type) for t in tensors))
+        key = self._spec_keys.get(memo)
+        if key is None:
+            key = spec_key(spec, tensors)
+            if len(self._spec_keys) < _MEMO_LIMIT:
+                self._spec_keys[memo] = key
+        return key, tensors, None
 
     def _route(self, args: tuple, kwargs: dict) -> tuple[_Route, list[torch.Tensor]]:
         """The route of a call the memo does not hold, and its flat tensors."""
