@@ -207,3 +207,45 @@ def test_a_graph_that_does_not_batch_gets_a_report(tmp_path, recwarn):
     assert not status.modules["report_no_batch"].graphs[0].batching
     assert not [str(w.message) for w in recwarn if "HTML report" in str(w.message)]
     assert status.report_path is not None and "report_no_batch" in status.report_path.read_text()
+
+
+def test_a_profile_whose_windows_never_agreed_is_flagged_in_table_and_report(run, tmp_path):
+    import copy
+    import json
+
+    from rich.console import Console
+
+    from navdeploy.report.console import status_tables
+
+    def table_text(status) -> str:
+        console = Console(record=True, width=200)
+        for table in status_tables(status):
+            console.print(table)
+        return console.export_text()
+
+    status = copy.deepcopy(run[0])
+    graph = status.modules["report_mlp"].graphs[0]
+    for candidate in graph.candidates:  # steady figures, whatever this machine gave
+        for point in candidate.profile:
+            point.stable = True
+    assert "not stable" not in table_text(status)
+    eager = next(c for c in graph.candidates if c.name == "TorchCPU")
+    eager.profile[-1].stable = False  # one batch size's windows never agreed
+    text = table_text(status)
+    assert "~ not stable" in text and re.search(r"TorchCPU .*\d~", text), text
+    assert len(re.findall(r"\d~", text)) == 1, text  # only eager's p50 is marked
+
+    # The report reads the manifests: the same marks on a copy of the workspace
+    copy_ws = tmp_path / "ws"
+    shutil.copytree(run[1], copy_ws)
+    manifest_path = copy_ws / "report_mlp" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    out = tmp_path / "report.html"
+    for unstable in (False, True):
+        for entry in manifest["graphs"].values():
+            for candidate in entry["candidates"]:
+                for point in candidate["profile"]:
+                    point["stable"] = not (unstable and candidate["runner"] == "TorchCPU")
+        manifest_path.write_text(json.dumps(manifest))
+        assert CliRunner().invoke(app, ["report", "-w", str(copy_ws), "-o", str(out)]).exit_code == 0
+        assert ("(not stable)" in out.read_text()) == unstable

@@ -78,7 +78,7 @@ _STYLES = {"ok": "green", "failed": "red", "skipped": "dim", "screened": "yellow
 def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
     """One table per module and graph: every candidate, its error vs eager, latency, throughput, the winner;
     then why each failed, skipped or screened candidate was not run or not profiled in full (and, detailed, time
-    per step). A screened candidate's p50 is its screen figure, marked ``*``."""
+    per step). A screened candidate's p50 is its screen figure, marked ``*``; an unstable profile's is marked ``~``."""
     tables: list = []
     for module in status.modules.values():
         for graph in module.graphs:
@@ -111,6 +111,9 @@ def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
             tables.append(table)
             if any(c.status == "screened" for c in graph.candidates):
                 notes.insert(0, "  [dim]* a screen: a few calls at one batch size, not a full profile[/]")
+            if any(_unstable(c) for c in graph.candidates):
+                notes.insert(0, "  [yellow]~ not stable: its timing windows never agreed within 5% (a busy machine?); "
+                                "compare these figures with care, or re-run on a quiet machine[/]")
             tables.extend(notes)
     return tables
 
@@ -122,9 +125,14 @@ def _mix(batch_counts: dict[int, int]) -> str:
     return " · chosen over the calls seen: " + ", ".join(f"batch {b} ×{n}" for b, n in sorted(batch_counts.items()))
 
 
+def _unstable(c) -> bool:
+    """A full profile with a batch size whose timing windows did not agree."""
+    return any(not point.stable for point in c.profile)
+
+
 def _p50(c) -> str:
     if c.profile:
-        return f"{c.profile[0].p50_ms:.3f}"
+        return f"{c.profile[0].p50_ms:.3f}{'~' if _unstable(c) else ''}"
     return f"{c.screen.p50_ms:.3f}*" if c.screen is not None else "-"
 
 
