@@ -161,3 +161,29 @@ def test_keep_artifacts_reads_the_environment_unless_the_config_says(monkeypatch
     assert keep_artifacts(nav.OptimizeConfig(keep_artifacts=False)) is False
     with pytest.raises(nav.ConfigError, match="keep_artifacts"):
         nav.OptimizeConfig(keep_artifacts="yes")
+
+
+def test_the_inductor_cache_goes_when_no_selected_runner_loads_from_it(tmp_path, monkeypatch):
+    from navdeploy.inplace.binding import loads_from_inductor_cache
+    from navdeploy.workspace.inductor import cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the workspace's own cache, not a user's
+    runners = ("TorchCPU", "TorchCompileCPU", "OnnxCPU")
+    module = _module()
+    nav.optimize(module, DATA, _config(tmp_path, runners=runners, keep_artifacts=True))
+    folder = tmp_path / NAME
+    cache = cache_dir(folder)
+    assert cache.is_dir() and read_manifest(folder).inductor_cache  # torch.compile compiled into it
+    nav.optimize(module, DATA, _config(tmp_path, runners=runners))  # everything cached; now pruning
+    manifest = read_manifest(folder)
+    assert all(c.cached for e in manifest.graphs.values() for c in e.candidates if c.status != "skipped")
+    # Kept exactly when a selected runner (torch.compile here) loads from it; an ONNX or eager winner drops it.
+    assert cache.is_dir() == loads_from_inductor_cache(manifest) == (manifest.inductor_cache is not None), \
+        [e.selected for e in manifest.graphs.values()]
+    del module
+    gc.collect()
+    again = _module()
+    assert nav.load_optimized(tmp_path)[NAME]
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), again.__wrapped__(x))

@@ -110,13 +110,17 @@ def extra_warm_up_sizes(graph: Graph, record: CandidateRecord, captured: list[to
 _INDUCTOR_FORMATS = (Format.TORCH, Format.TORCH_AOTI)
 
 
+def loads_from_inductor_cache(manifest: Manifest) -> bool:
+    """Whether a selected runner of the module loads code from its inductor cache (torch.compile, AOTInductor)."""
+    uses = [RUNNERS[c.runner] for c in (e.selected_candidate() for e in manifest.graphs.values())
+            if c is not None and c.runner in RUNNERS]
+    return any(r.format in _INDUCTOR_FORMATS and r.name not in EAGER_RUNNER.values() for r in uses)
+
+
 def _inductor_cache_for(module: Module, folder: Path, manifest: Manifest,
                         in_optimize: bool) -> contextlib.AbstractContextManager:
     """Where the selected runners find the module's inductor cache while they load and warm up."""
-    uses = [RUNNERS[c.runner] for c in (e.selected_candidate() for e in manifest.graphs.values())
-            if c is not None and c.runner in RUNNERS]
-    if in_optimize or user_cache_dir() is not None or not any(
-            r.format in _INDUCTOR_FORMATS and r.name not in EAGER_RUNNER.values() for r in uses):
+    if in_optimize or user_cache_dir() is not None or not loads_from_inductor_cache(manifest):
         return contextlib.nullcontext()
     return pointed_at(private_copy(folder, manifest.inductor_cache, module.name))
 

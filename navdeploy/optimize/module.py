@@ -29,7 +29,7 @@ from navdeploy.config import (
 )
 from navdeploy.formats.base import RunnerSpec
 from navdeploy.formats.registry import FORMATS, runners_for
-from navdeploy.inplace.binding import bind
+from navdeploy.inplace.binding import bind, loads_from_inductor_cache
 from navdeploy.inplace.module import Module
 from navdeploy.optimize.events import OptimizeListener
 from navdeploy.optimize.scope import logging_to
@@ -38,6 +38,7 @@ from navdeploy.workspace.checkpoint import checkpoint_graph, resume_entry
 from navdeploy.workspace.fingerprint import cache_key, checksum, fingerprint
 from navdeploy.workspace.identity import claim_module_folder, ensure_writable
 from navdeploy.workspace.inductor import checksum_to_record, discard_unvouched
+from navdeploy.workspace.inductor import remove_unused as remove_unused_cache
 from navdeploy.workspace.layout import LOG_FILE, artifact_dir, module_dir, now
 from navdeploy.workspace.locks import locked
 from navdeploy.workspace.manifest import MANIFEST_VERSION, read_manifest, remove_unnamed_builds, write_manifest
@@ -335,8 +336,10 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
         bind_start = time.perf_counter()
         optimized = bind(module, folder, manifest, fp, in_optimize=True)
         bind_s = time.perf_counter() - bind_start
-        manifest.inductor_cache = checksum_to_record(folder)
-        if not keep_artifacts(config):
+        prune = not keep_artifacts(config)
+        unused_cache = prune and not loads_from_inductor_cache(manifest)
+        manifest.inductor_cache = None if unused_cache else checksum_to_record(folder)
+        if prune:
             mark_unused(manifest)  # builds nothing will load: their records stay, their folders go below
         try:
             write_manifest(folder, manifest)  # last: a killed run leaves the old manifest
@@ -345,6 +348,8 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
             raise
         # Earlier builds, and the pruned ones, go only now: the new manifest is in place.
         remove_unnamed_builds(folder, manifest, old)
+        if unused_cache:
+            remove_unused_cache(folder)
     statuses = [GraphStatus(g.key, entries[g.key].selected, entries[g.key].candidates, g.batching,
                             dict(g.batch_counts) if g.batching else {})
                 for g in graphs]

@@ -248,6 +248,19 @@ def discard_unvouched(module_folder: Path, recorded: Optional[str]) -> None:
         files_list(module_folder).unlink()
 
 
+def remove_unused(module_folder: Path) -> None:
+    """Remove the module's cache when nothing selected loads from it (an ONNX Runtime or TorchScript winner): the
+    builds that compiled into it are pruned too, and AOTInductor's embeds the weights (~90 MB for a MiniLM). A cache
+    the user chose is left alone."""
+    folder = cache_dir(module_folder)
+    if not folder.is_dir() or user_cache_dir() is not None:
+        return
+    log.info("%s: no selected runner loads from it, removing it (keep_artifacts=True keeps it)", folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        files_list(module_folder).unlink()
+
+
 def _not_copied(folder: str, names: list[str]) -> set[str]:
     """Lock files, and symbolic links (inductor writes none; one could point anywhere, so none is copied)."""
     return {n for n in names if n in _NOT_CODE or os.path.islink(os.path.join(folder, n))}
