@@ -249,3 +249,19 @@ def test_a_profile_whose_windows_never_agreed_is_flagged_in_table_and_report(run
         manifest_path.write_text(json.dumps(manifest))
         assert CliRunner().invoke(app, ["report", "-w", str(copy_ws), "-o", str(out)]).exit_code == 0
         assert ("(not stable)" in out.read_text()) == unstable
+
+
+def test_a_pipeline_check_whose_passes_varied_widely_says_its_ratio_is_rough():
+    from navdeploy.optimize.status import PipelineTiming
+    from navdeploy.report.console import pipeline_lines
+
+    def lines(eager_runs, optimized_runs):
+        timing = PipelineTiming(capture_s=0.1, eager_s=sorted(eager_runs)[1], optimized_s=sorted(optimized_runs)[1],
+                                items_timed=1, repeats=3, eager_runs=eager_runs, optimized_runs=optimized_runs,
+                                faster=True)
+        return "\n".join(pipeline_lines(timing))
+
+    assert "rough" not in lines([0.010, 0.011, 0.012], [0.005, 0.0052, 0.0055])
+    # eager's passes under bursts of another process: 10 ms to 263 ms
+    text = lines([0.010, 0.263, 0.428], [0.005, 0.0052, 0.0055])
+    assert "differed by more than 2x (a busy machine?): the ratio is rough" in text, text

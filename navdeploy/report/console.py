@@ -150,7 +150,13 @@ def pipeline_lines(p: PipelineTiming) -> list[str]:
     lines += [f"  {name} went back to eager: {why}" for name, why in p.reverted.items()]
     if p.compiled:
         lines.append(f"  {p.compiled} timed pass(es) included a torch.compile compile: those figures are high")
+    if any(runs and max(runs) > _WIDE * min(runs) for runs in (p.eager_runs, p.optimized_runs)):
+        lines.append(f"  passes of one side differed by more than {_WIDE:g}x (a busy machine?): the ratio is rough; "
+                     "re-run on a quiet machine for a firm figure")
     return lines
+
+
+_WIDE = 2.0  # a side's slowest pass over its fastest beyond which the check's figures are called rough
 
 
 def print_status(status: OptimizeStatus, detailed: bool = False) -> None:
