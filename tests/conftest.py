@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -19,6 +20,11 @@ def pytest_configure(config) -> None:
     choose and bind losing candidates by hand (``choose_candidate``), which pruning would leave without an
     artifact. ``tests/test_prune.py`` tests the default, with ``keep_artifacts=False`` in its configs."""
     os.environ.setdefault("NAVDEPLOY_KEEP_ARTIFACTS", "1")
+    # A suite started in the background by a shell (`pytest &`, `setsid ... &`) inherits SIGINT ignored, and so
+    # does every script a test starts: Python then never raises KeyboardInterrupt there, and the tests that press
+    # Ctrl-C on a child (an optimize run, a background server) wait for nothing. Children get the default back.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
