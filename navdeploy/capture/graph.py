@@ -98,6 +98,8 @@ class Graph:
     # guards on the dispatch keys these make (HF generate is often called under inference_mode, with a mix), so
     # the bind warms the runner up with calls of each kind (:func:`call_kind`).
     call_kinds: list[str] = field(default_factory=list)
+    # What ``accepts`` compares a call with, per max_batch_size: per input (dtype, on CUDA, min shape, max shape).
+    _limits: dict[int, list[tuple]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def to_json(self) -> dict:
         data = {
@@ -189,10 +191,6 @@ class Graph:
                 return None
         return self._refusal(tensors, max_batch_size)
 
-    @functools.cached_property
-    def _limits(self) -> dict[int, list[tuple]]:
-        return {}  # max_batch_size -> per input (dtype, on CUDA, min shape, max shape)
-
     def _bounds(self, max_batch_size: int) -> list[tuple[list[int], list[int]]]:
         """Per input, the sizes its runners take: the captured range, axis 0 from 1 to the batch limit when the
         graph batches."""
@@ -209,7 +207,7 @@ class Graph:
         if len(tensors) != len(self.inputs):
             return Refusal(f"expected {len(self.inputs)} tensors, got {len(tensors)}", "tensor count")
         paths = self.input_paths
-        for i, (t, spec) in enumerate(zip(tensors, self.inputs)):
+        for i, (t, spec, (low, high)) in enumerate(zip(tensors, self.inputs, self._bounds(max_batch_size))):
             name = f"input {paths[i]!r}" if i < len(paths) else f"input {i}"
             if str(t.dtype).removeprefix("torch.") != spec.dtype:
                 return Refusal(f"{name}: dtype {t.dtype} differs from captured {spec.dtype}", f"{name} dtype")
@@ -218,14 +216,11 @@ class Graph:
             if t.dim() != len(spec.min_shape):
                 return Refusal(f"{name}: rank {t.dim()} differs from captured rank {len(spec.min_shape)}",
                                f"{name} rank")
-            for axis, size in enumerate(t.shape):
-                lo, hi = spec.min_shape[axis], spec.max_shape[axis]
-                if self.batching and axis == 0:
-                    if size > max(max_batch_size, hi):
-                        return Refusal(f"batch size {size} (axis 0 of {name}) is above {max(max_batch_size, hi)}, "
-                                       f"the largest its runners take (max_batch_size={max_batch_size}, or the "
-                                       "largest captured batch when larger)", "batch size", batch=True)
-                    lo, hi = 1, max(max_batch_size, hi)
+            for axis, (size, lo, hi) in enumerate(zip(t.shape, low, high)):
+                if self.batching and axis == 0 and size > hi:
+                    return Refusal(f"batch size {size} (axis 0 of {name}) is above {hi}, the largest its runners "
+                                   f"take (max_batch_size={max_batch_size}, or the largest captured batch when "
+                                   "larger)", "batch size", batch=True)
                 if not lo <= size <= hi:
                     return Refusal(f"{name}: size {size} of axis {axis} is outside the captured range [{lo}, {hi}]",
                                    f"{name} axis {axis}")

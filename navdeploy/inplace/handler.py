@@ -18,7 +18,7 @@ from navdeploy.candidates.verify import conform
 from navdeploy.capture.aliases import LiveCall
 from navdeploy.capture.graph import Graph
 from navdeploy.capture.paths import call_difference
-from navdeploy.capture.pytree import describe, flatten_call, spec_key, unflatten
+from navdeploy.capture.pytree import Spec, describe, flatten_call, spec_key, unflatten
 from navdeploy.errors import CaptureError
 from navdeploy.formats.base import RunFn
 from navdeploy.inplace.staleness import WeightsWatch
@@ -124,17 +124,18 @@ class OptimizedHandler:
                           RuntimeWarning, stacklevel=4)
         return fn(*args, **kwargs)
 
-    def _graph_key(self, args: tuple, kwargs: dict) -> tuple[Optional[str], list[torch.Tensor], Optional[tuple]]:
-        """The graph key, flat tensors and cheap signature of a call. Flat calls (tensors and constants only, the
-        common case) skip hashing the full spec: their key is memoised by the signature (None for other calls)."""
+    def _graph_key(self, args: tuple, kwargs: dict) -> tuple[Optional[str], list[torch.Tensor], Optional[Spec]]:
+        """The graph key, flat tensors and flatten spec of a call (the spec None when the key came from the memo).
+        Flat calls (tensors and constants only, the common case) skip hashing the full spec: their key is memoised
+        by their signature."""
         signature, flat = _flat_call(args, kwargs)
         key = self._keys.get(signature) if signature is not None else None
         if key is not None:
-            return key, flat, signature
+            return key, flat, None
         spec, tensors = flatten_call(args, kwargs, self.name)
         if signature is not None:
             key = self._keys[signature] = spec_key(spec, tensors)
-            return key, tensors, signature
+            return key, tensors, spec
         # A call with containers (an HF cache) is flattened on every call; its key is memoised by the spec's
         # pickle and the tensors' kinds, an exact in-process stand-in for spec_key's sorted JSON and hash (~5 us
         # against ~45 us for a decoder step's cache).
@@ -144,19 +145,19 @@ class OptimizedHandler:
             key = spec_key(spec, tensors)
             if len(self._spec_keys) < _MEMO_LIMIT:
                 self._spec_keys[memo] = key
-        return key, tensors, None
+        return key, tensors, spec
 
     def _route(self, args: tuple, kwargs: dict) -> tuple[_Route, list[torch.Tensor]]:
         """The route of a call the memo does not hold, and its flat tensors."""
         try:
-            key, tensors, _ = self._graph_key(args, kwargs)
+            key, tensors, spec = self._graph_key(args, kwargs)
         except CaptureError as exc:
             return _Route(None, f"uncapturable input: {exc}"), []
         entry = self.graphs.get(key)
         if entry is None:
             route = self._unknown.get(key)
             if route is None:
-                route = self._new_structure(args, kwargs)
+                route = self._new_structure(spec, tensors, args, kwargs)
                 if len(self._unknown) < _MEMO_LIMIT:
                     self._unknown[key] = route
             return route, tensors
@@ -168,10 +169,11 @@ class OptimizedHandler:
         kinds = tuple((spec.torch_dtype, torch.device(spec.device).type == "cuda") for spec in graph.outputs)
         return _Route(key, None, kinds, graph.output_spec == _SINGLE), tensors
 
-    def _new_structure(self, args: tuple, kwargs: dict) -> _Route:
+    def _new_structure(self, spec: Optional[Spec], tensors: list[torch.Tensor], args: tuple, kwargs: dict) -> _Route:
         """The route of a call whose structure was not captured, saying how it differs from the nearest captured
         one (a keyword left out, another constant, another dtype)."""
-        spec, tensors = flatten_call(args, kwargs, self.name)
+        if spec is None:  # its key came from the memo of flat calls
+            spec, tensors = flatten_call(args, kwargs, self.name)
         how = call_difference(spec, tensors, [(g.input_spec, g.inputs) for g, _ in self.graphs.values()])
         return _Route(None, f"new input structure: not seen while optimizing ({how})", about=f"structure: {how}")
 

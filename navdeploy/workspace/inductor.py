@@ -243,9 +243,7 @@ def discard_unvouched(module_folder: Path, recorded: Optional[str]) -> None:
     changes = describe_changes(module_folder) if recorded else ""
     log.info("%s %s%s: removing it (torch.compile and AOTInductor compile again)", folder, why,
              f" ({changes})" if changes else "")
-    shutil.rmtree(folder, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        files_list(module_folder).unlink()
+    _remove(module_folder)
 
 
 def remove_unused(module_folder: Path) -> None:
@@ -256,7 +254,12 @@ def remove_unused(module_folder: Path) -> None:
     if not folder.is_dir() or user_cache_dir() is not None:
         return
     log.info("%s: no selected runner loads from it, removing it (keep_artifacts=True keeps it)", folder)
-    shutil.rmtree(folder, ignore_errors=True)
+    _remove(module_folder)
+
+
+def _remove(module_folder: Path) -> None:
+    """Remove the module's cache and the list of its files."""
+    shutil.rmtree(cache_dir(module_folder), ignore_errors=True)
     with contextlib.suppress(OSError):
         files_list(module_folder).unlink()
 
