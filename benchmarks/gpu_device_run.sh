@@ -18,6 +18,9 @@
 #                         TORCH_LOGS="+torch._functorch._aot_autograd.autograd_cache" (workers' keys in those logs,
 #                         the binding process's in the sd log).
 #   ort [MODELS]          benchmarks/ort_cuda_check.py (resnet50,unet by default) with onnxruntime-gpu
+#   pipelines [NAMES]     benchmarks/bench_pipelines.py --device cuda: GPT-2 generate (KV cache), BERT-base, ViT-base
+#                         at real size, optimized with defaults, eager vs optimized in separate processes; it may
+#                         outlive one call when started in the background (setsid), writing $ND_TMP/nd-results
 #   bench                 bench_gpu: ResNet-50, BERT-base, small UNet in one call (as in session 7)
 #   autotune              ResNet-50 with max-autotune-no-cudagraphs against eager
 # Results accumulate in $ND_TMP/nd-results (the SD JSON across calls, also written into $OUT as it changes) and are
@@ -37,7 +40,7 @@
 # (benchmarks/aoti_cuda_load_check.py), after ~80 s of building per model. autotune is its own call because
 # max-autotune builds alone (it times kernels on the GPU while it compiles).
 set -uo pipefail
-mode=${1:?usage: gpu_device_run.sh setup|tests|sd PHASES|ort [MODELS]|bench|autotune}
+mode=${1:?usage: gpu_device_run.sh setup|tests|sd PHASES|ort [MODELS]|pipelines [NAMES]|bench|autotune}
 shift
 out=${OUT:-/tmp/navdeploy-gpu-out}
 tmp=${ND_TMP:-/tmp}  # where installs, pieces, workspaces and results persist between calls
@@ -224,6 +227,11 @@ print('the stub runs', stub_python(), 'isolated, and finds', stub_packages(['num
     # shellcheck disable=SC2086 # ORT_ARGS: extra arguments (--torch-runners ..., --device cpu for a CPU check)
     PYTHONPATH=$(path_of ort) timeout "$(left_s)" python3 benchmarks/ort_cuda_check.py --models "$models" \
       --workspace $tmp/nd-ort/ws --out "$results/ort_cuda_${models//,/-}.json" ${ORT_ARGS:-} 2>&1 | tee "$log" ;;
+  pipelines)
+    names=${1:-gpt2_generate_kv_cache,bert_classifier,vit}
+    log=$results/pipelines_cuda_$stamp.log
+    timeout "$(left_s)" python3 benchmarks/bench_pipelines.py --device cuda --only "$names" --rounds "${ND_ROUNDS:-2}" \
+      --out "$results/pipelines_cuda.json" 2>&1 | tee "$log" ;;
   bench)
     log=$results/gpu_bench_$stamp.log
     timeout "$(left_s)" python3 benchmarks/bench_gpu.py --models resnet50,bert,unet --timeout 150 --build-workers 4 \
@@ -233,5 +241,6 @@ print('the stub runs', stub_python(), 'isolated, and finds', stub_packages(['num
     timeout "$(left_s)" python3 benchmarks/bench_gpu.py --models resnet50 --timeout 280 --build-workers 2 \
       --runners TorchCUDA,TorchCompileCUDAMaxAutotune --out "$results/gpu_autotune.json" 2>&1 | tee "$log" ;;
   *)
-    echo "unknown mode $mode: use setup, tests, sd PHASES, ort [MODELS], bench or autotune" >&2; exit 2 ;;
+    echo "unknown mode $mode: use setup, tests, sd PHASES, ort [MODELS], pipelines [NAMES], bench or autotune" >&2
+    exit 2 ;;
 esac
