@@ -17,12 +17,15 @@ from typing import Any, Callable, Optional
 import torch
 
 from navdeploy.capture.classes import class_path, resolve_class
+from navdeploy.capture.where import Where
 
 Spec = Any
 _CACHE_MODULE = "transformers.cache_utils"
 # A cache, and the layers it holds (attention, linear-attention/SSM, the data-less dummy layer).
 _CACHE_BASES = ("Cache", "CacheLayerMixin", "LinearAttentionCacheLayerMixin", "DummyLayer")
 _LEAVES = (torch.Tensor, str, int, float, bool, type(None))
+_PLAIN = frozenset((torch.Tensor, str, int, float, bool, type(None)))  # exact types: one set lookup
+_cache_types: dict[type, bool] = {}  # type -> whether it is a cache or layer class (known once transformers loads)
 
 
 def _bases() -> tuple[type, ...]:
@@ -32,28 +35,41 @@ def _bases() -> tuple[type, ...]:
     return tuple(cls for cls in (getattr(module, name, None) for name in _CACHE_BASES) if isinstance(cls, type))
 
 
+def _is_cache_type(cls: type) -> bool:
+    # Memoised by type: the bases are ABCs, and an isinstance check against them costs ~1 us, on every node of
+    # every optimized decoder step.
+    known = _cache_types.get(cls)
+    if known is None:
+        bases = _bases()
+        known = bool(bases) and issubclass(cls, bases)
+        if bases:  # before transformers loads no cache exists yet; its classes may come later
+            _cache_types[cls] = known
+    return known
+
+
 def is_cache(value: Any) -> bool:
     """Whether ``value`` is an HF cache or cache layer (False whenever transformers' cache module is not loaded)."""
-    bases = _bases()
-    return bool(bases) and isinstance(value, bases)
+    return _is_cache_type(type(value))
 
 
-def flatten_cache(cache: Any, leaf: Callable[[Any, str], Spec], where: str) -> Spec:
+def flatten_cache(cache: Any, leaf: Callable[[Any, Where], Spec], where: Where) -> Spec:
     """The spec of a cache: ``{"t": "hfcache", "cls": path, "k": attribute names, "c": their specs}``.
 
     Layers, lists, tuples, dicts (string or int keys: EncoderDecoderCache's ``is_updated``), devices, dtypes and
     classes inside it are walked here; anything else (tensors, constants) by ``leaf(value, where)``, which raises
     CaptureError for what cannot be captured (e.g. the CUDA stream of an offloading cache)."""
 
-    bases = _bases()
-
-    def state(value: Any, at: str) -> Spec:
-        if isinstance(value, _LEAVES):  # the most common values first: this runs on every optimized call
+    def state(value: Any, at: Where) -> Spec:
+        kind = type(value)
+        if kind in _PLAIN:  # the most common values first: this runs on every optimized call
             return leaf(value, at)
-        if isinstance(value, bases):
-            names = list(vars(value))
-            return {"t": "hfcache", "cls": class_path(type(value)), "k": names,
-                    "c": [state(vars(value)[n], f"{at}.{n}") for n in names]}
+        if _is_cache_type(kind):
+            attributes = vars(value)
+            names = list(attributes)
+            return {"t": "hfcache", "cls": class_path(kind), "k": names,
+                    "c": [state(attributes[n], (at, ".{}", n)) for n in names]}
+        if isinstance(value, _LEAVES):  # subclasses (a Parameter, an IntEnum)
+            return leaf(value, at)
         if isinstance(value, torch.device):
             return {"t": "device", "v": str(value)}
         if isinstance(value, torch.dtype):
@@ -61,15 +77,16 @@ def flatten_cache(cache: Any, leaf: Callable[[Any, str], Spec], where: str) -> S
         if isinstance(value, type):
             return {"t": "class", "v": class_path(value)}
         if type(value) in (list, tuple):
-            return {"t": type(value).__name__, "c": [state(v, f"{at}[{i}]") for i, v in enumerate(value)]}
+            return {"t": type(value).__name__, "c": [state(v, (at, "[{}]", i)) for i, v in enumerate(value)]}
         if type(value) is dict and all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in value):
-            return {"t": "dict", "k": list(value), "c": [state(v, f"{at}[{k!r}]") for k, v in value.items()]}
+            return {"t": "dict", "k": list(value), "c": [state(v, (at, "[{!r}]", k)) for k, v in value.items()]}
         return leaf(value, at)
 
     return state(cache, where)
 
 
 _resolved: dict[str, type] = {}  # class path -> class, once resolved (a class that resolves stays loaded)
+_devices: dict[str, torch.device] = {}  # "cuda:0" -> torch.device("cuda:0"): devices are immutable
 
 
 def build_cache(node: Spec, leaf: Callable[[Spec], Any], live: Optional[Any] = None) -> Any:
@@ -88,6 +105,16 @@ def build_cache(node: Spec, leaf: Callable[[Spec], Any], live: Optional[Any] = N
 
     def state(spec: Spec, current: Any) -> Any:
         kind = spec["t"]
+        if kind == "tensor":  # the most common nodes first: this runs on every optimized decoder step
+            value = leaf(spec)
+            if type(value) is torch.Tensor and "in" not in spec and not value.is_contiguous():
+                # HF caches hold contiguous tensors (torch.cat, torch.zeros make them); a runner may return a
+                # strided one (AOTInductor does, for a prefill), which the next call passes back in: AOTInductor
+                # checks input strides and torch.compile guards on them, so both would run eagerly or recompile.
+                return value.contiguous()
+            return value
+        if kind == "const":
+            return spec["v"]
         if kind == "hfcache":
             cls = resolve(spec["cls"])
             obj = current if type(current) is cls else cls.__new__(cls)
@@ -97,7 +124,10 @@ def build_cache(node: Spec, leaf: Callable[[Spec], Any], live: Optional[Any] = N
             attributes.update(values)
             return obj
         if kind == "device":
-            return torch.device(spec["v"])
+            device = _devices.get(spec["v"])
+            if device is None:
+                device = _devices[spec["v"]] = torch.device(spec["v"])
+            return device
         if kind == "dtype":
             return getattr(torch, spec["v"])
         if kind == "class":
@@ -119,12 +149,6 @@ def build_cache(node: Spec, leaf: Callable[[Spec], Any], live: Optional[Any] = N
                 current.update(values)
                 return current
             return values
-        value = leaf(spec)
-        if type(value) is torch.Tensor and "in" not in spec and not value.is_contiguous():
-            # HF caches hold contiguous tensors (torch.cat, torch.zeros make them); a runner may return a strided
-            # one (AOTInductor does, for a prefill), which the next call passes back in: AOTInductor checks input
-            # strides and torch.compile guards on them, so both would run eagerly or recompile.
-            return value.contiguous()
-        return value
+        return leaf(spec)
 
     return state(node, live)

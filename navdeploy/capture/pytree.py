@@ -16,12 +16,14 @@ from navdeploy.capture.aliases import LiveCall
 from navdeploy.capture.classes import class_path as _class_path
 from navdeploy.capture.classes import resolve_class as _resolve_class
 from navdeploy.capture.hf_cache import build_cache, flatten_cache, is_cache
+from navdeploy.capture.where import Where, where_text
 from navdeploy.errors import CaptureError
 
 Spec = Any  # a JSON-able tree of dicts; see flatten()
 
 
 _CONSTANT_TYPES = (str, int, float, bool, type(None))
+_PLAIN_CONSTANTS = frozenset(_CONSTANT_TYPES)  # exact types: one set lookup before the isinstance checks
 
 
 def _is_model_output(value: Any) -> bool:
@@ -41,33 +43,37 @@ def flatten(tree: Any, path: str = "inputs", outputs: bool = False,
     """
     tensors: list[torch.Tensor] = []
 
-    def walk(node: Any, where: str) -> Spec:
-        if isinstance(node, torch.Tensor):
+    # ``where`` stays a chain of tuples (see capture.where) and becomes text only in an error: an optimized
+    # decoder step walks its cache on every call, and formatting each node's path cost more than the walk.
+    def walk(node: Any, where: Where) -> Spec:
+        kind = type(node)
+        if kind is torch.Tensor or (kind not in _PLAIN_CONSTANTS and isinstance(node, torch.Tensor)):
             tensors.append(node)
             if aliases and id(node) in aliases:
                 return {"t": "tensor", "i": len(tensors) - 1, **aliases[id(node)]}
             return {"t": "tensor", "i": len(tensors) - 1}
-        if isinstance(node, _CONSTANT_TYPES):
+        if kind in _PLAIN_CONSTANTS or isinstance(node, _CONSTANT_TYPES):
             return {"t": "const", "v": node}
         if isinstance(node, dict):
             for k in node:
                 if not isinstance(k, str):
-                    raise CaptureError(f"{where}: dict key {k!r} is not a string; only string keys can be captured.")
+                    raise CaptureError(f"{where_text(where)}: dict key {k!r} is not a string; only string keys can "
+                                       "be captured.")
             cls = type(node)
-            spec = {"t": "dict", "k": list(node), "c": [walk(v, f"{where}[{k!r}]") for k, v in node.items()]}
+            spec = {"t": "dict", "k": list(node), "c": [walk(v, (where, "[{!r}]", k)) for k, v in node.items()]}
             if cls not in (dict, OrderedDict):
                 spec["cls"] = _class_path(cls)
             return spec
         if isinstance(node, tuple) and hasattr(node, "_fields"):
             return {"t": "namedtuple", "cls": _class_path(type(node)),
-                    "c": [walk(v, f"{where}.{f}") for f, v in zip(node._fields, node)]}
+                    "c": [walk(v, (where, ".{}", f)) for f, v in zip(node._fields, node)]}
         if isinstance(node, (tuple, list)):
             kind = "tuple" if isinstance(node, tuple) else "list"
-            return {"t": kind, "c": [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]}
+            return {"t": kind, "c": [walk(v, (where, "[{}]", i)) for i, v in enumerate(node)]}
         if dataclasses.is_dataclass(node) and not isinstance(node, type):
             names = [f.name for f in dataclasses.fields(node) if f.init]
             return {"t": "dataclass", "cls": _class_path(type(node)), "k": names,
-                    "c": [walk(getattr(node, n), f"{where}.{n}") for n in names]}
+                    "c": [walk(getattr(node, n), (where, ".{}", n)) for n in names]}
         if is_cache(node):
             spec = flatten_cache(node, walk, where)
             if aliases and id(node) in aliases:
@@ -78,12 +84,12 @@ def flatten(tree: Any, path: str = "inputs", outputs: bool = False,
                      "HF cache objects")
         if outputs:
             raise CaptureError(
-                f"{where}: the module returned a value of type {kind}, which cannot be captured ({supported}). "
-                "Wrap the module in a small nn.Module that returns tensors (or containers of them), and pass "
-                "output_mapping= to nav.Module to rebuild your type from them."
+                f"{where_text(where)}: the module returned a value of type {kind}, which cannot be captured "
+                f"({supported}). Wrap the module in a small nn.Module that returns tensors (or containers of them), "
+                "and pass output_mapping= to nav.Module to rebuild your type from them."
             )
         raise CaptureError(
-            f"{where}: values of type {kind} cannot be captured ({supported}). "
+            f"{where_text(where)}: values of type {kind} cannot be captured ({supported}). "
             "Pass input_mapping= to nav.Module to turn it into tensors or constants."
         )
 
