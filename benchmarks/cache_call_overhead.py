@@ -1,9 +1,11 @@
 """What routing one decoder step with an HF KV cache costs navdeploy, per call, on the CPU.
 
 An optimized decoder module's every ``generate`` step passes a ``DynamicCache`` in and gets it back: the handler
-flattens the call (the cache's layers into a spec and a list of tensors), memoises the graph key by the spec's
-pickle, runs the runner, and writes the returned tensors back into the cache object. This times those three
-steps alone (no runner) for caches of GPT-2-shaped layers, as the number of layers grows:
+checks the call against the structure of the previous step (``capture/match.py``; the first call of a
+structure is flattened into a spec and a list of tensors instead, and its graph key memoised by the spec's pickle),
+runs the runner, and writes the returned tensors back into the cache object. This times those steps alone (no
+runner) for caches of GPT-2-shaped layers, as the number of layers grows; a step's routing is the match and the
+rebuild (``total``), the first call of a structure flattens and pickles instead of matching:
 
     python benchmarks/cache_call_overhead.py [--layers 4,12,32] [--out benchmarks/results/cache_call_cpu.json]
 
@@ -39,6 +41,7 @@ def _per_call_us(fn, calls: int, rounds: int) -> dict:
 def measure(layers: int, calls: int, rounds: int) -> dict:
     from transformers import DynamicCache, GPT2Config
 
+    from navdeploy.capture.match import match_call
     from navdeploy.capture.pytree import flatten, flatten_call, unflatten
 
     cache = DynamicCache(config=GPT2Config(n_layer=layers))
@@ -52,13 +55,15 @@ def measure(layers: int, calls: int, rounds: int) -> dict:
     output = {"logits": torch.randn(2, 1, 100), "past_key_values": cache}
     out_spec, out_tensors = flatten(output, outputs=True)
     steps = {
-        "flatten the call": lambda: flatten_call((), kwargs, "decoder"),
-        "memo key (the spec's pickle)": lambda: pickle.dumps(spec, 5),
+        "match the previous step's structure": lambda: match_call(spec, (), kwargs),
         "rebuild the output (cache included)": lambda: unflatten(out_spec, out_tensors, rebuild_classes=False),
+        "first call: flatten": lambda: flatten_call((), kwargs, "decoder"),
+        "first call: memo key (pickle)": lambda: pickle.dumps(spec, 5),
     }
+    assert match_call(spec, (), kwargs) is not None
     result = {name: _per_call_us(fn, calls, rounds) for name, fn in steps.items()}
     return {"layers": layers, "tensors_in": len(tensors), "steps": result,
-            "total_median_us": sum(r["median_us"] for r in result.values())}
+            "total_median_us": sum(result[name]["median_us"] for name in list(steps)[:2])}
 
 
 def main() -> int:
@@ -80,7 +85,7 @@ def main() -> int:
     table.add_column("tensors", justify="right")
     for name in rows[0]["steps"]:
         table.add_column(f"{name} µs", justify="right")
-    table.add_column("total µs", justify="right")
+    table.add_column("total µs (match + rebuild)", justify="right")
     for row in rows:
         cells = [f"{s['median_us']:.1f} [{s['min_us']:.1f}-{s['max_us']:.1f}]" for s in row["steps"].values()]
         table.add_row(str(row["layers"]), str(row["tensors_in"]), *cells, f"{row['total_median_us']:.1f}")

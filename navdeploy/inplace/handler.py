@@ -17,6 +17,7 @@ import torch
 from navdeploy.candidates.verify import conform
 from navdeploy.capture.aliases import LiveCall
 from navdeploy.capture.graph import Graph
+from navdeploy.capture.match import match_call
 from navdeploy.capture.paths import call_difference
 from navdeploy.capture.pytree import Spec, describe, flatten_call, spec_key, unflatten
 from navdeploy.errors import CaptureError
@@ -25,6 +26,7 @@ from navdeploy.inplace.staleness import WeightsWatch
 
 _CONSTANTS = (str, int, float, bool, type(None))
 _MEMO_LIMIT = 4096
+_KNOWN_LIMIT = 4  # structures of container calls checked before flattening: a decoder's prefill and decode step
 _COVER_HINT = " Re-run nav.optimize with a dataloader covering these inputs to optimize them too."
 _BATCH_HINT = (" Call it in smaller batches, or raise OptimizeConfig(max_batch_size=...) and re-run nav.optimize to "
                "build runners for larger ones.")
@@ -73,6 +75,11 @@ def _constant_key(value: Any) -> tuple:
     return (type(value), value, repr(value)) if isinstance(value, float) and not value else (type(value), value)
 
 
+def _tensor_kinds(tensors: list[torch.Tensor]) -> tuple:
+    """What spec_key reads of each tensor (dtype, rank, device type), read cheaply for CPU and CUDA tensors."""
+    return tuple((t.dtype, t.dim(), "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type) for t in tensors)
+
+
 def _flat_call(args: tuple, kwargs: dict) -> tuple[Optional[tuple], list[torch.Tensor]]:
     """A flat call's signature ((dtype, rank, on CUDA) of each tensor, the value of each constant) and its
     tensors; (None, []) when the call nests containers or holds a tensor on a device other than CPU or CUDA."""
@@ -107,6 +114,8 @@ class OptimizedHandler:
         self._spec_keys: dict[tuple, str] = {}
         self._unknown: dict[str, _Route] = {}  # graph key of a structure not captured -> its route (explained once)
         self._routes: dict[tuple, _Route] = {}
+        # Container calls' structures of captured graphs, most recently matched first: (key, spec, tensor kinds).
+        self._known: list[tuple[str, Spec, tuple]] = []
 
     def release(self) -> None:
         """Calls no longer come here (another handler or eager took over): what the watch changed is given back."""
@@ -132,19 +141,30 @@ class OptimizedHandler:
         key = self._keys.get(signature) if signature is not None else None
         if key is not None:
             return key, flat, None
+        if signature is None:
+            # A call with containers (an HF cache): first checked against the structures of the last calls (a
+            # decoder's every step has its previous step's), which builds nothing.
+            for i, (key, spec, kinds) in enumerate(self._known):
+                tensors = match_call(spec, args, kwargs)
+                if tensors is not None and _tensor_kinds(tensors) == kinds:
+                    if i:
+                        self._known.insert(0, self._known.pop(i))
+                    return key, tensors, spec
         spec, tensors = flatten_call(args, kwargs, self.name)
         if signature is not None:
             key = self._keys[signature] = spec_key(spec, tensors)
             return key, tensors, spec
-        # A call with containers (an HF cache) is flattened on every call; its key is memoised by the spec's
-        # pickle and the tensors' kinds, an exact in-process stand-in for spec_key's sorted JSON and hash (~5 us
-        # against ~45 us for a decoder step's cache).
-        memo = (pickle.dumps(spec, 5), tuple((t.dtype, t.dim(), t.device.type) for t in tensors))
+        # Else its key is memoised by the spec's pickle and the tensors' kinds, an exact in-process stand-in for
+        # spec_key's sorted JSON and hash (~5 us against ~45 us for a decoder step's cache).
+        kinds = _tensor_kinds(tensors)
+        memo = (pickle.dumps(spec, 5), kinds)
         key = self._spec_keys.get(memo)
         if key is None:
             key = spec_key(spec, tensors)
             if len(self._spec_keys) < _MEMO_LIMIT:
                 self._spec_keys[memo] = key
+        if key in self.graphs:
+            self._known = [(key, spec, kinds), *self._known[:_KNOWN_LIMIT - 1]]
         return key, tensors, spec
 
     def _route(self, args: tuple, kwargs: dict) -> tuple[_Route, list[torch.Tensor]]:
