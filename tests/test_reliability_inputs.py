@@ -166,15 +166,17 @@ def test_output_mapping_that_raises_at_run_time_is_a_clear_error_not_a_silent_fa
     assert f"output_mapping of module {uname!r}" in notes and "Tensor" in notes
 
 
-def test_workspace_that_is_not_writable(uname, tmp_path):
+@pytest.mark.parametrize("under", [False, True], ids=["the file itself", "a folder under it"])
+def test_workspace_that_is_a_file(uname, tmp_path, under):
     blocker = tmp_path / "file"
-    blocker.write_text("a file, not a folder")  # root can write anywhere, but not under a regular file
-    workspace = blocker / "ws"
+    blocker.write_text("a file, not a folder")
+    workspace = blocker / "ws" if under else blocker
     module = nav.Module(nn.Linear(3, 3).eval(), name=uname)
     with pytest.raises(nav.WorkspaceError) as info:
         nav.optimize(module, [(1, torch.randn(1, 3))], fast(workspace))
     msg = str(info.value)
-    assert str(workspace) in msg and "not writable" in msg
+    assert str(workspace) in msg and "is a file, not a folder" in msg
+    assert ("a folder above it" in msg) == under
     assert "OptimizeConfig(workspace=...)" in msg and "NAVDEPLOY_WORKSPACE" in msg
     assert blocker.read_text() == "a file, not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
@@ -183,11 +185,24 @@ def test_workspace_that_is_not_writable(uname, tmp_path):
     torch.testing.assert_close(module(x), module.__wrapped__(x))  # still usable, eagerly
 
 
+def test_workspace_that_cannot_be_created(uname, tmp_path):
+    workspace = tmp_path / ("w" * 300)  # longer than a file name may be: mkdir fails, also for root
+    module = nav.Module(nn.Linear(3, 3).eval(), name=uname)
+    with pytest.raises(nav.WorkspaceError) as info:
+        nav.optimize(module, [(1, torch.randn(1, 3))], fast(workspace))
+    msg = str(info.value)
+    assert str(workspace) in msg and "not writable" in msg and "name too long" in msg
+    assert "OptimizeConfig(workspace=...)" in msg and "NAVDEPLOY_WORKSPACE" in msg
+    assert list(tmp_path.iterdir()) == []
+    assert not module.is_optimized
+
+
 def test_read_only_workspace_folder(uname, tmp_path):
     import os
 
     if os.geteuid() == 0:
-        pytest.skip("running as root: a 0o500 folder is still writable; the test above covers the OSError path")
+        pytest.skip("running as root: a 0o500 folder is still writable; test_workspace_that_cannot_be_created "
+                    "covers the OSError path")
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
     module = nav.Module(nn.Linear(3, 3).eval(), name=uname)

@@ -47,6 +47,18 @@ MARKER_FORMAT = 1
 
 def ensure_writable(workspace: Path) -> None:
     """Create the workspace and mark it as one, or raise a WorkspaceError that names the path and the fix."""
+    for folder in (workspace, *workspace.parents):
+        try:
+            found = folder.exists()
+        except OSError:  # e.g. a name too long: mkdir below says so
+            break
+        if found:
+            if not folder.is_dir():
+                what = "the workspace path" if folder == workspace else f"{str(folder)!r}, a folder above it,"
+                raise WorkspaceError(f"workspace {str(workspace)!r} cannot be created: {what} is a file, not a folder "
+                                     "(navdeploy leaves it as it is); pass OptimizeConfig(workspace=...) or set "
+                                     "NAVDEPLOY_WORKSPACE to a folder path.")
+            break
     try:
         workspace.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workspace, prefix=".write-test-"):
