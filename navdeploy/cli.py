@@ -199,12 +199,15 @@ def status(workspace: Optional[Path] = WorkspaceOption) -> None:
     for col in ("module", "graph", "device", "selected", "p50 ms", "eager p50 ms", "candidates ok/tried", "updated"):
         table.add_column(col)
     found = 0
+    reverted: dict[str, str] = {}
     for folder in module_folders(ws):  # not the user's folders beside them (a manifest.json of their own)
         manifest, problem = load_manifest(folder)
         if problem:  # one line naming the file; the other modules are still listed
             _warn(f"{problem}; re-run nav.optimize for that module, or `navdeploy clean {folder.name}`.")
         if manifest is None:
             continue
+        if manifest.reverted:
+            reverted[manifest.module] = manifest.reverted
         for key, entry in manifest.graphs.items():
             found += 1
             eager = next((c for c in entry.candidates if c.runner in EAGER_RUNNER.values()), None)
@@ -215,12 +218,18 @@ def status(workspace: Optional[Path] = WorkspaceOption) -> None:
                 return "-" if value is None else f"{value:.3f}"
 
             ok = sum(c.ok for c in entry.candidates)
-            table.add_row(manifest.module, key, manifest.device, escape(entry.selected or "") or "[red]none[/]",
-                          p50(selected), p50(eager), f"{ok}/{len(entry.candidates)}", entry.updated or "")
+            shown = escape(entry.selected or "") or "[red]none[/]"
+            if manifest.reverted and entry.selected:
+                shown += " [yellow](runs eager *)[/]"
+            table.add_row(manifest.module, key, manifest.device, shown, p50(selected), p50(eager),
+                          f"{ok}/{len(entry.candidates)}", entry.updated or "")
     if not found:
         _console.print(f"no optimized modules in {ws}")
         raise typer.Exit(1)
     _console.print(table)
+    for name, why in reverted.items():  # load_optimized binds these as eager; the repository still exports them
+        _console.print(f"* {escape(name)} runs eagerly in your pipeline: the pipeline check put it back to eager "
+                       f"({escape(why)}). export-repo still serves its selected runner, the fastest of it alone.")
 
 
 @app.command()

@@ -90,6 +90,16 @@ def test_optimize_script_then_status(tmp_path):
     (entry,) = json.loads((workspace / name / "manifest.json").read_text())["graphs"].values()
     assert entry["selected"] in ("TorchCPU", "OnnxCPU")
     assert name in status.stdout and entry["selected"] in status.stdout, status.stdout
+    assert "runs eager" not in status.stdout
+
+    # A module the pipeline check put back to eager: status says it runs eagerly, and why.
+    from navdeploy.optimize.never_slower import mark_reverted
+
+    mark_reverted(workspace / name, "not faster than eager beyond noise (eager 1.00 ms, optimized 1.20 ms)")
+    status = _navdeploy("status", "-w", str(workspace), workspace=tmp_path / "unused", cwd=tmp_path)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"{entry['selected']} (runs eager *)" in status.stdout, status.stdout
+    assert f"* {name} runs eagerly in your pipeline" in status.stdout and "optimized 1.20 ms" in status.stdout
 
 
 @pytest.mark.slow

@@ -370,6 +370,10 @@ def plan_repository(workspace: Path, modules: Optional[Iterable[str]] = None, ba
         if wanted is not None and name not in wanted:
             continue
         found.add(name)
+        if manifest.reverted:  # a Triton model runs alone, not between the pipeline's other work
+            log.warning("module %s runs eagerly in your pipeline (the pipeline check put it back to eager: %s); its "
+                        "repository model serves the selected runner, the fastest of the module measured alone",
+                        name, manifest.reverted)
         kind = "KIND_GPU" if manifest.device.startswith("cuda") else "KIND_CPU"
         graphs = manifest.graphs
         for key in sorted(graphs):
