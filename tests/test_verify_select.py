@@ -32,6 +32,23 @@ def test_compare_rtol_scales_with_magnitude():
     assert not compare(e, [torch.tensor([1002.0])], atol=0.0, rtol=1e-3, result=Comparison()).ok
 
 
+@pytest.mark.parametrize("scale_atol", [False, True], ids=["fp32", "low precision"])
+def test_an_output_smaller_than_atol_is_checked_against_its_own_magnitude(scale_atol):
+    # A randomly initialised classifier's logits (~3e-5, below fp32's atol of 1e-4): zeros, or logits of the wrong
+    # sign, passed the check; a correct runner's reordering error (~1e-6 of the magnitude) still passes.
+    torch.manual_seed(0)
+    logits = [torch.randn(4, 10) * 1e-5]
+    atol, rtol = (1e-2, 1e-2) if scale_atol else (1e-4, 1e-3)
+    for wrong in (torch.zeros(4, 10), -logits[0], logits[0].roll(1, dims=1)):
+        result = compare(logits, [wrong], atol=atol, rtol=rtol, result=Comparison(), scale_atol=scale_atol)
+        assert not result.ok and "atol scaled to the output's largest magnitude" in result.reason
+    close = logits[0] * (1 + 1e-6)
+    assert compare(logits, [close], atol=atol, rtol=rtol, result=Comparison(), scale_atol=scale_atol).ok
+    # An output of ordinary size keeps the plain atol (an all-zero output too: there is no magnitude to scale by).
+    assert compare([torch.ones(3)], [torch.ones(3) + 5e-5], atol=1e-4, rtol=0.0, result=Comparison()).ok
+    assert compare([torch.zeros(3)], [torch.full((3,), 5e-5)], atol=1e-4, rtol=0.0, result=Comparison()).ok
+
+
 def test_compare_beyond_tolerance_reports_max_abs_error():
     e = [torch.zeros(3), torch.zeros(4)]
     a = [torch.zeros(3), torch.tensor([0.0, 0.5, -0.25, 0.0])]
