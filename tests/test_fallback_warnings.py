@@ -67,3 +67,50 @@ def test_fallback_warnings_name_the_argument_and_come_once_per_kind(isolated_env
             assert _messages(lambda: call(ids)) == []  # that structure was said already
             (dtype,) = _messages(lambda: call(ids, attention_mask=mask.half()))
             assert "attention_mask: a float16 tensor of rank 2 here, a float32 tensor of rank 2" in dtype
+
+
+class Parts(torch.nn.Module):
+    """Adds a list of tensors; remembers the list its forward was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.seen = None
+
+    def forward(self, parts):
+        self.seen = parts
+        return self.lin(sum(parts))
+
+
+def test_a_graph_eager_won_runs_the_modules_own_forward_quietly(isolated_env):
+    from navdeploy.inplace.binding import bind
+    from navdeploy.workspace.manifest import read_manifest, write_manifest
+
+    with isolated_env("eager_graph") as ws:
+        torch.manual_seed(0)
+        module = nav.Module(Parts().eval(), name="eager_graph")
+        one, two = [torch.randn(2, 4)], [torch.randn(2, 4), torch.randn(2, 4)]
+        config = nav.OptimizeConfig(runners=("TorchCPU", "TorchScriptCPU"), use_multiprocessing=False,
+                                    batch_sizes=(2,), max_batch_size=2, profile_time_s=0.05)
+        with torch.no_grad():
+            nav.optimize(module, [(2, (one,)), (2, (two,))], config=config)
+        # By hand (which wins a Linear is timing noise): the one-tensor structure eager, the other TorchScript.
+        folder = ws / "eager_graph"
+        manifest = read_manifest(folder)
+        assert len(manifest.graphs) == 2
+        for entry in manifest.graphs.values():
+            entry.selected = "TorchCPU" if len(entry.graph.inputs) == 1 else "TorchScriptCPU"
+        manifest.reverted = None
+        write_manifest(folder, manifest)
+        assert bind(module, folder) and module.is_optimized
+        inner = module.__wrapped__
+        with torch.no_grad():
+            fresh = [torch.randn(2, 4)]
+            assert _messages(lambda: module(fresh)) == []
+            assert inner.seen is fresh  # the module's own forward, given the caller's list
+            torch.testing.assert_close(module(fresh), inner.lin(fresh[0]))
+            inner.seen = None
+            pair = [torch.randn(2, 4), torch.randn(2, 4)]
+            assert _messages(lambda: module(pair)) == []
+            assert inner.seen is None  # the TorchScript runner: no Python forward ran
+            torch.testing.assert_close(module(pair), inner.lin(pair[0] + pair[1]))

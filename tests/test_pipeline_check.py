@@ -9,6 +9,7 @@ import navdeploy as nav
 from navdeploy.inplace.binding import bind
 from navdeploy.optimize.never_slower import check_pipeline
 from navdeploy.optimize.status import PipelineTiming
+from navdeploy.report.console import pipeline_lines
 from navdeploy.workspace.manifest import read_manifest
 
 
@@ -34,6 +35,11 @@ def test_a_runner_that_makes_the_pipeline_no_faster_goes_back_to_eager(tmp_path,
     assert list(timing.reverted) == [module.name] and "not faster than eager" in timing.reverted[module.name]
     assert not module.is_optimized and module.nav_state.bound  # bound, as eager
     assert len(timing.eager_runs) == len(timing.optimized_runs) == 5
+    # Every module is eager now: the verdict says so, and the figures are those that led to the revert (eager
+    # timed against eager again would be a ratio of noise, printed as "faster").
+    assert timing.faster is False
+    assert f"{timing.optimized_s * 1e3:.2f} ms" in timing.reverted[module.name]
+    assert "not faster beyond noise: as eager" in pipeline_lines(timing)[0]
     manifest = read_manifest(tmp_path / module.name)
     assert manifest.reverted == timing.reverted[module.name]
     assert bind(module, tmp_path / module.name) and not module.is_optimized  # a fresh process keeps it eager

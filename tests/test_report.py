@@ -274,3 +274,30 @@ def test_a_pipeline_check_whose_passes_varied_widely_says_its_ratio_is_rough():
     # eager's passes under bursts of another process: 10 ms to 263 ms
     text = lines([0.010, 0.263, 0.428], [0.005, 0.0052, 0.0055])
     assert "differed by more than 2x (a busy machine?): the ratio is rough" in text, text
+
+
+def test_the_table_shows_each_candidate_at_the_batch_size_the_search_compared(run):
+    import copy
+
+    from rich.console import Console
+
+    from navdeploy.report.console import status_tables
+    from navdeploy.workspace.records import ProfilePoint
+
+    status = copy.deepcopy(run[0])
+    graph = status.modules["report_mlp"].graphs[0]
+    profiled = [c for c in graph.candidates if c.profile]
+    assert profiled
+    for c in graph.candidates:  # screens at batch 2, full profiles at 1 and 2 (batch 1 first), distinct figures
+        c.screen = ProfilePoint(2, 7.0, 7.5, 1.0, 12, True) if c.status == "screened" else None
+        if c.profile:
+            c.profile = [ProfilePoint(1, 111.111, 222.222, 9.0, 10, True),
+                         ProfilePoint(2, 3.333, 4.444, 600.0, 10, True)]
+    if not any(c.screen for c in graph.candidates):  # nothing screened here: one candidate's screen says batch 2
+        profiled[0].screen = ProfilePoint(2, 3.333, 4.444, 600.0, 10, True)
+    console = Console(record=True, width=200)
+    for table in status_tables(status):
+        console.print(table)
+    text = console.export_text()
+    assert "p50/p90 at batch 2" in text
+    assert "3.333" in text and "4.444" in text and "111.111" not in text and "222.222" not in text

@@ -163,7 +163,8 @@ def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fing
     if device == "cuda" and not torch.cuda.is_available():
         return _warn(module, "it was optimized for CUDA but no GPU is present.")
     if manifest.reverted:
-        log.info("module %s stays eager: %s", module.name, manifest.reverted)
+        log.warning("module %s runs eagerly: nav.optimize's pipeline check put it back to eager (%s)", module.name,
+                    manifest.reverted)
         module.nav_state.bind(None)
         return True  # the pipeline check chose eager for it: bound, as eager
     selected = {key: entry.selected for key, entry in manifest.graphs.items()}
@@ -174,6 +175,7 @@ def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fing
         return True
     graphs: dict[str, tuple[Graph, RunFn]] = {}
     problems = []
+    eager_keys = set()  # graphs eager won: their calls go to the module's own forward, not through a flat runner
     watch_module_dicts(module.__wrapped__)  # before the runners load: what their guards read stays as it is
     cache_counts = _compile_cache_counts()
     with _inductor_cache_for(module, folder, manifest, in_optimize):
@@ -181,6 +183,9 @@ def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fing
             name = entry.selected
             if not name:
                 continue  # every candidate failed: this input structure runs eagerly
+            if name in EAGER_RUNNER.values():
+                eager_keys.add(key)
+                continue
             try:
                 graphs[key] = (entry.graph, _load_runner(module, folder, entry.graph, entry, device,
                                                          manifest.precision))
@@ -195,7 +200,7 @@ def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fing
         return False
     watch = WeightsWatch(module.__wrapped__, module.nav_state)  # calls the runner no longer stands for run eagerly
     module.nav_state.bind(OptimizedHandler(module.name, graphs, manifest.max_batch_size,
-                                           module.nav_state.output_mapping, watch))
+                                           module.nav_state.output_mapping, watch, eager_keys))
     log.info("module %s bound in %.1f s: %s%s", module.name, time.perf_counter() - start,
              {k: manifest.graphs[k].selected for k in graphs}, compile_cache_use(cache_counts))
     return True

@@ -36,7 +36,8 @@ _SINGLE = {"t": "tensor", "i": 0}  # the output spec of a module that returns on
 
 class _Route(NamedTuple):
     """Where the calls of one input structure and shape go: the runner of graph ``key``, or eagerly for ``reason``
-    (with ``key`` None; warned about once per ``about``, followed by ``hint``). ``kinds``: the (dtype, on CUDA) eager
+    (with ``key`` None; warned about once per ``about``, followed by ``hint``; both None: a graph eager won, run
+    eagerly without a word). ``kinds``: the (dtype, on CUDA) eager
     returned for each output, checked until the runner returned them once (then empty); ``single``: the output is
     one bare tensor (returned as it is, no pytree to rebuild)."""
 
@@ -103,8 +104,12 @@ class OptimizedHandler:
     """Routes a call to the runner of its graph; anything the runner was not built for runs eagerly."""
 
     def __init__(self, name: str, graphs: dict[str, tuple[Graph, RunFn]], max_batch_size: int,
-                 output_mapping: Optional[Callable], watch: Optional[WeightsWatch] = None):
+                 output_mapping: Optional[Callable], watch: Optional[WeightsWatch] = None,
+                 eager_keys: frozenset[str] | set[str] = frozenset()):
         self.name = name
+        # Graphs eager won: their calls run the module's own forward, quietly (a runner that calls the module
+        # through a flat signature would rebuild and flatten a decoder's cache around it, slower than eager).
+        self.eager_keys = frozenset(eager_keys)
         self.watch = watch  # None: nothing to check (the runner runs the live module itself)
         self.graphs = graphs
         self.max_batch_size = max_batch_size
@@ -163,7 +168,7 @@ class OptimizedHandler:
             key = spec_key(spec, tensors)
             if len(self._spec_keys) < _MEMO_LIMIT:
                 self._spec_keys[memo] = key
-        if key in self.graphs:
+        if key in self.graphs or key in self.eager_keys:
             self._known = [(key, spec, kinds), *self._known[:_KNOWN_LIMIT - 1]]
         return key, tensors, spec
 
@@ -174,6 +179,8 @@ class OptimizedHandler:
         except CaptureError as exc:
             return _Route(None, f"uncapturable input: {exc}"), []
         entry = self.graphs.get(key)
+        if entry is None and key in self.eager_keys:
+            return _Route(None, None), tensors
         if entry is None:
             route = self._unknown.get(key)
             if route is None:
@@ -209,6 +216,8 @@ class OptimizedHandler:
         if key is None:
             if self.watch is not None:
                 self.watch.reason(tensors)  # a training call gets the parameters their own counters back first
+            if reason is None:  # a graph eager won
+                return fn(*args, **kwargs)
             return self._fallback(reason, fn, args, kwargs, hint, about)
         graph, run = self.graphs[key]
         watch = self.watch

@@ -19,7 +19,9 @@ def load_optimized(workspace: Optional[str | Path] = None) -> dict[str, bool]:
 
     Reads ``<workspace>/<name>/manifest.json`` for each module (workspace: the argument, the module's
     ``optimize_config.workspace``, ``$NAVDEPLOY_WORKSPACE`` or ``~/.cache/navdeploy``). Modules without a usable
-    optimization keep running eagerly, with a warning. Returns module name -> whether it is optimized.
+    optimization keep running eagerly, with a warning. Returns module name -> whether it is bound to what
+    ``nav.optimize`` decided: its selected runners, or eager where eager won every graph or the pipeline check put
+    the module back to eager (logged); ``module.is_optimized`` says whether calls go to a runner.
     Nothing is written into the workspace: it may be read-only (torch.compile and AOTInductor winners run from a
     private, checked copy of the module's inductor cache).
     """

@@ -82,8 +82,9 @@ def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
     tables: list = []
     for module in status.modules.values():
         for graph in module.graphs:
+            at = _compared_at(graph)
             title = f"{module.name} · graph {graph.key} · {module.device}" + \
-                ("" if graph.batching else " · no batching") + \
+                ("" if graph.batching else " · no batching") + (f" · p50/p90 at batch {at}" if at else "") + \
                 (f" · {module.precision} (from its weights)" if module.precision_inferred and module.precision != "fp32"
                  else "") + _mix(graph.batch_counts)
             table = Table(title=title, title_justify="left")
@@ -91,14 +92,14 @@ def status_tables(status: OptimizeStatus, detailed: bool = False) -> list:
                 table.add_column(col, justify="right" if col.endswith(("err", "ms", "/s")) else "left")
             notes = []
             for c in graph.candidates:
-                first = c.profile[0] if c.profile else None
+                first = _point(c, at)
                 style = _STYLES.get(c.status, "bold")
                 # By candidate name: an fp16 winner (TensorRT[fp16]) is not its runner's fp32 record. Escaped, or
                 # rich reads "[fp16]" as markup and drops it.
                 name = escape(c.name)
                 row = ["★" if c.name == graph.selected else "", name, c.format,
                        f"[{style}]{c.status}{' (cached)' if c.cached else ''}[/]",
-                       _fmt(c.max_abs_err, ".2e"), _p50(c),
+                       _fmt(c.max_abs_err, ".2e"), _p50(c, first),
                        _fmt(first.p90_ms if first else None, ".3f"), _fmt(c.best_throughput(), ".0f")]
                 if c.error:
                     # A reason (screened, skipped) is shown whole; an error is cut unless detailed.
@@ -130,9 +131,27 @@ def _unstable(c) -> bool:
     return any(not point.stable for point in c.profile)
 
 
-def _p50(c) -> str:
-    if c.profile:
-        return f"{c.profile[0].p50_ms:.3f}{'~' if _unstable(c) else ''}"
+def _compared_at(graph) -> Optional[int]:
+    """The batch size the search compared the graph's candidates at: its screens', else the full profiles' only
+    size; None when unknown (then each row shows its first profiled size)."""
+    screened = {c.screen.batch_size for c in graph.candidates if c.screen is not None and c.screen.batch_size}
+    if len(screened) == 1:
+        return screened.pop()
+    sizes = {p.batch_size for c in graph.candidates for p in c.profile if p.batch_size}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _point(c, batch: Optional[int]):
+    """The profile point shown for a candidate: at ``batch`` where it has one, else its first."""
+    if not c.profile:
+        return None
+    return next((p for p in c.profile if p.batch_size == batch), c.profile[0])
+
+
+def _p50(c, point=None) -> str:
+    point = point or (c.profile[0] if c.profile else None)
+    if point is not None:
+        return f"{point.p50_ms:.3f}{'~' if _unstable(c) else ''}"
     return f"{c.screen.p50_ms:.3f}*" if c.screen is not None else "-"
 
 
