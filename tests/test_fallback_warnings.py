@@ -114,3 +114,10 @@ def test_a_graph_eager_won_runs_the_modules_own_forward_quietly(isolated_env):
             assert _messages(lambda: module(pair)) == []
             assert inner.seen is None  # the TorchScript runner: no Python forward ran
             torch.testing.assert_close(module(pair), inner.lin(pair[0] + pair[1]))
+        # Eager won the one graph with a winner (the other's candidates all failed): a plain pass-through, bound.
+        for entry in manifest.graphs.values():
+            entry.selected = "TorchCPU" if len(entry.graph.inputs) == 1 else None
+        write_manifest(folder, manifest)
+        assert bind(module, folder) and not module.is_optimized
+        with torch.no_grad():
+            torch.testing.assert_close(module(pair), inner.lin(pair[0] + pair[1]))

@@ -67,7 +67,8 @@ def compare(expected: list[torch.Tensor], actual: list[torch.Tensor], atol: floa
         rel_err = float((diff / e64.abs().clamp_min(1e-12)).nan_to_num(0.0).max())
         result.max_abs_err = max(result.max_abs_err, abs_err)
         result.max_rel_err = max(result.max_rel_err, rel_err)
-        largest = float(e64.abs().nan_to_num(0.0).max())
+        magnitude = e64.abs().nan_to_num(0.0)
+        largest = float(magnitude.max())
         eff_atol = atol * max(1.0, largest) if scale_atol else atol
         scaled = ""
         if 0.0 < largest < eff_atol:
@@ -75,7 +76,7 @@ def compare(expected: list[torch.Tensor], actual: list[torch.Tensor], atol: floa
             # any output, zeros included, so it is taken relative to the output's largest magnitude instead.
             eff_atol = largest * (_SMALL_OUTPUT_LOW_PRECISION if scale_atol else _SMALL_OUTPUT_FP32)
             scaled = f" (atol scaled to the output's largest magnitude {largest:.3g}: every value is below atol)"
-        if bool((diff > eff_atol + rtol * e64.abs().nan_to_num(0.0)).any()):
+        if bool((diff > eff_atol + rtol * magnitude).any()):
             result.fail(f"{where}output {i}: max abs error {abs_err:.3g} exceeds atol={eff_atol:.3g} + "
                         f"rtol={rtol:g}*|eager|{scaled}")
     if verify_func is not None and result.ok and not verify_func(expected, actual):

@@ -25,7 +25,8 @@ _CACHE_MODULE = "transformers.cache_utils"
 _CACHE_BASES = ("Cache", "CacheLayerMixin", "LinearAttentionCacheLayerMixin", "DummyLayer")
 _LEAVES = (torch.Tensor, str, int, float, bool, type(None))
 _PLAIN = frozenset((torch.Tensor, str, int, float, bool, type(None)))  # exact types: one set lookup
-_cache_types: dict[type, bool] = {}  # type -> whether it is a cache or layer class (known once transformers loads)
+# type -> its class_path when it is a cache or layer class, else None (known once transformers loads)
+_cache_paths: dict[type, Optional[str]] = {}
 
 
 def _bases() -> tuple[type, ...]:
@@ -35,21 +36,23 @@ def _bases() -> tuple[type, ...]:
     return tuple(cls for cls in (getattr(module, name, None) for name in _CACHE_BASES) if isinstance(cls, type))
 
 
-def _is_cache_type(cls: type) -> bool:
-    # Memoised by type: the bases are ABCs, and an isinstance check against them costs ~1 us, on every node of
-    # every optimized decoder step.
-    known = _cache_types.get(cls)
-    if known is None:
-        bases = _bases()
-        known = bool(bases) and issubclass(cls, bases)
-        if bases:  # before transformers loads no cache exists yet; its classes may come later
-            _cache_types[cls] = known
-    return known
+def cache_class_path(cls: type) -> Optional[str]:
+    """``class_path(cls)`` when ``cls`` is an HF cache or cache layer class, else None.
+
+    Memoised by type: the bases are ABCs, and an isinstance check against them costs ~1 us, on every node of every
+    optimized decoder step."""
+    if cls in _cache_paths:
+        return _cache_paths[cls]
+    bases = _bases()
+    path = class_path(cls) if bases and issubclass(cls, bases) else None
+    if bases:  # before transformers loads no cache exists yet; its classes may come later
+        _cache_paths[cls] = path
+    return path
 
 
 def is_cache(value: Any) -> bool:
     """Whether ``value`` is an HF cache or cache layer (False whenever transformers' cache module is not loaded)."""
-    return _is_cache_type(type(value))
+    return cache_class_path(type(value)) is not None
 
 
 def flatten_cache(cache: Any, leaf: Callable[[Any, Where], Spec], where: Where) -> Spec:
@@ -63,10 +66,11 @@ def flatten_cache(cache: Any, leaf: Callable[[Any, Where], Spec], where: Where) 
         kind = type(value)
         if kind in _PLAIN:  # the most common values first: this runs on every optimized call
             return leaf(value, at)
-        if _is_cache_type(kind):
+        path = cache_class_path(kind)
+        if path is not None:
             attributes = vars(value)
             names = list(attributes)
-            return {"t": "hfcache", "cls": class_path(kind), "k": names,
+            return {"t": "hfcache", "cls": path, "k": names,
                     "c": [state(attributes[n], (at, ".{}", n)) for n in names]}
         if isinstance(value, _LEAVES):  # subclasses (a Parameter, an IntEnum)
             return leaf(value, at)

@@ -15,11 +15,10 @@ from typing import Any, Optional
 import torch
 
 from navdeploy.capture.classes import class_path
-from navdeploy.capture.hf_cache import is_cache
+from navdeploy.capture.hf_cache import cache_class_path
 
 Spec = Any
 _PLAIN_DICTS = (dict, OrderedDict)
-_cache_paths: dict[type, str] = {}  # cache and layer classes -> class_path (checked once per class)
 
 
 def match_call(spec: Spec, args: tuple, kwargs: dict) -> Optional[list[torch.Tensor]]:
@@ -52,12 +51,7 @@ def _match(node: Spec, value: Any, tensors: list[torch.Tensor]) -> bool:
             return False
         return all(_match(child, value[k], tensors) for k, child in zip(node["k"], node["c"]))
     if kind == "hfcache":
-        path = _cache_paths.get(type(value))
-        if path is None:
-            if not is_cache(value):
-                return False
-            path = _cache_paths[type(value)] = class_path(type(value))
-        if path != node["cls"]:
+        if cache_class_path(type(value)) != node["cls"]:
             return False
         attributes = vars(value)
         if list(attributes) != node["k"]:

@@ -46,13 +46,13 @@ def flatten(tree: Any, path: str = "inputs", outputs: bool = False,
     # ``where`` stays a chain of tuples (see capture.where) and becomes text only in an error: an optimized
     # decoder step walks its cache on every call, and formatting each node's path cost more than the walk.
     def walk(node: Any, where: Where) -> Spec:
-        kind = type(node)
-        if kind is torch.Tensor or (kind not in _PLAIN_CONSTANTS and isinstance(node, torch.Tensor)):
+        node_type = type(node)
+        if node_type is torch.Tensor or (node_type not in _PLAIN_CONSTANTS and isinstance(node, torch.Tensor)):
             tensors.append(node)
             if aliases and id(node) in aliases:
                 return {"t": "tensor", "i": len(tensors) - 1, **aliases[id(node)]}
             return {"t": "tensor", "i": len(tensors) - 1}
-        if kind in _PLAIN_CONSTANTS or isinstance(node, _CONSTANT_TYPES):
+        if node_type in _PLAIN_CONSTANTS or isinstance(node, _CONSTANT_TYPES):
             return {"t": "const", "v": node}
         if isinstance(node, dict):
             for k in node:

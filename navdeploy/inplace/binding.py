@@ -197,6 +197,9 @@ def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fing
         warnings.warn(f"navdeploy: module {module.name!r}: {'; '.join(problems)}; {scope} eagerly. Re-run "
                       "nav.optimize to rebuild.", RuntimeWarning, stacklevel=3)
     if not graphs:
+        if eager_keys and not problems:  # eager won every graph that has a winner: a plain pass-through
+            module.nav_state.bind(None)
+            return True
         return False
     watch = WeightsWatch(module.__wrapped__, module.nav_state)  # calls the runner no longer stands for run eagerly
     module.nav_state.bind(OptimizedHandler(module.name, graphs, manifest.max_batch_size,

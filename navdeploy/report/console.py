@@ -148,8 +148,8 @@ def _point(c, batch: Optional[int]):
     return next((p for p in c.profile if p.batch_size == batch), c.profile[0])
 
 
-def _p50(c, point=None) -> str:
-    point = point or (c.profile[0] if c.profile else None)
+def _p50(c, point) -> str:
+    """The p50 cell: ``point`` (from ``_point``), else the screen figure marked ``*``."""
     if point is not None:
         return f"{point.p50_ms:.3f}{'~' if _unstable(c) else ''}"
     return f"{c.screen.p50_ms:.3f}*" if c.screen is not None else "-"
