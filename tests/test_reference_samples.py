@@ -341,7 +341,8 @@ def test_main_guard_guidance_with_spawned_workers(tmp_path):
         # Swapped in: the module routes to TorchScript when it won; when eager won (timing noise on a Linear),
         # or the pipeline check put it back to eager, it stays a plain pass-through.
         runs_winner = graph.selected == "TorchScriptCPU" and not status.modules[model.name].reverted
-        print("RESULT", record.status, record.pid != os.getpid(), model.is_optimized == runs_winner)
+        # Verified is what matters here: a TorchScript Linear can be screened out as no faster than eager.
+        print("RESULT", record.verified, record.pid != os.getpid(), model.is_optimized == runs_winner)
     """)
     scripts = [_script(tmp_path, guard_main, body, "ref_guard_main"),
                _script(tmp_path, f"{mp_import}\n{mp_if}\n", body, "ref_guard_mp"),
@@ -351,10 +352,10 @@ def test_main_guard_guidance_with_spawned_workers(tmp_path):
     guarded, mp_guarded, unguarded = _run_scripts(scripts, env)
     for result in (guarded, mp_guarded):
         assert result.returncode == 0, result.stderr[-3000:]
-        assert "RESULT ok True True" in result.stdout  # built in a spawned worker, swapped in
+        assert "RESULT True True True" in result.stdout  # built in a spawned worker, swapped in
     # Without a guard the worker re-imports the script: navdeploy says so and carries on in-process.
     assert unguarded.returncode == 0, unguarded.stderr[-3000:]
-    assert "RESULT ok False True" in unguarded.stdout
+    assert "RESULT True False True" in unguarded.stdout
     assert '__name__ == "__main__"' in unguarded.stderr
 
 
