@@ -97,7 +97,7 @@ def test_a_run_that_selects_a_pruned_candidate_builds_it_again(pruned):
     # the Python-backend fallback of an eager winner).
     status = nav.optimize(module, DATA, _config(workspace, runners=("TorchCPU", gone.runner)))
     rebuilt = status.modules[NAME].graphs[0].candidate(gone.runner)
-    assert rebuilt.status == "ok" and not rebuilt.cached
+    assert rebuilt.verified and not rebuilt.cached  # ok, or screened out on a tiny module
     after = read_manifest(workspace / NAME).graphs[graph_dir.name]
     assert _build_folders(graph_dir, after, [gone.artifact_dir(manifest.precision)]) <= _folders(graph_dir)
     assert after.formats[gone.artifact_dir(manifest.precision)].status == "ok"
