@@ -126,6 +126,19 @@ def test_generate_with_kv_cache_runs_the_optimized_decoder_and_gives_eager_token
 
 
 @pytest.mark.slow
+def test_the_pipeline_check_compares_the_tokens_generate_returns(gpt2_kv):
+    from navdeploy.optimize.never_slower import check_outputs
+    from navdeploy.optimize.status import PipelineTiming
+
+    model, _, workspace = gpt2_kv
+    timing = PipelineTiming(0.0, 0.0, None, 1)
+    check = check_outputs(lambda ids, mask: gpt2_generate(model, ids, mask), [(2, GPT2_PROMPT)], [model],
+                          {model.name: workspace / model.name}, {}, timing)
+    assert check.checked and check.ok and check.leaves == 1, check  # the tokens, one int64 tensor, exactly eager's
+    assert not timing.reverted and model.is_optimized
+
+
+@pytest.mark.slow
 def test_optimized_decoder_updates_the_cache_object_it_is_given(gpt2_kv):
     """Eager appends the new keys/values to the cache it is given and returns that object; so does the optimized
     module (the caller's object is never left stale)."""

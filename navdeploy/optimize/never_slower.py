@@ -1,16 +1,23 @@
-"""The pipeline check after the swap: the user's callable is timed eager against optimized, in this process,
-and modules go back to eager, the largest loss first, until the optimized pipeline is faster beyond noise (or
-every module is eager). A reverted module's manifest says so, so ``load_optimized`` leaves it eager too."""
+"""The pipeline check after the swap, in this process. First what the user's callable returns, eager against
+optimized (``outputs``): modules whose runners change it beyond tolerance go back to eager. Then the callable is
+timed eager against optimized, and modules go back to eager, the largest loss first, until the optimized pipeline
+is faster beyond noise (or every module is eager). A reverted module's manifest says so, so ``load_optimized``
+leaves it eager too."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+import torch
+
+from navdeploy.candidates.verify import LOW_PRECISIONS
+from navdeploy.capture.pytree import split_sample
 from navdeploy.inplace.module import Module
-from navdeploy.optimize.pipeline import compare
-from navdeploy.optimize.status import PipelineTiming
+from navdeploy.optimize.outputs import Leaves, OutputCheck, Tolerance, collect, compare_leaves
+from navdeploy.optimize.pipeline import compare, handlers
+from navdeploy.optimize.status import ModuleStatus, PipelineTiming
 from navdeploy.workspace.locks import locked
 from navdeploy.workspace.manifest import read_manifest, write_manifest
 
@@ -30,13 +37,81 @@ def mark_reverted(folder: Path, why: str) -> None:
             write_manifest(folder, manifest)
 
 
+def module_tolerance(status: ModuleStatus) -> Tolerance:
+    """The loosest tolerance the module's selected candidates were checked with (its precision's when none)."""
+    precisions = {(c.precision or status.precision) for g in status.graphs
+                  if (c := g.selected_candidate()) is not None} or {status.precision}
+    default = Tolerance()
+    pairs = [status.tolerances[p] for p in precisions if p in status.tolerances] or [(default.atol, default.rtol)]
+    return Tolerance(max(a for a, _ in pairs), max(r for _, r in pairs), any(p in LOW_PRECISIONS for p in precisions))
+
+
+def _outputs(func: Callable, samples: list[tuple[tuple, dict]], modules: list[Module],
+             optimized: Callable[[Module], bool]) -> Leaves:
+    """What the callable returns over the samples, each module routed as before where ``optimized(module)``, else
+    eager."""
+    with handlers(modules, lambda m, h: h if optimized(m) else None), torch.no_grad():
+        return collect(func, samples)
+
+
+def _revert(module: Module, why: str, folders: dict[str, Path], timing: PipelineTiming) -> None:
+    log.warning("navdeploy: module %s goes back to eager: %s", module.name, why)
+    module.nav_state.bind(None)
+    mark_reverted(folders[module.name], why)
+    timing.reverted[module.name] = why
+
+
+def check_outputs(func: Callable, items: list[tuple[int, Any]], modules: list[Module], folders: dict[str, Path],
+                  tolerances: dict[str, Tolerance], timing: PipelineTiming) -> OutputCheck:
+    """Compare what the callable returns eager and optimized (``outputs``); when it differs and eager agrees with
+    itself, revert the modules that change it alone (each tried on its own), or every optimized one when none
+    does alone. Returns the comparison of the pipeline as optimize left it before this check."""
+    bound = [m for m in modules if m.is_optimized]
+    if not bound:
+        return OutputCheck(note="every module runs eagerly")
+    samples = [split_sample(sample) for _, sample in items]
+    reference = _outputs(func, samples, modules, lambda m: False)
+
+    def tolerance(group: list[Module]) -> Tolerance:
+        tols = [tolerances.get(m.name, Tolerance()) for m in group]
+        return Tolerance(max(t.atol for t in tols), max(t.rtol for t in tols), any(t.low for t in tols))
+
+    def differs(group: list[Module]) -> OutputCheck:
+        return compare_leaves(reference, _outputs(func, samples, modules, lambda m: m in group), tolerance(group))
+
+    result = differs(bound)
+    if result.ok or not result.checked:
+        return result
+    again = compare_leaves(reference, _outputs(func, samples, modules, lambda m: False), tolerance(bound))
+    if not again.ok:
+        log.warning("navdeploy: the pipeline's outputs were not compared: they differ from one eager pass to the "
+                    "next (%s)", again.reason)
+        return OutputCheck(note=f"not compared: the callable's outputs differ from one eager pass to the next, "
+                                f"with torch's generators seeded alike ({again.reason})")
+    culprits = bound if len(bound) == 1 else [m for m in bound if not differs([m]).ok] or bound
+    for m in culprits:
+        _revert(m, f"with it optimized the pipeline's outputs differ from eager: {result.reason}", folders, timing)
+    rest = [m for m in modules if m.is_optimized]
+    if rest and not (final := differs(rest)).ok:  # the rest still differ together: none of them stays
+        for m in rest:
+            _revert(m, f"with the others optimized the pipeline's outputs differ from eager: {final.reason}",
+                    folders, timing)
+    return result
+
+
 def check_pipeline(func: Callable, items: list[tuple[int, Any]], modules: list[Module], folders: dict[str, Path],
-                   repeats: int, capture_s: float, items_timed: int) -> PipelineTiming:
-    """A/B the callable (``compare``), then revert modules until the optimized pipeline is faster beyond noise.
+                   repeats: int, capture_s: float, items_timed: int,
+                   tolerances: Optional[dict[str, Tolerance]] = None) -> PipelineTiming:
+    """Compare the callable's outputs (``check_outputs``, with each module's ``tolerances``, fp32's by default),
+    then A/B its time (``compare``) and revert modules until the optimized pipeline is faster beyond noise.
     Never raises: a pass that fails leaves ``timing.error`` set and every module as it is."""
     timing = PipelineTiming(capture_s, 0.0, None, items_timed)
     try:
-        compare(func, items, modules, repeats, timing)
+        timing.outputs = check_outputs(func, items, modules, folders, tolerances or {}, timing)
+        if timing.reverted and not any(m.is_optimized for m in modules):
+            timing.faster = False  # every module went back to eager: nothing left to time against eager
+            return timing
+        compare(func, items, modules, repeats, timing, warm=not timing.outputs.checked)
         while not timing.faster:
             bound = [m for m in modules if m.is_optimized]
             if not bound:
@@ -48,10 +123,7 @@ def check_pipeline(func: Callable, items: list[tuple[int, Any]], modules: list[M
                    f"{_ms(timing.eager_s)}, optimized {_ms(timing.optimized_s or 0.0)}, medians of {repeats}); "
                    f"its own time: eager {_ms(timing.module_eager_s.get(worst.name, 0.0))}, optimized "
                    f"{_ms(timing.module_optimized_s.get(worst.name, 0.0))}")
-            log.warning("navdeploy: module %s goes back to eager: %s", worst.name, why)
-            worst.nav_state.bind(None)
-            mark_reverted(folders[worst.name], why)
-            timing.reverted[worst.name] = why
+            _revert(worst, why, folders, timing)
             if not any(m.is_optimized for m in modules):
                 # Every module is eager now: timing eager against itself would print a ratio of noise (a 9.10x
                 # "faster" was seen), so the figures stay those that led to the last revert.

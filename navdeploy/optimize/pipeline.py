@@ -116,12 +116,13 @@ def _mad(values: list[float]) -> float:
 
 
 def compare(func: Callable, items: list[tuple[int, Any]], modules: list[Module], repeats: int,
-            timing: PipelineTiming) -> PipelineTiming:
-    """Fill ``timing`` with an A/B of the callable: a warm-up pass each way, then ``repeats`` eager and optimized
-    passes alternating (eager first), medians and spreads; ``faster`` when the optimized median beats the eager
-    one by more than either's median absolute deviation."""
-    _one_pass(func, items, modules, eager=False)
-    _one_pass(func, items, modules, eager=True)
+            timing: PipelineTiming, warm: bool = True) -> PipelineTiming:
+    """Fill ``timing`` with an A/B of the callable: a warm-up pass each way (``warm``; False when passes of both
+    ran just before), then ``repeats`` eager and optimized passes alternating (eager first), medians and spreads;
+    ``faster`` when the optimized median beats the eager one by more than either's median absolute deviation."""
+    if warm:
+        _one_pass(func, items, modules, eager=False)
+        _one_pass(func, items, modules, eager=True)
     runs: dict[bool, list[tuple[float, dict]]] = {True: [], False: []}
     compiled = 0
     for _ in range(repeats):

@@ -19,7 +19,7 @@ from navdeploy.inplace.registry import registered_modules
 from navdeploy.optimize.dataloader import dataloader_items, run_capture, script_command
 from navdeploy.optimize.events import NullListener, OptimizeListener
 from navdeploy.optimize.module import candidate_pairs, module_config, module_device, optimize_module
-from navdeploy.optimize.never_slower import check_pipeline
+from navdeploy.optimize.never_slower import check_pipeline, module_tolerance
 from navdeploy.optimize.participants import modules_to_optimize
 from navdeploy.optimize.pipeline import handlers, sync_cuda
 from navdeploy.optimize.scope import inductor_cache
@@ -95,7 +95,8 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
     if measure_pipeline and repeats:
         # Eager against optimized, the whole callable: modules whose runners make it no faster go back to eager.
         status.pipeline = check_pipeline(func, items, modules, {n: s.folder for n, s in status.modules.items()},
-                                         repeats, capture_s, len(items) - (1 if len(items) >= 2 else 0))
+                                         repeats, capture_s, len(items) - (1 if len(items) >= 2 else 0),
+                                         {n: module_tolerance(s) for n, s in status.modules.items()})
         for name in status.pipeline.reverted:
             status.modules[name].optimized = False
             status.modules[name].reverted = status.pipeline.reverted[name]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from navdeploy.optimize.outputs import OutputCheck
 from navdeploy.workspace.records import CandidateRecord, find_candidate
 
 log = logging.getLogger("navdeploy")
@@ -64,7 +65,9 @@ class PipelineTiming:
     spread of either (median absolute deviation). ``reverted``: modules put back to eager, largest loss first,
     until that held, each with why; the figures are those of the final pipeline. ``compiled`` names the timed
     passes in which a torch.compile runner compiled (the figures then include a compile). ``error`` is set when
-    a pass raised (then ``optimized_s`` is None)."""
+    a pass raised (then ``optimized_s`` is None). ``outputs``: what the callable returns, eager against optimized,
+    checked before the timing (modules that changed it are in ``reverted`` too; then, when none is left optimized,
+    nothing is timed and ``optimized_s`` is None)."""
 
     capture_s: float
     eager_s: float
@@ -79,6 +82,7 @@ class PipelineTiming:
     faster: Optional[bool] = None
     reverted: dict[str, str] = field(default_factory=dict)
     compiled: int = 0
+    outputs: Optional[OutputCheck] = None
 
     @property
     def speedup(self) -> Optional[float]:
@@ -91,7 +95,8 @@ class PipelineTiming:
                 "items_timed": self.items_timed, "module_eager_s": self.module_eager_s,
                 "module_optimized_s": self.module_optimized_s, "error": self.error, "repeats": self.repeats,
                 "eager_runs": self.eager_runs, "optimized_runs": self.optimized_runs, "faster": self.faster,
-                "reverted": self.reverted, "compiled": self.compiled}
+                "reverted": self.reverted, "compiled": self.compiled,
+                "outputs": self.outputs.to_json() if self.outputs is not None else None}
 
     @classmethod
     def from_json(cls, data: dict) -> "PipelineTiming":
@@ -100,7 +105,8 @@ class PipelineTiming:
                    int(data.get("items_timed", 0)), dict(data.get("module_eager_s", {})),
                    dict(data.get("module_optimized_s", {})), data.get("error"), int(data.get("repeats", 0)),
                    [float(x) for x in data.get("eager_runs", [])], [float(x) for x in data.get("optimized_runs", [])],
-                   data.get("faster"), dict(data.get("reverted", {})), int(data.get("compiled", 0)))
+                   data.get("faster"), dict(data.get("reverted", {})), int(data.get("compiled", 0)),
+                   OutputCheck.from_json(data["outputs"]) if data.get("outputs") else None)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from rich.table import Table
 from navdeploy.optimize.events import NullListener
 
 if TYPE_CHECKING:
+    from navdeploy.optimize.outputs import OutputCheck
     from navdeploy.optimize.status import OptimizeStatus, PipelineTiming
 
 # Not a terminal (CI logs, files): rich would wrap at 80 columns; the table needs ~110.
@@ -161,11 +162,16 @@ def _range_ms(runs: list[float]) -> str:
 
 def pipeline_lines(p: PipelineTiming) -> list[str]:
     """The pipeline check in words: medians with their range over the alternating passes, the ratio, whether
-    the optimized pipeline is faster beyond noise, modules put back to eager, compiles inside timed passes."""
+    the optimized pipeline is faster beyond noise, its outputs against eager's, modules put back to eager,
+    compiles inside timed passes."""
     verdict = "faster beyond noise" if p.faster else "not faster beyond noise: as eager"
-    lines = [f"pipeline end to end ({p.repeats} alternating passes each, medians): eager {p.eager_s * 1e3:.2f} ms "
-             f"[{_range_ms(p.eager_runs)}], optimized {(p.optimized_s or 0.0) * 1e3:.2f} ms "
-             f"[{_range_ms(p.optimized_runs)}], {p.speedup or 0.0:.2f}x, {verdict}"]
+    if p.optimized_s is not None and p.eager_s:
+        lines = [f"pipeline end to end ({p.repeats} alternating passes each, medians): eager {p.eager_s * 1e3:.2f} "
+                 f"ms [{_range_ms(p.eager_runs)}], optimized {p.optimized_s * 1e3:.2f} ms "
+                 f"[{_range_ms(p.optimized_runs)}], {p.speedup or 0.0:.2f}x, {verdict}"]
+    else:
+        lines = ["pipeline end to end: not timed, every module runs eagerly"]
+    lines += output_lines(p.outputs)
     lines += [f"  {name} went back to eager: {why}" for name, why in p.reverted.items()]
     if p.compiled:
         lines.append(f"  {p.compiled} timed pass(es) included a torch.compile compile: those figures are high")
@@ -173,6 +179,19 @@ def pipeline_lines(p: PipelineTiming) -> list[str]:
         lines.append(f"  passes of one side differed by more than {_WIDE:g}x (a busy machine?): the ratio is rough; "
                      "re-run on a quiet machine for a firm figure")
     return lines
+
+
+def output_lines(check: Optional[OutputCheck]) -> list[str]:
+    """The output check in words (nothing when it did not run)."""
+    if check is None or (not check.checked and check.note is None):
+        return []
+    if not check.checked:
+        return [f"  outputs: {check.note}"]
+    others = f"; {check.skipped} leaves of other types not compared" if check.skipped else ""
+    if check.ok:
+        return [f"  outputs: as eager's ({check.leaves} leaves compared, max abs diff {check.max_abs_err:.3g}"
+                f"{others})"]
+    return [f"  outputs differed from eager's: {check.reason}"]
 
 
 _WIDE = 2.0  # a side's slowest pass over its fastest beyond which the check's figures are called rough
@@ -186,7 +205,7 @@ def print_status(status: OptimizeStatus, detailed: bool = False) -> None:
         bind = f" (bind {module.bind_s:.1f}s)" if module.bind_s is not None else ""
         _console.print(f"[dim]{module.name}: {module.seconds:.1f}s{bind}, log and manifest in {module.folder}[/]")
     pipeline = getattr(status, "pipeline", None)
-    if pipeline is not None and pipeline.optimized_s is not None and pipeline.eager_s:
+    if pipeline is not None and (pipeline.optimized_s is not None and pipeline.eager_s or pipeline.reverted):
         for line in pipeline_lines(pipeline):
             _console.print(line, soft_wrap=True, highlight=False, markup=False)
     report = getattr(status, "report_path", None)
