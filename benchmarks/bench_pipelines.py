@@ -45,7 +45,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 # Nothing is downloaded: HF hub is unreachable here, and every model is built from a config (or read from an
 # installed package). Set before transformers is imported (also in navdeploy's spawned workers).
@@ -391,7 +391,8 @@ def _status_json(status) -> dict:
                     "reverted": p.reverted, "repeats": p.repeats, "items_timed": p.items_timed,
                     "eager_runs": p.eager_runs, "optimized_runs": p.optimized_runs, "compiled": p.compiled,
                     "error": _short(p.error), "module_eager_s": p.module_eager_s,
-                    "module_optimized_s": p.module_optimized_s}
+                    "module_optimized_s": p.module_optimized_s,
+                    "outputs": p.outputs.to_json() if p.outputs is not None else None}
     return {"seconds": status.seconds, "modules": modules, "pipeline": pipeline}
 
 
@@ -414,7 +415,8 @@ def _time_calls(fn: Callable, sample: Any, warmup: int, repeats: int, device: st
                     "runs_s": times, "warmup": warmup, "repeats": repeats}
 
 
-def child(name: str, mode: str, workspace: str, out: str, warmup: int, repeats: int, device: str = "cpu") -> dict:
+def child(name: str, mode: str, workspace: str, out: str, warmup: int, repeats: int, device: str = "cpu",
+          precisions: Optional[tuple[str, ...]] = None) -> dict:
     import torch
 
     spec = SPECS[name]
@@ -434,7 +436,7 @@ def child(name: str, mode: str, workspace: str, out: str, warmup: int, repeats: 
             names = spec.wrap(state)
             fn = spec.pipeline(state)
             if mode == "optimize":
-                config = nav.OptimizeConfig(workspace=workspace)
+                config = nav.OptimizeConfig(workspace=workspace, precisions=precisions)
                 start = time.perf_counter()
                 status = nav.optimize(fn, spec.dataloader(state), config=config)
                 result["optimize_s"] = time.perf_counter() - start
@@ -481,6 +483,8 @@ def run_child(name: str, mode: str, workspace: Path, args, tag: str = "") -> dic
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--mode", mode, "--workspace",
            str(workspace), "--child-out", str(out), "--warmup", str(_warmup(name, args)), "--repeats",
            str(args.repeats or SPECS[name].repeats), "--device", args.device]
+    if args.precisions:
+        cmd += ["--precisions", args.precisions]
     start = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, timeout=args.child_timeout)
@@ -664,6 +668,9 @@ def main() -> int:
                         help="timed calls per child (default: per pipeline, 10; sd 6)")
     parser.add_argument("--rounds", type=int, default=3, help="eager/optimized child pairs, alternating")
     parser.add_argument("--child-timeout", type=float, default=900, help="seconds per child process")
+    parser.add_argument("--precisions", default=None,
+                        help="OptimizeConfig(precisions=...) for every pipeline, comma-separated (e.g. fp32,bf16); "
+                             "default: navdeploy's default")
     parser.add_argument("--keep-workspace", action="store_true", help="keep the temporary workspaces")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default=None, choices=("optimize", "eager", "optimized"), help=argparse.SUPPRESS)
@@ -677,7 +684,8 @@ def main() -> int:
         out = args.child_out or str(Path(args.workspace) / "bench" / f"{args.mode}.pt")
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         result = child(args.child, args.mode, args.workspace, out, _warmup(args.child, args),
-                       args.repeats or SPECS[args.child].repeats, args.device)
+                       args.repeats or SPECS[args.child].repeats, args.device,
+                       tuple(args.precisions.split(",")) if args.precisions else None)
         sys.stdout.flush()
         print(MARKER + json.dumps(result, default=str), flush=True)
         return 0
@@ -690,7 +698,8 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="navdeploy-bench-pipelines-"))
     results = {"command": " ".join(["python benchmarks/bench_pipelines.py", *sys.argv[1:]]),
                "machine": machine(args.device),
-               "settings": {"config": "OptimizeConfig(workspace=<temp dir>), every other field default",
+               "settings": {"config": "OptimizeConfig(workspace=<temp dir>), every other field default"
+                                      + (f" but precisions={args.precisions}" if args.precisions else ""),
                             "device": args.device, "size": "real" if args.device != "cpu" else "small",
                             "rounds": args.rounds,
                             "warmup": {n: _warmup(n, args) for n in names},

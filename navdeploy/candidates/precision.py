@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -18,6 +19,17 @@ def candidate_precisions(module_precision: str, device: str, requested: Optional
     if module_precision == "fp32" and device == "cuda":
         return ("fp32", "fp16")
     return (module_precision,)
+
+
+@functools.cache
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX): oneDNN's bf16 matmuls then run ~2.8x the fp32
+    rate (512x768 @ 768x3072 on 2 Zen 4 cores: 383 against 137 GFLOP/s). Elsewhere bf16 is emulated."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except RuntimeError:  # a torch build without these probes
+        return False
 
 
 def eager_rounds_to_tf32(module: torch.nn.Module, device: str) -> bool:

@@ -208,6 +208,23 @@ def print_status(status: OptimizeStatus, detailed: bool = False) -> None:
     if pipeline is not None and (pipeline.optimized_s is not None and pipeline.eager_s or pipeline.reverted):
         for line in pipeline_lines(pipeline):
             _console.print(line, soft_wrap=True, highlight=False, markup=False)
+    hint = bf16_hint(status)
+    if hint:
+        _console.print(hint, soft_wrap=True, highlight=False, markup=False, style="dim")
     report = getattr(status, "report_path", None)
     if report is not None:
         _console.print(f"report: {report}", soft_wrap=True, highlight=False)
+
+
+def bf16_hint(status: OptimizeStatus) -> Optional[str]:
+    """A line for CPUs with bf16 arithmetic when fp32 modules ran on the CPU without bf16 candidates (the default
+    tries only the module's own precision there); None otherwise."""
+    from navdeploy.candidates.precision import cpu_computes_bf16
+
+    names = [m.name for m in status.modules.values() if m.device == "cpu" and m.precision == "fp32"
+             and not any(c.precision == "bf16" for g in m.graphs for c in g.candidates)]
+    if not names or not cpu_computes_bf16():
+        return None
+    return ("this CPU computes in bf16 (AVX512-BF16/AMX): OptimizeConfig(precisions=(\"fp32\", \"bf16\")) also tries "
+            "bf16 copies of the fp32 modules, each checked against fp32 eager and the pipeline's outputs against "
+            "eager's; compute-bound transformers gain most (see README, Precisions)")
