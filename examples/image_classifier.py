@@ -24,7 +24,7 @@ def main() -> None:
     model = nav.Module(build_classifier(), name="classifier")
     dataloader = [(1, torch.randn(1, 3, 64, 64)) for _ in range(4)]
     status = nav.optimize(model, dataloader)
-    print("selected runner:", status.selected()["classifier"])
+    print("selected runner:", status.selected()["classifier"], "| runs now:", status.in_use()["classifier"])
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         print("optimized output:", model(x)[0, :4])

@@ -117,14 +117,13 @@ def main(workspace: Optional[str] = None, config: Optional[nav.OptimizeConfig] =
     fallbacks = [str(w.message) for w in caught if "runs eagerly" in str(w.message)]
 
     cosine = F.cosine_similarity(optimized, eager, dim=1)
-    selected = status.selected()["minilm"]
-    for i, runner in enumerate(selected):
-        print(f"minilm graph {i}: selected runner {runner}")
+    for i, (runner, runs) in enumerate(zip(status.selected()["minilm"], status.in_use()["minilm"])):
+        print(f"minilm graph {i}: selected runner {runner}, runs {runs}")
     print(f"optimize took {optimize_s:.1f} s; cosine(optimized, eager) per sentence: "
           f"{[round(c, 6) for c in cosine.tolist()]}; max |diff| {(optimized - eager).abs().max().item():.2e}")
     if fallbacks:
         print("eager fallbacks:", *fallbacks, sep="\n  ")
-    return {"module": embedder, "status": status, "selected": selected, "cosine": cosine.tolist(),
+    return {"module": embedder, "status": status, "selected": status.selected()["minilm"], "cosine": cosine.tolist(),
             "max_abs_diff": (optimized - eager).abs().max().item(), "eager_fallbacks": fallbacks,
             "optimize_s": optimize_s}
 

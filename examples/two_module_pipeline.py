@@ -131,7 +131,7 @@ def main(workspace: Optional[str] = None) -> dict:
     diff = (optimized - eager).abs().max().item()
     for name, runners in status.selected().items():
         tried = [c.runner for g in status.modules[name].graphs for c in g.candidates]
-        print(f"{name}: tried {tried}, selected {runners}")
+        print(f"{name}: tried {tried}, selected {runners}, runs {status.in_use()[name]}")
     print(f"max |optimized - eager| = {diff:.2e}")
     return {"pipeline": pipe, "status": status, "selected": status.selected(), "max_abs_diff": diff,
             "images": images, "eager": eager}

@@ -122,5 +122,15 @@ class OptimizeStatus:
     command: Optional[str] = None  # how the run was started (the script), for reproduce commands
 
     def selected(self) -> dict[str, list[Optional[str]]]:
-        """Module name -> the selected candidate name of each graph (None where none was correct)."""
+        """Module name -> the search's winner of each graph (None where none was correct). A module the pipeline
+        check put back to eager (``ModuleStatus.reverted``) still names its winner here; ``in_use`` says what
+        runs."""
         return {n: [g.selected for g in m.graphs] for n, m in self.modules.items()}
+
+    def in_use(self) -> dict[str, list[str]]:
+        """Module name -> what each graph runs now: the winner's candidate name, or ``"eager"`` (eager won, no
+        candidate was correct, or the pipeline check put the module back to eager)."""
+        def runs(m: ModuleStatus, g: GraphStatus) -> str:
+            baseline = g.candidates[0].name if g.candidates else None  # the search builds eager first
+            return "eager" if m.reverted or g.selected in (None, baseline) else g.selected
+        return {n: [runs(m, g) for g in m.graphs] for n, m in self.modules.items()}
