@@ -154,3 +154,14 @@ def test_outputs_that_differ_from_eager_to_eager_are_not_compared(tmp_path):
     check = check_outputs(noisy, items, [enc, head], folders, tolerances, timing)
     assert not check.checked and "differ from one eager pass to the next" in check.note
     assert not timing.reverted and enc.is_optimized and head.is_optimized
+
+
+def test_numbers_strings_and_object_arrays():
+    assert compare_leaves(_leaves([1.0, 2j, "a"]), _leaves([1.0 + 1e-9, 2j + 1e-9, "a"]), Tolerance()).ok
+    assert not compare_leaves(_leaves([1.0]), _leaves([1.1]), Tolerance()).ok
+    assert not compare_leaves(_leaves([3]), _leaves([4]), Tolerance()).ok  # a Python int (a label's .item())
+    labels = np.array(["cat", "dog"])
+    assert not compare_leaves(_leaves(labels), _leaves(np.array(["cat", "cow"])), Tolerance()).ok
+    objects = np.array([object(), object()], dtype=object)
+    out = _leaves(objects)
+    assert out.skipped == 1 and not out.items  # compared by identity they would always differ: left out

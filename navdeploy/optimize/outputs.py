@@ -10,6 +10,7 @@ runners in place. Leaves of types it cannot compare (a user's own class) are lef
 
 from __future__ import annotations
 
+import cmath
 import contextlib
 import dataclasses
 import math
@@ -90,7 +91,12 @@ def _walk(value: Any, path: str, out: Leaves, depth: int = 0) -> None:
     elif value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
         out.items.append((path, value))
     elif (array := _to_array(value)) is not None:
-        out.items.append((path, torch.from_numpy(array.copy()) if array.dtype.kind in "biuf" else array.tolist()))
+        if array.dtype.kind in "biufc":
+            out.items.append((path, torch.from_numpy(array.copy())))
+        elif array.dtype.kind in "US":  # strings
+            out.items.append((path, array.tolist()))
+        else:  # objects: compared by identity, which would always differ
+            out.skipped += 1
     elif isinstance(value, dict):  # HF ModelOutput and diffusers' BaseOutput are dicts too
         for k, v in value.items():
             _walk(v, f"{path}[{k!r}]", out, depth + 1)
@@ -148,8 +154,8 @@ def _mismatch(path: str, e: Any, a: Any, tol: Tolerance, result: OutputCheck) ->
         comparison = compare([e], [a], tol.atol, tol.rtol, Comparison(), scale_atol=tol.low, where=f"{path}: ")
         result.max_abs_err = max(result.max_abs_err, comparison.max_abs_err)
         return comparison.reason
-    if isinstance(e, float) and isinstance(a, float):
-        if math.isnan(e) and math.isnan(a):
+    if isinstance(e, (float, complex)) and isinstance(a, (float, complex)):
+        if cmath.isnan(e) and cmath.isnan(a):
             return None
         result.max_abs_err = max(result.max_abs_err, abs(a - e))
         return None if abs(a - e) <= tol.atol + tol.rtol * abs(e) else f"{path}: {a!r}, eager {e!r}"
