@@ -3,7 +3,7 @@ whose runner passes its own check but changes what the pipeline returns (a token
 
 from __future__ import annotations
 
-import random
+import itertools
 
 import numpy as np
 import pytest
@@ -45,7 +45,7 @@ def test_images_may_differ_by_a_rounding_step():
     image = np.full((4, 4, 3), 100, dtype=np.uint8)
     assert compare_leaves(_leaves([image]), _leaves([image + 1]), Tolerance()).ok
     check = compare_leaves(_leaves([image]), _leaves([image + 3]), Tolerance())
-    assert not check.ok and "differ by up to 3 (allowed 1)" in check.reason
+    assert not check.ok and "48 of 48 uint8 values differ by more than 1 (up to 3)" in check.reason
     assert compare_leaves(_leaves([image]), _leaves([image + 3]), Tolerance(5e-2, 5e-2, low=True)).ok
     from PIL import Image
 
@@ -127,6 +127,12 @@ def test_the_full_check_reports_the_outputs_and_stops_when_every_module_went_bac
     assert any(line.startswith("  outputs differed from eager's:") for line in lines)
     assert any(f"{enc.name} went back to eager" in line for line in lines)
     assert PipelineTiming.from_json(timing.to_json()) == timing
+    from navdeploy.optimize.status import OptimizeStatus
+    from navdeploy.report.html import render_report
+
+    page = render_report(OptimizeStatus(pipeline=timing), tmp_path / "report.html").read_text()
+    assert "Not timed: every module runs eagerly (the output check put 1 back to eager" in page
+    assert "Outputs differed from eager" in page and "speed-up of the whole callable" not in page
 
 
 def test_a_sampling_pipeline_is_compared_from_the_same_seed(tmp_path):
@@ -147,8 +153,10 @@ def test_a_sampling_pipeline_is_compared_from_the_same_seed(tmp_path):
 def test_outputs_that_differ_from_eager_to_eager_are_not_compared(tmp_path):
     enc, head, _, items, folders, tolerances, _ = _two_modules(tmp_path, "noisy")
 
-    def noisy(x):
-        return (head(enc(x)) * 1000).round().long() + random.randint(0, 1000)  # Python's generator: not seeded
+    calls = itertools.count()
+
+    def noisy(x):  # state kept between calls: no two passes return the same
+        return (head(enc(x)) * 1000).round().long() + next(calls)
 
     timing = PipelineTiming(0.0, 0.0, None, 1)
     check = check_outputs(noisy, items, [enc, head], folders, tolerances, timing)
@@ -165,3 +173,44 @@ def test_numbers_strings_and_object_arrays():
     objects = np.array([object(), object()], dtype=object)
     out = _leaves(objects)
     assert out.skipped == 1 and not out.items  # compared by identity they would always differ: left out
+
+
+def test_a_generator_in_the_samples_is_rewound_for_every_pass_and_numpy_is_seeded(tmp_path):
+    enc, head, _, items, folders, _, _ = _two_modules(tmp_path, "generator")
+    enc.nav_state.bind(None)  # only the fp32 TorchScript head optimized
+
+    def denoise(x, generator):  # a diffusers-style call: noise from the caller's generator, and numpy's
+        noise = torch.randn(x.shape, generator=generator) + float(np.random.rand())
+        return head(enc(x + noise))
+
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    samples = [(b, (x, {"generator": generator})) for b, x in items]
+    timing = PipelineTiming(0.0, 0.0, None, 1)
+    check = check_outputs(denoise, samples, [enc, head], folders, {}, timing)
+    assert check.checked and check.ok and check.leaves == 2, check
+    assert torch.equal(generator.get_state(), state)  # left where the caller had it
+
+
+def test_maps_complex_values_numpy_scalars_infinities_and_byte_order():
+    mask = torch.zeros(200, 100, dtype=torch.bool)
+    one_flip, many_flips = mask.clone(), mask.clone()
+    one_flip[0, 0] = True
+    many_flips[:, :1] = True  # 200 of 20,000 values
+    assert compare_leaves(_leaves(mask), _leaves(one_flip), Tolerance()).ok  # a near-tie in a large map
+    check = compare_leaves(_leaves(mask), _leaves(many_flips), Tolerance())
+    assert not check.ok and "200 of 20000 bool values" in check.reason
+    tokens = torch.zeros(2, 8, dtype=torch.long)
+    assert not compare_leaves(_leaves(tokens), _leaves(tokens + torch.eye(2, 8, dtype=torch.long)), Tolerance()).ok
+    z = torch.randn(4, dtype=torch.complex64)
+    assert not compare_leaves(_leaves(z), _leaves(z + 1j), Tolerance()).ok  # only the imaginary part differs
+    assert compare_leaves(_leaves([np.float32(0.5), np.int64(3)]), _leaves([np.float32(0.5), np.int64(3)]),
+                          Tolerance()).ok
+    assert not compare_leaves(_leaves([np.int64(3)]), _leaves([np.int64(4)]), Tolerance()).ok
+    assert _leaves([np.int64(3)]).items == [("out[0]", 3)]
+    assert compare_leaves(_leaves([float("inf")]), _leaves([float("inf")]), Tolerance()).ok
+    big_endian = np.arange(6, dtype=">i4")
+    assert compare_leaves(_leaves(big_endian), _leaves(np.arange(6, dtype="<i4")), Tolerance()).ok
+    image = np.full((8, 8, 3), 100, dtype=np.uint8)
+    # TF32 modules carry a 1e-2 tolerance without being low precision: 6 steps of 255
+    assert compare_leaves(_leaves(image), _leaves(image + 5), Tolerance(1e-2, 1e-2)).ok

@@ -86,7 +86,9 @@ def test_pipeline_timing_is_measured(run):
     assert all(v > 0 for v in p.module_eager_s.values())
     # The timers were only there while optimize measured: the live modules run what was selected (their
     # optimized handler, or plain eager where eager won: which of eager/ONNX wins an 8x4 Linear is timing noise).
-    assert p.repeats == 5 and len(p.eager_runs) == len(p.optimized_runs) == 5 and isinstance(p.faster, bool)
+    # 5 passes each, or 10 when the first 5 were unsure (timed again before reverting anything)
+    assert p.repeats in (5, 10) and len(p.eager_runs) == len(p.optimized_runs) == p.repeats
+    assert isinstance(p.faster, bool)
     for module in run[2]:
         selected = status.modules[module.name].graphs[0].selected
         reverted = module.name in p.reverted  # the pipeline check put it back to eager

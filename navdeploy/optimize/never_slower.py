@@ -15,7 +15,7 @@ import torch
 from navdeploy.candidates.verify import LOW_PRECISIONS
 from navdeploy.capture.pytree import split_sample
 from navdeploy.inplace.module import Module
-from navdeploy.optimize.outputs import Leaves, OutputCheck, Tolerance, collect, compare_leaves
+from navdeploy.optimize.outputs import Leaves, OutputCheck, SampleGenerators, Tolerance, collect, compare_leaves
 from navdeploy.optimize.pipeline import compare, handlers
 from navdeploy.optimize.status import ModuleStatus, PipelineTiming
 from navdeploy.workspace.locks import locked
@@ -46,12 +46,12 @@ def module_tolerance(status: ModuleStatus) -> Tolerance:
     return Tolerance(max(a for a, _ in pairs), max(r for _, r in pairs), any(p in LOW_PRECISIONS for p in precisions))
 
 
-def _outputs(func: Callable, samples: list[tuple[tuple, dict]], modules: list[Module],
-             optimized: Callable[[Module], bool]) -> Leaves:
+def _outputs(func: Callable, samples: list[tuple[tuple, dict]], generators: SampleGenerators,
+             modules: list[Module], optimized: Callable[[Module], bool]) -> Leaves:
     """What the callable returns over the samples, each module routed as before where ``optimized(module)``, else
     eager."""
     with handlers(modules, lambda m, h: h if optimized(m) else None), torch.no_grad():
-        return collect(func, samples)
+        return collect(func, samples, generators)
 
 
 def _revert(module: Module, why: str, folders: dict[str, Path], timing: PipelineTiming) -> None:
@@ -70,27 +70,41 @@ def check_outputs(func: Callable, items: list[tuple[int, Any]], modules: list[Mo
     if not bound:
         return OutputCheck(note="every module runs eagerly")
     samples = [split_sample(sample) for _, sample in items]
-    reference = _outputs(func, samples, modules, lambda m: False)
+    generators = SampleGenerators(samples)
+    try:
+        return _check_outputs(func, samples, generators, modules, bound, folders, tolerances, timing)
+    finally:
+        generators.rewind()  # the samples' generators as they were, for the passes that follow
+
+
+def _check_outputs(func: Callable, samples: list[tuple[tuple, dict]], generators: SampleGenerators,
+                   modules: list[Module], bound: list[Module], folders: dict[str, Path],
+                   tolerances: dict[str, Tolerance], timing: PipelineTiming) -> OutputCheck:
+    reference = _outputs(func, samples, generators, modules, lambda m: False)
 
     def tolerance(group: list[Module]) -> Tolerance:
         tols = [tolerances.get(m.name, Tolerance()) for m in group]
         return Tolerance(max(t.atol for t in tols), max(t.rtol for t in tols), any(t.low for t in tols))
 
     def differs(group: list[Module]) -> OutputCheck:
-        return compare_leaves(reference, _outputs(func, samples, modules, lambda m: m in group), tolerance(group))
+        return compare_leaves(reference, _outputs(func, samples, generators, modules, lambda m: m in group),
+                              tolerance(group))
 
     result = differs(bound)
     if result.ok or not result.checked:
         return result
-    again = compare_leaves(reference, _outputs(func, samples, modules, lambda m: False), tolerance(bound))
+    again = compare_leaves(reference, _outputs(func, samples, generators, modules, lambda m: False),
+                           tolerance(bound))
     if not again.ok:
         log.warning("navdeploy: the pipeline's outputs were not compared: they differ from one eager pass to the "
                     "next (%s)", again.reason)
         return OutputCheck(note=f"not compared: the callable's outputs differ from one eager pass to the next, "
                                 f"with torch's generators seeded alike ({again.reason})")
-    culprits = bound if len(bound) == 1 else [m for m in bound if not differs([m]).ok] or bound
+    alone = {m.name: result if len(bound) == 1 else differs([m]) for m in bound}
+    culprits = [m for m in bound if not alone[m.name].ok] or bound
     for m in culprits:
-        _revert(m, f"with it optimized the pipeline's outputs differ from eager: {result.reason}", folders, timing)
+        reason = alone[m.name].reason or result.reason
+        _revert(m, f"with it optimized the pipeline's outputs differ from eager: {reason}", folders, timing)
     rest = [m for m in modules if m.is_optimized]
     if rest and not (final := differs(rest)).ok:  # the rest still differ together: none of them stays
         for m in rest:

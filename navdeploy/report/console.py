@@ -169,6 +169,8 @@ def pipeline_lines(p: PipelineTiming) -> list[str]:
         lines = [f"pipeline end to end ({p.repeats} alternating passes each, medians): eager {p.eager_s * 1e3:.2f} "
                  f"ms [{_range_ms(p.eager_runs)}], optimized {p.optimized_s * 1e3:.2f} ms "
                  f"[{_range_ms(p.optimized_runs)}], {p.speedup or 0.0:.2f}x, {verdict}"]
+    elif p.error:
+        lines = [f"pipeline end to end: not timed, a pass failed: {p.error}"]
     else:
         lines = ["pipeline end to end: not timed, every module runs eagerly"]
     lines += output_lines(p.outputs)
@@ -205,7 +207,8 @@ def print_status(status: OptimizeStatus, detailed: bool = False) -> None:
         bind = f" (bind {module.bind_s:.1f}s)" if module.bind_s is not None else ""
         _console.print(f"[dim]{module.name}: {module.seconds:.1f}s{bind}, log and manifest in {module.folder}[/]")
     pipeline = getattr(status, "pipeline", None)
-    if pipeline is not None and (pipeline.optimized_s is not None and pipeline.eager_s or pipeline.reverted):
+    if pipeline is not None and (pipeline.optimized_s is not None and pipeline.eager_s or pipeline.reverted
+                                 or pipeline.error):
         for line in pipeline_lines(pipeline):
             _console.print(line, soft_wrap=True, highlight=False, markup=False)
     hint = bf16_hint(status)
