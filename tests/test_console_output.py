@@ -48,4 +48,11 @@ def test_the_bf16_hint_names_what_to_set_only_where_bf16_was_not_tried(tmp_path)
     if hint is not None:
         assert 'precisions=("fp32", "bf16")' in hint
     assert bf16_hint(status("fp32", "bf16")) is None  # tried already
+    from navdeploy.optimize.status import PipelineTiming
+
+    quick = status("fp32")
+    quick.pipeline = PipelineTiming(0.0, 0.004, 0.002, 4, {"m": 0.004}, {"m": 0.002})  # 1 ms a call: not worth it
+    assert bf16_hint(quick) is None
+    quick.pipeline.module_eager_s = {"m": 0.04}  # 10 ms a call
+    assert (bf16_hint(quick) is not None) == cpu_computes_bf16()
     assert bf16_hint(status("fp32", device="cuda")) is None  # fp16 is tried there by default

@@ -219,13 +219,21 @@ def print_status(status: OptimizeStatus, detailed: bool = False) -> None:
         _console.print(f"report: {report}", soft_wrap=True, highlight=False)
 
 
+_BF16_HINT_S = 2e-3
+
+
 def bf16_hint(status: OptimizeStatus) -> Optional[str]:
     """A line for CPUs with bf16 arithmetic when fp32 modules ran on the CPU without bf16 candidates (the default
-    tries only the module's own precision there); None otherwise."""
+    tries only the module's own precision there) and, where the pipeline was timed, took 2 ms or more a dataloader
+    item eager (bf16 gains nothing on a sub-millisecond module); None otherwise."""
     from navdeploy.candidates.precision import cpu_computes_bf16
 
     names = [m.name for m in status.modules.values() if m.device == "cpu" and m.precision == "fp32"
              and not any(c.precision == "bf16" for g in m.graphs for c in g.candidates)]
+    timing = status.pipeline
+    if timing is not None and timing.items_timed:  # only where those modules take time worth it: 2 ms a call
+        per_call = sum(timing.module_eager_s.get(n, 0.0) for n in names) / timing.items_timed
+        names = names if per_call >= _BF16_HINT_S else []
     if not names or not cpu_computes_bf16():
         return None
     return ("this CPU computes in bf16 (AVX512-BF16/AMX): OptimizeConfig(precisions=(\"fp32\", \"bf16\")) also tries "
