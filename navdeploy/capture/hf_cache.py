@@ -24,7 +24,7 @@ _CACHE_MODULE = "transformers.cache_utils"
 # A cache, and the layers it holds (attention, linear-attention/SSM, the data-less dummy layer).
 _CACHE_BASES = ("Cache", "CacheLayerMixin", "LinearAttentionCacheLayerMixin", "DummyLayer")
 _LEAVES = (torch.Tensor, str, int, float, bool, type(None))
-_PLAIN = frozenset((torch.Tensor, str, int, float, bool, type(None)))  # exact types: one set lookup
+_PLAIN = frozenset(_LEAVES)  # exact types: one set lookup
 # type -> its class_path when it is a cache or layer class, else None (known once transformers loads)
 _cache_paths: dict[type, Optional[str]] = {}
 

@@ -41,9 +41,8 @@ def module_tolerance(status: ModuleStatus) -> Tolerance:
     """The loosest tolerance the module's selected candidates were checked with (its precision's when none)."""
     precisions = {(c.precision or status.precision) for g in status.graphs
                   if (c := g.selected_candidate()) is not None} or {status.precision}
-    default = Tolerance()
-    pairs = [status.tolerances[p] for p in precisions if p in status.tolerances] or [(default.atol, default.rtol)]
-    return Tolerance(max(a for a, _ in pairs), max(r for _, r in pairs), any(p in LOW_PRECISIONS for p in precisions))
+    return Tolerance.loosest(Tolerance(*status.tolerances[p], p in LOW_PRECISIONS)
+                             for p in precisions if p in status.tolerances)
 
 
 def _outputs(func: Callable, samples: list[tuple[tuple, dict]], generators: SampleGenerators,
@@ -83,8 +82,7 @@ def _check_outputs(func: Callable, samples: list[tuple[tuple, dict]], generators
     reference = _outputs(func, samples, generators, modules, lambda m: False)
 
     def tolerance(group: list[Module]) -> Tolerance:
-        tols = [tolerances.get(m.name, Tolerance()) for m in group]
-        return Tolerance(max(t.atol for t in tols), max(t.rtol for t in tols), any(t.low for t in tols))
+        return Tolerance.loosest(tolerances.get(m.name, Tolerance()) for m in group)
 
     def differs(group: list[Module]) -> OutputCheck:
         return compare_leaves(reference, _outputs(func, samples, generators, modules, lambda m: m in group),

@@ -18,14 +18,15 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
 from navdeploy.candidates.verify import Comparison, compare
+from navdeploy.config import DEFAULT_TOLERANCES
 
-# Every compared pass starts from this seed (torch's CPU and CUDA generators), inside fork_rng: the user's
-# generator state is what it was before the check.
+# Every compared pass starts from this seed (torch's CPU and CUDA generators, Python's and numpy's); the user's
+# generator states are restored afterwards (``seeded``).
 _SEED = 20260
 # At most this many leaves per pass are kept: a pipeline returning thousands of tensors per item is compared on
 # its first ones.
@@ -37,9 +38,15 @@ class Tolerance:
     """How close floating-point leaves must be: torch.allclose's (atol, rtol); ``low``: a runner in place runs in
     reduced precision, so atol is relative to each output's largest magnitude (as the module check reads it)."""
 
-    atol: float = 1e-4
-    rtol: float = 1e-3
+    atol: float = DEFAULT_TOLERANCES["fp32"][0]
+    rtol: float = DEFAULT_TOLERANCES["fp32"][1]
     low: bool = False
+
+    @staticmethod
+    def loosest(tolerances: Iterable["Tolerance"]) -> "Tolerance":
+        """The largest atol and rtol of ``tolerances``, low when any is (fp32's when there are none)."""
+        tols = list(tolerances) or [Tolerance()]
+        return Tolerance(max(t.atol for t in tols), max(t.rtol for t in tols), any(t.low for t in tols))
 
 
 @dataclass

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from navdeploy.formats.registry import EAGER_RUNNER
 from navdeploy.optimize.outputs import OutputCheck
 from navdeploy.workspace.records import CandidateRecord, find_candidate
 
@@ -131,6 +132,6 @@ class OptimizeStatus:
         """Module name -> what each graph runs now: the winner's candidate name, or ``"eager"`` (eager won, no
         candidate was correct, or the pipeline check put the module back to eager)."""
         def runs(m: ModuleStatus, g: GraphStatus) -> str:
-            baseline = g.candidates[0].name if g.candidates else None  # the search builds eager first
-            return "eager" if m.reverted or g.selected in (None, baseline) else g.selected
+            # As bind decides: a graph whose winner is the eager runner runs the module's own forward.
+            return "eager" if m.reverted or g.selected is None or g.selected in EAGER_RUNNER.values() else g.selected
         return {n: [runs(m, g) for g in m.graphs] for n, m in self.modules.items()}
