@@ -84,8 +84,10 @@ class OptimizeConfig:
         use_multiprocessing: build and run candidates in a spawned child; ``None`` reads
             ``NAVDEPLOY_USE_MULTIPROCESSING`` (default true).
         precisions: precisions to try each runner in (``"fp32"``, ``"fp16"``, ``"bf16"``, ``"int8"``); ``None``
-            means the module's own, plus fp16 for fp32 modules on CUDA. Each is checked against the module's
-            own eager outputs with that precision's tolerance.
+            means the module's own, plus fp16 for fp32 modules on CUDA, plus bf16 for fp32 modules on a CPU that
+            computes bf16 (AVX512-BF16 or AMX) in graphs whose best fp32 build takes 2 ms or more a call (below
+            that bf16 gains nothing there). Each is checked against the module's own eager outputs with that
+            precision's tolerance, and the pipeline's outputs against eager's. ``("fp32",)`` keeps fp32 only.
         build_workers: how many worker processes build and verify a module's candidates side by side (each
             holds its own copy of the module); profiling always runs with no build in flight, so figures are
             not disturbed. ``None`` reads ``NAVDEPLOY_BUILD_WORKERS``, else picks from the machine: 1 on the CPU;

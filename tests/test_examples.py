@@ -49,14 +49,16 @@ def test_sentence_embeddings_match_eager(tmp_path):
     result = se.main(workspace=str(tmp_path), config=config)
     module, status = result["module"], result["status"]
 
-    assert min(result["cosine"]) >= 0.9999, result["cosine"]
-    assert result["max_abs_diff"] < 1e-4
-    assert result["eager_fallbacks"] == []  # the new sentences were served by the selected runner
-
     ms = status.modules["minilm"]
     assert ms.optimized and ms.folder == tmp_path / "minilm" and (ms.folder / "manifest.json").is_file()
     assert len(ms.graphs) == 1  # every dataloader item has the same structure: batch and seq axes are dynamic
     graph = ms.graphs[0]
+    assert min(result["cosine"]) >= 0.9999, result["cosine"]
+    # fp32 winners match eager to 1e-4; on a CPU that computes bf16 its bf16 copies are tried too (this encoder
+    # takes ~6 ms a call), and one that wins is within bf16's rounding of the unit-length embeddings.
+    bf16 = graph.selected is not None and graph.candidate(graph.selected).precision == "bf16"
+    assert result["max_abs_diff"] < (1e-2 if bf16 else 1e-4)
+    assert result["eager_fallbacks"] == []  # the new sentences were served by the selected runner
     assert _tried(status, "minilm") == [{EAGER, "OnnxCPU", "TorchScriptCPU"}]
     assert graph.selected is not None and graph.candidate(graph.selected).status == "ok"
     assert graph.selected != EAGER, [(c.runner, c.status, c.error) for c in graph.candidates]
@@ -72,7 +74,7 @@ def test_sentence_embeddings_match_eager(tmp_path):
         eager = type(inner).forward(inner, enc["input_ids"], enc["attention_mask"])  # the class method: unrouted
     cos = torch.nn.functional.cosine_similarity(optimized, eager, dim=1)
     assert (cos >= 0.9999).all(), cos
-    assert torch.allclose(optimized.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(optimized.norm(dim=1), torch.ones(2), atol=1e-2 if bf16 else 1e-5)
     del result, module, status, inner
 
 

@@ -115,6 +115,33 @@ def test_a_module_that_changes_the_pipelines_integers_goes_back_to_eager_alone(t
     assert again.checked and again.ok and again.leaves == 2
 
 
+def test_a_low_precision_winner_that_changes_the_integers_falls_back_to_its_own_precision(tmp_path):
+    enc, head, pipeline, items, folders, tolerances, _ = _two_modules(tmp_path, "fallback")
+    manifest = read_manifest(folders[enc.name])
+    for entry in manifest.graphs.values():  # as the search leaves a bf16 winner: its best fp32 candidate named
+        entry.fallback = "TorchScriptCPU"
+    write_manifest(folders[enc.name], manifest)
+    assert bind(enc, folders[enc.name])
+    timing = PipelineTiming(0.0, 0.0, None, 1)
+    check = check_outputs(pipeline, items, [enc, head], folders, tolerances, timing)
+    assert not check.ok and not timing.reverted and list(timing.fell_back) == [enc.name]
+    assert enc.is_optimized and head.is_optimized
+    assert tolerances[enc.name] == Tolerance()  # its outputs are checked at fp32's tolerance from now on
+    manifest = read_manifest(folders[enc.name])
+    assert manifest.fell_back == timing.fell_back[enc.name] and manifest.reverted is None
+    assert {e.selected for e in manifest.graphs.values()} == {"TorchScriptCPU"}
+    assert not any(e.fallback for e in manifest.graphs.values())
+    assert bind(enc, folders[enc.name]) and enc.is_optimized  # a fresh process binds the fp32 build too
+    x = items[0][1]
+    with torch.no_grad():
+        torch.testing.assert_close(pipeline(x), (head.__wrapped__(enc.__wrapped__(x)) * 1000).round().long(),
+                                   rtol=0, atol=0)
+    again = check_outputs(pipeline, items, [enc, head], folders, tolerances, PipelineTiming(0.0, 0.0, None, 1))
+    assert again.ok
+    assert any(f"{enc.name} runs its best candidates in its own precision" in line for line in pipeline_lines(timing))
+    assert PipelineTiming.from_json(timing.to_json()) == timing
+
+
 def test_the_full_check_reports_the_outputs_and_stops_when_every_module_went_back(tmp_path):
     enc, head, pipeline, items, folders, tolerances, _ = _two_modules(tmp_path, "full")
     head.nav_state.bind(None)  # only the bf16 module optimized

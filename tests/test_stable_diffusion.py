@@ -83,6 +83,10 @@ def test_per_module_config_and_int8_precision_honoured(sd_run):
     assert json.loads((ws / "clip" / "manifest.json").read_text())["precision"] == "fp32"
 
 
+def _bf16_in_use(status) -> bool:
+    return any(run.endswith("[bf16]") for runs in status.in_use().values() for run in runs)
+
+
 def test_served_pipeline_returns_the_same_image(sd_run):
     from tritonclient.http import InferenceServerException, InferInput
 
@@ -102,9 +106,11 @@ def test_served_pipeline_returns_the_same_image(sd_run):
         assert image.shape == (1, sd.IMAGE_SIZE, sd.IMAGE_SIZE, 3) and image.dtype == np.float32
         np.testing.assert_allclose(image, result["optimized"], atol=1e-5)
         assert np.abs(image - result["eager"]).max() <= sd.IMAGE_ATOL
-        # a batch of two prompts: each image depends on its prompt only (one generator per prompt)
+        # a batch of two prompts: each image depends on its prompt only (one generator per prompt; another
+        # prompt's noise would move it by ~0.5). A bf16 winner (on a CPU that computes bf16: the VAE decoder takes
+        # ~5 ms a call) rounds a batch of two differently than a batch of one, by less than one 8-bit step.
         pair = ask([sd.PROMPT, "a horse"])
-        np.testing.assert_allclose(pair[0], image[0], atol=1e-5)
+        np.testing.assert_allclose(pair[0], image[0], atol=1e-5 if not _bf16_in_use(result["status"]) else 4e-3)
         with pytest.raises(InferenceServerException, match="batches of at most 2"):
             ask([sd.PROMPT] * 3)
         np.testing.assert_allclose(ask([sd.PROMPT]), image, atol=1e-5)  # still serving

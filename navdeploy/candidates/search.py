@@ -13,6 +13,10 @@ TorchCompileCUDAGraphs) is not built when one of those runners verified: it coul
 faster than none, or launching kernels one by one being faster than replaying them as a graph. It is built when
 they failed or are not tried.
 
+Follow-up precisions (``precision.follow_up_precisions``: bf16 on a CPU that computes it, for an fp32 module) are
+tried after that search, for a graph whose best build still takes ``FOLLOW_UP_MIN_MS`` or more a call: the copies
+of the runners that verified (those with ``follows_up``), screened and profiled as above, and selected among all.
+
 ``LatencyBudget`` compares candidates at every batch size, so under it every candidate is profiled in full.
 ``thorough=True`` restores the exhaustive search: every candidate built and profiled in full.
 """
@@ -20,8 +24,9 @@ they failed or are not tried.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
+from navdeploy.candidates.precision import FOLLOW_UP_MIN_MS
 from navdeploy.config import LatencyBudget, MaxThroughput, Strategy
 from navdeploy.formats.base import RunnerSpec
 from navdeploy.workspace.records import CandidateRecord
@@ -112,3 +117,14 @@ def twin_skip_reason(runner: RunnerSpec, twins: Sequence[Optional[CandidateRecor
     verb = "fails" if len(runner.twin_of) == 1 else "fail"
     return (f"not built: {twin.name} verified, and {runner.name} runs the same kernels (the search builds it when "
             f"{' and '.join(runner.twin_of)} {verb}; thorough=True builds it)")
+
+
+def follow_up_pairs(pairs: Sequence[tuple[RunnerSpec, str]], records: Mapping[int, CandidateRecord],
+                    precisions: Sequence[str], best_ms: Optional[float]) -> list[tuple[RunnerSpec, str]]:
+    """The candidates tried after the search in the module's own precision (``records``, by place in ``pairs``):
+    each runner that verified there and ``follows_up``, in each of ``precisions``, when the graph's best build
+    (``best_ms`` a call; None when nothing won) takes ``FOLLOW_UP_MIN_MS`` or more; none otherwise."""
+    if not precisions or best_ms is None or best_ms < FOLLOW_UP_MIN_MS:
+        return []
+    runners = [pairs[i][0] for i in sorted(records) if records[i].verified and pairs[i][0].follows_up]
+    return [(runner, p) for p in precisions for runner in runners if (runner, p) not in pairs]

@@ -28,6 +28,16 @@ def _at_batch(profile: list[ProfilePoint], batch_size: Optional[int]) -> Optiona
 ROUTING_COST_MS = 0.005
 
 
+def call_ms(record: CandidateRecord, batch_size: Optional[int],
+            batch_weights: Optional[Mapping[int, int]] = None) -> float:
+    """A profiled candidate's median latency at ``batch_size``, or its mean per call over the ``batch_weights`` mix
+    (captured calls per batch size) when the pipeline used several sizes."""
+    if batch_weights:
+        total = sum(batch_weights.values())
+        return sum(n * _at_batch(record.profile, b).p50_ms for b, n in batch_weights.items()) / total
+    return _at_batch(record.profile, batch_size).p50_ms
+
+
 def select(candidates: Sequence[CandidateRecord], strategy: Strategy,
            batch_size: Optional[int], eager: Optional[str] = None,
            batch_weights: Optional[Mapping[int, int]] = None) -> Optional[CandidateRecord]:
@@ -44,10 +54,7 @@ def select(candidates: Sequence[CandidateRecord], strategy: Strategy,
         return None
 
     def latency(c: CandidateRecord) -> float:
-        if batch_weights:
-            total = sum(batch_weights.values())
-            return sum(n * _at_batch(c.profile, b).p50_ms for b, n in batch_weights.items()) / total
-        return _at_batch(c.profile, batch_size).p50_ms
+        return call_ms(c, batch_size, batch_weights)
 
     if isinstance(strategy, MaxThroughput):
         return max(ok, key=lambda c: max(m.throughput for m in c.profile))
@@ -60,3 +67,15 @@ def select(candidates: Sequence[CandidateRecord], strategy: Strategy,
     if baseline is not None and best is not baseline and latency(best) > latency(baseline) - ROUTING_COST_MS:
         return baseline
     return best
+
+
+def own_precision_fallback(candidates: Sequence[CandidateRecord], winner: Optional[CandidateRecord],
+                           module_precision: str, strategy: Strategy, batch_size: Optional[int],
+                           eager: Optional[str] = None,
+                           batch_weights: Optional[Mapping[int, int]] = None) -> Optional[CandidateRecord]:
+    """When ``winner`` runs in another precision than the module's own (a cast copy): the winner among the
+    candidates in the module's own precision (``select`` over those), else None."""
+    if winner is None or winner.precision_in(module_precision) == module_precision:
+        return None
+    own = [c for c in candidates if c.precision_in(module_precision) == module_precision]
+    return select(own, strategy, batch_size, eager, batch_weights)

@@ -74,6 +74,6 @@ FORMAT = FormatSpec(Format.TORCH_EXPORTEDPROGRAM, artifact="model.pt2", export=_
 RUNNERS = [
     # It runs the exported aten graph uncompiled, at about eager's speed: screened last among what it shares the
     # export with.
-    RunnerSpec("TorchExportCPU", Format.TORCH_EXPORTEDPROGRAM, "cpu", _load, search_rank=40),
+    RunnerSpec("TorchExportCPU", Format.TORCH_EXPORTEDPROGRAM, "cpu", _load, search_rank=40, follows_up=False),
     RunnerSpec("TorchExportCUDA", Format.TORCH_EXPORTEDPROGRAM, "cuda", _load, search_rank=50),
 ]

@@ -154,7 +154,7 @@ FORMAT = FormatSpec(Format.ONNX, artifact="model.onnx", export=export_onnx, requ
                                          python_preference=2))
 RUNNERS = [
     RunnerSpec("OnnxCPU", Format.ONNX, "cpu", _loader(["CPUExecutionProvider"]), requires=("onnxruntime",),
-               search_rank=20),
+               search_rank=20, follows_up=False),
     RunnerSpec("OnnxCUDA", Format.ONNX, "cuda", _loader(["CUDAExecutionProvider", "CPUExecutionProvider"]),
                requires=("onnxruntime",), is_available=_provider_check("CUDAExecutionProvider"),
                triton=RunnerTriton(accelerator="cuda"), search_rank=30),

@@ -167,6 +167,10 @@ def bind(module: Module, folder: Path, manifest: Optional[Manifest] = None, fing
                     manifest.reverted)
         module.nav_state.bind(None)
         return True  # the pipeline check chose eager for it: bound, as eager
+    if manifest.fell_back:
+        log.info("module %s runs its best candidates in its own precision (%s): nav.optimize's pipeline check chose "
+                 "them over the winners in another precision (%s)", module.name, manifest.precision,
+                 manifest.fell_back)
     selected = {key: entry.selected for key, entry in manifest.graphs.items()}
     if selected and all(name in EAGER_RUNNER.values() for name in selected.values()):  # eager, own precision
         module.nav_state.bind(None)

@@ -5,7 +5,8 @@ The orchestration only emits; the console progress and tables and the HTML repor
 listeners, and ``navdeploy.api`` picks which ones a run gets. So this package never imports the reporters.
 
 Events of one run, in order: ``candidates_started(total)``; per candidate ``candidate_started`` (not for one
-answered from the cache or skipped before a worker runs it) and ``candidate_finished``; ``candidates_finished()``
+answered from the cache or skipped before a worker runs it) and ``candidate_finished``; ``candidates_added(n)``
+when the search adds candidates to the total (a graph's follow-up precisions); ``candidates_finished()``
 after the last candidate, also when the run raises; ``run_finished(status)`` only when it succeeds.
 ``log_handlers()`` is asked once per module: the handlers it returns get the ``navdeploy`` logger's records
 while that module is optimized, and are closed afterwards. With several build workers the candidate events
@@ -28,6 +29,9 @@ class OptimizeListener(Protocol):
     def candidates_started(self, total: int) -> None:
         """The candidates are about to run: ``total`` of them over every module and graph."""
 
+    def candidates_added(self, count: int) -> None:
+        """The search adds ``count`` candidates to the total (bf16 copies for a graph heavy enough)."""
+
     def candidate_started(self, module: str, candidate: str) -> None:
         """A worker starts building, verifying and profiling ``candidate`` of ``module``."""
 
@@ -49,6 +53,9 @@ class NullListener:
     """Ignores every event: the default, and a base for listeners that care about a few of them."""
 
     def candidates_started(self, total: int) -> None:
+        pass
+
+    def candidates_added(self, count: int) -> None:
         pass
 
     def candidate_started(self, module: str, candidate: str) -> None:
@@ -77,6 +84,10 @@ class Listeners:
     def candidates_started(self, total: int) -> None:
         for listener in self.listeners:
             listener.candidates_started(total)
+
+    def candidates_added(self, count: int) -> None:
+        for listener in self.listeners:
+            listener.candidates_added(count)
 
     def candidate_started(self, module: str, candidate: str) -> None:
         for listener in self.listeners:

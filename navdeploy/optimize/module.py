@@ -15,9 +15,14 @@ import torch
 from navdeploy._version import __version__
 from navdeploy.candidates.build import Job, Task, new_record
 from navdeploy.candidates.isolation import Executor, ExecutorPool, WorkerHub
-from navdeploy.candidates.precision import candidate_name, candidate_precisions, tolerance_precision
-from navdeploy.candidates.search import Search, graph_search, search_order, twin_skip_reason
-from navdeploy.candidates.select import select
+from navdeploy.candidates.precision import (
+    candidate_name,
+    candidate_precisions,
+    follow_up_precisions,
+    tolerance_precision,
+)
+from navdeploy.candidates.search import Search, follow_up_pairs, graph_search, search_order, twin_skip_reason
+from navdeploy.candidates.select import call_ms, own_precision_fallback, select
 from navdeploy.capture.graph import Graph
 from navdeploy.config import (
     OptimizeConfig,
@@ -120,14 +125,17 @@ def candidate_pairs(config: OptimizeConfig, device: str, module_precision: str) 
     return search_order(pairs)
 
 
-def _chains(pairs: list[tuple[RunnerSpec, str]], module_precision: str) -> list[list[tuple[int, RunnerSpec, str]]]:
-    """Candidates in chains that may run side by side: runners sharing an exported artifact (ONNX's) form one
-    chain, in order, since the first one exports it and the others load it; a runner with a ``twin_of`` joins its
-    first twin's chain, after it, so the search knows whether it must be built; every other candidate is a chain
-    of its own."""
+def _chains(pairs: list[tuple[RunnerSpec, str]], module_precision: str,
+            start: int = 0) -> list[list[tuple[int, RunnerSpec, str]]]:
+    """Candidates from ``start`` on in chains that may run side by side: runners sharing an exported artifact
+    (ONNX's) form one chain, in order, since the first one exports it and the others load it; a runner with a
+    ``twin_of`` joins its first twin's chain, after it, so the search knows whether it must be built; every other
+    candidate is a chain of its own."""
     chains: dict[str, list[tuple[int, RunnerSpec, str]]] = {}
     keys: dict[tuple[str, str], str] = {}
     for index, (runner, precision) in enumerate(pairs):
+        if index < start:
+            continue
         name = candidate_name(runner.name, precision, module_precision)
         key = artifact_dir(runner.format.value, precision, module_precision) \
             if FORMATS[runner.format].export is not None else name
@@ -231,9 +239,12 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                          f" ({record.error})" if record.error else "")
                 done(index, name, record, checkpoint=True)
 
-    # One worker: every candidate in order, as one chain. Several: chains side by side (profiling still alone).
-    executors.map(run_chain, [[(i, r, p) for i, (r, p) in enumerate(pairs)]] if executors.workers == 1
-                  else _chains(pairs, job.precision))
+    def run_from(start: int) -> None:
+        # One worker: every candidate in order, as one chain. Several: chains side by side (profiling still alone).
+        executors.map(run_chain, [[(i, r, p) for i, (r, p) in enumerate(pairs) if i >= start]]
+                      if executors.workers == 1 else _chains(pairs, job.precision, start))
+
+    run_from(0)
     eager = candidate_name(pairs[0][0].name, pairs[0][1], job.precision)  # the baseline comes first
 
     def selection() -> tuple[list[CandidateRecord], Optional[CandidateRecord]]:
@@ -245,12 +256,31 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         return candidates, select(candidates, config.strategy, batch, eager, graph.batch_weights)
 
     candidates, winner = selection()
-    rebuild = reclaim_pruned(formats, candidates, winner, job.precision)  # the winner needs a pruned artifact
+    best_ms = call_ms(winner, batch, graph.batch_weights) if winner is not None else None
+    extra = follow_up_pairs(pairs, records, follow_up_precisions(job.precision, device, config.precisions), best_ms)
+    if extra:
+        log.info("%s graph %s: the best %s build takes %.2f ms a call (%s): trying %s too (precisions=(%r,) keeps "
+                 "%s only)", job.module_name, graph.key, job.precision, best_ms, winner.name,
+                 ", ".join(candidate_name(r.name, p, job.precision) for r, p in extra), job.precision, job.precision)
+        listener.candidates_added(len(extra))
+        first = len(pairs)
+        pairs.extend(extra)
+        run_from(first)
+        candidates, winner = selection()
+
+    def fallback_of(winner: Optional[CandidateRecord]) -> Optional[CandidateRecord]:
+        return own_precision_fallback(candidates, winner, job.precision, config.strategy, batch, eager,
+                                      graph.batch_weights)
+
+    # The winner, or its fallback, needs a pruned artifact:
+    rebuild = reclaim_pruned(formats, candidates, winner, job.precision, fallback_of(winner))
     if rebuild:
         executors.map(run_chain, [[(i, r, p) for i, (r, p) in enumerate(pairs)
                                    if artifact_dir(r.format.value, p, job.precision) in rebuild]])
         candidates, winner = selection()
-    return GraphEntry(graph, gkey, formats, candidates, winner.name if winner else None, now())
+    fallback = fallback_of(winner)
+    return GraphEntry(graph, gkey, formats, candidates, winner.name if winner else None, now(),
+                      fallback.name if fallback else None)
 
 
 def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Search,
@@ -310,7 +340,8 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
         old_graphs = old.graphs if old and old.fingerprint == fp and old.device == device else {}
         batch_sizes = config.profile_batch_sizes(captured_batch_sizes(graphs), device)
         checked_as = {p: tolerance_precision(p, module.__wrapped__, device)
-                      for p in candidate_precisions(precision, device, config.precisions) + (precision,)}
+                      for p in candidate_precisions(precision, device, config.precisions) + (precision,)
+                      + follow_up_precisions(precision, device, config.precisions)}
         tolerances = {p: config.tolerance_for(q) for p, q in checked_as.items()}
         if checked_as.get("fp32") == "tf32":
             log.info("%s: fp32 candidates are checked with the tf32 tolerance %s, as eager itself runs TF32 "

@@ -1,11 +1,13 @@
 """The pipeline check after the swap, in this process. First what the user's callable returns, eager against
-optimized (``outputs``): modules whose runners change it beyond tolerance go back to eager. Then the callable is
-timed eager against optimized, and modules go back to eager, the largest loss first, until the optimized pipeline
-is faster beyond noise (or every module is eager). A reverted module's manifest says so, so ``load_optimized``
-leaves it eager too."""
+optimized (``outputs``): modules whose runners change it beyond tolerance run their best candidates in their own
+precision instead, where the winners ran in another (bf16 copies on the CPU, fp16 on CUDA), else go back to eager.
+Then the callable is timed eager against optimized, and modules go back to eager, the largest loss first, until the
+optimized pipeline is faster beyond noise (or every module is eager). A reverted module's manifest says so, so
+``load_optimized`` leaves it eager too (and binds the fallbacks where the manifest says they run)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -14,6 +16,7 @@ import torch
 
 from navdeploy.candidates.verify import LOW_PRECISIONS
 from navdeploy.capture.pytree import split_sample
+from navdeploy.inplace.binding import bind
 from navdeploy.inplace.module import Module
 from navdeploy.optimize.outputs import Leaves, OutputCheck, SampleGenerators, Tolerance, collect, compare_leaves
 from navdeploy.optimize.pipeline import compare, handlers
@@ -35,6 +38,28 @@ def mark_reverted(folder: Path, why: str) -> None:
         if manifest is not None:
             manifest.reverted = why
             write_manifest(folder, manifest)
+
+
+def fall_back(module: Module, folder: Path, why: str) -> Optional[Tolerance]:
+    """Bind the module's graphs whose winner runs in another precision to their fallbacks in its own precision
+    (``GraphEntry.fallback``), and record it in its manifest, so ``load_optimized`` binds them too. Returns the
+    tolerance its outputs are now checked with, or None (the module as it was) when it has no fallback or the
+    fallbacks do not bind."""
+    with locked(folder):
+        manifest = read_manifest(folder)
+        if manifest is None or not any(e.fallback for e in manifest.graphs.values()):
+            return None
+        chosen = copy.deepcopy(manifest)
+        for entry in chosen.graphs.values():
+            if entry.fallback:
+                entry.selected, entry.fallback = entry.fallback, None
+        chosen.fell_back = why
+        if not bind(module, folder, chosen):
+            bind(module, folder, manifest)  # the winners again, as the manifest on disk says
+            return None
+        write_manifest(folder, chosen)
+    own = chosen.tolerances.get(chosen.precision)
+    return Tolerance(*own, chosen.precision in LOW_PRECISIONS) if own is not None else Tolerance()
 
 
 def module_tolerance(status: ModuleStatus) -> Tolerance:
@@ -63,8 +88,10 @@ def _revert(module: Module, why: str, folders: dict[str, Path], timing: Pipeline
 def check_outputs(func: Callable, items: list[tuple[int, Any]], modules: list[Module], folders: dict[str, Path],
                   tolerances: dict[str, Tolerance], timing: PipelineTiming) -> OutputCheck:
     """Compare what the callable returns eager and optimized (``outputs``); when it differs and eager agrees with
-    itself, revert the modules that change it alone (each tried on its own), or every optimized one when none
-    does alone. Returns the comparison of the pipeline as optimize left it before this check."""
+    itself, the modules that change it alone (each tried on its own), or every optimized one when none does alone,
+    run their fallbacks in their own precision where their winners run in another (``fall_back``), else go back
+    to eager; when the pipeline still differs, every module left optimized goes back. Returns the comparison of
+    the pipeline as optimize left it before this check."""
     bound = [m for m in modules if m.is_optimized]
     if not bound:
         return OutputCheck(note="every module runs eagerly")
@@ -101,8 +128,14 @@ def _check_outputs(func: Callable, samples: list[tuple[tuple, dict]], generators
     alone = {m.name: result if len(bound) == 1 else differs([m]) for m in bound}
     culprits = [m for m in bound if not alone[m.name].ok] or bound
     for m in culprits:
-        reason = alone[m.name].reason or result.reason
-        _revert(m, f"with it optimized the pipeline's outputs differ from eager: {reason}", folders, timing)
+        why = f"with it optimized the pipeline's outputs differ from eager: {alone[m.name].reason or result.reason}"
+        own = fall_back(m, folders[m.name], why)
+        if own is not None:
+            log.warning("navdeploy: module %s runs its best candidates in its own precision: %s", m.name, why)
+            tolerances[m.name] = own
+            timing.fell_back[m.name] = why
+            continue
+        _revert(m, why, folders, timing)
     rest = [m for m in modules if m.is_optimized]
     if rest and not (final := differs(rest)).ok:  # the rest still differ together: none of them stays
         for m in rest:
@@ -131,7 +164,7 @@ def check_pipeline(func: Callable, items: list[tuple[int, Any]], modules: list[M
     timing = PipelineTiming(capture_s, 0.0, None, items_timed)
     try:
         timing.outputs = check_outputs(func, items, modules, folders, tolerances or {}, timing)
-        if timing.reverted and not any(m.is_optimized for m in modules):
+        if (timing.reverted or timing.fell_back) and not any(m.is_optimized for m in modules):
             timing.faster = False  # every module went back to eager: nothing left to time against eager
             return timing
         _measure(func, items, modules, repeats, timing, warm=not timing.outputs.checked)

@@ -25,6 +25,7 @@ from navdeploy.optimize.pipeline import handlers, sync_cuda
 from navdeploy.optimize.scope import inductor_cache
 from navdeploy.optimize.status import OptimizeStatus
 from navdeploy.workspace.layout import MANIFEST, module_dir
+from navdeploy.workspace.manifest import read_manifest
 
 
 def run_optimize(func: Callable, dataloader: Iterable, config: Optional[OptimizeConfig] = None,
@@ -100,6 +101,12 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
         for name in status.pipeline.reverted:
             status.modules[name].optimized = False
             status.modules[name].reverted = status.pipeline.reverted[name]
+        for name in status.pipeline.fell_back:  # the fallbacks in the module's own precision run now
+            status.modules[name].optimized = any(m.is_optimized for m in modules if m.name == name)
+            manifest = read_manifest(status.modules[name].folder)
+            for graph in status.modules[name].graphs if manifest is not None else ():
+                entry = manifest.graphs.get(graph.key)
+                graph.selected = entry.selected if entry is not None else graph.selected
     listener.run_finished(status)
     return status
 

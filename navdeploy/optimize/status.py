@@ -68,7 +68,9 @@ class PipelineTiming:
     passes in which a torch.compile runner compiled (the figures then include a compile). ``error`` is set when
     a pass raised (then ``optimized_s`` is None). ``outputs``: what the callable returns, eager against optimized,
     checked before the timing (modules that changed it are in ``reverted`` too; then, when none is left optimized,
-    nothing is timed and ``optimized_s`` is None)."""
+    nothing is timed and ``optimized_s`` is None). ``fell_back``: modules whose winners in another precision
+    (bf16 on the CPU, fp16 on CUDA) changed the outputs and that run their best candidates in their own precision
+    instead (``GraphEntry.fallback``), each with why."""
 
     capture_s: float
     eager_s: float
@@ -84,6 +86,7 @@ class PipelineTiming:
     reverted: dict[str, str] = field(default_factory=dict)
     compiled: int = 0
     outputs: Optional[OutputCheck] = None
+    fell_back: dict[str, str] = field(default_factory=dict)
 
     @property
     def speedup(self) -> Optional[float]:
@@ -96,7 +99,7 @@ class PipelineTiming:
                 "items_timed": self.items_timed, "module_eager_s": self.module_eager_s,
                 "module_optimized_s": self.module_optimized_s, "error": self.error, "repeats": self.repeats,
                 "eager_runs": self.eager_runs, "optimized_runs": self.optimized_runs, "faster": self.faster,
-                "reverted": self.reverted, "compiled": self.compiled,
+                "reverted": self.reverted, "fell_back": self.fell_back, "compiled": self.compiled,
                 "outputs": self.outputs.to_json() if self.outputs is not None else None}
 
     @classmethod
@@ -107,7 +110,8 @@ class PipelineTiming:
                    dict(data.get("module_optimized_s", {})), data.get("error"), int(data.get("repeats", 0)),
                    [float(x) for x in data.get("eager_runs", [])], [float(x) for x in data.get("optimized_runs", [])],
                    data.get("faster"), dict(data.get("reverted", {})), int(data.get("compiled", 0)),
-                   OutputCheck.from_json(data["outputs"]) if data.get("outputs") else None)
+                   OutputCheck.from_json(data["outputs"]) if data.get("outputs") else None,
+                   dict(data.get("fell_back", {})))
 
 
 @dataclass

@@ -43,6 +43,10 @@ class ConsoleReporter(NullListener):
         self._bar.start()
         self._task = self._bar.add_task("capturing", total=total)
 
+    def candidates_added(self, count: int) -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, total=(self._bar.tasks[0].total or 0) + count)
+
     def candidate_started(self, module: str, candidate: str) -> None:
         if self._bar is not None and self._task is not None:
             self._bar.update(self._task, description=f"{module}: {candidate}")
@@ -174,6 +178,7 @@ def pipeline_lines(p: PipelineTiming) -> list[str]:
     else:
         lines = ["pipeline end to end: not timed, every module runs eagerly"]
     lines += output_lines(p.outputs)
+    lines += [f"  {name} runs its best candidates in its own precision: {why}" for name, why in p.fell_back.items()]
     lines += [f"  {name} went back to eager: {why}" for name, why in p.reverted.items()]
     if p.compiled:
         lines.append(f"  {p.compiled} timed pass(es) included a torch.compile compile: those figures are high")
@@ -208,34 +213,11 @@ def print_status(status: OptimizeStatus, detailed: bool = False) -> None:
         _console.print(f"[dim]{module.name}: {module.seconds:.1f}s{bind}, log and manifest in {module.folder}[/]")
     pipeline = getattr(status, "pipeline", None)
     if pipeline is not None and (pipeline.optimized_s is not None and pipeline.eager_s or pipeline.reverted
-                                 or pipeline.error):
+                                 or pipeline.fell_back or pipeline.error):
         for line in pipeline_lines(pipeline):
             _console.print(line, soft_wrap=True, highlight=False, markup=False)
-    hint = bf16_hint(status)
-    if hint:
-        _console.print(hint, soft_wrap=True, highlight=False, markup=False, style="dim")
     report = getattr(status, "report_path", None)
     if report is not None:
         _console.print(f"report: {report}", soft_wrap=True, highlight=False)
 
 
-_BF16_HINT_S = 2e-3
-
-
-def bf16_hint(status: OptimizeStatus) -> Optional[str]:
-    """A line for CPUs with bf16 arithmetic when fp32 modules ran on the CPU without bf16 candidates (the default
-    tries only the module's own precision there) and, where the pipeline was timed, took 2 ms or more a dataloader
-    item eager (bf16 gains nothing on a sub-millisecond module); None otherwise."""
-    from navdeploy.candidates.precision import cpu_computes_bf16
-
-    names = [m.name for m in status.modules.values() if m.device == "cpu" and m.precision == "fp32"
-             and not any(c.precision == "bf16" for g in m.graphs for c in g.candidates)]
-    timing = status.pipeline
-    if timing is not None and timing.items_timed:  # only where those modules take time worth it: 2 ms a call
-        per_call = sum(timing.module_eager_s.get(n, 0.0) for n in names) / timing.items_timed
-        names = names if per_call >= _BF16_HINT_S else []
-    if not names or not cpu_computes_bf16():
-        return None
-    return ("this CPU computes in bf16 (AVX512-BF16/AMX): OptimizeConfig(precisions=(\"fp32\", \"bf16\")) also tries "
-            "bf16 copies of the fp32 modules, each checked against fp32 eager and the pipeline's outputs against "
-            "eager's; compute-bound transformers gain most (see README, Precisions)")

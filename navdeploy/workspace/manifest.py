@@ -59,10 +59,10 @@ _PROFILE_POINT = {"batch_size": OPT_BATCH, "p50_ms": NUMBER, "p90_ms": NUMBER, "
 _REQUIRED_POINT = ("p50_ms", "throughput")
 _WINDOW = {"start": NUMBER, "verified": OPT_NUMBER, "profile": OPT_NUMBER, "end": OPT_NUMBER}
 _FORMAT = {"status": STR, "checksum": OPT_STR, "export_s": OPT_NUMBER, "error": OPT_STR}
-_ENTRY = {"selected": OPT_STR, "cache_key": STR, "updated": OPT_STR}
+_ENTRY = {"selected": OPT_STR, "cache_key": STR, "updated": OPT_STR, "fallback": OPT_STR}
 _MANIFEST = {"fingerprint": STR, "device": STR, "module": STR, "precision": STR, "navdeploy": OPT_STR,
              "torch": OPT_STR, "class": OPT_STR, "forward_func": OPT_STR, "updated": OPT_STR, "reverted": OPT_STR,
-             "precision_inferred": BOOL, "inductor_cache": OPT_STR,
+             "fell_back": OPT_STR, "precision_inferred": BOOL, "inductor_cache": OPT_STR,
              "max_batch_size": ("an int >= 1", lambda v: _int(v) and v >= 1)}
 
 

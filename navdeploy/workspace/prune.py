@@ -3,7 +3,8 @@ records stay in the manifest, so a re-run reuses them instead of building the lo
 
 What stays, per graph (:func:`artifacts_in_use`):
 - the selected candidate's artifact folder: ``bind``/``load_optimized`` load it, and a native Triton model
-  (``export_model_repository``, backend ``auto``) copies it;
+  (``export_model_repository``, backend ``auto``) copies it; the fallback's too (``GraphEntry.fallback``: the
+  pipeline check binds it when the winner's other precision changes the pipeline's outputs);
 - when the selected candidate's format has no artifact the templated Python-backend ``model.py`` can load
   (torch.compile, eager, TensorRT), the artifact the export falls back to: the fastest verified candidate's among
   the formats that ``model.py`` loads (``TritonMapping.python_preference``), chosen as ``triton/emit.py`` chooses it.
@@ -58,9 +59,8 @@ def artifacts_in_use(entry: GraphEntry, module_precision: str) -> set[str]:
     winner = entry.selected_candidate()
     if winner is None:
         return set()
-    keep = set()
-    if _has_artifact(winner.format):
-        keep.add(winner.artifact_dir(module_precision))
+    keep = {c.artifact_dir(module_precision) for c in (winner, entry.fallback_candidate())
+            if c is not None and _has_artifact(c.format)}
     if _python_preference(winner.format) is None:
         # Pruned folders count as built: what the export would choose with every folder there is what is in use.
         built = {name for name, state in entry.formats.items() if state.status in ("ok", PRUNED)}
@@ -90,12 +90,14 @@ def mark_unused(manifest: Manifest) -> list[str]:
 
 
 def reclaim_pruned(formats: dict[str, FormatState], candidates: Sequence[CandidateRecord],
-                   selected: Optional[CandidateRecord], module_precision: str) -> set[str]:
-    """When what is selected now needs a folder an earlier prune removed: every pruned folder's name, each
-    dropped from ``formats`` so that its candidates run again and export it (all of them, as the winner chosen
-    after those runs may be another of them). Empty, and ``formats`` untouched, otherwise."""
+                   selected: Optional[CandidateRecord], module_precision: str,
+                   fallback: Optional[CandidateRecord] = None) -> set[str]:
+    """When what is selected now (or its ``fallback``) needs a folder an earlier prune removed: every pruned
+    folder's name, each dropped from ``formats`` so that its candidates run again and export it (all of them, as
+    the winner chosen after those runs may be another of them). Empty, and ``formats`` untouched, otherwise."""
     entry = GraphEntry(None, formats=formats, candidates=list(candidates),
-                       selected=selected.name if selected is not None else None)
+                       selected=selected.name if selected is not None else None,
+                       fallback=fallback.name if fallback is not None else None)
     pruned = {name for name, state in formats.items() if state.status == PRUNED}
     if not pruned & artifacts_in_use(entry, module_precision):
         return set()

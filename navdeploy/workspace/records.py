@@ -217,10 +217,18 @@ class GraphEntry:
     candidates: list[CandidateRecord] = field(default_factory=list)
     selected: Optional[str] = None
     updated: Optional[str] = None
+    # When the selected candidate runs in another precision than the module's (fp16 on CUDA, bf16 on the CPU):
+    # the best candidate in the module's own precision, which the pipeline check binds instead when the other
+    # precision changes what the pipeline returns. Its build is kept for that.
+    fallback: Optional[str] = None
 
     def selected_candidate(self) -> Optional[CandidateRecord]:
         """The record of the selected candidate, None when nothing was selected."""
         return find_candidate(self.candidates, self.selected)
+
+    def fallback_candidate(self) -> Optional[CandidateRecord]:
+        """The record of the fallback in the module's own precision, None when there is none."""
+        return find_candidate(self.candidates, self.fallback)
 
     def artifact_folder(self, graph_dir: Path, fmt_key: str) -> Path:
         """The folder of the build of format ``fmt_key`` this entry names (its checksum's build folder; the
@@ -235,6 +243,8 @@ class GraphEntry:
         data.update({"cache_key": self.cache_key, "formats": {k: v.to_json() for k, v in self.formats.items()},
                      "candidates": [c.to_json() for c in self.candidates], "selected": self.selected,
                      "updated": self.updated})
+        if self.fallback:
+            data["fallback"] = self.fallback
         return data
 
     @classmethod
@@ -243,7 +253,7 @@ class GraphEntry:
         return cls(graph, data.get("cache_key", ""),
                    {k: FormatState.from_json(v) for k, v in (data.get("formats") or {}).items()},
                    [CandidateRecord.from_json(c) for c in data.get("candidates") or []], data.get("selected"),
-                   data.get("updated"))
+                   data.get("updated"), data.get("fallback"))
 
 
 @dataclass
@@ -268,6 +278,9 @@ class Manifest:
     # Why the pipeline check put this module back to eager (its runners made the pipeline no faster); bind then
     # leaves it eager. The next nav.optimize decides again.
     reverted: Optional[str] = None
+    # Why the pipeline check bound the graphs' fallbacks in the module's own precision instead of the winners
+    # in another one (``GraphEntry.fallback``). The next nav.optimize decides again.
+    fell_back: Optional[str] = None
     precision_inferred: bool = False  # ``precision`` was read from the weights, not given to nav.Module
     # The checksum of the module's inductor cache (navdeploy.workspace.inductor) when this manifest was written;
     # None: no cache of its own (a user-set TORCHINDUCTOR_CACHE_DIR, or a manifest of an earlier version).
@@ -275,6 +288,8 @@ class Manifest:
 
     def to_json(self) -> dict:
         extra = {"reverted": self.reverted} if self.reverted else {}
+        if self.fell_back:
+            extra["fell_back"] = self.fell_back
         if self.precision_inferred:
             extra["precision_inferred"] = True
         if self.inductor_cache is not None:
@@ -295,6 +310,6 @@ class Manifest:
                    forward_func=data.get("forward_func"), max_batch_size=data.get("max_batch_size", 1),
                    batch_sizes=list(data.get("batch_sizes") or []), tolerances=tolerances,
                    graphs={k: GraphEntry.from_json(e) for k, e in data["graphs"].items()},
-                   updated=data.get("updated"), reverted=data.get("reverted"),
+                   updated=data.get("updated"), reverted=data.get("reverted"), fell_back=data.get("fell_back"),
                    precision_inferred=bool(data.get("precision_inferred", False)),
                    inductor_cache=data.get("inductor_cache"))

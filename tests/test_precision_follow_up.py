@@ -1,0 +1,121 @@
+"""Follow-up precisions: on a CPU that computes bf16, an fp32 module's graph whose best fp32 build is still slow
+gets bf16 copies of the runners that verified, by default; the best fp32 candidate stays on record (and on disk)
+as the fallback the pipeline check binds when bf16 changes what the pipeline returns."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import navdeploy as nav
+from navdeploy.candidates.build import new_record
+from navdeploy.candidates.precision import FOLLOW_UP_MIN_MS, cpu_computes_bf16, follow_up_precisions
+from navdeploy.candidates.search import follow_up_pairs
+from navdeploy.candidates.select import own_precision_fallback
+from navdeploy.config import MinLatency
+from navdeploy.formats.registry import RUNNERS
+from navdeploy.workspace.manifest import read_manifest
+from navdeploy.workspace.records import ProfilePoint
+
+
+def test_bf16_follows_only_for_fp32_modules_on_a_bf16_cpu_when_no_precisions_are_named():
+    expected = ("bf16",) if cpu_computes_bf16() else ()
+    assert follow_up_precisions("fp32", "cpu", None) == expected
+    assert follow_up_precisions("fp32", "cpu", ("fp32",)) == ()  # named precisions are the whole list
+    assert follow_up_precisions("fp32", "cuda", None) == ()  # fp16 is a first-round candidate there
+    assert follow_up_precisions("fp16", "cpu", None) == ()
+    assert follow_up_precisions("int8", "cpu", None) == ()
+
+
+def _record(runner: str, status: str = "ok", ms: float = 1.0, precision: str = "fp32"):
+    record = replace(new_record(RUNNERS[runner], precision, "fp32"), status=status)
+    return replace(record, profile=[ProfilePoint(4, ms, ms, 4e3 / ms, 10)] if status == "ok" else [])
+
+
+def test_follow_up_copies_the_runners_that_verified_when_the_best_build_is_slow():
+    names = ["TorchCPU", "AOTInductorCPU", "OnnxCPU", "TorchScriptCPU", "TorchExportCPU", "TorchCompileCPU"]
+    pairs = [(RUNNERS[n], "fp32") for n in names]
+    records = {0: _record("TorchCPU"), 1: _record("AOTInductorCPU", "screened"), 2: _record("OnnxCPU"),
+               3: _record("TorchScriptCPU", "failed"), 4: _record("TorchExportCPU", "screened"),
+               5: _record("TorchCompileCPU", "skipped")}
+    extra = follow_up_pairs(pairs, records, ("bf16",), FOLLOW_UP_MIN_MS)
+    # ONNX Runtime's CPU provider has no bf16 kernels and ExportedProgram runs eager's: neither follows; a
+    # failed or skipped candidate has no copy either.
+    assert [(r.name, p) for r, p in extra] == [("TorchCPU", "bf16"), ("AOTInductorCPU", "bf16")]
+    assert follow_up_pairs(pairs, records, ("bf16",), FOLLOW_UP_MIN_MS * 0.9) == []  # overhead-bound: none
+    assert follow_up_pairs(pairs, records, ("bf16",), None) == []  # nothing won
+    assert follow_up_pairs(pairs, records, (), 10.0) == []
+    assert follow_up_pairs(pairs + extra, records, ("bf16",), 10.0) == []  # tried already
+
+
+def test_the_fallback_is_the_best_candidate_in_the_modules_own_precision():
+    eager, aoti, onnx = _record("TorchCPU", ms=5.0), _record("AOTInductorCPU", ms=4.0), _record("OnnxCPU", ms=4.5)
+    bf16 = _record("TorchScriptCPU", ms=2.0, precision="bf16")
+    candidates = [eager, aoti, onnx, bf16]
+    assert own_precision_fallback(candidates, bf16, "fp32", MinLatency(), 4, "TorchCPU") is aoti
+    assert own_precision_fallback(candidates, aoti, "fp32", MinLatency(), 4, "TorchCPU") is None  # fp32 won
+    assert own_precision_fallback([eager, bf16], bf16, "fp32", MinLatency(), 4, "TorchCPU") is eager
+
+
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): "
+                                                    "bf16 is not tried by default here")
+def test_a_compute_bound_module_gets_bf16_copies_by_default_and_keeps_its_fp32_fallback(tmp_path):
+    torch.manual_seed(0)
+    # Four 1024-wide layers at 64 rows: ~4 ms a call in fp32 on 2 cores, well past FOLLOW_UP_MIN_MS.
+    layers = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)]).eval()
+    model = nav.Module(layers, name="follow_up_mlp", batching=False)
+    config = nav.OptimizeConfig(runners=("TorchCPU", "TorchScriptCPU"), profile_time_s=0.2, workspace=tmp_path,
+                                keep_artifacts=False, pipeline_repeats=3)
+    items = [(1, torch.randn(64, 1024)), (1, torch.randn(64, 1024))]
+    with torch.no_grad():
+        status = nav.optimize(lambda x: model(x), items, config)
+    module = status.modules["follow_up_mlp"]
+    (graph,) = module.graphs
+    names = {c.name for c in graph.candidates}
+    assert {"TorchCPU[bf16]", "TorchScriptCPU[bf16]"} <= names, names
+    assert "bf16" in module.tolerances  # the copies were checked at bf16's tolerance
+    manifest = read_manifest(tmp_path / "follow_up_mlp")
+    (entry,) = manifest.graphs.values()
+    winner = entry.selected_candidate()
+    assert winner is not None and winner.precision == "bf16", [(c.name, c.shown_p50_ms()) for c in graph.candidates]
+    fallback = entry.fallback_candidate()
+    assert fallback is not None and fallback.precision == "fp32"
+    if fallback.runner == "TorchScriptCPU":  # its build stays on disk although pruning removes the others'
+        assert entry.formats[fallback.artifact_dir("fp32")].status == "ok"
+    # The pipeline returns floats within bf16's tolerance of eager's: the bf16 winner stays in use.
+    assert status.pipeline is not None and status.pipeline.outputs.ok and not status.pipeline.fell_back
+    assert status.in_use()["follow_up_mlp"] == [winner.name]
+
+
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): "
+                                                    "bf16 is not tried by default here")
+def test_a_bf16_winner_that_changes_the_pipelines_integers_gives_way_to_its_fp32_fallback(tmp_path):
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)]).eval()
+    model = nav.Module(layers, name="follow_up_ints", batching=False)
+    config = nav.OptimizeConfig(runners=("TorchCPU", "TorchScriptCPU"), profile_time_s=0.2, workspace=tmp_path,
+                                pipeline_repeats=3)
+
+    def pipeline(x):
+        return (model(x) * 100).round().long()  # bf16's rounding moves many of these integers
+
+    items = [(1, torch.randn(64, 1024)), (1, torch.randn(64, 1024))]
+    with torch.no_grad():
+        status = nav.optimize(pipeline, items, config)
+    timing = status.pipeline
+    assert timing is not None and list(timing.fell_back) == ["follow_up_ints"], timing
+    assert "int64 values differ from eager" in timing.fell_back["follow_up_ints"]
+    manifest = read_manifest(tmp_path / "follow_up_ints")
+    (entry,) = manifest.graphs.values()
+    assert entry.selected_candidate().precision == "fp32" and entry.fallback is None
+    assert manifest.fell_back == timing.fell_back["follow_up_ints"]
+    (graph,) = status.modules["follow_up_ints"].graphs
+    assert graph.selected == entry.selected  # the status names what runs now
+    if entry.selected == "TorchCPU":  # eager is its best fp32 candidate: nothing is left to time against eager
+        assert timing.optimized_s is None and not status.modules["follow_up_ints"].optimized
+        assert status.in_use() == {"follow_up_ints": ["eager"]}
+    x = items[1][1]
+    with torch.no_grad():
+        assert torch.equal(pipeline(x), (layers(x) * 100).round().long())
