@@ -388,7 +388,8 @@ def _status_json(status) -> dict:
     pipeline = None
     if p is not None:
         pipeline = {"eager_s": p.eager_s, "optimized_s": p.optimized_s, "speedup": p.speedup, "faster": p.faster,
-                    "reverted": p.reverted, "repeats": p.repeats, "items_timed": p.items_timed,
+                    "reverted": p.reverted, "fell_back": p.fell_back, "repeats": p.repeats,
+                    "items_timed": p.items_timed,
                     "eager_runs": p.eager_runs, "optimized_runs": p.optimized_runs, "compiled": p.compiled,
                     "error": _short(p.error), "module_eager_s": p.module_eager_s,
                     "module_optimized_s": p.module_optimized_s,
@@ -591,6 +592,7 @@ def _selected_text(opt: dict) -> str:
 
 def print_table(results: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape  # candidate names such as TorchScriptCPU[bf16] are not markup
     from rich.table import Table
 
     where = results["settings"].get("device", "cpu").upper()
@@ -631,7 +633,7 @@ def print_table(results: dict) -> None:
         fallbacks = sum(row.get("optimized", {}).get("navdeploy_warnings", {}).values())
         if fallbacks:
             outputs += f"\n{fallbacks} navdeploy warning(s)"
-        table.add_row(name, f"{opt.get('optimize_s', 0):.1f}", _selected_text(opt), check, speed, *cells,
+        table.add_row(name, f"{opt.get('optimize_s', 0):.1f}", escape(_selected_text(opt)), check, speed, *cells,
                       "-" if ratio is None else f"{ratio:.2f}x", outputs)
     Console(width=220).print(table)
 
