@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from navdeploy.candidates.search import follow_up_pairs
 from navdeploy.candidates.select import own_precision_fallback
 from navdeploy.config import MinLatency
 from navdeploy.formats.registry import RUNNERS
-from navdeploy.workspace.manifest import read_manifest
+from navdeploy.workspace.manifest import read_manifest, write_manifest
 from navdeploy.workspace.records import ProfilePoint
 
 
@@ -119,3 +120,53 @@ def test_a_bf16_winner_that_changes_the_pipelines_integers_gives_way_to_its_fp32
     x = items[1][1]
     with torch.no_grad():
         assert torch.equal(pipeline(x), (layers(x) * 100).round().long())
+
+
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): "
+                                                    "bf16 is not tried by default here")
+def test_a_bf16_winner_is_served_by_tritonserver_with_fp32_io_and_validates_natively(tmp_path):
+    pytest.importorskip("pytriton")
+    import tritonclient.http as httpclient
+
+    from navdeploy.triton import TritonServer, export_model_repository, validate_repository
+    from navdeploy.triton.validate import parse_config
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)]).eval()
+    model = nav.Module(layers, name="follow_up_served", batching=False)
+    config = nav.OptimizeConfig(runners=("TorchCPU", "TorchScriptCPU"), profile_time_s=0.2,
+                                workspace=tmp_path / "ws", pipeline_repeats=0)
+    x = torch.randn(64, 1024)
+    with torch.no_grad():
+        status = nav.optimize(lambda t: model(t), [(1, x), (1, torch.randn(64, 1024))], config)
+    assert status.selected()["follow_up_served"][0].endswith("[bf16]")
+    # Eager bf16 and TorchScript bf16 run the same kernels here: which one wins is noise. The test serves the
+    # TorchScript build, chosen as a user may choose it by hand.
+    folder = tmp_path / "ws" / "follow_up_served"
+    manifest = read_manifest(folder)
+    for entry in manifest.graphs.values():
+        assert {c.name: c for c in entry.candidates}["TorchScriptCPU[bf16]"].verified
+        entry.selected = "TorchScriptCPU[bf16]"
+    write_manifest(folder, manifest)
+    # The native repository: TorchScript in bf16 takes and returns bf16 (Triton's pytorch backend casts nothing).
+    native = export_model_repository(tmp_path / "native", workspace=tmp_path / "ws")
+    validate_repository(native)
+    cfg = parse_config((native / "follow_up_served" / "config.pbtxt").read_text())
+    assert cfg.backend == "pytorch" and {i.data_type for i in cfg.input} == {cfg.input[0].data_type}
+    assert "BF16" in str(cfg.input[0]) + str(cfg.output[0])
+    # The Python-backend repository keeps the module's fp32 I/O: model.py casts around the bf16 build.
+    repo = export_model_repository(tmp_path / "python", backend="python", workspace=tmp_path / "ws")
+    server = TritonServer(repo, startup_timeout_s=120)
+    try:
+        server.start()
+        client = httpclient.InferenceServerClient(server.http_url)
+        request = httpclient.InferInput("input__0", list(x.shape), "FP32")
+        request.set_data_from_numpy(x.numpy())
+        served = client.infer("follow_up_served", [request]).as_numpy("output__0")
+    finally:
+        server.stop()
+    with torch.no_grad():
+        eager = layers(x).numpy()
+    assert served.dtype == np.float32 and served.shape == eager.shape
+    np.testing.assert_allclose(served, eager, atol=5e-2, rtol=5e-2)  # bf16's tolerance, as it was verified
+    assert np.abs(served - eager).max() > 1e-5  # the bf16 build served it, not an fp32 one
