@@ -117,6 +117,11 @@ def test_a_bf16_winner_that_changes_the_pipelines_integers_gives_way_to_its_fp32
     if entry.selected == "TorchCPU":  # eager is its best fp32 candidate: nothing is left to time against eager
         assert timing.optimized_s is None and not status.modules["follow_up_ints"].optimized
         assert status.in_use() == {"follow_up_ints": ["eager"]}
+    elif "follow_up_ints" in timing.reverted:  # its fp32 build, timed, was no faster than eager: eager it is
+        assert "not faster than eager" in timing.reverted["follow_up_ints"]
+        assert status.in_use() == {"follow_up_ints": ["eager"]}
+    else:
+        assert status.in_use() == {"follow_up_ints": [entry.selected]}
     x = items[1][1]
     with torch.no_grad():
         assert torch.equal(pipeline(x), (layers(x) * 100).round().long())

@@ -62,6 +62,22 @@ def test_records_round_trip_through_the_manifest_on_disk(tmp_path):
     assert loaded.graphs["g0"].selected_candidate().name == "TensorRT[fp16]"
 
 
+def test_a_fallback_and_a_fall_back_round_trip_and_a_bad_fallback_is_refused(tmp_path):
+    entry = _fp16_winner_entry()
+    entry.fallback = "TensorRT"
+    manifest = _manifest(entry)
+    manifest.fell_back = "the pipeline's outputs differ"
+    write_manifest(tmp_path, manifest)
+    loaded, problem = load_manifest(tmp_path)
+    assert problem is None and loaded == manifest and loaded.graphs["g0"].fallback_candidate().precision == "fp32"
+    for bad in ("TensorRT[fp16]", "OnnxCPU"):  # the selected one itself, or none of the candidates
+        data = json.loads((tmp_path / "manifest.json").read_text())
+        data["graphs"]["g0"]["fallback"] = bad
+        (tmp_path / "manifest.json").write_text(json.dumps(data))
+        loaded, problem = load_manifest(tmp_path)
+        assert loaded is None and "'fallback' names" in problem
+
+
 def test_old_records_without_name_or_precision_still_load():
     old = {"runner": "OnnxCPU", "format": "onnx", "status": "failed", "error": "export: boom", "cached": True,
            "profile": [{"batch_size": 2, "p50_ms": 1.0, "throughput": 2000.0}]}

@@ -110,10 +110,13 @@ def extra_warm_up_sizes(graph: Graph, record: CandidateRecord, captured: list[to
 _INDUCTOR_FORMATS = (Format.TORCH, Format.TORCH_AOTI)
 
 
-def loads_from_inductor_cache(manifest: Manifest) -> bool:
-    """Whether a selected runner of the module loads code from its inductor cache (torch.compile, AOTInductor)."""
-    uses = [RUNNERS[c.runner] for c in (e.selected_candidate() for e in manifest.graphs.values())
-            if c is not None and c.runner in RUNNERS]
+def loads_from_inductor_cache(manifest: Manifest, fallbacks: bool = False) -> bool:
+    """Whether a selected runner of the module (or, with ``fallbacks``, a graph's fallback, which the pipeline
+    check may bind instead) loads code from its inductor cache (torch.compile, AOTInductor)."""
+    records = [e.selected_candidate() for e in manifest.graphs.values()]
+    if fallbacks:
+        records += [e.fallback_candidate() for e in manifest.graphs.values()]
+    uses = [RUNNERS[c.runner] for c in records if c is not None and c.runner in RUNNERS]
     return any(r.format in _INDUCTOR_FORMATS and r.name not in EAGER_RUNNER.values() for r in uses)
 
 

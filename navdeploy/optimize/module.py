@@ -25,6 +25,7 @@ from navdeploy.candidates.search import Search, follow_up_pairs, graph_search, s
 from navdeploy.candidates.select import call_ms, own_precision_fallback, select
 from navdeploy.capture.graph import Graph
 from navdeploy.config import (
+    MaxThroughput,
     OptimizeConfig,
     build_workers,
     keep_artifacts,
@@ -249,6 +250,22 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
 
     def selection() -> tuple[list[CandidateRecord], Optional[CandidateRecord]]:
         _profile_leaders(graph, job, executors, search, pairs, records, formats, built_by, done, listener)
+        candidates, winner = chosen()
+        if winner is not None and winner.precision_in(job.precision) != job.precision:
+            # The fallback is chosen among fully profiled candidates: the best screen in the module's own
+            # precision gets its full profile too, or a screened fp32 build 20% behind an fp16 winner would
+            # leave eager as the fallback.
+            own = [i for i in sorted(records) if records[i].verified
+                   and records[i].precision_in(job.precision) == job.precision
+                   and records[i].screen_ms(search.batch) is not None]
+            best = min(own, key=lambda i: records[i].screen_ms(search.batch), default=None)
+            if best is not None and records[best].status == "screened":
+                _profile_leaders(graph, job, executors, search, pairs, records, formats, built_by, done, listener,
+                                 wanted=[best])
+                candidates, winner = chosen()
+        return candidates, winner
+
+    def chosen() -> tuple[list[CandidateRecord], Optional[CandidateRecord]]:
         candidates = [records[i] for i in sorted(records)]
         for i, record in enumerate(candidates):
             if record.status == "screened":  # why, against the final figures (also for screens cached before)
@@ -256,7 +273,9 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         return candidates, select(candidates, config.strategy, batch, eager, graph.batch_weights)
 
     candidates, winner = selection()
-    best_ms = call_ms(winner, batch, graph.batch_weights) if winner is not None else None
+    # At the batch the strategy compares candidates at (MaxThroughput: the largest profiled one).
+    compared = (search.batch, None) if isinstance(config.strategy, MaxThroughput) else (batch, graph.batch_weights)
+    best_ms = call_ms(winner, *compared) if winner is not None else None
     extra = follow_up_pairs(pairs, records, follow_up_precisions(job.precision, device, config.precisions), best_ms)
     if extra:
         log.info("%s graph %s: the best %s build takes %.2f ms a call (%s): trying %s too (precisions=(%r,) keeps "
@@ -286,13 +305,14 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
 def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Search,
                      pairs: list[tuple[RunnerSpec, str]], records: dict[int, CandidateRecord],
                      formats: dict[str, FormatState], built_by: dict[int, Executor], done: Callable[..., None],
-                     listener: OptimizeListener) -> None:
-    """The full profile for the screened candidates that lead (``Search.leaders``), on the executor that screened
-    each one (its worker may still hold the runner; another loads the build ``formats`` names). A leader whose
-    profile fails leaves the lead to the next."""
+                     listener: OptimizeListener, wanted: Optional[list[int]] = None) -> None:
+    """The full profile for the screened candidates that lead (``Search.leaders``), or for those at the
+    ``wanted`` places, on the executor that screened each one (its worker may still hold the runner; another
+    loads the build ``formats`` names). A leader whose profile fails leaves the lead to the next."""
     while True:
         leaders = {r.name for r in search.leaders(records.values())}
-        todo = [i for i in sorted(records) if records[i].status == "screened" and records[i].name in leaders]
+        todo = [i for i in sorted(records) if records[i].status == "screened"
+                and (records[i].name in leaders if wanted is None else i in wanted)]
         if not todo:
             return
         for index in todo:
@@ -368,7 +388,7 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
         optimized = bind(module, folder, manifest, fp, in_optimize=True)
         bind_s = time.perf_counter() - bind_start
         prune = not keep_artifacts(config)
-        unused_cache = prune and not loads_from_inductor_cache(manifest)
+        unused_cache = prune and not loads_from_inductor_cache(manifest, fallbacks=True)
         manifest.inductor_cache = None if unused_cache else checksum_to_record(folder)
         if prune:
             mark_unused(manifest)  # builds nothing will load: their records stay, their folders go below

@@ -58,8 +58,11 @@ def fall_back(module: Module, folder: Path, why: str) -> Optional[Tolerance]:
             bind(module, folder, manifest)  # the winners again, as the manifest on disk says
             return None
         write_manifest(folder, chosen)
-    own = chosen.tolerances.get(chosen.precision)
-    return Tolerance(*own, chosen.precision in LOW_PRECISIONS) if own is not None else Tolerance()
+    # As module_tolerance: from what each graph runs now (a graph with no fallback keeps its winner).
+    precisions = {c.precision_in(chosen.precision) for e in chosen.graphs.values()
+                  if (c := e.selected_candidate()) is not None} or {chosen.precision}
+    return Tolerance.loosest(Tolerance(*chosen.tolerances[p], p in LOW_PRECISIONS)
+                             for p in precisions if p in chosen.tolerances)
 
 
 def module_tolerance(status: ModuleStatus) -> Tolerance:
@@ -131,14 +134,18 @@ def _check_outputs(func: Callable, samples: list[tuple[tuple, dict]], generators
         why = f"with it optimized the pipeline's outputs differ from eager: {alone[m.name].reason or result.reason}"
         own = fall_back(m, folders[m.name], why)
         if own is not None:
-            log.warning("navdeploy: module %s runs its best candidates in its own precision: %s", m.name, why)
             tolerances[m.name] = own
-            timing.fell_back[m.name] = why
-            continue
+            still = differs([m])  # the fallbacks alone, the other modules eager
+            if still.ok:
+                log.warning("navdeploy: module %s runs its best candidates in its own precision: %s", m.name, why)
+                timing.fell_back[m.name] = why
+                continue
+            why += f"; with its best candidates in its own precision too: {still.reason}"
         _revert(m, why, folders, timing)
     rest = [m for m in modules if m.is_optimized]
     if rest and not (final := differs(rest)).ok:  # the rest still differ together: none of them stays
         for m in rest:
+            timing.fell_back.pop(m.name, None)
             _revert(m, f"with the others optimized the pipeline's outputs differ from eager: {final.reason}",
                     folders, timing)
     return result

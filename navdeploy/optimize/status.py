@@ -129,7 +129,8 @@ class OptimizeStatus:
     def selected(self) -> dict[str, list[Optional[str]]]:
         """Module name -> the search's winner of each graph (None where none was correct). A module the pipeline
         check put back to eager (``ModuleStatus.reverted``) still names its winner here; ``in_use`` says what
-        runs."""
+        runs. A module whose low-precision winners changed the pipeline's outputs (``PipelineTiming.fell_back``)
+        names its fallbacks in its own precision: what its manifest selects now."""
         return {n: [g.selected for g in m.graphs] for n, m in self.modules.items()}
 
     def in_use(self) -> dict[str, list[str]]:

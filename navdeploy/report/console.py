@@ -45,7 +45,8 @@ class ConsoleReporter(NullListener):
 
     def candidates_added(self, count: int) -> None:
         if self._bar is not None and self._task is not None:
-            self._bar.update(self._task, total=(self._bar.tasks[0].total or 0) + count)
+            task = next(t for t in self._bar.tasks if t.id == self._task)
+            self._bar.update(self._task, total=(task.total or 0) + count)
 
     def candidate_started(self, module: str, candidate: str) -> None:
         if self._bar is not None and self._task is not None:
@@ -178,7 +179,9 @@ def pipeline_lines(p: PipelineTiming) -> list[str]:
     else:
         lines = ["pipeline end to end: not timed, every module runs eagerly"]
     lines += output_lines(p.outputs)
-    lines += [f"  {name} runs its best candidates in its own precision: {why}" for name, why in p.fell_back.items()]
+    for name, why in p.fell_back.items():  # a module reverted afterwards says so on its own line below
+        verb = "first went to its" if name in p.reverted else "runs its"
+        lines.append(f"  {name} {verb} best candidates in its own precision: {why}")
     lines += [f"  {name} went back to eager: {why}" for name, why in p.reverted.items()]
     if p.compiled:
         lines.append(f"  {p.compiled} timed pass(es) included a torch.compile compile: those figures are high")

@@ -172,11 +172,14 @@ def _python_loadable(graph_dir: Path, candidate: CandidateRecord, entry: GraphEn
 def _python_artifact(graph_dir: Path, candidate: CandidateRecord, entry: GraphEntry,
                      module_precision: str) -> tuple[str, Path, CandidateRecord]:
     """The artifact a Python-backend model runs: the winner's when it has one the template loads, else the
-    fastest verified candidate's that does."""
+    fastest verified candidate's that does, in the winner's precision where one is (after the pipeline check
+    chose a graph's fallback in the module's own precision, not the low-precision build it passed over)."""
     if _python_loadable(graph_dir, candidate, entry, module_precision):
         return candidate.format, entry.artifact_folder(graph_dir, candidate.artifact_dir(module_precision)), candidate
     # Verified ones: fully profiled, or screened out by the search (correct, only not the fastest).
     usable = [c for c in entry.candidates if c.verified and _python_loadable(graph_dir, c, entry, module_precision)]
+    precision = candidate.precision_in(module_precision)
+    usable = [c for c in usable if c.precision_in(module_precision) == precision] or usable
     if not usable:
         raise NavdeployError(
             f"graph {graph_dir.name} of module {graph_dir.parent.name!r}: the selected runner "

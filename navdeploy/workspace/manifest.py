@@ -120,6 +120,10 @@ def check_entry(key: Any, entry: Any, graph: bool = True) -> None:
     selected = entry.get("selected")
     need(selected is None or any(c.get("name", c["runner"]) == selected for c in candidates),
          f"graph {key}: 'selected' names {selected!r}, which is none of its candidates")
+    fallback = entry.get("fallback")
+    need(fallback is None or (fallback != selected and any(c.get("name", c["runner"]) == fallback
+                                                            for c in candidates)),
+         f"graph {key}: 'fallback' names {fallback!r}, which is the selected one or none of its candidates")
     if not graph:
         return
     try:

@@ -5,9 +5,10 @@ What stays, per graph (:func:`artifacts_in_use`):
 - the selected candidate's artifact folder: ``bind``/``load_optimized`` load it, and a native Triton model
   (``export_model_repository``, backend ``auto``) copies it; the fallback's too (``GraphEntry.fallback``: the
   pipeline check binds it when the winner's other precision changes the pipeline's outputs);
-- when the selected candidate's format has no artifact the templated Python-backend ``model.py`` can load
-  (torch.compile, eager, TensorRT), the artifact the export falls back to: the fastest verified candidate's among
-  the formats that ``model.py`` loads (``TritonMapping.python_preference``), chosen as ``triton/emit.py`` chooses it.
+- when the selected candidate's (or the fallback's) format has no artifact the templated Python-backend
+  ``model.py`` can load (torch.compile, eager, TensorRT), the artifact the export falls back to: the fastest
+  verified candidate's among the formats that ``model.py`` loads (``TritonMapping.python_preference``), in the
+  same precision where one is, chosen as ``triton/emit.py`` chooses it.
 
 A removed build's state in the manifest becomes ``pruned`` (its checksum kept). The manifest is written before
 anything is deleted, and the folders go with the other builds the manifest no longer names
@@ -59,16 +60,22 @@ def artifacts_in_use(entry: GraphEntry, module_precision: str) -> set[str]:
     winner = entry.selected_candidate()
     if winner is None:
         return set()
-    keep = {c.artifact_dir(module_precision) for c in (winner, entry.fallback_candidate())
-            if c is not None and _has_artifact(c.format)}
-    if _python_preference(winner.format) is None:
-        # Pruned folders count as built: what the export would choose with every folder there is what is in use.
-        built = {name for name, state in entry.formats.items() if state.status in ("ok", PRUNED)}
-        usable = [c for c in entry.candidates if c.verified and _python_preference(c.format) is not None
-                  and c.artifact_dir(module_precision) in built]
-        if usable:
-            best = min(usable, key=lambda c: (_p50(c), _python_preference(c.format)))
-            keep.add(best.artifact_dir(module_precision))
+    keep = set()
+    # Pruned folders count as built: what the export would choose with every folder there is what is in use.
+    built = {name for name, state in entry.formats.items() if state.status in ("ok", PRUNED)}
+    for chosen in (winner, entry.fallback_candidate()):
+        if chosen is None:
+            continue
+        if _has_artifact(chosen.format):
+            keep.add(chosen.artifact_dir(module_precision))
+        if _python_preference(chosen.format) is None:  # as triton/emit.py's _python_artifact chooses
+            usable = [c for c in entry.candidates if c.verified and _python_preference(c.format) is not None
+                      and c.artifact_dir(module_precision) in built]
+            precision = chosen.precision_in(module_precision)
+            usable = [c for c in usable if c.precision_in(module_precision) == precision] or usable
+            if usable:
+                best = min(usable, key=lambda c: (_p50(c), _python_preference(c.format)))
+                keep.add(best.artifact_dir(module_precision))
     return keep
 
 

@@ -23,7 +23,8 @@ SCALAR_OUTPUTS = [False]
 
 
 def _numpy_dtype(name):
-    return np.dtype(name) if name != "bool" else np.dtype(np.bool_)
+    # numpy has no bfloat16: such inputs travel as float32 and are cast in torch (``run``)
+    return {"bool": np.dtype(np.bool_), "bfloat16": np.dtype(np.float32)}.get(name) or np.dtype(name)
 
 
 class TritonPythonModel:
@@ -60,12 +61,16 @@ class TritonPythonModel:
         else:
             raise pb_utils.TritonModelException(f"navdeploy: unknown artifact format {ARTIFACT_FORMAT!r}")
 
+        casts = [torch.bfloat16 if dtype == "bfloat16" else None for dtype in RUN_DTYPES]
+
         def run(arrays):
             with torch.inference_mode():
-                outputs = module(*[torch.from_numpy(a).to(self.device) for a in arrays])
+                tensors = [torch.from_numpy(a).to(self.device) for a in arrays]
+                outputs = module(*[t.to(cast) if cast is not None else t for t, cast in zip(tensors, casts)])
             if isinstance(outputs, torch.Tensor):
                 outputs = [outputs]
-            return [o.detach().cpu().numpy() for o in outputs]
+            # bf16 outputs leave as float32 (numpy has no bfloat16); _response casts to the configured dtype
+            return [(o.float() if o.dtype == torch.bfloat16 else o).detach().cpu().numpy() for o in outputs]
 
         return run
 
