@@ -175,3 +175,19 @@ def test_a_bf16_winner_is_served_by_tritonserver_with_fp32_io_and_validates_nati
     assert served.dtype == np.float32 and served.shape == eager.shape
     np.testing.assert_allclose(served, eager, atol=5e-2, rtol=5e-2)  # bf16's tolerance, as it was verified
     assert np.abs(served - eager).max() > 1e-5  # the bf16 build served it, not an fp32 one
+
+
+def test_a_low_precision_winner_must_beat_its_own_precision_by_a_margin():
+    from navdeploy.candidates.select import PRECISION_MARGIN, prefer_own_precision
+
+    fp32 = _record("TorchScriptCPU", ms=2.333)
+    tie = _record("TorchScriptCPU", ms=2.330, precision="bf16")
+    clear = _record("TorchScriptCPU", ms=2.333 / (1 + 2 * PRECISION_MARGIN), precision="bf16")
+
+    def latency(record):
+        return record.profile[0].p50_ms
+
+    assert prefer_own_precision(tie, fp32, latency) == (fp32, None)  # a tie keeps the module's own precision
+    assert prefer_own_precision(clear, fp32, latency) == (clear, fp32)
+    assert prefer_own_precision(fp32, None, latency) == (fp32, None)
+    assert prefer_own_precision(None, None, latency) == (None, None)

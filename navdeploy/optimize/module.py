@@ -22,7 +22,7 @@ from navdeploy.candidates.precision import (
     tolerance_precision,
 )
 from navdeploy.candidates.search import Search, follow_up_pairs, graph_search, search_order, twin_skip_reason
-from navdeploy.candidates.select import call_ms, own_precision_fallback, select
+from navdeploy.candidates.select import call_ms, own_precision_fallback, prefer_own_precision, select
 from navdeploy.capture.graph import Graph
 from navdeploy.config import (
     MaxThroughput,
@@ -297,7 +297,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         executors.map(run_chain, [[(i, r, p) for i, (r, p) in enumerate(pairs)
                                    if artifact_dir(r.format.value, p, job.precision) in rebuild]])
         candidates, winner = selection()
-    fallback = fallback_of(winner)
+    winner, fallback = prefer_own_precision(winner, fallback_of(winner), lambda c: call_ms(c, *compared))
     return GraphEntry(graph, gkey, formats, candidates, winner.name if winner else None, now(),
                       fallback.name if fallback else None)
 
