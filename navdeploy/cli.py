@@ -200,6 +200,7 @@ def status(workspace: Optional[Path] = WorkspaceOption) -> None:
         table.add_column(col)
     found = 0
     reverted: dict[str, str] = {}
+    fell_back: dict[str, tuple[str, str]] = {}
     for folder in module_folders(ws):  # not the user's folders beside them (a manifest.json of their own)
         manifest, problem = load_manifest(folder)
         if problem:  # one line naming the file; the other modules are still listed
@@ -208,6 +209,8 @@ def status(workspace: Optional[Path] = WorkspaceOption) -> None:
             continue
         if manifest.reverted:
             reverted[manifest.module] = manifest.reverted
+        elif manifest.fell_back:
+            fell_back[manifest.module] = (manifest.precision, manifest.fell_back)
         for key, entry in manifest.graphs.items():
             found += 1
             eager = next((c for c in entry.candidates if c.runner in EAGER_RUNNER.values()), None)
@@ -230,6 +233,9 @@ def status(workspace: Optional[Path] = WorkspaceOption) -> None:
     for name, why in reverted.items():  # load_optimized binds these as eager; the repository still exports them
         _console.print(f"* {escape(name)} runs eagerly in your pipeline: the pipeline check put it back to eager "
                        f"({escape(why)}). export-repo still serves its selected runner, the fastest of it alone.")
+    for name, (precision, why) in fell_back.items():
+        _console.print(f"{escape(name)} runs its best {precision} candidates: the pipeline check chose them over "
+                       f"faster ones in a lower precision ({escape(why)}).")
 
 
 @app.command()

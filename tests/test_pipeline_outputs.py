@@ -39,6 +39,8 @@ def test_integer_outputs_compare_exactly_and_floats_within_tolerance():
     assert not check.ok and "out[1]" in check.reason
     check = compare_leaves(_leaves([x]), _leaves([x, x]), Tolerance())
     assert not check.ok and "structure" in check.reason
+    check = compare_leaves(_leaves({"a": x, "b": x}), _leaves({"b": x, "a": x}), Tolerance())
+    assert not check.ok and "the same leaves in another order" in check.reason
 
 
 def test_images_may_differ_by_a_rounding_step():

@@ -99,6 +99,19 @@ def test_status_command_shows_an_fp16_winner(tmp_path):
     assert "3/3" in row
 
 
+def test_status_command_says_a_module_fell_back_to_its_own_precision(tmp_path):
+    entry = _fp16_winner_entry()
+    entry.selected = "TensorRT"  # as the pipeline check leaves it: the fp32 fallback selected
+    manifest = _manifest(entry)
+    manifest.fell_back = "with it optimized the pipeline's outputs differ from eager"
+    write_manifest(tmp_path / "records_mod", manifest)
+    result = CliRunner().invoke(app, ["status", "-w", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    (row,) = [line for line in result.output.splitlines() if "records_mod" in line and "TensorRT" in line]
+    assert "1.250" in row  # the fp32 build's p50
+    assert "records_mod runs its best fp32 candidates" in " ".join(result.output.split())
+
+
 def test_console_table_stars_an_fp16_winner():
     entry = _fp16_winner_entry()
     graph = GraphStatus("g0", entry.selected, entry.candidates, batching=True)
