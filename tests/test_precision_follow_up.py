@@ -60,15 +60,24 @@ def test_the_fallback_is_the_best_candidate_in_the_modules_own_precision():
     assert own_precision_fallback([eager, bf16], bf16, "fp32", MinLatency(), 4, "TorchCPU") is eager
 
 
+def _compute_bound(name: str) -> tuple[torch.nn.Module, nav.Module]:
+    """Four 1024-wide layers, called at 64 rows: ~4 ms a call in fp32 on 2 cores, well past FOLLOW_UP_MIN_MS;
+    (the plain layers, the wrapped module)."""
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)]).eval()
+    return layers, nav.Module(layers, name=name, batching=False)
+
+
+def _config(workspace, **overrides) -> nav.OptimizeConfig:
+    return nav.OptimizeConfig(runners=("TorchCPU", "TorchScriptCPU"), profile_time_s=0.2, workspace=workspace,
+                              **overrides)
+
+
 @pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): "
                                                     "bf16 is not tried by default here")
 def test_a_compute_bound_module_gets_bf16_copies_by_default_and_keeps_its_fp32_fallback(tmp_path):
-    torch.manual_seed(0)
-    # Four 1024-wide layers at 64 rows: ~4 ms a call in fp32 on 2 cores, well past FOLLOW_UP_MIN_MS.
-    layers = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)]).eval()
-    model = nav.Module(layers, name="follow_up_mlp", batching=False)
-    config = nav.OptimizeConfig(runners=("TorchCPU", "TorchScriptCPU"), profile_time_s=0.2, workspace=tmp_path,
-                                keep_artifacts=False, pipeline_repeats=3)
+    _, model = _compute_bound("follow_up_mlp")
+    config = _config(tmp_path, keep_artifacts=False, pipeline_repeats=3)
     items = [(1, torch.randn(64, 1024)), (1, torch.randn(64, 1024))]
     with torch.no_grad():
         status = nav.optimize(lambda x: model(x), items, config)
@@ -93,11 +102,8 @@ def test_a_compute_bound_module_gets_bf16_copies_by_default_and_keeps_its_fp32_f
 @pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): "
                                                     "bf16 is not tried by default here")
 def test_a_bf16_winner_that_changes_the_pipelines_integers_gives_way_to_its_fp32_fallback(tmp_path):
-    torch.manual_seed(0)
-    layers = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)]).eval()
-    model = nav.Module(layers, name="follow_up_ints", batching=False)
-    config = nav.OptimizeConfig(runners=("TorchCPU", "TorchScriptCPU"), profile_time_s=0.2, workspace=tmp_path,
-                                pipeline_repeats=3)
+    layers, model = _compute_bound("follow_up_ints")
+    config = _config(tmp_path, pipeline_repeats=3)
 
     def pipeline(x):
         return (model(x) * 100).round().long()  # bf16's rounding moves many of these integers
@@ -136,11 +142,8 @@ def test_a_bf16_winner_is_served_by_tritonserver_with_fp32_io_and_validates_nati
     from navdeploy.triton import TritonServer, export_model_repository, validate_repository
     from navdeploy.triton.validate import parse_config
 
-    torch.manual_seed(0)
-    layers = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)]).eval()
-    model = nav.Module(layers, name="follow_up_served", batching=False)
-    config = nav.OptimizeConfig(runners=("TorchCPU", "TorchScriptCPU"), profile_time_s=0.2,
-                                workspace=tmp_path / "ws", pipeline_repeats=0)
+    layers, model = _compute_bound("follow_up_served")
+    config = _config(tmp_path / "ws", pipeline_repeats=0)
     x = torch.randn(64, 1024)
     with torch.no_grad():
         status = nav.optimize(lambda t: model(t), [(1, x), (1, torch.randn(64, 1024))], config)

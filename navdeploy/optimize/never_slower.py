@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -23,6 +23,7 @@ from navdeploy.optimize.pipeline import compare, handlers
 from navdeploy.optimize.status import ModuleStatus, PipelineTiming
 from navdeploy.workspace.locks import locked
 from navdeploy.workspace.manifest import read_manifest, write_manifest
+from navdeploy.workspace.records import CandidateRecord
 
 log = logging.getLogger("navdeploy")
 
@@ -58,19 +59,21 @@ def fall_back(module: Module, folder: Path, why: str) -> Optional[Tolerance]:
             bind(module, folder, manifest)  # the winners again, as the manifest on disk says
             return None
         write_manifest(folder, chosen)
-    # As module_tolerance: from what each graph runs now (a graph with no fallback keeps its winner).
-    precisions = {c.precision_in(chosen.precision) for e in chosen.graphs.values()
-                  if (c := e.selected_candidate()) is not None} or {chosen.precision}
-    return Tolerance.loosest(Tolerance(*chosen.tolerances[p], p in LOW_PRECISIONS)
-                             for p in precisions if p in chosen.tolerances)
+    # From what each graph runs now (a graph with no fallback keeps its winner).
+    return _selected_tolerance((e.selected_candidate() for e in chosen.graphs.values()), chosen.precision,
+                               chosen.tolerances)
+
+
+def _selected_tolerance(selected: Iterable[Optional[CandidateRecord]], module_precision: str,
+                        tolerances: dict[str, tuple[float, float]]) -> Tolerance:
+    """The loosest tolerance the ``selected`` candidates were checked with (the module's precision's when none)."""
+    precisions = {c.precision_in(module_precision) for c in selected if c is not None} or {module_precision}
+    return Tolerance.loosest(Tolerance(*tolerances[p], p in LOW_PRECISIONS) for p in precisions if p in tolerances)
 
 
 def module_tolerance(status: ModuleStatus) -> Tolerance:
     """The loosest tolerance the module's selected candidates were checked with (its precision's when none)."""
-    precisions = {(c.precision or status.precision) for g in status.graphs
-                  if (c := g.selected_candidate()) is not None} or {status.precision}
-    return Tolerance.loosest(Tolerance(*status.tolerances[p], p in LOW_PRECISIONS)
-                             for p in precisions if p in status.tolerances)
+    return _selected_tolerance((g.selected_candidate() for g in status.graphs), status.precision, status.tolerances)
 
 
 def _outputs(func: Callable, samples: list[tuple[tuple, dict]], generators: SampleGenerators,

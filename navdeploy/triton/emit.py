@@ -44,6 +44,7 @@ from navdeploy.workspace.atomic import write_error
 from navdeploy.workspace.identity import module_folders
 from navdeploy.workspace.layout import MANIFEST
 from navdeploy.workspace.manifest import load_manifest
+from navdeploy.workspace.prune import python_artifact_choice
 from navdeploy.workspace.records import CandidateRecord, GraphEntry, Manifest
 
 log = logging.getLogger("navdeploy")
@@ -157,11 +158,6 @@ def _environment(templates_dir: Optional[Path]) -> jinja2.Environment:
                               autoescape=False)
 
 
-def _p50(candidate: CandidateRecord) -> float:
-    p50 = candidate.shown_p50_ms()  # a screened candidate's screen figure
-    return float("inf") if p50 is None else p50
-
-
 def _python_loadable(graph_dir: Path, candidate: CandidateRecord, entry: GraphEntry, module_precision: str) -> bool:
     """Whether the templated model.py can load the candidate's format and its artifact is there."""
     folder = entry.artifact_folder(graph_dir, candidate.artifact_dir(module_precision))
@@ -178,15 +174,13 @@ def _python_artifact(graph_dir: Path, candidate: CandidateRecord, entry: GraphEn
         return candidate.format, entry.artifact_folder(graph_dir, candidate.artifact_dir(module_precision)), candidate
     # Verified ones: fully profiled, or screened out by the search (correct, only not the fastest).
     usable = [c for c in entry.candidates if c.verified and _python_loadable(graph_dir, c, entry, module_precision)]
-    precision = candidate.precision_in(module_precision)
-    usable = [c for c in usable if c.precision_in(module_precision) == precision] or usable
-    if not usable:
+    best = python_artifact_choice(usable, candidate, module_precision)
+    if best is None:
         raise NavdeployError(
             f"graph {graph_dir.name} of module {graph_dir.parent.name!r}: the selected runner "
             f"{candidate.name} has no artifact a Python-backend model can load, and no "
             "verified TorchScript, ExportedProgram, ONNX or AOTInductor artifact exists. Re-run nav.optimize with one "
             "of those in target_formats (e.g. nav.Format.TORCHSCRIPT).")
-    best = min(usable, key=lambda c: (_p50(c), _triton_mapping(c.format).python_preference))
     return best.format, entry.artifact_folder(graph_dir, best.artifact_dir(module_precision)), best
 
 

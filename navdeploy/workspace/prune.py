@@ -8,7 +8,7 @@ What stays, per graph (:func:`artifacts_in_use`):
 - when the selected candidate's (or the fallback's) format has no artifact the templated Python-backend
   ``model.py`` can load (torch.compile, eager, TensorRT), the artifact the export falls back to: the fastest
   verified candidate's among the formats that ``model.py`` loads (``TritonMapping.python_preference``), in the
-  same precision where one is, chosen as ``triton/emit.py`` chooses it.
+  same precision where one is (:func:`python_artifact_choice`, which ``triton/emit.py`` exports).
 
 A removed build's state in the manifest becomes ``pruned`` (its checksum kept). The manifest is written before
 anything is deleted, and the folders go with the other builds the manifest no longer names
@@ -50,7 +50,7 @@ def _has_artifact(fmt: str) -> bool:
 
 
 def _p50(candidate: CandidateRecord) -> float:
-    p50 = candidate.shown_p50_ms()  # a screened candidate's screen figure, as triton/emit.py reads it
+    p50 = candidate.shown_p50_ms()  # a screened candidate's screen figure
     return float("inf") if p50 is None else p50
 
 
@@ -68,15 +68,24 @@ def artifacts_in_use(entry: GraphEntry, module_precision: str) -> set[str]:
             continue
         if _has_artifact(chosen.format):
             keep.add(chosen.artifact_dir(module_precision))
-        if _python_preference(chosen.format) is None:  # as triton/emit.py's _python_artifact chooses
+        if _python_preference(chosen.format) is None:
             usable = [c for c in entry.candidates if c.verified and _python_preference(c.format) is not None
                       and c.artifact_dir(module_precision) in built]
-            precision = chosen.precision_in(module_precision)
-            usable = [c for c in usable if c.precision_in(module_precision) == precision] or usable
-            if usable:
-                best = min(usable, key=lambda c: (_p50(c), _python_preference(c.format)))
+            best = python_artifact_choice(usable, chosen, module_precision)
+            if best is not None:
                 keep.add(best.artifact_dir(module_precision))
     return keep
+
+
+def python_artifact_choice(usable: Sequence[CandidateRecord], chosen: CandidateRecord,
+                           module_precision: str) -> Optional[CandidateRecord]:
+    """The candidate whose artifact a Python-backend model runs for ``chosen`` when ``model.py`` cannot load
+    ``chosen``'s own (``usable``: the verified ones it can load): the fastest, in ``chosen``'s precision where one
+    is (not the low-precision build the pipeline check passed over for a fallback), the format ``model.py``
+    prefers on a tie. ``triton/emit.py`` exports it; pruning keeps it."""
+    precision = chosen.precision_in(module_precision)
+    same = [c for c in usable if c.precision_in(module_precision) == precision] or list(usable)
+    return min(same, key=lambda c: (_p50(c), _python_preference(c.format)), default=None)
 
 
 def mark_unused(manifest: Manifest) -> list[str]:
