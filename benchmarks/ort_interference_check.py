@@ -2,8 +2,9 @@
 
 A pipeline alternates an ORT session (a small MLP) and a torch CNN, as a pipeline with an ONNX winner and an eager
 or compiled neighbour does. The torch call is timed right after each ORT call, with ORT's default session options
-(worker threads spin after a run) and with navdeploy's (navdeploy/formats/onnx.py: no spinning, torch's thread
-count), in separate processes so neither setting disturbs the other; and alone (no ORT call before it).
+(worker threads spin after a run) and with navdeploy's (navdeploy/formats/onnx.py: spinning only inside a run,
+torch's thread count), with workers that never spin (``allow_spinning=0``), in separate processes so
+no setting disturbs another; and alone (no ORT call before it). The ORT call's own time is printed too.
 
 Usage: python benchmarks/ort_interference_check.py [--repeats 200]
 (writes benchmarks/results/ort_interference_cpu.json)
@@ -43,19 +44,26 @@ def _child(mode: str, repeats: int) -> dict:
         options = onnxruntime.SessionOptions()
     else:
         options = session_options()
+    if mode == "never spinning":  # navdeploy's options before force_spinning_stop: workers wake for every operator
+        options.add_session_config_entry("session.force_spinning_stop", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {"x": x.numpy()}
-    times = []
+    times, ort_times = [], []
     with torch.no_grad():
         for i in range(repeats + 10):
             if mode != "alone":
+                start = time.perf_counter()
                 session.run(None, feeds)
+                if i >= 10:
+                    ort_times.append((time.perf_counter() - start) * 1e3)
             start = time.perf_counter()
             cnn(image)
             if i >= 10:
                 times.append((time.perf_counter() - start) * 1e3)
     return {"mode": mode, "torch_ms_p50": statistics.median(times),
-            "torch_ms_p90": statistics.quantiles(times, n=10)[-1], "repeats": repeats}
+            "torch_ms_p90": statistics.quantiles(times, n=10)[-1],
+            "ort_ms_p50": statistics.median(ort_times) if ort_times else None, "repeats": repeats}
 
 
 def main() -> None:
@@ -67,13 +75,14 @@ def main() -> None:
         print(json.dumps(_child(args.child, args.repeats)))
         return
     rows = []
-    for mode in ("alone", "default", "navdeploy"):
+    for mode in ("alone", "default", "navdeploy", "never spinning"):
         out = subprocess.run([sys.executable, __file__, "--child", mode, "--repeats", str(args.repeats)],
                              capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"{'ORT options before the torch call':<36}{'torch p50 ms':>14}{'p90 ms':>10}")
+    print(f"{'ORT options before the torch call':<36}{'torch p50 ms':>14}{'p90 ms':>10}{'ORT p50 ms':>12}")
     for r in rows:
-        print(f"{r['mode']:<36}{r['torch_ms_p50']:>14.3f}{r['torch_ms_p90']:>10.3f}")
+        ort_ms = f"{r['ort_ms_p50']:.3f}" if r["ort_ms_p50"] is not None else "-"
+        print(f"{r['mode']:<36}{r['torch_ms_p50']:>14.3f}{r['torch_ms_p90']:>10.3f}{ort_ms:>12}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.node(),
               "cpu_count": __import__("os").cpu_count(), "python": platform.python_version(), "rows": rows}

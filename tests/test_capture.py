@@ -323,6 +323,18 @@ def test_recorder_counts_calls_per_batch_size_and_takes_opt_shapes_from_the_most
     assert unbatched.typical_batch is None and unbatched.batch_weights is None
 
 
+def test_candidates_are_timed_on_the_median_sized_sample_of_the_typical_batch():
+    """Screens and profiles grow ``typical_sample`` to each batch size: a classifier captured on a short batch of 2
+    and a long batch of 4 is timed on the long one, a generate loop on its middle length rather than its prompt (on
+    the short sample ONNX Runtime beat AOTInductor for a small BERT, and lost on the pipeline's long one)."""
+    _, (mix,) = record_calls([((torch.ones(2, 12),), {}), ((torch.ones(4, 32),), {})])
+    assert mix.typical_sample is mix.samples[1] and mix.inputs[0].opt_shape == [4, 32]
+    _, (loop,) = record_calls([((torch.ones(2, n),), {}) for n in range(10, 17)])
+    assert tuple(loop.typical_sample.inputs[0].shape) == (2, 13) and loop.inputs[0].opt_shape == [2, 13]
+    _, (unbatched,) = record_calls([((torch.ones(n, 3),), {}) for n in (1, 5, 3)], batching=False)
+    assert tuple(unbatched.typical_sample.inputs[0].shape) == (3, 3)
+
+
 def test_input_mapping_is_applied_before_recording():
     proxy = nav.Module(AddOne(), name="capture_input_mapping",
                        input_mapping=lambda args, kwargs: ((torch.tensor(args[0]),), {}))

@@ -355,3 +355,25 @@ def test_thorough_comes_from_the_config_then_the_run_defaults_then_the_environme
     assert thorough(nav.OptimizeConfig()) is False
     with pytest.raises(ConfigError, match="thorough='yes'"):
         nav.OptimizeConfig(thorough="yes")
+
+
+def test_candidates_are_screened_and_profiled_on_the_typical_sample_at_each_batch_size(tmp_path):
+    """A classifier captured on a short batch of 2, then the long batch of 4 its pipeline spends its time on: every
+    candidate is timed (and checked at each profiled batch size) on the long one grown or cut to that size, not on
+    the first capture."""
+    from navdeploy.candidates.build import Job, WorkerState, _inputs_at
+    from navdeploy.capture.recorder import Recorder
+
+    module = nn.Linear(8, 4).eval()
+    recorder = Recorder("typical", 8, None)
+    for batch, length in ((2, 12), (4, 32)):
+        recorder.record(module, (torch.randn(batch, length, 8),), {})
+    graph = recorder.finish()[0]
+    job = Job("typical", module, None, {graph.key: graph}, tmp_path, "cpu", "fp32", {"fp32": (1e-4, 1e-3)}, None,
+              (1, 4, 8), 8, 0.05)
+    state = WorkerState()
+    for batch in (1, 4, 8):
+        (inputs,) = _inputs_at(job, graph, state, batch)
+        assert tuple(inputs.shape) == (batch, 32, 8)
+        (expected,) = state.reference(job, graph, batch)[1]
+        assert torch.allclose(expected, module(inputs))

@@ -173,7 +173,7 @@ class WorkerState:
         return self.flat[key]
 
     def reference(self, job: Job, graph: Graph, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        inputs = expand_batch(graph.samples[0].inputs, batch_size)
+        inputs = expand_batch(graph.typical_sample.inputs, batch_size)
         key = (graph.key, batch_size)
         if key not in self.references:
             with torch.no_grad():
@@ -268,7 +268,7 @@ def _verify(job: Job, graph: Graph, run: Callable, record: CandidateRecord, task
 
 
 def _inputs_at(job: Job, graph: Graph, state: WorkerState, batch_size: Optional[int]) -> list[torch.Tensor]:
-    return state.reference(job, graph, batch_size)[0] if graph.batching else graph.samples[0].inputs
+    return state.reference(job, graph, batch_size)[0] if graph.batching else graph.typical_sample.inputs
 
 
 def _time(job: Job, graph: Graph, run: Callable, record: CandidateRecord, task: Task, state: WorkerState) -> None:
@@ -288,7 +288,7 @@ def _time(job: Job, graph: Graph, run: Callable, record: CandidateRecord, task: 
         state.keep(record.name, record.screen.p50_ms, run, task.keep_below_ms)
         return
     sized = [(bs, _inputs_at(job, graph, state, bs)) for bs in job.batch_sizes] if graph.batching \
-        else [(None, graph.samples[0].inputs)]
+        else [(None, graph.typical_sample.inputs)]
     for bs, inputs in sized:
         with _current_device(inputs):
             record.profile.append(measure(lambda inputs=inputs: run(inputs), bs, job.device, job.profile_time_s))

@@ -140,6 +140,21 @@ class Graph:
         return next((t.opt_shape[0] for t in self.inputs if t.opt_shape), None)
 
     @property
+    def typical_sample(self) -> Sample:
+        """The kept sample candidates are screened and profiled on (grown or cut to each profiled batch size), and
+        whose shapes are the opt shapes: of the samples at :attr:`typical_batch` (all of them when the graph does not
+        batch), the one of median size (the larger of two middles; the first kept of equals). The first kept sample
+        is often the smallest (a prompt before the tokens generated from it, the shortest sequence of a batch mix),
+        where a runner's per-call overhead decides and another runner wins than on the calls the pipeline spends
+        its time on."""
+        typical = self.typical_batch
+        pool = [s for s in self.samples
+                if typical is not None and next((t.shape[0] for t in s.inputs if t.dim() > 0), None) == typical]
+        pool = pool or self.samples
+        order = sorted(range(len(pool)), key=lambda i: (sum(t.numel() for t in pool[i].inputs), i))
+        return pool[order[len(order) // 2]]
+
+    @property
     def batch_weights(self) -> Optional[dict[int, int]]:
         """The captured calls per batch size, when the graph batches and more than one size was seen (else None:
         candidates are compared at :attr:`typical_batch`)."""

@@ -141,14 +141,12 @@ class Recorder:
         graph.samples.append(Sample([t.detach().clone() for t in inputs], [t.detach().clone() for t in outputs]))
 
     def finish(self) -> list[Graph]:
-        """The graphs, with batching decided and opt shapes set from the first kept sample of their typical batch
-        size (``Graph.typical_batch``)."""
+        """The graphs, with batching decided and opt shapes set from their typical sample
+        (``Graph.typical_sample``)."""
         for key, graph in self.graphs.items():
             consistent = self._batch_consistent[key]
             graph.batching = consistent if self.batching is None else (self.batching and consistent)
-            typical = graph.typical_batch
-            sample = next((s for s in graph.samples if typical is not None
-                           and _batch_size_of(s.inputs, s.outputs) == typical), graph.samples[0])
+            sample = graph.typical_sample
             for spec, t in zip(graph.inputs, sample.inputs):
                 spec.opt_shape = list(t.shape)
             for spec, t in zip(graph.outputs, sample.outputs):
