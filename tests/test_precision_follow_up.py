@@ -42,9 +42,13 @@ def test_follow_up_copies_the_runners_that_verified_when_the_best_build_is_slow(
                3: _record("TorchScriptCPU", "failed"), 4: _record("TorchExportCPU", "screened"),
                5: _record("TorchCompileCPU", "skipped")}
     extra = follow_up_pairs(pairs, records, ("bf16",), FOLLOW_UP_MIN_MS)
-    # ONNX Runtime's CPU provider has no bf16 kernels and ExportedProgram runs eager's: neither follows; a
-    # failed or skipped candidate has no copy either.
-    assert [(r.name, p) for r, p in extra] == [("TorchCPU", "bf16"), ("AOTInductorCPU", "bf16")]
+    # ONNX Runtime's CPU provider has no bf16 kernels and ExportedProgram runs eager's: neither follows; a failed
+    # candidate has no copy either. torch.compile, not built because AOTInductor verified, follows as its twin
+    # (the search builds it only when AOTInductorCPU[bf16] fails).
+    assert [(r.name, p) for r, p in extra] == [("TorchCPU", "bf16"), ("AOTInductorCPU", "bf16"),
+                                               ("TorchCompileCPU", "bf16")]
+    no_twin = {**records, 1: _record("AOTInductorCPU", "failed"), 5: _record("TorchCompileCPU", "failed")}
+    assert [r.name for r, _ in follow_up_pairs(pairs, no_twin, ("bf16",), 10.0)] == ["TorchCPU"]
     assert follow_up_pairs(pairs, records, ("bf16",), FOLLOW_UP_MIN_MS * 0.9) == []  # overhead-bound: none
     assert follow_up_pairs(pairs, records, ("bf16",), None) == []  # nothing won
     assert follow_up_pairs(pairs, records, (), 10.0) == []

@@ -122,9 +122,17 @@ def twin_skip_reason(runner: RunnerSpec, twins: Sequence[Optional[CandidateRecor
 def follow_up_pairs(pairs: Sequence[tuple[RunnerSpec, str]], records: Mapping[int, CandidateRecord],
                     precisions: Sequence[str], best_ms: Optional[float]) -> list[tuple[RunnerSpec, str]]:
     """The candidates tried after the search in the module's own precision (``records``, by place in ``pairs``):
-    each runner that verified there and ``follows_up``, in each of ``precisions``, when the graph's best build
-    (``best_ms`` a call; None when nothing won) takes ``FOLLOW_UP_MIN_MS`` or more; none otherwise."""
+    each runner that ``follows_up`` and verified there, or was not built only because a twin verified (its copy
+    is built when the twin's copy fails: ``twin_skip_reason``), in each of ``precisions``, when the graph's best
+    build (``best_ms`` a call; None when nothing won) takes ``FOLLOW_UP_MIN_MS`` or more; none otherwise."""
     if not precisions or best_ms is None or best_ms < FOLLOW_UP_MIN_MS:
         return []
-    runners = [pairs[i][0] for i in sorted(records) if records[i].verified and pairs[i][0].follows_up]
+
+    def twin_verified(i: int) -> bool:
+        runner, precision = pairs[i]
+        return records[i].status == "skipped" and any(
+            records[j].verified for j in records if pairs[j][0].name in runner.twin_of and pairs[j][1] == precision)
+
+    runners = [pairs[i][0] for i in sorted(records)
+               if pairs[i][0].follows_up and (records[i].verified or twin_verified(i))]
     return [(runner, p) for p in precisions for runner in runners if (runner, p) not in pairs]
