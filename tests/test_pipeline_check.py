@@ -47,6 +47,24 @@ def test_a_runner_that_makes_the_pipeline_no_faster_goes_back_to_eager(tmp_path,
         torch.testing.assert_close(module(x), module.__wrapped__(x))
 
 
+def test_when_eager_wins_every_graph_the_pipeline_is_not_timed_against_itself(tmp_path):
+    """Eager against eager is a ratio of noise (a 9.10x "faster" was seen): nothing is timed, and the console says
+    why instead of a ratio."""
+    torch.manual_seed(0)
+    module = nav.Module(torch.nn.Linear(4, 4).eval(), name="check_all_eager")
+    config = nav.OptimizeConfig(runners=("TorchCPU",), batch_sizes=(1,), max_batch_size=1, profile_time_s=0.02,
+                                workspace=tmp_path, use_multiprocessing=False)
+    x = torch.randn(1, 4)
+    with torch.no_grad():
+        status = nav.optimize(module, [(1, x), (1, x), (1, x)], config=config)
+    assert not module.is_optimized and status.modules[module.name].graphs[0].selected == "TorchCPU"
+    timing = status.pipeline
+    assert timing is not None and timing.faster is False and timing.error is None
+    assert timing.optimized_s is None and not timing.eager_runs and not timing.optimized_runs
+    assert timing.speedup is None
+    assert pipeline_lines(timing)[0] == "pipeline end to end: not timed, every module runs eagerly"
+
+
 def test_pipeline_timing_round_trips_through_json():
     timing = PipelineTiming(0.5, 0.01, 0.005, 2, {"a": 0.004}, {"a": 0.002}, None, 5, [0.01] * 5, [0.005] * 5,
                             True, {"b": "why"}, 1)
