@@ -377,3 +377,22 @@ def test_candidates_are_screened_and_profiled_on_the_typical_sample_at_each_batc
         assert tuple(inputs.shape) == (batch, 32, 8)
         (expected,) = state.reference(job, graph, batch)[1]
         assert torch.allclose(expected, module(inputs))
+
+
+def test_a_bound_runner_is_warmed_up_on_what_was_profiled(tmp_path):
+    """The bind warms every captured shape, then every other profiled batch size with the typical sample grown or
+    cut to it, the inputs the profile timed: no call of a profiled shape pays for a compile."""
+    from navdeploy.capture.recorder import Recorder
+    from navdeploy.inplace.binding import warm_up_inputs
+
+    module = nn.Linear(8, 4).eval()
+    recorder = Recorder("warm", 8, None)
+    for batch, length in ((2, 12), (4, 32)):
+        recorder.record(module, (torch.randn(batch, length, 8),), {})
+    graph = recorder.finish()[0]
+    record = CandidateRecord("TorchCPU", "TorchCPU", "torch", "fp32", "cpu", status="ok",
+                             profile=[ProfilePoint(b, 1.0, 1.0, 1.0, 10) for b in (1, 2, 4, 8)])
+    manifest_graph = type(graph).from_json(graph.to_json())  # as bind reads it: no samples of its own
+    warmed = [(batch, tuple(inputs[0].shape)) for batch, inputs in warm_up_inputs(manifest_graph, record,
+                                                                                    graph.samples)]
+    assert warmed == [(None, (2, 12, 8)), (None, (4, 32, 8)), (1, (1, 32, 8)), (2, (2, 32, 8)), (8, (8, 32, 8))]

@@ -7,6 +7,7 @@ what is tested once is what users get in both.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -81,7 +82,8 @@ def warm_up_inputs(graph: Graph, record: CandidateRecord,
     """What a bound runner is warmed up with after its first call (each in every kind of call the capture saw,
     ``Graph.call_kinds``: torch.compile guards on inference mode and inference tensors), so that no call the
     pipeline makes pays for a compile: the first sample, each further captured shape (a decoder's cache length of
-    1, then 2: torch.compile specialises a size of 1), and every profiled batch size (:func:`extra_warm_up_sizes`)."""
+    1, then 2: torch.compile specialises a size of 1), and every profiled batch size (:func:`extra_warm_up_sizes`)
+    with the graph's typical sample grown or cut to it, as the profile called it."""
     captured = samples[0].inputs
     yield None, captured
     seen = [[tuple(t.shape) for t in captured]]
@@ -90,8 +92,9 @@ def warm_up_inputs(graph: Graph, record: CandidateRecord,
         if shapes not in seen:
             seen.append(shapes)
             yield None, sample.inputs
-    for batch_size in extra_warm_up_sizes(graph, record, captured):
-        yield batch_size, expand_batch(captured, batch_size)
+    typical = dataclasses.replace(graph, samples=samples).typical_sample.inputs  # what each size was profiled on
+    for batch_size in extra_warm_up_sizes(graph, record, typical):
+        yield batch_size, expand_batch(typical, batch_size)
 
 
 def extra_warm_up_sizes(graph: Graph, record: CandidateRecord, captured: list[torch.Tensor]) -> list[int]:
