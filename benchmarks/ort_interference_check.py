@@ -2,9 +2,10 @@
 
 A pipeline alternates an ORT session (a small MLP) and a torch CNN, as a pipeline with an ONNX winner and an eager
 or compiled neighbour does. The torch call is timed right after each ORT call, with ORT's default session options
-(worker threads spin after a run) and with navdeploy's (navdeploy/formats/onnx.py: spinning only inside a run,
-torch's thread count), with workers that never spin (``allow_spinning=0``), in separate processes so
-no setting disturbs another; and alone (no ORT call before it). The ORT call's own time is printed too.
+(worker threads spin after a run) and with navdeploy's (navdeploy/formats/onnx.py: no spinning,
+torch's thread count), with workers that spin inside a run and stop when it returns (``force_spinning_stop``), in
+separate processes so no setting disturbs another; and alone (no ORT call before it). The ORT call's own time is
+printed too.
 
 Usage: python benchmarks/ort_interference_check.py [--repeats 200]
 (writes benchmarks/results/ort_interference_cpu.json)
@@ -44,9 +45,9 @@ def _child(mode: str, repeats: int) -> dict:
         options = onnxruntime.SessionOptions()
     else:
         options = session_options()
-    if mode == "never spinning":  # navdeploy's options before force_spinning_stop: workers wake for every operator
-        options.add_session_config_entry("session.force_spinning_stop", "0")
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if mode == "spinning inside a run":
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {"x": x.numpy()}
     times, ort_times = [], []
@@ -75,7 +76,7 @@ def main() -> None:
         print(json.dumps(_child(args.child, args.repeats)))
         return
     rows = []
-    for mode in ("alone", "default", "navdeploy", "never spinning"):
+    for mode in ("alone", "default", "navdeploy", "spinning inside a run"):
         out = subprocess.run([sys.executable, __file__, "--child", mode, "--repeats", str(args.repeats)],
                              capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))

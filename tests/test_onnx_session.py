@@ -27,7 +27,7 @@ def test_onnx_runner_does_not_spin_and_fits_torch_threads_in_an_alternating_pipe
     run = RUNNERS["OnnxCPU"].load(LoadContext(path, FlatModule(onnx_part, graph.input_spec), graph, "cpu", "fp32"))
 
     options = run.session.get_session_options()
-    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
     assert options.intra_op_num_threads == torch.get_num_threads()
 

@@ -95,11 +95,12 @@ def _to_torch(value, device: torch.device) -> torch.Tensor:
 
 
 def session_options():
-    """ORT session options that share the process with torch: ORT's threads spin between the operators of a run
-    but stop the moment it returns (``force_spinning_stop``: workers left spinning after a run slowed the next torch
-    call of a pipeline 2-20x on 2 cores, and workers that never spin made each run 20-35% slower, waking for every
-    operator: a small BERT 2.4 against 1.8 ms, the SD UNet 2.6 against 2.1 ms), and its pool is as large as
-    torch's, not one thread per core on top of torch's own."""
+    """ORT session options that share the process with torch: ORT's threads never spin, and its pool is as large as
+    torch's, not one thread per core on top of torch's own. Workers left spinning after a run slowed the next torch
+    call of a pipeline 2-20x on 2 cores. Spinning only inside a run (``session.force_spinning_stop``) made a lone ORT
+    run 20-35% faster (a small BERT 2.4 against 1.8 ms), yet the whole SD pipeline around its ONNX UNet erratic:
+    fresh-process medians 20-32 against 22-26 ms, p90 up to 41 against up to 32 ms on 2 cores
+    (``benchmarks/ort_spinning_check.py``)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -107,7 +108,7 @@ def session_options():
     options.log_severity_level = 3
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.force_spinning_stop", "1")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
 
