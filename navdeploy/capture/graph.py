@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -67,6 +67,25 @@ class Sample:
 
     inputs: list[torch.Tensor]
     outputs: list[torch.Tensor]
+
+
+def batch_size_of(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> Optional[int]:
+    """The common size of axis 0 of every input and output tensor with one, or None when there is none.
+
+    0-d tensors (a diffusion UNet's timestep) have no batch axis and do not stop the others from batching."""
+    batched_inputs = [t for t in inputs if t.dim() > 0]
+    sizes = {t.shape[0] for t in batched_inputs + [t for t in outputs if t.dim() > 0]}
+    if len(sizes) == 1 and batched_inputs and all(t.dim() > 0 for t in outputs):
+        return sizes.pop()
+    return None
+
+
+def median_sample(samples: Sequence[Sample], batch: Optional[int]) -> Sample:
+    """Of the ``samples`` at batch size ``batch`` (all of them when None or when none is), the one of median size:
+    the larger of two middles, the first kept of equals."""
+    pool = [s for s in samples if batch is not None and batch_size_of(s.inputs, s.outputs) == batch] or list(samples)
+    order = sorted(range(len(pool)), key=lambda i: (sum(t.numel() for t in pool[i].inputs), i))
+    return pool[order[len(order) // 2]]
 
 
 class Refusal(NamedTuple):
@@ -142,17 +161,11 @@ class Graph:
     @property
     def typical_sample(self) -> Sample:
         """The kept sample candidates are screened and profiled on (grown or cut to each profiled batch size), and
-        whose shapes are the opt shapes: of the samples at :attr:`typical_batch` (all of them when the graph does not
-        batch), the one of median size (the larger of two middles; the first kept of equals). The first kept sample
-        is often the smallest (a prompt before the tokens generated from it, the shortest sequence of a batch mix),
-        where a runner's per-call overhead decides and another runner wins than on the calls the pipeline spends
-        its time on."""
-        typical = self.typical_batch
-        pool = [s for s in self.samples
-                if typical is not None and next((t.shape[0] for t in s.inputs if t.dim() > 0), None) == typical]
-        pool = pool or self.samples
-        order = sorted(range(len(pool)), key=lambda i: (sum(t.numel() for t in pool[i].inputs), i))
-        return pool[order[len(order) // 2]]
+        whose shapes are the opt shapes: the median-sized one at :attr:`typical_batch` (:func:`median_sample`). The
+        first kept sample is often the smallest (a prompt before the tokens generated from it, the shortest
+        sequence of a batch mix), where a runner's per-call overhead decides and another runner wins than on the
+        calls the pipeline spends its time on."""
+        return median_sample(self.samples, self.typical_batch)
 
     @property
     def batch_weights(self) -> Optional[dict[int, int]]:

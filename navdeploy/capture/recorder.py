@@ -8,20 +8,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from navdeploy.capture.aliases import cache_paths, counters, held_tensors, input_aliases, mark_changed
-from navdeploy.capture.graph import Graph, Sample, TensorSpec, call_kind
+from navdeploy.capture.graph import Graph, Sample, TensorSpec, batch_size_of, call_kind
 from navdeploy.capture.pytree import check_output_mapping, describe, flatten, flatten_call, spec_key, unflatten
 from navdeploy.errors import CaptureError
-
-
-def _batch_size_of(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> Optional[int]:
-    """The common size of axis 0 of every input and output tensor with one, or None when there is none.
-
-    0-d tensors (a diffusion UNet's timestep) have no batch axis and do not stop the others from batching."""
-    batched_inputs = [t for t in inputs if t.dim() > 0]
-    sizes = {t.shape[0] for t in batched_inputs + [t for t in outputs if t.dim() > 0]}
-    if len(sizes) == 1 and batched_inputs and all(t.dim() > 0 for t in outputs):
-        return sizes.pop()
-    return None
 
 
 def _same(t: torch.Tensor, before: torch.Tensor) -> bool:
@@ -112,7 +101,7 @@ class Recorder:
             spec.update(list(t.shape))
         graph.calls += 1
         graph.note_call_kind(kind)
-        batch = _batch_size_of(inputs, outputs)
+        batch = batch_size_of(inputs, outputs)
         if batch is None:
             self._batch_consistent[key] = False
         else:

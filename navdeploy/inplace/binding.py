@@ -7,7 +7,6 @@ what is tested once is what users get in both.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 
 from navdeploy.candidates.build import expand_batch, prepare
 from navdeploy.candidates.verify import conform
-from navdeploy.capture.graph import Graph, Sample, tensors_of_kind
+from navdeploy.capture.graph import Graph, Sample, median_sample, tensors_of_kind
 from navdeploy.formats.base import Format, LoadContext, RunFn
 from navdeploy.formats.registry import EAGER_RUNNER, FORMATS, RUNNERS
 from navdeploy.inplace.handler import OptimizedHandler
@@ -92,7 +91,7 @@ def warm_up_inputs(graph: Graph, record: CandidateRecord,
         if shapes not in seen:
             seen.append(shapes)
             yield None, sample.inputs
-    typical = dataclasses.replace(graph, samples=samples).typical_sample.inputs  # what each size was profiled on
+    typical = median_sample(samples, graph.typical_batch).inputs  # Graph.typical_sample: what each size was profiled on
     for batch_size in extra_warm_up_sizes(graph, record, typical):
         yield batch_size, expand_batch(typical, batch_size)
 

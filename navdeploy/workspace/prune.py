@@ -63,14 +63,14 @@ def artifacts_in_use(entry: GraphEntry, module_precision: str) -> set[str]:
     keep = set()
     # Pruned folders count as built: what the export would choose with every folder there is what is in use.
     built = {name for name, state in entry.formats.items() if state.status in ("ok", PRUNED)}
+    usable = [c for c in entry.candidates if c.verified and _python_preference(c.format) is not None
+              and c.artifact_dir(module_precision) in built]
     for chosen in (winner, entry.fallback_candidate()):
         if chosen is None:
             continue
         if _has_artifact(chosen.format):
             keep.add(chosen.artifact_dir(module_precision))
         if _python_preference(chosen.format) is None:
-            usable = [c for c in entry.candidates if c.verified and _python_preference(c.format) is not None
-                      and c.artifact_dir(module_precision) in built]
             best = python_artifact_choice(usable, chosen, module_precision)
             if best is not None:
                 keep.add(best.artifact_dir(module_precision))
