@@ -285,6 +285,37 @@ def test_aoti_probe_and_isa_programs_are_kept_per_machine(tmp_path, monkeypatch)
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == "None", again.stderr[-2000:]
 
 
+@pytest.mark.slow
+def test_loading_an_aoti_package_probes_the_isa_in_the_machine_cache(tmp_path, monkeypatch):
+    """Loading a CPU package runs Inductor's ISA probe. The AOTInductor runner warms it from the machine cache
+    first: in a process whose inductor cache is new (the user's process at the end of optimize, whose cache is
+    the module's) it compiled the test programs there again, ~7 s of the bind."""
+    machine = tmp_path / "machine"
+    monkeypatch.setenv("NAVDEPLOY_MACHINE_CACHE", str(machine))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "build_cache"))
+    module = torch.nn.Linear(8, 4).eval()
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        package = torch._inductor.aoti_compile_and_package(torch.export.export(module, (x,)),
+                                                           package_path=str(tmp_path / "m.pt2"))
+        expected = module(x)
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import types, torch
+        from navdeploy.formats import aoti
+        run = aoti._load(types.SimpleNamespace(artifact={package!r}, device="cpu"))
+        print("out", run([torch.load({str(tmp_path / "x.pt")!r})])[0].tolist())
+    """)
+    env = dict(os.environ, NAVDEPLOY_MACHINE_CACHE=str(machine), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "fresh"),
+               PYTHONPATH=str(Path(__file__).parent.parent))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(s for s in out.stdout.splitlines() if s.startswith("out "))
+    torch.testing.assert_close(torch.tensor(eval(line[4:])), expected)
+    assert list(machine.glob("inductor-cpu-isa-*/**/*.so"))
+    assert not list((tmp_path / "fresh").rglob("*.so"))  # no ISA test program compiled into the new cache
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU host)")
 def test_aoti_cuda_probe_is_kept_and_decides_the_candidate(tmp_path, monkeypatch):
     """On a GPU: the probe's answer is kept per machine and a second process-level lookup reads it; where

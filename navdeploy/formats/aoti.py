@@ -32,6 +32,10 @@ def _load(ctx: LoadContext) -> RunFn:
     # Without this AOTInductor runs inputs of the wrong shape and reads out of bounds; with it, it raises
     # and navdeploy falls back to eager. Read by the AOTI runtime, so it must be set before loading.
     os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
+    if ctx.device == "cpu":
+        # Loading a CPU package runs Inductor's ISA probe; in the machine cache it takes ~1 s, in the module's
+        # fresh inductor cache (the bind at the end of optimize) ~7 s.
+        warm_cpu_isa()
     runner = torch._inductor.aoti_load_package(str(ctx.artifact))
     # The check above compares every stride, also of size-1 axes, which a live call may carry from a view (a
     # decoder's K/V cache after one token) where the captured samples, cloned, did not.
