@@ -14,7 +14,7 @@ from torch import nn
 
 import navdeploy as nav
 from navdeploy.candidates.build import Job, Task
-from navdeploy.candidates.isolation import Executor, RunStopped
+from navdeploy.candidates.isolation import Executor, ExecutorPool, RunStopped
 from navdeploy.candidates.timing_gate import TimingGate
 from navdeploy.capture.recorder import Recorder
 from navdeploy.config import build_workers
@@ -126,6 +126,41 @@ def test_stop_while_a_worker_starts_leaves_no_worker_and_no_record(tmp_path):
     assert executor._proc is None and not multiprocessing.active_children()
     with pytest.raises(RunStopped):  # and nothing starts afterwards
         executor.run(Task(graph.key, "TorchCPU", False, "fp32"))
+
+
+def _linear_job(tmp_path, name: str) -> Job:
+    module = nn.Linear(4, 4).eval()
+    recorder = Recorder(name, 4, None)
+    recorder.record(module, (torch.randn(2, 4),), {})
+    graph = recorder.finish()[0]
+    return Job(name, module, None, {graph.key: graph}, tmp_path, "cpu", "fp32", {"fp32": (1e-4, 1e-3)}, None,
+               (1, 2), 2, 0.05)
+
+
+def test_work_beside_builds_runs_once_as_a_build_and_the_pool_waits_for_it(tmp_path):
+    """What the parent prepares while workers build (Inductor's imports and ISA probe before a bind) holds the
+    gate as a build: a timing waits for it to end. It runs once per pool, the pool's exit waits for it, and
+    without isolation (candidates build in this process, doing the same work) it does not run."""
+    events: list[str] = []
+    started = threading.Event()
+
+    def prepare() -> None:
+        started.set()
+        time.sleep(0.3)
+        events.append("prepared")
+
+    with ExecutorPool(_linear_job(tmp_path, "beside"), True, 60, tmp_path / "navdeploy.log") as pool:
+        pool.beside_builds(prepare)
+        pool.beside_builds(prepare)  # once
+        assert started.wait(5)
+        with pool._gate.task() as slot:  # as a worker's task does before it profiles
+            slot.timing()
+            events.append("timing")
+    assert events == ["prepared", "timing"]
+
+    with ExecutorPool(_linear_job(tmp_path, "beside_inline"), False, 60, tmp_path / "navdeploy.log") as pool:
+        pool.beside_builds(prepare)
+    assert events == ["prepared", "timing"]
 
 
 def test_build_workers_setting(monkeypatch):

@@ -479,17 +479,39 @@ class ExecutorPool:
         else:
             self._threads = ThreadPoolExecutor(self.workers, "navdeploy-build") if self.workers > 1 else None
         gate, payload = TimingGate(), Payload(job)
+        self._gate = gate
         self._all = hub.take(self.workers) if hub is not None else \
             [Executor(job, isolate, timeout_s, log_path) for _ in range(self.workers)]
         for executor in self._all:
             executor.assign(job, isolate, timeout_s, log_path, gate, payload)
         self._free = list(self._all)
         self._cond = threading.Condition()
+        self._isolate = isolate
+        self._beside: dict[Callable[[], None], threading.Thread] = {}
 
     def __enter__(self) -> "ExecutorPool":
         return self
 
+    def beside_builds(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once, in this process, on a thread that holds the gate as a build: it overlaps the workers'
+        builds and never a timing. The pool waits for it on exit. Not without isolation: candidates then build in
+        this process, which does the same work itself."""
+        if not self._isolate or fn in self._beside:
+            return
+
+        def run() -> None:
+            with self._gate.task():
+                try:
+                    fn()
+                except Exception as exc:  # noqa: BLE001 - only a head start: the load does the same work anyway
+                    log.info("preparing to load beside the builds failed: %s: %s", type(exc).__name__, exc)
+
+        thread = self._beside[fn] = threading.Thread(target=run, name="navdeploy-prepare", daemon=True)
+        thread.start()
+
     def __exit__(self, *exc) -> None:
+        for thread in self._beside.values():
+            thread.join()
         if self._hub is not None:
             self._hub.give_back(self._all)
             return

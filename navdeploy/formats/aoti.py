@@ -46,6 +46,6 @@ FORMAT = FormatSpec(Format.TORCH_AOTI, artifact="model.pt2", export=_export,
                     triton=TritonMapping("pytorch", "torch_aoti", io_names="INPUT__N", python_preference=3))
 RUNNERS = [
     # Built first: it won 4 of 7 real CPU modules (benchmarks/results/pipelines_cpu.json).
-    RunnerSpec("AOTInductorCPU", Format.TORCH_AOTI, "cpu", _load, search_rank=10),
+    RunnerSpec("AOTInductorCPU", Format.TORCH_AOTI, "cpu", _load, search_rank=10, prepare_loading=warm_cpu_isa),
     RunnerSpec("AOTInductorCUDA", Format.TORCH_AOTI, "cuda", _load, search_rank=20, is_available=aoti_cuda_problem),
 ]

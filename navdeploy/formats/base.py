@@ -134,6 +134,9 @@ class RunnerSpec:
     # as its copy cannot be faster there than the others' (ExportedProgram runs eager kernels, as TorchCPU[bf16]
     # does) or cannot run (ONNX Runtime's CPU provider has no bf16 Add or MatMul kernel). Named precisions try it.
     follows_up: bool = True
+    # What the process that loads this runner can do ahead, while candidates build in workers (Inductor's imports
+    # and CPU ISA probe: seconds the bind of a winner would otherwise wait for). Once per process; must not raise.
+    prepare_loading: Optional[Callable[[], None]] = field(default=None, compare=False)
 
     def unavailable_reason(self) -> Optional[str]:
         """None when the runner can run here, else why not (missing package, no provider, no GPU)."""

@@ -128,7 +128,7 @@ RUNNERS = [
     # TorchCompileCUDAGraphs' kernels without the graph replay, which only removes launch overhead: built when
     # neither verified (each is a full compile, minutes for a diffusion UNet).
     RunnerSpec("TorchCompileCPU", Format.TORCH, "cpu", _loader("default"), search_rank=60,
-               twin_of=("AOTInductorCPU",)),
+               twin_of=("AOTInductorCPU",), prepare_loading=warm_cpu_isa),
     RunnerSpec("TorchCompileCUDA", Format.TORCH, "cuda", _loader("default"), search_rank=60,
                twin_of=("TorchCompileCUDAGraphs", "AOTInductorCUDA")),
     # It benchmarks kernel choices on the GPU while it compiles, so it builds alone. Opt-in: on ResNet-50 fp16 it

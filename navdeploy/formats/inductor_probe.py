@@ -42,6 +42,7 @@ from navdeploy.workspace.machine_cache import probe_folder, read_result, write_r
 log = logging.getLogger("navdeploy")
 
 _isa_warmed = False
+_isa_lock = threading.Lock()  # a second caller (the bind, while optimize warms it beside builds) waits for the first
 _aoti_problems: dict[str, Optional[str]] = {}
 _aoti_lock = threading.Lock()  # one probe at a time: a second caller waits for the first one's answer
 AOTI_PROBE_TIMEOUT_S = 600.0
@@ -90,9 +91,14 @@ def warm_cpu_isa() -> None:
     per process, before the first Inductor compile. Without a writable machine cache it does nothing (Inductor
     probes on its first compile, in the inductor cache, as usual)."""
     global _isa_warmed
-    if _isa_warmed:
-        return
-    _isa_warmed = True
+    with _isa_lock:
+        if _isa_warmed:
+            return
+        _isa_warmed = True
+        _warm_cpu_isa()
+
+
+def _warm_cpu_isa() -> None:
     try:
         from torch._inductor import cpu_vec_isa
     except ImportError:

@@ -220,6 +220,9 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                     artifact_ok = False
                 with lock:
                     keep_below = search.keep_below_ms(records.values())
+                if runner.prepare_loading is not None and (not artifact_ok or FORMATS[runner.format].export is None):
+                    # This process binds the winner: what loading it needs (seconds) starts beside this build.
+                    executors.beside_builds(runner.prepare_loading)
                 record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision,
                                            artifact_checksum=formats[fmt].checksum if fmt in formats else None,
                                            plan=search.plan(eager=index == 0), screen_batch=search.batch,
