@@ -4,6 +4,7 @@ as the fallback the pipeline check binds when bf16 changes what the pipeline ret
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 import navdeploy as nav
 from navdeploy.candidates.build import new_record
 from navdeploy.candidates.precision import FOLLOW_UP_MIN_MS, cpu_computes_bf16, follow_up_precisions
-from navdeploy.candidates.search import follow_up_pairs
+from navdeploy.candidates.search import Search, follow_up_pairs, low_precision_skip_reason
 from navdeploy.candidates.select import own_precision_fallback
 from navdeploy.config import MinLatency
 from navdeploy.formats.registry import RUNNERS
@@ -53,6 +54,53 @@ def test_follow_up_copies_the_runners_that_verified_when_the_best_build_is_slow(
     assert follow_up_pairs(pairs, records, ("bf16",), None) == []  # nothing won
     assert follow_up_pairs(pairs, records, (), 10.0) == []
     assert follow_up_pairs(pairs + extra, records, ("bf16",), 10.0) == []  # tried already
+
+
+def test_follow_up_copies_are_not_built_where_eager_gains_nothing_in_that_precision():
+    search = Search(thorough=False, screens=True, batch=4)
+    eager, compiled = RUNNERS["TorchCPU"], RUNNERS["AOTInductorCPU"]
+    own = _record("TorchCPU", ms=5.0)
+    slower = replace(_record("TorchCPU", ms=5.8, precision="bf16"), status="screened",
+                     screen=ProfilePoint(4, 5.8, 5.8, 4e3 / 5.8, 10))
+    reason = low_precision_skip_reason(compiled, own, slower, search)
+    assert reason and reason.startswith("not built: TorchCPU[bf16] was no faster than TorchCPU (5.800 against 5.000")
+    assert "thorough=True" in reason
+    faster = replace(slower, screen=ProfilePoint(4, 4.0, 4.0, 1e3, 10))
+    assert low_precision_skip_reason(compiled, own, faster, search) is None
+    assert low_precision_skip_reason(eager, own, slower, search) is None  # eager's copy is the measure itself
+    assert low_precision_skip_reason(compiled, own, None, search) is None  # not measured: built
+    assert low_precision_skip_reason(compiled, own, replace(slower, status="failed"), search) is None
+    assert low_precision_skip_reason(compiled, own, slower, replace(search, thorough=True)) is None
+
+
+class _SlowInBf16(torch.nn.Module):
+    """Compute-bound layers whose eager forward also waits 10 ms when it runs in bf16 (a stand-in for kernels
+    that are slower in bf16 on this CPU); a traced copy records the layers only."""
+
+    def __init__(self, layers: torch.nn.Module):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x):
+        if x.dtype == torch.bfloat16 and not torch.jit.is_tracing():
+            time.sleep(0.01)
+        return self.layers(x)
+
+
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): "
+                                                    "bf16 is not tried by default here")
+def test_a_graph_whose_eager_gains_nothing_in_bf16_gets_no_compiled_bf16_copies(tmp_path):
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)]).eval()
+    model = nav.Module(_SlowInBf16(layers), name="follow_up_slow_bf16", batching=False)
+    items = [(1, torch.randn(64, 1024)), (1, torch.randn(64, 1024))]
+    with torch.no_grad():
+        status = nav.optimize(lambda x: model(x), items, _config(tmp_path, pipeline_repeats=0))
+    records = {c.name: c for c in status.modules["follow_up_slow_bf16"].graphs[0].candidates}
+    assert records["TorchCPU[bf16]"].verified, records["TorchCPU[bf16]"]
+    copy = records["TorchScriptCPU[bf16]"]
+    assert copy.status == "skipped" and copy.error.startswith("not built: TorchCPU[bf16] was no faster"), copy
+    assert not copy.times  # never sent to a worker
 
 
 def test_the_fallback_is_the_best_candidate_in_the_modules_own_precision():

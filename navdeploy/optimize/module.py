@@ -21,7 +21,14 @@ from navdeploy.candidates.precision import (
     follow_up_precisions,
     tolerance_precision,
 )
-from navdeploy.candidates.search import Search, follow_up_pairs, graph_search, search_order, twin_skip_reason
+from navdeploy.candidates.search import (
+    Search,
+    follow_up_pairs,
+    graph_search,
+    low_precision_skip_reason,
+    search_order,
+    twin_skip_reason,
+)
 from navdeploy.candidates.select import call_ms, own_precision_fallback, prefer_own_precision, select
 from navdeploy.capture.graph import Graph
 from navdeploy.config import (
@@ -172,6 +179,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     built_by: dict[int, Executor] = {}  # which executor screened a candidate: it may still hold its runner
     transient_formats: set[str] = set()  # formats whose export failed transiently this run
     lock = threading.Lock()  # chains run on several threads when the module has several build workers
+    follow_ups_from = len(pairs)  # the place of the first follow-up precision's candidate, once there are some
 
     def done(index: int, name: str, record: CandidateRecord, checkpoint: bool, finished: bool = True) -> None:
         with lock:
@@ -202,6 +210,9 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                              name, cached.error)
                 reason = runner.unavailable_reason() or twin_skip_reason(
                     runner, [record_of(twin, precision) for twin in runner.twin_of], search)
+                if not reason and index >= follow_ups_from:
+                    reason = low_precision_skip_reason(runner, record_of(pairs[0][0].name, job.precision),
+                                                       record_of(pairs[0][0].name, precision), search)
                 if reason:  # decided here: no worker starts, and a builds_alone runner never holds up the others
                     log.info("%s graph %s %s: skipped (%s)", job.module_name, graph.key, name, reason)
                     done(index, name, replace(new_record(runner, precision, job.precision), status="skipped",
@@ -285,7 +296,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                  "%s only)", job.module_name, graph.key, job.precision, best_ms, winner.name,
                  ", ".join(candidate_name(r.name, p, job.precision) for r, p in extra), job.precision, job.precision)
         listener.candidates_added(len(extra))
-        first = len(pairs)
+        first = follow_ups_from = len(pairs)
         pairs.extend(extra)
         run_from(first)
         candidates, winner = selection()
