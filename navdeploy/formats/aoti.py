@@ -1,6 +1,7 @@
 """AOTInductor: the graph's shared ExportedProgram compiled ahead of time into a ``.pt2`` package with a shared
 library. On CUDA it is tried only where a one-Linear package works (``inductor_probe.aoti_cuda_problem``)."""
 
+import logging
 import os
 
 import torch
@@ -19,13 +20,38 @@ from navdeploy.formats.base import (
 from navdeploy.formats.exported_program import export_program
 from navdeploy.formats.inductor_probe import aoti_cuda_problem, warm_cpu_isa
 
+log = logging.getLogger("navdeploy")
+
+
+# Inductor's freezing folds the weights into the graph as constants and prepacks them for oneDNN. On the 2-core CPU
+# that made calls 15-51% faster where the matmuls are at least this wide (BERT encoders 256 to 768 wide, MiniLM's
+# shape at 384: 5.6 -> 3.0 ms a call at batch 1, a GPT-2 256 wide), but 36% slower at 128 wide (a small BERT at
+# batch 1) and 2.2x slower on the SD text encoder, 32 wide; the small SD UNet (convolutions, 32-64 wide) was within
+# 2% (benchmarks/aoti_freezing_check.py, benchmarks/results/aoti_freezing_cpu.json).
+FREEZE_MIN_WIDTH = 256
+
+
+def freezes(module: torch.nn.Module) -> bool:
+    """Whether the CPU build freezes: most of the module's matmul weights (``nn.Linear``, and transformers'
+    ``Conv1D`` of GPT-2-style models), by element count, are at least ``FREEZE_MIN_WIDTH`` wide on both sides."""
+    weights = [m.weight for m in module.modules() if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+               and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
+    total = sum(w.numel() for w in weights)
+    wide = sum(w.numel() for w in weights if min(w.shape) >= FREEZE_MIN_WIDTH)
+    return total > 0 and 2 * wide >= total
+
 
 def _export(ctx: BuildContext) -> None:
+    # The runtime input check (enabled at load) otherwise rejects size 1 on dims exported with min=1.
+    configs = {"aot_inductor.check_lowerbound": False}
     if ctx.device == "cpu":
         warm_cpu_isa()
-    # The runtime input check (enabled at load) otherwise rejects size 1 on dims exported with min=1.
+        configs["freezing"] = freezes(ctx.module)
+        if configs["freezing"]:
+            log.info("AOTInductor freezes the weights (constants prepacked for oneDNN): most matmul weights are at "
+                     "least %d wide", FREEZE_MIN_WIDTH)
     torch._inductor.aoti_compile_and_package(export_program(ctx), package_path=str(ctx.path / "model.pt2"),
-                                             inductor_configs={"aot_inductor.check_lowerbound": False})
+                                             inductor_configs=configs)
 
 
 def _load(ctx: LoadContext) -> RunFn:
