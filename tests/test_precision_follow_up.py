@@ -63,10 +63,14 @@ def test_follow_up_copies_are_not_built_where_eager_gains_nothing_in_that_precis
     slower = replace(_record("TorchCPU", ms=5.8, precision="bf16"), status="screened",
                      screen=ProfilePoint(4, 5.8, 5.8, 4e3 / 5.8, 10))
     reason = low_precision_skip_reason(compiled, own, slower, search)
-    assert reason and reason.startswith("not built: TorchCPU[bf16] was no faster than TorchCPU (5.800 against 5.000")
+    assert reason and reason.startswith("not built: TorchCPU[bf16] was 16% slower than TorchCPU (5.800 against 5.000")
     assert "thorough=True" in reason
     faster = replace(slower, screen=ProfilePoint(4, 4.0, 4.0, 1e3, 10))
     assert low_precision_skip_reason(compiled, own, faster, search) is None
+    # As fast, or slower within the margin (the UNet's eager bf16 read equal in a run where AOTInductor bf16 was 25%
+    # faster than its fp32 build): built.
+    barely = replace(slower, screen=ProfilePoint(4, 5.4, 5.4, 1e3, 10))
+    assert low_precision_skip_reason(compiled, own, barely, search) is None
     assert low_precision_skip_reason(eager, own, slower, search) is None  # eager's copy is the measure itself
     assert low_precision_skip_reason(compiled, own, None, search) is None  # not measured: built
     assert low_precision_skip_reason(compiled, own, replace(slower, status="failed"), search) is None
@@ -99,7 +103,7 @@ def test_a_graph_whose_eager_gains_nothing_in_bf16_gets_no_compiled_bf16_copies(
     records = {c.name: c for c in status.modules["follow_up_slow_bf16"].graphs[0].candidates}
     assert records["TorchCPU[bf16]"].verified, records["TorchCPU[bf16]"]
     copy = records["TorchScriptCPU[bf16]"]
-    assert copy.status == "skipped" and copy.error.startswith("not built: TorchCPU[bf16] was no faster"), copy
+    assert copy.status == "skipped" and copy.error.startswith("not built: TorchCPU[bf16] was "), copy
     assert not copy.times  # never sent to a worker
 
 

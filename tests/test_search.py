@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,32 @@ def test_aoti_probe_and_isa_programs_are_kept_per_machine(tmp_path, monkeypatch)
             "inductor_probe.warm_cpu_isa(); print(config.cpp.vec_isa_ok)"
     again = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == "None", again.stderr[-2000:]
+
+
+def test_a_job_never_takes_the_isa_probes_momentary_cache(tmp_path, monkeypatch):
+    """The ISA probe points this process's inductor cache at the machine cache for a moment (on a thread beside the
+    builds); a job sent to a worker meanwhile waits and takes the module's cache, not the machine's."""
+    from navdeploy.candidates.isolation import _job_environment
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "module_cache"))
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def probe() -> None:
+        with inductor_probe._inductor_cache_at(tmp_path / "machine"):
+            inside.set()
+            release.wait(5)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    assert inside.wait(5)
+    reader = threading.Thread(target=lambda: seen.update(_job_environment()))
+    reader.start()
+    reader.join(0.3)
+    assert reader.is_alive()  # it waits for the probe to put the module's cache back
+    release.set()
+    prober.join(5)
+    reader.join(5)
+    assert seen["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "module_cache")
 
 
 @pytest.mark.slow

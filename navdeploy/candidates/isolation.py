@@ -33,7 +33,7 @@ import cloudpickle
 from navdeploy.candidates.build import Job, Task, WorkerState, new_record, run_task
 from navdeploy.candidates.timing_gate import Slot, TimingGate
 from navdeploy.formats.registry import RUNNERS
-from navdeploy.workspace.inductor import forget_memoized_paths
+from navdeploy.workspace.inductor import ENVIRONMENT_LOCK, forget_memoized_paths
 from navdeploy.workspace.records import CandidateRecord
 
 log = logging.getLogger("navdeploy")
@@ -172,7 +172,8 @@ _JOB_ENVIRONMENT = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 def _job_environment() -> dict[str, Optional[str]]:
-    return {name: os.environ.get(name) for name in _JOB_ENVIRONMENT}
+    with ENVIRONMENT_LOCK:  # not while the parent's ISA probe points the cache at the machine cache for a moment
+        return {name: os.environ.get(name) for name in _JOB_ENVIRONMENT}
 
 
 def _apply_environment(values: dict[str, Optional[str]]) -> None:

@@ -37,6 +37,7 @@ from typing import Any, Optional
 
 import torch
 
+from navdeploy.workspace.inductor import ENVIRONMENT_LOCK
 from navdeploy.workspace.machine_cache import probe_folder, read_result, write_result
 
 log = logging.getLogger("navdeploy")
@@ -75,15 +76,16 @@ def cpu_key() -> dict[str, Any]:
 @contextlib.contextmanager
 def _inductor_cache_at(folder: Path):
     """TORCHINDUCTOR_CACHE_DIR at ``folder`` for the block (Inductor reads it on every lookup), then as it was."""
-    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+    with ENVIRONMENT_LOCK:
+        previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
 def warm_cpu_isa() -> None:

@@ -43,6 +43,9 @@ _NOT_CODE = ("locks",)
 
 _ENV = "TORCHINDUCTOR_CACHE_DIR"
 _TRITON_ENV = "TRITON_CACHE_DIR"
+# Held while a thread points this process's inductor cache somewhere for a moment (the CPU ISA probe beside the
+# builds) and while another passes the current value on (a job sent to a worker): never the probe's value.
+ENVIRONMENT_LOCK = threading.RLock()
 
 
 def cache_dir(module_folder: Path) -> Path:
