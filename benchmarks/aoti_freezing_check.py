@@ -1,11 +1,11 @@
 """Does Inductor's freezing make an AOTInductor CPU package faster, and does navdeploy's rule
-(``navdeploy.formats.aoti.freezes``: freeze where most matmul weights are at least 256 wide) pick the faster build?
+(``navdeploy.formats.aoti.freezes``: freeze where most matmul weights are at least 192 wide) pick the faster build?
 
 Real modules built from configs (random weights): BERT encoders 128, 256, 384 (MiniLM's shape: 6 layers, 12 heads,
-intermediate 1536) and 768 wide, a GPT-2 of width 256 (transformers' Conv1D layers), and the bench's tiny SD UNet
-and CLIP text encoder. Each module runs in its own process: one torch.export (batch and sequence dynamic for the
-encoders), an AOTInductor package built without and with freezing, then eager and both packages timed alternately
-(7 rounds of 10 calls, medians) at each shape.
+intermediate 1536) and 768 wide, a GPT-2 of width 256 (transformers' Conv1D layers), the bench's ViT (192 wide, 197
+tokens an image), and the bench's tiny SD UNet and CLIP text encoder. Each module runs in its own process: one
+torch.export (batch and sequence dynamic for the encoders, batch for ViT), an AOTInductor package built without and
+with freezing, then eager and both packages timed alternately (7 rounds of 10 calls, medians) at each shape.
 
 Usage: python benchmarks/aoti_freezing_check.py [--only bert128,minilm384]
 (writes benchmarks/results/aoti_freezing_cpu.json)
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ENCODERS = {"bert128": (128, 4, 2, 512), "bert256": (256, 2, 4, 1024), "minilm384": (384, 6, 12, 1536),
             "bert768": (768, 2, 12, 3072)}
-MODULES = (*ENCODERS, "gpt2_256", "sd_unet", "sd_clip")
+MODULES = (*ENCODERS, "gpt2_256", "vit192", "sd_unet", "sd_clip")
 
 
 def _module(which: str):
@@ -75,6 +75,24 @@ def _module(which: str):
                 return self.gpt2(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
 
         return Decoder().eval(), ids(2, 16), dynamic, [ids(1, 12), ids(8, 20)]
+    if which == "vit192":
+        from transformers import ViTConfig, ViTForImageClassification
+
+        vit = ViTForImageClassification(ViTConfig(image_size=224, patch_size=16, num_hidden_layers=4, hidden_size=192,
+                                                  num_attention_heads=3, intermediate_size=768, num_labels=10)).eval()
+
+        class Classifier(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.vit = vit
+
+            def forward(self, pixels):
+                return self.vit(pixel_values=pixels).logits
+
+        def images(b: int) -> list:
+            return [torch.randn(b, 3, 224, 224)]
+
+        return Classifier().eval(), images(2), ({0: batch},), [images(1), images(4)]
     sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
     import bench_pipelines
 

@@ -24,11 +24,12 @@ log = logging.getLogger("navdeploy")
 
 
 # Inductor's freezing folds the weights into the graph as constants and prepacks them for oneDNN. On the 2-core CPU
-# that made calls 15-51% faster where the matmuls are at least this wide (BERT encoders 256 to 768 wide, MiniLM's
-# shape at 384: 5.6 -> 3.0 ms a call at batch 1, a GPT-2 256 wide), but 36% slower at 128 wide (a small BERT at
-# batch 1) and 2.2x slower on the SD text encoder, 32 wide; the small SD UNet (convolutions, 32-64 wide) was within
-# 2% (benchmarks/aoti_freezing_check.py, benchmarks/results/aoti_freezing_cpu.json).
-FREEZE_MIN_WIDTH = 256
+# that made calls 12-61% faster where the matmuls are at least this wide (the bench's ViT, 192 wide; BERT encoders
+# 256 to 768 wide, MiniLM's shape at 384: 5.4 -> 3.0 ms a call at batch 1; a GPT-2 256 wide), but 37% slower at 128
+# wide (a small BERT at batch 1) and 2x slower on the SD text encoder, 32 wide; the small SD UNet (convolutions,
+# 32-64 wide) was within 4% (benchmarks/aoti_freezing_check.py, benchmarks/results/aoti_freezing_cpu.json). The
+# width sits between the widest that lost (128) and the narrowest that won (192).
+FREEZE_MIN_WIDTH = 192
 
 
 def freezes(module: torch.nn.Module) -> bool:
