@@ -83,6 +83,9 @@ def batch_size_of(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> Op
 def median_sample(samples: Sequence[Sample], batch: Optional[int]) -> Sample:
     """Of the ``samples`` at batch size ``batch`` (all of them when None or when none is), the one of median size:
     the larger of two middles, the first kept of equals."""
+    if not samples:
+        # A graph read back from a manifest has none until they are loaded (``workspace.samples.load_samples``).
+        raise ValueError("no samples to choose from: this graph's captured samples were not loaded")
     pool = [s for s in samples if batch is not None and batch_size_of(s.inputs, s.outputs) == batch] or list(samples)
     order = sorted(range(len(pool)), key=lambda i: (sum(t.numel() for t in pool[i].inputs), i))
     return pool[order[len(order) // 2]]
