@@ -250,3 +250,26 @@ def test_a_low_precision_winner_must_beat_its_own_precision_by_a_margin():
     assert prefer_own_precision(clear, fp32, latency) == (clear, fp32)
     assert prefer_own_precision(fp32, None, latency) == (fp32, None)
     assert prefer_own_precision(None, None, latency) == (None, None)
+
+
+def test_adding_a_precision_reuses_the_candidates_both_runs_try(tmp_path):
+    """Switching precisions (("fp32",) to ("fp32", "bf16"), or the default's follow-ups) keeps the graph's cached
+    fp32 candidates; a change of tolerance still builds everything again."""
+    torch.manual_seed(0)
+    model = nav.Module(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).eval(), name="precisions_cache")
+    base = dict(workspace=tmp_path, runners=("TorchCPU", "TorchScriptCPU"), batch_sizes=(1, 2), max_batch_size=2,
+                profile_time_s=0.05, pipeline_repeats=0)
+    items = [(2, torch.randn(2, 16))]
+
+    def candidates(**config) -> dict:
+        with torch.no_grad():
+            status = nav.optimize(lambda x: model(x), items, nav.OptimizeConfig(**base, **config))
+        return {c.name: c for c in status.modules["precisions_cache"].graphs[0].candidates}
+
+    first = candidates(precisions=("fp32",))
+    assert set(first) == {"TorchCPU", "TorchScriptCPU"}
+    more = candidates(precisions=("fp32", "bf16"))
+    assert more["TorchCPU"].cached and more["TorchScriptCPU"].cached
+    assert "TorchScriptCPU[bf16]" in more and not more["TorchScriptCPU[bf16]"].cached
+    stricter = candidates(precisions=("fp32",), tolerances={"atol": 1e-6, "rtol": 1e-6})
+    assert not any(c.cached for c in stricter.values())

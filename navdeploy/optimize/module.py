@@ -32,6 +32,7 @@ from navdeploy.candidates.search import (
 from navdeploy.candidates.select import call_ms, own_precision_fallback, prefer_own_precision, select
 from navdeploy.capture.graph import Graph
 from navdeploy.config import (
+    PRECISIONS,
     MaxThroughput,
     OptimizeConfig,
     build_workers,
@@ -385,11 +386,15 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                   device, precision, tolerances, config.verify_func, batch_sizes, config.max_batch_size,
                   config.profile_time_s)
         entries = dict(old_graphs)  # graphs not seen this time stay valid: same weights, same device
+        # Every precision's tolerance, whichever are tried: a run that adds or drops precisions (precisions=None
+        # against ("fp32",)) reuses the candidates both try; a change of tolerance still builds them all again.
+        keyed_tolerances = {p: config.tolerance_for(tolerance_precision(p, module.__wrapped__, device))
+                            for p in PRECISIONS}
         workers = build_workers(config, device, module.__wrapped__)  # from cores and GPU memory unless given
         with module._nav_unpatched(), ExecutorPool(job, use_multiprocessing(config), config.timeout_s,
                                                    folder / LOG_FILE, workers, hub) as executors:
             for graph in graphs:
-                gkey = _graph_cache_key(graph, fp, device, precision, config, batch_sizes, tolerances)
+                gkey = _graph_cache_key(graph, fp, device, precision, config, batch_sizes, keyed_tolerances)
                 entries[graph.key] = _optimize_graph(graph, job, executors, config, device,
                                                      old_graphs.get(graph.key), gkey, listener)
         wrapped = type(module.__wrapped__)
