@@ -43,23 +43,11 @@ def _module(which: str):
 
     batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=128)
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+    import bench_pipelines
+
     if which in ENCODERS:
-        from transformers import BertConfig, BertModel
-
-        hidden, layers, heads, inner = ENCODERS[which]
-        bert = BertModel(BertConfig(vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers,
-                                    num_attention_heads=heads, intermediate_size=inner,
-                                    max_position_embeddings=128)).eval()
-
-        class Encoder(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.bert = bert
-
-            def forward(self, input_ids, mask):
-                return self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
-
-        return Encoder().eval(), ids(2, 16), dynamic, [ids(1, 12), ids(8, 20)]
+        return bench_pipelines.bert_encoder(*ENCODERS[which]), ids(2, 16), dynamic, [ids(1, 12), ids(8, 20)]
     if which == "gpt2_256":
         from transformers import GPT2Config, GPT2Model
 
@@ -93,23 +81,12 @@ def _module(which: str):
             return [torch.randn(b, 3, 224, 224)]
 
         return Classifier().eval(), images(2), ({0: batch},), [images(1), images(4)]
-    sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
-    import bench_pipelines
-
     spec = bench_pipelines.SPECS["sd_guidance"]
     spec.device = "cpu"
     pipe = spec.build()["pipe"]
     if which == "sd_unet":
-        class UNet(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.unet = pipe.unet
-
-            def forward(self, sample, t, text):
-                return self.unet(sample, t, encoder_hidden_states=text, return_dict=False)[0]
-
-        inputs = [torch.randn(2, 4, 16, 16), torch.tensor(10.0), torch.randn(2, 77, 32)]
-        return UNet().eval(), inputs, None, [inputs]
+        module, inputs = bench_pipelines.sd_unet_call(pipe)
+        return module, inputs, None, [inputs]
 
     class Text(nn.Module):
         def __init__(self):

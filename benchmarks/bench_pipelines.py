@@ -101,6 +101,43 @@ class Spec:
         return result
 
 
+def bert_encoder(hidden: int = 128, layers: int = 4, heads: int = 4, inner: int = 512):
+    """A BertModel built from a config (random weights, vocabulary 1000), called as ``(input_ids, attention_mask)``
+    and returning the last hidden state: the encoder the check scripts time outside a pipeline."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers,
+                                num_attention_heads=heads, intermediate_size=inner,
+                                max_position_embeddings=128)).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, mask):
+            return self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
+
+    return Encoder().eval()
+
+
+def sd_unet_call(pipe):
+    """``SDGuidance``'s UNet called as the pipeline calls it with guidance (the unconditional and the prompt's latents,
+    a timestep, the text states), and inputs of that call: (module, inputs)."""
+    import torch
+
+    class UNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = pipe.unet
+
+        def forward(self, sample, t, text):
+            return self.unet(sample, t, encoder_hidden_states=text, return_dict=False)[0]
+
+    return UNet().eval(), [torch.randn(2, 4, 16, 16), torch.tensor(10.0), torch.randn(2, 77, 32)]
+
+
 def _left_padded(batch: int, length: int, vocab: int, seed: int, device: str = "cpu"):
     """Token ids [batch, length] and an attention mask whose rows after the first are left-padded."""
     import torch

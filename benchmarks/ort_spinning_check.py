@@ -44,36 +44,15 @@ def _module(which: str):
         import image_classifier
 
         return image_classifier.build_classifier().eval(), [torch.randn(1, 3, 64, 64)]
-    if which == "bert":
-        from transformers import BertConfig, BertModel
-
-        bert = BertModel(BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                    intermediate_size=512, max_position_embeddings=128)).eval()
-
-        class Encoder(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.bert = bert
-
-            def forward(self, ids, mask):
-                return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
-
-        return Encoder().eval(), [torch.randint(0, 1000, (4, 32)), torch.ones(4, 32, dtype=torch.int64)]
     import bench_pipelines
 
+    if which == "bert":
+        return bench_pipelines.bert_encoder(), [torch.randint(0, 1000, (4, 32)), torch.ones(4, 32, dtype=torch.int64)]
     spec = bench_pipelines.SPECS["sd_guidance"]
     spec.device = "cpu"
     pipe = spec.build()["pipe"]
     if which == "unet":
-        class UNet(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.unet = pipe.unet
-
-            def forward(self, sample, t, text):
-                return self.unet(sample, t, encoder_hidden_states=text, return_dict=False)[0]
-
-        return UNet().eval(), [torch.randn(2, 4, 16, 16), torch.tensor(10.0), torch.randn(2, 77, 32)]
+        return bench_pipelines.sd_unet_call(pipe)
 
     class Decoder(nn.Module):
         def __init__(self):
