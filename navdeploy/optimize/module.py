@@ -374,11 +374,13 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
         discard_unvouched(folder, old.inductor_cache if old else None)  # before anything compiles into it
         old_graphs = old.graphs if old and old.fingerprint == fp and old.device == device else {}
         batch_sizes = config.profile_batch_sizes(captured_batch_sizes(graphs), device)
-        checked_as = {p: tolerance_precision(p, module.__wrapped__, device)
-                      for p in candidate_precisions(precision, device, config.precisions) + (precision,)
-                      + follow_up_precisions(precision, device, config.precisions)}
-        tolerances = {p: config.tolerance_for(q) for p, q in checked_as.items()}
-        if checked_as.get("fp32") == "tf32":
+        checked_as = {p: tolerance_precision(p, module.__wrapped__, device) for p in PRECISIONS}
+        # Every precision's tolerance keys the graph cache, whichever are tried: a run that adds or drops precisions
+        # (precisions=None against ("fp32",)) reuses the candidates both try; a change of tolerance builds them again.
+        keyed_tolerances = {p: config.tolerance_for(q) for p, q in checked_as.items()}
+        tolerances = {p: keyed_tolerances[p] for p in candidate_precisions(precision, device, config.precisions)
+                      + (precision,) + follow_up_precisions(precision, device, config.precisions)}
+        if "fp32" in tolerances and checked_as["fp32"] == "tf32":
             log.info("%s: fp32 candidates are checked with the tf32 tolerance %s, as eager itself runs TF32 "
                      "convolutions/matmuls here (set torch.backends.cudnn.allow_tf32 = False for a strict check)",
                      module.name, tolerances["fp32"])
@@ -386,10 +388,6 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                   device, precision, tolerances, config.verify_func, batch_sizes, config.max_batch_size,
                   config.profile_time_s)
         entries = dict(old_graphs)  # graphs not seen this time stay valid: same weights, same device
-        # Every precision's tolerance, whichever are tried: a run that adds or drops precisions (precisions=None
-        # against ("fp32",)) reuses the candidates both try; a change of tolerance still builds them all again.
-        keyed_tolerances = {p: config.tolerance_for(tolerance_precision(p, module.__wrapped__, device))
-                            for p in PRECISIONS}
         workers = build_workers(config, device, module.__wrapped__)  # from cores and GPU memory unless given
         with module._nav_unpatched(), ExecutorPool(job, use_multiprocessing(config), config.timeout_s,
                                                    folder / LOG_FILE, workers, hub) as executors:

@@ -43,8 +43,9 @@ _NOT_CODE = ("locks",)
 
 _ENV = "TORCHINDUCTOR_CACHE_DIR"
 _TRITON_ENV = "TRITON_CACHE_DIR"
-# Held while a thread points this process's inductor cache somewhere for a moment (the CPU ISA probe beside the
-# builds) and while another passes the current value on (a job sent to a worker): never the probe's value.
+# Held while this process's inductor cache variables change (a module's cache in and out, the CPU ISA probe pointing
+# at the machine cache for a moment beside the builds) and while they are passed on (a job sent to a worker): a
+# reader never sees a value half set, nor the probe's.
 ENVIRONMENT_LOCK = threading.RLock()
 
 
@@ -89,24 +90,26 @@ def pointed_at(path: Path) -> Iterator[None]:
     if user_cache_dir() is not None:
         yield
         return
-    previous = {name: os.environ.get(name) for name in (_ENV, _TRITON_ENV)}
-    _own.add(os.path.abspath(path))
-    os.environ[_ENV] = str(path)
-    triton = previous[_TRITON_ENV]
-    if triton is None or _is_navdeploy_cache(triton):
-        os.environ[_TRITON_ENV] = str(path / "triton")
-    else:
-        previous.pop(_TRITON_ENV)  # the user's: left alone
-    forget_memoized_paths()
+    with ENVIRONMENT_LOCK:
+        previous = {name: os.environ.get(name) for name in (_ENV, _TRITON_ENV)}
+        _own.add(os.path.abspath(path))
+        os.environ[_ENV] = str(path)
+        triton = previous[_TRITON_ENV]
+        if triton is None or _is_navdeploy_cache(triton):
+            os.environ[_TRITON_ENV] = str(path / "triton")
+        else:
+            previous.pop(_TRITON_ENV)  # the user's: left alone
+        forget_memoized_paths()
     try:
         yield
     finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        forget_memoized_paths()
+        with ENVIRONMENT_LOCK:
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            forget_memoized_paths()
 
 
 def forget_memoized_paths() -> None:
