@@ -101,15 +101,24 @@ def _module(which: str):
     return Text().eval(), inputs, None, [inputs]
 
 
-def _child(which: str) -> dict:
+def _child(which: str, precision: str) -> dict:
     import torch
 
+    from navdeploy.candidates.precision import CAST_DTYPES
     from navdeploy.formats.aoti import freezes
     from navdeploy.formats.inductor_probe import warm_cpu_isa
 
     warm_cpu_isa()
     module, example, dynamic, shapes = _module(which)
-    result: dict = {"module": which, "rule_freezes": freezes(module), "threads": torch.get_num_threads()}
+    if precision != "fp32":
+        dtype = CAST_DTYPES[precision]
+
+        def cast(inputs: list) -> list:
+            return [t.to(dtype) if t.is_floating_point() else t for t in inputs]
+
+        module, example, shapes = module.to(dtype), cast(example), [cast(inputs) for inputs in shapes]
+    result: dict = {"module": which, "precision": precision, "rule_freezes": freezes(module, precision),
+                    "threads": torch.get_num_threads()}
     with torch.no_grad():
         program = torch.export.export(module, tuple(example), dynamic_shapes=dynamic)
         runners = {"eager": module}
@@ -142,17 +151,19 @@ def _child(which: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(MODULES), help="comma-separated: " + ", ".join(MODULES))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="bf16: the module and its float inputs cast to bf16, as navdeploy's bf16 candidates")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(_child(args.child)))
+        print("RESULT " + json.dumps(_child(args.child, args.precision)))
         return
     rows = []
     print(f"{'module':<11}{'rule':>8}{'shape':>22}{'eager ms':>10}{'plain ms':>10}{'frozen ms':>10}"
           f"{'frozen/plain':>14}")
     for which in args.only.split(","):
-        done = subprocess.run([sys.executable, __file__, "--child", which], capture_output=True, text=True,
-                              timeout=900)
+        done = subprocess.run([sys.executable, __file__, "--child", which, "--precision", args.precision],
+                              capture_output=True, text=True, timeout=900)
         line = next((s for s in done.stdout.splitlines() if s.startswith("RESULT ")), None)
         if line is None:
             print(f"{which}: failed\n{done.stderr[-2000:]}")
@@ -166,8 +177,10 @@ def main() -> None:
                   f"{point['frozen_ms']:>10.3f}{point['frozen_over_plain']:>14.2f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.node(),
+              "precision": args.precision,
               "cpu_count": os.cpu_count(), "python": platform.python_version(), "rows": rows}
-    (RESULTS / "aoti_freezing_cpu.json").write_text(json.dumps(result, indent=1))
+    name = "aoti_freezing_cpu.json" if args.precision == "fp32" else f"aoti_freezing_cpu_{args.precision}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,14 @@ import torch
 
 import navdeploy as nav
 from navdeploy.candidates.build import new_record
-from navdeploy.candidates.precision import FOLLOW_UP_MIN_MS, cpu_computes_bf16, follow_up_precisions
+from navdeploy.candidates.precision import (
+    FOLLOW_UP_MIN_MS,
+    FOLLOW_UP_WIDE,
+    cpu_computes_bf16,
+    eager_copy_predicts,
+    follow_up_min_ms,
+    follow_up_precisions,
+)
 from navdeploy.candidates.search import Search, follow_up_pairs, low_precision_skip_reason
 from navdeploy.candidates.select import own_precision_fallback
 from navdeploy.config import MinLatency
@@ -54,6 +61,23 @@ def test_follow_up_copies_the_runners_that_verified_when_the_best_build_is_slow(
     assert follow_up_pairs(pairs, records, ("bf16",), None) == []  # nothing won
     assert follow_up_pairs(pairs, records, (), 10.0) == []
     assert follow_up_pairs(pairs + extra, records, ("bf16",), 10.0) == []  # tried already
+    # A module whose matmuls are wide gets the copies however fast its best build is.
+    assert follow_up_pairs(pairs, records, ("bf16",), 0.3, min_ms=0.0) == extra
+
+
+def test_wide_matmuls_get_the_follow_up_however_fast_the_call():
+    from transformers import BertConfig, BertModel
+
+    def bert(hidden: int) -> torch.nn.Module:
+        return BertModel(BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=4,
+                                    intermediate_size=4 * hidden)).eval()
+
+    assert FOLLOW_UP_WIDE == 192
+    # 256 wide: frozen bf16 AOTInductor 0.63 of the best fp32 build at 1x12 tokens (0.66 ms); 128 wide: 1.2x slower
+    # there (benchmarks/aoti_freezing_check.py, both precisions)
+    assert follow_up_min_ms(bert(256)) == 0.0
+    assert follow_up_min_ms(bert(128)) == FOLLOW_UP_MIN_MS
+    assert follow_up_min_ms(torch.nn.Conv2d(3, 256, 3)) == FOLLOW_UP_MIN_MS  # no matmuls
 
 
 def test_follow_up_copies_are_not_built_where_eager_gains_nothing_in_that_precision():
@@ -75,6 +99,26 @@ def test_follow_up_copies_are_not_built_where_eager_gains_nothing_in_that_precis
     assert low_precision_skip_reason(compiled, own, None, search) is None  # not measured: built
     assert low_precision_skip_reason(compiled, own, replace(slower, status="failed"), search) is None
     assert low_precision_skip_reason(compiled, own, slower, replace(search, thorough=True)) is None
+    assert low_precision_skip_reason(compiled, own, slower, search, predicted=False) is None
+
+
+def test_eager_copy_does_not_predict_a_frozen_build_of_a_matmul_module():
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+    bert = BertModel(BertConfig(vocab_size=100, hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=512)).eval()
+    unet_like = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3), torch.nn.Conv2d(32, 32, 3), torch.nn.Flatten(),
+                                    torch.nn.Linear(32, 32))
+    vit = ViTModel(ViTConfig(image_size=32, patch_size=16, num_hidden_layers=1, hidden_size=192,
+                             num_attention_heads=3, intermediate_size=768))
+    aoti, script = RUNNERS["AOTInductorCPU"], RUNNERS["TorchScriptCPU"]
+    # BERT 128 wide: eager bf16 3-11% slower than eager fp32, the frozen AOTInductor bf16 build 21% faster than
+    # AOTInductor fp32; its bf16 linear layers reorder their weights every call, a frozen build prepacks them once.
+    assert not eager_copy_predicts(aoti, bert, "bf16")
+    assert not eager_copy_predicts(aoti, vit, "bf16")  # its patch convolution is a small share of its weights
+    assert eager_copy_predicts(script, bert, "bf16")  # eager's kernels, unpacked, as eager's copy
+    assert eager_copy_predicts(aoti, unet_like, "bf16")  # convolutions: eager's copy predicted them on the SD UNet
+    assert eager_copy_predicts(aoti, bert, "fp32")  # a 128-wide fp32 build does not freeze
 
 
 class _SlowInBf16(torch.nn.Module):

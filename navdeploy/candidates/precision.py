@@ -8,6 +8,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from navdeploy.formats.base import RunnerSpec
+from navdeploy.formats.matmuls import mostly_matmuls, mostly_wide_matmuls
+
 CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -21,19 +24,41 @@ def candidate_precisions(module_precision: str, device: str, requested: Optional
     return (module_precision,)
 
 
-# bf16 pays where the best build in the module's own precision is still compute-bound, at 2 ms a call or more on
-# the 2-core CPU machine: ViT-Tiny 6.9 -> 5.0 ms, MiniLM-L6 at batch 8 9.5 -> 6.4 ms; below that, in overhead-bound
-# graphs (a small BERT at 0.9 ms, GPT-2 decode steps at 0.4 ms), its copies lost to fp32 AOTInductor every time.
-FOLLOW_UP_MIN_MS = 2.0
+# bf16 pays where the matmuls are compute-bound. On the 2-core CPU machine, frozen bf16 AOTInductor builds against the
+# best fp32 build (aoti_freezing_cpu.json, aoti_freezing_cpu_bf16.json): BERT 128 wide 1.20x slower at 1x12 tokens
+# (0.47 ms fp32) but 0.74 at 8x20 (1.9 ms); 256 wide and wider 0.50-0.74 at every shape, also at 0.4-0.7 ms a call
+# (BERT 256, a GPT-2 256 wide); the SD text encoder (32 wide, 0.15 ms) 3.4x slower. So the copies are tried for a
+# graph whose best build takes FOLLOW_UP_MIN_MS or more a call, or whose matmuls are mostly FOLLOW_UP_WIDE wide.
+FOLLOW_UP_MIN_MS = 1.0
+FOLLOW_UP_WIDE = 192
+
+
+def follow_up_min_ms(module: torch.nn.Module) -> float:
+    """How slow a graph's best build must be for the follow-up precisions to be tried on ``module``: 0 where most
+    of its matmul weights are ``FOLLOW_UP_WIDE`` wide or wider, else ``FOLLOW_UP_MIN_MS``."""
+    return 0.0 if mostly_wide_matmuls(module, FOLLOW_UP_WIDE) else FOLLOW_UP_MIN_MS
 
 
 def follow_up_precisions(module_precision: str, device: str, requested: Optional[Sequence[str]]) -> tuple[str, ...]:
-    """Precisions the search tries after the module's own one, for graphs whose best build is still slow
-    (``FOLLOW_UP_MIN_MS``): bf16 for an fp32 module on a CPU that computes bf16 (``cpu_computes_bf16``), unless
-    the user named the precisions (``OptimizeConfig(precisions=("fp32",))`` keeps fp32 only)."""
+    """Precisions the search tries after the module's own one, for graphs whose best build is still slow or whose
+    matmuls are wide (``follow_up_min_ms``): bf16 for an fp32 module on a CPU that computes bf16
+    (``cpu_computes_bf16``), unless the user named the precisions (``OptimizeConfig(precisions=("fp32",))`` keeps
+    fp32 only)."""
     if requested or device != "cpu" or module_precision != "fp32" or not cpu_computes_bf16():
         return ()
     return ("bf16",)
+
+
+def eager_copy_predicts(runner: RunnerSpec, module: torch.nn.Module, precision: str) -> bool:
+    """Whether eager's copy of ``module`` in a follow-up ``precision`` predicts ``runner``'s copy there (the search
+    skips the copies when eager's is clearly slower: ``search.low_precision_skip_reason``). Not for a build that
+    prepacks the matmul weights (``RunnerSpec.prepacks``: a frozen AOTInductor build) of a module that is mostly
+    matmuls: eager's bf16 linear layers reorder their weights into oneDNN's layout on every call, a frozen build once.
+    On the bench's BERT (128 wide, 4x32 tokens) eager bf16 read 3-11% slower than eager fp32 while the frozen
+    AOTInductor bf16 build was 21% faster than AOTInductor fp32; on the SD UNet (convolutions) eager's copy did
+    predict the compiled ones."""
+    prepacks = runner.prepacks is not None and runner.prepacks(module, precision)
+    return not (prepacks and mostly_matmuls(module))
 
 
 @functools.cache

@@ -14,7 +14,8 @@ faster than none, or launching kernels one by one being faster than replaying th
 they failed or are not tried.
 
 Follow-up precisions (``precision.follow_up_precisions``: bf16 on a CPU that computes it, for an fp32 module) are
-tried after that search, for a graph whose best build still takes ``FOLLOW_UP_MIN_MS`` or more a call: the copies
+tried after that search, for a graph whose best build still takes ``FOLLOW_UP_MIN_MS`` or more a call, or any
+graph of a module whose matmuls are wide (``precision.follow_up_min_ms``): the copies
 of the runners that verified (those with ``follows_up``), screened and profiled as above, and selected among all.
 Eager's copy comes first; when it is clearly slower than eager in the module's own precision, the other copies are
 not built (``low_precision_skip_reason``): the precision's kernels do not pay on that graph here.
@@ -128,7 +129,8 @@ LOW_PRECISION_SKIP_MARGIN = 0.10
 
 
 def low_precision_skip_reason(runner: RunnerSpec, eager: Optional[CandidateRecord],
-                              eager_here: Optional[CandidateRecord], search: Search) -> Optional[str]:
+                              eager_here: Optional[CandidateRecord], search: Search,
+                              predicted: bool = True) -> Optional[str]:
     """Why a follow-up precision's copy of ``runner`` is not built (``eager``: eager in the module's own precision;
     ``eager_here``: eager in the follow-up precision, built first), or None when it is.
 
@@ -136,8 +138,11 @@ def low_precision_skip_reason(runner: RunnerSpec, eager: Optional[CandidateRecor
     precision's kernels (oneDNN's bf16 matmuls and convolutions, which the compiled runners call too) do not pay on
     this graph here: its copies could win only by their own fusions. On the SD UNet eager bf16 was 12-24% slower
     than fp32 and AOTInductor bf16 16% slower than AOTInductor fp32, a 14 s build for nothing; where eager bf16 was
-    faster (ViT, VAE, MiniLM), the compiled bf16 copies were faster too. Thorough builds them all."""
-    if search.thorough or eager is None or eager_here is None or runner.name == eager_here.runner:
+    faster (ViT, VAE, MiniLM), the compiled bf16 copies were faster too. Thorough builds them all.
+
+    ``predicted=False``: eager's copy says nothing about this one (``precision.eager_copy_predicts``), which is
+    built whatever eager's copy measured."""
+    if search.thorough or not predicted or eager is None or eager_here is None or runner.name == eager_here.runner:
         return None
     own, here = eager.screen_ms(search.batch), eager_here.screen_ms(search.batch)
     if not eager_here.verified or own is None or here is None or here < own * (1 + LOW_PRECISION_SKIP_MARGIN):
@@ -149,12 +154,14 @@ def low_precision_skip_reason(runner: RunnerSpec, eager: Optional[CandidateRecor
 
 
 def follow_up_pairs(pairs: Sequence[tuple[RunnerSpec, str]], records: Mapping[int, CandidateRecord],
-                    precisions: Sequence[str], best_ms: Optional[float]) -> list[tuple[RunnerSpec, str]]:
+                    precisions: Sequence[str], best_ms: Optional[float],
+                    min_ms: float = FOLLOW_UP_MIN_MS) -> list[tuple[RunnerSpec, str]]:
     """The candidates tried after the search in the module's own precision (``records``, by place in ``pairs``):
     each runner that ``follows_up`` and verified there, or was not built only because a twin verified (its copy
     is built when the twin's copy fails: ``twin_skip_reason``), in each of ``precisions``, when the graph's best
-    build (``best_ms`` a call; None when nothing won) takes ``FOLLOW_UP_MIN_MS`` or more; none otherwise."""
-    if not precisions or best_ms is None or best_ms < FOLLOW_UP_MIN_MS:
+    build (``best_ms`` a call; None when nothing won) takes ``min_ms`` or more (``precision.follow_up_min_ms``);
+    none otherwise."""
+    if not precisions or best_ms is None or best_ms < min_ms:
         return []
 
     def twin_verified(i: int) -> bool:

@@ -19,27 +19,26 @@ from navdeploy.formats.base import (
 )
 from navdeploy.formats.exported_program import export_program
 from navdeploy.formats.inductor_probe import aoti_cuda_problem, warm_cpu_isa
+from navdeploy.formats.matmuls import mostly_wide_matmuls
 
 log = logging.getLogger("navdeploy")
 
 
 # Inductor's freezing folds the weights into the graph as constants and prepacks them for oneDNN. On the 2-core CPU
-# that made calls 12-61% faster where the matmuls are at least this wide (the bench's ViT, 192 wide; BERT encoders
-# 256 to 768 wide, MiniLM's shape at 384: 5.4 -> 3.0 ms a call at batch 1; a GPT-2 256 wide), but 37% slower at 128
-# wide (a small BERT at batch 1) and 2x slower on the SD text encoder, 32 wide; the small SD UNet (convolutions,
+# that made fp32 calls 12-61% faster where the matmuls are at least this wide (the bench's ViT, 192 wide; BERT
+# encoders 256 to 768 wide, MiniLM's shape at 384: 5.4 -> 3.0 ms a call at batch 1; a GPT-2 256 wide), but 37% slower
+# at 128 wide (a small BERT at batch 1) and 2x slower on the SD text encoder, 32 wide; the small SD UNet (convolutions,
 # 32-64 wide) was within 4% (benchmarks/aoti_freezing_check.py, benchmarks/results/aoti_freezing_cpu.json). The
-# width sits between the widest that lost (128) and the narrowest that won (192).
+# width sits between the widest that lost (128) and the narrowest that won (192). In bf16 every matmul and
+# convolution runs in oneDNN either way, and prepacking made every module measured faster, 128-wide BERT and the SD
+# text encoder included (0.59-0.91 of the plain build; aoti_freezing_cpu_bf16.json), so bf16 builds always freeze.
 FREEZE_MIN_WIDTH = 192
 
 
-def freezes(module: torch.nn.Module) -> bool:
-    """Whether the CPU build freezes: most of the module's matmul weights (``nn.Linear``, and transformers'
-    ``Conv1D`` of GPT-2-style models), by element count, are at least ``FREEZE_MIN_WIDTH`` wide on both sides."""
-    weights = [m.weight for m in module.modules() if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
-               and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
-    total = sum(w.numel() for w in weights)
-    wide = sum(w.numel() for w in weights if min(w.shape) >= FREEZE_MIN_WIDTH)
-    return total > 0 and 2 * wide >= total
+def freezes(module: torch.nn.Module, precision: str = "fp32") -> bool:
+    """Whether the CPU build of ``module`` (already cast to ``precision``) freezes its weights: always in bf16,
+    otherwise where most matmul weights are at least ``FREEZE_MIN_WIDTH`` wide (``mostly_wide_matmuls``)."""
+    return precision == "bf16" or mostly_wide_matmuls(module, FREEZE_MIN_WIDTH)
 
 
 def _export(ctx: BuildContext) -> None:
@@ -47,10 +46,11 @@ def _export(ctx: BuildContext) -> None:
     configs = {"aot_inductor.check_lowerbound": False}
     if ctx.device == "cpu":
         warm_cpu_isa()
-        configs["freezing"] = freezes(ctx.module)
+        configs["freezing"] = freezes(ctx.module, ctx.precision)
         if configs["freezing"]:
-            log.info("AOTInductor freezes the weights (constants prepacked for oneDNN): most matmul weights are at "
-                     "least %d wide", FREEZE_MIN_WIDTH)
+            log.info("AOTInductor freezes the weights (constants prepacked for oneDNN): %s",
+                     "a bf16 build" if ctx.precision == "bf16"
+                     else f"most matmul weights are at least {FREEZE_MIN_WIDTH} wide")
     torch._inductor.aoti_compile_and_package(export_program(ctx), package_path=str(ctx.path / "model.pt2"),
                                              inductor_configs=configs)
 
@@ -73,6 +73,7 @@ FORMAT = FormatSpec(Format.TORCH_AOTI, artifact="model.pt2", export=_export,
                     triton=TritonMapping("pytorch", "torch_aoti", io_names="INPUT__N", python_preference=3))
 RUNNERS = [
     # Built first: it won 4 of 7 real CPU modules (benchmarks/results/pipelines_cpu.json).
-    RunnerSpec("AOTInductorCPU", Format.TORCH_AOTI, "cpu", _load, search_rank=10, prepare_loading=warm_cpu_isa),
+    RunnerSpec("AOTInductorCPU", Format.TORCH_AOTI, "cpu", _load, search_rank=10, prepare_loading=warm_cpu_isa,
+               prepacks=freezes),
     RunnerSpec("AOTInductorCUDA", Format.TORCH_AOTI, "cuda", _load, search_rank=20, is_available=aoti_cuda_problem),
 ]

@@ -137,6 +137,10 @@ class RunnerSpec:
     # What the process that loads this runner can do ahead, while candidates build in workers (Inductor's imports
     # and CPU ISA probe: seconds the bind of a winner would otherwise wait for). Once per process; must not raise.
     prepare_loading: Optional[Callable[[], None]] = field(default=None, compare=False)
+    # Whether its build of a module (already cast to the precision given) prepacks the matmul weights (a frozen
+    # AOTInductor build: oneDNN's packed layout, where eager reorders them every call), so eager's copy in a low
+    # precision does not predict its speed.
+    prepacks: Optional[Callable[[torch.nn.Module, str], bool]] = field(default=None, compare=False)
 
     def unavailable_reason(self) -> Optional[str]:
         """None when the runner can run here, else why not (missing package, no provider, no GPU)."""

@@ -18,6 +18,8 @@ from navdeploy.candidates.isolation import Executor, ExecutorPool, WorkerHub
 from navdeploy.candidates.precision import (
     candidate_name,
     candidate_precisions,
+    eager_copy_predicts,
+    follow_up_min_ms,
     follow_up_precisions,
     tolerance_precision,
 )
@@ -213,7 +215,8 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                     runner, [record_of(twin, precision) for twin in runner.twin_of], search)
                 if not reason and index >= follow_ups_from:
                     reason = low_precision_skip_reason(runner, record_of(pairs[0][0].name, job.precision),
-                                                       record_of(pairs[0][0].name, precision), search)
+                                                       record_of(pairs[0][0].name, precision), search,
+                                                       eager_copy_predicts(runner, job.module, precision))
                 if reason:  # decided here: no worker starts, and a builds_alone runner never holds up the others
                     log.info("%s graph %s %s: skipped (%s)", job.module_name, graph.key, name, reason)
                     done(index, name, replace(new_record(runner, precision, job.precision), status="skipped",
@@ -291,10 +294,13 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     # At the batch the strategy compares candidates at (MaxThroughput: the largest profiled one).
     compared = (search.batch, None) if isinstance(config.strategy, MaxThroughput) else (batch, graph.batch_weights)
     best_ms = call_ms(winner, *compared) if winner is not None else None
-    extra = follow_up_pairs(pairs, records, follow_up_precisions(job.precision, device, config.precisions), best_ms)
+    min_ms = follow_up_min_ms(job.module)
+    extra = follow_up_pairs(pairs, records, follow_up_precisions(job.precision, device, config.precisions), best_ms,
+                            min_ms)
     if extra:
-        log.info("%s graph %s: the best %s build takes %.2f ms a call (%s): trying %s too (precisions=(%r,) keeps "
+        log.info("%s graph %s: the best %s build takes %.2f ms a call (%s)%s: trying %s too (precisions=(%r,) keeps "
                  "%s only)", job.module_name, graph.key, job.precision, best_ms, winner.name,
+                 ", and its matmuls are wide" if min_ms == 0 else "",
                  ", ".join(candidate_name(r.name, p, job.precision) for r, p in extra), job.precision, job.precision)
         listener.candidates_added(len(extra))
         first = follow_ups_from = len(pairs)
