@@ -41,7 +41,7 @@ def _per_call_us(fn, calls: int, rounds: int) -> dict:
 def measure(layers: int, calls: int, rounds: int) -> dict:
     from transformers import DynamicCache, GPT2Config
 
-    from navdeploy.capture.match import match_call
+    from navdeploy.capture.match import call_matcher, match_call
     from navdeploy.capture.pytree import flatten, flatten_call, unflatten
 
     cache = DynamicCache(config=GPT2Config(n_layer=layers))
@@ -54,13 +54,14 @@ def measure(layers: int, calls: int, rounds: int) -> dict:
     spec, tensors = flatten_call((), kwargs, "decoder")
     output = {"logits": torch.randn(2, 1, 100), "past_key_values": cache}
     out_spec, out_tensors = flatten(output, outputs=True)
+    match = call_matcher(spec)  # the handler compiles a structure's matcher once
     steps = {
-        "match the previous step's structure": lambda: match_call(spec, (), kwargs),
+        "match the previous step's structure": lambda: match((), kwargs),
         "rebuild the output (cache included)": lambda: unflatten(out_spec, out_tensors, rebuild_classes=False),
         "first call: flatten": lambda: flatten_call((), kwargs, "decoder"),
         "first call: memo key (pickle)": lambda: pickle.dumps(spec, 5),
     }
-    assert match_call(spec, (), kwargs) is not None
+    assert match_call(spec, (), kwargs) is not None and match((), kwargs) is not None
     result = {name: _per_call_us(fn, calls, rounds) for name, fn in steps.items()}
     return {"layers": layers, "tensors_in": len(tensors), "steps": result,
             "total_median_us": sum(result[name]["median_us"] for name in list(steps)[:2])}

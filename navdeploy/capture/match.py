@@ -10,7 +10,7 @@ order and class is compared; anything this does not cover answers no match, and 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -21,46 +21,102 @@ Spec = Any
 _PLAIN_DICTS = (dict, OrderedDict)
 
 
+Matcher = Callable[[Any, list], bool]  # (value, tensors found so far) -> whether the value has the node's structure
+CallMatcher = Callable[[tuple, dict], Optional[list[torch.Tensor]]]
+
+
 def match_call(spec: Spec, args: tuple, kwargs: dict) -> Optional[list[torch.Tensor]]:
     """The call's tensors in flatten order when ``flatten_call(args, kwargs, ...)`` would give ``spec``; else None."""
-    tensors: list[torch.Tensor] = []
-    tree = {"args": list(args), "kwargs": dict(sorted(kwargs.items()))}
-    return tensors if _match(spec, tree, tensors) else None
+    return call_matcher(spec)(args, kwargs)
 
 
-def _match(node: Spec, value: Any, tensors: list[torch.Tensor]) -> bool:
+def call_matcher(spec: Spec) -> CallMatcher:
+    """``match_call`` for one spec, compiled once into a closure per node: a decoder step matched against its
+    previous step's structure then reads no node's kind or keys from the spec, only the call's values."""
+    if spec["t"] != "dict" or spec["k"] != ["args", "kwargs"] or "cls" in spec:
+        return lambda args, kwargs: None  # not a spec of flatten_call
+    args_node, kwargs_node = spec["c"]
+    match_args = _compile(args_node)
+    if kwargs_node["t"] != "dict" or "cls" in kwargs_node:
+        return lambda args, kwargs: None
+    names = kwargs_node["k"]
+    count = len(names)
+    children = [_compile(child) for child in kwargs_node["c"]]
+    pairs = list(zip(names, children))
+
+    def match(args: tuple, kwargs: dict) -> Optional[list[torch.Tensor]]:
+        tensors: list[torch.Tensor] = []
+        if not match_args(list(args), tensors) or len(kwargs) != count:
+            return None
+        if sorted(kwargs) != names:
+            return None
+        for name, child in pairs:
+            if not child(kwargs[name], tensors):
+                return None
+        return tensors
+
+    return match
+
+
+def _compile(node: Spec) -> Matcher:
     kind = node["t"]
     if kind == "tensor":
-        if isinstance(value, torch.Tensor):
-            tensors.append(value)
-            return True
-        return False
+        def tensor(value: Any, tensors: list) -> bool:
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+                return True
+            return False
+        return tensor
     if kind == "const":
         expected = node["v"]
-        if type(value) is not type(expected):
-            return False
-        # -0.0 == 0.0, yet they are different constants of a traced graph (and of spec_key's JSON).
-        return value == expected and (type(value) is not float or repr(value) == repr(expected))
+        expected_type = type(expected)
+        if expected_type is float:
+            # -0.0 == 0.0, yet they are different constants of a traced graph (and of spec_key's JSON).
+            text = repr(expected)
+            return lambda value, tensors: (type(value) is float and value == expected and repr(value) == text)
+        return lambda value, tensors: type(value) is expected_type and value == expected
     if kind in ("list", "tuple"):
-        children = node["c"]
-        if type(value) is not (list if kind == "list" else tuple) or len(value) != len(children):
-            return False
-        return all(_match(child, item, tensors) for child, item in zip(children, value))
-    if kind == "dict":
-        if "cls" in node or type(value) not in _PLAIN_DICTS or list(value) != node["k"]:
-            return False
-        return all(_match(child, value[k], tensors) for k, child in zip(node["k"], node["c"]))
+        container = list if kind == "list" else tuple
+        children = [_compile(child) for child in node["c"]]
+        size = len(children)
+
+        def sequence(value: Any, tensors: list) -> bool:
+            if type(value) is not container or len(value) != size:
+                return False
+            for child, item in zip(children, value):
+                if not child(item, tensors):
+                    return False
+            return True
+        return sequence
+    if kind == "dict" and "cls" not in node:
+        return _keyed(node, lambda value: value if type(value) in _PLAIN_DICTS else None)
     if kind == "hfcache":
-        if cache_class_path(type(value)) != node["cls"]:
-            return False
-        attributes = vars(value)
-        if list(attributes) != node["k"]:
-            return False
-        return all(_match(child, attributes[k], tensors) for k, child in zip(node["k"], node["c"]))
+        cls_path = node["cls"]
+        return _keyed(node, lambda value: vars(value) if cache_class_path(type(value)) == cls_path else None)
     if kind == "device":
-        return type(value) is torch.device and str(value) == node["v"]
+        device = node["v"]
+        return lambda value, tensors: type(value) is torch.device and str(value) == device
     if kind == "dtype":
-        return isinstance(value, torch.dtype) and str(value).removeprefix("torch.") == node["v"]
+        dtype = node["v"]
+        return lambda value, tensors: isinstance(value, torch.dtype) and str(value).removeprefix("torch.") == dtype
     if kind == "class":
-        return isinstance(value, type) and class_path(value) == node["v"]
-    return False  # namedtuples, dataclasses, classes with a "cls": flattened again
+        path = node["v"]
+        return lambda value, tensors: isinstance(value, type) and class_path(value) == path
+    return lambda value, tensors: False  # namedtuples, dataclasses, classes with a "cls": flattened again
+
+
+def _keyed(node: Spec, items: Callable[[Any], Optional[dict]]) -> Matcher:
+    """A node of named children: ``items(value)`` gives the value's mapping (a dict, a cache object's attributes),
+    or None when the value is not of the node's kind. The keys must come in the spec's order."""
+    keys = node["k"]
+    pairs = list(zip(keys, [_compile(child) for child in node["c"]]))
+
+    def keyed(value: Any, tensors: list) -> bool:
+        mapping = items(value)
+        if mapping is None or list(mapping) != keys:
+            return False
+        for key, child in pairs:
+            if not child(mapping[key], tensors):
+                return False
+        return True
+    return keyed

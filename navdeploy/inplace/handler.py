@@ -17,7 +17,7 @@ import torch
 from navdeploy.candidates.verify import conform
 from navdeploy.capture.aliases import LiveCall
 from navdeploy.capture.graph import Graph
-from navdeploy.capture.match import match_call
+from navdeploy.capture.match import CallMatcher, call_matcher
 from navdeploy.capture.paths import call_difference
 from navdeploy.capture.pytree import Spec, describe, flatten_call, spec_key, unflatten
 from navdeploy.errors import CaptureError
@@ -119,8 +119,9 @@ class OptimizedHandler:
         self._spec_keys: dict[tuple, str] = {}
         self._unknown: dict[str, _Route] = {}  # graph key of a structure not captured -> its route (explained once)
         self._routes: dict[tuple, _Route] = {}
-        # Container calls' structures of captured graphs, most recently matched first: (key, spec, tensor kinds).
-        self._known: list[tuple[str, Spec, tuple]] = []
+        # Container calls' structures of captured graphs, most recently matched first: (key, spec, its compiled
+        # matcher, tensor kinds).
+        self._known: list[tuple[str, Spec, CallMatcher, tuple]] = []
 
     def release(self) -> None:
         """Calls no longer come here (another handler or eager took over): what the watch changed is given back."""
@@ -149,8 +150,8 @@ class OptimizedHandler:
         if signature is None:
             # A call with containers (an HF cache): first checked against the structures of the last calls (a
             # decoder's every step has its previous step's), which builds nothing.
-            for i, (key, spec, kinds) in enumerate(self._known):
-                tensors = match_call(spec, args, kwargs)
+            for i, (key, spec, match, kinds) in enumerate(self._known):
+                tensors = match(args, kwargs)
                 if tensors is not None and _tensor_kinds(tensors) == kinds:
                     if i:
                         self._known.insert(0, self._known.pop(i))
@@ -169,7 +170,7 @@ class OptimizedHandler:
             if len(self._spec_keys) < _MEMO_LIMIT:
                 self._spec_keys[memo] = key
         if key in self.graphs or key in self.eager_keys:
-            self._known = [(key, spec, kinds), *self._known[:_KNOWN_LIMIT - 1]]
+            self._known = [(key, spec, call_matcher(spec), kinds), *self._known[:_KNOWN_LIMIT - 1]]
         return key, tensors, spec
 
     def _route(self, args: tuple, kwargs: dict) -> tuple[_Route, list[torch.Tensor]]:
