@@ -19,7 +19,13 @@ import torch
 from torch import nn
 
 import navdeploy as nav
-from navdeploy.candidates.search import SCREEN_MARGIN, graph_search, search_order, twin_skip_reason
+from navdeploy.candidates.search import (
+    RECHECK_MARGIN,
+    SCREEN_MARGIN,
+    graph_search,
+    search_order,
+    twin_skip_reason,
+)
 from navdeploy.formats import inductor_probe
 from navdeploy.formats.registry import RUNNERS
 from navdeploy.optimize.module import _chains, _reusable, candidate_pairs
@@ -58,6 +64,37 @@ def test_only_candidates_within_the_margin_of_the_best_screen_lead():
     # Eager is compared by its full profile at the same batch size.
     assert {r.name for r in search.leaders([eager, slow])} == {"TorchCPU", "TorchScriptCPU"}  # 1.0 is within the margin
     assert {r.name for r in search.leaders([eager, near])} == {"OnnxCPU"}
+
+
+def test_a_screen_that_just_missed_the_lead_is_taken_again():
+    search = graph_search(nav.MinLatency(), False, True, 1, (1, 2, 4))
+    best = _record("AOTInductorCPU", screen_ms=1.0)
+    missed = _record("AOTInductorCPU[bf16]", screen_ms=1.26)  # a frozen bf16 build screened in a burst of load
+    far = _record("TorchExportCPU", screen_ms=1.0 * (1 + RECHECK_MARGIN) * 1.01)
+    leader = _record("OnnxCPU", screen_ms=1.1)
+    cached = _record("TorchScriptCPU", screen_ms=1.3)
+    cached.cached = True  # screened by an earlier run: not taken again
+    failed = _record("TorchCompileCPU", "failed")
+    records = [best, missed, far, leader, cached, failed]
+    assert [r.name for r in search.rechecks(records)] == ["AOTInductorCPU[bf16]"]
+    assert search.rechecks([best, leader]) == []
+    assert graph_search(nav.MinLatency(), True, True, 1, (1, 2, 4)).rechecks(records) == [missed]  # the rule only
+
+
+def test_every_candidate_that_just_missed_the_lead_got_a_second_screen(tmp_path):
+    torch.manual_seed(0)
+    model = nav.Module(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval(), name="rechecked")
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=CHEAP, **FAST)
+    with torch.no_grad():
+        nav.optimize(lambda x: model(x), [(1, torch.randn(1, 64)), (1, torch.randn(1, 64))], config)
+    entry = next(iter(read_manifest(tmp_path / "rechecked").graphs.values()))
+    search = graph_search(nav.MinLatency(), False, True, 1, (1, 2))
+    log = (tmp_path / "rechecked" / "navdeploy.log").read_text()
+    # A candidate still in the band after the run was screened twice (the faster screen is the one on record).
+    for record in search.rechecks(entry.candidates):
+        assert f"{record.name}: second screen" in log, (record.name, log[-3000:])
+    for line in [x for x in log.splitlines() if "second screen" in x]:
+        assert " ms against " in line  # both screens' figures are logged
 
 
 def test_the_strategy_says_where_candidates_are_screened():

@@ -183,6 +183,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     transient_formats: set[str] = set()  # formats whose export failed transiently this run
     lock = threading.Lock()  # chains run on several threads when the module has several build workers
     follow_ups_from = len(pairs)  # the place of the first follow-up precision's candidate, once there are some
+    rechecked: set[int] = set()  # candidates screened a second time (Search.rechecks)
 
     def done(index: int, name: str, record: CandidateRecord, checkpoint: bool, finished: bool = True) -> None:
         with lock:
@@ -267,7 +268,8 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     eager = candidate_name(pairs[0][0].name, pairs[0][1], job.precision)  # the baseline comes first
 
     def selection() -> tuple[list[CandidateRecord], Optional[CandidateRecord]]:
-        _profile_leaders(graph, job, executors, search, pairs, records, formats, built_by, done, listener)
+        _profile_leaders(graph, job, executors, search, pairs, records, formats, built_by, done, listener,
+                         rechecked=rechecked)
         candidates, winner = chosen()
         if winner is not None and winner.precision_in(job.precision) != job.precision:
             # The fallback is chosen among fully profiled candidates: the best screen in the module's own
@@ -326,10 +328,17 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
 def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Search,
                      pairs: list[tuple[RunnerSpec, str]], records: dict[int, CandidateRecord],
                      formats: dict[str, FormatState], built_by: dict[int, Executor], done: Callable[..., None],
-                     listener: OptimizeListener, wanted: Optional[list[int]] = None) -> None:
+                     listener: OptimizeListener, wanted: Optional[list[int]] = None,
+                     rechecked: Optional[set[int]] = None) -> None:
     """The full profile for the screened candidates that lead (``Search.leaders``), or for those at the
     ``wanted`` places, on the executor that screened each one (its worker may still hold the runner; another
-    loads the build ``formats`` names). A leader whose profile fails leaves the lead to the next."""
+    loads the build ``formats`` names). A leader whose profile fails leaves the lead to the next.
+
+    First (``rechecked``: the places screened twice already), each candidate that only just missed the lead
+    (``Search.rechecks``) is screened once more and keeps the faster screen: a screen that fell in a burst of load
+    does not decide alone."""
+    if wanted is None and rechecked is not None:
+        _recheck_screens(graph, job, executors, search, pairs, records, formats, built_by, done, listener, rechecked)
     while True:
         leaders = {r.name for r in search.leaders(records.values())}
         todo = [i for i in sorted(records) if records[i].status == "screened"
@@ -354,6 +363,35 @@ def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Se
             log.info("%s graph %s %s: full profile %s%s", job.module_name, graph.key, record.name, record.status,
                      f" ({record.error})" if record.error else "")
             done(index, record.name, record, checkpoint=True, finished=False)
+
+
+def _recheck_screens(graph: Graph, job: Job, executors: ExecutorPool, search: Search,
+                     pairs: list[tuple[RunnerSpec, str]], records: dict[int, CandidateRecord],
+                     formats: dict[str, FormatState], built_by: dict[int, Executor], done: Callable[..., None],
+                     listener: OptimizeListener, rechecked: set[int]) -> None:
+    """A second screen, from its build, for each candidate ``Search.rechecks`` names; once per candidate."""
+    wanted = {id(r) for r in search.rechecks(records.values())}
+    for index in [i for i in sorted(records) if id(records[i]) in wanted and i not in rechecked]:
+        rechecked.add(index)
+        screened = records[index]
+        runner, precision = pairs[index]
+        fmt = artifact_dir(runner.format.value, precision, job.precision)
+        if fmt in formats and formats[fmt].status == PRUNED:  # its build is gone: the first screen stands
+            continue
+        listener.candidate_started(job.module_name, f"{screened.name} (second screen)")
+        with executors.borrow(prefer=built_by.get(index)) as executor:
+            again = executor.run(Task(graph.key, runner.name, export=False, precision=precision,
+                                      artifact_checksum=formats[fmt].checksum if fmt in formats else None,
+                                      plan="screen", screen_batch=search.batch,
+                                      keep_below_ms=search.keep_below_ms(records.values())))
+            built_by[index] = executor  # it may hold the runner now, for the full profile
+        first = screened.screen
+        second = again.screen if again.status == "screened" else None
+        faster = second if second is not None and first is not None and second.p50_ms < first.p50_ms else first
+        log.info("%s graph %s %s: second screen %s", job.module_name, graph.key, screened.name,
+                 f"{second.p50_ms:.3f} ms against {first.p50_ms:.3f}" if second is not None and first is not None
+                 else f"{again.status} ({again.error})")
+        done(index, screened.name, replace(screened, screen=faster), checkpoint=True, finished=False)
 
 
 def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
