@@ -33,29 +33,14 @@ def match_call(spec: Spec, args: tuple, kwargs: dict) -> Optional[list[torch.Ten
 def call_matcher(spec: Spec) -> CallMatcher:
     """``match_call`` for one spec, compiled once into a closure per node: a decoder step matched against its
     previous step's structure then reads no node's kind or keys from the spec, only the call's values."""
-    if spec["t"] != "dict" or spec["k"] != ["args", "kwargs"] or "cls" in spec:
-        return lambda args, kwargs: None  # not a spec of flatten_call
-    args_node, kwargs_node = spec["c"]
-    match_args = _compile(args_node)
-    if kwargs_node["t"] != "dict" or "cls" in kwargs_node:
-        return lambda args, kwargs: None
-    names = kwargs_node["k"]
-    count = len(names)
-    children = [_compile(child) for child in kwargs_node["c"]]
-    pairs = list(zip(names, children))
+    match = _compile(spec)
 
-    def match(args: tuple, kwargs: dict) -> Optional[list[torch.Tensor]]:
+    def match_tree(args: tuple, kwargs: dict) -> Optional[list[torch.Tensor]]:
         tensors: list[torch.Tensor] = []
-        if not match_args(list(args), tensors) or len(kwargs) != count:
-            return None
-        if sorted(kwargs) != names:
-            return None
-        for name, child in pairs:
-            if not child(kwargs[name], tensors):
-                return None
-        return tensors
+        tree = {"args": list(args), "kwargs": dict(sorted(kwargs.items()))}  # as flatten_call builds it
+        return tensors if match(tree, tensors) else None
 
-    return match
+    return match_tree
 
 
 def _compile(node: Spec) -> Matcher:
