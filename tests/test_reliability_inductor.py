@@ -247,8 +247,7 @@ def test_each_module_s_benchmark_decisions_land_in_its_own_cache(tmp_path):
     process and a warm build worker compile several modules, each with its own cache: a later module's decisions
     must not land in the first module's cache after its checksum was taken (the next run then found that cache
     changed and compiled the first module again: the SD text encoder's re-run bind on the H200)."""
-    from navdeploy.candidates.isolation import _apply_environment
-    from navdeploy.workspace.inductor import pointed_at
+    from navdeploy.workspace.inductor import pointed_at, set_environment
 
     first, second, third = (tmp_path / name for name in ("clip", "unet", "vae"))
     with pointed_at(first):
@@ -257,10 +256,10 @@ def test_each_module_s_benchmark_decisions_land_in_its_own_cache(tmp_path):
     with pointed_at(second):  # the binding process, next module
         _benchmark_decision("unet-mm")
     before = dict(os.environ)
-    try:  # a warm worker that built the first module takes the next module's job
-        _apply_environment({"TORCHINDUCTOR_CACHE_DIR": str(third), "TRITON_CACHE_DIR": str(third / "triton")})
+    try:  # a warm worker that built the first module takes the next module's job (what its loop calls)
+        set_environment({"TORCHINDUCTOR_CACHE_DIR": str(third), "TRITON_CACHE_DIR": str(third / "triton")})
         _benchmark_decision("vae-mm")
     finally:
-        _apply_environment({name: before.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")})
+        set_environment({name: before.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")})
     assert _decisions(first) == recorded == {"clip-mm"}
     assert _decisions(second) == {"unet-mm"} and _decisions(third) == {"vae-mm"}

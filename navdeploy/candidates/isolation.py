@@ -33,7 +33,7 @@ import cloudpickle
 from navdeploy.candidates.build import Job, Task, WorkerState, new_record, run_task
 from navdeploy.candidates.timing_gate import Slot, TimingGate
 from navdeploy.formats.registry import RUNNERS
-from navdeploy.workspace.inductor import ENVIRONMENT_LOCK, forget_memoized_paths
+from navdeploy.workspace.inductor import ENVIRONMENT_LOCK, set_environment
 from navdeploy.workspace.records import CandidateRecord
 
 log = logging.getLogger("navdeploy")
@@ -142,7 +142,7 @@ def _worker_main(tasks, results, grants, log_path: str, faults_path: str, tempor
             return
         if isinstance(message, tuple) and message[0] == "job":
             _, payload, job_log, cache_env = message
-            _apply_environment(cache_env)
+            set_environment(cache_env)  # a worker is a process of navdeploy's own: the job's values
             if job_log != log_path:
                 _redirect_output(job_log)
                 handler = _log_to(job_log, handler)
@@ -174,16 +174,6 @@ _JOB_ENVIRONMENT = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 def _job_environment() -> dict[str, Optional[str]]:
     with ENVIRONMENT_LOCK:  # not while the parent's ISA probe points the cache at the machine cache for a moment
         return {name: os.environ.get(name) for name in _JOB_ENVIRONMENT}
-
-
-def _apply_environment(values: dict[str, Optional[str]]) -> None:
-    """In a worker (a process of navdeploy's own): take the job's values of ``_JOB_ENVIRONMENT``."""
-    for name, value in values.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    forget_memoized_paths()
 
 
 def _describe_exit(code: Optional[int], log_path: Optional[Path] = None,

@@ -103,13 +103,19 @@ def pointed_at(path: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        with ENVIRONMENT_LOCK:
-            for name, value in previous.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-            forget_memoized_paths()
+        set_environment(previous)
+
+
+def set_environment(values: dict[str, Optional[str]]) -> None:
+    """Give each inductor cache variable in ``values`` its value (None: unset), and forget the paths inductor
+    memoised from the old ones."""
+    with ENVIRONMENT_LOCK:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        forget_memoized_paths()
 
 
 def forget_memoized_paths() -> None:
