@@ -68,10 +68,14 @@ class Search:
         """What a candidate's task does after it verifies: ``full`` (profile every batch size) or ``screen``."""
         return "full" if eager or not self.screens else "screen"
 
+    def _timed(self, records: Iterable[CandidateRecord]) -> list[tuple[float, CandidateRecord]]:
+        """The verified candidates with a screen (eager: its full profile) at ``batch``, and that figure."""
+        timed = [(r.screen_ms(self.batch), r) for r in records if r.verified]
+        return [(ms, r) for ms, r in timed if ms is not None]
+
     def leaders(self, records: Iterable[CandidateRecord]) -> list[CandidateRecord]:
         """The verified candidates whose screen is within ``SCREEN_MARGIN`` of the best one."""
-        timed = [(r.screen_ms(self.batch), r) for r in records if r.verified]
-        timed = [(ms, r) for ms, r in timed if ms is not None]
+        timed = self._timed(records)
         if not timed:
             return []
         best = min(ms for ms, _ in timed)
@@ -80,25 +84,21 @@ class Search:
     def rechecks(self, records: Iterable[CandidateRecord]) -> list[CandidateRecord]:
         """The screened candidates of this run whose screen missed ``SCREEN_MARGIN`` of the best one by no more
         than ``RECHECK_MARGIN``: worth a second screen (a screen cached by an earlier run is not taken again)."""
-        records = list(records)
-        timed = [(r.screen_ms(self.batch), r) for r in records if r.verified]
-        times = [ms for ms, _ in timed if ms is not None]
-        if not times:
+        timed = self._timed(records)
+        if not timed:
             return []
-        best = min(times)
-        return [r for ms, r in timed if r.status == "screened" and not r.cached and ms is not None
+        best = min(ms for ms, _ in timed)
+        return [r for ms, r in timed if r.status == "screened" and not r.cached
                 and best * (1 + SCREEN_MARGIN) < ms <= best * (1 + RECHECK_MARGIN)]
 
     def keep_below_ms(self, records: Iterable[CandidateRecord]) -> Optional[float]:
         """The screen under which a worker keeps a candidate's runner loaded for its full profile."""
-        times = [r.screen_ms(self.batch) for r in records if r.verified]
-        times = [ms for ms in times if ms is not None]
-        return min(times) * (1 + SCREEN_MARGIN) if times else None
+        timed = self._timed(records)
+        return min(ms for ms, _ in timed) * (1 + SCREEN_MARGIN) if timed else None
 
     def screened_reason(self, record: CandidateRecord, records: Iterable[CandidateRecord]) -> str:
         """Why a screened candidate was not profiled in full: how far its screen was from the best one."""
-        timed = [(r.screen_ms(self.batch), r) for r in records if r.verified]
-        ms, best = min(((ms, r) for ms, r in timed if ms is not None), key=lambda pair: pair[0])
+        ms, best = min(self._timed(records), key=lambda pair: pair[0])
         mine = record.screen_ms(self.batch) or 0.0
         at = f"batch {self.batch}" if self.batch is not None else "its captured input"
         calls = f" over {record.screen.iterations} calls" if record.screen is not None else ""

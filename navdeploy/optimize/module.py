@@ -370,8 +370,8 @@ def _recheck_screens(graph: Graph, job: Job, executors: ExecutorPool, search: Se
                      formats: dict[str, FormatState], built_by: dict[int, Executor], done: Callable[..., None],
                      listener: OptimizeListener, rechecked: set[int]) -> None:
     """A second screen, from its build, for each candidate ``Search.rechecks`` names; once per candidate."""
-    wanted = {id(r) for r in search.rechecks(records.values())}
-    for index in [i for i in sorted(records) if id(records[i]) in wanted and i not in rechecked]:
+    wanted = {r.name for r in search.rechecks(records.values())}
+    for index in [i for i in sorted(records) if records[i].name in wanted and i not in rechecked]:
         rechecked.add(index)
         screened = records[index]
         runner, precision = pairs[index]
