@@ -85,9 +85,10 @@ class OptimizeConfig:
             ``NAVDEPLOY_USE_MULTIPROCESSING`` (default true).
         precisions: precisions to try each runner in (``"fp32"``, ``"fp16"``, ``"bf16"``, ``"int8"``); ``None``
             means the module's own, plus fp16 for fp32 modules on CUDA, plus bf16 for fp32 modules on a CPU that
-            computes bf16 (AVX512-BF16 or AMX) in graphs whose best fp32 build takes 2 ms or more a call (below
-            that bf16 gains nothing there). Each is checked against the module's own eager outputs with that
-            precision's tolerance, and the pipeline's outputs against eager's. ``("fp32",)`` keeps fp32 only.
+            computes bf16 (AVX512-BF16 or AMX) in graphs whose best fp32 build takes 1 ms or more a call, or
+            whose matmuls are mostly 192 wide or wider (below that bf16 gains nothing there). Each is checked
+            against the module's own eager outputs with that precision's tolerance, and the pipeline's outputs
+            against eager's. ``("fp32",)`` keeps fp32 only.
         build_workers: how many worker processes build and verify a module's candidates side by side (each
             holds its own copy of the module); profiling always runs with no build in flight, so figures are
             not disturbed. ``None`` reads ``NAVDEPLOY_BUILD_WORKERS``, else picks from the machine: 1 on the CPU;
@@ -95,6 +96,11 @@ class OptimizeConfig:
             others), at most 4, and no more than fit in half the GPU's free memory at 3 copies of the module
             plus 2 GiB each (:func:`default_build_workers`). Needs multiprocessing. ``timeout_s`` stays wall time
             (less any wait to profile), and builds side by side share the cores: give slow builds more of it.
+        parallel_modules: how many modules are optimized side by side, each with its own workers (their builds
+            overlap; no timing ever overlaps a build of any module). ``None`` reads ``NAVDEPLOY_PARALLEL_MODULES``,
+            else picks from the machine (:func:`default_parallel_modules`): on the CPU one per core, at most 4,
+            while their copies fit in half the free memory; 1 when a module is on CUDA. Needs multiprocessing.
+            Read from the config given to ``nav.optimize``.
         keep_artifacts: keep every candidate's artifact folder. By default, once a module's winner is chosen, the
             folders nothing will load are removed (their records stay, so a re-run does not build them again):
             kept are the winner's and the one a Python-backend Triton model would fall back to
@@ -125,6 +131,7 @@ class OptimizeConfig:
     use_multiprocessing: Optional[bool] = None
     precisions: Optional[Sequence[str]] = None
     build_workers: Optional[int] = None
+    parallel_modules: Optional[int] = None
     pipeline_repeats: int = 5
     keep_artifacts: Optional[bool] = None
     thorough: Optional[bool] = None
@@ -192,6 +199,11 @@ class OptimizeConfig:
                                                or not isinstance(self.build_workers, int) or self.build_workers < 1):
             raise ConfigError(f"build_workers={self.build_workers!r}: use a whole number >= 1 (1 builds candidates "
                               "one at a time).")
+        if self.parallel_modules is not None and (isinstance(self.parallel_modules, bool)
+                                                  or not isinstance(self.parallel_modules, int)
+                                                  or self.parallel_modules < 1):
+            raise ConfigError(f"parallel_modules={self.parallel_modules!r}: use a whole number >= 1 (1 optimizes "
+                              "the modules one after another).")
         if self.keep_artifacts is not None and not isinstance(self.keep_artifacts, bool):
             raise ConfigError(f"keep_artifacts={self.keep_artifacts!r}: use True (keep every candidate's artifact), "
                               "False (remove what nothing will load) or None (read NAVDEPLOY_KEEP_ARTIFACTS).")
@@ -257,7 +269,7 @@ def build_workers(config: OptimizeConfig, device: str = "cpu", module: Optional[
         tensors = [*module.parameters(), *module.buffers()] if module is not None else []
         gpu = next((t.device for t in tensors if t.is_cuda), None)
         free, _ = torch.cuda.mem_get_info(gpu)
-        return default_build_workers(device, _host_cores(), free, sum(t.numel() * t.element_size() for t in tensors))
+        return default_build_workers(device, _host_cores(), free, weight_bytes(module) if module is not None else 0)
     if not value.isdigit() or int(value) < 1:
         raise ConfigError(f"NAVDEPLOY_BUILD_WORKERS={value!r}: use a whole number >= 1.")
     return int(value)
@@ -286,6 +298,62 @@ def default_build_workers(device: str, cores: int, free_gpu_bytes: int, module_b
     per_worker = 3 * max(0, int(module_bytes)) + WORKER_GPU_OVERHEAD
     by_memory = max(1, int(free_gpu_bytes // 2 // per_worker))
     return max(1, min(MAX_DEFAULT_WORKERS, by_cores, by_memory))
+
+
+def parallel_modules(config: OptimizeConfig, modules: Sequence[torch.nn.Module], devices: Sequence[str]) -> int:
+    """Modules optimized side by side: the config wins, then ``NAVDEPLOY_PARALLEL_MODULES``, then
+    :func:`default_parallel_modules`; never more than the modules, and 1 without multiprocessing."""
+    if not use_multiprocessing(config) or len(modules) <= 1:
+        return 1
+    if config.parallel_modules is not None:
+        return min(config.parallel_modules, len(modules))
+    value = os.environ.get("NAVDEPLOY_PARALLEL_MODULES", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"NAVDEPLOY_PARALLEL_MODULES={value!r}: use a whole number >= 1.")
+        return min(int(value), len(modules))
+    sizes = [weight_bytes(m) for m in modules]
+    return min(len(modules), default_parallel_modules(devices, _host_cores(), _free_memory(), sizes))
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """The bytes of a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+MAX_PARALLEL_MODULES = 4
+
+
+def default_parallel_modules(devices: Sequence[str], cores: int, free_bytes: Optional[int],
+                             module_bytes: Sequence[int]) -> int:
+    """Modules optimized side by side when the user names no number.
+
+    CPU: one per core, at most 4. The builds that dominate a CPU optimize run on one core each (AOTInductor's
+    Python lowering, then one compiler process for its wrapper and one for its kernels; ONNX export), so two
+    modules' builds side by side keep two cores busy where one module's kept one. Only as many as fit in half the
+    free memory, at 3 copies of each module (a worker's copy, a cast copy, the compiled runner's constants).
+
+    CUDA: 1. Side by side on one GPU has not been measured; the CUDA builds already run ``build_workers``."""
+    if any(d != "cpu" for d in devices):
+        return 1
+    count = max(1, min(MAX_PARALLEL_MODULES, cores, len(module_bytes)))
+    if free_bytes is not None:
+        largest = sorted((max(0, int(b)) for b in module_bytes), reverse=True)
+        while count > 1 and 3 * sum(largest[:count]) > free_bytes // 2:
+            count -= 1
+    return count
+
+
+def _free_memory() -> Optional[int]:
+    """The memory available to new processes (Linux: MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _host_cores() -> int:

@@ -75,6 +75,8 @@ def choose_candidate() -> Callable[..., None]:
             # Verified: fully profiled, or screened out by the search (it still runs correctly when chosen).
             assert {c.runner: c.status for c in entry.candidates}.get(runner) in ("ok", "screened"), entry.candidates
             entry.selected = runner
+            if entry.fallback == runner:  # the fp32 fallback of a bf16 winner, chosen itself: no fallback left
+                entry.fallback = None
         manifest.reverted = None  # chosen by hand: whatever the pipeline check decided for the tiny module
         write_manifest(folder, manifest)
         assert bind(module, folder) and module.is_optimized

@@ -200,7 +200,9 @@ def test_quick_search_then_thorough_builds_only_what_is_missing(tmp_path):
 
 def test_warm_workers_serve_every_module_of_a_run(tmp_path):
     first, second = nav.Module(_net(1), name="search_first"), nav.Module(_net(2), name="search_second")
-    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "TorchScriptCPU"), **FAST)
+    # One module after another (side by side, each module has a worker of its own: test_parallel_modules.py).
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "TorchScriptCPU"), parallel_modules=1,
+                                **FAST)
     status = nav.optimize(lambda x: second(first(x).repeat(1, 4)), [(1, torch.randn(1, 16))], config)
     pids = {c.pid for m in status.modules.values() for g in m.graphs for c in g.candidates}
     assert len(pids) == 1 and os.getpid() not in pids  # one spawned worker, started once, for both modules
@@ -325,10 +327,10 @@ def test_aoti_probe_and_isa_programs_are_kept_per_machine(tmp_path, monkeypatch)
 
 def test_a_job_never_takes_the_isa_probes_momentary_cache(tmp_path, monkeypatch):
     """The ISA probe points this process's inductor cache at the machine cache for a moment (on a thread beside the
-    builds); a job sent to a worker meanwhile waits and takes the module's cache, not the machine's."""
-    from navdeploy.candidates.isolation import _job_environment
+    builds); a module's job made meanwhile waits and takes the module's cache, not the machine's."""
+    from navdeploy.workspace.inductor import cache_environment
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "module_cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     inside, release, seen = threading.Event(), threading.Event(), {}
 
     def probe() -> None:
@@ -339,7 +341,7 @@ def test_a_job_never_takes_the_isa_probes_momentary_cache(tmp_path, monkeypatch)
     prober = threading.Thread(target=probe)
     prober.start()
     assert inside.wait(5)
-    reader = threading.Thread(target=lambda: seen.update(_job_environment()))
+    reader = threading.Thread(target=lambda: seen.update(cache_environment(tmp_path / "module_cache")))
     reader.start()
     reader.join(0.3)
     assert reader.is_alive()  # it waits for the probe to put the module's cache back

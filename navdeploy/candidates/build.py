@@ -52,6 +52,9 @@ class Job:
     batch_sizes: tuple[int, ...]
     max_batch_size: int
     profile_time_s: float
+    # The module's inductor cache variables (``workspace.inductor.cache_environment``): what a worker sets before
+    # it builds, and what a build in this process runs under.
+    cache_environment: dict[str, Optional[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

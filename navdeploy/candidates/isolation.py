@@ -10,6 +10,7 @@ through a :class:`~navdeploy.candidates.timing_gate.TimingGate`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import faulthandler
 import logging
@@ -33,13 +34,14 @@ import cloudpickle
 from navdeploy.candidates.build import Job, Task, WorkerState, new_record, run_task
 from navdeploy.candidates.timing_gate import Slot, TimingGate
 from navdeploy.formats.registry import RUNNERS
-from navdeploy.workspace.inductor import ENVIRONMENT_LOCK, set_environment
+from navdeploy.workspace.inductor import cache_dir, set_environment, used_at
 from navdeploy.workspace.records import CandidateRecord
 
 log = logging.getLogger("navdeploy")
 _READY_TIMEOUT_S = 300.0
 _IN_PROCESS = threading.Lock()  # candidates run in this process (isolation off or unavailable) one at a time
 T = TypeVar("T")
+R = TypeVar("R")
 _STOPPED = "the optimize run was interrupted; no further candidate starts"
 _FAULTS = None  # a worker's faulthandler file, kept open for the worker's life
 
@@ -163,17 +165,6 @@ def _worker_main(tasks, results, grants, log_path: str, faults_path: str, tempor
             results.put(("job-ready", os.getpid()))
             continue
         results.put(("result", run_task(job, message, state)))
-
-
-# What a job carries of the parent's environment: the module's inductor cache, which the parent points at while
-# that module is optimized (``navdeploy.optimize.scope.inductor_cache``); a warm worker started before, or for
-# another module, would otherwise compile into another cache.
-_JOB_ENVIRONMENT = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
-
-
-def _job_environment() -> dict[str, Optional[str]]:
-    with ENVIRONMENT_LOCK:  # not while the parent's ISA probe points the cache at the machine cache for a moment
-        return {name: os.environ.get(name) for name in _JOB_ENVIRONMENT}
 
 
 def _describe_exit(code: Optional[int], log_path: Optional[Path] = None,
@@ -342,7 +333,7 @@ class Executor:
         if self._sent is self._payload:
             return
         payload = self._payload.get()
-        self._tasks.put(("job", payload, str(self.log_path), _job_environment()))
+        self._tasks.put(("job", payload, str(self.log_path), self.job.cache_environment))
         proc = self._proc
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -393,8 +384,9 @@ class Executor:
                     self.isolate = False
                 if self.isolate:
                     return self._run_in_worker(task, slot)
-        # Outside the gate: an in-process run never waits for timing while it holds _IN_PROCESS.
-        with _IN_PROCESS:
+        # Outside the gate: an in-process run never waits for timing while it holds _IN_PROCESS. It builds into
+        # the module's inductor cache, which this process points at meanwhile.
+        with _IN_PROCESS, used_at(cache_dir(self.job.module_dir)):
             return run_task(self.job, task, self._state)
 
     def _run_in_worker(self, task: Task, slot: Slot) -> CandidateRecord:
@@ -469,7 +461,8 @@ class ExecutorPool:
             self._threads = hub.threads(self.workers) if self.workers > 1 else None
         else:
             self._threads = ThreadPoolExecutor(self.workers, "navdeploy-build") if self.workers > 1 else None
-        gate, payload = TimingGate(), Payload(job)
+        # The hub's gate is every module's: modules optimized side by side never time during another's build.
+        gate, payload = hub.gate if hub is not None else TimingGate(), Payload(job)
         self._gate = gate
         self._all = hub.take(self.workers) if hub is not None else \
             [Executor(job, isolate, timeout_s, log_path) for _ in range(self.workers)]
@@ -491,20 +484,21 @@ class ExecutorPool:
             return
 
         def run() -> None:
-            with self._gate.task():
+            with self._gate.task():  # in a copy of the caller's context: its records go to the module's log
                 try:
                     fn()
                 except Exception as exc:  # noqa: BLE001 - only a head start: the load does the same work anyway
                     log.info("preparing to load beside the builds failed: %s: %s", type(exc).__name__, exc)
 
-        thread = self._beside[fn] = threading.Thread(target=run, name="navdeploy-prepare", daemon=True)
+        thread = self._beside[fn] = threading.Thread(target=contextvars.copy_context().run, args=(run,),
+                                                     name="navdeploy-prepare", daemon=True)
         thread.start()
 
     def __exit__(self, *exc) -> None:
         for thread in self._beside.values():
             thread.join()
         if self._hub is not None:
-            self._hub.give_back(self._all)
+            self._hub.give_back(self._all, self._threads)
             return
         for executor in self._all:  # all at once: each worker frees its memory (a CUDA context) meanwhile
             executor.ask_to_end()
@@ -536,7 +530,8 @@ class ExecutorPool:
             for item in items:
                 fn(item)
             return
-        futures = [self._threads.submit(fn, item) for item in items]
+        # Each in a copy of this thread's context: the module's log takes their records (``scope.logging_to``).
+        futures = [self._threads.submit(contextvars.copy_context().run, fn, item) for item in items]
         try:
             finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((f for f in futures if f in finished and f.exception() is not None), None)
@@ -556,11 +551,18 @@ class ExecutorPool:
 class WorkerHub:
     """The worker processes of one ``nav.optimize`` run, kept warm between its modules: a spawned worker imports
     torch (seconds), so the second module reuses the first one's worker instead of starting another. ``prestart``
-    starts workers before any module needs them (while the pipeline is captured). ``close`` ends them all."""
+    starts workers before any module needs them (while the pipeline is captured). ``close`` ends them all.
+
+    Modules optimized side by side (``modules``) take their executors and threads from the hub and share its
+    timing ``gate``: a build of one never overlaps a timing of another."""
 
     def __init__(self) -> None:
+        self.gate = TimingGate()
         self._idle: list[Executor] = []
+        self._lent: list[Executor] = []
         self._pools: list[tuple[int, ThreadPoolExecutor]] = []
+        self._pools_lent: list[ThreadPoolExecutor] = []
+        self._module_threads: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
         self._closed = False
 
@@ -586,15 +588,51 @@ class WorkerHub:
             with self._lock:
                 self._idle.append(executor)
 
+    def modules(self, fn: Callable[[T], R], items: Sequence[T], at_once: int) -> list[R]:
+        """``fn(item)`` for every item (a module to optimize), ``at_once`` of them side by side, each on a thread of
+        the hub (a worker dies with the thread that started it, so these live as long as the hub), each in a copy
+        of this thread's context. The results in ``items``' order. The first exception (Ctrl-C included) stops
+        every worker of the run and is raised once the others have ended."""
+        if at_once <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        with self._lock:
+            if self._module_threads is None:
+                self._module_threads = ThreadPoolExecutor(at_once, "navdeploy-module")
+            threads = self._module_threads
+        futures = [threads.submit(contextvars.copy_context().run, fn, item) for item in items]
+        try:
+            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in futures if f in finished and f.exception() is not None), None)
+            if failed is not None:
+                failed.result()  # raises it
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            self.stop_lent()
+            wait(futures)
+            raise
+        return [f.result() for f in futures]
+
+    def stop_lent(self) -> None:
+        """Stop the workers of every module in flight now (an interrupted or failed run): their tasks raise
+        :class:`RunStopped`."""
+        with self._lock:
+            lent = list(self._lent)
+        for executor in lent:
+            executor.stop()
+
     def threads(self, workers: int) -> ThreadPoolExecutor:
-        """Threads that run a module's chains side by side. They live as long as the hub, as the workers they
-        start do (a worker dies with the thread that started it)."""
+        """Threads that run a module's chains side by side, not another module's meanwhile (``give_back`` returns
+        them). They live as long as the hub, as the workers they start do (a worker dies with the thread that
+        started it)."""
         with self._lock:
             for size, pool in self._pools:
-                if size >= workers:
+                if size >= workers and pool not in self._pools_lent:
+                    self._pools_lent.append(pool)
                     return pool
             pool = ThreadPoolExecutor(workers, "navdeploy-build")
             self._pools.append((workers, pool))
+            self._pools_lent.append(pool)
             return pool
 
     def take(self, count: int) -> list[Executor]:
@@ -602,11 +640,18 @@ class WorkerHub:
         with self._lock:
             taken = [self._idle.pop(0) for _ in range(min(count, len(self._idle)))]
         unstarted = Path(tempfile.gettempdir())  # replaced by the module's log when the executor is assigned
-        return taken + [Executor(None, True, 60.0, unstarted) for _ in range(count - len(taken))]
-
-    def give_back(self, executors: Sequence[Executor]) -> None:
-        """Executors a module is done with: kept warm for the next module, unless stopped or the hub is closed."""
+        taken += [Executor(None, True, 60.0, unstarted) for _ in range(count - len(taken))]
         with self._lock:
+            self._lent.extend(taken)
+        return taken
+
+    def give_back(self, executors: Sequence[Executor], threads: Optional[ThreadPoolExecutor] = None) -> None:
+        """Executors (and threads) a module is done with: kept warm for the next module, unless stopped or the hub
+        is closed."""
+        with self._lock:
+            self._lent = [e for e in self._lent if e not in executors]
+            if threads is not None and threads in self._pools_lent:
+                self._pools_lent.remove(threads)
             keep = [e for e in executors if e.reusable] if not self._closed else []
             self._idle.extend(keep)
         for executor in executors:
@@ -619,6 +664,7 @@ class WorkerHub:
             self._closed = True
             idle, self._idle = self._idle, []
             pools, self._pools = self._pools, []
+            module_threads, self._module_threads = self._module_threads, None
         for executor in idle:
             if executor.job is None:  # started ahead of time and never used: it holds nothing, no need to wait
                 executor.stop()
@@ -631,3 +677,5 @@ class WorkerHub:
             executor.close(deadline)
         for _, pool in pools:
             pool.shutdown(wait=True)
+        if module_threads is not None:
+            module_threads.shutdown(wait=True)

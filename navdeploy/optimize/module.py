@@ -3,6 +3,7 @@ written to the manifest, and the winner bound in place."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -48,12 +49,12 @@ from navdeploy.formats.registry import FORMATS, runners_for
 from navdeploy.inplace.binding import bind, loads_from_inductor_cache
 from navdeploy.inplace.module import Module
 from navdeploy.optimize.events import OptimizeListener
-from navdeploy.optimize.scope import logging_to
+from navdeploy.optimize.scope import inductor_cache, logging_to
 from navdeploy.optimize.status import GraphStatus, ModuleStatus
 from navdeploy.workspace.checkpoint import checkpoint_graph, resume_entry
 from navdeploy.workspace.fingerprint import cache_key, checksum, fingerprint
 from navdeploy.workspace.identity import claim_module_folder, ensure_writable
-from navdeploy.workspace.inductor import checksum_to_record, discard_unvouched
+from navdeploy.workspace.inductor import cache_dir, cache_environment, checksum_to_record, discard_unvouched
 from navdeploy.workspace.inductor import remove_unused as remove_unused_cache
 from navdeploy.workspace.layout import LOG_FILE, artifact_dir, module_dir, now
 from navdeploy.workspace.locks import locked
@@ -404,7 +405,10 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
     folder = module_dir(workspace, module.name)
     claim_module_folder(folder)  # never a folder of the user's: this run writes into it, clean would delete it
     device = config.target_device or module_device(module.__wrapped__)
-    with locked(folder, config.timeout_s), logging_to(folder / LOG_FILE, listener.log_handlers()):
+    # This process's own work for the module (hashing its weights, binding and warming its winners) holds the
+    # run's timing gate as a build: another module optimized beside this one never times meanwhile.
+    busy = hub.gate.task if hub is not None else contextlib.nullcontext
+    with locked(folder, config.timeout_s), logging_to(folder / LOG_FILE, listener.log_handlers(), module.name):
         log.info("optimizing %s: %d graph(s) on %s", module.name, len(graphs), device)
         if module.__wrapped__.training:
             log.warning("module %s is in training mode; call .eval() before nav.optimize for stable results",
@@ -413,7 +417,8 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
         if module.precision_inferred:
             log.info("%s: precision %s, read from its weights (pass precision= to nav.Module to set it)",
                      module.name, precision)
-        fp = fingerprint(module.__wrapped__)
+        with busy():
+            fp = fingerprint(module.__wrapped__)
         old = read_manifest(folder)
         discard_unvouched(folder, old.inductor_cache if old else None)  # before anything compiles into it
         old_graphs = old.graphs if old and old.fingerprint == fp and old.device == device else {}
@@ -430,7 +435,7 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                      module.name, tolerances["fp32"])
         job = Job(module.name, module.__wrapped__, module.nav_state.forward_func, {g.key: g for g in graphs}, folder,
                   device, precision, tolerances, config.verify_func, batch_sizes, config.max_batch_size,
-                  config.profile_time_s)
+                  config.profile_time_s, cache_environment(cache_dir(folder)))
         entries = dict(old_graphs)  # graphs not seen this time stay valid: same weights, same device
         workers = build_workers(config, device, module.__wrapped__)  # from cores and GPU memory unless given
         with module._nav_unpatched(), ExecutorPool(job, use_multiprocessing(config), config.timeout_s,
@@ -446,7 +451,8 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                             dict(tolerances), entries, now(), precision_inferred=module.precision_inferred)
         # Bound first: its warm-up compiles into the module's inductor cache, whose checksum the manifest records.
         bind_start = time.perf_counter()
-        optimized = bind(module, folder, manifest, fp, in_optimize=True)
+        with busy(), inductor_cache(folder):  # the warm-up compiles into this module's cache, nothing else
+            optimized = bind(module, folder, manifest, fp, in_optimize=True)
         bind_s = time.perf_counter() - bind_start
         prune = not keep_artifacts(config)
         unused_cache = prune and not loads_from_inductor_cache(manifest, fallbacks=True)

@@ -48,3 +48,10 @@ def modules_to_optimize(modules: list[Module], recorders: dict[str, Recorder]) -
         raise CaptureError(f"the callable called none of the wrapped modules while it ran over the dataloader. "
                            f"{_HINT}")
     return modules
+
+
+def nested(modules: list[Module]) -> bool:
+    """Whether one wrapped module holds another: such modules are optimized one after another (a job sends the
+    outer module's weights, the inner one's included, while the inner one may be binding)."""
+    inner = {id(m) for m in modules} | {id(m.__wrapped__) for m in modules}
+    return any(id(sub) in inner for m in modules for sub in m.__wrapped__.modules() if sub is not m.__wrapped__)

@@ -12,7 +12,14 @@ import torch
 
 from navdeploy.candidates.isolation import WorkerHub
 from navdeploy.capture.recorder import Recorder
-from navdeploy.config import OptimizeConfig, build_workers, resolve_workspace, use_multiprocessing
+from navdeploy.config import (
+    OptimizeConfig,
+    build_workers,
+    parallel_modules,
+    resolve_workspace,
+    use_multiprocessing,
+    weight_bytes,
+)
 from navdeploy.errors import NavdeployError
 from navdeploy.formats.registry import start_availability_checks
 from navdeploy.inplace.registry import registered_modules
@@ -20,9 +27,8 @@ from navdeploy.optimize.dataloader import dataloader_items, run_capture, script_
 from navdeploy.optimize.events import NullListener, OptimizeListener
 from navdeploy.optimize.module import candidate_pairs, module_config, module_device, optimize_module
 from navdeploy.optimize.never_slower import check_pipeline, module_tolerance
-from navdeploy.optimize.participants import modules_to_optimize
+from navdeploy.optimize.participants import modules_to_optimize, nested
 from navdeploy.optimize.pipeline import handlers, sync_cuda
-from navdeploy.optimize.scope import inductor_cache
 from navdeploy.optimize.status import OptimizeStatus
 from navdeploy.workspace.layout import MANIFEST, module_dir
 from navdeploy.workspace.manifest import read_manifest
@@ -62,13 +68,16 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
     start_availability_checks(runner for m in modules for runner, _ in pairs[m.name])
     recorders = {m.name: Recorder(m.name, configs[m.name].sample_count, m.nav_state.batching,
                                    m.nav_state.output_mapping) for m in modules}
+    devices = [configs[m.name].target_device or module_device(m.__wrapped__) for m in modules]
+    at_once = 1 if nested(modules) else parallel_modules(config or OptimizeConfig(), [m.__wrapped__ for m in modules],
+                                                         devices)
     with WorkerHub() as hub:
-        # The first module's worker imports torch while the pipeline is captured; later modules reuse it. Not
+        # The first modules' workers import torch while the pipeline is captured; later modules reuse them. Not
         # when every module was optimized before: a re-run is usually answered from the cache, with no worker.
         first = configs[modules[0].name]
         if use_multiprocessing(first) and any(
                 not (module_dir(resolve_workspace(configs[m.name]), m.name) / MANIFEST).is_file() for m in modules):
-            hub.prestart(build_workers(first))
+            hub.prestart(build_workers(first) * at_once)
         capture_start = time.perf_counter()
         with handlers(modules, lambda m, _: recorders[m.name].record), torch.no_grad():
             run_capture(func, items)
@@ -84,11 +93,16 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
         total = sum(len(work[m.name]) * len(pairs[m.name]) for m in modules)
         listener.candidates_started(total)
         try:
+            # Side by side when there are cores to spare: each module's job carries its own inductor cache
+            # (torch.compile and AOTInductor compile into the module's folder, so reloads and re-runs compile from
+            # cache), and the hub's timing gate keeps every build away from every timing.
+            # The largest first, so that a small module's optimize fills the end rather than a large one's.
+            order = sorted(modules, key=lambda m: -weight_bytes(m.__wrapped__)) if at_once > 1 else modules
+            done = hub.modules(lambda m: optimize_module(m, work[m.name], configs[m.name], listener, hub), order,
+                               at_once)
+            results = {m.name: module_status for m, module_status in zip(order, done)}
             for m in modules:
-                # torch.compile caches inside the module's folder so reloads and re-runs compile from cache; the
-                # module's job takes it to the workers too.
-                with inductor_cache(module_dir(resolve_workspace(configs[m.name]), m.name)):
-                    status.modules[m.name] = optimize_module(m, work[m.name], configs[m.name], listener, hub)
+                status.modules[m.name] = results[m.name]
         finally:
             listener.candidates_finished()
     status.seconds = time.perf_counter() - start

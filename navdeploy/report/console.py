@@ -4,6 +4,7 @@ the run ends."""
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from rich.console import Console
@@ -34,6 +35,7 @@ class ConsoleReporter(NullListener):
         self._mode = mode
         self._bar: Optional[RichProgress] = None
         self._task: Optional[TaskID] = None
+        self._lock = threading.Lock()
 
     def candidates_started(self, total: int) -> None:
         if self._mode == "logs":  # the log records are the progress; a bar would redraw over them
@@ -44,9 +46,10 @@ class ConsoleReporter(NullListener):
         self._task = self._bar.add_task("capturing", total=total)
 
     def candidates_added(self, count: int) -> None:
-        if self._bar is not None and self._task is not None:
-            task = next(t for t in self._bar.tasks if t.id == self._task)
-            self._bar.update(self._task, total=(task.total or 0) + count)
+        with self._lock:  # modules optimized side by side add from their threads
+            if self._bar is not None and self._task is not None:
+                task = next(t for t in self._bar.tasks if t.id == self._task)
+                self._bar.update(self._task, total=(task.total or 0) + count)
 
     def candidate_started(self, module: str, candidate: str) -> None:
         if self._bar is not None and self._task is not None:

@@ -80,6 +80,20 @@ def _is_navdeploy_cache(path: str) -> bool:
     return any(path == own or path.startswith(own + os.sep) for own in _own)
 
 
+def cache_environment(path: Path) -> dict[str, Optional[str]]:
+    """The inductor cache variables that point at ``path``: ``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR``
+    (``path/triton``), each unless the user set their own (then its current value). What ``pointed_at`` sets in
+    this process, and what a worker building the module's candidates sets in its own."""
+    with ENVIRONMENT_LOCK:  # not while the ISA probe points the cache at the machine cache for a moment
+        if user_cache_dir() is not None:
+            return {name: os.environ.get(name) for name in (_ENV, _TRITON_ENV)}
+        _own.add(os.path.abspath(path))
+        triton = os.environ.get(_TRITON_ENV)
+        if triton is None or _is_navdeploy_cache(triton):
+            triton = str(path / "triton")
+        return {_ENV: str(path), _TRITON_ENV: triton}
+
+
 @contextlib.contextmanager
 def pointed_at(path: Path) -> Iterator[None]:
     """``TORCHINDUCTOR_CACHE_DIR`` is ``path`` for the block, unless the user set their own; then as before.
@@ -92,18 +106,24 @@ def pointed_at(path: Path) -> Iterator[None]:
         return
     with ENVIRONMENT_LOCK:
         previous = {name: os.environ.get(name) for name in (_ENV, _TRITON_ENV)}
-        _own.add(os.path.abspath(path))
-        os.environ[_ENV] = str(path)
-        triton = previous[_TRITON_ENV]
-        if triton is None or _is_navdeploy_cache(triton):
-            os.environ[_TRITON_ENV] = str(path / "triton")
-        else:
-            previous.pop(_TRITON_ENV)  # the user's: left alone
-        forget_memoized_paths()
+        set_environment(cache_environment(path))
     try:
         yield
     finally:
         set_environment(previous)
+
+
+# Held by whoever compiles or loads in this process with a module's cache in the variables (``used_at``): modules
+# optimized side by side take turns, so one never compiles into another's cache.
+_IN_USE = threading.RLock()
+
+
+@contextlib.contextmanager
+def used_at(path: Path) -> Iterator[None]:
+    """``pointed_at(path)`` for the block, with no other module's cache pointed at meanwhile (modules optimized
+    side by side bind, and build in this process, one at a time)."""
+    with _IN_USE, pointed_at(path):
+        yield
 
 
 def set_environment(values: dict[str, Optional[str]]) -> None:

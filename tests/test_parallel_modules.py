@@ -1,0 +1,165 @@
+"""Modules optimized side by side (``parallel_modules``): their builds overlap, no timing of one overlaps anything of
+another, each module's log and inductor cache stay its own, and the results are those of one module at a time."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import navdeploy as nav
+from navdeploy.candidates.isolation import WorkerHub
+from navdeploy.config import default_parallel_modules, parallel_modules
+from navdeploy.errors import ConfigError
+from navdeploy.optimize.participants import nested
+from navdeploy.workspace.inductor import cache_environment
+
+RUNNERS = ("TorchCPU", "TorchScriptCPU", "TorchExportCPU", "OnnxCPU")
+
+
+def test_parallel_modules_setting(monkeypatch):
+    modules = [nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)]
+    assert parallel_modules(nav.OptimizeConfig(parallel_modules=2), modules, ["cpu"] * 3) == 2
+    assert parallel_modules(nav.OptimizeConfig(parallel_modules=8), modules, ["cpu"] * 3) == 3  # no more than modules
+    assert parallel_modules(nav.OptimizeConfig(parallel_modules=2), modules[:1], ["cpu"]) == 1
+    assert parallel_modules(nav.OptimizeConfig(parallel_modules=2, use_multiprocessing=False), modules,
+                            ["cpu"] * 3) == 1  # in-process candidates run one at a time anyway
+    monkeypatch.setenv("NAVDEPLOY_PARALLEL_MODULES", "1")
+    assert parallel_modules(nav.OptimizeConfig(), modules, ["cpu"] * 3) == 1
+    assert parallel_modules(nav.OptimizeConfig(parallel_modules=3), modules, ["cpu"] * 3) == 3  # the config wins
+    monkeypatch.setenv("NAVDEPLOY_PARALLEL_MODULES", "all")
+    with pytest.raises(ConfigError, match="NAVDEPLOY_PARALLEL_MODULES='all'"):
+        parallel_modules(nav.OptimizeConfig(), modules, ["cpu"] * 3)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="parallel_modules="):
+            nav.OptimizeConfig(parallel_modules=bad)
+
+
+def test_default_parallel_modules_from_cores_devices_and_memory():
+    gib = 1 << 30
+    assert default_parallel_modules(["cpu", "cpu"], 2, 64 * gib, [gib, gib]) == 2
+    assert default_parallel_modules(["cpu"] * 8, 16, 64 * gib, [gib] * 8) == 4  # at most 4
+    assert default_parallel_modules(["cpu", "cpu"], 1, 64 * gib, [gib, gib]) == 1  # one core
+    assert default_parallel_modules(["cpu", "cuda"], 16, 64 * gib, [gib, gib]) == 1  # not measured on a GPU
+    # 3 copies of the two largest must fit in half the free memory: 2 x 3 x 4 GiB > 16 GiB, 3 x 4 GiB fits.
+    assert default_parallel_modules(["cpu", "cpu"], 4, 32 * gib, [4 * gib, 4 * gib]) == 1
+    assert default_parallel_modules(["cpu", "cpu"], 4, 64 * gib, [4 * gib, 4 * gib]) == 2
+    assert default_parallel_modules(["cpu", "cpu"], 4, None, [4 * gib, 4 * gib]) == 2  # memory unknown
+
+
+def test_a_module_inside_another_is_not_optimized_beside_it():
+    inner = nav.Module(nn.Linear(2, 2), name="inner_n")
+    outer = nav.Module(nn.Sequential(inner, nn.ReLU()), name="outer_n")
+    alone = nav.Module(nn.Linear(2, 2), name="alone_n")
+    assert nested([inner, outer]) and nested([outer, inner])
+    assert not nested([inner, alone]) and not nested([outer, alone])
+
+
+def test_each_module_job_carries_its_own_inductor_cache(tmp_path, monkeypatch):
+    """What a worker compiles into is named by the module's job, not read from this process's variables of the
+    moment (another module, optimized beside it, may have them pointed at its own cache)."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    a, b = cache_environment(tmp_path / "a"), cache_environment(tmp_path / "b")
+    assert a == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "a"), "TRITON_CACHE_DIR": str(tmp_path / "a" / "triton")}
+    assert b["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "b")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "users"))  # the user's cache stays the user's
+    assert cache_environment(tmp_path / "a")["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "users")
+
+
+def test_a_build_of_one_module_holds_off_the_timing_of_another():
+    """Every pool of a hub takes the hub's gate: a timing in one module's pool waits for a build in another's."""
+    hub = WorkerHub()
+    events: list[str] = []
+    building, release = threading.Event(), threading.Event()
+
+    def build() -> None:
+        with hub.gate.task():
+            building.set()
+            release.wait(5)
+            events.append("build ends")
+
+    def timing() -> None:
+        with hub.gate.task() as slot:
+            slot.timing()
+            events.append("timing")
+
+    builder = threading.Thread(target=build, daemon=True)
+    builder.start()
+    assert building.wait(5)
+    timer = threading.Thread(target=timing, daemon=True)
+    timer.start()
+    timer.join(0.3)
+    assert timer.is_alive()
+    release.set()
+    builder.join(5)
+    timer.join(5)
+    assert events == ["build ends", "timing"]
+    hub.close()
+
+
+def _pipeline(prefix: str = "side", seed: int = 0):
+    torch.manual_seed(seed)
+    mlp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    a, b = nav.Module(mlp, name=f"{prefix}_mlp"), nav.Module(cnn, name=f"{prefix}_cnn")
+
+    def pipeline(x, image):
+        return torch.cat([a(x), b(image)], dim=1)
+
+    data = [(2, (torch.randn(2, 16), torch.randn(2, 3, 16, 16))) for _ in range(2)]
+    return pipeline, data, (mlp, cnn)
+
+
+def test_modules_side_by_side_build_together_time_alone_and_log_apart(tmp_path):
+    pipeline, data, (mlp, cnn) = _pipeline()
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=RUNNERS, batch_sizes=(1, 2), max_batch_size=2,
+                                profile_time_s=0.2, thorough=True, parallel_modules=2)
+    status = nav.optimize(pipeline, data, config)
+    records = {name: [c for g in status.modules[name].graphs for c in g.candidates] for name in status.modules}
+    assert list(status.modules) == ["side_mlp", "side_cnn"]  # the user's order, whichever finished first
+    for name, candidates in records.items():
+        assert all(c.status == "ok" for c in candidates), [(name, c.runner, c.error) for c in candidates]
+    assert {c.pid for c in records["side_mlp"]}.isdisjoint({c.pid for c in records["side_cnn"]})  # own workers
+    windows = {(name, c.runner): c.window for name, candidates in records.items() for c in candidates}
+    builds = {key: (w.start, w.verified) for key, w in windows.items()}
+    profiles = {key: (w.profile, w.end) for key, w in windows.items()}
+
+    def overlap(x: tuple[float, float], y: tuple[float, float]) -> bool:
+        return x[0] < y[1] and y[0] < x[1]
+
+    assert any(overlap(builds[x], builds[y]) for x in builds for y in builds if x[0] != y[0]), \
+        f"no two modules built side by side: {windows}"
+    for key, profiling in profiles.items():
+        for other in windows:
+            if other != key:  # nothing of any module ran while a candidate profiled
+                assert not overlap(builds[other], profiling) and not overlap(profiles[other], profiling), \
+                    f"{other} ran while {key} profiled: {windows}"
+    for name, other in (("side_mlp", "side_cnn"), ("side_cnn", "side_mlp")):
+        text = (status.modules[name].folder / "navdeploy.log").read_text()
+        assert f"optimizing {name}" in text and other not in text, text[-3000:]
+    x, image = data[0][1]
+    with torch.no_grad():
+        torch.testing.assert_close(pipeline(x, image), torch.cat([mlp(x), cnn(image)], dim=1), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_modules_compiled_side_by_side_keep_their_own_inductor_caches(tmp_path):
+    """Two modules whose AOTInductor builds run side by side, each in its own worker: each cache holds its own
+    module's code and matches the checksum its manifest took, so a re-run answers both from the cache."""
+    pipeline, data, _ = _pipeline("cached", seed=1)
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "AOTInductorCPU"), batch_sizes=(2,),
+                                max_batch_size=2, profile_time_s=0.1, precisions=("fp32",), parallel_modules=2,
+                                keep_artifacts=True)  # the caches stay whichever runner wins
+    status = nav.optimize(pipeline, data, config)
+    for module_status in status.modules.values():
+        assert all(c.status in ("ok", "screened") for c in module_status.graphs[0].candidates), module_status
+    for name in ("cached_mlp", "cached_cnn"):
+        assert any((tmp_path / "inductor_cache" / name).rglob("*.so")), name
+    again = nav.optimize(pipeline, data, config)
+    for name, module_status in again.modules.items():
+        assert all(c.cached for c in module_status.graphs[0].candidates), name
+        text = (module_status.folder / "navdeploy.log").read_text()
+        assert "does not match" not in text, text[-3000:]
