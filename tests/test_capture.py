@@ -278,6 +278,16 @@ def test_recorder_sample_count_bound_prefers_shape_variety():
     assert graphs[0].calls == len(shapes)
 
 
+def test_recorder_samples_spread_over_a_growing_sequence():
+    """A decoder without a cache is called at every length of a generate: the kept samples span the lengths seen,
+    so the typical sample (where candidates are compared) sits mid-run, not at the first calls."""
+    _, graphs = record_calls([((torch.ones(2, length),), {}) for length in range(6, 27)], sample_count=8)
+    lengths = [s.inputs[0].shape[1] for s in graphs[0].samples]
+    assert len(lengths) == 8 and min(lengths) == 6 and max(lengths) == 26
+    assert max(b - a for a, b in zip(sorted(lengths), sorted(lengths)[1:])) <= 4  # no hole in the range
+    assert 14 <= graphs[0].typical_sample.inputs[0].shape[1] <= 18
+
+
 def test_recorder_samples_are_copies():
     x = torch.ones(2, 2)
     _, graphs = record_calls([((x,), {})])

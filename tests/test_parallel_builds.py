@@ -210,6 +210,8 @@ def test_parallel_builds_profile_alone_and_give_the_same_candidates(tmp_path):
 
     assert any(overlap(builds[a], builds[b]) for a in builds for b in builds if a != b), \
         f"no two candidates were built side by side: {windows}"
+    # Eager, the baseline, runs first and alone: its profile never waits for a build that started beside it.
+    assert all(windows["TorchCPU"].end <= w.start for r, w in windows.items() if r != "TorchCPU"), windows
     for runner, profiling in profiles.items():
         for other in windows:
             if other != runner:  # nothing else ran while this candidate profiled: no build, no other profile

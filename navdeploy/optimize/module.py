@@ -261,9 +261,16 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                 done(index, name, record, checkpoint=True)
 
     def run_from(start: int) -> None:
-        # One worker: every candidate in order, as one chain. Several: chains side by side (profiling still alone).
-        executors.map(run_chain, [[(i, r, p) for i, (r, p) in enumerate(pairs) if i >= start]]
-                      if executors.workers == 1 else _chains(pairs, job.precision, start))
+        # One worker: every candidate in order, as one chain. Several: chains side by side (profiling still alone),
+        # eager first and alone: its full profile would otherwise wait for the first builds to end, holding off
+        # every build after them.
+        if executors.workers == 1:
+            executors.map(run_chain, [[(i, r, p) for i, (r, p) in enumerate(pairs) if i >= start]])
+            return
+        if start == 0:
+            run_chain([(0, *pairs[0])])
+            start = 1
+        executors.map(run_chain, _chains(pairs, job.precision, start))
 
     run_from(0)
     eager = candidate_name(pairs[0][0].name, pairs[0][1], job.precision)  # the baseline comes first
