@@ -7,12 +7,17 @@ import hashlib
 import inspect
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 log = logging.getLogger("navdeploy")
+# inspect.getsource parses the class's file (ast.parse); on Python 3.11 two threads parsing at once can fail with
+# "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905), as two modules optimized side by side
+# did while hashing their classes.
+_SOURCE_LOCK = threading.Lock()
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -33,7 +38,7 @@ def fingerprint(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     cls = type(module)
     h.update(f"{cls.__module__}.{cls.__qualname__}".encode())
-    with contextlib.suppress(OSError, TypeError):
+    with contextlib.suppress(OSError, TypeError), _SOURCE_LOCK:
         h.update(inspect.getsource(cls).encode())
     state = module.state_dict(keep_vars=True)
     extra = [(f"[buffer]{name}", b) for name, b in module.named_buffers() if name not in state]
