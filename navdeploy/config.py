@@ -262,16 +262,24 @@ def build_workers(config: OptimizeConfig, device: str = "cpu", module: Optional[
     ``NAVDEPLOY_BUILD_WORKERS``, then :func:`default_build_workers` for ``device`` and ``module`` on this machine."""
     if config.build_workers is not None:
         return config.build_workers
-    value = os.environ.get("NAVDEPLOY_BUILD_WORKERS", "").strip()
-    if not value:
+    value = _count_from_env("NAVDEPLOY_BUILD_WORKERS")
+    if value is None:
         if device != "cuda" or not torch.cuda.is_available():
             return 1
         tensors = [*module.parameters(), *module.buffers()] if module is not None else []
         gpu = next((t.device for t in tensors if t.is_cuda), None)
         free, _ = torch.cuda.mem_get_info(gpu)
         return default_build_workers(device, _host_cores(), free, weight_bytes(module) if module is not None else 0)
+    return value
+
+
+def _count_from_env(name: str) -> Optional[int]:
+    """A whole number >= 1 from the environment variable ``name``; None when it is unset or empty."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
     if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f"NAVDEPLOY_BUILD_WORKERS={value!r}: use a whole number >= 1.")
+        raise ConfigError(f"{name}={value!r}: use a whole number >= 1.")
     return int(value)
 
 
@@ -307,11 +315,9 @@ def parallel_modules(config: OptimizeConfig, modules: Sequence[torch.nn.Module],
         return 1
     if config.parallel_modules is not None:
         return min(config.parallel_modules, len(modules))
-    value = os.environ.get("NAVDEPLOY_PARALLEL_MODULES", "").strip()
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise ConfigError(f"NAVDEPLOY_PARALLEL_MODULES={value!r}: use a whole number >= 1.")
-        return min(int(value), len(modules))
+    value = _count_from_env("NAVDEPLOY_PARALLEL_MODULES")
+    if value is not None:
+        return min(value, len(modules))
     sizes = [weight_bytes(m) for m in modules]
     return min(len(modules), default_parallel_modules(devices, _host_cores(), _free_memory(), sizes))
 

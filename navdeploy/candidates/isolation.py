@@ -445,6 +445,27 @@ class Executor:
             self._faults = None
 
 
+def side_by_side(threads: ThreadPoolExecutor, fn: Callable[[T], R], items: Sequence[T],
+                 stop: Callable[[], None]) -> list[R]:
+    """``fn(item)`` for every item on ``threads``, each in a copy of this thread's context (a module's log takes
+    the records of its threads: ``scope.logging_to``); the results in ``items``' order. The first exception
+    (Ctrl-C, which lands in this thread, included) cancels what has not started, calls ``stop`` (stopping the
+    workers of what runs, rather than letting each run to its end) and is raised once the others have ended."""
+    futures = [threads.submit(contextvars.copy_context().run, fn, item) for item in items]
+    try:
+        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures if f in finished and f.exception() is not None), None)
+        if failed is not None:
+            failed.result()  # raises it
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        stop()
+        wait(futures)
+        raise
+    return [f.result() for f in futures]
+
+
 class ExecutorPool:
     """The executors of one module: ``workers`` of them share a timing gate, so candidates build side by side
     and profile alone. With one worker (the default) candidates run one after another. From a :class:`WorkerHub`,
@@ -530,22 +551,12 @@ class ExecutorPool:
             for item in items:
                 fn(item)
             return
-        # Each in a copy of this thread's context: the module's log takes their records (``scope.logging_to``).
-        futures = [self._threads.submit(contextvars.copy_context().run, fn, item) for item in items]
-        try:
-            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((f for f in futures if f in finished and f.exception() is not None), None)
-            if failed is not None:
-                failed.result()  # raises it
-        except BaseException:
-            # Ctrl-C (or a failing chain) lands in this thread: stop the other chains' workers now rather than
-            # letting each run to its end.
-            for future in futures:
-                future.cancel()
+
+        def stop() -> None:
             for executor in self._all:
                 executor.stop()
-            wait(futures)
-            raise
+
+        side_by_side(self._threads, fn, items, stop)
 
 
 class WorkerHub:
@@ -599,19 +610,7 @@ class WorkerHub:
             if self._module_threads is None:
                 self._module_threads = ThreadPoolExecutor(at_once, "navdeploy-module")
             threads = self._module_threads
-        futures = [threads.submit(contextvars.copy_context().run, fn, item) for item in items]
-        try:
-            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((f for f in futures if f in finished and f.exception() is not None), None)
-            if failed is not None:
-                failed.result()  # raises it
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            self.stop_lent()
-            wait(futures)
-            raise
-        return [f.result() for f in futures]
+        return side_by_side(threads, fn, items, self.stop_lent)
 
     def stop_lent(self) -> None:
         """Stop the workers of every module in flight now (an interrupted or failed run): their tasks raise
