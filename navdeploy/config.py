@@ -273,6 +273,21 @@ def build_workers(config: OptimizeConfig, device: str = "cpu", module: Optional[
     return value
 
 
+def follow_ups_beside(config: OptimizeConfig, device: str, module: torch.nn.Module, alone: bool) -> bool:
+    """Whether a second worker builds a CPU module's follow-up precision copies (bf16) beside its own candidates
+    once eager's profile shows they will be tried (``precision.follow_ups_early``), rather than after them. The
+    builds that dominate are single-core (AOTInductor's lowering and its compiler), so on the bench's BERT the two
+    AOTInductor builds, fp32 and bf16, took 14 s each one after another on a 2-core machine. Only when the module
+    is optimized ``alone`` (no other module side by side takes the cores), the process may use two cores or more,
+    two copies of the module fit as for two modules side by side (:func:`default_parallel_modules`), candidates run
+    in workers, and the user set no number of build workers (``build_workers``, ``NAVDEPLOY_BUILD_WORKERS``)."""
+    if (device != "cpu" or not alone or not use_multiprocessing(config) or config.build_workers is not None
+            or _count_from_env("NAVDEPLOY_BUILD_WORKERS") is not None):
+        return False
+    size = weight_bytes(module)
+    return default_parallel_modules(["cpu"], _host_cores(), _free_memory(), [size, size]) >= 2
+
+
 def _count_from_env(name: str) -> Optional[int]:
     """A whole number >= 1 from the environment variable ``name``; None when it is unset or empty."""
     value = os.environ.get(name, "").strip()

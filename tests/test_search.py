@@ -291,7 +291,9 @@ def test_callers_of_the_aoti_probe_meanwhile_wait_for_its_one_answer(tmp_path, m
 def test_aoti_probe_and_isa_programs_are_kept_per_machine(tmp_path, monkeypatch):
     """The AOTInductor probe's child builds and runs a real package here, and its answer is kept. Its Inductor
     compiled the ISA test programs into the machine cache: a process with another inductor cache (a new
-    workspace) loads them (the probe's load check still runs) instead of compiling them, and its cache holds none."""
+    workspace) finds them instead of compiling them, and its cache holds none. Once a probe recorded that every
+    ISA's program loaded, a later process takes the loads as recorded (no child Python per ISA) and picks the same
+    ISA; a record that says otherwise leaves the loads to the children."""
     machine = tmp_path / "machine"
     monkeypatch.setenv("NAVDEPLOY_MACHINE_CACHE", str(machine))
     monkeypatch.setattr(inductor_probe, "_aoti_problems", {})
@@ -323,6 +325,29 @@ def test_aoti_probe_and_isa_programs_are_kept_per_machine(tmp_path, monkeypatch)
             "inductor_probe.warm_cpu_isa(); print(config.cpp.vec_isa_ok)"
     again = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == "None", again.stderr[-2000:]
+
+    counted = textwrap.dedent("""
+        import subprocess
+        loads = []
+        run = subprocess.run
+        def counting(cmd, *args, **kwargs):
+            if "LoadLibrary" in " ".join(map(str, cmd)):
+                loads.append(cmd)
+            return run(cmd, *args, **kwargs)
+        subprocess.run = counting
+        from navdeploy.formats.inductor_probe import warm_cpu_isa
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        warm_cpu_isa()
+        print("isa", pick_vec_isa(), "loads", len(loads))
+    """)
+    assert answer["all_load"] is True, answer  # every ISA of this CPU loaded: the next process takes it as read
+    taken = subprocess.run([sys.executable, "-c", counted], capture_output=True, text=True, timeout=300, env=env)
+    assert taken.returncode == 0, taken.stderr[-2000:]
+    assert taken.stdout.split() == ["isa", *out.stdout.split()[1:], "loads", "0"], (taken.stdout, out.stdout)
+    write_result(isa_folder, inductor_probe.ISA_RESULT, dict(answer, all_load=False))
+    probed = subprocess.run([sys.executable, "-c", counted], capture_output=True, text=True, timeout=300, env=env)
+    assert probed.returncode == 0 and probed.stdout.split()[:-1] == taken.stdout.split()[:-1], probed.stderr[-2000:]
+    assert int(probed.stdout.split()[-1]) >= len(answer["loaded"]), probed.stdout  # children load them, as Inductor's
 
 
 def test_a_job_never_takes_the_isa_probes_momentary_cache(tmp_path, monkeypatch):

@@ -141,6 +141,7 @@ def _worker_main(tasks, results, grants, log_path: str, faults_path: str, tempor
     while True:
         message = tasks.get()
         if message is None:
+            _end_now(handler)
             return
         if isinstance(message, tuple) and message[0] == "job":
             _, payload, job_log, cache_env = message
@@ -165,6 +166,22 @@ def _worker_main(tasks, results, grants, log_path: str, faults_path: str, tempor
             results.put(("job-ready", os.getpid()))
             continue
         results.put(("result", run_task(job, message, state)))
+
+
+def _end_now(handler: logging.Handler) -> None:
+    """End the worker without the interpreter's teardown: with torch, Inductor and the exporters loaded it took
+    1.4-1.6 s of a 2-core machine while the parent waited (the example CNN's optimize), and a worker holds nothing
+    to save by then: every result went to the parent, which asked it to end only after the last one, and its log
+    is flushed here."""
+    handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    if _FAULTS is not None:
+        faulthandler.disable()
+        with contextlib.suppress(OSError):
+            _FAULTS.close()
+    os._exit(0)
 
 
 def _describe_exit(code: Optional[int], log_path: Optional[Path] = None,
@@ -328,6 +345,14 @@ class Executor:
             "the main script), or set NAVDEPLOY_USE_MULTIPROCESSING=False. See " + str(self.log_path)
         )
 
+    def settle(self) -> None:
+        """Wait until a worker started ahead of time has imported torch (no-op for one that has, or none): only a
+        worker started for a task starts inside the timing gate. A worker that cannot start is left for the first
+        task to report."""
+        if self._proc is not None and not self._ready and not self._stopped:
+            with contextlib.suppress(WorkerStartError, RunStopped):
+                self._await_ready()
+
     def _send_job(self) -> None:
         """Give the worker this executor's job (the module, pickled once for every worker) unless it holds it."""
         if self._sent is self._payload:
@@ -424,6 +449,8 @@ class Executor:
         with self._lock:
             self._stopped = True
         self._kill()
+        if self._faults is not None:  # a stopped worker's dump is nobody's failure
+            self._faults.unlink(missing_ok=True)
 
     def ask_to_end(self) -> None:
         """Tell the worker to end after its current task (``close`` then waits for it)."""
@@ -529,13 +556,21 @@ class ExecutorPool:
         if self._threads is not None:
             self._threads.shutdown(wait=True)
 
+    def settle(self) -> None:
+        """Wait until every worker of the pool started ahead of time (``WorkerHub.prestart``) has imported torch:
+        the first timing of a module must not run beside a second worker's start-up."""
+        for executor in self._all:
+            executor.settle()
+
     @contextlib.contextmanager
-    def borrow(self, prefer: Optional[Executor] = None) -> Iterator[Executor]:
+    def borrow(self, prefer: Optional[Executor] = None, avoid: Optional[Executor] = None) -> Iterator[Executor]:
         """An executor (and so a worker) of the pool for a while, ``prefer`` when it is free (its worker may hold
-        what the task needs); the block runs its tasks one by one."""
+        what the task needs), another than ``avoid`` when there is one (a chain leaves the warm worker to the
+        chain that prefers it); the block runs its tasks one by one."""
         with self._cond:
             self._cond.wait_for(lambda: bool(self._free))
-            executor = prefer if prefer in self._free else self._free[0]
+            others = [e for e in self._free if e is not avoid]
+            executor = prefer if prefer in self._free else (others or self._free)[0]
             self._free.remove(executor)
         try:
             yield executor

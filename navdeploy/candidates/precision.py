@@ -39,6 +39,23 @@ def follow_up_min_ms(module: torch.nn.Module) -> float:
     return 0.0 if mostly_wide_matmuls(module, FOLLOW_UP_WIDE) else FOLLOW_UP_MIN_MS
 
 
+# Eager's own call time from which the follow-up copies are tried beside the module's own candidates, before any
+# build says how fast the best one is: FOLLOW_UP_MIN_MS times this factor. CPU builds ran 2.2-3.9x faster than eager
+# on the bench's graphs, so the guess that the best build will take FOLLOW_UP_MIN_MS or more is sometimes wrong, and
+# then costs time: on the bench's GPT-2 with its cache (eager 2.44 ms, the best fp32 build 0.57-0.78 ms) the copies
+# built beside took the optimize from 43 to 58 s. They also won there (AOTInductor bf16 0.71 against fp32 0.78 ms at
+# batch 2), as on the GPT-2 without cache (0.57 against 0.64; ONNX Runtime, which the search picked without the
+# copies, 0.81), so a wrong guess is not wasted; where right, on the BERT (eager 2.80 ms, best 1.27), it saved 6 s.
+EARLY_FOLLOW_UP_FACTOR = 2.0
+
+
+def follow_ups_early(eager_ms: Optional[float], min_ms: float) -> bool:
+    """Whether the follow-up copies of a graph are known to be tried before any other build is measured: always
+    where its matmuls are wide (``min_ms`` 0), else when eager takes ``EARLY_FOLLOW_UP_FACTOR`` x ``min_ms`` or more
+    a call (``eager_ms``)."""
+    return min_ms == 0 or (eager_ms is not None and eager_ms >= EARLY_FOLLOW_UP_FACTOR * min_ms)
+
+
 def follow_up_precisions(module_precision: str, device: str, requested: Optional[Sequence[str]]) -> tuple[str, ...]:
     """Precisions the search tries after the module's own one, for graphs whose best build is still slow or whose
     matmuls are wide (``follow_up_min_ms``): bf16 for an fp32 module on a CPU that computes bf16

@@ -27,7 +27,7 @@ not built (``low_precision_skip_reason``): the precision's kernels do not pay on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from navdeploy.candidates.precision import FOLLOW_UP_MIN_MS
 from navdeploy.config import LatencyBudget, MaxThroughput, Strategy
@@ -168,6 +168,24 @@ def low_precision_skip_reason(runner: RunnerSpec, eager: Optional[CandidateRecor
     return (f"not built: {eager_here.name} was {100 * (here / own - 1):.0f}% slower than {eager.name} ({here:.3f} "
             f"against {own:.3f} ms at {at}), so {eager_here.precision} kernels do not pay on this graph here "
             "(thorough=True builds it)")
+
+
+def early_follow_up_pairs(pairs: Sequence[tuple[RunnerSpec, str]], precisions: Sequence[str],
+                          builds_first: Callable[[RunnerSpec, str], bool]) -> list[tuple[RunnerSpec, str]]:
+    """The follow-up candidates tried beside the module's own ones, decided before their builds: each runner that
+    ``follows_up``, in each of ``precisions``. Those for which ``builds_first`` holds come first (a copy whose build
+    does not wait for eager's copy to be timed: ``precision.eager_copy_predicts``), so the chain starts with a build
+    that overlaps the module's own builds rather than with a timing that waits for them; the order is kept within
+    each group (a runner's ``twin_of`` stays before it)."""
+    extra = list(dict.fromkeys((runner, p) for p in precisions for runner, _ in pairs
+                               if runner.follows_up and (runner, p) not in pairs))
+
+    def later(pair: tuple[RunnerSpec, str]) -> bool:  # a twin's copy goes no earlier than its twin's
+        runner, precision = pair
+        return not builds_first(runner, precision) or any(
+            later(other) for other in extra if other[1] == precision and other[0].name in runner.twin_of)
+
+    return sorted(extra, key=later)
 
 
 def follow_up_pairs(pairs: Sequence[tuple[RunnerSpec, str]], records: Mapping[int, CandidateRecord],

@@ -5,9 +5,11 @@ the CPU has (AVX2, AVX-512, ...) it compiles a test program against torch's head
 child Python, to be sure kernels built for that ISA load with this torch. The compiled programs land in the
 inductor cache, which navdeploy points into the workspace, so every new workspace paid ~7 s for them.
 :func:`warm_cpu_isa` runs the same probe with the inductor cache pointed, for the probe only, at a machine cache
-folder keyed by torch version, compiler and CPU flags: the programs are compiled once per machine, and every
-probe still loads them in a child (the check it exists for stays). The result is then Inductor's for the rest of
-the process. The answer is kept too (``isa.json``), for diagnosis only. Workers do not take it as
+folder keyed by torch version, compiler and CPU flags: the programs are compiled once per machine. The first
+probe with a key loads each in a child (the check it exists for) and records the answer (``isa.json``); once it
+says every ISA loaded, later processes take those loads as recorded instead of starting a child Python per ISA
+(1-2 s of every worker's first build on the 2-core machine). The result is then Inductor's for the rest of the
+process. Workers do not take it as
 ``torch._inductor.config.cpp.vec_isa_ok`` (that saved ~0.9 s of a cold optimize): that setting is part of
 torch.compile's cache keys, and the user's process, where the winner is bound, leaves it unset, so every bind of
 a TorchCompileCPU winner missed the cache and compiled again (21.8 s against 2.7 s in
@@ -109,19 +111,52 @@ def _warm_cpu_isa() -> None:
     if folder is None:
         return
     start = time.perf_counter()
+    recorded = _loaded_before(folder)
     try:
-        with _inductor_cache_at(folder):
+        with _inductor_cache_at(folder), _loads_taken_from(cpu_vec_isa, recorded):
             isa = cpu_vec_isa.pick_vec_isa()
             loaded = [str(i) for i in cpu_vec_isa.valid_vec_isa_list()]  # cached by the probe above
     except Exception as exc:  # noqa: BLE001 - Inductor probes again on its first compile
         log.info("Inductor's CPU ISA probe failed in the machine cache (%s: %s); it runs in the inductor cache",
                  type(exc).__name__, exc)
         return
-    log.info("Inductor CPU ISA: %s (probe %.1f s; compiled test programs kept in %s)", isa or "none",
-             time.perf_counter() - start, folder)
+    log.info("Inductor CPU ISA: %s (probe %.1f s%s; compiled test programs kept in %s)", isa or "none",
+             time.perf_counter() - start, ", their loads as recorded" if recorded else "", folder)
     has = _cpu_isas(cpu_vec_isa)
     write_result(folder, ISA_RESULT, {"cpu_isas": has, "loaded": loaded,
                                       "all_load": bool(has) and sorted(has) == sorted(loaded)})
+
+
+def _loaded_before(folder: Path) -> Optional[frozenset[str]]:
+    """The ISAs whose test programs an earlier probe with this key loaded in a child, when it recorded that every
+    ISA of this CPU loaded (``isa.json``); None otherwise (the probe then loads them itself)."""
+    result = read_result(folder, ISA_RESULT)
+    if not result or result.get("all_load") is not True or not isinstance(result.get("loaded"), list):
+        return None
+    return frozenset(str(name) for name in result["loaded"])
+
+
+@contextlib.contextmanager
+def _loads_taken_from(cpu_vec_isa: Any, loaded: Optional[frozenset[str]]):
+    """For the block, Inductor's check that an ISA's test program loads (a child Python per ISA, ~0.3 s each and
+    ~1-2 s in all on the 2-core machine, paid by every worker before its first build) answers from ``loaded``: the
+    programs were compiled by the same compiler, for the same torch and CPU flags (the machine cache's key), and an
+    earlier probe loaded each of them in a child. The compile step itself still runs (it finds the programs in the
+    machine cache). Nothing changes without ``loaded``, or where Inductor's class has no such step."""
+    base = getattr(cpu_vec_isa, "VecISA", None)
+    original = getattr(base, "_probe_load", None) if base is not None else None
+    if loaded is None or original is None:
+        yield
+        return
+
+    def recorded_load(self: Any, output_path: str) -> bool:
+        return str(self) in loaded and os.path.isfile(output_path)
+
+    base._probe_load = recorded_load
+    try:
+        yield
+    finally:
+        base._probe_load = original
 
 
 def _cpu_isas(cpu_vec_isa: Any) -> list[str]:

@@ -22,10 +22,12 @@ from navdeploy.candidates.precision import (
     eager_copy_predicts,
     follow_up_min_ms,
     follow_up_precisions,
+    follow_ups_early,
     tolerance_precision,
 )
 from navdeploy.candidates.search import (
     Search,
+    early_follow_up_pairs,
     follow_up_pairs,
     graph_search,
     low_precision_skip_reason,
@@ -39,6 +41,7 @@ from navdeploy.config import (
     MaxThroughput,
     OptimizeConfig,
     build_workers,
+    follow_ups_beside,
     keep_artifacts,
     resolve_workspace,
     thorough,
@@ -169,7 +172,10 @@ def _merge_profile(screened: CandidateRecord, profiled: CandidateRecord) -> Cand
 
 
 def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: OptimizeConfig, device: str,
-                    old_entry: Optional[GraphEntry], gkey: str, listener: OptimizeListener) -> GraphEntry:
+                    old_entry: Optional[GraphEntry], gkey: str, listener: OptimizeListener,
+                    beside: bool = False) -> GraphEntry:
+    """One graph's search; ``beside``: the pool has a worker more than its build workers, for the follow-up
+    precisions' copies built beside the module's own candidates (``config.follow_ups_beside``)."""
     folder = job.module_dir / graph.key
     save_samples(graph, folder)
     old_entry = resume_entry(job.module_dir, graph.key, gkey, old_entry)  # a killed run's completed candidates
@@ -185,6 +191,13 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     lock = threading.Lock()  # chains run on several threads when the module has several build workers
     follow_ups_from = len(pairs)  # the place of the first follow-up precision's candidate, once there are some
     rechecked: set[int] = set()  # candidates screened a second time (Search.rechecks)
+    side_from: Optional[int] = None  # the place of the first follow-up built beside the module's own candidates
+    beside = beside and executors.workers > 1
+    builds = executors.workers - beside  # workers for the module's own candidates
+    # At the batch the strategy compares candidates at (MaxThroughput: the largest profiled one).
+    compared = (search.batch, None) if isinstance(config.strategy, MaxThroughput) else (batch, graph.batch_weights)
+    follow_ups = follow_up_precisions(job.precision, device, config.precisions)
+    min_ms = follow_up_min_ms(job.module)
 
     def done(index: int, name: str, record: CandidateRecord, checkpoint: bool, finished: bool = True) -> None:
         with lock:
@@ -200,7 +213,10 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                         None)
 
     def run_chain(chain: list[tuple[int, RunnerSpec, str]]) -> None:
-        with executors.borrow() as executor:
+        # Eager's worker holds the module already: the module's own chain takes it, the follow-ups' another.
+        side = side_from is not None and chain[0][0] >= side_from
+        with executors.borrow(prefer=None if side else built_by.get(0), avoid=built_by.get(0) if side else None) \
+                as executor:
             for index, runner, precision in chain:
                 name = candidate_name(runner.name, precision, job.precision)
                 fmt = artifact_dir(runner.format.value, precision, job.precision)
@@ -260,18 +276,44 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                          f" ({record.error})" if record.error else "")
                 done(index, name, record, checkpoint=True)
 
+    def own_chains(start: int, end: int) -> list[list[tuple[int, RunnerSpec, str]]]:
+        # One build worker: every candidate in order, as one chain. Several: chains side by side.
+        if builds == 1:
+            return [[(i, r, p) for i, (r, p) in enumerate(pairs) if start <= i < end]]
+        return _chains(pairs[:end], job.precision, start)
+
     def run_from(start: int) -> None:
-        # One worker: every candidate in order, as one chain. Several: chains side by side (profiling still alone),
-        # eager first and alone: its full profile would otherwise wait for the first builds to end, holding off
-        # every build after them.
-        if executors.workers == 1:
-            executors.map(run_chain, [[(i, r, p) for i, (r, p) in enumerate(pairs) if i >= start]])
-            return
-        if start == 0:
+        # With several workers eager runs first and alone: its full profile would otherwise wait for the first
+        # builds to end, holding off every build after them (profiling is still alone).
+        if executors.workers > 1 and start == 0:
             run_chain([(0, *pairs[0])])
             start = 1
-        executors.map(run_chain, _chains(pairs, job.precision, start))
+        eager_record = records.get(0)
+        if start == 1 and beside and follow_ups and eager_record is not None and eager_record.status == "ok" \
+                and follow_ups_early(call_ms(eager_record, *compared), min_ms):
+            early_follow_ups()
+            return
+        executors.map(run_chain, own_chains(start, len(pairs)))
 
+    def early_follow_ups() -> None:
+        # Eager's profile already shows that the follow-up copies will be tried: they build on the spare worker
+        # beside the module's own candidates, as one chain that starts with a build (early_follow_up_pairs).
+        nonlocal follow_ups_from, side_from
+        extra = early_follow_up_pairs(pairs, follow_ups,
+                                      lambda r, p: not eager_copy_predicts(r, job.module, p))
+        own_end = follow_ups_from = side_from = len(pairs)
+        pairs.extend(extra)
+        eager_ms = call_ms(records[0], *compared)
+        log.info("%s graph %s: eager takes %.2f ms a call%s: trying %s beside the %s candidates (precisions=(%r,) "
+                 "keeps %s only)", job.module_name, graph.key, eager_ms,
+                 ", and its matmuls are wide" if min_ms == 0 else "",
+                 ", ".join(candidate_name(r.name, p, job.precision) for r, p in extra), job.precision,
+                 job.precision, job.precision)
+        listener.candidates_added(len(extra))
+        executors.map(run_chain, own_chains(1, own_end) + [[(i, *pairs[i]) for i in range(own_end, len(pairs))]])
+
+    if beside:
+        executors.settle()
     run_from(0)
     eager = candidate_name(pairs[0][0].name, pairs[0][1], job.precision)  # the baseline comes first
 
@@ -301,12 +343,8 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         return candidates, select(candidates, config.strategy, batch, eager, graph.batch_weights)
 
     candidates, winner = selection()
-    # At the batch the strategy compares candidates at (MaxThroughput: the largest profiled one).
-    compared = (search.batch, None) if isinstance(config.strategy, MaxThroughput) else (batch, graph.batch_weights)
     best_ms = call_ms(winner, *compared) if winner is not None else None
-    min_ms = follow_up_min_ms(job.module)
-    extra = follow_up_pairs(pairs, records, follow_up_precisions(job.precision, device, config.precisions), best_ms,
-                            min_ms)
+    extra = follow_up_pairs(pairs, records, follow_ups, best_ms, min_ms)
     if extra:
         log.info("%s graph %s: the best %s build takes %.2f ms a call (%s)%s: trying %s too (precisions=(%r,) keeps "
                  "%s only)", job.module_name, graph.key, job.precision, best_ms, winner.name,
@@ -402,10 +440,20 @@ def _recheck_screens(graph: Graph, job: Job, executors: ExecutorPool, search: Se
         done(index, screened.name, replace(screened, screen=faster), checkpoint=True, finished=False)
 
 
+def copies_beside(module: Module, config: OptimizeConfig, device: str, alone: bool) -> bool:
+    """Whether the module's pool has a worker for its follow-up precisions' copies, built beside its own candidates
+    once eager's profile shows they will be tried: there are follow-up precisions here, and
+    ``config.follow_ups_beside`` allows it."""
+    return bool(follow_up_precisions(module.precision, device, config.precisions)) and \
+        follow_ups_beside(config, device, module.__wrapped__, alone)
+
+
 def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
-                    listener: OptimizeListener, hub: Optional[WorkerHub] = None) -> ModuleStatus:
+                    listener: OptimizeListener, hub: Optional[WorkerHub] = None, alone: bool = True) -> ModuleStatus:
     """Optimize one module's captured graphs, write its manifest and bind the winners; events go to ``listener``.
-    Its candidates run on the ``hub``'s warm workers when given (the run's), else on workers of its own."""
+    Its candidates run on the ``hub``'s warm workers when given (the run's), else on workers of its own.
+    ``alone``: no other module is optimized side by side with it (its follow-up copies may then build beside its
+    own candidates: ``config.follow_ups_beside``)."""
     start = time.perf_counter()
     workspace = resolve_workspace(config)
     ensure_writable(workspace)
@@ -445,12 +493,13 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
                   config.profile_time_s, cache_environment(cache_dir(folder)))
         entries = dict(old_graphs)  # graphs not seen this time stay valid: same weights, same device
         workers = build_workers(config, device, module.__wrapped__)  # from cores and GPU memory unless given
+        beside = copies_beside(module, config, device, alone)
         with module._nav_unpatched(), ExecutorPool(job, use_multiprocessing(config), config.timeout_s,
-                                                   folder / LOG_FILE, workers, hub) as executors:
+                                                   folder / LOG_FILE, workers + beside, hub) as executors:
             for graph in graphs:
                 gkey = _graph_cache_key(graph, fp, device, precision, config, batch_sizes, keyed_tolerances)
                 entries[graph.key] = _optimize_graph(graph, job, executors, config, device,
-                                                     old_graphs.get(graph.key), gkey, listener)
+                                                     old_graphs.get(graph.key), gkey, listener, beside)
         wrapped = type(module.__wrapped__)
         manifest = Manifest(module.name, fp, device, MANIFEST_VERSION, __version__, torch.__version__,
                             f"{wrapped.__module__}.{wrapped.__qualname__}", precision,

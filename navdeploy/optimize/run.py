@@ -25,7 +25,13 @@ from navdeploy.formats.registry import start_availability_checks
 from navdeploy.inplace.registry import registered_modules
 from navdeploy.optimize.dataloader import dataloader_items, run_capture, script_command
 from navdeploy.optimize.events import NullListener, OptimizeListener
-from navdeploy.optimize.module import candidate_pairs, module_config, module_device, optimize_module
+from navdeploy.optimize.module import (
+    candidate_pairs,
+    copies_beside,
+    module_config,
+    module_device,
+    optimize_module,
+)
 from navdeploy.optimize.never_slower import check_pipeline, module_tolerance
 from navdeploy.optimize.participants import modules_to_optimize, nested
 from navdeploy.optimize.pipeline import handlers, sync_cuda
@@ -71,13 +77,17 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
     devices = [configs[m.name].target_device or module_device(m.__wrapped__) for m in modules]
     at_once = 1 if nested(modules) else parallel_modules(config or OptimizeConfig(), [m.__wrapped__ for m in modules],
                                                          devices)
+    alone = at_once == 1 or len(modules) == 1  # no module is optimized side by side with another
     with WorkerHub() as hub:
         # The first modules' workers import torch while the pipeline is captured; later modules reuse them. Not
         # when every module was optimized before: a re-run is usually answered from the cache, with no worker.
         first = configs[modules[0].name]
         if use_multiprocessing(first) and any(
                 not (module_dir(resolve_workspace(configs[m.name]), m.name) / MANIFEST).is_file() for m in modules):
-            hub.prestart(build_workers(first) * at_once)
+            # A module alone whose bf16 copies may build beside its own candidates gets its second worker now: once
+            # eager's profile says they will, a worker that starts then delays them by its start (3-4 s).
+            spare = alone and any(copies_beside(m, configs[m.name], d, alone) for m, d in zip(modules, devices))
+            hub.prestart(build_workers(first) * at_once + spare)
         capture_start = time.perf_counter()
         with handlers(modules, lambda m, _: recorders[m.name].record), torch.no_grad():
             run_capture(func, items)
@@ -98,8 +108,8 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
             # cache), and the hub's timing gate keeps every build away from every timing.
             # The largest first, so that a small module's optimize fills the end rather than a large one's.
             order = sorted(modules, key=lambda m: -weight_bytes(m.__wrapped__)) if at_once > 1 else modules
-            done = hub.modules(lambda m: optimize_module(m, work[m.name], configs[m.name], listener, hub), order,
-                               at_once)
+            done = hub.modules(lambda m: optimize_module(m, work[m.name], configs[m.name], listener, hub, alone),
+                               order, at_once)
             results = {m.name: module_status for m, module_status in zip(order, done)}
             for m in modules:
                 status.modules[m.name] = results[m.name]

@@ -1,0 +1,101 @@
+"""A CPU module's follow-up precision copies (bf16) built beside its own candidates, on a second worker, once
+eager's profile shows they will be tried: the rule, the setting, the order of the side chain, and a real optimize
+whose bf16 AOTInductor build overlaps the fp32 one while no timing overlaps any build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import navdeploy as nav
+from navdeploy import config as config_module
+from navdeploy.candidates.precision import EARLY_FOLLOW_UP_FACTOR, cpu_computes_bf16, follow_ups_early
+from navdeploy.candidates.search import early_follow_up_pairs
+from navdeploy.config import follow_ups_beside
+from navdeploy.optimize.module import candidate_pairs
+
+
+def test_follow_ups_are_known_early_for_wide_matmuls_or_a_slow_eager():
+    assert follow_ups_early(None, 0.0)  # wide matmuls: tried whatever the builds measure
+    assert follow_ups_early(EARLY_FOLLOW_UP_FACTOR * 1.0, 1.0)
+    assert not follow_ups_early(EARLY_FOLLOW_UP_FACTOR * 1.0 - 0.01, 1.0)  # the best build may well be < 1 ms
+    assert not follow_ups_early(None, 1.0)
+
+
+def test_the_side_chain_starts_with_a_build_and_keeps_twins_after_theirs():
+    pairs = candidate_pairs(nav.OptimizeConfig(), "cpu", "fp32")
+    names = [r.name for r, _ in pairs]
+    assert "AOTInductorCPU" in names and "TorchCompileCPU" in names  # TorchCompileCPU is AOTInductorCPU's twin
+
+    extra = early_follow_up_pairs(pairs, ("bf16",), lambda r, p: r.name == "AOTInductorCPU")
+    order = [r.name for r, _ in extra]
+    assert order[0] == "AOTInductorCPU" and all(p == "bf16" for _, p in extra)
+    assert order.index("TorchCompileCPU") > order.index("AOTInductorCPU")
+    assert {r.name for r, _ in extra} == {r.name for r, _ in pairs if r.follows_up}  # no ONNX, no ExportedProgram
+    assert not any(pair in pairs for pair in extra)
+
+    # A twin whose own copy would build first still waits for its twin's.
+    twin_first = [r.name for r, _ in early_follow_up_pairs(pairs, ("bf16",), lambda r, p: r.name == "TorchCompileCPU")]
+    assert twin_first.index("TorchCompileCPU") > twin_first.index("AOTInductorCPU")
+    assert twin_first[0] == names[0]  # nothing builds first: eager's copy leads, as in the module's own order
+
+
+def test_follow_ups_beside_only_for_a_cpu_module_alone_with_cores_and_memory(monkeypatch):
+    gib = 1 << 30
+    monkeypatch.delenv("NAVDEPLOY_BUILD_WORKERS", raising=False)
+    monkeypatch.setattr(config_module, "_host_cores", lambda: 2)
+    monkeypatch.setattr(config_module, "_free_memory", lambda: 64 * gib)
+    module, config = nn.Linear(8, 8), nav.OptimizeConfig()
+    assert follow_ups_beside(config, "cpu", module, alone=True)
+    assert not follow_ups_beside(config, "cpu", module, alone=False)  # another module takes the other core
+    assert not follow_ups_beside(config, "cuda", module, alone=True)
+    assert not follow_ups_beside(nav.OptimizeConfig(build_workers=1), "cpu", module, alone=True)  # the user's number
+    assert not follow_ups_beside(nav.OptimizeConfig(use_multiprocessing=False), "cpu", module, alone=True)
+    monkeypatch.setenv("NAVDEPLOY_BUILD_WORKERS", "1")
+    assert not follow_ups_beside(config, "cpu", module, alone=True)
+    monkeypatch.delenv("NAVDEPLOY_BUILD_WORKERS")
+    monkeypatch.setattr(config_module, "_host_cores", lambda: 1)
+    assert not follow_ups_beside(config, "cpu", module, alone=True)
+    monkeypatch.setattr(config_module, "_host_cores", lambda: 2)
+    monkeypatch.setattr(config_module, "_free_memory", lambda: 1024)  # two more copies do not fit
+    assert not follow_ups_beside(config, "cpu", module, alone=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic: no bf16 copies are tried")
+@pytest.mark.skipif(config_module._host_cores() < 2, reason="one core: nothing builds beside")
+def test_bf16_copies_build_beside_the_fp32_candidates_and_never_during_a_timing(tmp_path):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256)).eval()  # wide: bf16 is tried
+    model = nav.Module(mlp, name="wide_mlp")
+    data = [(2, torch.randn(2, 256)) for _ in range(2)]
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "AOTInductorCPU"), batch_sizes=(2,),
+                                max_batch_size=2, profile_time_s=0.1)
+    status = nav.optimize(model, data, config)
+    candidates = {c.name: c for c in status.modules["wide_mlp"].graphs[0].candidates}
+    assert set(candidates) == {"TorchCPU", "AOTInductorCPU", "TorchCPU[bf16]", "AOTInductorCPU[bf16]"}, candidates
+    for c in candidates.values():
+        assert c.verified, (c.name, c.status, c.error)
+    log = (status.modules["wide_mlp"].folder / "navdeploy.log").read_text()
+    assert "beside the fp32 candidates" in log, log[-3000:]
+
+    fp32, bf16 = candidates["AOTInductorCPU"], candidates["AOTInductorCPU[bf16]"]
+    assert fp32.pid != bf16.pid  # a worker each
+    assert bf16.window.start < fp32.window.verified and fp32.window.start < bf16.window.verified, \
+        (fp32.window, bf16.window)  # the two builds overlapped
+    windows = {c.name: c.window for c in candidates.values()}
+    builds = {name: (w.start, w.verified) for name, w in windows.items()}
+    timings = {name: (w.profile, w.end) for name, w in windows.items()}
+
+    def overlap(x: tuple[float, float], y: tuple[float, float]) -> bool:
+        return x[0] < y[1] and y[0] < x[1]
+
+    for name, timing in timings.items():  # no timing overlapped anything else (the gate)
+        for other in windows:
+            if other != name:
+                assert not overlap(builds[other], timing) and not overlap(timings[other], timing), \
+                    f"{other} ran while {name} was timed: {windows}"
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), mlp(x), atol=0.05, rtol=0.05)  # within bf16's tolerance at worst
