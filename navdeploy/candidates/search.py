@@ -177,8 +177,7 @@ def early_follow_up_pairs(pairs: Sequence[tuple[RunnerSpec, str]], precisions: S
     does not wait for eager's copy to be timed: ``precision.eager_copy_predicts``), so the chain starts with a build
     that overlaps the module's own builds rather than with a timing that waits for them; the order is kept within
     each group (a runner's ``twin_of`` stays before it)."""
-    extra = list(dict.fromkeys((runner, p) for p in precisions for runner, _ in pairs
-                               if runner.follows_up and (runner, p) not in pairs))
+    extra = _copies([runner for runner, _ in pairs if runner.follows_up], precisions, pairs)
 
     def later(pair: tuple[RunnerSpec, str]) -> bool:  # a twin's copy goes no earlier than its twin's
         runner, precision = pair
@@ -204,6 +203,11 @@ def follow_up_pairs(pairs: Sequence[tuple[RunnerSpec, str]], records: Mapping[in
         return records[i].status == "skipped" and any(
             records[j].verified for j in records if pairs[j][0].name in runner.twin_of and pairs[j][1] == precision)
 
-    runners = [pairs[i][0] for i in sorted(records)
-               if pairs[i][0].follows_up and (records[i].verified or twin_verified(i))]
-    return [(runner, p) for p in precisions for runner in runners if (runner, p) not in pairs]
+    return _copies([pairs[i][0] for i in sorted(records)
+                    if pairs[i][0].follows_up and (records[i].verified or twin_verified(i))], precisions, pairs)
+
+
+def _copies(runners: Sequence[RunnerSpec], precisions: Sequence[str],
+            pairs: Sequence[tuple[RunnerSpec, str]]) -> list[tuple[RunnerSpec, str]]:
+    """Each of ``runners`` in each of ``precisions``, precision by precision, once, and not already in ``pairs``."""
+    return list(dict.fromkeys((runner, p) for p in precisions for runner in runners if (runner, p) not in pairs))

@@ -289,13 +289,14 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
             run_chain([(0, *pairs[0])])
             start = 1
         eager_record = records.get(0)
-        if start == 1 and beside and follow_ups and eager_record is not None and eager_record.status == "ok" \
-                and follow_ups_early(call_ms(eager_record, *compared), min_ms):
-            early_follow_ups()
-            return
+        if start == 1 and beside and follow_ups and eager_record is not None and eager_record.status == "ok":
+            eager_ms = call_ms(eager_record, *compared)
+            if follow_ups_early(eager_ms, min_ms):
+                early_follow_ups(eager_ms)
+                return
         executors.map(run_chain, own_chains(start, len(pairs)))
 
-    def early_follow_ups() -> None:
+    def early_follow_ups(eager_ms: float) -> None:
         # Eager's profile already shows that the follow-up copies will be tried: they build on the spare worker
         # beside the module's own candidates, as one chain that starts with a build (early_follow_up_pairs).
         nonlocal follow_ups_from, side_from
@@ -303,7 +304,6 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                                       lambda r, p: not eager_copy_predicts(r, job.module, p))
         own_end = follow_ups_from = side_from = len(pairs)
         pairs.extend(extra)
-        eager_ms = call_ms(records[0], *compared)
         log.info("%s graph %s: eager takes %.2f ms a call%s: trying %s beside the %s candidates (precisions=(%r,) "
                  "keeps %s only)", job.module_name, graph.key, eager_ms,
                  ", and its matmuls are wide" if min_ms == 0 else "",
