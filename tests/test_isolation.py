@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -172,3 +174,37 @@ def test_crash_site_is_read_from_the_crashing_threads_dump_and_kept_in_the_log(t
                       '  File "/usr/lib/python3.11/threading.py", line 327 in wait\n')
     assert _describe_exit(-11, log, faults) == "the candidate process died with SIGSEGV"
     assert _describe_exit(-11, log, tmp_path / "missing.faults") == "the candidate process died with SIGSEGV"
+
+
+_SEMAPHORE_SCRIPT = """
+import multiprocessing, torch, navdeploy as nav
+from torch import nn
+
+class Locks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if torch.jit.is_tracing():
+            Locks.held = multiprocessing.RLock()  # a named semaphore, made in the worker (as tqdm does)
+        return self.linear(x)
+
+if __name__ == "__main__":
+    module = nav.Module(Locks().eval(), name="locks")
+    cfg = nav.OptimizeConfig(workspace=WORKSPACE, runners=("TorchCPU", "TorchScriptCPU"),
+                             batch_sizes=(1,), max_batch_size=1, profile_time_s=0.05)
+    nav.optimize(module, [(1, torch.randn(1, 4))], cfg)
+    print("optimized", type(module.__wrapped__).__name__)
+"""
+
+
+def test_a_worker_ends_without_leaving_semaphores(tmp_path):
+    """Workers end with os._exit; the semaphores made inside one are still unlinked, so the user's script ends
+    without the resource tracker's 'leaked semaphore objects' warning."""
+    script = tmp_path / "locks.py"
+    script.write_text(_SEMAPHORE_SCRIPT.replace("WORKSPACE", repr(str(tmp_path / "ws"))))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "optimized Locks" in done.stdout
+    assert "leaked semaphore" not in done.stderr, done.stderr[-3000:]

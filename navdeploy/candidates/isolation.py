@@ -16,6 +16,7 @@ import faulthandler
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import queue
 import signal
@@ -173,6 +174,10 @@ def _end_now(handler: logging.Handler) -> None:
     1.4-1.6 s of a 2-core machine while the parent waited (the example CNN's optimize), and a worker holds nothing
     to save by then: every result went to the parent, which asked it to end only after the last one, and its log
     is flushed here."""
+    # multiprocessing's own exit step, which os._exit skips: it unlinks the semaphores made here (tqdm makes one in
+    # every torch.export), or the parent's resource tracker warns about them when the user's script ends.
+    with contextlib.suppress(Exception):
+        multiprocessing.util._run_finalizers(0)
     handler.flush()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
