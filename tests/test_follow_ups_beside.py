@@ -99,3 +99,44 @@ def test_bf16_copies_build_beside_the_fp32_candidates_and_never_during_a_timing(
     x = torch.randn(2, 256)
     with torch.no_grad():
         torch.testing.assert_close(model(x), mlp(x), atol=0.05, rtol=0.05)  # within bf16's tolerance at worst
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic: no spare worker for copies")
+@pytest.mark.skipif(config_module._host_cores() < 2, reason="one core: nothing builds beside")
+def test_without_early_copies_the_spare_worker_builds_the_own_candidates_before_any_screen(tmp_path):
+    """A narrow, fast module (no bf16 copies known to be tried after eager's profile): its own candidates build on
+    both workers, every build before the first screen, and each is then screened from its build."""
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()  # eager far under 2 ms a call
+    model = nav.Module(small, name="narrow_mlp")
+    data = [(2, torch.randn(2, 32)) for _ in range(2)]
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "AOTInductorCPU", "TorchScriptCPU",
+                                                             "OnnxCPU"),
+                                batch_sizes=(2,), max_batch_size=2, profile_time_s=0.1)
+    status = nav.optimize(model, data, config)
+    candidates = {c.name: c for c in status.modules["narrow_mlp"].graphs[0].candidates}
+    assert set(candidates) == {"TorchCPU", "AOTInductorCPU", "TorchScriptCPU", "OnnxCPU"}, candidates
+    for c in candidates.values():
+        assert c.status in ("ok", "screened"), (c.name, c.status, c.error)  # never left "built"
+        assert c.window is not None and c.window.profile is not None and c.window.end is not None, c
+    log = (status.modules["narrow_mlp"].folder / "navdeploy.log").read_text()
+    assert "beside the fp32 candidates" not in log and "AOTInductorCPU: built" in log, log[-3000:]
+
+    others = [c for name, c in candidates.items() if name not in ("TorchCPU", "AOTInductorCPU")]
+    aoti = candidates["AOTInductorCPU"]
+    assert {c.pid for c in others} != {aoti.pid}  # the spare worker took some of them
+    assert any(c.window.start < aoti.window.verified for c in others), \
+        {n: c.window for n, c in candidates.items()}  # built while AOTInductor built
+    first_screen = min(c.window.profile for name, c in candidates.items() if name != "TorchCPU")
+    assert all(c.window.verified <= first_screen for name, c in candidates.items() if name != "TorchCPU")
+    windows = {c.name: c.window for c in candidates.values()}
+    builds = {name: (w.start, w.verified) for name, w in windows.items()}
+    timings = {name: (w.profile, w.end) for name, w in windows.items()}
+    for name, timing in timings.items():  # no timing overlapped a build
+        for other in windows:
+            if other != name:
+                assert not (builds[other][0] < timing[1] and timing[0] < builds[other][1]), (other, name, windows)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), small(x), atol=1e-4, rtol=1e-3)

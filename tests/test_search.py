@@ -221,8 +221,12 @@ def test_aoti_twin_shared_export_and_thorough(tmp_path):
     assert records["AOTInductorCPU"].verified, records["AOTInductorCPU"].error
     twin = records["TorchCompileCPU"]
     assert twin.status == "skipped" and twin.error.startswith("not built: AOTInductorCPU verified"), twin
-    exporters = [n for n in ("AOTInductorCPU", "OnnxCPU", "TorchExportCPU") if "torch_export_s" in records[n].times]
-    assert exporters == ["AOTInductorCPU"]  # built first, it ran the one torch.export the other two reused
+    by_worker: dict[int, list[str]] = {}  # a spare worker may build some of them beside AOTInductor (builds_first)
+    for name in ("AOTInductorCPU", "OnnxCPU", "TorchExportCPU"):
+        by_worker.setdefault(records[name].pid, []).append(name)
+    for names in by_worker.values():  # the first to build in a worker ran its one torch.export, the others reused it
+        assert [n for n in names if "torch_export_s" in records[n].times] == names[:1], (by_worker, records)
+    assert "torch_export_s" in records["AOTInductorCPU"].times
     assert all(records[n].exported for n in ("AOTInductorCPU", "OnnxCPU", "TorchExportCPU"))
     _check_search_rules(graph, batch=None)
 

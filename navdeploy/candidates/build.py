@@ -64,7 +64,9 @@ class Task:
 
     ``plan`` says what follows verification: ``full`` profiles every batch size; ``screen`` times a few calls at
     ``screen_batch`` (status "screened"), keeping the runner loaded when its screen is under ``keep_below_ms``;
-    ``profile`` profiles in full a candidate screened earlier (its kept runner, else loaded and verified again)."""
+    ``profile`` profiles in full a candidate screened earlier (its kept runner, else loaded and verified again);
+    ``build`` stops after verification (status "built"): the candidate is screened by a later ``screen`` task,
+    which loads and verifies its build again."""
 
     graph_key: str
     runner: str
@@ -336,6 +338,9 @@ def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
                 result = _verify(job, graph, run, record, task, state)
                 if not result.ok:
                     return _fail(record, "verify", result.reason)
+                if task.plan == "build":
+                    record.status, record.window.verified = "built", time.time()
+                    return record
 
             step = "profile"
             _time(job, graph, run, record, task, state)

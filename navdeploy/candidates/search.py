@@ -20,6 +20,11 @@ of the runners that verified (those with ``follows_up``), screened and profiled 
 Eager's copy comes first; when it is clearly slower than eager in the module's own precision, the other copies are
 not built (``low_precision_skip_reason``): the precision's kernels do not pay on that graph here.
 
+Where a spare worker is free (a CPU module optimized alone whose copies are not known to be tried yet), the
+candidates are built on both workers and screened only once every build is done (``optimize.module``'s
+``builds_first``): a screen waits for the builds in flight, so a chain that screens as it goes holds its next
+build behind the other worker's longest one.
+
 ``LatencyBudget`` compares candidates at every batch size, so under it every candidate is profiled in full.
 ``thorough=True`` restores the exhaustive search: every candidate built and profiled in full.
 """

@@ -161,14 +161,19 @@ def _chains(pairs: list[tuple[RunnerSpec, str]], module_precision: str,
 
 
 def _merge_profile(screened: CandidateRecord, profiled: CandidateRecord) -> CandidateRecord:
-    """A screened candidate's record after its full profile: the build's figures stay, the profile (or the failure
-    of that step) is added."""
+    """A screened candidate's record after its full profile, or a built one's after its screen: the build's
+    figures stay, the timing (or the failure of that step) is added."""
     times = dict(screened.times)
     for key, seconds in profiled.times.items():  # a reload adds its load and verify time to the first one's
         times[key] = (times.get(key) or 0.0) + (seconds or 0.0)
+    window, pid = screened.window, profiled.pid or screened.pid
+    if screened.status == "built":  # the worker that built it, and when it was timed
+        pid = screened.pid or profiled.pid
+        if window is not None and profiled.window is not None:
+            window = replace(window, profile=profiled.window.profile, end=profiled.window.end)
     return replace(screened, status=profiled.status, error=profiled.error, step=profiled.step,
-                   profile=profiled.profile, times=times, transient=profiled.transient, cached=False,
-                   pid=profiled.pid or screened.pid)
+                   profile=profiled.profile, screen=profiled.screen or screened.screen, times=times,
+                   transient=profiled.transient, cached=False, pid=pid, window=window)
 
 
 def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: OptimizeConfig, device: str,
@@ -212,8 +217,9 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
             return next((r for i, r in records.items() if pairs[i][0].name == runner_name and pairs[i][1] == precision),
                         None)
 
-    def run_chain(chain: list[tuple[int, RunnerSpec, str]]) -> None:
+    def run_chain(chain: list[tuple[int, RunnerSpec, str]], build_only: bool = False) -> None:
         # Eager's worker holds the module already: the module's own chain takes it, the follow-ups' another.
+        # ``build_only``: each candidate stops once verified (status "built"), to be screened by screen_built.
         side = side_from is not None and chain[0][0] >= side_from
         with executors.borrow(prefer=None if side else built_by.get(0), avoid=built_by.get(0) if side else None) \
                 as executor:
@@ -258,8 +264,8 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                     executors.beside_builds(runner.prepare_loading)
                 record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision,
                                            artifact_checksum=formats[fmt].checksum if fmt in formats else None,
-                                           plan=search.plan(eager=index == 0), screen_batch=search.batch,
-                                           keep_below_ms=keep_below))
+                                           plan="build" if build_only else search.plan(eager=index == 0),
+                                           screen_batch=search.batch, keep_below_ms=keep_below))
                 record.retries = retries
                 built_by[index] = executor
                 state = None
@@ -294,7 +300,35 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
             if follow_ups_early(eager_ms, min_ms):
                 early_follow_ups(eager_ms)
                 return
+            if search.screens:
+                builds_first()
+                return
         executors.map(run_chain, own_chains(start, len(pairs)))
+
+    def builds_first() -> None:
+        # The spare worker has no copies to build (yet): the module's own candidates build on both workers, every
+        # build before any timing (a chain's screen would otherwise wait for the other worker's build, and hold
+        # off this worker's next build meanwhile), then each is screened from its build, one at a time.
+        executors.map(lambda chain: run_chain(chain, build_only=True), _chains(pairs, job.precision, 1))
+        for index in [i for i in sorted(records) if records[i].status == "built"]:
+            screen_built(index)
+
+    def screen_built(index: int) -> None:
+        built = records[index]
+        runner, precision = pairs[index]
+        fmt = artifact_dir(runner.format.value, precision, job.precision)
+        with lock:
+            keep_below = search.keep_below_ms(records.values())
+        listener.candidate_started(job.module_name, f"{built.name} (screen)")
+        with executors.borrow(prefer=built_by.get(index)) as executor:
+            screened = executor.run(Task(graph.key, runner.name, export=False, precision=precision,
+                                         artifact_checksum=formats[fmt].checksum if fmt in formats else None,
+                                         plan="screen", screen_batch=search.batch, keep_below_ms=keep_below))
+            built_by[index] = executor  # it may hold the runner now, for the full profile
+        record = _merge_profile(built, screened)
+        log.info("%s graph %s %s: %s%s", job.module_name, graph.key, record.name, record.status,
+                 f" ({record.error})" if record.error else "")
+        done(index, record.name, record, checkpoint=True, finished=False)
 
     def early_follow_ups(eager_ms: float) -> None:
         # Eager's profile already shows that the follow-up copies will be tried: they build on the spare worker

@@ -63,7 +63,9 @@ class CandidateRecord:
     """One candidate (a runner in one precision) of one graph: how it went and what it measured.
 
     ``status`` is "ok" (verified and fully profiled), "screened" (verified and timed on a few calls at one batch
-    size, ``screen``, but not profiled in full: it could not win; ``error`` says why), "failed" or "skipped" (not
+    size, ``screen``, but not profiled in full: it could not win; ``error`` says why), "built" (verified, not timed
+    yet: a build that waits for its screen until every build of the graph is done; never in a finished manifest),
+    "failed" or "skipped" (not
     run: its package is missing, or the search did not build it; ``error`` says why); ``step`` the step that
     failed (export, load, verify, profile, isolation); ``times`` seconds per step (``export_s``, ``load_s``,
     ``verify_s``, ``screen_s``, ``profile_s``).
@@ -101,8 +103,8 @@ class CandidateRecord:
 
     @property
     def verified(self) -> bool:
-        """Its outputs matched eager's: fully profiled ("ok") or screened out."""
-        return self.status in ("ok", "screened")
+        """Its outputs matched eager's: fully profiled ("ok"), screened out, or built and not timed yet."""
+        return self.status in ("ok", "screened", "built")
 
     def screen_ms(self, batch_size: Optional[int]) -> Optional[float]:
         """p50 latency (ms) by which the search compares it at ``batch_size``: its screening measurement, else the
