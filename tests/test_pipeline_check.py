@@ -86,3 +86,41 @@ def test_in_use_says_eager_for_a_reverted_module_while_selected_keeps_the_winner
                                      "back": module("back", "OnnxCPU", reverted="not faster")})
     assert status.selected() == {"kept": ["OnnxCPU"], "eager_won": ["TorchCPU"], "back": ["OnnxCPU"]}
     assert status.in_use() == {"kept": ["OnnxCPU"], "eager_won": ["eager"], "back": ["eager"]}
+
+
+def _scripted(eager_ms: list[float], optimized_ms: list[float], warm_passes: int = 2):
+    """A callable whose passes sleep as scripted: ``compare`` runs the warm-up passes, then eager and optimized
+    passes alternating (eager first), one call a pass with one item."""
+    import time
+
+    order = [0.0] * warm_passes + [ms for pair in zip(eager_ms, optimized_ms) for ms in pair]
+    calls = iter(order)
+
+    def pipeline(x):
+        time.sleep(next(calls, 0.0) / 1e3)
+        return x
+
+    return pipeline
+
+
+def test_an_unsure_pipeline_check_is_timed_again_with_twice_the_passes():
+    """Optimized lower but within the spread: one more A/B with twice the passes decides, so a burst of load during
+    a few passes does not revert a faster module."""
+    from navdeploy.optimize.never_slower import _measure
+
+    first_eager, first_optimized = [40.0, 48.0, 32.0], [36.0, 44.0, 28.0]  # medians 40 and 36, spread 8 each
+    again_eager, again_optimized = [40.0] * 6, [20.0] * 6
+    pipeline = _scripted(first_eager + again_eager, first_optimized + again_optimized)
+    timing = PipelineTiming(0.0, 0.0, None, 1)
+    _measure(pipeline, [(1, torch.zeros(1))], [], 3, timing)
+    assert timing.repeats == 6 and len(timing.eager_runs) == len(timing.optimized_runs) == 6
+    assert timing.faster is True and timing.optimized_s < 0.03 < timing.eager_s
+
+
+def test_a_pipeline_check_that_is_not_unsure_is_not_timed_again():
+    from navdeploy.optimize.never_slower import _measure
+
+    pipeline = _scripted([20.0, 24.0, 16.0], [30.0, 34.0, 26.0])  # optimized slower: no second look
+    timing = PipelineTiming(0.0, 0.0, None, 1)
+    _measure(pipeline, [(1, torch.zeros(1))], [], 3, timing)
+    assert timing.repeats == 3 and timing.faster is False and timing.optimized_s > timing.eager_s
