@@ -97,6 +97,44 @@ def test_every_candidate_that_just_missed_the_lead_got_a_second_screen(tmp_path)
         assert " ms against " in line  # both screens' figures are logged
 
 
+def test_rounds_of_a_profile_combine_into_their_median():
+    from navdeploy.candidates.profile import combine_rounds
+
+    rounds = [ProfilePoint(2, ms, ms * 1.1, 2000 / ms, 20, stable) for ms, stable in
+              ((1.0, True), (1.5, True), (1.1, False), (0.9, True))]  # one round in a burst of load
+    combined = combine_rounds(rounds)
+    assert combined.batch_size == 2 and combined.p50_ms == pytest.approx(1.05)
+    assert combined.p90_ms == pytest.approx(1.155) and combined.throughput == pytest.approx(2000 / 1.05, rel=0.03)
+    assert combined.iterations == 80 and combined.stable is False  # one round was not
+
+
+def test_leaders_are_profiled_in_rounds_that_take_turns(tmp_path, monkeypatch):
+    """Several leaders: each one's full profile is taken in PROFILE_ROUNDS rounds at every batch size, in turns
+    with the others, and each keeps its runner loaded between rounds."""
+    from navdeploy.candidates import search as search_module
+    from navdeploy.optimize.module import PROFILE_ROUNDS
+
+    monkeypatch.setattr(search_module, "SCREEN_MARGIN", 100.0)  # every screened candidate leads
+    torch.manual_seed(0)
+    model = nav.Module(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval(), name="in_turns")
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=CHEAP, use_multiprocessing=False, **FAST)
+    with torch.no_grad():
+        status = nav.optimize(model, [(1, torch.randn(1, 16)), (2, torch.randn(2, 16))], config)
+    records = {c.name: c for c in status.modules["in_turns"].graphs[0].candidates}
+    log = (tmp_path / "in_turns" / "navdeploy.log").read_text()
+    for name in ("TorchScriptCPU", "TorchExportCPU"):
+        record = records[name]
+        assert record.status == "ok", (name, record.status, record.error)
+        assert [p.batch_size for p in record.profile] == [1, 2]
+        assert all(p.iterations >= PROFILE_ROUNDS * 10 for p in record.profile), record.profile  # every round's
+        assert f"{name}: full profile ok, {PROFILE_ROUNDS} rounds in turns with " in log, log[-3000:]
+        assert record.times["load_s"] < 1.0  # loaded once for the rounds, not once a round
+    assert status.modules["in_turns"].graphs[0].selected in records
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.__wrapped__(x), atol=1e-4, rtol=1e-3)
+
+
 def test_the_strategy_says_where_candidates_are_screened():
     assert graph_search(nav.MinLatency(), False, True, 3, (1, 2, 4, 8)).batch == 4  # what selection reads for 3
     assert graph_search(nav.MinLatency(), False, True, 16, (1, 2, 4, 8)).batch == 8

@@ -66,7 +66,11 @@ class Task:
     ``screen_batch`` (status "screened"), keeping the runner loaded when its screen is under ``keep_below_ms``;
     ``profile`` profiles in full a candidate screened earlier (its kept runner, else loaded and verified again);
     ``build`` stops after verification (status "built"): the candidate is screened by a later ``screen`` task,
-    which loads and verifies its build again."""
+    which loads and verifies its build again.
+
+    ``batch_sizes`` and ``profile_s`` narrow a ``profile`` to one round of several (the batch sizes to time, the
+    budget for each): leaders are profiled in rounds that take turns (``optimize.module._profile_together``), and
+    a runner loaded for one round stays loaded for the next."""
 
     graph_key: str
     runner: str
@@ -76,6 +80,8 @@ class Task:
     plan: str = "full"
     screen_batch: Optional[int] = None
     keep_below_ms: Optional[float] = None
+    batch_sizes: Optional[tuple[int, ...]] = None
+    profile_s: Optional[float] = None
 
 
 def prepare(module: torch.nn.Module, forward_func: Optional[str], graph: Graph, runner: RunnerSpec, precision: str,
@@ -153,6 +159,7 @@ class WorkerState:
     graph_key: Optional[str] = None  # the graph the caches below belong to
     shared: dict[str, dict] = field(default_factory=dict)  # by precision: BuildContext.shared
     kept: dict[str, tuple[float, Callable]] = field(default_factory=dict)  # candidate name -> (screen ms, run)
+    in_rounds: dict[str, Callable] = field(default_factory=dict)  # runners loaded for a profile in rounds
 
     def enter_graph(self, graph_key: str) -> None:
         """Drop what belongs to another graph: its ExportedProgram and kept runners hold weights."""
@@ -160,6 +167,7 @@ class WorkerState:
             self.graph_key = graph_key
             self.shared.clear()
             self.kept.clear()
+            self.in_rounds.clear()
 
     def keep(self, name: str, screen_ms: float, run: Callable, below_ms: Optional[float]) -> None:
         """Keep ``run`` loaded when its screen may lead; drop kept runners that a faster screen left behind."""
@@ -292,11 +300,12 @@ def _time(job: Job, graph: Graph, run: Callable, record: CandidateRecord, task: 
         record.status = "screened"
         state.keep(record.name, record.screen.p50_ms, run, task.keep_below_ms)
         return
-    sized = [(bs, _inputs_at(job, graph, state, bs)) for bs in job.batch_sizes] if graph.batching \
-        else [(None, graph.typical_sample.inputs)]
+    sized = [(bs, _inputs_at(job, graph, state, bs)) for bs in task.batch_sizes or job.batch_sizes] \
+        if graph.batching else [(None, graph.typical_sample.inputs)]
     for bs, inputs in sized:
         with _current_device(inputs):
-            record.profile.append(measure(lambda inputs=inputs: run(inputs), bs, job.device, job.profile_time_s))
+            record.profile.append(measure(lambda inputs=inputs: run(inputs), bs, job.device,
+                                          task.profile_s or job.profile_time_s))
     record.times["profile_s"] = time.perf_counter() - start
     record.status = "ok"
 
@@ -310,8 +319,13 @@ def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
     try:
         with torch.no_grad():
             kept = state.kept.pop(record.name, None) if task.plan == "profile" else None
-            if kept is not None:  # screened in this worker and still loaded: verified already
+            rounds = task.plan == "profile" and task.profile_s is not None
+            if kept is None and rounds and record.name in state.in_rounds:
+                kept = (0.0, state.in_rounds[record.name])
+            if kept is not None:  # screened (or profiled a round) in this worker and still loaded: verified already
                 run = kept[1]
+                if rounds:
+                    state.in_rounds[record.name] = run
             else:
                 flat, cast = prepare(job.module, job.forward_func, graph, runner, task.precision, job.precision,
                                      state.flat)
@@ -338,6 +352,8 @@ def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
                 result = _verify(job, graph, run, record, task, state)
                 if not result.ok:
                     return _fail(record, "verify", result.reason)
+                if rounds:
+                    state.in_rounds[record.name] = run
                 if task.plan == "build":
                     record.status, record.window.verified = "built", time.time()
                     return record

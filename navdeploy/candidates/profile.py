@@ -108,3 +108,13 @@ def measure(run: Callable[[], object], batch_size: Optional[int], device: str, t
     p90 = calls[min(len(calls) - 1, int(len(calls) * 0.9))]
     items = batch_size or 1
     return ProfilePoint(batch_size, p50 * 1e3, p90 * 1e3, items / statistics.fmean(calls), len(calls), stable)
+
+
+def combine_rounds(points: list[ProfilePoint]) -> ProfilePoint:
+    """One figure from the rounds of a profile taken in turns with other candidates' (at one batch size): the
+    median round for latency and throughput, every round's calls counted, stable when every round was. A burst of
+    load that slows one round of every candidate moves none of the medians."""
+    median = statistics.median
+    return ProfilePoint(points[0].batch_size, median(p.p50_ms for p in points), median(p.p90_ms for p in points),
+                        median(p.throughput for p in points), sum(p.iterations for p in points),
+                        all(p.stable for p in points))

@@ -25,6 +25,7 @@ from navdeploy.candidates.precision import (
     follow_ups_early,
     tolerance_precision,
 )
+from navdeploy.candidates.profile import combine_rounds
 from navdeploy.candidates.search import (
     Search,
     early_follow_up_pairs,
@@ -425,6 +426,9 @@ def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Se
                 and (records[i].name in leaders if wanted is None else i in wanted)]
         if not todo:
             return
+        if len(todo) > 1:
+            _profile_together(graph, job, executors, search, pairs, records, formats, built_by, done, listener, todo)
+            continue
         for index in todo:
             screened = records[index]
             runner, precision = pairs[index]
@@ -443,6 +447,64 @@ def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Se
             log.info("%s graph %s %s: full profile %s%s", job.module_name, graph.key, record.name, record.status,
                      f" ({record.error})" if record.error else "")
             done(index, record.name, record, checkpoint=True, finished=False)
+
+
+# Leaders are profiled in this many rounds each, taking turns at every batch size: the 2-core machine has bursts of
+# seconds in which every call runs up to ~1.5x slower, and profiles taken one after the other put a burst on one
+# candidate only. Timed in turns in one process, two AOTInductor builds of the bench's BERT (fp32 and bf16, 4x32
+# tokens) kept a ratio of 0.972-0.974 over four processes while each one's own figure moved by up to 80% from one
+# process to the next (0.90-1.58 ms).
+PROFILE_ROUNDS = 4
+
+
+def _profile_together(graph: Graph, job: Job, executors: ExecutorPool, search: Search,
+                      pairs: list[tuple[RunnerSpec, str]], records: dict[int, CandidateRecord],
+                      formats: dict[str, FormatState], built_by: dict[int, Executor], done: Callable[..., None],
+                      listener: OptimizeListener, todo: list[int]) -> None:
+    """The full profiles of the leaders at ``todo``, in ``PROFILE_ROUNDS`` rounds each that take turns at every
+    batch size (each round ``profile_time_s / PROFILE_ROUNDS``; its runner stays loaded in its worker between
+    rounds), combined per batch size by ``combine_rounds``. A leader whose round fails is out."""
+    sizes: list[Optional[int]] = list(job.batch_sizes) if graph.batching else [None]
+    rounds: dict[int, list[CandidateRecord]] = {i: [] for i in todo}
+    failed: dict[int, CandidateRecord] = {}
+    for index in todo:
+        listener.candidate_started(job.module_name, f"{records[index].name} (full profile, in turns)")
+    for bs in sizes:
+        for _ in range(PROFILE_ROUNDS):
+            for index in [i for i in todo if i not in failed]:
+                runner, precision = pairs[index]
+                fmt = artifact_dir(runner.format.value, precision, job.precision)
+                rebuild = fmt in formats and formats[fmt].status == PRUNED  # pruned since an earlier run's screen
+                with executors.borrow(prefer=built_by.get(index)) as executor:
+                    result = executor.run(Task(graph.key, runner.name, export=rebuild, precision=precision,
+                                               artifact_checksum=formats[fmt].checksum if fmt in formats else None,
+                                               plan="profile", screen_batch=search.batch,
+                                               batch_sizes=(bs,) if bs is not None else None,
+                                               profile_s=job.profile_time_s / PROFILE_ROUNDS))
+                    built_by[index] = executor  # it holds the runner now, for the next round
+                if result.exported:
+                    formats[fmt] = FormatState("ok", checksum=result.artifact_checksum,
+                                               export_s=result.times.get("export_s"))
+                if result.status != "ok":
+                    failed[index] = _merge_profile(records[index], result)
+                else:
+                    rounds[index].append(result)
+    names = {i: records[i].name for i in todo}
+    for index in todo:
+        if index in failed:
+            record = failed[index]
+        else:
+            times: dict[str, Optional[float]] = {}
+            for result in rounds[index]:
+                for key, seconds in result.times.items():
+                    times[key] = (times.get(key) or 0.0) + (seconds or 0.0)
+            points = [point for result in rounds[index] for point in result.profile]  # a round: one batch size
+            profile = [combine_rounds([p for p in points if p.batch_size == bs]) for bs in sizes]
+            record = _merge_profile(records[index], replace(rounds[index][-1], profile=profile, times=times))
+        others = ", ".join(names[i] for i in todo if i != index)
+        log.info("%s graph %s %s: full profile %s%s, %d rounds in turns with %s", job.module_name, graph.key,
+                 record.name, record.status, f" ({record.error})" if record.error else "", PROFILE_ROUNDS, others)
+        done(index, record.name, record, checkpoint=True, finished=False)
 
 
 def _recheck_screens(graph: Graph, job: Job, executors: ExecutorPool, search: Search,
