@@ -179,9 +179,10 @@ def _merge_profile(screened: CandidateRecord, profiled: CandidateRecord) -> Cand
 
 def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: OptimizeConfig, device: str,
                     old_entry: Optional[GraphEntry], gkey: str, listener: OptimizeListener,
-                    beside: bool = False) -> GraphEntry:
+                    beside: bool = False, alone: bool = True) -> GraphEntry:
     """One graph's search; ``beside``: the pool has a worker more than its build workers, for the follow-up
-    precisions' copies built beside the module's own candidates (``config.follow_ups_beside``)."""
+    precisions' copies built beside the module's own candidates (``config.follow_ups_beside``); ``alone``: no
+    other module is optimized side by side (its leaders may then be profiled in turns)."""
     folder = job.module_dir / graph.key
     save_samples(graph, folder)
     old_entry = resume_entry(job.module_dir, graph.key, gkey, old_entry)  # a killed run's completed candidates
@@ -354,7 +355,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
 
     def selection() -> tuple[list[CandidateRecord], Optional[CandidateRecord]]:
         _profile_leaders(graph, job, executors, search, pairs, records, formats, built_by, done, listener,
-                         rechecked=rechecked)
+                         rechecked=rechecked, in_turns=alone)
         candidates, winner = chosen()
         if winner is not None and winner.precision_in(job.precision) != job.precision:
             # The fallback is chosen among fully profiled candidates: the best screen in the module's own
@@ -410,14 +411,18 @@ def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Se
                      pairs: list[tuple[RunnerSpec, str]], records: dict[int, CandidateRecord],
                      formats: dict[str, FormatState], built_by: dict[int, Executor], done: Callable[..., None],
                      listener: OptimizeListener, wanted: Optional[list[int]] = None,
-                     rechecked: Optional[set[int]] = None) -> None:
+                     rechecked: Optional[set[int]] = None, in_turns: bool = False) -> None:
     """The full profile for the screened candidates that lead (``Search.leaders``), or for those at the
     ``wanted`` places, on the executor that screened each one (its worker may still hold the runner; another
     loads the build ``formats`` names). A leader whose profile fails leaves the lead to the next.
 
     First (``rechecked``: the places screened twice already), each candidate that only just missed the lead
     (``Search.rechecks``) is screened once more and keeps the faster screen: a screen that fell in a burst of load
-    does not decide alone."""
+    does not decide alone.
+
+    ``in_turns``: several leaders are profiled in rounds that take turns (``_profile_together``). Only for a module
+    optimized alone: each round asks for the timing gate anew, and between two rounds a module beside this one
+    may start a build, which the next round would then wait out."""
     if wanted is None and rechecked is not None:
         _recheck_screens(graph, job, executors, search, pairs, records, formats, built_by, done, listener, rechecked)
     while True:
@@ -426,7 +431,7 @@ def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Se
                 and (records[i].name in leaders if wanted is None else i in wanted)]
         if not todo:
             return
-        if len(todo) > 1:
+        if in_turns and len(todo) > 1:
             _profile_together(graph, job, executors, search, pairs, records, formats, built_by, done, listener, todo)
             continue
         for index in todo:
@@ -602,7 +607,7 @@ def optimize_module(module: Module, graphs: list[Graph], config: OptimizeConfig,
             for graph in graphs:
                 gkey = _graph_cache_key(graph, fp, device, precision, config, batch_sizes, keyed_tolerances)
                 entries[graph.key] = _optimize_graph(graph, job, executors, config, device,
-                                                     old_graphs.get(graph.key), gkey, listener, beside)
+                                                     old_graphs.get(graph.key), gkey, listener, beside, alone)
         wrapped = type(module.__wrapped__)
         manifest = Manifest(module.name, fp, device, MANIFEST_VERSION, __version__, torch.__version__,
                             f"{wrapped.__module__}.{wrapped.__qualname__}", precision,
