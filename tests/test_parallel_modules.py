@@ -145,6 +145,33 @@ def test_modules_side_by_side_build_together_time_alone_and_log_apart(tmp_path):
         torch.testing.assert_close(pipeline(x, image), torch.cat([mlp(x), cnn(image)], dim=1), atol=1e-4, rtol=1e-3)
 
 
+def test_modules_side_by_side_build_everything_before_their_screens(tmp_path):
+    """Beside another module a screen waits for its builds in flight and stops its next ones: each module builds all
+    its candidates first (status "built" in the log), then screens them back to back; still no timing overlaps a
+    build of either module."""
+    pipeline, data, (mlp, cnn) = _pipeline("first")
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=RUNNERS, batch_sizes=(1, 2), max_batch_size=2,
+                                profile_time_s=0.2, parallel_modules=2)
+    status = nav.optimize(pipeline, data, config)
+    records = {name: [c for g in status.modules[name].graphs for c in g.candidates] for name in status.modules}
+    windows = {}
+    for name, candidates in records.items():
+        assert all(c.status in ("ok", "screened") for c in candidates), [(name, c.runner, c.error) for c in candidates]
+        assert f"{name} graph" in (text := (status.modules[name].folder / "navdeploy.log").read_text())
+        built = [c for c in candidates if c.runner != "TorchCPU"]
+        assert all(f"{c.name}: built" in text for c in built), text[-3000:]
+        first_screen = min(c.window.profile for c in built)
+        assert all(c.window.verified <= first_screen for c in built), [(c.name, c.window) for c in built]
+        windows.update({(name, c.name): c.window for c in candidates})
+    for key, w in windows.items():
+        for other, o in windows.items():
+            if other != key:  # no timing of anything overlapped a build of anything
+                assert not (o.start < w.end and w.profile < o.verified), f"{other} built while {key} was timed"
+    x, image = data[0][1]
+    with torch.no_grad():
+        torch.testing.assert_close(pipeline(x, image), torch.cat([mlp(x), cnn(image)], dim=1), atol=1e-4, rtol=1e-3)
+
+
 @pytest.mark.slow
 def test_modules_compiled_side_by_side_keep_their_own_inductor_caches(tmp_path):
     """Two modules whose AOTInductor builds run side by side, each in its own worker: each cache holds its own

@@ -23,7 +23,8 @@ not built (``low_precision_skip_reason``): the precision's kernels do not pay on
 Where a spare worker is free (a CPU module optimized alone whose copies are not known to be tried yet), the
 candidates are built on both workers and screened only once every build is done (``optimize.module``'s
 ``builds_first``): a screen waits for the builds in flight, so a chain that screens as it goes holds its next
-build behind the other worker's longest one.
+build behind the other worker's longest one. A CPU module optimized beside others does the same on its one worker:
+its screens would otherwise wait for the other modules' builds, one screen at a time.
 
 ``LatencyBudget`` compares candidates at every batch size, so under it every candidate is profiled in full.
 ``thorough=True`` restores the exhaustive search: every candidate built and profiled in full.

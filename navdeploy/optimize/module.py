@@ -291,9 +291,9 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         return _chains(pairs[:end], job.precision, start)
 
     def run_from(start: int) -> None:
-        # With several workers eager runs first and alone: its full profile would otherwise wait for the first
-        # builds to end, holding off every build after them (profiling is still alone).
-        if executors.workers > 1 and start == 0:
+        # With several workers, or beside other modules, eager runs first and alone: its full profile would
+        # otherwise wait for the first builds to end, holding off every build after them (profiling is still alone).
+        if (executors.workers > 1 or not alone) and start == 0:
             run_chain([(0, *pairs[0])])
             start = 1
         eager_record = records.get(0)
@@ -305,6 +305,11 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
             if search.screens:  # no copies to build (yet): the spare worker builds the module's own candidates
                 builds_first(_chains(pairs, job.precision, 1))
                 return
+        if start == 1 and not alone and device == "cpu" and search.screens:
+            # Beside other modules a screen waits for their builds in flight and stops their next ones meanwhile:
+            # every build of this module first, then its screens back to back.
+            builds_first(own_chains(1, len(pairs)))
+            return
         executors.map(run_chain, own_chains(start, len(pairs)))
 
     def builds_first(chains: list[list[tuple[int, RunnerSpec, str]]]) -> None:
