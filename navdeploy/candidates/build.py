@@ -318,15 +318,12 @@ def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
     step = "export"
     try:
         with torch.no_grad():
-            kept = state.kept.pop(record.name, None) if task.plan == "profile" else None
             rounds = task.plan == "profile" and task.profile_s is not None
-            if kept is None and rounds and record.name in state.in_rounds:
-                kept = (0.0, state.in_rounds[record.name])
-            if kept is not None:  # screened (or profiled a round) in this worker and still loaded: verified already
-                run = kept[1]
-                if rounds:
-                    state.in_rounds[record.name] = run
-            else:
+            # Screened (or profiled a round) in this worker and still loaded: verified already.
+            run = state.in_rounds.get(record.name) if rounds else None
+            if run is None and task.plan == "profile" and record.name in state.kept:
+                run = state.kept.pop(record.name)[1]
+            if run is None:
                 flat, cast = prepare(job.module, job.forward_func, graph, runner, task.precision, job.precision,
                                      state.flat)
                 artifact = None
@@ -352,11 +349,11 @@ def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
                 result = _verify(job, graph, run, record, task, state)
                 if not result.ok:
                     return _fail(record, "verify", result.reason)
-                if rounds:
-                    state.in_rounds[record.name] = run
                 if task.plan == "build":
                     record.status, record.window.verified = "built", time.time()
                     return record
+            if rounds:  # loaded for the next round too
+                state.in_rounds[record.name] = run
 
             step = "profile"
             _time(job, graph, run, record, task, state)

@@ -161,12 +161,19 @@ def _chains(pairs: list[tuple[RunnerSpec, str]], module_precision: str,
     return list(chains.values())
 
 
+def _summed_times(*records: CandidateRecord) -> dict[str, Optional[float]]:
+    """The records' seconds per step, added up (a reload adds its load and verify time to the first one's)."""
+    times: dict[str, Optional[float]] = {}
+    for record in records:
+        for key, seconds in record.times.items():
+            times[key] = (times.get(key) or 0.0) + (seconds or 0.0)
+    return times
+
+
 def _merge_profile(screened: CandidateRecord, profiled: CandidateRecord) -> CandidateRecord:
     """A screened candidate's record after its full profile, or a built one's after its screen: the build's
     figures stay, the timing (or the failure of that step) is added."""
-    times = dict(screened.times)
-    for key, seconds in profiled.times.items():  # a reload adds its load and verify time to the first one's
-        times[key] = (times.get(key) or 0.0) + (seconds or 0.0)
+    times = _summed_times(screened, profiled)
     window, pid = screened.window, profiled.pid or screened.pid
     if screened.status == "built":  # the worker that built it, and when it was timed
         pid = screened.pid or profiled.pid
@@ -175,6 +182,25 @@ def _merge_profile(screened: CandidateRecord, profiled: CandidateRecord) -> Cand
     return replace(screened, status=profiled.status, error=profiled.error, step=profiled.step,
                    profile=profiled.profile, screen=profiled.screen or screened.screen, times=times,
                    transient=profiled.transient, cached=False, pid=pid, window=window)
+
+
+def _retime(graph: Graph, job: Job, executors: ExecutorPool, search: Search, pairs: list[tuple[RunnerSpec, str]],
+            formats: dict[str, FormatState], built_by: dict[int, Executor], index: int, plan: str,
+            **task: object) -> CandidateRecord:
+    """Time the candidate at ``index`` again (``plan``: screen or profile) from its build, which ``formats`` names,
+    on the executor that ran it last (its worker may hold the runner; it holds it afterwards). A build an earlier
+    run pruned is exported again first, and ``formats`` records it."""
+    runner, precision = pairs[index]
+    fmt = artifact_dir(runner.format.value, precision, job.precision)
+    state = formats.get(fmt)
+    with executors.borrow(prefer=built_by.get(index)) as executor:
+        result = executor.run(Task(graph.key, runner.name, export=state is not None and state.status == PRUNED,
+                                   precision=precision, artifact_checksum=state.checksum if state is not None else None,
+                                   plan=plan, screen_batch=search.batch, **task))
+        built_by[index] = executor
+    if result.exported:
+        formats[fmt] = FormatState("ok", checksum=result.artifact_checksum, export_s=result.times.get("export_s"))
+    return result
 
 
 def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: OptimizeConfig, device: str,
@@ -291,9 +317,9 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         return _chains(pairs[:end], job.precision, start)
 
     def run_from(start: int) -> None:
-        # With several workers, or beside other modules, eager runs first and alone: its full profile would
+        # Eager runs first and alone: with several workers, or beside other modules, its full profile would
         # otherwise wait for the first builds to end, holding off every build after them (profiling is still alone).
-        if (executors.workers > 1 or not alone) and start == 0:
+        if start == 0:
             run_chain([(0, *pairs[0])])
             start = 1
         eager_record = records.get(0)
@@ -322,16 +348,11 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
 
     def screen_built(index: int) -> None:
         built = records[index]
-        runner, precision = pairs[index]
-        fmt = artifact_dir(runner.format.value, precision, job.precision)
         with lock:
             keep_below = search.keep_below_ms(records.values())
         listener.candidate_started(job.module_name, f"{built.name} (screen)")
-        with executors.borrow(prefer=built_by.get(index)) as executor:
-            screened = executor.run(Task(graph.key, runner.name, export=False, precision=precision,
-                                         artifact_checksum=formats[fmt].checksum if fmt in formats else None,
-                                         plan="screen", screen_batch=search.batch, keep_below_ms=keep_below))
-            built_by[index] = executor  # it may hold the runner now, for the full profile
+        screened = _retime(graph, job, executors, search, pairs, formats, built_by, index, "screen",
+                           keep_below_ms=keep_below)
         record = _merge_profile(built, screened)
         log.info("%s graph %s %s: %s%s", job.module_name, graph.key, record.name, record.status,
                  f" ({record.error})" if record.error else "")
@@ -441,18 +462,9 @@ def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Se
             continue
         for index in todo:
             screened = records[index]
-            runner, precision = pairs[index]
             listener.candidate_started(job.module_name, f"{screened.name} (full profile)")
-            fmt = artifact_dir(runner.format.value, precision, job.precision)
-            # A leader screened by an earlier run whose build was pruned since: built again for its profile.
-            rebuild = fmt in formats and formats[fmt].status == PRUNED
-            with executors.borrow(prefer=built_by.get(index)) as executor:
-                profiled = executor.run(Task(graph.key, runner.name, export=rebuild, precision=precision,
-                                             artifact_checksum=formats[fmt].checksum if fmt in formats else None,
-                                             plan="profile", screen_batch=search.batch))
-            if profiled.exported:
-                formats[fmt] = FormatState("ok", checksum=profiled.artifact_checksum,
-                                           export_s=profiled.times.get("export_s"))
+            # A leader screened by an earlier run whose build was pruned since is built again for its profile.
+            profiled = _retime(graph, job, executors, search, pairs, formats, built_by, index, "profile")
             record = _merge_profile(screened, profiled)
             log.info("%s graph %s %s: full profile %s%s", job.module_name, graph.key, record.name, record.status,
                      f" ({record.error})" if record.error else "")
@@ -482,19 +494,9 @@ def _profile_together(graph: Graph, job: Job, executors: ExecutorPool, search: S
     for bs in sizes:
         for _ in range(PROFILE_ROUNDS):
             for index in [i for i in todo if i not in failed]:
-                runner, precision = pairs[index]
-                fmt = artifact_dir(runner.format.value, precision, job.precision)
-                rebuild = fmt in formats and formats[fmt].status == PRUNED  # pruned since an earlier run's screen
-                with executors.borrow(prefer=built_by.get(index)) as executor:
-                    result = executor.run(Task(graph.key, runner.name, export=rebuild, precision=precision,
-                                               artifact_checksum=formats[fmt].checksum if fmt in formats else None,
-                                               plan="profile", screen_batch=search.batch,
-                                               batch_sizes=(bs,) if bs is not None else None,
-                                               profile_s=job.profile_time_s / PROFILE_ROUNDS))
-                    built_by[index] = executor  # it holds the runner now, for the next round
-                if result.exported:
-                    formats[fmt] = FormatState("ok", checksum=result.artifact_checksum,
-                                               export_s=result.times.get("export_s"))
+                result = _retime(graph, job, executors, search, pairs, formats, built_by, index, "profile",
+                                 batch_sizes=(bs,) if bs is not None else None,
+                                 profile_s=job.profile_time_s / PROFILE_ROUNDS)
                 if result.status != "ok":
                     failed[index] = _merge_profile(records[index], result)
                 else:
@@ -504,10 +506,7 @@ def _profile_together(graph: Graph, job: Job, executors: ExecutorPool, search: S
         if index in failed:
             record = failed[index]
         else:
-            times: dict[str, Optional[float]] = {}
-            for result in rounds[index]:
-                for key, seconds in result.times.items():
-                    times[key] = (times.get(key) or 0.0) + (seconds or 0.0)
+            times = _summed_times(*rounds[index])
             points = [point for result in rounds[index] for point in result.profile]  # a round: one batch size
             profile = [combine_rounds([p for p in points if p.batch_size == bs]) for bs in sizes]
             record = _merge_profile(records[index], replace(rounds[index][-1], profile=profile, times=times))
@@ -538,12 +537,8 @@ def _recheck_screens(graph: Graph, job: Job, executors: ExecutorPool, search: Se
         if fmt in formats and formats[fmt].status == PRUNED:  # its build is gone: the first screen stands
             continue
         listener.candidate_started(job.module_name, f"{screened.name} (second screen)")
-        with executors.borrow(prefer=built_by.get(index)) as executor:
-            again = executor.run(Task(graph.key, runner.name, export=False, precision=precision,
-                                      artifact_checksum=formats[fmt].checksum if fmt in formats else None,
-                                      plan="screen", screen_batch=search.batch,
-                                      keep_below_ms=search.keep_below_ms(records.values())))
-            built_by[index] = executor  # it may hold the runner now, for the full profile
+        again = _retime(graph, job, executors, search, pairs, formats, built_by, index, "screen",
+                        keep_below_ms=search.keep_below_ms(records.values()))
         first = screened.screen
         second = again.screen if again.status == "screened" else None
         faster = second if second is not None and first is not None and second.p50_ms < first.p50_ms else first
