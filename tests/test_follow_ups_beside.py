@@ -140,3 +140,32 @@ def test_without_early_copies_the_spare_worker_builds_the_own_candidates_before_
     x = torch.randn(2, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), small(x), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic: no bf16 copies are tried")
+def test_the_copies_are_decided_on_eager_and_its_copy_screened_in_turns(tmp_path, monkeypatch):
+    """Eager's copy is screened again in turns with eager (the gate held), and the other copies are built or
+    skipped on those medians, not on eager's profile from the start of the run."""
+    import re
+
+    from navdeploy.candidates import search as search_module
+    from navdeploy.optimize.module import COPY_ROUNDS
+
+    monkeypatch.setattr(search_module, "LOW_PRECISION_SKIP_MARGIN", -0.9)  # any ratio skips: the reason shows it
+    torch.manual_seed(0)
+    model = nav.Module(nn.Sequential(nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 512)).eval(), name="copy_turns")
+    data = [(8, torch.randn(8, 512)) for _ in range(2)]
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "TorchScriptCPU"), batch_sizes=(8,),
+                                max_batch_size=8, profile_time_s=0.1)
+    status = nav.optimize(model, data, config)
+    candidates = {c.name: c for c in status.modules["copy_turns"].graphs[0].candidates}
+    log = (status.modules["copy_turns"].folder / "navdeploy.log").read_text()
+    found = re.search(r"TorchCPU\[bf16\]: ([\d.]+) ms against TorchCPU's ([\d.]+) \(medians of (\d) and (\d) screens "
+                      r"in turns\)", log)
+    assert found, log[-3000:]
+    assert (int(found[3]), int(found[4])) == (COPY_ROUNDS + 1, COPY_ROUNDS)
+    skipped = candidates["TorchScriptCPU[bf16]"]
+    assert skipped.status == "skipped" and f"({found[1]} against {found[2]} ms" in skipped.error, skipped.error
+    x = torch.randn(8, 512)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.__wrapped__(x), atol=1e-4, rtol=1e-3)  # an fp32 winner

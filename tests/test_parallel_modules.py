@@ -190,3 +190,65 @@ def test_modules_compiled_side_by_side_keep_their_own_inductor_caches(tmp_path):
         assert all(c.cached for c in module_status.graphs[0].candidates), name
         text = (module_status.folder / "navdeploy.log").read_text()
         assert "does not match" not in text, text[-3000:]
+
+
+def test_a_thread_that_holds_the_gate_times_alone_across_its_tasks():
+    """``TimingGate.held``: the holder's tasks run alone at once, and another thread's build starts only after
+    the block, not between two of the holder's tasks."""
+    hub = WorkerHub()
+    events: list[str] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def rounds() -> None:
+        with hub.gate.held():
+            holding.set()
+            for i in range(2):
+                with hub.gate.task() as slot:
+                    assert slot.timing() == 0.0  # alone already
+                    events.append(f"round {i}")
+                if i == 0:
+                    release.wait(5)  # between two rounds, while the builder asks
+
+    def build() -> None:
+        with hub.gate.task():
+            events.append("build")
+
+    holder = threading.Thread(target=rounds, daemon=True)
+    holder.start()
+    assert holding.wait(5)
+    builder = threading.Thread(target=build, daemon=True)
+    builder.start()
+    builder.join(0.3)
+    assert builder.is_alive()  # no build between the rounds
+    release.set()
+    holder.join(5)
+    builder.join(5)
+    assert events == ["round 0", "round 1", "build"]
+    hub.close()
+
+
+def test_leaders_of_modules_side_by_side_are_profiled_in_turns(tmp_path, monkeypatch):
+    """Beside another module, a module's leaders too are profiled in rounds that take turns (the gate held from
+    the first round to the last), and no timing overlaps a build of either module."""
+    from navdeploy.candidates import search as search_module
+    from navdeploy.optimize.module import PROFILE_ROUNDS
+
+    monkeypatch.setattr(search_module, "SCREEN_MARGIN", 100.0)  # every screened candidate leads
+    pipeline, data, (mlp, cnn) = _pipeline("turns")
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=RUNNERS, batch_sizes=(1, 2), max_batch_size=2,
+                                profile_time_s=0.2, parallel_modules=2)
+    status = nav.optimize(pipeline, data, config)
+    windows = {}
+    for name, module_status in status.modules.items():
+        candidates = [c for g in module_status.graphs for c in g.candidates]
+        assert all(c.status == "ok" for c in candidates), [(name, c.name, c.status, c.error) for c in candidates]
+        text = (module_status.folder / "navdeploy.log").read_text()
+        assert f"full profile ok, {PROFILE_ROUNDS} rounds in turns with " in text, text[-3000:]
+        windows.update({(name, c.name): c.window for c in candidates})
+    for key, w in windows.items():
+        for other, o in windows.items():
+            if other != key:
+                assert not (o.start < w.end and w.profile < o.verified), f"{other} built while {key} was timed"
+    x, image = data[0][1]
+    with torch.no_grad():
+        torch.testing.assert_close(pipeline(x, image), torch.cat([mlp(x), cnn(image)], dim=1), atol=1e-4, rtol=1e-3)

@@ -91,9 +91,8 @@ def test_follow_up_copies_are_not_built_where_eager_gains_nothing_in_that_precis
     assert "thorough=True" in reason
     faster = replace(slower, screen=ProfilePoint(4, 4.0, 4.0, 1e3, 10))
     assert low_precision_skip_reason(compiled, own, faster, search) is None
-    # As fast, or slower within the margin (the UNet's eager bf16 read equal in a run where AOTInductor bf16 was 25%
-    # faster than its fp32 build): built.
-    barely = replace(slower, screen=ProfilePoint(4, 5.4, 5.4, 1e3, 10))
+    # As fast, or slower within the margin (screens in turns differ by a few %): built.
+    barely = replace(slower, screen=ProfilePoint(4, 5.1, 5.1, 1e3, 10))
     assert low_precision_skip_reason(compiled, own, barely, search) is None
     assert low_precision_skip_reason(eager, own, slower, search) is None  # eager's copy is the measure itself
     assert low_precision_skip_reason(compiled, own, None, search) is None  # not measured: built

@@ -28,7 +28,7 @@ import warnings
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, TypeVar
+from typing import Callable, ContextManager, Iterator, Optional, Sequence, TypeVar
 
 import cloudpickle
 
@@ -528,6 +528,11 @@ class ExecutorPool:
 
     def __enter__(self) -> "ExecutorPool":
         return self
+
+    def timing_held(self) -> ContextManager[None]:
+        """The pool's (the run's) timing gate held by this thread for the block: its tasks time alone, and no
+        build, of this module or of one beside it, starts between them (``TimingGate.held``)."""
+        return self._gate.held()
 
     def beside_builds(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` once, in this process, on a thread that holds the gate as a build: it overlaps the workers'

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 class TimingGate:
@@ -27,10 +27,17 @@ class TimingGate:
         self._building = 0  # tasks in flight that are not timing
         self._timing = False  # one task is measuring
         self._waiting = 0  # tasks waiting to measure
+        self._holder: Optional[int] = None  # the thread that times alone across several tasks (``held``)
 
     @contextlib.contextmanager
     def task(self, exclusive: bool = False) -> Iterator["Slot"]:
-        """Hold the gate for one task: as a build, or alone for all of it when ``exclusive``."""
+        """Hold the gate for one task: as a build, or alone for all of it when ``exclusive``. A task of the thread
+        that holds the gate (``held``) runs alone already."""
+        if self._holder == threading.get_ident():
+            held = Slot(self)
+            held.timed = True  # released by ``held``, not by this task
+            yield held
+            return
         slot = Slot(self)
         if exclusive:
             self._time(slot)
@@ -47,6 +54,25 @@ class TimingGate:
                     self._timing = False
                 elif slot.building:
                     self._building -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Time alone for the whole block, across several tasks of this thread: no build and no other timing
+        starts between them. Rounds of profiles that take turns hold it, so that no build of a module beside them
+        starts between two rounds (the next round would wait it out, and the rounds would no longer be close in
+        time)."""
+        if self._holder == threading.get_ident():
+            yield
+            return
+        self._time(Slot(self))
+        self._holder = threading.get_ident()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holder = None
+                self._timing = False
                 self._cond.notify_all()
 
     def _time(self, slot: "Slot") -> float:

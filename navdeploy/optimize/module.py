@@ -208,7 +208,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                     beside: bool = False, alone: bool = True) -> GraphEntry:
     """One graph's search; ``beside``: the pool has a worker more than its build workers, for the follow-up
     precisions' copies built beside the module's own candidates (``config.follow_ups_beside``); ``alone``: no
-    other module is optimized side by side (its leaders may then be profiled in turns)."""
+    other module is optimized side by side (beside others, a CPU module builds everything before its screens)."""
     folder = job.module_dir / graph.key
     save_samples(graph, folder)
     old_entry = resume_entry(job.module_dir, graph.key, gkey, old_entry)  # a killed run's completed candidates
@@ -225,6 +225,8 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     follow_ups_from = len(pairs)  # the place of the first follow-up precision's candidate, once there are some
     rechecked: set[int] = set()  # candidates screened a second time (Search.rechecks)
     side_from: Optional[int] = None  # the place of the first follow-up built beside the module's own candidates
+    # Per follow-up precision: eager and its copy there as screened in turns (eager_copy_in_turns).
+    copy_against: dict[str, tuple[CandidateRecord, CandidateRecord]] = {}
     beside = beside and executors.workers > 1
     builds = executors.workers - beside  # workers for the module's own candidates
     # At the batch the strategy compares candidates at (MaxThroughput: the largest profiled one).
@@ -266,8 +268,9 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                 reason = runner.unavailable_reason() or twin_skip_reason(
                     runner, [record_of(twin, precision) for twin in runner.twin_of], search)
                 if not reason and index >= follow_ups_from:
-                    reason = low_precision_skip_reason(runner, record_of(pairs[0][0].name, job.precision),
-                                                       record_of(pairs[0][0].name, precision), search,
+                    own, here = copy_against.get(precision) or (record_of(pairs[0][0].name, job.precision),
+                                                                 record_of(pairs[0][0].name, precision))
+                    reason = low_precision_skip_reason(runner, own, here, search,
                                                        eager_copy_predicts(runner, job.module, precision))
                 if reason:  # decided here: no worker starts, and a builds_alone runner never holds up the others
                     log.info("%s graph %s %s: skipped (%s)", job.module_name, graph.key, name, reason)
@@ -309,6 +312,34 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                 log.info("%s graph %s %s: %s%s", job.module_name, graph.key, name, record.status,
                          f" ({record.error})" if record.error else "")
                 done(index, name, record, checkpoint=True)
+                if index >= follow_ups_from and runner is pairs[0][0] and record.status == "screened":
+                    eager_copy_in_turns(executor, index)
+
+    def eager_copy_in_turns(executor: Executor, index: int) -> None:
+        # Whether the other copies build rests on eager's copy against eager. Eager's own figure is its full
+        # profile from the start of the run, which read 5.0-7.0 ms at batch 2 on the SD UNet over four runs (its
+        # bf16 copy 5.6-5.9), so the 10% margin fell either way; screened in turns, in one worker and with the
+        # gate held, both meet the same load.
+        eager, copy = records.get(0), records[index]
+        if eager is None or eager.status != "ok" or copy.screen is None or search.thorough:
+            return
+        rounds: dict[int, list] = {0: [], index: [copy.screen]}
+        with executors.timing_held():
+            for _ in range(COPY_ROUNDS):
+                for i in rounds:
+                    runner, precision = pairs[i]
+                    result = executor.run(Task(graph.key, runner.name, export=False, precision=precision,
+                                               plan="screen", screen_batch=search.batch))
+                    if result.status == "screened" and result.screen is not None:
+                        rounds[i].append(result.screen)
+        if not rounds[0]:
+            return
+        own, here = combine_rounds(rounds[0]), combine_rounds(rounds[index])
+        with lock:
+            copy_against[copy.precision_in(job.precision)] = (replace(eager, screen=own), replace(copy, screen=here))
+        log.info("%s graph %s %s: %.3f ms against %s's %.3f (medians of %d and %d screens in turns)",
+                 job.module_name, graph.key, copy.name, here.p50_ms, eager.name, own.p50_ms, len(rounds[index]),
+                 len(rounds[0]))
 
     def own_chains(start: int, end: int) -> list[list[tuple[int, RunnerSpec, str]]]:
         # One build worker: every candidate in order, as one chain. Several: chains side by side.
@@ -381,7 +412,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
 
     def selection() -> tuple[list[CandidateRecord], Optional[CandidateRecord]]:
         _profile_leaders(graph, job, executors, search, pairs, records, formats, built_by, done, listener,
-                         rechecked=rechecked, in_turns=alone)
+                         rechecked=rechecked)
         candidates, winner = chosen()
         if winner is not None and winner.precision_in(job.precision) != job.precision:
             # The fallback is chosen among fully profiled candidates: the best screen in the module's own
@@ -437,7 +468,7 @@ def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Se
                      pairs: list[tuple[RunnerSpec, str]], records: dict[int, CandidateRecord],
                      formats: dict[str, FormatState], built_by: dict[int, Executor], done: Callable[..., None],
                      listener: OptimizeListener, wanted: Optional[list[int]] = None,
-                     rechecked: Optional[set[int]] = None, in_turns: bool = False) -> None:
+                     rechecked: Optional[set[int]] = None) -> None:
     """The full profile for the screened candidates that lead (``Search.leaders``), or for those at the
     ``wanted`` places, on the executor that screened each one (its worker may still hold the runner; another
     loads the build ``formats`` names). A leader whose profile fails leaves the lead to the next.
@@ -446,9 +477,9 @@ def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Se
     (``Search.rechecks``) is screened once more and keeps the faster screen: a screen that fell in a burst of load
     does not decide alone.
 
-    ``in_turns``: several leaders are profiled in rounds that take turns (``_profile_together``). Only for a module
-    optimized alone: each round asks for the timing gate anew, and between two rounds a module beside this one
-    may start a build, which the next round would then wait out."""
+    Several leaders are profiled in rounds that take turns (``_profile_together``), holding the timing gate from
+    the first round to the last: no build of this module, or of one beside it, starts between two rounds. A leader
+    profiled by an earlier call (before the follow-up copies) is profiled again in turns with the new ones."""
     if wanted is None and rechecked is not None:
         _recheck_screens(graph, job, executors, search, pairs, records, formats, built_by, done, listener, rechecked)
     while True:
@@ -457,8 +488,14 @@ def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Se
                 and (records[i].name in leaders if wanted is None else i in wanted)]
         if not todo:
             return
-        if in_turns and len(todo) > 1:
-            _profile_together(graph, job, executors, search, pairs, records, formats, built_by, done, listener, todo)
+        # A leader profiled before (fp32, when the follow-up copies' leaders come) takes turns with the new ones
+        # again: profiles taken a minute apart differ by up to 50% on the 2-core machine, in turns by a few %.
+        again = [i for i in sorted(records) if i != 0 and records[i].status == "ok" and records[i].name in leaders] \
+            if wanted is None else []
+        if len(todo) + len(again) > 1:
+            with executors.timing_held():
+                _profile_together(graph, job, executors, search, pairs, records, formats, built_by, done, listener,
+                                  todo + again)
             continue
         for index in todo:
             screened = records[index]
@@ -470,6 +507,10 @@ def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Se
                      f" ({record.error})" if record.error else "")
             done(index, record.name, record, checkpoint=True, finished=False)
 
+
+# Eager and its copy in a follow-up precision are screened this many times more each, in turns, before the other
+# copies are built or skipped on their ratio (``low_precision_skip_reason``).
+COPY_ROUNDS = 2
 
 # Leaders are profiled in this many rounds each, taking turns at every batch size: the 2-core machine has bursts of
 # seconds in which every call runs up to ~1.5x slower, and profiles taken one after the other put a burst on one
