@@ -4,6 +4,7 @@ another, each module's log and inductor cache stay its own, and the results are 
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import pytest
 import torch
@@ -86,18 +87,25 @@ def test_a_build_of_one_module_holds_off_the_timing_of_another():
             slot.timing()
             events.append("timing")
 
-    builder = threading.Thread(target=build, daemon=True)
-    builder.start()
-    assert building.wait(5)
-    timer = threading.Thread(target=timing, daemon=True)
-    timer.start()
-    timer.join(0.3)
-    assert timer.is_alive()
-    release.set()
-    builder.join(5)
-    timer.join(5)
+    _second_waits_for_first(build, building, timing, release)
     assert events == ["build ends", "timing"]
     hub.close()
+
+
+def _second_waits_for_first(first: Callable[[], None], started: threading.Event, second: Callable[[], None],
+                            release: threading.Event) -> None:
+    """Run ``first`` on a thread and, once it set ``started``, ``second`` on another: ``second`` still waits 0.3 s
+    later; then ``release`` is set and both end."""
+    one = threading.Thread(target=first, daemon=True)
+    one.start()
+    assert started.wait(5)
+    two = threading.Thread(target=second, daemon=True)
+    two.start()
+    two.join(0.3)
+    assert two.is_alive()
+    release.set()
+    one.join(5)
+    two.join(5)
 
 
 def _pipeline(prefix: str = "side", seed: int = 0):
@@ -213,16 +221,7 @@ def test_a_thread_that_holds_the_gate_times_alone_across_its_tasks():
         with hub.gate.task():
             events.append("build")
 
-    holder = threading.Thread(target=rounds, daemon=True)
-    holder.start()
-    assert holding.wait(5)
-    builder = threading.Thread(target=build, daemon=True)
-    builder.start()
-    builder.join(0.3)
-    assert builder.is_alive()  # no build between the rounds
-    release.set()
-    holder.join(5)
-    builder.join(5)
+    _second_waits_for_first(rounds, holding, build, release)  # no build between the rounds
     assert events == ["round 0", "round 1", "build"]
     hub.close()
 

@@ -64,7 +64,7 @@ from navdeploy.workspace.layout import LOG_FILE, artifact_dir, module_dir, now
 from navdeploy.workspace.locks import locked
 from navdeploy.workspace.manifest import MANIFEST_VERSION, read_manifest, remove_unnamed_builds, write_manifest
 from navdeploy.workspace.prune import PRUNED, mark_unused, reclaim_pruned
-from navdeploy.workspace.records import CandidateRecord, FormatState, GraphEntry, Manifest
+from navdeploy.workspace.records import CandidateRecord, FormatState, GraphEntry, Manifest, ProfilePoint
 from navdeploy.workspace.samples import save_samples
 
 log = logging.getLogger("navdeploy")
@@ -317,13 +317,13 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
 
     def eager_copy_in_turns(executor: Executor, index: int) -> None:
         # Whether the other copies build rests on eager's copy against eager. Eager's own figure is its full
-        # profile from the start of the run, which read 5.0-7.0 ms at batch 2 on the SD UNet over four runs (its
-        # bf16 copy 5.6-5.9), so the 10% margin fell either way; screened in turns, in one worker and with the
-        # gate held, both meet the same load.
+        # profile from the start of the run, which moves by 40% between runs (5.0-7.0 ms at batch 2 on the SD
+        # UNet, its bf16 copy 5.6-5.9), more than the margin; screened in turns, in one worker and with the gate
+        # held, both meet the same load.
         eager, copy = records.get(0), records[index]
         if eager is None or eager.status != "ok" or copy.screen is None or search.thorough:
             return
-        rounds: dict[int, list] = {0: [], index: [copy.screen]}
+        rounds: dict[int, list[ProfilePoint]] = {0: [], index: [copy.screen]}
         with executors.timing_held():
             for _ in range(COPY_ROUNDS):
                 for i in rounds:
