@@ -22,6 +22,7 @@ import navdeploy as nav
 from navdeploy.candidates.search import (
     RECHECK_MARGIN,
     SCREEN_MARGIN,
+    eager_kernels_skip_reason,
     graph_search,
     search_order,
     twin_skip_reason,
@@ -244,6 +245,46 @@ def test_warm_workers_serve_every_module_of_a_run(tmp_path):
     status = nav.optimize(lambda x: second(first(x).repeat(1, 4)), [(1, torch.randn(1, 16))], config)
     pids = {c.pid for m in status.modules.values() for g in m.graphs for c in g.candidates}
     assert len(pids) == 1 and os.getpid() not in pids  # one spawned worker, started once, for both modules
+
+
+def test_the_exported_program_is_built_only_where_nothing_else_serves_model_py():
+    quick, full = graph_search(nav.MinLatency(), False, True, 1, (1, 2)), graph_search(nav.MinLatency(), True, True,
+                                                                                        1, (1, 2))
+    program, script = RUNNERS["TorchExportCPU"], _record("TorchScriptCPU", "built")
+    reason = eager_kernels_skip_reason(program, script, quick, named=False)
+    assert reason.startswith("not built: it runs eager's kernels uncompiled, and TorchScriptCPU's artifact")
+    assert eager_kernels_skip_reason(program, None, quick, named=False) is None  # model.py would have nothing
+    assert eager_kernels_skip_reason(program, script, quick, named=True) is None  # runners=("TorchExportCPU", ..)
+    assert eager_kernels_skip_reason(program, script, full, named=False) is None  # thorough builds everything
+    assert eager_kernels_skip_reason(RUNNERS["OnnxCPU"], script, quick, named=False) is None
+    assert RUNNERS["TorchExportCUDA"].runs_eager_kernels
+    # It builds after a build model.py loads, in that build's chain, so that the search knows it was needed.
+    chains = _chains(candidate_pairs(nav.OptimizeConfig(), "cpu", "fp32"), "fp32", 1)
+    chain = next(c for c in chains if any(runner.name == "TorchExportCPU" for _, runner, _ in c))
+    assert [runner.name for _, runner, _ in chain][-1] == "TorchExportCPU" and len(chain) == 2, chain
+
+
+def test_the_exported_program_waits_for_a_loadable_build_then_is_skipped(tmp_path):
+    """Default runners of two formats: TorchScript verifies first and the ExportedProgram is not built; with the
+    ExportedProgram's format alone it is built, and a Triton repository of the Python backend loads it."""
+    data = [(1, torch.randn(1, 16)), (2, torch.randn(2, 16))]
+    both = nav.Module(_net(4), name="search_program_skipped")
+    formats = (nav.Format.TORCHSCRIPT, nav.Format.TORCH_EXPORTEDPROGRAM)
+    status = nav.optimize(both, data, nav.OptimizeConfig(workspace=tmp_path, target_formats=formats, **FAST))
+    records = {c.name: c for c in status.modules["search_program_skipped"].graphs[0].candidates}
+    assert records["TorchScriptCPU"].verified, records["TorchScriptCPU"].error
+    program = records["TorchExportCPU"]
+    assert program.status == "skipped" and "TorchScriptCPU's artifact serves" in program.error, program
+
+    alone = nav.Module(_net(5), name="search_program_built")
+    config = nav.OptimizeConfig(workspace=tmp_path, target_formats=(nav.Format.TORCH_EXPORTEDPROGRAM,), **FAST)
+    status = nav.optimize(alone, data, config)
+    records = {c.name: c for c in status.modules["search_program_built"].graphs[0].candidates}
+    assert records["TorchExportCPU"].verified, records["TorchExportCPU"].error
+    repo = nav.export_model_repository(tmp_path / "repo", backend="python", workspace=tmp_path)
+    for name in ("search_program_skipped", "search_program_built"):  # each with an artifact its model.py loads
+        assert (repo / name / "config.pbtxt").is_file() and any((repo / name / "1").rglob("model.p*")), name
+    assert any((repo / "search_program_built" / "1").rglob("model.pt2"))  # the ExportedProgram's
 
 
 @pytest.mark.slow

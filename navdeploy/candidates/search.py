@@ -26,6 +26,11 @@ candidates are built on both workers and screened only once every build is done 
 build behind the other worker's longest one. A CPU module optimized beside others does the same on its one worker:
 its screens would otherwise wait for the other modules' builds, one screen at a time.
 
+A runner that runs eager's kernels uncompiled (``runs_eager_kernels``: the ExportedProgram, 0.74-1.35x eager's time
+and never selected in the bench's pipelines) is not built once a verified candidate in its precision gives a
+Python-backend Triton model an artifact to load (``eager_kernels_skip_reason``); it is built where none does, or
+when named in ``runners=``.
+
 ``LatencyBudget`` compares candidates at every batch size, so under it every candidate is profiled in full.
 ``thorough=True`` restores the exhaustive search: every candidate built and profiled in full.
 """
@@ -143,6 +148,20 @@ def twin_skip_reason(runner: RunnerSpec, twins: Sequence[Optional[CandidateRecor
     verb = "fails" if len(runner.twin_of) == 1 else "fail"
     return (f"not built: {twin.name} verified, and {runner.name} runs the same kernels (the search builds it when "
             f"{' and '.join(runner.twin_of)} {verb}; thorough=True builds it)")
+
+
+def eager_kernels_skip_reason(runner: RunnerSpec, loadable: Optional[CandidateRecord], search: Search,
+                              named: bool) -> Optional[str]:
+    """Why ``runner``, which runs eager's kernels uncompiled (``runs_eager_kernels``: the ExportedProgram), is not
+    built, or None when it is. ``loadable``: a verified candidate in the same precision whose artifact a
+    Python-backend Triton model loads (ONNX, TorchScript, AOTInductor), or None; ``named``: the user named the
+    runner in ``runners=``. Its calls take eager's time give or take its graph's Python overhead (0.74-1.35x
+    eager's in the bench's full profiles), so it does not win; what it is still needed for is the artifact of a
+    Python-backend model where nothing else gives one, so it is built then, when named, and when thorough."""
+    if search.thorough or named or not runner.runs_eager_kernels or loadable is None:
+        return None
+    return (f"not built: it runs eager's kernels uncompiled, and {loadable.name}'s artifact serves a Python-backend "
+            "Triton model (naming it in runners= or thorough=True builds it)")
 
 
 # How much slower than eager in the module's own precision eager's low-precision copy must be before the other

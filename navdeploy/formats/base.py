@@ -130,6 +130,9 @@ class RunnerSpec:
     # wrapper and guards around AOTInductor's kernels; the same kernels without CUDA-graph replay): the search
     # builds it only when none of them verified (thorough: always). It builds in the first one's chain.
     twin_of: tuple[str, ...] = ()
+    # It runs eager's kernels uncompiled (an ExportedProgram's aten graph): by default the search builds it only
+    # where a Python-backend Triton model would have no other artifact to load (search.eager_kernels_skip_reason).
+    runs_eager_kernels: bool = False
     # False: the search's follow-up precisions (bf16 on a CPU that computes it: candidates/precision.py) skip it,
     # as its copy cannot be faster there than the others' (ExportedProgram runs eager kernels, as TorchCPU[bf16]
     # does) or cannot run (ONNX Runtime's CPU provider has no bf16 Add or MatMul kernel). Named precisions try it.

@@ -28,6 +28,7 @@ from navdeploy.candidates.precision import (
 from navdeploy.candidates.profile import combine_rounds
 from navdeploy.candidates.search import (
     Search,
+    eager_kernels_skip_reason,
     early_follow_up_pairs,
     follow_up_pairs,
     graph_search,
@@ -145,10 +146,12 @@ def _chains(pairs: list[tuple[RunnerSpec, str]], module_precision: str,
             start: int = 0) -> list[list[tuple[int, RunnerSpec, str]]]:
     """Candidates from ``start`` on in chains that may run side by side: runners sharing an exported artifact
     (ONNX's) form one chain, in order, since the first one exports it and the others load it; a runner with a
-    ``twin_of`` joins its first twin's chain, after it, so the search knows whether it must be built; every other
-    candidate is a chain of its own."""
+    ``twin_of`` joins its first twin's chain, after it, so the search knows whether it must be built; one that
+    ``runs_eager_kernels`` joins the chain of the last build before it that a Python-backend model loads, for the
+    same reason (``eager_kernels_skip_reason``); every other candidate is a chain of its own."""
     chains: dict[str, list[tuple[int, RunnerSpec, str]]] = {}
     keys: dict[tuple[str, str], str] = {}
+    loadable: dict[str, str] = {}  # by precision: the chain of the last build a Python-backend model loads
     for index, (runner, precision) in enumerate(pairs):
         if index < start:
             continue
@@ -156,6 +159,10 @@ def _chains(pairs: list[tuple[RunnerSpec, str]], module_precision: str,
         key = artifact_dir(runner.format.value, precision, module_precision) \
             if FORMATS[runner.format].export is not None else name
         key = keys.get((runner.twin_of[0], precision), key) if runner.twin_of else key
+        if runner.runs_eager_kernels:
+            key = loadable.get(precision, key)
+        elif FORMATS[runner.format].triton.python_preference is not None:
+            loadable[precision] = key
         keys[(runner.name, precision)] = key
         chains.setdefault(key, []).append((index, runner, precision))
     return list(chains.values())
@@ -247,6 +254,16 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
             return next((r for i, r in records.items() if pairs[i][0].name == runner_name and pairs[i][1] == precision),
                         None)
 
+    def loadable_in(precision: str) -> Optional[CandidateRecord]:
+        # A verified build whose artifact a Python-backend Triton model loads, other than eager's kernels again.
+        with lock:
+            return next((r for i, r in sorted(records.items()) if r.verified and pairs[i][1] == precision
+                         and not pairs[i][0].runs_eager_kernels
+                         and FORMATS[pairs[i][0].format].triton.python_preference is not None), None)
+
+    def named(runner: RunnerSpec) -> bool:
+        return config.runners is not None and runner.name in config.runners
+
     def run_chain(chain: list[tuple[int, RunnerSpec, str]], build_only: bool = False) -> None:
         # Eager's worker holds the module already: the module's own chain takes it, the follow-ups' another.
         # ``build_only``: each candidate stops once verified (status "built"), to be screened by screen_built.
@@ -266,7 +283,8 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                     log.info("%s graph %s %s: retrying after a transient failure (%s)", job.module_name, graph.key,
                              name, cached.error)
                 reason = runner.unavailable_reason() or twin_skip_reason(
-                    runner, [record_of(twin, precision) for twin in runner.twin_of], search)
+                    runner, [record_of(twin, precision) for twin in runner.twin_of], search) or \
+                    eager_kernels_skip_reason(runner, loadable_in(precision), search, named(runner))
                 if not reason and index >= follow_ups_from:
                     own, here = copy_against.get(precision) or (record_of(pairs[0][0].name, job.precision),
                                                                  record_of(pairs[0][0].name, precision))
