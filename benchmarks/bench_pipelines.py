@@ -286,6 +286,48 @@ class ViT(Spec):
         return [(1, torch.rand(1, 3, 224, 224, generator=g).to(self.device)) for _ in range(2)]
 
 
+class ResNetClassifier(Spec):
+    name = "resnet_classifier"
+    description = ("ResNetForImageClassification (ResNet-18 at real size: basic blocks 2-2-2-2, 64-512 wide, 11.7M "
+                   "parameters, 224px), batch 1, softmax")
+    description_real = "ResNetForImageClassification (ResNet-50 at real size: bottlenecks 3-4-6-3, 224px), batch 1"
+
+    def build(self):
+        import torch
+        from transformers import ResNetConfig, ResNetForImageClassification
+
+        if self.real_size:  # ResNet-50, the config's defaults
+            config = ResNetConfig(num_labels=1000)
+        else:  # ResNet-18: what torchvision's resnet18 is, built from transformers' config
+            config = ResNetConfig(depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], layer_type="basic",
+                                  num_labels=1000)
+        torch.manual_seed(0)
+        return {"model": ResNetForImageClassification(config).eval().to(self.device)}
+
+    def wrap(self, state):
+        import navdeploy as nav
+
+        state["model"] = nav.Module(state["model"], name="resnet")
+        return ["resnet"]
+
+    def pipeline(self, state):
+        import torch
+
+        mean = torch.tensor([0.485, 0.456, 0.406], device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225], device=self.device).view(1, 3, 1, 1)
+
+        def classify(images):
+            with torch.inference_mode():  # ImageNet normalisation, as torchvision's transforms do
+                return state["model"](pixel_values=(images - mean) / std).logits.softmax(-1)
+        return classify
+
+    def dataloader(self, state):
+        import torch
+
+        g = torch.Generator().manual_seed(1)
+        return [(1, torch.rand(1, 3, 224, 224, generator=g).to(self.device)) for _ in range(2)]
+
+
 class SDGuidance(Spec):
     name = "sd_guidance"
     description = ("tiny StableDiffusionPipeline: examples/stable_diffusion.py's CLIP text encoder, VAE, tokenizer and "
@@ -384,7 +426,7 @@ class MiniLMRetrieval(Spec):
 
 
 SPECS: dict[str, Spec] = {s.name: s for s in (GPT2Generate(), GPT2GenerateKVCache(), BertClassifier(), ViT(),
-                                               SDGuidance(), MiniLMRetrieval())}
+                                               ResNetClassifier(), SDGuidance(), MiniLMRetrieval())}
 
 
 def invoke(fn: Callable, sample: Any) -> Any:

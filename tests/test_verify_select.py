@@ -223,6 +223,25 @@ def test_a_slow_candidate_is_timed_on_at_least_ten_calls_after_its_warm_up():
     assert m.iterations >= 10 and len(calls) >= m.iterations + 2
 
 
+def test_a_round_of_a_profile_in_turns_rests_on_its_share_of_the_calls():
+    """A leader profiled in PROFILE_ROUNDS rounds needs ROUND_MIN_CALLS a round, not ten: together the rounds rest
+    on as many calls as one profile, and a slow call does not pay the floor once per round."""
+    import time
+
+    from navdeploy.candidates.profile import MIN_CALLS
+    from navdeploy.optimize.module import PROFILE_ROUNDS, ROUND_MIN_CALLS
+
+    assert PROFILE_ROUNDS * ROUND_MIN_CALLS >= MIN_CALLS > PROFILE_ROUNDS * (ROUND_MIN_CALLS - 1)
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.02)
+
+    m = measure(slow, batch_size=1, device="cpu", time_budget_s=0.02, min_calls=ROUND_MIN_CALLS)
+    assert ROUND_MIN_CALLS <= m.iterations < MIN_CALLS and len(calls) < MIN_CALLS, (m, len(calls))
+
+
 def test_a_candidate_too_slow_for_ten_calls_is_flagged_not_stable():
     import time
 

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from navdeploy.candidates.precision import candidate_name, cast_inputs, cast_module, needs_cast
-from navdeploy.candidates.profile import measure
+from navdeploy.candidates.profile import MIN_CALLS, measure
 from navdeploy.candidates.search import SCREEN_MARGIN, screen_time_s
 from navdeploy.candidates.verify import LOW_PRECISIONS, Comparison, compare, conform
 from navdeploy.capture.flat_module import FlatModule
@@ -68,9 +68,9 @@ class Task:
     ``build`` stops after verification (status "built"): the candidate is screened by a later ``screen`` task,
     which loads and verifies its build again.
 
-    ``batch_sizes`` and ``profile_s`` narrow a ``profile`` to one round of several (the batch sizes to time, the
-    budget for each): leaders are profiled in rounds that take turns (``optimize.module._profile_together``), and
-    a runner loaded for one round stays loaded for the next."""
+    ``batch_sizes``, ``profile_s`` and ``min_calls`` narrow a ``profile`` to one round of several (the batch sizes
+    to time, the budget for each, the fewest calls each rests on): leaders are profiled in rounds that take turns
+    (``optimize.module._profile_together``), and a runner loaded for one round stays loaded for the next."""
 
     graph_key: str
     runner: str
@@ -82,6 +82,7 @@ class Task:
     keep_below_ms: Optional[float] = None
     batch_sizes: Optional[tuple[int, ...]] = None
     profile_s: Optional[float] = None
+    min_calls: Optional[int] = None
 
 
 def prepare(module: torch.nn.Module, forward_func: Optional[str], graph: Graph, runner: RunnerSpec, precision: str,
@@ -305,7 +306,8 @@ def _time(job: Job, graph: Graph, run: Callable, record: CandidateRecord, task: 
     for bs, inputs in sized:
         with _current_device(inputs):
             record.profile.append(measure(lambda inputs=inputs: run(inputs), bs, job.device,
-                                          task.profile_s or job.profile_time_s))
+                                          task.profile_s or job.profile_time_s,
+                                          min_calls=task.min_calls or MIN_CALLS))
     record.times["profile_s"] = time.perf_counter() - start
     record.status = "ok"
 

@@ -73,8 +73,12 @@ def _quietest(windows: list[list[float]], min_calls: int) -> list[list[float]]:
     return chosen
 
 
+# The fewest calls a profile's figure rests on (unless that takes over ten times its budget).
+MIN_CALLS = 10
+
+
 def measure(run: Callable[[], object], batch_size: Optional[int], device: str, time_budget_s: float,
-            window_count: int = 3, tolerance: float = 0.05, min_calls: int = 10) -> ProfilePoint:
+            window_count: int = 3, tolerance: float = 0.05, min_calls: int = MIN_CALLS) -> ProfilePoint:
     """Warm up, then time calls in windows of ~budget/10 until ``window_count`` window means are within
     ``tolerance`` of each other or the budget runs out; the budget starts after the warm-up. Percentiles come
     from the last windows' calls, at least ``min_calls`` of them unless that would take over ten times the

@@ -25,7 +25,7 @@ from navdeploy.candidates.precision import (
     follow_ups_early,
     tolerance_precision,
 )
-from navdeploy.candidates.profile import combine_rounds
+from navdeploy.candidates.profile import MIN_CALLS, combine_rounds
 from navdeploy.candidates.search import (
     Search,
     eager_kernels_skip_reason,
@@ -536,6 +536,10 @@ COPY_ROUNDS = 2
 # tokens) kept a ratio of 0.972-0.974 over four processes while each one's own figure moved by up to 80% from one
 # process to the next (0.90-1.58 ms).
 PROFILE_ROUNDS = 4
+# Each round rests on this many calls at least, so that the rounds together rest on as many as one profile does:
+# the floor is what a slow call pays for (ten calls of a ResNet-18 at batch 8, ~1 s a round, where the round's
+# budget is an eighth of a second), and four rounds of ten made the leaders' profiles four times one profile.
+ROUND_MIN_CALLS = -(-MIN_CALLS // PROFILE_ROUNDS)
 
 
 def _profile_together(graph: Graph, job: Job, executors: ExecutorPool, search: Search,
@@ -555,7 +559,7 @@ def _profile_together(graph: Graph, job: Job, executors: ExecutorPool, search: S
             for index in [i for i in todo if i not in failed]:
                 result = _retime(graph, job, executors, search, pairs, formats, built_by, index, "profile",
                                  batch_sizes=(bs,) if bs is not None else None,
-                                 profile_s=job.profile_time_s / PROFILE_ROUNDS)
+                                 profile_s=job.profile_time_s / PROFILE_ROUNDS, min_calls=ROUND_MIN_CALLS)
                 if result.status != "ok":
                     failed[index] = _merge_profile(records[index], result)
                 else:
