@@ -248,6 +248,14 @@ class BertClassifier(Spec):
         return items
 
 
+def _images_224(device: str) -> list:
+    """The image classifiers' dataloader: two 224px RGB images in [0, 1), batch 1, seeded."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return [(1, torch.rand(1, 3, 224, 224, generator=g).to(device)) for _ in range(2)]
+
+
 class ViT(Spec):
     name = "vit"
     description = "ViTForImageClassification (224px, patch 16, 4 layers, hidden 192, 10 labels), batch 1, softmax"
@@ -281,10 +289,7 @@ class ViT(Spec):
         return classify
 
     def dataloader(self, state):
-        import torch
-
-        g = torch.Generator().manual_seed(1)
-        return [(1, torch.rand(1, 3, 224, 224, generator=g).to(self.device)) for _ in range(2)]
+        return _images_224(self.device)
 
 
 class ResNetClassifier(Spec):
@@ -323,10 +328,7 @@ class ResNetClassifier(Spec):
         return classify
 
     def dataloader(self, state):
-        import torch
-
-        g = torch.Generator().manual_seed(1)
-        return [(1, torch.rand(1, 3, 224, 224, generator=g).to(self.device)) for _ in range(2)]
+        return _images_224(self.device)
 
 
 class SDGuidance(Spec):

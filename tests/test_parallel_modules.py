@@ -108,6 +108,14 @@ def _second_waits_for_first(first: Callable[[], None], started: threading.Event,
     two.join(5)
 
 
+def _no_timing_overlapped_a_build(windows: dict) -> None:
+    """No candidate's timing (from its profile to its end) overlapped another's build (its start to verified)."""
+    for key, w in windows.items():
+        for other, o in windows.items():
+            if other != key:
+                assert not (o.start < w.end and w.profile < o.verified), f"{other} built while {key} was timed"
+
+
 def _pipeline(prefix: str = "side", seed: int = 0):
     torch.manual_seed(seed)
     mlp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
@@ -171,10 +179,7 @@ def test_modules_side_by_side_build_everything_before_their_screens(tmp_path):
         first_screen = min(c.window.profile for c in built)
         assert all(c.window.verified <= first_screen for c in built), [(c.name, c.window) for c in built]
         windows.update({(name, c.name): c.window for c in candidates})
-    for key, w in windows.items():
-        for other, o in windows.items():
-            if other != key:  # no timing of anything overlapped a build of anything
-                assert not (o.start < w.end and w.profile < o.verified), f"{other} built while {key} was timed"
+    _no_timing_overlapped_a_build(windows)
     x, image = data[0][1]
     with torch.no_grad():
         torch.testing.assert_close(pipeline(x, image), torch.cat([mlp(x), cnn(image)], dim=1), atol=1e-4, rtol=1e-3)
@@ -244,10 +249,7 @@ def test_leaders_of_modules_side_by_side_are_profiled_in_turns(tmp_path, monkeyp
         text = (module_status.folder / "navdeploy.log").read_text()
         assert f"full profile ok, {PROFILE_ROUNDS} rounds in turns with " in text, text[-3000:]
         windows.update({(name, c.name): c.window for c in candidates})
-    for key, w in windows.items():
-        for other, o in windows.items():
-            if other != key:
-                assert not (o.start < w.end and w.profile < o.verified), f"{other} built while {key} was timed"
+    _no_timing_overlapped_a_build(windows)
     x, image = data[0][1]
     with torch.no_grad():
         torch.testing.assert_close(pipeline(x, image), torch.cat([mlp(x), cnn(image)], dim=1), atol=1e-4, rtol=1e-3)

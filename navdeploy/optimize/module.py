@@ -142,6 +142,12 @@ def candidate_pairs(config: OptimizeConfig, device: str, module_precision: str) 
     return search_order(pairs)
 
 
+def _serves_python_backend(runner: RunnerSpec) -> bool:
+    """Whether ``runner``'s build gives a Python-backend Triton model an artifact to load, other than one that runs
+    eager's kernels again (what ``search.eager_kernels_skip_reason`` asks for)."""
+    return not runner.runs_eager_kernels and FORMATS[runner.format].triton.python_preference is not None
+
+
 def _chains(pairs: list[tuple[RunnerSpec, str]], module_precision: str,
             start: int = 0) -> list[list[tuple[int, RunnerSpec, str]]]:
     """Candidates from ``start`` on in chains that may run side by side: runners sharing an exported artifact
@@ -161,7 +167,7 @@ def _chains(pairs: list[tuple[RunnerSpec, str]], module_precision: str,
         key = keys.get((runner.twin_of[0], precision), key) if runner.twin_of else key
         if runner.runs_eager_kernels:
             key = loadable.get(precision, key)
-        elif FORMATS[runner.format].triton.python_preference is not None:
+        elif _serves_python_backend(runner):
             loadable[precision] = key
         keys[(runner.name, precision)] = key
         chains.setdefault(key, []).append((index, runner, precision))
@@ -257,9 +263,8 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     def loadable_in(precision: str) -> Optional[CandidateRecord]:
         # A verified build whose artifact a Python-backend Triton model loads, other than eager's kernels again.
         with lock:
-            return next((r for i, r in sorted(records.items()) if r.verified and pairs[i][1] == precision
-                         and not pairs[i][0].runs_eager_kernels
-                         and FORMATS[pairs[i][0].format].triton.python_preference is not None), None)
+            return next((r for i, r in sorted(records.items())
+                         if r.verified and pairs[i][1] == precision and _serves_python_backend(pairs[i][0])), None)
 
     def named(runner: RunnerSpec) -> bool:
         return config.runners is not None and runner.name in config.runners
