@@ -4,6 +4,7 @@ another, each module's log and inductor cache stay its own, and the results are 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 
 import navdeploy as nav
 from navdeploy.candidates.isolation import WorkerHub
+from navdeploy.candidates.precision import cpu_computes_bf16
 from navdeploy.config import default_parallel_modules, parallel_modules
 from navdeploy.errors import ConfigError
 from navdeploy.optimize.participants import nested
@@ -89,6 +91,52 @@ def test_a_build_of_one_module_holds_off_the_timing_of_another():
 
     _second_waits_for_first(build, building, timing, release)
     assert events == ["build ends", "timing"]
+    hub.close()
+
+
+def test_a_retiming_waiting_on_a_timing_goes_before_a_build_that_waits_too():
+    """A task that only times an earlier build (``Task.times_only``: screens and profiles from a build) asks for
+    timing as it enters the gate. A build of another module that waits beside it therefore starts after it; entering
+    as a build first, both were admitted together when the timing ahead of them ended, and the screen waited the
+    whole build out."""
+    from navdeploy.candidates.build import Task
+
+    retime = Task("g", "OnnxCPU", export=False, precision="fp32", plan="screen", retime=True)
+    assert retime.times_only
+    assert not Task("g", "OnnxCPU", export=True, precision="fp32", plan="screen", retime=True).times_only
+    assert not Task("g", "OnnxCPU", export=False, precision="fp32", plan="screen").times_only
+    hub = WorkerHub()
+    events: list[str] = []
+    timing, release = threading.Event(), threading.Event()
+
+    def first_timing() -> None:
+        with hub.gate.task(exclusive=True):
+            timing.set()
+            release.wait(5)
+            events.append("timing ends")
+
+    def screen() -> None:
+        with hub.gate.task(exclusive=retime.times_only) as slot:
+            slot.timing()  # what the worker asks before it times (at once when it holds the gate already)
+            events.append("screen")
+            time.sleep(0.2)
+            events.append("screen ends")
+
+    def build() -> None:
+        with hub.gate.task():
+            events.append("build")
+
+    one = threading.Thread(target=first_timing, daemon=True)
+    one.start()
+    assert timing.wait(5)
+    others = [threading.Thread(target=screen, daemon=True), threading.Thread(target=build, daemon=True)]
+    for thread in others:
+        thread.start()
+        time.sleep(0.1)  # the screen asks first, then the build
+    release.set()
+    for thread in [one, *others]:
+        thread.join(5)
+    assert events == ["timing ends", "screen", "screen ends", "build"]
     hub.close()
 
 
@@ -253,3 +301,44 @@ def test_leaders_of_modules_side_by_side_are_profiled_in_turns(tmp_path, monkeyp
     x, image = data[0][1]
     with torch.no_grad():
         torch.testing.assert_close(pipeline(x, image), torch.cat([mlp(x), cnn(image)], dim=1), atol=1e-4, rtol=1e-3)
+
+
+class _SlowInBf16(nn.Module):
+    """Four 1024-wide layers (bf16 copies are tried however fast the call: the matmuls are wide) whose eager forward
+    also waits 10 ms in bf16, so that eager's bf16 copy, screened first, would say the others do not pay."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)]).eval()
+
+    def forward(self, x):
+        if x.dtype == torch.bfloat16 and not torch.jit.is_tracing():
+            time.sleep(0.01)
+        return self.layers(x)
+
+
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): "
+                                                    "bf16 is not tried by default here")
+def test_modules_side_by_side_build_their_follow_up_copies_before_screening_them(tmp_path):
+    """Beside another module, eager's bf16 copy is not screened first to decide whether the other copies build: that
+    screen would wait for the other module's builds while this module's worker idles. Every copy is built, then
+    screened; alone, the copy below would be skipped (test_precision_follow_up)."""
+    a, b = _SlowInBf16(0), _SlowInBf16(1)
+    first, second = nav.Module(a, name="copies_a", batching=False), nav.Module(b, name="copies_b", batching=False)
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "TorchScriptCPU"), profile_time_s=0.2,
+                                parallel_modules=2, pipeline_repeats=0)
+    items = [(1, torch.randn(64, 1024)), (1, torch.randn(64, 1024))]
+    with torch.no_grad():
+        status = nav.optimize(lambda x: second(first(x)), items, config)
+    windows = {}
+    for name in ("copies_a", "copies_b"):
+        records = {c.name: c for g in status.modules[name].graphs for c in g.candidates}
+        copies = [records["TorchCPU[bf16]"], records["TorchScriptCPU[bf16]"]]
+        assert all(c.status in ("ok", "screened") for c in copies), [(c.name, c.status, c.error) for c in copies]
+        text = (status.modules[name].folder / "navdeploy.log").read_text()
+        assert "TorchScriptCPU[bf16]: built" in text, text[-3000:]
+        assert all(c.window.verified <= min(o.window.profile for o in copies) for c in copies), \
+            [(c.name, c.window) for c in copies]
+        windows.update({(name, c.name): c.window for c in records.values() if c.window is not None})
+    _no_timing_overlapped_a_build(windows)

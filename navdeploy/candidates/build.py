@@ -70,7 +70,11 @@ class Task:
 
     ``batch_sizes``, ``profile_s`` and ``min_calls`` narrow a ``profile`` to one round of several (the batch sizes
     to time, the budget for each, the fewest calls each rests on): leaders are profiled in rounds that take turns
-    (``optimize.module._profile_together``), and a runner loaded for one round stays loaded for the next."""
+    (``optimize.module._profile_together``), and a runner loaded for one round stays loaded for the next.
+
+    ``retime``: the task times a candidate verified earlier (a screen or profile from its build). Without
+    ``export`` it asks for timing as it starts rather than entering as a build first: a build that other modules
+    start meanwhile would otherwise be admitted beside it, and its timing would wait that build out."""
 
     graph_key: str
     runner: str
@@ -83,6 +87,12 @@ class Task:
     batch_sizes: Optional[tuple[int, ...]] = None
     profile_s: Optional[float] = None
     min_calls: Optional[int] = None
+    retime: bool = False
+
+    @property
+    def times_only(self) -> bool:
+        """Whether the task only times a build verified earlier (``retime`` without ``export``)."""
+        return self.retime and not self.export
 
 
 def prepare(module: torch.nn.Module, forward_func: Optional[str], graph: Graph, runner: RunnerSpec, precision: str,

@@ -396,12 +396,13 @@ class Executor:
 
     def run(self, task: Task) -> CandidateRecord:
         """The task's record; a crash or timeout becomes a failed record. The task holds the gate while it
-        runs in a worker: alone when its runner times kernels while it builds, else beside other builds until
-        it profiles. Raises :class:`RunStopped` once :meth:`stop` was called."""
+        runs in a worker: alone when its runner times kernels while it builds or when it only times an earlier
+        build (``Task.times_only``), else beside other builds until it profiles. Raises :class:`RunStopped` once
+        :meth:`stop` was called."""
         if self._stopped:
             raise RunStopped(_STOPPED)
         if self.isolate:
-            with self.gate.task(exclusive=RUNNERS[task.runner].builds_alone) as slot:
+            with self.gate.task(exclusive=RUNNERS[task.runner].builds_alone or task.times_only) as slot:
                 try:
                     if self._proc is None or not self._proc.is_alive():
                         self._spawn()  # inside the gate: starting a worker is build work too

@@ -23,8 +23,10 @@ not built (``low_precision_skip_reason``): the precision's kernels do not pay on
 Where a spare worker is free (a CPU module optimized alone whose copies are not known to be tried yet), the
 candidates are built on both workers and screened only once every build is done (``optimize.module``'s
 ``builds_first``): a screen waits for the builds in flight, so a chain that screens as it goes holds its next
-build behind the other worker's longest one. A CPU module optimized beside others does the same on its one worker:
-its screens would otherwise wait for the other modules' builds, one screen at a time.
+build behind the other worker's longest one. A CPU module optimized beside others does the same on its one worker,
+for its own candidates and then for its follow-up copies: its screens would otherwise wait for the other modules'
+builds, one screen at a time. Its copies are then all built, eager's copy not screened first (that screen would wait
+for the other modules' builds while this worker idles).
 
 A runner that runs eager's kernels uncompiled (``runs_eager_kernels``: the ExportedProgram, 0.74-1.35x eager's time
 and never selected in the bench's pipelines) is not built once a verified candidate in its precision gives a

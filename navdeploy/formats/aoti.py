@@ -34,6 +34,15 @@ log = logging.getLogger("navdeploy")
 # text encoder included (0.59-0.91 of the plain build; aoti_freezing_cpu_bf16.json), so bf16 builds always freeze.
 FREEZE_MIN_WIDTH = 192
 
+# The wrapper (AOTInductor's runtime and the code that calls the kernels; the kernels themselves build at -O3) is
+# g++'s longest step of a CPU build, and most of it is optimizing the runtime's inline code. At -Og instead of
+# torch's -O1 its g++ step takes 0.5-0.9 s less (example CNN 4.65/4.84 -> 4.19/3.93 s, a small BERT 4.99/5.10 ->
+# 4.23/4.38 s) and calls take as long (230.3 against 231.7 us, 429.9 against 430.0 us: medians of ten alternating
+# rounds; benchmarks/aoti_wrapper_opt_check.py, results/aoti_wrapper_opt_cpu.json). -Og keeps torch's precompiled
+# header valid (-O0 would not: it undefines __OPTIMIZE__). A level the user set in the environment is kept.
+CPU_WRAPPER_OPT_LEVEL = "Og"
+_WRAPPER_OPT_ENV = "AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL"
+
 
 def freezes(module: torch.nn.Module, precision: str = "fp32") -> bool:
     """Whether the CPU build of ``module`` (already cast to ``precision``) freezes its weights: always in bf16,
@@ -47,6 +56,8 @@ def _export(ctx: BuildContext) -> None:
     if ctx.device == "cpu":
         warm_cpu_isa()
         configs["freezing"] = freezes(ctx.module, ctx.precision)
+        if _WRAPPER_OPT_ENV not in os.environ:
+            configs["aot_inductor.compile_wrapper_opt_level"] = CPU_WRAPPER_OPT_LEVEL
         if configs["freezing"]:
             log.info("AOTInductor freezes the weights (constants prepacked for oneDNN): %s",
                      "a bf16 build" if ctx.precision == "bf16"

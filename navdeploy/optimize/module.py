@@ -209,7 +209,7 @@ def _retime(graph: Graph, job: Job, executors: ExecutorPool, search: Search, pai
     with executors.borrow(prefer=built_by.get(index)) as executor:
         result = executor.run(Task(graph.key, runner.name, export=state is not None and state.status == PRUNED,
                                    precision=precision, artifact_checksum=state.checksum if state is not None else None,
-                                   plan=plan, screen_batch=search.batch, **task))
+                                   plan=plan, screen_batch=search.batch, retime=True, **task))
         built_by[index] = executor
     if result.exported:
         formats[fmt] = FormatState("ok", checksum=result.artifact_checksum, export_s=result.times.get("export_s"))
@@ -385,10 +385,12 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
             if search.screens:  # no copies to build (yet): the spare worker builds the module's own candidates
                 builds_first(_chains(pairs, job.precision, 1))
                 return
-        if start == 1 and not alone and device == "cpu" and search.screens:
+        if not alone and device == "cpu" and search.screens:
             # Beside other modules a screen waits for their builds in flight and stops their next ones meanwhile:
-            # every build of this module first, then its screens back to back.
-            builds_first(own_chains(1, len(pairs)))
+            # every build of this module first, then its screens back to back. Its follow-up copies too: eager's
+            # copy, screened first to decide whether the others build, waited 15 s for the SD VAE's bf16 build on
+            # the SD UNet's worker, which then built its own; built without that screen, they overlap.
+            builds_first(own_chains(start, len(pairs)))
             return
         executors.map(run_chain, own_chains(start, len(pairs)))
 
@@ -397,8 +399,12 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         # worker's build, and hold off this worker's next build meanwhile), then each candidate is screened from
         # its build, one at a time.
         executors.map(lambda chain: run_chain(chain, build_only=True), chains)
-        for index in [i for i in sorted(records) if records[i].status == "built"]:
-            screen_built(index)
+        # The screens back to back, holding the timing gate: a build of a module beside this one, started between
+        # two screens, held the next one off for its whole length (15 s of the SD UNet's screens waited for the VAE's
+        # bf16 build).
+        with executors.timing_held():
+            for index in [i for i in sorted(records) if records[i].status == "built"]:
+                screen_built(index)
 
     def screen_built(index: int) -> None:
         built = records[index]
