@@ -12,9 +12,11 @@ alternating rounds (medians of 300 calls per round, median of the rounds).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,7 +54,8 @@ def child_build(name: str, level: str, package: str) -> dict:
     import torch
     import torch._inductor.codecache  # fixes the precompiled-header folder at torch's default
 
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="aoti-wrapper-opt-")
+    cache = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="aoti-wrapper-opt-")
+    atexit.register(shutil.rmtree, cache, True)  # this build's inductor cache: the package holds what is timed
     from torch._inductor import cpu_vec_isa
 
     cpu_vec_isa.pick_vec_isa()  # the ISA probe: navdeploy keeps it in its machine cache
@@ -134,6 +137,7 @@ def main() -> int:
             print(f"{name:6} {level:5} {build_s:>16} {wrapper_s:>16} "
                   f"{statistics.median(calls[level]):>20.1f} [{min(calls[level]):.0f}-{max(calls[level]):.0f}]")
     results["machine"]["load_average_after"] = os.getloadavg()
+    shutil.rmtree(folder, ignore_errors=True)  # the packages this run built
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print("wrote", args.out)
