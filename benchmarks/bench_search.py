@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,21 +125,28 @@ def _run(args: list[str], timeout: float = 1800) -> tuple[float, subprocess.Comp
 def navdeploy_run(model: str, mode: str) -> dict:
     workspace = tempfile.mkdtemp(prefix=f"navdeploy-bench-{model}-{mode}-")
     out = Path(workspace) / "result.json"
-    wall, done = _run([sys.executable, __file__, "--child", model, "--mode", mode, "--workspace", workspace,
-                       "--child-out", str(out)])
-    if done.returncode != 0 or not out.is_file():
-        return {"model": model, "mode": mode, "error": done.stderr[-3000:], "process_s": wall}
-    result = json.loads(out.read_text())
+    try:
+        wall, done = _run([sys.executable, __file__, "--child", model, "--mode", mode, "--workspace", workspace,
+                           "--child-out", str(out)])
+        if done.returncode != 0 or not out.is_file():
+            return {"model": model, "mode": mode, "error": done.stderr[-3000:], "process_s": wall}
+        result = json.loads(out.read_text())
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)  # the run's own temporary workspace
     result["process_s"] = wall
     return result
 
 
 def mn_run(mn_python: str) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="mn014-bench-")) / "result.json"
-    wall, done = _run([mn_python, str(HERE / "mn014_cnn.py"), "--out", str(out)])
-    if done.returncode != 0 or not out.is_file():
-        return {"error": (done.stdout + done.stderr)[-3000:], "process_s": wall}
-    result = json.loads(out.read_text())
+    folder = tempfile.mkdtemp(prefix="mn014-bench-")
+    out = Path(folder) / "result.json"
+    try:
+        wall, done = _run([mn_python, str(HERE / "mn014_cnn.py"), "--out", str(out)])
+        if done.returncode != 0 or not out.is_file():
+            return {"error": (done.stdout + done.stderr)[-3000:], "process_s": wall}
+        result = json.loads(out.read_text())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     result["process_s"] = wall
     return result
 
