@@ -92,5 +92,7 @@ def test_the_cpu_wrapper_compiles_at_og_unless_the_user_set_a_level(tmp_path, mo
         return _wrapper_opt_level(workspace / name)
 
     assert build(tmp_path, "default") == "Og"
-    monkeypatch.setenv("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O1")  # the workers inherit it
-    assert build(tmp_path, "user_level") == "O1"
+    # The workers inherit it. O0, not torch's own O1 (that would pass were it dropped); g++ 12 crashes on this
+    # wrapper at O2.
+    monkeypatch.setenv("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O0")
+    assert build(tmp_path, "user_level") == "O0"

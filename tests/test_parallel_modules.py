@@ -100,11 +100,12 @@ def test_a_retiming_waiting_on_a_timing_goes_before_a_build_that_waits_too():
     as a build first, both were admitted together when the timing ahead of them ended, and the screen waited the
     whole build out."""
     from navdeploy.candidates.build import Task
+    from navdeploy.candidates.isolation import runs_alone
 
     retime = Task("g", "OnnxCPU", export=False, precision="fp32", plan="screen", retime=True)
-    assert retime.times_only
-    assert not Task("g", "OnnxCPU", export=True, precision="fp32", plan="screen", retime=True).times_only
-    assert not Task("g", "OnnxCPU", export=False, precision="fp32", plan="screen").times_only
+    assert runs_alone(retime)  # what Executor.run enters the gate with
+    assert not runs_alone(Task("g", "OnnxCPU", export=True, precision="fp32", plan="screen", retime=True))
+    assert not runs_alone(Task("g", "OnnxCPU", export=False, precision="fp32", plan="screen"))
     hub = WorkerHub()
     events: list[str] = []
     timing, release = threading.Event(), threading.Event()
@@ -116,7 +117,7 @@ def test_a_retiming_waiting_on_a_timing_goes_before_a_build_that_waits_too():
             events.append("timing ends")
 
     def screen() -> None:
-        with hub.gate.task(exclusive=retime.times_only) as slot:
+        with hub.gate.task(exclusive=runs_alone(retime)) as slot:
             slot.timing()  # what the worker asks before it times (at once when it holds the gate already)
             events.append("screen")
             time.sleep(0.2)
@@ -130,9 +131,12 @@ def test_a_retiming_waiting_on_a_timing_goes_before_a_build_that_waits_too():
     one.start()
     assert timing.wait(5)
     others = [threading.Thread(target=screen, daemon=True), threading.Thread(target=build, daemon=True)]
-    for thread in others:
-        thread.start()
-        time.sleep(0.1)  # the screen asks first, then the build
+    others[0].start()
+    deadline = time.monotonic() + 5
+    while hub.gate._waiting == 0 and time.monotonic() < deadline:  # the screen waits for timing; then the build
+        time.sleep(0.01)
+    others[1].start()
+    time.sleep(0.1)  # the build waits too (it cannot start while a timing is waiting or running)
     release.set()
     for thread in [one, *others]:
         thread.join(5)

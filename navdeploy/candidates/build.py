@@ -74,7 +74,9 @@ class Task:
 
     ``retime``: the task times a candidate verified earlier (a screen or profile from its build). Without
     ``export`` it asks for timing as it starts rather than entering as a build first: a build that other modules
-    start meanwhile would otherwise be admitted beside it, and its timing would wait that build out."""
+    start meanwhile would otherwise be admitted beside it, and its timing would wait that build out. What it does
+    before timing (loading and verifying the build again where its worker does not hold the runner, a torch.compile
+    runner compiling from the cache, a worker started again) then runs alone too."""
 
     graph_key: str
     runner: str

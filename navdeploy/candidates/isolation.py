@@ -47,6 +47,12 @@ _STOPPED = "the optimize run was interrupted; no further candidate starts"
 _FAULTS = None  # a worker's faulthandler file, kept open for the worker's life
 
 
+def runs_alone(task: Task) -> bool:
+    """Whether ``task`` holds the timing gate alone for its whole run: its runner times kernels while it builds
+    (``builds_alone``), or it only times a build made earlier (``Task.times_only``)."""
+    return RUNNERS[task.runner].builds_alone or task.times_only
+
+
 class WorkerStartError(RuntimeError):
     """The worker child could not start (payload not picklable, or the child died while starting)."""
 
@@ -402,7 +408,7 @@ class Executor:
         if self._stopped:
             raise RunStopped(_STOPPED)
         if self.isolate:
-            with self.gate.task(exclusive=RUNNERS[task.runner].builds_alone or task.times_only) as slot:
+            with self.gate.task(exclusive=runs_alone(task)) as slot:
                 try:
                     if self._proc is None or not self._proc.is_alive():
                         self._spawn()  # inside the gate: starting a worker is build work too

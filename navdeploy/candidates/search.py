@@ -18,7 +18,8 @@ tried after that search, for a graph whose best build still takes ``FOLLOW_UP_MI
 graph of a module whose matmuls are wide (``precision.follow_up_min_ms``): the copies
 of the runners that verified (those with ``follows_up``), screened and profiled as above, and selected among all.
 Eager's copy comes first; when it is clearly slower than eager in the module's own precision, the other copies are
-not built (``low_precision_skip_reason``): the precision's kernels do not pay on that graph here.
+not built (``low_precision_skip_reason``): the precision's kernels do not pay on that graph here. Not for a CPU
+module optimized beside others: its copies are all built before eager's copy is screened (below).
 
 Where a spare worker is free (a CPU module optimized alone whose copies are not known to be tried yet), the
 candidates are built on both workers and screened only once every build is done (``optimize.module``'s
@@ -184,7 +185,8 @@ def low_precision_skip_reason(runner: RunnerSpec, eager: Optional[CandidateRecor
     precision's kernels (oneDNN's bf16 matmuls and convolutions, which the compiled runners call too) do not pay on
     this graph here: its copies could win only by their own fusions. On the SD UNet eager bf16 was 12-24% slower
     than fp32 and AOTInductor bf16 16% slower than AOTInductor fp32, a 14 s build for nothing; where eager bf16 was
-    faster (ViT, VAE, MiniLM), the compiled bf16 copies were faster too. Thorough builds them all.
+    faster (ViT, VAE, MiniLM), the compiled bf16 copies were faster too. Thorough builds them all, and so does a CPU
+    module optimized beside others (its eager copy is not screened before the other copies build).
 
     ``predicted=False``: eager's copy says nothing about this one (``precision.eager_copy_predicts``), which is
     built whatever eager's copy measured."""

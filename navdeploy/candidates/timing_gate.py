@@ -4,7 +4,9 @@ Building a candidate (tracing, exporting, torch.compile's code generation) is mo
 overlap with other candidates' builds. Measuring one cannot: a latency taken while a neighbour compiles measures
 the neighbour too, and those figures pick the winner. So a task holds the gate as a *build* (shared with other
 builds) and asks for *timing* (alone: no build and no other timing in flight) before it profiles. A task that
-times kernels on the device while it builds (TensorRT tactics, max-autotune) holds timing for its whole run.
+times kernels on the device while it builds (TensorRT tactics, max-autotune) holds timing for its whole run, and
+so does one that only times a build made earlier (``Task.times_only``): entering as a build, it would be admitted
+beside a build started at the same moment and then wait that build out.
 
 Only threads of the parent process hold the gate, one per worker; the workers ask through their queues. A worker
 that dies therefore never leaves the gate closed: its thread releases it on the way out.

@@ -50,13 +50,18 @@ def freezes(module: torch.nn.Module, precision: str = "fp32") -> bool:
     return precision == "bf16" or mostly_wide_matmuls(module, FREEZE_MIN_WIDTH)
 
 
+def _has_wrapper_opt_level() -> bool:
+    """Whether this torch has the wrapper's optimization level as a config (torch 2.8 on; an unknown key raises)."""
+    return hasattr(torch._inductor.config.aot_inductor, "compile_wrapper_opt_level")
+
+
 def _export(ctx: BuildContext) -> None:
     # The runtime input check (enabled at load) otherwise rejects size 1 on dims exported with min=1.
     configs = {"aot_inductor.check_lowerbound": False}
     if ctx.device == "cpu":
         warm_cpu_isa()
         configs["freezing"] = freezes(ctx.module, ctx.precision)
-        if _WRAPPER_OPT_ENV not in os.environ:
+        if _WRAPPER_OPT_ENV not in os.environ and _has_wrapper_opt_level():
             configs["aot_inductor.compile_wrapper_opt_level"] = CPU_WRAPPER_OPT_LEVEL
         if configs["freezing"]:
             log.info("AOTInductor freezes the weights (constants prepacked for oneDNN): %s",

@@ -395,9 +395,9 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         executors.map(run_chain, own_chains(start, len(pairs)))
 
     def builds_first(chains: list[list[tuple[int, RunnerSpec, str]]]) -> None:
-        # Every build on both workers before any timing (a chain's screen would otherwise wait for the other
-        # worker's build, and hold off this worker's next build meanwhile), then each candidate is screened from
-        # its build, one at a time.
+        # Every build on the module's workers (one beside other modules, two alone) before any timing (a chain's
+        # screen would otherwise wait for the builds in flight, and hold off this worker's next build meanwhile),
+        # then each candidate is screened from its build, one at a time.
         executors.map(lambda chain: run_chain(chain, build_only=True), chains)
         # The screens back to back, holding the timing gate: a build of a module beside this one, started between
         # two screens, held the next one off for its whole length (15 s of the SD UNet's screens waited for the VAE's

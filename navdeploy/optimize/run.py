@@ -96,6 +96,7 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
         modules = modules_to_optimize(modules, recorders)
         if not modules:  # every module stayed eager, each with its warning: nothing to build or report
             return OptimizeStatus(seconds=time.perf_counter() - start, workspace=resolve_workspace(config))
+        alone = alone or len(modules) == 1  # the others stayed eager: this one is optimized alone
         for m in modules:
             m.nav_state.captured = True
         status = OptimizeStatus(workspace=resolve_workspace(config), command=script_command())
