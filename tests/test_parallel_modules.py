@@ -9,6 +9,7 @@ from typing import Callable
 
 import pytest
 import torch
+from stand_ins import SlowInBf16
 from torch import nn
 
 import navdeploy as nav
@@ -307,28 +308,17 @@ def test_leaders_of_modules_side_by_side_are_profiled_in_turns(tmp_path, monkeyp
         torch.testing.assert_close(pipeline(x, image), torch.cat([mlp(x), cnn(image)], dim=1), atol=1e-4, rtol=1e-3)
 
 
-class _SlowInBf16(nn.Module):
-    """Four 1024-wide layers (bf16 copies are tried however fast the call: the matmuls are wide) whose eager forward
-    also waits 10 ms in bf16, so that eager's bf16 copy, screened first, would say the others do not pay."""
-
-    def __init__(self, seed: int):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.layers = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)]).eval()
-
-    def forward(self, x):
-        if x.dtype == torch.bfloat16 and not torch.jit.is_tracing():
-            time.sleep(0.01)
-        return self.layers(x)
-
-
 @pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): "
                                                     "bf16 is not tried by default here")
 def test_modules_side_by_side_build_their_follow_up_copies_before_screening_them(tmp_path):
     """Beside another module, eager's bf16 copy is not screened first to decide whether the other copies build: that
     screen would wait for the other module's builds while this module's worker idles. Every copy is built, then
     screened; alone, the copy below would be skipped (test_precision_follow_up)."""
-    a, b = _SlowInBf16(0), _SlowInBf16(1)
+    def layers(seed: int) -> nn.Module:  # four 1024-wide layers: bf16 copies are tried however fast the call
+        torch.manual_seed(seed)
+        return nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)]).eval()
+
+    a, b = SlowInBf16(layers(0)), SlowInBf16(layers(1))
     first, second = nav.Module(a, name="copies_a", batching=False), nav.Module(b, name="copies_b", batching=False)
     config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "TorchScriptCPU"), profile_time_s=0.2,
                                 parallel_modules=2, pipeline_repeats=0)

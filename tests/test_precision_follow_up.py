@@ -4,12 +4,12 @@ as the fallback the pipeline check binds when bf16 changes what the pipeline ret
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from stand_ins import SlowInBf16
 
 import navdeploy as nav
 from navdeploy.candidates.build import new_record
@@ -120,26 +120,12 @@ def test_eager_copy_does_not_predict_a_frozen_build_of_a_matmul_module():
     assert eager_copy_predicts(aoti, bert, "fp32")  # a 128-wide fp32 build does not freeze
 
 
-class _SlowInBf16(torch.nn.Module):
-    """Compute-bound layers whose eager forward also waits 10 ms when it runs in bf16 (a stand-in for kernels
-    that are slower in bf16 on this CPU); a traced copy records the layers only."""
-
-    def __init__(self, layers: torch.nn.Module):
-        super().__init__()
-        self.layers = layers
-
-    def forward(self, x):
-        if x.dtype == torch.bfloat16 and not torch.jit.is_tracing():
-            time.sleep(0.01)
-        return self.layers(x)
-
-
 @pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): "
                                                     "bf16 is not tried by default here")
 def test_a_graph_whose_eager_gains_nothing_in_bf16_gets_no_compiled_bf16_copies(tmp_path):
     torch.manual_seed(0)
     layers = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)]).eval()
-    model = nav.Module(_SlowInBf16(layers), name="follow_up_slow_bf16", batching=False)
+    model = nav.Module(SlowInBf16(layers), name="follow_up_slow_bf16", batching=False)
     items = [(1, torch.randn(64, 1024)), (1, torch.randn(64, 1024))]
     with torch.no_grad():
         status = nav.optimize(lambda x: model(x), items, _config(tmp_path, pipeline_repeats=0))
