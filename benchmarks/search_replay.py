@@ -5,8 +5,9 @@ winner? No model runs; each candidate's screen is taken to be its recorded p50 a
 
 For every module and every batch size in the file: the exhaustive winner (MinLatency with the routing-cost rule),
 the search's (``candidates/search.py``: the twin skipped when AOTInductor verified, the leaders within the screen
-margin of the best, selection among eager and the leaders) and the ratio of their latencies. A screen is noisier
-than the recorded full-profile p50, so this checks the policy's rules, not the screen's noise.
+margin of the best, eager among them where the best beats it by less than a routed call costs, selection among
+the leaders) and the ratio of their latencies. A screen is noisier than the recorded full-profile p50, so this
+checks the policy's rules, not the screen's noise.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def replay(candidates: list[dict], batch: int) -> dict:
     by_name = {r.name: r for r in exhaustive}
     built = [r for r in exhaustive
              if not twin_skip_reason(RUNNERS[r.name], [by_name.get(t) for t in RUNNERS[r.name].twin_of], search)]
-    leaders = {r.name for r in search.leaders(built)} | {"TorchCPU"}
+    leaders = {r.name for r in search.leaders(built, "TorchCPU")}
     quick = select([r for r in built if r.name in leaders], MinLatency(), batch, "TorchCPU")
     ratio = quick.profile[0].p50_ms / best.profile[0].p50_ms
     return {"batch": batch, "exhaustive": best.name, "search": quick.name, "ratio": ratio,

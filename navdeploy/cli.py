@@ -217,8 +217,10 @@ def status(workspace: Optional[Path] = WorkspaceOption) -> None:
             selected = entry.selected_candidate()  # by candidate name: TensorRT[fp16] is not the runner TensorRT
 
             def p50(c: Optional[CandidateRecord]) -> str:
-                value = c.first_p50_ms() if c else None
-                return "-" if value is None else f"{value:.3f}"
+                value = c.shown_p50_ms() if c else None
+                if value is None:
+                    return "-"
+                return f"{value:.3f}" if c.ok else f"{value:.3f} (screen)"  # eager not profiled in full
 
             ok = sum(c.ok for c in entry.candidates)
             shown = escape(entry.selected or "") or "[red]none[/]"

@@ -1,11 +1,14 @@
 """The search policy: which candidates are built, in what order, and which are profiled in full.
 
 Every default candidate that can run here is built and verified, the likely winners first (each runner's
-``search_rank``). Eager, the baseline, is profiled in full at every batch size. Every other candidate is first
-*screened*: timed on a few calls (``SCREEN_SHARE`` of ``profile_time_s``) at the batch size the strategy compares
-candidates at. Once all are screened, only the leaders (a screen within ``SCREEN_MARGIN`` of the best one,
-eager's included) get the full profile, with its stability rules (``profile.measure``); the others keep their
-screen figure, status "screened", and the reason. Selection picks among fully profiled candidates only.
+``search_rank``). Every candidate, eager (the baseline) included, is first *screened*: timed on a few calls
+(``SCREEN_SHARE`` of ``profile_time_s``) at the batch size the strategy compares candidates at. Once all are
+screened, only the leaders (a screen within ``SCREEN_MARGIN`` of the best one) get the full profile, with its
+stability rules (``profile.measure``); the others keep their screen figure, status "screened", and the reason.
+Selection picks among fully profiled candidates only. Eager is a leader also when the best one beats it by no more
+than a routed call costs (``select.ROUTING_COST_MS``): selection keeps eager then. Eager is screened first, alone,
+before any build. Its full profile at every batch size is a timing no build may overlap (1.1 s of the example CNN's
+12 s on the 2-core machine): it is taken only where eager may win.
 
 A runner whose kernels are another runner's (``twin_of``: torch.compile's Python wrapper and guards around the
 kernels AOTInductor compiles ahead of time; on CUDA also torch.compile's kernels without the CUDA-graph replay of
@@ -44,6 +47,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from navdeploy.candidates.precision import FOLLOW_UP_MIN_MS
+from navdeploy.candidates.select import ROUTING_COST_MS
 from navdeploy.config import LatencyBudget, MaxThroughput, Strategy
 from navdeploy.formats.base import RunnerSpec
 from navdeploy.workspace.records import CandidateRecord
@@ -70,30 +74,33 @@ def screen_time_s(profile_time_s: float) -> float:
 class Search:
     """How one graph's candidates are searched.
 
-    ``screens``: candidates other than eager are screened first and only the leaders profiled in full (False:
-    thorough, or a strategy that compares every batch size). ``batch``: the batch size candidates are screened
-    and compared at (None when the graph does not batch)."""
+    ``screens``: candidates are screened first and only the leaders profiled in full (False: thorough, or a
+    strategy that compares every batch size). ``batch``: the batch size candidates are screened and compared at
+    (None when the graph does not batch)."""
 
     thorough: bool
     screens: bool
     batch: Optional[int]
 
-    def plan(self, eager: bool) -> str:
+    def plan(self) -> str:
         """What a candidate's task does after it verifies: ``full`` (profile every batch size) or ``screen``."""
-        return "full" if eager or not self.screens else "screen"
+        return "screen" if self.screens else "full"
 
     def _timed(self, records: Iterable[CandidateRecord]) -> list[tuple[float, CandidateRecord]]:
-        """The verified candidates with a screen (eager: its full profile) at ``batch``, and that figure."""
+        """The verified candidates with a screen (else a full profile) at ``batch``, and that figure."""
         timed = [(r.screen_ms(self.batch), r) for r in records if r.verified]
         return [(ms, r) for ms, r in timed if ms is not None]
 
-    def leaders(self, records: Iterable[CandidateRecord]) -> list[CandidateRecord]:
-        """The verified candidates whose screen is within ``SCREEN_MARGIN`` of the best one."""
+    def leaders(self, records: Iterable[CandidateRecord], baseline: Optional[str] = None) -> list[CandidateRecord]:
+        """The verified candidates whose screen is within ``SCREEN_MARGIN`` of the best one, and ``baseline`` (eager's
+        name) when the best one beats it by less than that margin plus ``ROUTING_COST_MS``: selection keeps eager
+        over a runner that saves less than routing a call to it costs, and compares only full profiles."""
         timed = self._timed(records)
         if not timed:
             return []
         best = min(ms for ms, _ in timed)
-        return [r for ms, r in timed if ms <= best * (1 + SCREEN_MARGIN)]
+        return [r for ms, r in timed if ms <= best * (1 + SCREEN_MARGIN)
+                or (r.name == baseline and ms <= best * (1 + SCREEN_MARGIN) + ROUTING_COST_MS)]
 
     def rechecks(self, records: Iterable[CandidateRecord]) -> list[CandidateRecord]:
         """The screened candidates of this run whose screen missed ``SCREEN_MARGIN`` of the best one by no more

@@ -1,11 +1,13 @@
 """AOTInductor: the graph's shared ExportedProgram compiled ahead of time into a ``.pt2`` package with a shared
 library. On CUDA it is tried only where a one-Linear package works (``inductor_probe.aoti_cuda_problem``)."""
 
+import contextlib
 import logging
 import os
 
 import torch
 
+from navdeploy.formats.aoti_compile import wrapper_beside_kernels
 from navdeploy.formats.base import (
     BuildContext,
     Format,
@@ -67,8 +69,10 @@ def _export(ctx: BuildContext) -> None:
             log.info("AOTInductor freezes the weights (constants prepacked for oneDNN): %s",
                      "a bf16 build" if ctx.precision == "bf16"
                      else f"most matmul weights are at least {FREEZE_MIN_WIDTH} wide")
-    torch._inductor.aoti_compile_and_package(export_program(ctx), package_path=str(ctx.path / "model.pt2"),
-                                             inductor_configs=configs)
+    program = export_program(ctx)
+    with wrapper_beside_kernels() if ctx.device == "cpu" else contextlib.nullcontext():
+        torch._inductor.aoti_compile_and_package(program, package_path=str(ctx.path / "model.pt2"),
+                                                 inductor_configs=configs)
 
 
 def _load(ctx: LoadContext) -> RunFn:

@@ -318,7 +318,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                     executors.beside_builds(runner.prepare_loading)
                 record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision,
                                            artifact_checksum=formats[fmt].checksum if fmt in formats else None,
-                                           plan="build" if build_only else search.plan(eager=index == 0),
+                                           plan="build" if build_only else search.plan(),
                                            screen_batch=search.batch, keep_below_ms=keep_below))
                 record.retries = retries
                 built_by[index] = executor
@@ -344,7 +344,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         # UNet, its bf16 copy 5.6-5.9), more than the margin; screened in turns, in one worker and with the gate
         # held, both meet the same load.
         eager, copy = records.get(0), records[index]
-        if eager is None or eager.status != "ok" or copy.screen is None or search.thorough:
+        if eager is None or not eager.verified or copy.screen is None or search.thorough:
             return
         rounds: dict[int, list[ProfilePoint]] = {0: [], index: [copy.screen]}
         with executors.timing_held():
@@ -371,14 +371,14 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         return _chains(pairs[:end], job.precision, start)
 
     def run_from(start: int) -> None:
-        # Eager runs first and alone: with several workers, or beside other modules, its full profile would
-        # otherwise wait for the first builds to end, holding off every build after them (profiling is still alone).
+        # Eager runs first and alone: with several workers, or beside other modules, its timing would otherwise
+        # wait for the first builds to end, holding off every build after them (timing is still alone).
         if start == 0:
             run_chain([(0, *pairs[0])])
             start = 1
         eager_record = records.get(0)
-        if start == 1 and beside and follow_ups and eager_record is not None and eager_record.status == "ok":
-            eager_ms = call_ms(eager_record, *compared)
+        if start == 1 and beside and follow_ups and eager_record is not None and eager_record.verified:
+            eager_ms = call_ms(eager_record, *compared) if eager_record.ok else eager_record.screen_ms(search.batch)
             if follow_ups_early(eager_ms, min_ms):
                 early_follow_ups(eager_ms)
                 return
@@ -512,14 +512,15 @@ def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Se
     if wanted is None and rechecked is not None:
         _recheck_screens(graph, job, executors, search, pairs, records, formats, built_by, done, listener, rechecked)
     while True:
-        leaders = {r.name for r in search.leaders(records.values())}
+        baseline = records[0].name if 0 in records else None  # eager
+        leaders = {r.name for r in search.leaders(records.values(), baseline)}
         todo = [i for i in sorted(records) if records[i].status == "screened"
                 and (records[i].name in leaders if wanted is None else i in wanted)]
         if not todo:
             return
         # A leader profiled before (fp32, when the follow-up copies' leaders come) takes turns with the new ones
         # again: profiles taken a minute apart differ by up to 50% on the 2-core machine, in turns by a few %.
-        again = [i for i in sorted(records) if i != 0 and records[i].status == "ok" and records[i].name in leaders] \
+        again = [i for i in sorted(records) if records[i].status == "ok" and records[i].name in leaders] \
             if wanted is None else []
         if len(todo) + len(again) > 1:
             with executors.timing_held():

@@ -1,0 +1,104 @@
+"""AOTInductor's C++ steps on CPU: the wrapper compiled beside the kernels.
+
+torch compiles a CPU package's sources one after the other: the wrapper (AOTInductor's runtime and the code that
+calls the kernels, ~3.6 s of g++ at -Og on the example CNN), then the kernels (~0.7 s at -O3), then it links them.
+The two compiles do not depend on each other; :func:`wrapper_beside_kernels` starts the wrapper's in a thread and
+lets the next compile of this thread (the kernels') run meanwhile, which then waits for the wrapper before it
+returns, so the link finds both objects. Where no core is free the two compiles share one, as they would one
+after the other.
+
+It wraps torch's private ``torch._inductor.cpp_builder.CppBuilder.build`` while the block runs, for the calling
+thread only (another thread's builds, the user's own compiles included, are untouched). A torch without it builds
+as torch does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable, Iterator, Optional
+
+_WRAPPER_OBJECT = "wrapper.o"  # the wrapper's object file; its sources are <key>.wrapper.cpp
+_patch_lock = threading.Lock()
+_owners: dict[int, list[Future]] = {}  # per thread in a block: the wrapper compiles it started and not yet joined
+_original: Optional[Callable[[Any], None]] = None
+
+
+def _builder_class() -> Optional[type]:
+    try:
+        from torch._inductor.cpp_builder import CppBuilder
+    except ImportError:
+        return None
+    return CppBuilder if callable(getattr(CppBuilder, "build", None)) and \
+        callable(getattr(CppBuilder, "get_target_file_path", None)) else None
+
+
+def _target(builder: Any) -> str:
+    try:
+        return str(builder.get_target_file_path())
+    except Exception:  # noqa: BLE001 - an unknown builder builds as torch does
+        return ""
+
+
+def _build(builder: Any) -> None:
+    assert _original is not None
+    pending = _owners.get(threading.get_ident())
+    if pending is None:  # not a thread in a block
+        return _original(builder)
+    if _target(builder).endswith(_WRAPPER_OBJECT):
+        future: Future = Future()
+
+        def compile_wrapper() -> None:
+            try:
+                _original(builder)
+            except BaseException as exc:  # noqa: BLE001 - raised where it is joined
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+        threading.Thread(target=compile_wrapper, name="navdeploy-aoti-wrapper", daemon=True).start()
+        pending.append(future)
+        return None
+    try:
+        _original(builder)
+    except BaseException:
+        _join(pending, raise_failure=False)  # this compile's own error is the one to report
+        raise
+    _join(pending)
+
+
+def _join(pending: list[Future], raise_failure: bool = True) -> None:
+    """Wait for the wrapper compiles in ``pending``; the first failure is raised once all have ended."""
+    failure: Optional[BaseException] = None
+    while pending:
+        exc = pending.pop(0).exception()
+        failure = failure or exc
+    if failure is not None and raise_failure:
+        raise failure
+
+
+@contextlib.contextmanager
+def wrapper_beside_kernels() -> Iterator[None]:
+    """Within the block, this thread's AOTInductor builds compile their wrapper beside their kernels."""
+    global _original
+    cls = _builder_class()
+    if cls is None:
+        yield
+        return
+    me = threading.get_ident()
+    with _patch_lock:
+        if not _owners:
+            _original = cls.build
+            cls.build = _build
+        _owners[me] = []
+    try:
+        yield
+        _join(_owners[me])  # a wrapper no later compile of the block waited for
+    finally:
+        _join(_owners[me], raise_failure=False)  # the block's own error, if any, is the one to report
+        with _patch_lock:
+            del _owners[me]
+            if not _owners:
+                cls.build = _original
+                _original = None
