@@ -313,7 +313,9 @@ def test_leaders_of_modules_side_by_side_are_profiled_in_turns(tmp_path, monkeyp
 def test_modules_side_by_side_build_their_follow_up_copies_before_screening_them(tmp_path):
     """Beside another module, eager's bf16 copy is not screened first to decide whether the other copies build: that
     screen would wait for the other module's builds while this module's worker idles. Every copy is built, then
-    screened; alone, the copy below would be skipped (test_precision_follow_up)."""
+    screened; alone, the copy below would be skipped (test_precision_follow_up). Eager shows the copies will be tried
+    (wide matmuls), so they are built with the module's own candidates, before any of them is timed, and each leader
+    is profiled in full once."""
     def layers(seed: int) -> nn.Module:  # four 1024-wide layers: bf16 copies are tried however fast the call
         torch.manual_seed(seed)
         return nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)]).eval()
@@ -334,5 +336,36 @@ def test_modules_side_by_side_build_their_follow_up_copies_before_screening_them
         assert "TorchScriptCPU[bf16]: built" in text, text[-3000:]
         assert all(c.window.verified <= min(o.window.profile for o in copies) for c in copies), \
             [(c.name, c.window) for c in copies]
+        built = [c for c in records.values() if c.name != "TorchCPU" and c.window is not None]  # eager: first
+        assert max(c.window.verified for c in built) <= min(c.window.profile for c in built), \
+            [(c.name, c.window) for c in built]
+        for c in records.values():
+            assert text.count(f"{c.name}: full profile") <= 1, text[-3000:]
         windows.update({(name, c.name): c.window for c in records.values() if c.window is not None})
     _no_timing_overlapped_a_build(windows)
+
+
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): a "
+                                                    "module alone gets no worker for its copies")
+def test_the_last_module_of_a_run_builds_on_two_workers(tmp_path):
+    """Three modules two at a time: the last one starts as another ends, and is optimized as alone: its candidates
+    build on two workers side by side (the SD text encoder's builds took ~8 s on one while the other core idled)."""
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(16, 32 * (3 - i)), nn.ReLU(), nn.Linear(32 * (3 - i), 8)).eval() for i in range(3)]
+    modules = [nav.Module(net, name=f"tail_{i}") for i, net in enumerate(nets)]  # the largest first: tail_2 last
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "OnnxCPU", "TorchScriptCPU"),
+                                profile_time_s=0.05, parallel_modules=2, pipeline_repeats=0)
+
+    def pipeline(x):
+        return sum(m(x) for m in modules)
+
+    status = nav.optimize(pipeline, [(1, torch.randn(1, 16)), (1, torch.randn(1, 16))], config)
+    for name in ("tail_0", "tail_1"):
+        records = {c.name: c for g in status.modules[name].graphs for c in g.candidates}
+        assert records["OnnxCPU"].pid == records["TorchScriptCPU"].pid, records  # one worker each
+    records = {c.name: c for g in status.modules["tail_2"].graphs for c in g.candidates}
+    onnx, script = records["OnnxCPU"], records["TorchScriptCPU"]
+    assert onnx.verified and script.verified, records
+    assert onnx.pid != script.pid, (onnx.pid, script.pid)
+    assert onnx.window.start < script.window.verified and script.window.start < onnx.window.verified, \
+        (onnx.window, script.window)  # side by side

@@ -377,9 +377,12 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
             run_chain([(0, *pairs[0])])
             start = 1
         eager_record = records.get(0)
-        if start == 1 and beside and follow_ups and eager_record is not None and eager_record.verified:
+        eager_ms = None
+        if start == 1 and follow_ups and eager_record is not None and eager_record.verified:
             eager_ms = call_ms(eager_record, *compared) if eager_record.ok else eager_record.screen_ms(search.batch)
-            if follow_ups_early(eager_ms, min_ms):
+        early = eager_ms is not None and follow_ups_early(eager_ms, min_ms)
+        if start == 1 and beside and eager_ms is not None:
+            if early:
                 early_follow_ups(eager_ms)
                 return
             if search.screens:  # no copies to build (yet): the spare worker builds the module's own candidates
@@ -389,7 +392,12 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
             # Beside other modules a screen waits for their builds in flight and stops their next ones meanwhile:
             # every build of this module first, then its screens back to back. Its follow-up copies too: eager's
             # copy, screened first to decide whether the others build, waited 15 s for the SD VAE's bf16 build on
-            # the SD UNet's worker, which then built its own; built without that screen, they overlap.
+            # the SD UNet's worker, which then built its own; built without that screen, they overlap. Where eager
+            # shows that the copies will be tried, they are built with the module's own candidates, before any
+            # screen: the leaders' full profiles, in its own precision and again with the copies', each waited out
+            # the other modules' builds in flight (13 s of the SD UNet's first profiles).
+            if early:
+                add_early_copies(eager_ms)
             builds_first(own_chains(start, len(pairs)))
             return
         executors.map(run_chain, own_chains(start, len(pairs)))
@@ -418,13 +426,13 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                  f" ({record.error})" if record.error else "")
         done(index, record.name, record, checkpoint=True, finished=False)
 
-    def early_follow_ups(eager_ms: float) -> None:
-        # Eager's profile already shows that the follow-up copies will be tried: they build on the spare worker
-        # beside the module's own candidates, as one chain that starts with a build (early_follow_up_pairs).
-        nonlocal follow_ups_from, side_from
+    def add_early_copies(eager_ms: float) -> int:
+        # Eager's timing already shows that the follow-up copies will be tried: they join the module's own
+        # candidates (early_follow_up_pairs: those that start with a build first). Returns where they start.
+        nonlocal follow_ups_from
         extra = early_follow_up_pairs(pairs, follow_ups,
                                       lambda r, p: not eager_copy_predicts(r, job.module, p))
-        own_end = follow_ups_from = side_from = len(pairs)
+        own_end = follow_ups_from = len(pairs)
         pairs.extend(extra)
         log.info("%s graph %s: eager takes %.2f ms a call%s: trying %s beside the %s candidates (precisions=(%r,) "
                  "keeps %s only)", job.module_name, graph.key, eager_ms,
@@ -432,6 +440,13 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                  ", ".join(candidate_name(r.name, p, job.precision) for r, p in extra), job.precision,
                  job.precision, job.precision)
         listener.candidates_added(len(extra))
+        return own_end
+
+    def early_follow_ups(eager_ms: float) -> None:
+        # The copies build on the spare worker beside the module's own candidates, as one chain that starts with a
+        # build.
+        nonlocal side_from
+        own_end = side_from = add_early_copies(eager_ms)
         executors.map(run_chain, own_chains(1, own_end) + [[(i, *pairs[i]) for i in range(own_end, len(pairs))]])
 
     if beside:

@@ -109,8 +109,12 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
             # cache), and the hub's timing gate keeps every build away from every timing.
             # The largest first, so that a small module's optimize fills the end rather than a large one's.
             order = sorted(modules, key=lambda m: -weight_bytes(m.__wrapped__)) if at_once > 1 else modules
-            done = hub.modules(lambda m: optimize_module(m, work[m.name], configs[m.name], listener, hub, alone),
-                               order, at_once)
+            # The last module, when it waited for a slot, starts with at most one module besides it, which is
+            # ending: it is optimized as alone, its candidates on two workers where its copies may build beside
+            # (the SD text encoder's builds took ~8 s on one worker while the other core idled).
+            tail = order[-1] if len(order) > at_once > 1 else None
+            done = hub.modules(lambda m: optimize_module(m, work[m.name], configs[m.name], listener, hub,
+                                                         alone or m is tail), order, at_once)
             results = {m.name: module_status for m, module_status in zip(order, done)}
             for m in modules:
                 status.modules[m.name] = results[m.name]
