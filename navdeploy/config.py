@@ -275,7 +275,7 @@ def build_workers(config: OptimizeConfig, device: str = "cpu", module: Optional[
 
 def follow_ups_beside(config: OptimizeConfig, device: str, module: torch.nn.Module, alone: bool) -> bool:
     """Whether a second worker builds a CPU module's follow-up precision copies (bf16) beside its own candidates
-    once eager's profile shows they will be tried (``precision.follow_ups_early``), rather than after them. The
+    once eager's timing shows they will be tried (``precision.follow_ups_early``), rather than after them. The
     builds that dominate are single-core (AOTInductor's lowering and its compiler), so on the bench's BERT the two
     AOTInductor builds, fp32 and bf16, took 14 s each one after another on a 2-core machine. Only when the module
     is optimized ``alone`` (no other module side by side takes the cores), the process may use two cores or more,

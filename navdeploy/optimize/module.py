@@ -339,8 +339,8 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                     eager_copy_in_turns(executor, index)
 
     def eager_copy_in_turns(executor: Executor, index: int) -> None:
-        # Whether the other copies build rests on eager's copy against eager. Eager's own figure is its full
-        # profile from the start of the run, which moves by 40% between runs (5.0-7.0 ms at batch 2 on the SD
+        # Whether the other copies build rests on eager's copy against eager. Eager's own figure is from the start
+        # of the run, and such figures move by 40% between runs (a full profile: 5.0-7.0 ms at batch 2 on the SD
         # UNet, its bf16 copy 5.6-5.9), more than the margin; screened in turns, in one worker and with the gate
         # held, both meet the same load.
         eager, copy = records.get(0), records[index]
@@ -640,7 +640,7 @@ def _recheck_screens(graph: Graph, job: Job, executors: ExecutorPool, search: Se
 
 def copies_beside(module: Module, config: OptimizeConfig, device: str, alone: bool) -> bool:
     """Whether the module's pool has a worker for its follow-up precisions' copies, built beside its own candidates
-    once eager's profile shows they will be tried: there are follow-up precisions here, and
+    once eager's timing shows they will be tried: there are follow-up precisions here, and
     ``config.follow_ups_beside`` allows it."""
     return bool(follow_up_precisions(module.precision, device, config.precisions)) and \
         follow_ups_beside(config, device, module.__wrapped__, alone)

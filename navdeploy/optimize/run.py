@@ -85,7 +85,7 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
         if use_multiprocessing(first) and any(
                 not (module_dir(resolve_workspace(configs[m.name]), m.name) / MANIFEST).is_file() for m in modules):
             # A module alone whose bf16 copies may build beside its own candidates gets its second worker now: once
-            # eager's profile says they will, a worker that starts then delays them by its start (3-4 s).
+            # eager's screen says they will, a worker that starts then delays them by its start (3-4 s).
             spare = alone and any(copies_beside(m, configs[m.name], d, alone) for m, d in zip(modules, devices))
             hub.prestart(build_workers(first) * at_once + spare)
         capture_start = time.perf_counter()
@@ -109,9 +109,9 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
             # cache), and the hub's timing gate keeps every build away from every timing.
             # The largest first, so that a small module's optimize fills the end rather than a large one's.
             order = sorted(modules, key=lambda m: -weight_bytes(m.__wrapped__)) if at_once > 1 else modules
-            # The last module, when it waited for a slot, starts with at most one module besides it, which is
-            # ending: it is optimized as alone, its candidates on two workers where its copies may build beside
-            # (the SD text encoder's builds took ~8 s on one worker while the other core idled).
+            # The last module waited for a slot: as it starts, the larger modules beside it are ending. It is
+            # optimized as alone, its candidates on two workers where its copies may build beside (the SD text
+            # encoder's builds took ~8 s on one worker while the other core idled).
             tail = order[-1] if len(order) > at_once > 1 else None
             done = hub.modules(lambda m: optimize_module(m, work[m.name], configs[m.name], listener, hub,
                                                          alone or m is tail), order, at_once)
