@@ -42,7 +42,7 @@ def _target(builder: Any) -> str:
 
 
 def _build(builder: Any) -> None:
-    assert _original is not None
+    assert _original is not None  # set before this function is ever installed
     pending = _owners.get(threading.get_ident())
     if pending is None:  # not a thread in a block
         return _original(builder)
@@ -87,6 +87,9 @@ def wrapper_beside_kernels() -> Iterator[None]:
         yield
         return
     me = threading.get_ident()
+    if me in _owners:  # nested in a block of this thread: that block joins
+        yield
+        return
     with _patch_lock:
         if not _owners:
             _original = cls.build
@@ -99,6 +102,5 @@ def wrapper_beside_kernels() -> Iterator[None]:
         _join(_owners[me], raise_failure=False)  # the block's own error, if any, is the one to report
         with _patch_lock:
             del _owners[me]
-            if not _owners:
+            if not _owners:  # _original stays set: a call that took the wrapper just before still reaches torch's
                 cls.build = _original
-                _original = None
