@@ -72,8 +72,9 @@ def choose_candidate() -> Callable[..., None]:
         folder = Path(workspace) / module.name
         manifest = read_manifest(folder)
         for entry in manifest.graphs.values():
-            # Verified: fully profiled, or screened out by the search (it still runs correctly when chosen).
-            assert {c.runner: c.status for c in entry.candidates}.get(runner) in ("ok", "screened"), entry.candidates
+            # Verified: fully profiled, or screened out by the search (it still runs correctly when chosen). By
+            # candidate name, as ``selected`` is: the runner's copy in another precision has the same runner.
+            assert {c.name: c.status for c in entry.candidates}.get(runner) in ("ok", "screened"), entry.candidates
             entry.selected = runner
             if entry.fallback == runner:  # the fp32 fallback of a bf16 winner, chosen itself: no fallback left
                 entry.fallback = None
