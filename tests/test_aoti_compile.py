@@ -15,15 +15,16 @@ from navdeploy.formats.inductor_probe import warm_cpu_isa
 cpp_builder = pytest.importorskip("torch._inductor.cpp_builder")
 
 
-def _program() -> torch.export.ExportedProgram:
+@pytest.fixture
+def build(tmp_path, monkeypatch) -> tuple[torch.export.ExportedProgram, list[tuple[str, float, float]]]:
+    """A small ExportedProgram to build in a fresh inductor cache (the ISA probe warm), and what every compiler
+    command torch runs then builds (wrapper.o, kernel.o, .so or its target), with its start and end."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    warm_cpu_isa()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
     with torch.no_grad():
-        return torch.export.export(model, (torch.randn(2, 8),))
-
-
-def _compiles(monkeypatch) -> list[tuple[str, float, float]]:
-    """(what it builds: wrapper.o, kernel.o, .so or its target, start, end) of every compiler command torch runs."""
+        program = torch.export.export(model, (torch.randn(2, 8),))
     seen: list[tuple[str, float, float]] = []
     run = subprocess.run
 
@@ -32,21 +33,18 @@ def _compiles(monkeypatch) -> list[tuple[str, float, float]]:
         try:
             return run(cmd, *args, **kwargs)
         finally:
-            args = cmd.split() if isinstance(cmd, str) else [str(a) for a in cmd]
-            target = args[args.index("-o") + 1] if "-o" in args else ""
+            words = cmd.split() if isinstance(cmd, str) else [str(a) for a in cmd]
+            target = words[words.index("-o") + 1] if "-o" in words else ""
             what = next((w for w in ("wrapper.o", "kernel.o", ".so") if target.endswith(w)), target)
             seen.append((what, start, time.monotonic()))
 
     monkeypatch.setattr(subprocess, "run", timed)
-    return seen
+    return program, seen
 
 
-def test_the_wrapper_compiles_beside_the_kernels_and_the_package_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
-    warm_cpu_isa()
-    program = _program()
+def test_the_wrapper_compiles_beside_the_kernels_and_the_package_runs(build, tmp_path):
+    program, seen = build
     original = cpp_builder.CppBuilder.build
-    seen = _compiles(monkeypatch)
     with wrapper_beside_kernels():
         assert cpp_builder.CppBuilder.build is not original
         path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "m.pt2"))
@@ -60,12 +58,9 @@ def test_the_wrapper_compiles_beside_the_kernels_and_the_package_runs(tmp_path, 
     torch.testing.assert_close(out[0] if isinstance(out, (list, tuple)) else out, program.module()(x))
 
 
-def test_a_wrapper_that_fails_to_compile_fails_the_build(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
-    warm_cpu_isa()
-    program = _program()
+def test_a_wrapper_that_fails_to_compile_fails_the_build(build, tmp_path):
+    program, seen = build
     original = cpp_builder.CppBuilder.build
-    seen = _compiles(monkeypatch)
     with pytest.raises(Exception, match=r"(?s)CppCompileError.*wrapper\.cpp"):  # torch wraps it in InductorError
         with wrapper_beside_kernels():
             torch._inductor.aoti_compile_and_package(  # an -O level g++ rejects: only the wrapper's compile fails
@@ -75,11 +70,8 @@ def test_a_wrapper_that_fails_to_compile_fails_the_build(tmp_path, monkeypatch):
     assert "kernel.o" in {what for what, _, _ in seen} and ".so" not in {what for what, _, _ in seen}, seen
 
 
-def test_other_threads_build_as_torch_does_while_a_block_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
-    warm_cpu_isa()
-    program = _program()
-    seen = _compiles(monkeypatch)
+def test_other_threads_build_as_torch_does_while_a_block_runs(build, tmp_path):
+    program, seen = build
     inside, outside = threading.Event(), threading.Event()
 
     def hold_a_block() -> None:

@@ -99,8 +99,8 @@ class Search:
         if not timed:
             return []
         best = min(ms for ms, _ in timed)
-        return [r for ms, r in timed if ms <= best * (1 + SCREEN_MARGIN)
-                or (r.name == baseline and ms <= best * (1 + SCREEN_MARGIN) + ROUTING_COST_MS)]
+        return [r for ms, r in timed
+                if ms <= best * (1 + SCREEN_MARGIN) + (ROUTING_COST_MS if r.name == baseline else 0.0)]
 
     def rechecks(self, records: Iterable[CandidateRecord]) -> list[CandidateRecord]:
         """The screened candidates of this run whose screen missed ``SCREEN_MARGIN`` of the best one by no more
