@@ -7,6 +7,9 @@ import time
 
 import torch
 
+from navdeploy.candidates.build import Job
+from navdeploy.capture.recorder import Recorder
+
 
 class SlowInBf16(torch.nn.Module):
     """Compute-bound layers whose eager forward also waits 10 ms when it runs in bf16 (a stand-in for kernels
@@ -21,3 +24,13 @@ class SlowInBf16(torch.nn.Module):
         if x.dtype == torch.bfloat16 and not torch.jit.is_tracing():
             time.sleep(0.01)
         return self.layers(x)
+
+
+def linear_job(folder, name: str) -> Job:
+    """The job of a small Linear with one captured graph, for tests that drive executors directly."""
+    module = torch.nn.Linear(4, 4).eval()
+    recorder = Recorder(name, 4, None)
+    recorder.record(module, (torch.randn(2, 4),), {})
+    graph = recorder.finish()[0]
+    return Job(name, module, None, {graph.key: graph}, folder, "cpu", "fp32", {"fp32": (1e-4, 1e-3)}, None,
+               (1, 2), 2, 0.05)

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from stand_ins import linear_job
 from torch import nn
 
 import navdeploy as nav
+from navdeploy.candidates.build import Task
+from navdeploy.candidates.isolation import Executor
 
 FAST = dict(batch_sizes=(1, 2), max_batch_size=2, profile_time_s=0.05)
 
@@ -66,7 +69,7 @@ def test_faulty_candidate_fails_alone(fault, reason, tmp_path):
         assert " in forward (stack in " in records["TorchScriptCPU"].error
     # The next candidate runs in a fresh worker and is unaffected.
     assert records["OnnxCPU"].verified, records["OnnxCPU"].error  # profiled in full or screened: timing decides
-    assert records["TorchCPU"].status == "ok"
+    assert records["TorchCPU"].verified  # eager is screened too, and profiled in full only where it leads
     assert records["OnnxCPU"].pid != os.getpid()  # it ran in a spawned child
     x = torch.randn(2, 4)
     torch.testing.assert_close(module(x), module.__wrapped__(x), atol=1e-4, rtol=1e-3)
@@ -76,7 +79,7 @@ def test_a_crash_beside_other_builds_fails_alone(tmp_path):
     """With two build workers the crashing candidate's thread releases the timing gate: the others finish."""
     module, records = _optimize("segfault", tmp_path, build_workers=2)
     assert "died with SIGSEGV in " in records["TorchScriptCPU"].error
-    assert records["OnnxCPU"].verified and records["TorchCPU"].status == "ok"
+    assert records["OnnxCPU"].verified and records["TorchCPU"].verified
     x = torch.randn(2, 4)
     torch.testing.assert_close(module(x), module.__wrapped__(x), atol=1e-4, rtol=1e-3)
 
@@ -129,7 +132,7 @@ def test_two_crashes_at_once_each_name_their_own_frame(tmp_path):
     assert "died with SIGSEGV in " in records["TorchExportCPU"].error, records["TorchExportCPU"].error
     assert " in crash_while_exporting (stack in " in records["TorchExportCPU"].error
     assert " in crash_while_tracing (stack in " in records["TorchScriptCPU"].error, records["TorchScriptCPU"].error
-    assert records["TorchCPU"].status == "ok"
+    assert records["TorchCPU"].verified  # eager is screened too, and profiled in full only where it leads
     log = (tmp_path / "ws" / module.name / "navdeploy.log").read_text()
     assert log.count("Fatal Python error: Segmentation fault") == 2  # both dumps kept in the module's log
     # No faults file of this process's workers is left behind.
@@ -208,3 +211,40 @@ def test_a_worker_ends_without_leaving_semaphores(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "optimized Locks" in done.stdout
     assert "leaked semaphore" not in done.stderr, done.stderr[-3000:]
+
+
+def _aoti_folders() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("aotinductor_*"))
+
+
+def test_a_worker_holding_an_aotinductor_runner_leaves_no_extracted_package(tmp_path):
+    """torch's loader extracts a package into ``$TMPDIR/aotinductor_XXXXXX`` and removes it only when the loader
+    is destroyed, which a worker ending with os._exit (or killed) never does: a runner kept for its profile left one
+    folder per load in the user's temp dir. The worker extracts into a folder its executor removes."""
+    job = linear_job(tmp_path, "kept_aoti")
+    graph_key = next(iter(job.graphs))
+    before = _aoti_folders()
+    executor = Executor(job, True, 300, tmp_path / "navdeploy.log")
+    try:
+        record = executor.run(Task(graph_key, "AOTInductorCPU", True, "fp32", plan="screen", screen_batch=1,
+                                   keep_below_ms=1e9))
+        assert record.status == "screened", record.error
+        folder = executor._folder
+        assert folder is not None and folder.is_dir()
+    finally:
+        executor.close()
+    assert not folder.exists()
+    assert _aoti_folders() <= before
+
+
+def test_an_optimize_leaves_none_of_its_workers_files_in_the_temp_dir(tmp_path):
+    """Each worker's faults file, folder and log are removed as the run ends, also those of a worker started ahead of
+    time that never got the module (the module's own worker may have served every candidate)."""
+    def own_files() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("navdeploy-worker-*"))
+
+    before = own_files()
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "OnnxCPU"), **FAST)
+    module = nav.Module(nn.Linear(4, 4).eval(), name="optimized")
+    nav.optimize(module, [(1, torch.randn(2, 4))], config)
+    assert own_files() <= before

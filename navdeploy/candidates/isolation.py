@@ -19,6 +19,7 @@ import multiprocessing.connection
 import multiprocessing.util
 import os
 import queue
+import shutil
 import signal
 import sys
 import tempfile
@@ -34,6 +35,7 @@ import cloudpickle
 
 from navdeploy.candidates.build import Job, Task, WorkerState, new_record, run_task
 from navdeploy.candidates.timing_gate import Slot, TimingGate
+from navdeploy.formats.package_folder import WORKER_FOLDER_ENV
 from navdeploy.formats.registry import RUNNERS
 from navdeploy.workspace.inductor import cache_dir, set_environment, used_at
 from navdeploy.workspace.records import CandidateRecord
@@ -118,12 +120,15 @@ def _main_module_last() -> None:
         sys.modules["__mp_main__"] = main
 
 
-def _worker_main(tasks, results, grants, log_path: str, faults_path: str, temporary_log: bool = False) -> None:
+def _worker_main(tasks, results, grants, log_path: str, faults_path: str, folder: str,
+                 temporary_log: bool = False) -> None:
     """A worker: ready once started (torch imported), then for each job (one module's, sent as
     ``("job", payload, log_path, cache_env)``) runs its tasks one by one, until told to end (``None``). Workers
     outlive a module: the next module's job reuses a warm one, with that module's inductor cache (``cache_env``)."""
     global _FAULTS
     _die_with_parent()
+    if folder:  # a worker is a process of navdeploy's own: its environment names its folder
+        os.environ[WORKER_FOLDER_ENV] = folder
     _redirect_output(log_path)
     # A crash in native code (SIGSEGV in a compiled library) leaves the Python stack in this worker's own file
     # (the parent copies it into the log): in the shared log, another worker's dump could pass for this one's.
@@ -287,6 +292,8 @@ class Executor:
         self._proc = None
         self._ready = False  # the worker said it is ready
         self._faults: Optional[Path] = None  # the worker's faulthandler file, one per executor
+        self._folder: Optional[Path] = None  # the worker's temporary folder (package_folder.py), one per executor
+        self._startup_log: Optional[Path] = None  # a worker started ahead of time writes here until its first job
         self._ending = False  # the worker was told to end after its task
         self._lock = threading.Lock()  # guards _proc and _stopped against stop() from another thread
         self._stopped = False  # set by stop(): no further task starts
@@ -318,12 +325,17 @@ class Executor:
                 fd, path = tempfile.mkstemp(prefix=f"navdeploy-worker-{os.getpid()}-", suffix=".faults")
                 os.close(fd)
                 self._faults = Path(path)
+        if self._folder is None:
+            with contextlib.suppress(OSError):
+                self._folder = Path(tempfile.mkdtemp(prefix=f"navdeploy-worker-{os.getpid()}-", suffix=".tmp"))
+        if temporary_log:
+            self._startup_log = self.log_path
         self._ending = False
         self._sent = None
         self._tasks, self._results, self._grants = ctx.Queue(), ctx.Queue(), ctx.Queue()
         proc = ctx.Process(target=_worker_main, name=f"navdeploy-{self.job.module_name if self.job else 'worker'}",
                            args=(self._tasks, self._results, self._grants, str(self.log_path),
-                                 str(self._faults or ""), temporary_log), daemon=True)
+                                 str(self._faults or ""), str(self._folder or ""), temporary_log), daemon=True)
         with self._lock:
             if self._stopped:
                 raise RunStopped(_STOPPED)
@@ -463,6 +475,7 @@ class Executor:
         self._kill()
         if self._faults is not None:  # a stopped worker's dump is nobody's failure
             self._faults.unlink(missing_ok=True)
+        self._remove_own_files()
 
     def ask_to_end(self) -> None:
         """Tell the worker to end after its current task (``close`` then waits for it)."""
@@ -482,6 +495,22 @@ class Executor:
         if self._faults is not None:
             self._faults.unlink(missing_ok=True)
             self._faults = None
+        self._remove_own_files()
+
+    def _remove_own_files(self) -> None:
+        """Once the worker is gone: its folder (what the runners it still held extracted there; it ends with
+        os._exit, or was killed, so their destructors never ran), and the log of a worker started ahead of time
+        that never got a job (what it printed, if anything, goes to the module's log first)."""
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+        startup, self._startup_log = self._startup_log, None
+        if startup is not None and startup != self.log_path:
+            with contextlib.suppress(OSError):
+                if startup.stat().st_size and self.job is not None:
+                    with open(startup) as printed, open(self.log_path, "a") as module_log:
+                        module_log.write(printed.read())
+                startup.unlink()
 
 
 def side_by_side(threads: ThreadPoolExecutor, fn: Callable[[T], R], items: Sequence[T],

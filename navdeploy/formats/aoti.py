@@ -22,6 +22,7 @@ from navdeploy.formats.base import (
 from navdeploy.formats.exported_program import export_program
 from navdeploy.formats.inductor_probe import aoti_cuda_problem, warm_cpu_isa
 from navdeploy.formats.matmuls import mostly_wide_matmuls
+from navdeploy.formats.package_folder import extracting_in_worker_folder
 
 log = logging.getLogger("navdeploy")
 
@@ -83,7 +84,8 @@ def _load(ctx: LoadContext) -> RunFn:
         # Loading a CPU package runs Inductor's ISA probe; in the machine cache it takes ~1 s, in the module's
         # fresh inductor cache (the bind at the end of optimize) ~7 s.
         warm_cpu_isa()
-    runner = torch._inductor.aoti_load_package(str(ctx.artifact))
+    with extracting_in_worker_folder():
+        runner = torch._inductor.aoti_load_package(str(ctx.artifact))
     # The check above compares every stride, also of size-1 axes, which a live call may carry from a view (a
     # decoder's K/V cache after one token) where the captured samples, cloned, did not.
     boxed_run = getattr(getattr(runner, "loader", None), "boxed_run", None)

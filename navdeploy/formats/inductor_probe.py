@@ -184,7 +184,7 @@ def cuda_key() -> dict[str, Any]:
 
 # The probe's child: a one-Linear AOTInductor package built, loaded and run; "ok" on stdout when it matches eager.
 _AOTI_CHILD = """
-import os, sys, torch
+import os, sys, tempfile, torch
 device, folder = sys.argv[1], sys.argv[2]
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(folder, "inductor_cache")
 try:  # the host code's ISA probe from the machine cache, as navdeploy's workers run it
@@ -198,6 +198,10 @@ x = torch.randn(2, 8, device=device)
 with torch.no_grad():
     program = torch.export.export(module, (x,))
     path = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(folder, "probe.pt2"))
+    # The loader extracts into $TMPDIR and cleans up only at a normal exit; a crash leaves it in the folder
+    # the parent removes. Python's temp dir (torch's caches) is pinned first.
+    tempfile.gettempdir()
+    os.environ["TMPDIR"] = folder
     runner = torch._inductor.aoti_load_package(path)
     torch.testing.assert_close(runner(x), module(x), atol=1e-3, rtol=1e-3)
 print("navdeploy-probe-ok")
