@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -344,6 +346,29 @@ def test_probe_folders_are_keyed_and_an_unwritable_cache_is_not_used(tmp_path, m
     monkeypatch.setattr(inductor_probe, "_isa_warmed", False)  # this process has not warmed yet, as a new one
     inductor_probe.warm_cpu_isa()  # without a cache it leaves the probe to Inductor, and does not fail
     assert not blocker.read_text()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="Inductor's ISA list is x86's")
+def test_the_isa_checks_run_side_by_side():
+    """Each ISA check compiles a test program (~4 s against torch's headers): the probe runs them at once, not one
+    after another. Only the ISAs whose CPU flags this CPU has are checked."""
+    class Isa:
+        def __init__(self, name: str, barrier: threading.Barrier):
+            self.name, self.barrier, self.checked = name, barrier, False
+
+        def __str__(self) -> str:
+            return self.name
+
+        def __bool__(self) -> bool:
+            self.checked = True
+            self.barrier.wait()  # broken (an error) unless both checks are inside at once
+            return True
+
+    together = threading.Barrier(2, timeout=10)
+    isas = [Isa("avx512", together), Isa("avx2", together), Isa("amx_tile", threading.Barrier(1))]
+    probe = SimpleNamespace(x86_isa_checker=lambda: ["avx2", "avx512"], supported_vec_isa_list=isas)
+    inductor_probe._check_side_by_side(probe)
+    assert [i.checked for i in isas] == [True, True, False]
 
 
 def test_probe_children_report_crashes_and_errors():

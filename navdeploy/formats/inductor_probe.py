@@ -5,14 +5,14 @@ the CPU has (AVX2, AVX-512, ...) it compiles a test program against torch's head
 child Python, to be sure kernels built for that ISA load with this torch. The compiled programs land in the
 inductor cache, which navdeploy points into the workspace, so every new workspace paid ~7 s for them.
 :func:`warm_cpu_isa` runs the same probe with the inductor cache pointed, for the probe only, at a machine cache
-folder keyed by torch version, compiler and CPU flags: the programs are compiled once per machine. The first
-probe with a key loads each in a child (the check it exists for) and records the answer (``isa.json``); once it
-says every ISA loaded, later processes take those loads as recorded instead of starting a child Python per ISA
-(1-2 s of every worker's first build on the 2-core machine). The result is then Inductor's for the rest of the
-process. Workers do not take it as
-``torch._inductor.config.cpp.vec_isa_ok`` (that saved ~0.9 s of a cold optimize): that setting is part of
-torch.compile's cache keys, and the user's process, where the winner is bound, leaves it unset, so every bind of
-a TorchCompileCPU winner missed the cache and compiled again (21.8 s against 2.7 s in
+folder keyed by torch version, compiler and CPU flags: the programs are compiled once per machine, side by side
+(9-11 s instead of 13-15 s on the 2-core machine, where Inductor compiles them one after another). The first probe
+with a key loads each in a child (the check it exists for) and records the answer (``isa.json``); once it says every
+ISA loaded, later processes take those loads as recorded instead of starting a child Python per ISA (1-2 s of every
+worker's first build on the 2-core machine). The result is then Inductor's for the rest of the process. Workers do
+not take it as ``torch._inductor.config.cpp.vec_isa_ok`` (that saved ~0.9 s of a cold optimize): that setting is
+part of torch.compile's cache keys, and the user's process, where the winner is bound, leaves it unset, so every
+bind of a TorchCompileCPU winner missed the cache and compiled again (21.8 s against 2.7 s in
 ``tests/test_compile_runners.py``).
 
 **AOTInductor on CUDA.** :func:`aoti_cuda_problem` answers whether an AOTInductor package loads and runs on this
@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -114,6 +115,7 @@ def _warm_cpu_isa() -> None:
     recorded = _loaded_before(folder)
     try:
         with _inductor_cache_at(folder), _loads_taken_from(cpu_vec_isa, recorded):
+            _check_side_by_side(cpu_vec_isa)
             isa = cpu_vec_isa.pick_vec_isa()
             loaded = [str(i) for i in cpu_vec_isa.valid_vec_isa_list()]  # cached by the probe above
     except Exception as exc:  # noqa: BLE001 - Inductor probes again on its first compile
@@ -159,15 +161,28 @@ def _loads_taken_from(cpu_vec_isa: Any, loaded: Optional[frozenset[str]]):
         base._probe_load = original
 
 
-def _cpu_isas(cpu_vec_isa: Any) -> list[str]:
+def _isas_of_this_cpu(cpu_vec_isa: Any) -> list[Any]:
     """The vector ISAs Inductor knows that this CPU has (x86 only; elsewhere none, so nothing is taken as read)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return []
     try:
         flags = cpu_vec_isa.x86_isa_checker()
-        return [str(i) for i in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(i).split())]
+        return [i for i in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(i).split())]
     except Exception:  # noqa: BLE001 - another torch: nothing taken as read
         return []
+
+
+def _cpu_isas(cpu_vec_isa: Any) -> list[str]:
+    return [str(i) for i in _isas_of_this_cpu(cpu_vec_isa)]
+
+
+def _check_side_by_side(cpu_vec_isa: Any) -> None:
+    """Inductor's check of each ISA (``bool(isa)``: compile its test program, load it), one thread per ISA: the
+    compiles are child processes, and Inductor keeps each answer, so ``pick_vec_isa`` then only reads them."""
+    isas = _isas_of_this_cpu(cpu_vec_isa)
+    if len(isas) > 1:
+        with ThreadPoolExecutor(len(isas), "navdeploy-isa") as pool:
+            list(pool.map(bool, isas))
 
 
 def cuda_key() -> dict[str, Any]:
