@@ -17,7 +17,7 @@ from torch import nn
 
 import navdeploy as nav
 from navdeploy.candidates.build import Task
-from navdeploy.candidates.isolation import Executor
+from navdeploy.candidates.isolation import Executor, WorkerHub
 
 FAST = dict(batch_sizes=(1, 2), max_batch_size=2, profile_time_s=0.05)
 
@@ -255,3 +255,15 @@ def test_an_optimize_leaves_none_of_its_workers_files_in_the_temp_dir(tmp_path):
     module = nav.Module(nn.Linear(4, 4).eval(), name="optimized")
     nav.optimize(module, [(1, torch.randn(2, 4))], config)
     assert own_files() <= before
+
+
+def test_workers_started_ahead_of_time_and_never_used_leave_nothing(tmp_path):
+    def own_files() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("navdeploy-worker-*"))
+
+    before = own_files()
+    with WorkerHub() as hub:
+        hub.prestart(2)
+        assert len(own_files() - before) >= 2  # their startup logs, faults files and folders
+    assert own_files() <= before
+

@@ -505,9 +505,9 @@ class Executor:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
         startup, self._startup_log = self._startup_log, None
-        if startup is not None and startup != self.log_path:
+        if startup is not None:
             with contextlib.suppress(OSError):
-                if startup.stat().st_size and self.job is not None:
+                if self.job is not None and startup != self.log_path and startup.stat().st_size:
                     with open(startup) as printed, open(self.log_path, "a") as module_log:
                         module_log.write(printed.read())
                 startup.unlink()
@@ -748,8 +748,7 @@ class WorkerHub:
         for executor in idle:
             if executor.job is None:  # started ahead of time and never used: it holds nothing, no need to wait
                 executor.stop()
-                executor.close()
-                executor.log_path.unlink(missing_ok=True)  # its startup log
+                executor.close()  # its startup log, faults file and folder go too
             else:  # all at once: each worker frees its memory meanwhile
                 executor.ask_to_end()
         deadline = time.monotonic() + 5
