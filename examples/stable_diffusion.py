@@ -69,7 +69,10 @@ def _write_tokenizer_files(folder: Path) -> Path:
 def build_tokenizer(folder: Optional[Path] = None):
     from transformers import CLIPTokenizer
 
-    folder = _write_tokenizer_files(Path(folder or tempfile.mkdtemp(prefix="tiny_clip_tok_")))
+    if folder is None:  # the tokenizer reads its files once, as it is made: a temporary folder serves
+        with tempfile.TemporaryDirectory(prefix="tiny_clip_tok_") as temporary:
+            return build_tokenizer(Path(temporary))
+    folder = _write_tokenizer_files(Path(folder))
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32,
                          pad_token="<|endoftext|>")
 
