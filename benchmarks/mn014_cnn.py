@@ -19,8 +19,10 @@ starts (a ``sitecustomize`` on their ``PYTHONPATH``). Its ``optimize`` ends by l
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -71,6 +73,7 @@ sys.meta_path.insert(0, _NoCudaSync())
 
 def _no_cuda_sync() -> None:
     folder = tempfile.mkdtemp(prefix="mn014-site-")
+    atexit.register(shutil.rmtree, folder, True)  # Model Navigator's children, which read it, end before this
     with open(os.path.join(folder, "sitecustomize.py"), "w") as site:
         site.write(_NO_CUDA_SYNC)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
@@ -93,7 +96,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    os.environ["MODEL_NAVIGATOR_DEFAULT_CACHE_DIR"] = tempfile.mkdtemp(prefix="mn014-cache-")
+    cache = tempfile.mkdtemp(prefix="mn014-cache-")
+    atexit.register(shutil.rmtree, cache, True)
+    os.environ["MODEL_NAVIGATOR_DEFAULT_CACHE_DIR"] = cache
     _no_cuda_sync()
     import model_navigator as nav
     import torch
