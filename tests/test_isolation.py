@@ -224,6 +224,11 @@ def _aoti_folders() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("aotinductor_*"))
 
 
+def own_files() -> set[Path]:
+    """navdeploy's workers' files in the temp dir: faults files, folders, startup logs."""
+    return set(Path(tempfile.gettempdir()).glob("navdeploy-worker-*"))
+
+
 def test_a_worker_holding_an_aotinductor_runner_leaves_no_extracted_package(tmp_path):
     """torch's loader extracts a package into ``$TMPDIR/aotinductor_XXXXXX`` and removes it only when the loader
     is destroyed, which a worker ending with os._exit (or killed) never does: a runner kept for its profile left one
@@ -247,9 +252,6 @@ def test_a_worker_holding_an_aotinductor_runner_leaves_no_extracted_package(tmp_
 def test_an_optimize_leaves_none_of_its_workers_files_in_the_temp_dir(tmp_path):
     """Each worker's faults file, folder and log are removed as the run ends, also those of a worker started ahead of
     time that never got the module (the module's own worker may have served every candidate)."""
-    def own_files() -> set[Path]:
-        return set(Path(tempfile.gettempdir()).glob("navdeploy-worker-*"))
-
     before = own_files()
     config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "OnnxCPU"), **FAST)
     module = nav.Module(nn.Linear(4, 4).eval(), name="optimized")
@@ -258,9 +260,6 @@ def test_an_optimize_leaves_none_of_its_workers_files_in_the_temp_dir(tmp_path):
 
 
 def test_workers_started_ahead_of_time_and_never_used_leave_nothing(tmp_path):
-    def own_files() -> set[Path]:
-        return set(Path(tempfile.gettempdir()).glob("navdeploy-worker-*"))
-
     before = own_files()
     with WorkerHub() as hub:
         hub.prestart(2)

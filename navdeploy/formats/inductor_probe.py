@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 import torch
 
-from navdeploy.workspace.inductor import ENVIRONMENT_LOCK
+from navdeploy.workspace.inductor import variable_for_block
 from navdeploy.workspace.machine_cache import probe_folder, read_result, write_result
 
 log = logging.getLogger("navdeploy")
@@ -79,16 +79,8 @@ def cpu_key() -> dict[str, Any]:
 @contextlib.contextmanager
 def _inductor_cache_at(folder: Path):
     """TORCHINDUCTOR_CACHE_DIR at ``folder`` for the block (Inductor reads it on every lookup), then as it was."""
-    with ENVIRONMENT_LOCK:
-        previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-        try:
-            yield
-        finally:
-            if previous is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+    with variable_for_block("TORCHINDUCTOR_CACHE_DIR", str(folder)):
+        yield
 
 
 def warm_cpu_isa() -> None:

@@ -2,9 +2,9 @@
 
 The loader extracts each package into a new ``$TMPDIR/aotinductor_XXXXXX`` and removes it only when the loader is
 destroyed. A worker ends with ``os._exit`` (or is killed), so a runner it still held left its folder in the user's
-temp dir, one per load. A worker therefore names a folder of its own in :data:`WORKER_FOLDER_ENV`, which it and its
-parent remove when it ends; the loader extracts there. Elsewhere (the user's process) the loader lives as long as the
-runner and cleans up after itself."""
+temp dir, one per load. A worker therefore names a folder of its own in :data:`WORKER_FOLDER_ENV`, which its
+executor makes and removes once the worker is gone; the loader extracts there. Elsewhere (the user's process) the
+loader lives as long as the runner and cleans up after itself."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import contextlib
 import os
 import tempfile
 from typing import Iterator
+
+from navdeploy.workspace.inductor import variable_for_block
 
 WORKER_FOLDER_ENV = "NAVDEPLOY_WORKER_FOLDER"
 
@@ -26,12 +28,5 @@ def extracting_in_worker_folder() -> Iterator[None]:
         yield
         return
     tempfile.gettempdir()  # caches the user's temp dir for this process's Python code
-    previous = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = folder
-    try:
+    with variable_for_block("TMPDIR", folder):
         yield
-    finally:
-        if previous is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = previous

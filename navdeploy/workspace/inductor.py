@@ -49,6 +49,21 @@ _TRITON_ENV = "TRITON_CACHE_DIR"
 ENVIRONMENT_LOCK = threading.RLock()
 
 
+@contextlib.contextmanager
+def variable_for_block(name: str, value: str) -> Iterator[None]:
+    """The environment variable ``name`` is ``value`` for the block (under ``ENVIRONMENT_LOCK``), then as it was."""
+    with ENVIRONMENT_LOCK:
+        previous = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = previous
+
+
 def cache_dir(module_folder: Path) -> Path:
     """The inductor cache of the module whose folder is ``module_folder``: ``<workspace>/inductor_cache/<module>``."""
     return module_folder.parent / CACHE_DIR / module_folder.name
