@@ -17,7 +17,8 @@ from torch import nn
 
 import navdeploy as nav
 from navdeploy.candidates.build import Task
-from navdeploy.candidates.isolation import Executor, WorkerHub
+from navdeploy.candidates.imports_ahead import defining_modules
+from navdeploy.candidates.isolation import Executor, Payload, WorkerHub
 
 FAST = dict(batch_sizes=(1, 2), max_batch_size=2, profile_time_s=0.05)
 
@@ -266,3 +267,36 @@ def test_workers_started_ahead_of_time_and_never_used_leave_nothing(tmp_path):
         assert len(own_files() - before) >= 2  # their startup logs, faults files and folders
     assert own_files() <= before
 
+
+
+def test_the_modules_that_define_the_classes_are_named_once_without_torch():
+    from stand_ins import SlowInBf16
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    names = defining_modules([SlowInBf16(nn.Sequential(nn.Linear(2, 2))), bert])
+    assert names[0] == "stand_ins" and "transformers.models.bert.modeling_bert" in names
+    assert len(names) == len(set(names)) and not any(n == "torch" or n.startswith("torch.") for n in names)
+
+
+def test_a_worker_started_ahead_imports_the_modules_of_its_first_job_before_it_gets_it(tmp_path, monkeypatch):
+    """Unpickling the first job imports the modules that define its classes (diffusers and transformers: seconds);
+    a worker started ahead of time imports them while the parent still captures. A module that fails to import is
+    logged and leaves the worker as it was."""
+    mark = tmp_path / "imported"
+    monkeypatch.setenv("NAVDEPLOY_TEST_IMPORT_MARK", str(mark))
+    with WorkerHub() as hub:
+        hub.prestart(1, ["no_such_module_for_navdeploy", "stand_in_imported_ahead"])
+        deadline = time.monotonic() + 60
+        while not mark.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert mark.exists(), "the worker did not import the module before it had a job"
+        [executor] = hub.take(1)
+        job = linear_job(tmp_path, "imported_ahead")
+        executor.assign(job, True, 300, tmp_path / "navdeploy.log", hub.gate, Payload(job))
+        record = executor.run(Task(next(iter(job.graphs)), "TorchCPU", False, "fp32", plan="build"))
+        assert record.status == "built", record.error
+        assert mark.read_text() == str(executor._proc.pid)
+        hub.give_back([executor])
+    assert "importing no_such_module_for_navdeploy ahead of the first job failed" in \
+        (tmp_path / "navdeploy.log").read_text()

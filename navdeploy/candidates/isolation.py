@@ -34,6 +34,7 @@ from typing import Callable, ContextManager, Iterator, Optional, Sequence, TypeV
 import cloudpickle
 
 from navdeploy.candidates.build import Job, Task, WorkerState, new_record, run_task
+from navdeploy.candidates.imports_ahead import import_ahead
 from navdeploy.candidates.timing_gate import Slot, TimingGate
 from navdeploy.formats.package_folder import WORKER_FOLDER_ENV
 from navdeploy.formats.registry import RUNNERS
@@ -121,10 +122,11 @@ def _main_module_last() -> None:
 
 
 def _worker_main(tasks, results, grants, log_path: str, faults_path: str, folder: str,
-                 temporary_log: bool = False) -> None:
+                 temporary_log: bool = False, imports: Sequence[str] = ()) -> None:
     """A worker: ready once started (torch imported), then for each job (one module's, sent as
     ``("job", payload, log_path, cache_env)``) runs its tasks one by one, until told to end (``None``). Workers
-    outlive a module: the next module's job reuses a warm one, with that module's inductor cache (``cache_env``)."""
+    outlive a module: the next module's job reuses a warm one, with that module's inductor cache (``cache_env``).
+    ``imports``: modules its first job will need, imported once it is ready (``imports_ahead``)."""
     global _FAULTS
     _die_with_parent()
     if folder:  # a worker is a process of navdeploy's own: its environment names its folder
@@ -150,6 +152,7 @@ def _worker_main(tasks, results, grants, log_path: str, faults_path: str, folder
         grants.get()
 
     results.put(("ready", os.getpid()))
+    import_ahead(imports)  # after "ready": the parent's wait for the job's load covers them, as it would the load
     while True:
         message = tasks.get()
         if message is None:
@@ -316,9 +319,10 @@ class Executor:
         """Whether this executor may serve another module: not stopped."""
         return not self._stopped
 
-    def _spawn(self, temporary_log: bool = False) -> None:
+    def _spawn(self, temporary_log: bool = False, imports: Sequence[str] = ()) -> None:
         """Start the worker process; it says "ready" once it has imported torch (``_await_ready``).
-        ``temporary_log``: ``log_path`` only holds its output until its first job, which takes it over."""
+        ``temporary_log``: ``log_path`` only holds its output until its first job, which takes it over.
+        ``imports``: modules the worker imports once ready, ahead of its first job."""
         ctx = mp.get_context("spawn")
         if self._faults is None:
             with contextlib.suppress(OSError):
@@ -335,7 +339,8 @@ class Executor:
         self._tasks, self._results, self._grants = ctx.Queue(), ctx.Queue(), ctx.Queue()
         proc = ctx.Process(target=_worker_main, name=f"navdeploy-{self.job.module_name if self.job else 'worker'}",
                            args=(self._tasks, self._results, self._grants, str(self.log_path),
-                                 str(self._faults or ""), str(self._folder or ""), temporary_log), daemon=True)
+                                 str(self._faults or ""), str(self._folder or ""), temporary_log, list(imports)),
+                           daemon=True)
         with self._lock:
             if self._stopped:
                 raise RunStopped(_STOPPED)
@@ -664,16 +669,18 @@ class WorkerHub:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def prestart(self, count: int) -> None:
-        """Start ``count`` workers now and return at once: they import torch while this process goes on. Their
-        output goes to a temporary file until their first job. A worker that cannot start is left for the first
-        task to report."""
+    def prestart(self, count: int, imports: Sequence[str] = ()) -> None:
+        """Start ``count`` workers now and return at once: they import torch, then ``imports`` (the modules that
+        define the classes of the modules to optimize: ``imports_ahead.defining_modules``), while this process goes
+        on. Their output goes to a temporary file until their first job. A worker that cannot start is left for
+        the first task to report."""
         for _ in range(max(1, count)):
             try:
                 fd, path = tempfile.mkstemp(prefix="navdeploy-worker-", suffix=".log")
                 os.close(fd)
                 executor = Executor(None, True, 60.0, Path(path))
-                executor._spawn(temporary_log=True)  # from this thread, which outlives it (see _die_with_parent)
+                # From this thread, which outlives it (see _die_with_parent).
+                executor._spawn(temporary_log=True, imports=imports)
             except (OSError, WorkerStartError, RunStopped) as exc:
                 log.info("could not start a worker ahead of time: %s", exc)
                 continue

@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from navdeploy.candidates.imports_ahead import defining_modules
 from navdeploy.candidates.isolation import WorkerHub
 from navdeploy.capture.recorder import Recorder
 from navdeploy.config import (
@@ -87,7 +88,7 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
             # A module alone whose bf16 copies may build beside its own candidates gets its second worker now: once
             # eager's screen says they will, a worker that starts then delays them by its start (3-4 s).
             spare = alone and any(copies_beside(m, configs[m.name], d, alone) for m, d in zip(modules, devices))
-            hub.prestart(build_workers(first) * at_once + spare)
+            hub.prestart(build_workers(first) * at_once + spare, defining_modules(m.__wrapped__ for m in modules))
         capture_start = time.perf_counter()
         with handlers(modules, lambda m, _: recorders[m.name].record), torch.no_grad():
             run_capture(func, items)
