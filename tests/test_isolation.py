@@ -18,7 +18,7 @@ from torch import nn
 import navdeploy as nav
 from navdeploy.candidates.build import Task
 from navdeploy.candidates.imports_ahead import defining_modules
-from navdeploy.candidates.isolation import Executor, Payload, WorkerHub
+from navdeploy.candidates.isolation import Executor, Payload, WorkerHub, remove_stale_worker_files
 
 FAST = dict(batch_sizes=(1, 2), max_batch_size=2, profile_time_s=0.05)
 
@@ -300,3 +300,26 @@ def test_a_worker_started_ahead_imports_the_modules_of_its_first_job_before_it_g
         hub.give_back([executor])
     assert "importing no_such_module_for_navdeploy ahead of the first job failed" in \
         (tmp_path / "navdeploy.log").read_text()
+
+
+def test_the_worker_files_of_a_run_whose_process_is_gone_are_removed_by_the_next_run(tmp_path):
+    """A run killed with SIGKILL leaves its workers' files (its workers die with it): the next run removes those
+    of processes that no longer run, and only those."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    root = Path(tempfile.gettempdir())
+    stale_file = root / f"navdeploy-worker-{gone.pid}-abcd1234.faults"
+    stale_folder = root / f"navdeploy-worker-{gone.pid}-efgh5678.tmp"
+    live_file = root / f"navdeploy-worker-{os.getpid()}-ijkl9012.faults"
+    unrelated = root / "navdeploy-worker-notapid-mnop3456.faults"
+    try:
+        for path in (stale_file, live_file, unrelated):
+            path.write_text("")
+        stale_folder.mkdir()
+        (stale_folder / "aotinductor_x").mkdir()
+        remove_stale_worker_files()
+        assert not stale_file.exists() and not stale_folder.exists()
+        assert live_file.exists() and unrelated.exists()
+    finally:
+        for path in (stale_file, live_file, unrelated):
+            path.unlink(missing_ok=True)

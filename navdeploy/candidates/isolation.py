@@ -260,6 +260,41 @@ def _crash_site(dump: str) -> Optional[str]:
     return None
 
 
+_PREFIX = "navdeploy-worker-"
+
+
+def _own_prefix() -> str:
+    """The temp-dir prefix of this process's worker files (faults file, folder, startup log): named for its pid,
+    so that a later run can tell the files of a process that is gone (``remove_stale_worker_files``)."""
+    return f"{_PREFIX}{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_worker_files() -> None:
+    """Remove the worker files of navdeploy runs whose process is gone: a run killed with SIGKILL (or by the OOM
+    killer) cannot remove its own, and its workers die with it (``_die_with_parent``). Only names this module
+    gives (``navdeploy-worker-<pid>-…``) whose pid no longer runs; a pid in use again keeps its files until then."""
+    root = Path(tempfile.gettempdir())
+    for path in root.glob(f"{_PREFIX}*-*"):
+        pid = path.name[len(_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink()
+
+
 class Payload:
     """The job as bytes for the workers, pickled once however many workers start (a module can be large)."""
 
@@ -326,12 +361,12 @@ class Executor:
         ctx = mp.get_context("spawn")
         if self._faults is None:
             with contextlib.suppress(OSError):
-                fd, path = tempfile.mkstemp(prefix=f"navdeploy-worker-{os.getpid()}-", suffix=".faults")
+                fd, path = tempfile.mkstemp(prefix=_own_prefix(), suffix=".faults")
                 os.close(fd)
                 self._faults = Path(path)
         if self._folder is None:
             with contextlib.suppress(OSError):
-                self._folder = Path(tempfile.mkdtemp(prefix=f"navdeploy-worker-{os.getpid()}-", suffix=".tmp"))
+                self._folder = Path(tempfile.mkdtemp(prefix=_own_prefix(), suffix=".tmp"))
         if temporary_log:
             self._startup_log = self.log_path
         self._ending = False
@@ -654,6 +689,7 @@ class WorkerHub:
     timing ``gate``: a build of one never overlaps a timing of another."""
 
     def __init__(self) -> None:
+        remove_stale_worker_files()  # a run killed earlier left them: its process is gone
         self.gate = TimingGate()
         self._idle: list[Executor] = []
         self._lent: list[Executor] = []
@@ -676,7 +712,7 @@ class WorkerHub:
         the first task to report."""
         for _ in range(max(1, count)):
             try:
-                fd, path = tempfile.mkstemp(prefix="navdeploy-worker-", suffix=".log")
+                fd, path = tempfile.mkstemp(prefix=_own_prefix(), suffix=".log")
                 os.close(fd)
                 executor = Executor(None, True, 60.0, Path(path))
                 # From this thread, which outlives it (see _die_with_parent).
