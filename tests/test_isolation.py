@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from torch import nn
 import navdeploy as nav
 from navdeploy.candidates.build import Task
 from navdeploy.candidates.imports_ahead import defining_modules
-from navdeploy.candidates.isolation import Executor, Payload, WorkerHub, remove_stale_worker_files
+from navdeploy.candidates.isolation import Executor, Payload, WorkerHub, _lock, remove_stale_worker_files
 
 FAST = dict(batch_sizes=(1, 2), max_batch_size=2, profile_time_s=0.05)
 
@@ -304,22 +305,45 @@ def test_a_worker_started_ahead_imports_the_modules_of_its_first_job_before_it_g
 
 def test_the_worker_files_of_a_run_whose_process_is_gone_are_removed_by_the_next_run(tmp_path):
     """A run killed with SIGKILL leaves its workers' files (its workers die with it): the next run removes those
-    of processes that no longer run, and only those."""
+    of processes that no longer run, and only those: not a live process's, nor those whose lock is held (a run in
+    another pid namespace that shares the temp dir, where its pid means nothing here)."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     root = Path(tempfile.gettempdir())
     stale_file = root / f"navdeploy-worker-{gone.pid}-abcd1234.faults"
     stale_folder = root / f"navdeploy-worker-{gone.pid}-efgh5678.tmp"
+    locked_folder = root / f"navdeploy-worker-{gone.pid}-qrst7890.tmp"
     live_file = root / f"navdeploy-worker-{os.getpid()}-ijkl9012.faults"
     unrelated = root / "navdeploy-worker-notapid-mnop3456.faults"
+    held = None
     try:
         for path in (stale_file, live_file, unrelated):
             path.write_text("")
         stale_folder.mkdir()
         (stale_folder / "aotinductor_x").mkdir()
+        locked_folder.mkdir()
+        held = _lock(locked_folder)
+        assert held is not None
         remove_stale_worker_files()
         assert not stale_file.exists() and not stale_folder.exists()
-        assert live_file.exists() and unrelated.exists()
+        assert live_file.exists() and unrelated.exists() and locked_folder.exists()
     finally:
+        if held is not None:
+            os.close(held)
         for path in (stale_file, live_file, unrelated):
             path.unlink(missing_ok=True)
+        shutil.rmtree(locked_folder, ignore_errors=True)
+
+
+def test_an_executor_locks_its_worker_files_while_they_exist(tmp_path):
+    job = linear_job(tmp_path, "locked")
+    executor = Executor(job, True, 300, tmp_path / "navdeploy.log")
+    try:
+        record = executor.run(Task(next(iter(job.graphs)), "TorchCPU", False, "fp32", plan="build"))
+        assert record.status == "built", record.error
+        for path in (executor._faults, executor._folder):
+            assert path is not None and path.exists()
+            assert _lock(path) is None  # another open of it cannot take the lock
+    finally:
+        executor.close()
+    assert not executor._held

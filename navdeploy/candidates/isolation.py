@@ -33,6 +33,11 @@ from typing import Callable, ContextManager, Iterator, Optional, Sequence, TypeV
 
 import cloudpickle
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: no worker files are ever removed as stale there
+    fcntl = None  # type: ignore[assignment]
+
 from navdeploy.candidates.build import Job, Task, WorkerState, new_record, run_task
 from navdeploy.candidates.imports_ahead import import_ahead
 from navdeploy.candidates.timing_gate import Slot, TimingGate
@@ -279,20 +284,46 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _lock(path: Path) -> Optional[int]:
+    """An open descriptor of ``path`` (a file or a folder) holding an exclusive ``flock`` on it, or None where
+    another process holds one (or locks are not available). The kernel drops the lock when its holder dies."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def remove_stale_worker_files() -> None:
     """Remove the worker files of navdeploy runs whose process is gone: a run killed with SIGKILL (or by the OOM
     killer) cannot remove its own, and its workers die with it (``_die_with_parent``). Only names this module
-    gives (``navdeploy-worker-<pid>-…``) whose pid no longer runs; a pid in use again keeps its files until then."""
+    gives (``navdeploy-worker-<pid>-…``) whose pid no longer runs here, and whose lock (held by the executor that
+    made them, for as long as its process lives) is free: a run in another pid namespace that shares this temp dir
+    keeps its files."""
     root = Path(tempfile.gettempdir())
     for path in root.glob(f"{_PREFIX}*-*"):
         pid = path.name[len(_PREFIX):].split("-", 1)[0]
         if not pid.isdigit() or _alive(int(pid)):
             continue
-        with contextlib.suppress(OSError):
+        fd = _lock(path)
+        if fd is None:
+            continue
+        try:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
-                path.unlink()
+                path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 class Payload:
@@ -332,6 +363,7 @@ class Executor:
         self._faults: Optional[Path] = None  # the worker's faulthandler file, one per executor
         self._folder: Optional[Path] = None  # the worker's temporary folder (package_folder.py), one per executor
         self._startup_log: Optional[Path] = None  # a worker started ahead of time writes here until its first job
+        self._held: list[int] = []  # descriptors locking the files above (``remove_stale_worker_files``)
         self._ending = False  # the worker was told to end after its task
         self._lock = threading.Lock()  # guards _proc and _stopped against stop() from another thread
         self._stopped = False  # set by stop(): no further task starts
@@ -364,11 +396,14 @@ class Executor:
                 fd, path = tempfile.mkstemp(prefix=_own_prefix(), suffix=".faults")
                 os.close(fd)
                 self._faults = Path(path)
+                self._hold(self._faults)
         if self._folder is None:
             with contextlib.suppress(OSError):
                 self._folder = Path(tempfile.mkdtemp(prefix=_own_prefix(), suffix=".tmp"))
+                self._hold(self._folder)
         if temporary_log:
             self._startup_log = self.log_path
+            self._hold(self.log_path)
         self._ending = False
         self._sent = None
         self._tasks, self._results, self._grants = ctx.Queue(), ctx.Queue(), ctx.Queue()
@@ -537,6 +572,12 @@ class Executor:
             self._faults = None
         self._remove_own_files()
 
+    def _hold(self, path: Path) -> None:
+        """Lock a file of this executor's for as long as it exists: another run never removes it as stale."""
+        fd = _lock(path)
+        if fd is not None:
+            self._held.append(fd)
+
     def _remove_own_files(self) -> None:
         """Once the worker is gone: its folder (what the runners it still held extracted there; it ends with
         os._exit, or was killed, so their destructors never ran), and the log of a worker started ahead of time
@@ -551,6 +592,9 @@ class Executor:
                     with open(startup) as printed, open(self.log_path, "a") as module_log:
                         module_log.write(printed.read())
                 startup.unlink()
+        held, self._held = self._held, []
+        for fd in held:
+            os.close(fd)
 
 
 def side_by_side(threads: ThreadPoolExecutor, fn: Callable[[T], R], items: Sequence[T],
