@@ -131,7 +131,7 @@ def _worker_main(tasks, results, grants, log_path: str, faults_path: str, folder
     """A worker: ready once started (torch imported), then for each job (one module's, sent as
     ``("job", payload, log_path, cache_env)``) runs its tasks one by one, until told to end (``None``). Workers
     outlive a module: the next module's job reuses a warm one, with that module's inductor cache (``cache_env``).
-    ``imports``: modules its first job will need, imported once it is ready (``imports_ahead``)."""
+    ``imports``: modules its first job will need, imported before it says it is ready (``imports_ahead``)."""
     global _FAULTS
     _die_with_parent()
     if folder:  # a worker is a process of navdeploy's own: its environment names its folder
@@ -156,8 +156,10 @@ def _worker_main(tasks, results, grants, log_path: str, faults_path: str, folder
         results.put(("timing", None))
         grants.get()
 
+    # Before "ready": the parent lets a module's first timing start only once its workers are ready (``settle``),
+    # and one still importing would take a core from that timing.
+    import_ahead(imports)
     results.put(("ready", os.getpid()))
-    import_ahead(imports)  # after "ready": the parent's wait for the job's load covers them, as it would the load
     while True:
         message = tasks.get()
         if message is None:
@@ -389,7 +391,7 @@ class Executor:
     def _spawn(self, temporary_log: bool = False, imports: Sequence[str] = ()) -> None:
         """Start the worker process; it says "ready" once it has imported torch (``_await_ready``).
         ``temporary_log``: ``log_path`` only holds its output until its first job, which takes it over.
-        ``imports``: modules the worker imports once ready, ahead of its first job."""
+        ``imports``: modules the worker imports before it says it is ready, ahead of its first job."""
         ctx = mp.get_context("spawn")
         if self._faults is None:
             with contextlib.suppress(OSError):
