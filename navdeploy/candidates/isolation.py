@@ -35,7 +35,7 @@ import cloudpickle
 
 try:
     import fcntl
-except ImportError:  # not on Windows: no worker files are ever removed as stale there
+except ImportError:  # Windows: no locks, so no worker file is ever removed as stale there
     fcntl = None  # type: ignore[assignment]
 
 from navdeploy.candidates.build import Job, Task, WorkerState, new_record, run_task
@@ -318,12 +318,11 @@ def remove_stale_worker_files() -> None:
         if fd is None:
             continue
         try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        except OSError:
-            pass
+            with contextlib.suppress(OSError):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
         finally:
             os.close(fd)
 
