@@ -128,7 +128,7 @@ def _main_module_last() -> None:
 
 def _worker_main(tasks, results, grants, log_path: str, faults_path: str, folder: str,
                  temporary_log: bool = False, imports: Sequence[str] = ()) -> None:
-    """A worker: ready once started (torch imported), then for each job (one module's, sent as
+    """A worker: ready once started (torch and ``imports`` imported), then for each job (one module's, sent as
     ``("job", payload, log_path, cache_env)``) runs its tasks one by one, until told to end (``None``). Workers
     outlive a module: the next module's job reuses a warm one, with that module's inductor cache (``cache_env``).
     ``imports``: modules its first job will need, imported before it says it is ready (``imports_ahead``)."""
@@ -388,7 +388,7 @@ class Executor:
         return not self._stopped
 
     def _spawn(self, temporary_log: bool = False, imports: Sequence[str] = ()) -> None:
-        """Start the worker process; it says "ready" once it has imported torch (``_await_ready``).
+        """Start the worker process; it says "ready" once it has imported torch and ``imports`` (``_await_ready``).
         ``temporary_log``: ``log_path`` only holds its output until its first job, which takes it over.
         ``imports``: modules the worker imports before it says it is ready, ahead of its first job."""
         ctx = mp.get_context("spawn")
@@ -445,7 +445,7 @@ class Executor:
         )
 
     def settle(self) -> None:
-        """Wait until a worker started ahead of time has imported torch (no-op for one that has, or none): only a
+        """Wait until a worker started ahead of time is ready (no-op for one that is, or none): only a
         worker started for a task starts inside the timing gate. A worker that cannot start is left for the first
         task to report."""
         if self._proc is not None and not self._ready and not self._stopped:
@@ -688,7 +688,7 @@ class ExecutorPool:
             self._threads.shutdown(wait=True)
 
     def settle(self) -> None:
-        """Wait until every worker of the pool started ahead of time (``WorkerHub.prestart``) has imported torch:
+        """Wait until every worker of the pool started ahead of time (``WorkerHub.prestart``) is ready:
         the first timing of a module must not run beside a second worker's start-up."""
         for executor in self._all:
             executor.settle()
