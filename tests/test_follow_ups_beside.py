@@ -166,6 +166,13 @@ def test_the_copies_are_decided_on_eager_and_its_copy_screened_in_turns(tmp_path
     assert (int(found[3]), int(found[4])) == (COPY_ROUNDS + 1, COPY_ROUNDS)
     skipped = candidates["TorchScriptCPU[bf16]"]
     assert skipped.status == "skipped" and f"({found[1]} against {found[2]} ms" in skipped.error, skipped.error
+    if follow_ups_beside(config, "cpu", model.__wrapped__, alone=True):
+        # The spare worker's first task is eager's copy, screened (and in turns) before any other build starts:
+        # in a chain beside the builds, its screen waited for them while that worker idled.
+        copy, build = candidates["TorchCPU[bf16]"], candidates["TorchScriptCPU"]
+        assert copy.window.end <= build.window.start, (copy.window, build.window)
+        log_lines = [line for line in log.splitlines() if "[worker]" not in line]
+        assert sum("TorchCPU[bf16]: screened" in line for line in log_lines) == 1, log[-3000:]  # not built again
     x = torch.randn(8, 512)
     with torch.no_grad():
         torch.testing.assert_close(model(x), model.__wrapped__(x), atol=1e-4, rtol=1e-3)  # an fp32 winner

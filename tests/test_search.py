@@ -639,3 +639,30 @@ def test_a_bound_runner_is_warmed_up_on_what_was_profiled(tmp_path):
     warmed = [(batch, tuple(inputs[0].shape)) for batch, inputs in warm_up_inputs(manifest_graph, record,
                                                                                     graph.samples)]
     assert warmed == [(None, (2, 12, 8)), (None, (4, 32, 8)), (1, (1, 32, 8)), (2, (2, 32, 8)), (8, (8, 32, 8))]
+
+
+def test_a_round_uses_the_runner_its_worker_loaded_for_the_round_before(tmp_path):
+    """Rounds that take turns (eager and its copy screened in turns, leaders profiled in turns) load and verify a
+    runner once per worker: the next round times the loaded one. A task that is not a round loads it again."""
+    from navdeploy.candidates.build import Job, Task, WorkerState, run_task
+    from navdeploy.capture.recorder import Recorder
+
+    module = nn.Sequential(nn.Linear(16, 16), nn.ReLU()).eval()
+    recorder = Recorder("rounds", 4, None)
+    recorder.record(module, (torch.randn(2, 16),), {})
+    graph = recorder.finish()[0]
+    job = Job("rounds", module, None, {graph.key: graph}, tmp_path, "cpu", "fp32", {"fp32": (1e-4, 1e-3)}, None,
+              (1, 2, 4), 4, 0.05)
+    state = WorkerState()
+
+    def screen(rounds: bool):
+        record = run_task(job, Task(graph.key, "TorchCPU", export=False, precision="fp32", plan="screen",
+                                    screen_batch=2, rounds=rounds), state)
+        assert record.status == "screened" and record.screen is not None, (record.status, record.error)
+        return record
+
+    first = screen(rounds=True)
+    assert "verify_s" in first.times  # loaded and checked against eager
+    again = screen(rounds=True)
+    assert "verify_s" not in again.times and "load_s" not in again.times, again.times
+    assert "verify_s" in screen(rounds=False).times

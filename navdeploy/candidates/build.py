@@ -69,8 +69,12 @@ class Task:
     which loads and verifies its build again.
 
     ``batch_sizes``, ``profile_s`` and ``min_calls`` narrow a ``profile`` to one round of several (the batch sizes
-    to time, the budget for each, the fewest calls each rests on): leaders are profiled in rounds that take turns
-    (``optimize.module._profile_together``), and a runner loaded for one round stays loaded for the next.
+    to time, the budget for each, the fewest calls each rests on).
+
+    ``rounds``: the task is one round of several that take turns with other candidates' (leaders' full profiles,
+    ``optimize.module._profile_together``; eager and its copy in a follow-up precision screened in turns,
+    ``eager_copy_in_turns``): it uses the runner this worker loaded for an earlier round, or kept after its screen,
+    without loading and verifying it again, and keeps it loaded for the next round.
 
     ``retime``: the task times a candidate verified earlier (a screen or profile from its build). Without
     ``export`` it asks for timing as it starts rather than entering as a build first: a build that other modules
@@ -90,6 +94,7 @@ class Task:
     profile_s: Optional[float] = None
     min_calls: Optional[int] = None
     retime: bool = False
+    rounds: bool = False
 
     @property
     def times_only(self) -> bool:
@@ -332,10 +337,9 @@ def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
     step = "export"
     try:
         with torch.no_grad():
-            rounds = task.plan == "profile" and task.profile_s is not None
-            # Screened (or profiled a round) in this worker and still loaded: verified already.
-            run = state.in_rounds.get(record.name) if rounds else None
-            if run is None and task.plan == "profile" and record.name in state.kept:
+            # Screened (or timed a round) in this worker and still loaded: verified already.
+            run = state.in_rounds.get(record.name) if task.rounds else None
+            if run is None and (task.plan == "profile" or task.rounds) and record.name in state.kept:
                 run = state.kept.pop(record.name)[1]
             if run is None:
                 flat, cast = prepare(job.module, job.forward_func, graph, runner, task.precision, job.precision,
@@ -366,7 +370,7 @@ def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
                 if task.plan == "build":
                     record.status, record.window.verified = "built", time.time()
                     return record
-            if rounds:  # loaded for the next round too
+            if task.rounds:  # loaded for the next round too
                 state.in_rounds[record.name] = run
 
             step = "profile"

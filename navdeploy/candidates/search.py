@@ -21,13 +21,18 @@ tried after that search, for a graph whose best build still takes ``FOLLOW_UP_MI
 graph of a module whose matmuls are wide (``precision.follow_up_min_ms``): the copies
 of the runners that verified (those with ``follows_up``), screened and profiled as above, and selected among all.
 Eager's copy comes first; when it is clearly slower than eager in the module's own precision, the other copies are
-not built (``low_precision_skip_reason``): the precision's kernels do not pay on that graph here. Not for a CPU
-module optimized beside others: its copies are all built before eager's copy is screened (below).
+not built (``low_precision_skip_reason``): the precision's kernels do not pay on that graph here. Eager and its copy
+are screened in turns for that decision, each runner loaded and verified once in the worker that times them
+(``Task.rounds``). Not for a CPU module optimized beside others: its copies are all built before eager's copy is
+screened (below).
 
 Where a spare worker is free (a CPU module optimized alone whose copies are not known to be tried yet), the
 candidates are built on both workers and screened only once every build is done (``optimize.module``'s
 ``builds_first``): a screen waits for the builds in flight, so a chain that screens as it goes holds its next
-build behind the other worker's longest one. A CPU module optimized beside others does the same on its one worker,
+build behind the other worker's longest one. Where eager's screen shows that the copies will be tried and eager's
+copy decides every one of them (no copy builds first: ``early_follow_up_pairs``), that copy is screened (in turns
+with eager) right after eager, while nothing builds, and then every build, the module's own and the copies, goes
+the same way on both workers, the likely winners first. A CPU module optimized beside others does the same on its one worker,
 for its own candidates and then for its follow-up copies: its screens would otherwise wait for the other modules'
 builds, one screen at a time. Its copies are then all built, eager's copy not screened first (that screen would wait
 for the other modules' builds while this worker idles).

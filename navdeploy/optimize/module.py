@@ -352,7 +352,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                 for i in rounds:
                     runner, precision = pairs[i]
                     result = executor.run(Task(graph.key, runner.name, export=False, precision=precision,
-                                               plan="screen", screen_batch=search.batch))
+                                               plan="screen", screen_batch=search.batch, rounds=True))
                     if result.status == "screened" and result.screen is not None:
                         rounds[i].append(result.screen)
         if not rounds[0]:
@@ -447,7 +447,19 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         # build.
         nonlocal side_from
         own_end = side_from = add_early_copies(eager_ms)
-        executors.map(run_chain, own_chains(1, own_end) + [[(i, *pairs[i]) for i in range(own_end, len(pairs))]])
+        copies = [(i, *pairs[i]) for i in range(own_end, len(pairs))]
+        if search.screens and copies and copies[0][1] is pairs[0][0]:
+            # No copy builds before eager's copy is timed (early_follow_up_pairs puts those first), so that chain
+            # would start with a timing: it waited for the module's longest build while the spare worker idled,
+            # and the copies it let through then built one after the other (ResNet-18: 14 s idle, 45 s in all).
+            # Screened now, while nothing builds, eager's copy lets every build start at once on both workers,
+            # screened once all are done. The chains go to whichever worker is free, the likely winners first (a
+            # copy beside its own precision's build): the two AOTInductor builds, the longest, start together.
+            run_chain(copies[:1])
+            chains = [[c for c in chain if c[0] != copies[0][0]] for chain in _chains(pairs, job.precision, 1)]
+            builds_first(sorted([chain for chain in chains if chain], key=lambda chain: chain[0][1].search_rank))
+            return
+        executors.map(run_chain, own_chains(1, own_end) + [copies])
 
     if beside:
         executors.settle()
@@ -586,7 +598,8 @@ def _profile_together(graph: Graph, job: Job, executors: ExecutorPool, search: S
             for index in [i for i in todo if i not in failed]:
                 result = _retime(graph, job, executors, search, pairs, formats, built_by, index, "profile",
                                  batch_sizes=(bs,) if bs is not None else None,
-                                 profile_s=job.profile_time_s / PROFILE_ROUNDS, min_calls=ROUND_MIN_CALLS)
+                                 profile_s=job.profile_time_s / PROFILE_ROUNDS, min_calls=ROUND_MIN_CALLS,
+                                 rounds=True)
                 if result.status != "ok":
                     failed[index] = _merge_profile(records[index], result)
                 else:
