@@ -32,10 +32,10 @@ candidates are built on both workers and screened only once every build is done 
 build behind the other worker's longest one. Where eager's screen shows that the copies will be tried and eager's
 copy decides every one of them (no copy builds first: ``early_follow_up_pairs``), that copy is screened (in turns
 with eager) right after eager, while nothing builds, and then every build, the module's own and the copies, goes
-the same way on both workers, the likely winners first. A CPU module optimized beside others does the same on its one worker,
-for its own candidates and then for its follow-up copies: its screens would otherwise wait for the other modules'
-builds, one screen at a time. Its copies are then all built, eager's copy not screened first (that screen would wait
-for the other modules' builds while this worker idles).
+the same way on both workers, the likely winners first. A CPU module optimized beside others does the same on its
+one worker, for its own candidates and then for its follow-up copies: its screens would otherwise wait for the
+other modules' builds, one screen at a time. Its copies are then all built, eager's copy not screened first (that
+screen would wait for the other modules' builds while this worker idles).
 
 A runner that runs eager's kernels uncompiled (``runs_eager_kernels``: the ExportedProgram, 0.74-1.35x eager's time
 and never selected in the bench's pipelines) is not built once a verified candidate in its precision gives a
