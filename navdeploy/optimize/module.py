@@ -443,18 +443,18 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         return own_end
 
     def early_follow_ups(eager_ms: float) -> None:
-        # The copies build on the spare worker beside the module's own candidates, as one chain that starts with a
-        # build.
+        # Where a copy builds before eager's copy is timed (early_follow_up_pairs puts those first), the copies
+        # build on the spare worker beside the module's own candidates, as one chain that starts with that build.
         nonlocal side_from
         own_end = side_from = add_early_copies(eager_ms)
         copies = [(i, *pairs[i]) for i in range(own_end, len(pairs))]
         if search.screens and copies and copies[0][1] is pairs[0][0]:
-            # No copy builds before eager's copy is timed (early_follow_up_pairs puts those first), so that chain
-            # would start with a timing: it waited for the module's longest build while the spare worker idled,
-            # and the copies it let through then built one after the other (ResNet-18: 14 s idle, 45 s in all).
-            # Screened now, while nothing builds, eager's copy lets every build start at once on both workers,
-            # screened once all are done. The chains go to whichever worker is free, the likely winners first (a
-            # copy beside its own precision's build): the two AOTInductor builds, the longest, start together.
+            # Where none does, that chain would start with a timing: it waited for the module's longest build while
+            # the spare worker idled, and the copies it let through then built one after the other (ResNet-18: 14 s
+            # idle, 45 s in all). Screened now, while nothing builds, eager's copy lets every build start at once on
+            # both workers, screened once all are done. The chains go to whichever worker is free, the likely
+            # winners first (a copy beside its own precision's build): the two AOTInductor builds, the longest,
+            # start together.
             run_chain(copies[:1])
             chains = [[c for c in chain if c[0] != copies[0][0]] for chain in _chains(pairs, job.precision, 1)]
             builds_first(sorted([chain for chain in chains if chain], key=lambda chain: chain[0][1].search_rank))
