@@ -5,7 +5,8 @@ calls the kernels, ~3.6 s of g++ at -Og on the example CNN), then the kernels (~
 The two compiles do not depend on each other; :func:`wrapper_beside_kernels` starts the wrapper's in a thread and
 lets the next compile of this thread (the kernels') run meanwhile, which then waits for the wrapper before it
 returns, so the link finds both objects. Where no core is free the two compiles share one, as they would one
-after the other.
+after the other. The wrapper itself compiles in two parts where it can, its model-independent interface taken from
+the machine cache (:mod:`navdeploy.formats.aoti_interface`).
 
 It wraps torch's private ``torch._inductor.cpp_builder.CppBuilder.build`` while the block runs, for the calling
 thread only (another thread's builds, the user's own compiles included, are untouched). A torch without it builds
@@ -18,6 +19,8 @@ import contextlib
 import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Iterator, Optional
+
+from navdeploy.formats.aoti_interface import compile_wrapper as compile_wrapper_in_parts
 
 _WRAPPER_OBJECT = "wrapper.o"  # the wrapper's object file; its sources are <key>.wrapper.cpp
 _patch_lock = threading.Lock()
@@ -51,7 +54,7 @@ def _build(builder: Any) -> None:
 
         def compile_wrapper() -> None:
             try:
-                _original(builder)
+                compile_wrapper_in_parts(builder, _original)
             except BaseException as exc:  # noqa: BLE001 - raised where it is joined
                 future.set_exception(exc)
             else:

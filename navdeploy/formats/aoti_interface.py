@@ -1,0 +1,186 @@
+"""AOTInductor's CPU wrapper compiled in two parts, the runtime's C interface taken from the machine cache.
+
+A CPU package's wrapper source is torch's ``aoti_runtime/interface.cpp`` (the package's C entry points, which
+instantiate the model container's templates), spliced in whole, followed by the model's own code. The interface is
+the same text for every model, yet g++ spent ~2.3 of the wrapper's ~4.5 s on it (the example CNN on the 2-core
+machine). :func:`compile_wrapper` compiles the two apart: the interface once per machine and compile command (kept
+in the machine cache, keyed by its text, the command, torch and the compiler), the model's code on its own, then
+joins the two objects into the one object torch links (``g++ -r``). Where anything is not as expected (the
+interface's text not found once in the source, no ``-o``, a compile or the join failing), the wrapper compiles in
+one piece, as torch compiles it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import shlex
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+log = logging.getLogger("navdeploy")
+
+_PROBE = "aoti-interface"  # the machine cache folder's name
+
+
+@dataclass(frozen=True)
+class _Split:
+    """One wrapper compile, split: the command's words, where its source and object are in them, and the two parts
+    of its source."""
+    words: list[str]
+    source_at: int
+    output_at: int
+    interface: str  # the source up to the interface's end: what the machine cache keeps the object of
+    model: str  # the source with the interface's definitions left out (its #include lines stay)
+
+
+@functools.lru_cache(maxsize=1)
+def _interface_text() -> str:
+    """torch's interface source, as the wrapper splices it in; empty where this torch has none."""
+    path = Path(torch._inductor.__file__).parent / "codegen" / "aoti_runtime" / "interface.cpp"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _split(command: str) -> Optional[_Split]:
+    """``command`` (a wrapper compile) split in two, or None where it cannot be (then it compiles in one piece)."""
+    interface = _interface_text()
+    words = shlex.split(command)
+    sources = [i for i, w in enumerate(words) if w.endswith(".wrapper.cpp")]
+    if not interface or len(sources) != 1 or "-o" not in words[:-1]:
+        return None
+    try:
+        text = Path(words[sources[0]]).read_text()
+    except OSError:
+        return None
+    start = text.find(interface)
+    if start < 0 or text.find(interface, start + 1) >= 0:
+        return None
+    end = start + len(interface)
+    includes = "\n".join(line for line in interface.splitlines() if line.startswith("#include"))
+    return _Split(words, sources[0], words.index("-o") + 1, text[:end] + "\n",
+                  text[:start] + includes + "\n" + text[end:])
+
+
+def _key(split: _Split) -> str:
+    """What the interface's object depends on: its text, the compile command (its own paths left out; the
+    precompiled header's path, which names the headers' hash, stays in) and torch's build."""
+    words = list(split.words)
+    words[split.source_at] = words[split.output_at] = ""
+    digest = hashlib.sha256()
+    for part in (split.interface, shlex.join(words), torch.__version__, str(torch.version.git_version)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def _cache_folder() -> Optional[Path]:
+    """The machine cache folder of compiled interfaces (None where it cannot be written)."""
+    from navdeploy.formats.inductor_probe import cpu_key
+    from navdeploy.workspace.machine_cache import probe_folder
+
+    return probe_folder(_PROBE, {**cpu_key(), "torch_git": str(torch.version.git_version)})
+
+
+def _run(words: list[str], cwd: str) -> None:
+    """One compiler command; its output in the error where it fails."""
+    done = subprocess.run(words, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{shlex.join(words[:1])} exited with {done.returncode}: "
+                           f"{done.stdout.decode(errors='replace')[-2000:]}")
+
+
+def _with(split: _Split, source: str, output: str) -> list[str]:
+    words = list(split.words)
+    words[split.source_at], words[split.output_at] = source, output
+    return words
+
+
+def _interface_object(split: _Split, scratch: Path) -> Path:
+    """The interface's object: from the machine cache, else compiled (into it where it can be written; written
+    whole or not at all, so a compile killed halfway leaves nothing another build would take)."""
+    folder = _cache_folder()
+    cached = folder / f"{_key(split)}.o" if folder is not None else None
+    if cached is not None and cached.is_file():
+        return cached
+    source = scratch / "interface.cpp"
+    source.write_text(split.interface)
+    try:
+        fd, partial = tempfile.mkstemp(suffix=".o.partial", dir=str(folder if cached is not None else scratch))
+    except OSError:  # a cache that cannot be written now: compiled for this build only
+        cached = None
+        fd, partial = tempfile.mkstemp(suffix=".o.partial", dir=str(scratch))
+    os.close(fd)
+    try:
+        _run(_with(split, str(source), partial), str(scratch))
+        if cached is None:
+            return Path(partial)
+        os.replace(partial, cached)
+        return cached
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+
+
+def _compile_split(split: _Split) -> None:
+    """The model's code compiled here, the interface's object (from the cache, or compiled in a thread meanwhile),
+    then both joined into the object torch's command writes."""
+    output = Path(split.words[split.output_at])
+    with tempfile.TemporaryDirectory(prefix=".navdeploy-wrapper-", dir=str(output.parent)) as scratch_dir:
+        scratch = Path(scratch_dir)
+        interface: dict[str, Any] = {}
+
+        def compile_interface() -> None:
+            try:
+                interface["object"] = _interface_object(split, scratch)
+            except BaseException as exc:  # noqa: BLE001 - raised below, where the join needs the object
+                interface["error"] = exc
+
+        thread = threading.Thread(target=compile_interface, name="navdeploy-aoti-interface", daemon=True)
+        thread.start()
+        model_source, model_object = scratch / "model.cpp", scratch / "model.o"
+        try:
+            model_source.write_text(split.model)
+            _run(_with(split, str(model_source), str(model_object)), scratch_dir)
+        finally:
+            thread.join()
+        if "error" in interface:
+            raise interface["error"]
+        try:
+            _run([split.words[0], "-r", "-nostdlib", "-o", str(output), str(interface["object"]), str(model_object)],
+                 scratch_dir)
+        except RuntimeError:
+            # A cached object the join rejects (a damaged disk) is dropped, so the next build compiles it again.
+            if interface["object"].parent != scratch:
+                with contextlib.suppress(OSError):
+                    interface["object"].unlink()
+            raise
+
+
+def compile_wrapper(builder: Any, original: Callable[[Any], None]) -> None:
+    """Compile the wrapper object ``builder`` stands for in two parts (see the module's docstring); where it
+    cannot be split, or the split compile fails, ``original(builder)`` compiles it as torch does."""
+    try:
+        split = _split(builder.get_command_line())
+    except Exception:  # noqa: BLE001 - an unknown builder compiles as torch does
+        split = None
+    if split is None:
+        return original(builder)
+    try:
+        _compile_split(split)
+    except Exception as exc:  # noqa: BLE001 - torch's own compile says what is wrong, if anything is
+        log.info("AOTInductor's wrapper compiles in one piece (the split compile failed: %s: %s)",
+                 type(exc).__name__, str(exc)[:500])
+        original(builder)

@@ -1,0 +1,108 @@
+"""AOTInductor's CPU wrapper compiled in two parts, its interface from the machine cache
+(``formats/aoti_interface.py``), with torch's real builds and g++."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from navdeploy.formats.aoti_compile import wrapper_beside_kernels
+from navdeploy.formats.aoti_interface import _split
+from navdeploy.formats.inductor_probe import warm_cpu_isa
+
+pytest.importorskip("torch._inductor.cpp_builder")
+
+
+def _sources_compiled(monkeypatch) -> list[str]:
+    """The source file of every compiler command run from now on (``-c``), in order."""
+    seen: list[str] = []
+    run = subprocess.run
+
+    def recording(cmd, *args, **kwargs):
+        words = cmd.split() if isinstance(cmd, str) else [str(a) for a in cmd]
+        if "-c" in words:
+            seen.extend(w for w in words if w.endswith(".cpp"))
+        return run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", recording)
+    return seen
+
+
+def _package(model: torch.nn.Module, x: torch.Tensor, folder, monkeypatch) -> str:
+    """``model`` built into an AOTInductor package in a fresh inductor cache under ``folder``, as navdeploy's
+    CPU builds run (the wrapper beside the kernels)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder / "inductor"))
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+    with wrapper_beside_kernels():
+        return torch._inductor.aoti_compile_and_package(program, package_path=str(folder / "m.pt2"))
+
+
+def _check(path: str, model: torch.nn.Module, x: torch.Tensor) -> None:
+    out = torch._inductor.aoti_load_package(path)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out[0] if isinstance(out, (list, tuple)) else out, model(x))
+
+
+@pytest.fixture(scope="module")
+def first_build(tmp_path_factory):
+    """A machine cache that was empty before one package was built with it (the ISA probe warm)."""
+    folder = tmp_path_factory.mktemp("aoti_interface")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NAVDEPLOY_MACHINE_CACHE", str(folder / "machine"))
+        warm_cpu_isa()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+        x = torch.randn(2, 8)
+        (folder / "first").mkdir()
+        _check(_package(model, x, folder / "first", patch), model, x)
+    return folder / "machine"
+
+
+@pytest.fixture
+def machine(first_build, monkeypatch):
+    """The machine cache of ``first_build``, in use (the tests below run in file order: the second damages it)."""
+    monkeypatch.setenv("NAVDEPLOY_MACHINE_CACHE", str(first_build))
+    return first_build
+
+
+def _other_model() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.GELU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    return model, torch.randn(2, 3, 16, 16)
+
+
+def test_the_interface_compiles_once_per_machine_and_another_model_reuses_it(machine, tmp_path, monkeypatch):
+    cached = list(machine.glob("aoti-interface-*/*.o"))
+    assert len(cached) == 1, cached
+    compiled = _sources_compiled(monkeypatch)
+    model, x = _other_model()
+    (tmp_path / "second").mkdir()
+    path = _package(model, x, tmp_path / "second", monkeypatch)
+    _check(path, model, x)
+    names = [source.rsplit("/", 1)[-1] for source in compiled]
+    assert "model.cpp" in names and "interface.cpp" not in names, names  # the model's part only
+    assert not any(name.endswith(".wrapper.cpp") for name in names), names  # not the whole wrapper
+    assert list(machine.glob("aoti-interface-*/*.o")) == cached
+    assert not list(machine.glob("aoti-interface-*/*.partial")) and not list((tmp_path / "second").rglob("model.o"))
+
+
+def test_a_damaged_cached_interface_builds_the_wrapper_whole_and_is_dropped(machine, tmp_path, monkeypatch):
+    (cached,) = machine.glob("aoti-interface-*/*.o")
+    cached.write_bytes(b"not an object file")
+    compiled = _sources_compiled(monkeypatch)
+    model, x = _other_model()
+    (tmp_path / "second").mkdir()
+    _check(_package(model, x, tmp_path / "second", monkeypatch), model, x)  # correct all the same
+    assert any(source.endswith(".wrapper.cpp") for source in compiled), compiled  # torch's compile, in one piece
+    assert not cached.exists()  # the next build compiles the interface again
+
+
+def test_a_command_whose_source_lacks_the_interface_is_not_split(tmp_path):
+    source = tmp_path / "x.wrapper.cpp"
+    source.write_text("int f() { return 1; }\n")
+    assert _split(f"g++ {source} -O1 -c -o {tmp_path / 'x.wrapper.o'}") is None
+    assert _split(f"g++ {source} -O1 -c") is None  # no object named
