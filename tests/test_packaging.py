@@ -112,3 +112,19 @@ def test_installed_wheel_ships_templates(venv, tmp_path):
     _run([str(navdeploy), "report", "-w", str(workspace), "-o", str(report)], env, tmp_path)
     assert "linear" in report.read_text()
     _run([str(navdeploy), "validate-repo", str(repository), "--target", "cpu"], env, tmp_path)
+
+
+def test_a_worker_imports_none_of_the_api_and_nav_optimize_stays_the_function():
+    """navdeploy's workers import ``navdeploy.candidates`` (so this package first) and need none of the API; the public
+    names are imported on first use, and ``nav.optimize`` is the function even after its subpackage's modules load."""
+    script = (
+        "import sys, navdeploy.candidates.isolation\n"
+        "loaded = sorted(m for m in ('navdeploy.api', 'navdeploy.serving', 'navdeploy.triton', 'navdeploy.report',"
+        " 'navdeploy.optimize.run') if m in sys.modules)\n"
+        "import navdeploy as nav, navdeploy.optimize.run, navdeploy.optimize.module\n"
+        "print(loaded, callable(nav.optimize), nav.optimize.__module__, nav.Module.__name__,"
+        " sorted(set(nav.__all__) - set(dir(nav))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "True", "navdeploy.api", "Module", "[]"], done.stdout
