@@ -46,11 +46,6 @@ FREEZE_MIN_WIDTH = 192
 CPU_WRAPPER_OPT_LEVEL = "Og"
 _WRAPPER_OPT_ENV = "AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL"
 
-# torch compiles a package's C++ with line tables (-g1) for the stack traces of a crash inside it; without them the
-# wrapper's and kernels' compiles beside each other took ~0.35 s less (4.99 -> 4.63 s, medians of five alternating,
-# the example CNN; benchmarks/results/aoti_wrapper_split_cpu.txt). A value the user set in the environment is kept.
-_LINE_TABLES_ENV = "AOT_INDUCTOR_ENABLE_LINE_TABLES"
-
 
 def freezes(module: torch.nn.Module, precision: str = "fp32") -> bool:
     """Whether the CPU build of ``module`` (already cast to ``precision``) freezes its weights: always in bf16,
@@ -71,8 +66,6 @@ def _export(ctx: BuildContext) -> None:
         configs["freezing"] = freezes(ctx.module, ctx.precision)
         if _WRAPPER_OPT_ENV not in os.environ and _has_aoti_config("compile_wrapper_opt_level"):
             configs["aot_inductor.compile_wrapper_opt_level"] = CPU_WRAPPER_OPT_LEVEL
-        if _LINE_TABLES_ENV not in os.environ and _has_aoti_config("enable_line_tables"):
-            configs["aot_inductor.enable_line_tables"] = False
         if configs["freezing"]:
             log.info("AOTInductor freezes the weights (constants prepacked for oneDNN): %s",
                      "a bf16 build" if ctx.precision == "bf16"
