@@ -145,8 +145,9 @@ def test_cuda_candidates_end_to_end(tmp_path):
                                          "OnnxCUDA", "TensorRT"))
     status = nav.optimize(module, [(1, torch.randn(1, 3, 32, 32, device="cuda"))], config)
     records = {c.name: c for c in status.modules["gpu_e2e"].graphs[0].candidates}
-    assert records["TorchCUDA"].status == "ok"
-    # Verified: profiled in full, or screened out by a faster one (timing decides which).
+    # Verified: profiled in full, or screened out by a faster one (timing decides which; eager was screened out on
+    # an H100 in session 30).
+    assert records["TorchCUDA"].verified, records["TorchCUDA"]
     assert records["TorchCompileCUDAGraphs[fp16]"].verified, records["TorchCompileCUDAGraphs[fp16]"]
     x = torch.randn(4, 3, 32, 32, device="cuda")
     out = module(x)
