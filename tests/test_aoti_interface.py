@@ -106,3 +106,22 @@ def test_a_command_whose_source_lacks_the_interface_is_not_split(tmp_path):
     source.write_text("int f() { return 1; }\n")
     assert _split(f"g++ {source} -O1 -c -o {tmp_path / 'x.wrapper.o'}") is None
     assert _split(f"g++ {source} -O1 -c") is None  # no object named
+
+
+
+def test_a_wrapper_splits_only_for_a_compiler_driver_that_joins_objects(tmp_path):
+    from navdeploy.formats.aoti_interface import _interface_text
+
+    source = tmp_path / "x.wrapper.cpp"
+    source.write_text("#include <cpu.h>\n" + _interface_text() + "\nint model() { return 1; }\n")
+    split = _split(f"g++ {source} -O1 -c -o {tmp_path / 'x.wrapper.o'}")
+    assert split is not None and split.model.endswith("int model() { return 1; }\n")
+    assert _interface_text() in split.interface and _interface_text() not in split.model
+    assert _split(f"ccache {source} -O1 -c -o {tmp_path / 'x.wrapper.o'}") is None  # a launcher in front
+
+
+def test_the_drivers_that_join_objects():
+    from navdeploy.formats.aoti_interface import _joins_objects
+
+    assert all(_joins_objects(c) for c in ("g++", "/usr/bin/g++-12", "x86_64-linux-gnu-g++", "clang++", "c++"))
+    assert not any(_joins_objects(c) for c in ("ccache", "cl", "/usr/bin/sccache", "icpx"))

@@ -58,7 +58,7 @@ def _split(command: str) -> Optional[_Split]:
     interface = _interface_text()
     words = shlex.split(command)
     sources = [i for i, w in enumerate(words) if w.endswith(".wrapper.cpp")]
-    if not interface or len(sources) != 1 or "-o" not in words[:-1]:
+    if not interface or len(sources) != 1 or "-o" not in words[:-1] or not _joins_objects(words[0]):
         return None
     try:
         text = Path(words[sources[0]]).read_text()
@@ -71,6 +71,14 @@ def _split(command: str) -> Optional[_Split]:
     includes = "\n".join(line for line in interface.splitlines() if line.startswith("#include"))
     return _Split(words, sources[0], words.index("-o") + 1, text[:end] + "\n",
                   text[:start] + includes + "\n" + text[end:])
+
+
+def _joins_objects(compiler: str) -> bool:
+    """Whether ``compiler`` is a GCC or Clang driver, which joins objects with ``-r`` (a launcher such as ccache
+    in front, or another compiler, compiles the wrapper whole)."""
+    name = os.path.basename(compiler)
+    return any(name == driver or name.startswith(driver + "-") or name.endswith("-" + driver)
+               for driver in ("g++", "c++", "clang++", "gcc", "cc", "clang"))
 
 
 def _key(split: _Split) -> str:
