@@ -44,7 +44,7 @@ _PUBLIC = {
 # __init__ is empty), so that the import system binds it here once, before this line, and never again when a
 # submodule of it is imported later; the name then falls through to __getattr__ below, as the others do.
 importlib.import_module("navdeploy.optimize")
-del globals()["optimize"]
+globals().pop("optimize", None)  # absent where the subpackage was loaded before (a reload)
 
 
 def __getattr__(name: str) -> Any:
@@ -57,7 +57,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+    return sorted({name for name in globals() if name.startswith("__")} | set(__all__))
 
 
 __all__ = [

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import pytest
 import torch
 
+from navdeploy.formats import aoti_interface
 from navdeploy.formats.aoti_compile import wrapper_beside_kernels
 from navdeploy.formats.aoti_interface import _split
 from navdeploy.formats.inductor_probe import warm_cpu_isa
@@ -46,11 +48,18 @@ def _check(path: str, model: torch.nn.Module, x: torch.Tensor) -> None:
         torch.testing.assert_close(out[0] if isinstance(out, (list, tuple)) else out, model(x))
 
 
+@pytest.fixture(autouse=True)
+def split_not_failed_before(monkeypatch):
+    """A split compile that failed earlier in this process (another test's) stops later ones splitting."""
+    monkeypatch.setattr(aoti_interface, "_split_failed", False)
+
+
 @pytest.fixture(scope="module")
 def first_build(tmp_path_factory):
     """A machine cache that was empty before one package was built with it (the ISA probe warm)."""
     folder = tmp_path_factory.mktemp("aoti_interface")
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(aoti_interface, "_split_failed", False)
         patch.setenv("NAVDEPLOY_MACHINE_CACHE", str(folder / "machine"))
         warm_cpu_isa()
         torch.manual_seed(0)
@@ -62,10 +71,12 @@ def first_build(tmp_path_factory):
 
 
 @pytest.fixture
-def machine(first_build, monkeypatch):
-    """The machine cache of ``first_build``, in use (the tests below run in file order: the second damages it)."""
-    monkeypatch.setenv("NAVDEPLOY_MACHINE_CACHE", str(first_build))
-    return first_build
+def machine(first_build, tmp_path, monkeypatch):
+    """A copy of ``first_build``'s machine cache, in use (a test may damage its copy)."""
+    copy = tmp_path / "machine"
+    shutil.copytree(first_build, copy)
+    monkeypatch.setenv("NAVDEPLOY_MACHINE_CACHE", str(copy))
+    return copy
 
 
 def _other_model() -> tuple[torch.nn.Module, torch.Tensor]:
@@ -99,6 +110,31 @@ def test_a_damaged_cached_interface_builds_the_wrapper_whole_and_is_dropped(mach
     _check(_package(model, x, tmp_path / "second", monkeypatch), model, x)  # correct all the same
     assert any(source.endswith(".wrapper.cpp") for source in compiled), compiled  # torch's compile, in one piece
     assert not cached.exists()  # the next build compiles the interface again
+    assert aoti_interface._split_failed  # and later builds of this process compile whole at once
+
+
+def test_the_key_follows_the_command_and_not_its_paths(tmp_path):
+    source = tmp_path / "x.wrapper.cpp"
+    source.write_text("#include <cpu.h>\n" + aoti_interface._interface_text() + "\nint model() { return 1; }\n")
+    other = tmp_path / "y.wrapper.cpp"
+    other.write_text(source.read_text())
+
+    def key(command: str) -> str:
+        split = _split(command)
+        assert split is not None
+        return aoti_interface._key(split)
+
+    base = key(f"g++ {source} -O1 -DX=1 -c -o {tmp_path / 'x.wrapper.o'}")
+    assert key(f"g++ {other} -O1 -DX=1 -c -o {tmp_path / 'y.wrapper.o'}") == base  # another model, same interface
+    assert key(f"g++ {source} -O3 -DX=1 -c -o {tmp_path / 'x.wrapper.o'}") != base
+    assert key(f"g++ {source} -O1 -DX=2 -c -o {tmp_path / 'x.wrapper.o'}") != base
+
+
+def test_a_model_part_that_uses_what_only_the_interface_defines_is_not_split(tmp_path):
+    source = tmp_path / "x.wrapper.cpp"
+    source.write_text("#include <cpu.h>\n" + aoti_interface._interface_text() +
+                      "\nint run() { CONVERT_EXCEPTION_TO_ERROR_CODE({ return 0; }) }\n")
+    assert _split(f"g++ {source} -O1 -c -o {tmp_path / 'x.wrapper.o'}") is None
 
 
 def test_a_command_whose_source_lacks_the_interface_is_not_split(tmp_path):

@@ -17,6 +17,8 @@ import functools
 import hashlib
 import logging
 import os
+import platform
+import re
 import shlex
 import subprocess
 import tempfile
@@ -30,6 +32,7 @@ import torch
 log = logging.getLogger("navdeploy")
 
 _PROBE = "aoti-interface"  # the machine cache folder's name
+_split_failed = False  # a split compile failed in this process: the later ones compile whole
 
 
 @dataclass(frozen=True)
@@ -43,14 +46,37 @@ class _Split:
     model: str  # the source with the interface's definitions left out (its #include lines stay)
 
 
+def _interface_path() -> Path:
+    return Path(torch._inductor.__file__).parent / "codegen" / "aoti_runtime" / "interface.cpp"
+
+
 @functools.lru_cache(maxsize=1)
 def _interface_text() -> str:
     """torch's interface source, as the wrapper splices it in; empty where this torch has none."""
-    path = Path(torch._inductor.__file__).parent / "codegen" / "aoti_runtime" / "interface.cpp"
     try:
-        return path.read_text().strip()
+        return _interface_path().read_text().strip()
     except OSError:
         return ""
+
+
+@functools.lru_cache(maxsize=1)
+def _interface_first_line() -> int:
+    """The line of torch's interface.cpp where its text (stripped) starts."""
+    try:
+        raw = _interface_path().read_text()
+    except OSError:
+        return 1
+    return raw[:len(raw) - len(raw.lstrip())].count("\n") + 1
+
+
+@functools.lru_cache(maxsize=1)
+def _interface_names() -> "re.Pattern[str]":
+    """What the interface defines for itself alone (its macros, types and static variables): a model part that
+    names one of them (torch's minimal-arrayref interface uses its error macro) cannot compile apart from it."""
+    text = _interface_text()
+    names = set(re.findall(r"#define\s+(\w+)", text)) | set(re.findall(r"\b(?:struct|class)\s+(\w+)", text))
+    names |= set(re.findall(r"^static\s+(?:thread_local\s+)?[\w:<>]+\s+(\w+)\s*[;={]", text, re.MULTILINE))
+    return re.compile(r"\b(?:" + "|".join(sorted(map(re.escape, names))) + r")\b") if names else re.compile(r"$^")
 
 
 def _split(command: str) -> Optional[_Split]:
@@ -68,9 +94,16 @@ def _split(command: str) -> Optional[_Split]:
     if start < 0 or text.find(interface, start + 1) >= 0:
         return None
     end = start + len(interface)
+    if _interface_names().search(text, end):
+        return None
     includes = "\n".join(line for line in interface.splitlines() if line.startswith("#include"))
-    return _Split(words, sources[0], words.index("-o") + 1, text[:end] + "\n",
-                  text[:start] + includes + "\n" + text[end:])
+    # #line keeps __FILE__ and __LINE__ (in the runtime's error messages) those of the source torch keeps: torch's
+    # interface.cpp for the first part, the wrapper for the second.
+    interface_part = (f'{text[:start]}\n#line {_interface_first_line()} "{_interface_path()}"\n'
+                      f"{interface}\n")
+    model_part = (f'{text[:start]}{includes}\n#line {text.count(chr(10), 0, end) + 1} "{words[sources[0]]}"\n'
+                  f"{text[end:]}")
+    return _Split(words, sources[0], words.index("-o") + 1, interface_part, model_part)
 
 
 def _joins_objects(compiler: str) -> bool:
@@ -81,13 +114,25 @@ def _joins_objects(compiler: str) -> bool:
                for driver in ("g++", "c++", "clang++", "gcc", "cc", "clang"))
 
 
+@functools.lru_cache(maxsize=1)
+def _cpu_identity() -> str:
+    """The CPU's model and every flag it reports: the command's -march=native compiles for exactly this CPU, and
+    a machine cache shared between hosts (a home folder on NFS) must not hand one CPU's object to another."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return "\n".join(next((line for line in lines if line.startswith(field)), "") for field in ("model name", "flags"))
+
+
 def _key(split: _Split) -> str:
     """What the interface's object depends on: its text, the compile command (its own paths left out; the
-    precompiled header's path, which names the headers' hash, stays in) and torch's build."""
+    precompiled header's path, which names the headers' hash, stays in), torch's build and the CPU."""
     words = list(split.words)
     words[split.source_at] = words[split.output_at] = ""
     digest = hashlib.sha256()
-    for part in (split.interface, shlex.join(words), torch.__version__, str(torch.version.git_version)):
+    for part in (split.interface, shlex.join(words), torch.__version__, str(torch.version.git_version),
+                 _cpu_identity()):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:32]
@@ -134,6 +179,7 @@ def _interface_object(split: _Split, scratch: Path) -> Path:
         _run(_with(split, str(source), partial), str(scratch))
         if cached is None:
             return Path(partial)
+        os.chmod(partial, 0o644)  # as the compiler's own output would be (mkstemp makes it the owner's alone)
         os.replace(partial, cached)
         return cached
     except BaseException:
@@ -180,8 +226,9 @@ def _compile_split(split: _Split) -> None:
 def compile_wrapper(builder: Any, original: Callable[[Any], None]) -> None:
     """Compile the wrapper object ``builder`` stands for in two parts (see the module's docstring); where it
     cannot be split, or the split compile fails, ``original(builder)`` compiles it as torch does."""
+    global _split_failed
     try:
-        split = _split(builder.get_command_line())
+        split = None if _split_failed else _split(builder.get_command_line())
     except Exception:  # noqa: BLE001 - an unknown builder compiles as torch does
         split = None
     if split is None:
@@ -189,6 +236,9 @@ def compile_wrapper(builder: Any, original: Callable[[Any], None]) -> None:
     try:
         _compile_split(split)
     except Exception as exc:  # noqa: BLE001 - torch's own compile says what is wrong, if anything is
-        log.info("AOTInductor's wrapper compiles in one piece (the split compile failed: %s: %s)",
-                 type(exc).__name__, str(exc)[:500])
+        # Once is enough: where it failed (a driver that cannot join objects, a full disk), it would fail again and
+        # cost every later build of this process its compiles twice.
+        _split_failed = True
+        log.info("AOTInductor's wrapper compiles in one piece from now on in this process (the split compile "
+                 "failed: %s: %s)", type(exc).__name__, str(exc)[:500])
         original(builder)
