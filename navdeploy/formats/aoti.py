@@ -53,9 +53,9 @@ def freezes(module: torch.nn.Module, precision: str = "fp32") -> bool:
     return precision == "bf16" or mostly_wide_matmuls(module, FREEZE_MIN_WIDTH)
 
 
-def _has_aoti_config(name: str) -> bool:
-    """Whether this torch has ``aot_inductor.<name>`` as a config (an unknown key raises)."""
-    return hasattr(torch._inductor.config.aot_inductor, name)
+def _has_wrapper_opt_level() -> bool:
+    """Whether this torch has the wrapper's optimization level as a config (torch 2.8 on; an unknown key raises)."""
+    return hasattr(torch._inductor.config.aot_inductor, "compile_wrapper_opt_level")
 
 
 def _export(ctx: BuildContext) -> None:
@@ -64,7 +64,7 @@ def _export(ctx: BuildContext) -> None:
     if ctx.device == "cpu":
         warm_cpu_isa()
         configs["freezing"] = freezes(ctx.module, ctx.precision)
-        if _WRAPPER_OPT_ENV not in os.environ and _has_aoti_config("compile_wrapper_opt_level"):
+        if _WRAPPER_OPT_ENV not in os.environ and _has_wrapper_opt_level():
             configs["aot_inductor.compile_wrapper_opt_level"] = CPU_WRAPPER_OPT_LEVEL
         if configs["freezing"]:
             log.info("AOTInductor freezes the weights (constants prepacked for oneDNN): %s",

@@ -51,22 +51,18 @@ def _interface_path() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _interface_text() -> str:
-    """torch's interface source, as the wrapper splices it in; empty where this torch has none."""
-    try:
-        return _interface_path().read_text().strip()
-    except OSError:
-        return ""
-
-
-@functools.lru_cache(maxsize=1)
-def _interface_first_line() -> int:
-    """The line of torch's interface.cpp where its text (stripped) starts."""
+def _interface() -> tuple[str, int]:
+    """torch's interface source as the wrapper splices it in (stripped; empty where this torch has none), and the
+    line of interface.cpp where that text starts."""
     try:
         raw = _interface_path().read_text()
     except OSError:
-        return 1
-    return raw[:len(raw) - len(raw.lstrip())].count("\n") + 1
+        return "", 1
+    return raw.strip(), raw[:len(raw) - len(raw.lstrip())].count("\n") + 1
+
+
+def _interface_text() -> str:
+    return _interface()[0]
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,7 +95,7 @@ def _split(command: str) -> Optional[_Split]:
     includes = "\n".join(line for line in interface.splitlines() if line.startswith("#include"))
     # #line keeps __FILE__ and __LINE__ (in the runtime's error messages) those of the source torch keeps: torch's
     # interface.cpp for the first part, the wrapper for the second.
-    interface_part = (f'{text[:start]}\n#line {_interface_first_line()} "{_interface_path()}"\n'
+    interface_part = (f'{text[:start]}\n#line {_interface()[1]} "{_interface_path()}"\n'
                       f"{interface}\n")
     model_part = (f'{text[:start]}{includes}\n#line {text.count(chr(10), 0, end) + 1} "{words[sources[0]]}"\n'
                   f"{text[end:]}")
