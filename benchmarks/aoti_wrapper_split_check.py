@@ -1,5 +1,6 @@
 """AOTInductor CPU builds with the wrapper compiled whole (torch's way) against in two parts with the interface from
-the machine cache (``navdeploy/formats/aoti_interface.py``), with and without line tables (-g1): build seconds, A/B.
+the machine cache (``navdeploy/formats/aoti_interface.py``), with and without the model class's base instantiated in
+the interface's object (``split`` / ``split_plain``): build seconds, A/B.
 
     python benchmarks/aoti_wrapper_split_check.py [--rounds 3] [--out benchmarks/results/aoti_wrapper_split_cpu.json]
 
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ARMS = ("whole", "split", "split_no_line_tables")
+ARMS = ("whole", "split_plain", "split")
 
 
 def model_and_inputs(name: str):
@@ -51,9 +52,10 @@ def child(name: str, arm: str) -> dict:
             program = torch.export.export(model, args, kwargs)
             expected = model(*args, **kwargs)
         if arm == "whole":
-            aoti_interface._split = lambda command: None  # torch's one-piece compile
-        configs = {"aot_inductor.compile_wrapper_opt_level": "Og",
-                   "aot_inductor.enable_line_tables": arm != "split_no_line_tables"}
+            aoti_interface._split = lambda command, instantiate=True: None  # torch's one-piece compile
+        elif arm == "split_plain":
+            aoti_interface._base_failed = True  # the split of session 30: the base instantiated in every model part
+        configs = {"aot_inductor.compile_wrapper_opt_level": "Og"}
         spans: list[tuple[float, float]] = []  # every compiler command's start and end, the headers' included
         run = subprocess.run
 
@@ -102,7 +104,8 @@ def main() -> None:
     results: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.node(),
                      "cpus": os.cpu_count(), "models": {}}
     for name in args.models.split(","):
-        run_child(name, "split")  # the interface's object into the machine cache, as after a machine's first build
+        for arm in ARMS[1:]:  # the interfaces' objects into the machine cache, as after a machine's first build
+            run_child(name, arm)
         runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
         for round_ in range(args.rounds):
             for arm in ARMS if round_ % 2 == 0 else ARMS[::-1]:

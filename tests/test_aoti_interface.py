@@ -52,6 +52,7 @@ def _check(path: str, model: torch.nn.Module, x: torch.Tensor) -> None:
 def split_not_failed_before(monkeypatch):
     """A split compile that failed earlier in this process (another test's) stops later ones splitting."""
     monkeypatch.setattr(aoti_interface, "_split_failed", False)
+    monkeypatch.setattr(aoti_interface, "_base_failed", False)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,7 @@ def first_build(tmp_path_factory):
     folder = tmp_path_factory.mktemp("aoti_interface")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(aoti_interface, "_split_failed", False)
+        patch.setattr(aoti_interface, "_base_failed", False)
         patch.setenv("NAVDEPLOY_MACHINE_CACHE", str(folder / "machine"))
         warm_cpu_isa()
         torch.manual_seed(0)
@@ -99,6 +101,66 @@ def test_the_interface_compiles_once_per_machine_and_another_model_reuses_it(mac
     assert not any(name.endswith(".wrapper.cpp") for name in names), names  # not the whole wrapper
     assert list(machine.glob("aoti-interface-*/*.o")) == cached
     assert not list(machine.glob("aoti-interface-*/*.partial")) and not list((tmp_path / "second").rglob("model.o"))
+
+
+def _defined(obj, text: str) -> bool:
+    """Whether the object file ``obj`` defines a function whose demangled name contains ``text``."""
+    listing = subprocess.run(["nm", "-C", "--defined-only", str(obj)], capture_output=True, text=True, check=True)
+    return any(text in line for line in listing.stdout.splitlines())
+
+
+def _split_commands(monkeypatch, keep) -> list[tuple[list[str], str]]:
+    """Every command the split runs from now on, with the text of its ``.cpp`` source ("" for the join); the
+    join's object is copied to ``keep`` (torch deletes it once linked)."""
+    seen: list[tuple[list[str], str]] = []
+    run = aoti_interface._run
+
+    def recording(words, cwd):
+        sources = [w for w in words if w.endswith(".cpp")]
+        seen.append((list(words), open(sources[0]).read() if sources else ""))
+        run(words, cwd)
+        if "-r" in words:
+            shutil.copy(words[words.index("-o") + 1], keep)
+
+    monkeypatch.setattr(aoti_interface, "_run", recording)
+    return seen
+
+
+_BASE_CTOR = "AOTInductorModelBase<torch::aot_inductor::AOTInductorModel>::AOTInductorModelBase("
+
+
+def test_the_interface_holds_the_model_base_and_the_model_part_leaves_it_out(machine, tmp_path, monkeypatch):
+    (cached,) = machine.glob("aoti-interface-*/*.o")
+    assert _defined(cached, _BASE_CTOR)
+    joined = tmp_path / "joined.o"  # the object torch links
+    commands = _split_commands(monkeypatch, joined)
+    model, x = _other_model()
+    (tmp_path / "second").mkdir()
+    _check(_package(model, x, tmp_path / "second", monkeypatch), model, x)
+    (_, model_source), (join_words, _) = commands  # the interface came from the cache
+    assert "extern template class" in model_source and "-r" in join_words
+    assert _defined(joined, _BASE_CTOR) and _defined(joined, "AOTInductorModel::run_impl(")
+
+
+def test_an_interface_whose_base_does_not_compile_is_remembered_and_later_splits_go_without(
+        machine, tmp_path, monkeypatch):
+    # A base that cannot be instantiated stands for a torch whose runtime does not instantiate as model.h reads.
+    monkeypatch.setattr(aoti_interface, "_BASE", "torch::aot_inductor::AOTInductorModelBase<int>")
+    compiled = _sources_compiled(monkeypatch)
+    model, x = _other_model()
+    (tmp_path / "second").mkdir()
+    _check(_package(model, x, tmp_path / "second", monkeypatch), model, x)
+    assert any(source.endswith(".wrapper.cpp") for source in compiled), compiled  # this build: whole
+    assert len(list(machine.glob("aoti-interface-*/*.failed"))) == 1
+    assert aoti_interface._base_failed and not aoti_interface._split_failed
+    monkeypatch.setattr(aoti_interface, "_base_failed", False)  # as in a new process on this machine
+    commands = _split_commands(monkeypatch, tmp_path / "joined.o")
+    (tmp_path / "third").mkdir()
+    _check(_package(model, x, tmp_path / "third", monkeypatch), model, x)
+    sources = {words[words.index("-o") + 1].rsplit("/", 1)[-1]: text for words, text in commands if text}
+    assert "extern template" not in next(t for n, t in sources.items() if n == "model.o")  # split, without it
+    assert not any("AOTInductorModelBase<int>" in text for text in sources.values())
+    assert not list(machine.glob("aoti-interface-*/*.partial"))
 
 
 def test_a_damaged_cached_interface_builds_the_wrapper_whole_and_is_dropped(machine, tmp_path, monkeypatch):
