@@ -1,11 +1,14 @@
 """The search against the exhaustive one, and against Model Navigator 0.14, in one run (issue 19).
 
-    python benchmarks/bench_search.py [--only cnn,bert] [--mn-python /tmp/mn014/bin/python] [--out FILE]
+    python benchmarks/bench_search.py [--only cnn,bert] [--mn-python /tmp/mn014/bin/python] [--quick-runs 3]
+        [--out FILE]
 
 Each optimize runs cold in a fresh process (a new workspace, nothing imported yet), timed around the
 ``nav.optimize`` call. The machine cache is warmed first (Inductor's ISA probe, once per machine; its cost is
 reported as ``machine_probe_s``, what the first run on a new machine pays on top), so every run sees it alike.
-Per model: the default search (``quick``) and ``thorough=True``; the quick winner's p50 at
+Per model: the default search (``quick``), ``--quick-runs`` times (the first before Model Navigator, the next after
+it and after the thorough run, so they meet the run's changing machine: the figure is their median, with their
+range), and ``thorough=True``; each quick winner's p50 at
 the captured batch is looked up in the thorough run's full profile (the same figure source for both winners), so
 "same winner, or within 5% of its latency" is read from one run. Then Model Navigator 0.14's inplace optimize of
 the same CNN (``benchmarks/mn014_cnn.py``, in its own venv, ``target_device=CPU``), between navdeploy's runs.
@@ -34,6 +37,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,6 +141,12 @@ def navdeploy_run(model: str, mode: str) -> dict:
     return result
 
 
+def quick_run(model: str, runs: list[dict]) -> None:
+    """One more cold optimize of the default search, appended to ``runs``."""
+    runs.append(navdeploy_run(model, "quick"))
+    print(f"{model} quick {len(runs)}: {runs[-1].get('optimize_s', float('nan')):.1f} s", flush=True)
+
+
 def mn_run(mn_python: str) -> dict:
     folder = tempfile.mkdtemp(prefix="mn014-bench-")
     out = Path(folder) / "result.json"
@@ -181,6 +191,7 @@ def main() -> int:
     parser.add_argument("--only", default="cnn,bert")
     parser.add_argument("--mn-python", default="/tmp/mn014/bin/python",
                         help="Model Navigator 0.14's venv python ('' skips the comparison)")
+    parser.add_argument("--quick-runs", type=int, default=3, help="cold optimizes of the default search per model")
     parser.add_argument("--out", default=str(HERE / "results" / "search_cpu.json"))
     parser.add_argument("--child")
     parser.add_argument("--mode", default="quick")
@@ -202,17 +213,27 @@ def main() -> int:
                      "machine_probe_s": probe_s if done.returncode == 0 else None,
                      "targets": TARGETS, "models": {}}
     for model in models:
-        quick = navdeploy_run(model, "quick")
-        print(f"{model} quick: {quick.get('optimize_s', float('nan')):.1f} s", flush=True)
-        entry: dict = {"quick": quick}
+        runs: list[dict] = []
+        quick_run(model, runs)
+        entry: dict = {"quick": runs[0], "quick_runs": runs}
         if model == "cnn" and args.mn_python and Path(args.mn_python).exists():
             entry["mn014"] = mn_run(args.mn_python)  # between navdeploy's runs: the same machine state
             print(f"cnn Model Navigator 0.14: {entry['mn014'].get('optimize_s', float('nan')):.1f} s", flush=True)
+        if args.quick_runs > 1:
+            quick_run(model, runs)
         entry["thorough"] = navdeploy_run(model, "thorough")
         print(f"{model} thorough: {entry['thorough'].get('optimize_s', float('nan')):.1f} s", flush=True)
-        entry["comparison"] = compare(quick, entry["thorough"])
-        if "mn014" in entry and entry["mn014"].get("optimize_s") and quick.get("optimize_s"):
-            entry["ratio_to_mn014"] = quick["optimize_s"] / entry["mn014"]["optimize_s"]
+        while len(runs) < args.quick_runs:
+            quick_run(model, runs)
+        seconds = [r["optimize_s"] for r in runs if r.get("optimize_s")]
+        entry["quick_s"] = {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds),
+                            "runs": seconds} if seconds else None
+        comparisons = [compare(r, entry["thorough"]) for r in runs]
+        entry["comparison"] = comparisons[0]
+        entry["comparisons"] = comparisons
+        entry["every_quick_run_ok"] = all(c["ok"] for c in comparisons) and len(seconds) == len(runs)
+        if "mn014" in entry and entry["mn014"].get("optimize_s") and entry["quick_s"]:
+            entry["ratio_to_mn014"] = entry["quick_s"]["median"] / entry["mn014"]["optimize_s"]
         results["models"][model] = entry
     results["machine"]["load_average_after"] = os.getloadavg()
     out = Path(args.out)
@@ -223,18 +244,20 @@ def main() -> int:
     from rich.table import Table
 
     table = Table(title="navdeploy search: cold optimize (fresh process, new workspace), preliminary")
-    for col in ("model", "quick s", "thorough s", "MN 0.14 s", "quick / MN", "quick winner", "thorough winner",
-                "quick winner vs best"):
+    for col in ("model", "quick s (median [range])", "thorough s", "MN 0.14 s", "quick / MN", "quick winner",
+                "thorough winner", "quick winner vs best"):
         table.add_column(col)
     for model, entry in results["models"].items():
         row = entry["comparison"]["graphs"][0] if entry["comparison"]["graphs"] else {}
         mn = entry.get("mn014", {}).get("optimize_s")
         ratio = row.get("ratio_in_thorough_profile")
-        table.add_row(model, f"{entry['quick'].get('optimize_s', float('nan')):.1f}",
+        q = entry["quick_s"]
+        same = all(r.get("same_winner") for c in entry["comparisons"] for r in c["graphs"])
+        table.add_row(model, f"{q['median']:.1f} [{q['min']:.1f}-{q['max']:.1f}] n={len(q['runs'])}" if q else "-",
                       f"{entry['thorough'].get('optimize_s', float('nan')):.1f}", f"{mn:.1f}" if mn else "-",
                       f"{entry['ratio_to_mn014']:.2f}" if "ratio_to_mn014" in entry else "-",
                       str(row.get("quick_winner")), str(row.get("thorough_winner")),
-                      "same" if row.get("same_winner") else (f"{ratio:.2f}x" if ratio else "-"))
+                      "same in every run" if same else (f"{ratio:.2f}x (first run)" if ratio else "-"))
     Console().print(table)
     print(f"written to {out}")
     return 0
