@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import time
 
 import pytest
 import torch
@@ -161,6 +163,21 @@ def test_an_interface_whose_base_does_not_compile_is_remembered_and_later_splits
     assert "extern template" not in next(t for n, t in sources.items() if n == "model.o")  # split, without it
     assert not any("AOTInductorModelBase<int>" in text for text in sources.values())
     assert not list(machine.glob("aoti-interface-*/*.partial"))
+
+
+def test_a_compile_of_the_interface_sweeps_what_killed_compiles_left_and_nothing_else(machine, tmp_path, monkeypatch):
+    (cached,) = machine.glob("aoti-interface-*/*.o")
+    cached.unlink()  # this build compiles the interface again
+    stale, in_flight = cached.with_name("killed.o.partial"), cached.with_name("running.o.partial")
+    stale.write_bytes(b"half an object")
+    in_flight.write_bytes(b"another process is writing this")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    model, x = _other_model()
+    (tmp_path / "second").mkdir()
+    _check(_package(model, x, tmp_path / "second", monkeypatch), model, x)
+    assert cached.is_file() and in_flight.is_file() and not stale.exists()
+    assert (cached.parent / "key.json").is_file()
 
 
 def test_a_damaged_cached_interface_builds_the_wrapper_whole_and_is_dropped(machine, tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ import shlex
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -43,6 +44,8 @@ _split_failed = False  # a split compile failed in this process: the later ones 
 _base_failed = False  # an interface instantiating the model class's base failed here: the later ones go without
 _BASE = "torch::aot_inductor::AOTInductorModelBase<torch::aot_inductor::AOTInductorModel>"
 _FAILED = ".failed"  # beside a key's object: an interface that did not compile on this machine
+_PARTIAL = ".o.partial"  # an object being written; one this old was left by a process killed while compiling
+_PARTIAL_STALE_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -218,13 +221,25 @@ def _base_failed_here(split: _Split) -> bool:
     return folder is not None and (folder / f"{_key(split)}{_FAILED}").is_file()
 
 
+def _sweep_partials(folder: Path) -> None:
+    """Remove the partial objects in ``folder`` (this module's own) that a compile killed halfway left: none is
+    ever read, and one younger than ``_PARTIAL_STALE_S`` may be another process's compile in flight."""
+    now = time.time()
+    for partial in folder.glob(f"*{_PARTIAL}"):
+        with contextlib.suppress(OSError):
+            if now - partial.stat().st_mtime > _PARTIAL_STALE_S:
+                partial.unlink()
+
+
 def _compile_interface(split: _Split, scratch: Path, folder: Optional[Path], cached: Optional[Path]) -> Path:
     """The interface compiled into ``cached`` (the machine cache), or into ``scratch`` where it is None or cannot
     be written now."""
     source = scratch / "interface.cpp"
     source.write_text(split.interface)
+    if folder is not None:
+        _sweep_partials(folder)
     try:
-        fd, partial = tempfile.mkstemp(suffix=".o.partial", dir=str(folder if cached is not None else scratch))
+        fd, partial = tempfile.mkstemp(suffix=_PARTIAL, dir=str(folder if cached is not None else scratch))
     except OSError:  # a cache that cannot be written now: compiled for this build only
         cached = None
         fd, partial = tempfile.mkstemp(suffix=".o.partial", dir=str(scratch))
