@@ -242,7 +242,7 @@ def _compile_interface(split: _Split, scratch: Path, folder: Optional[Path], cac
         fd, partial = tempfile.mkstemp(suffix=_PARTIAL, dir=str(folder if cached is not None else scratch))
     except OSError:  # a cache that cannot be written now: compiled for this build only
         cached = None
-        fd, partial = tempfile.mkstemp(suffix=".o.partial", dir=str(scratch))
+        fd, partial = tempfile.mkstemp(suffix=_PARTIAL, dir=str(scratch))
     os.close(fd)
     try:
         _run(_with(split, str(source), partial), str(scratch))
