@@ -201,7 +201,7 @@ def _interface_object(split: _Split, scratch: Path) -> Path:
     """The interface's object: from the machine cache, else compiled (into it where it can be written; written
     whole or not at all, so a compile killed halfway leaves nothing another build would take)."""
     folder = _cache_folder()
-    cached = folder / f"{_key(split)}.o" if folder is not None else None
+    cached = _entry(folder, split, ".o") if folder is not None else None
     if cached is not None and cached.is_file():
         return cached
     try:
@@ -209,16 +209,22 @@ def _interface_object(split: _Split, scratch: Path) -> Path:
     except _CompileFailed as exc:
         if not split.instantiates or exc.returncode < 0:  # killed (out of memory, a signal): not the source's fault
             raise
-        if cached is not None:  # later builds on this machine split without the base's instantiation
+        if folder is not None:  # later builds on this machine split without the base's instantiation
             with contextlib.suppress(OSError):
-                cached.with_suffix(_FAILED).touch()
+                _entry(folder, split, _FAILED).touch()
         raise _BaseNotCompiled(str(exc)) from exc
+
+
+def _entry(folder: Path, split: _Split, suffix: str) -> Path:
+    """The machine cache's file for ``split``'s interface: its object (``.o``), or the mark that it failed to
+    compile here (``_FAILED``)."""
+    return folder / f"{_key(split)}{suffix}"
 
 
 def _base_failed_here(split: _Split) -> bool:
     """Whether an interface that instantiates the model class's base failed to compile on this machine before."""
     folder = _cache_folder()
-    return folder is not None and (folder / f"{_key(split)}{_FAILED}").is_file()
+    return folder is not None and _entry(folder, split, _FAILED).is_file()
 
 
 def _sweep_partials(folder: Path) -> None:
