@@ -26,6 +26,26 @@ class SlowInBf16(torch.nn.Module):
         return self.layers(x)
 
 
+class FastInBf16(torch.nn.Module):
+    """Compute-bound layers whose eager forward also waits 10 ms when it runs in fp32 (a stand-in for kernels that
+    are much faster in bf16 on this CPU), so that eager's bf16 copy says the copies stand for the fp32 builds; a
+    traced copy records the layers only. ``broken_bf16_trace``: a traced bf16 copy adds 1 to the output, so that it
+    fails verification."""
+
+    def __init__(self, layers: torch.nn.Module, broken_bf16_trace: bool = False):
+        super().__init__()
+        self.layers = layers
+        self.broken_bf16_trace = broken_bf16_trace
+
+    def forward(self, x):
+        if not torch.jit.is_tracing():
+            if x.dtype == torch.float32:
+                time.sleep(0.01)
+            return self.layers(x)
+        out = self.layers(x)
+        return out + 1 if self.broken_bf16_trace and x.dtype == torch.bfloat16 else out
+
+
 def linear_job(folder, name: str) -> Job:
     """The job of a small Linear with one captured graph, for tests that drive executors directly."""
     module = torch.nn.Linear(4, 4).eval()

@@ -310,12 +310,11 @@ def test_leaders_of_modules_side_by_side_are_profiled_in_turns(tmp_path, monkeyp
 
 @pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): "
                                                     "bf16 is not tried by default here")
-def test_modules_side_by_side_build_their_follow_up_copies_before_screening_them(tmp_path):
-    """Beside another module, eager's bf16 copy is not screened first to decide whether the other copies build: that
-    screen would wait for the other module's builds while this module's worker idles. Every copy is built, then
-    screened; alone, the copy below would be skipped (test_precision_follow_up). Eager shows the copies will be tried
-    (wide matmuls), so they are built with the module's own candidates, before any of them is timed, and each leader
-    is profiled in full once."""
+def test_modules_side_by_side_time_eager_and_its_copy_before_any_build(tmp_path):
+    """Beside another module, eager and eager's bf16 copy are timed in turns before any build of either module (a
+    timing asked for once the other module builds would wait for its builds in flight), so the copy decides which
+    copies build, as alone: eager's copy is slower here, so TorchScript's copy is not built. Every other build comes
+    before any screen, no timing overlaps a build, and each leader is profiled in full once."""
     def layers(seed: int) -> nn.Module:  # four 1024-wide layers: bf16 copies are tried however fast the call
         torch.manual_seed(seed)
         return nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)]).eval()
@@ -327,21 +326,24 @@ def test_modules_side_by_side_build_their_follow_up_copies_before_screening_them
     items = [(1, torch.randn(64, 1024)), (1, torch.randn(64, 1024))]
     with torch.no_grad():
         status = nav.optimize(lambda x: second(first(x)), items, config)
-    windows = {}
+    windows, eager_ends, build_starts = {}, [], []
     for name in ("copies_a", "copies_b"):
         records = {c.name: c for g in status.modules[name].graphs for c in g.candidates}
-        copies = [records["TorchCPU[bf16]"], records["TorchScriptCPU[bf16]"]]
-        assert all(c.status in ("ok", "screened") for c in copies), [(c.name, c.status, c.error) for c in copies]
         text = (status.modules[name].folder / "navdeploy.log").read_text()
-        assert "TorchScriptCPU[bf16]: built" in text, text[-3000:]
-        assert all(c.window.verified <= min(o.window.profile for o in copies) for c in copies), \
-            [(c.name, c.window) for c in copies]
-        built = [c for c in records.values() if c.name != "TorchCPU" and c.window is not None]  # eager: first
+        assert "screens in turns" in text, text[-3000:]
+        assert records["TorchCPU[bf16]"].verified, records["TorchCPU[bf16]"]
+        copy = records["TorchScriptCPU[bf16]"]
+        assert copy.status == "skipped" and copy.error.startswith("not built: TorchCPU[bf16] was "), copy
+        eager_ends += [records[n].window.end for n in ("TorchCPU", "TorchCPU[bf16]")]
+        built = [c for n, c in records.items() if n not in ("TorchCPU", "TorchCPU[bf16]") and c.window is not None]
+        assert built, records
+        build_starts += [c.window.start for c in built]
         assert max(c.window.verified for c in built) <= min(c.window.profile for c in built), \
             [(c.name, c.window) for c in built]
         for c in records.values():
             assert text.count(f"{c.name}: full profile") <= 1, text[-3000:]
         windows.update({(name, c.name): c.window for c in records.values() if c.window is not None})
+    assert max(eager_ends) <= min(build_starts), windows  # both modules' eager timings before any build
     _no_timing_overlapped_a_build(windows)
 
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from stand_ins import SlowInBf16
+from stand_ins import FastInBf16, SlowInBf16
 
 import navdeploy as nav
 from navdeploy.candidates.build import new_record
@@ -21,7 +21,13 @@ from navdeploy.candidates.precision import (
     follow_up_min_ms,
     follow_up_precisions,
 )
-from navdeploy.candidates.search import Search, follow_up_pairs, low_precision_skip_reason
+from navdeploy.candidates.search import (
+    Search,
+    copy_clearly_faster,
+    follow_up_pairs,
+    low_precision_skip_reason,
+    own_precision_skip_reason,
+)
 from navdeploy.candidates.select import own_precision_fallback
 from navdeploy.config import MinLatency
 from navdeploy.formats.registry import RUNNERS
@@ -101,6 +107,34 @@ def test_follow_up_copies_are_not_built_where_eager_gains_nothing_in_that_precis
     assert low_precision_skip_reason(compiled, own, slower, search, predicted=False) is None
 
 
+def test_the_module_own_builds_are_skipped_where_eager_copy_is_clearly_faster_and_their_copy_verified():
+    search = Search(thorough=False, screens=True, batch=4)
+    eager, compiled, twin = RUNNERS["TorchCPU"], RUNNERS["AOTInductorCPU"], RUNNERS["TorchCompileCPU"]
+    own = _record("TorchCPU", ms=5.0)
+
+    def eager_copy(ms: float):
+        return replace(_record("TorchCPU", ms=ms, precision="bf16"), status="screened",
+                       screen=ProfilePoint(4, ms, ms, 4e3 / ms, 10))
+
+    faster, copy = eager_copy(4.0), _record("AOTInductorCPU", "screened", precision="bf16")
+    assert copy_clearly_faster(own, faster, search)
+    reason = own_precision_skip_reason(compiled, copy, own, faster, search)
+    assert reason and reason.startswith("not built: TorchCPU[bf16] was 20% faster than TorchCPU (4.000 against 5.000")
+    assert "AOTInductorCPU[bf16] verified" in reason and "thorough=True" in reason
+    # torch.compile's copy is not built beside AOTInductor's: AOTInductor's copy stands for it too.
+    assert own_precision_skip_reason(twin, copy, own, faster, search)
+    # Faster within the margin (screens in turns differ by a few %), or slower: built.
+    barely = eager_copy(4.5)
+    assert not copy_clearly_faster(own, barely, search)
+    assert own_precision_skip_reason(compiled, copy, own, barely, search) is None
+    assert own_precision_skip_reason(compiled, copy, own, eager_copy(6.0), search) is None
+    assert own_precision_skip_reason(compiled, replace(copy, status="failed"), own, faster, search) is None
+    assert own_precision_skip_reason(compiled, None, own, faster, search) is None  # no copy: built
+    assert own_precision_skip_reason(eager, faster, own, faster, search) is None  # eager is the baseline
+    assert own_precision_skip_reason(compiled, copy, own, None, search) is None  # eager's copy not screened
+    assert own_precision_skip_reason(compiled, copy, own, faster, replace(search, thorough=True)) is None
+
+
 def test_eager_copy_does_not_predict_a_frozen_build_of_a_matmul_module():
     from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
@@ -134,6 +168,33 @@ def test_a_graph_whose_eager_gains_nothing_in_bf16_gets_no_compiled_bf16_copies(
     copy = records["TorchScriptCPU[bf16]"]
     assert copy.status == "skipped" and copy.error.startswith("not built: TorchCPU[bf16] was "), copy
     assert not copy.times  # never sent to a worker
+
+
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): "
+                                                    "bf16 is not tried by default here")
+@pytest.mark.parametrize("broken_copy", [False, True], ids=["copy_verifies", "copy_fails"])
+def test_a_graph_whose_eager_is_clearly_faster_in_bf16_builds_its_copies_in_place_of_its_own(tmp_path, broken_copy):
+    """Eager's bf16 copy, screened in turns with eager, runs clearly faster: TorchScript's fp32 build waits for its
+    bf16 copy and is not built once that verifies; where the copy fails verification, it is built after all."""
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)]).eval()
+    name = f"follow_up_fast_bf16_{int(broken_copy)}"
+    model = nav.Module(FastInBf16(layers, broken_bf16_trace=broken_copy), name=name, batching=False)
+    items = [(1, torch.randn(64, 1024)), (1, torch.randn(64, 1024))]
+    with torch.no_grad():
+        status = nav.optimize(lambda x: model(x), items, _config(tmp_path, pipeline_repeats=0))
+    records = {c.name: c for c in status.modules[name].graphs[0].candidates}
+    log = (status.modules[name].folder / "navdeploy.log").read_text()
+    assert "screens in turns" in log, log[-3000:]
+    own, copy = records["TorchScriptCPU"], records["TorchScriptCPU[bf16]"]
+    if broken_copy:
+        assert copy.status == "failed" and copy.step == "verify", copy
+        assert own.verified, own  # built after all: the copy stands for nothing
+        assert own.window.start >= copy.window.end, (own.window, copy.window)  # after the copy, on its chain
+    else:
+        assert copy.verified, copy
+        assert own.status == "skipped" and own.error.startswith("not built: TorchCPU[bf16] was "), own
+        assert "TorchScriptCPU[bf16] verified" in own.error and not own.times, own  # never sent to a worker
 
 
 def test_the_fallback_is_the_best_candidate_in_the_modules_own_precision():

@@ -23,19 +23,22 @@ of the runners that verified (those with ``follows_up``), screened and profiled 
 Eager's copy comes first; when it is clearly slower than eager in the module's own precision, the other copies are
 not built (``low_precision_skip_reason``): the precision's kernels do not pay on that graph here. Eager and its copy
 are screened in turns for that decision, each runner loaded and verified once in the worker that times them
-(``Task.rounds``). Not for a CPU module optimized beside others: its copies are all built before eager's copy is
-screened (below).
+(``Task.rounds``). Where the copies are known to be tried before any build (below), eager's copy being clearly
+*faster* decides the other way too: each of the module's own builds whose copy verified is not built
+(``own_precision_skip_reason``; its copy stands for it, and it waits for that copy, to be built when the copy fails).
 
 Where a spare worker is free (a CPU module optimized alone whose copies are not known to be tried yet), the
 candidates are built on both workers and screened only once every build is done (``optimize.module``'s
 ``builds_first``): a screen waits for the builds in flight, so a chain that screens as it goes holds its next
-build behind the other worker's longest one. Where eager's screen shows that the copies will be tried and eager's
-copy decides every one of them (no copy builds first: ``early_follow_up_pairs``), that copy is screened (in turns
-with eager) right after eager, while nothing builds, and then every build, the module's own and the copies, goes
-the same way on both workers, the likely winners first. A CPU module optimized beside others does the same on its
-one worker, for its own candidates and then for its follow-up copies: its screens would otherwise wait for the
-other modules' builds, one screen at a time. Its copies are then all built, eager's copy not screened first (that
-screen would wait for the other modules' builds while this worker idles).
+build behind the other worker's longest one. Where eager's screen shows that the copies will be tried, eager's copy
+is screened (in turns with eager) right after eager, while nothing builds, and then every build, the module's own
+and the copies (``early_follow_up_pairs``), goes the same way on both workers, the likely winners first; a build
+that eager's copy does not predict (``precision.eager_copy_predicts``) is built whatever it measured. A CPU module
+optimized beside others does the same on its one worker, for its own candidates and then for its follow-up copies:
+its screens would otherwise wait for the other modules' builds, one screen at a time. Eager and, where the copies
+will be tried, eager's copy in turns with it are timed first, in one hold of the timing gate, before any build of
+the module: every module beside it does the same, so all these timings come before the first build of any (asked
+for later, they would wait out the other modules' builds while this worker idles).
 
 A runner that runs eager's kernels uncompiled (``runs_eager_kernels``: the ExportedProgram, 0.74-1.35x eager's time
 and never selected in the bench's pipelines) is not built once a verified candidate in its precision gives a
@@ -197,8 +200,7 @@ def low_precision_skip_reason(runner: RunnerSpec, eager: Optional[CandidateRecor
     precision's kernels (oneDNN's bf16 matmuls and convolutions, which the compiled runners call too) do not pay on
     this graph here: its copies could win only by their own fusions. On the SD UNet eager bf16 was 12-24% slower
     than fp32 and AOTInductor bf16 16% slower than AOTInductor fp32, a 14 s build for nothing; where eager bf16 was
-    faster (ViT, VAE, MiniLM), the compiled bf16 copies were faster too. Thorough builds them all, and so does a CPU
-    module optimized beside others (its eager copy is not screened before the other copies build).
+    faster (ViT, VAE, MiniLM), the compiled bf16 copies were faster too. Thorough builds them all.
 
     ``predicted=False``: eager's copy says nothing about this one (``precision.eager_copy_predicts``), which is
     built whatever eager's copy measured."""
@@ -211,6 +213,41 @@ def low_precision_skip_reason(runner: RunnerSpec, eager: Optional[CandidateRecor
     return (f"not built: {eager_here.name} was {100 * (here / own - 1):.0f}% slower than {eager.name} ({here:.3f} "
             f"against {own:.3f} ms at {at}), so {eager_here.precision} kernels do not pay on this graph here "
             "(thorough=True builds it)")
+
+
+# How much faster than eager in the module's own precision eager's low-precision copy must be, screened in turns,
+# before the module's own builds whose copies verified are skipped. Where eager's bf16 copy ran 15-71% faster than
+# eager fp32 on the 2-core CPU machine (ViT 15%, SD VAE 17-21% in turns, ResNet-18 36%, MiniLM 71%), AOTInductor
+# bf16 beat AOTInductor fp32 by 33-87% (pipelines_cpu_session31.json); where it ran slower (GPT-2, BERT, SD UNet),
+# the fp32 builds were kept anyway. The fp32 build of such a graph costs as long as its copy (MiniLM's 18 s) to lose.
+OWN_PRECISION_SKIP_MARGIN = 0.13
+
+
+def copy_clearly_faster(eager: Optional[CandidateRecord], eager_here: Optional[CandidateRecord],
+                        search: Search) -> bool:
+    """Whether eager's copy in a follow-up precision (``eager_here``) ran ``OWN_PRECISION_SKIP_MARGIN`` or more
+    faster than eager in the module's own precision (``eager``), both screened in turns: the copies of the module's
+    own builds then stand for them (``own_precision_skip_reason``). Never when thorough."""
+    if search.thorough or eager is None or eager_here is None or not eager_here.verified:
+        return False
+    own, here = eager.screen_ms(search.batch), eager_here.screen_ms(search.batch)
+    return own is not None and here is not None and here <= own * (1 - OWN_PRECISION_SKIP_MARGIN)
+
+
+def own_precision_skip_reason(runner: RunnerSpec, copy: Optional[CandidateRecord], eager: Optional[CandidateRecord],
+                              eager_here: Optional[CandidateRecord], search: Search) -> Optional[str]:
+    """Why ``runner``, in the module's own precision, is not built, or None when it is: eager's copy in a follow-up
+    precision ran clearly faster than eager (``copy_clearly_faster``), and ``copy`` (this runner's build in that
+    precision, or its twin's) verified. That precision's kernels pay on this graph here, so the copy wins where this
+    build would (``OWN_PRECISION_SKIP_MARGIN``). Built when the copy failed, when thorough, and for eager itself."""
+    if copy is None or not copy.verified or eager is None or runner.name == eager.runner or \
+            not copy_clearly_faster(eager, eager_here, search):
+        return None
+    own, here = eager.screen_ms(search.batch), eager_here.screen_ms(search.batch)
+    at = f"batch {search.batch}" if search.batch is not None else "its captured input"
+    return (f"not built: {eager_here.name} was {100 * (1 - here / own):.0f}% faster than {eager.name} ({here:.3f} "
+            f"against {own:.3f} ms at {at}), so {eager_here.precision} kernels pay on this graph here, and "
+            f"{copy.name} verified (the search builds it when {copy.name} fails; thorough=True builds it)")
 
 
 def early_follow_up_pairs(pairs: Sequence[tuple[RunnerSpec, str]], precisions: Sequence[str],

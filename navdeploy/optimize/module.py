@@ -28,11 +28,13 @@ from navdeploy.candidates.precision import (
 from navdeploy.candidates.profile import MIN_CALLS, combine_rounds
 from navdeploy.candidates.search import (
     Search,
+    copy_clearly_faster,
     eager_kernels_skip_reason,
     early_follow_up_pairs,
     follow_up_pairs,
     graph_search,
     low_precision_skip_reason,
+    own_precision_skip_reason,
     search_order,
     twin_skip_reason,
 )
@@ -269,6 +271,37 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     def named(runner: RunnerSpec) -> bool:
         return config.runners is not None and runner.name in config.runners
 
+    def verified_copy(runner: RunnerSpec, precision: str) -> Optional[CandidateRecord]:
+        # The runner's build in a follow-up precision, or its twin's there (torch.compile's copy is not built
+        # beside AOTInductor's): what stands for the runner when own_precision_skip_reason skips it.
+        copies = (record_of(name, precision) for name in (runner.name, *runner.twin_of))
+        return next((r for r in copies if r is not None and r.verified), None)
+
+    def copies_first(chains: list[list[tuple[int, RunnerSpec, str]]]) -> list[list[tuple[int, RunnerSpec, str]]]:
+        # Where eager's copy ran clearly faster (copy_clearly_faster), each of the module's own builds that has a
+        # copy (its own or its twin's) waits for it, on the copy's chain: skipped once the copy verifies, built
+        # when it fails. One chain (one build worker) keeps its order otherwise.
+        lead = [p for p, (own, here) in copy_against.items() if copy_clearly_faster(own, here, search)]
+        placed = {(r.name, p): chain for chain in chains for _, r, p in chain}
+
+        def copy_chain(item: tuple[int, RunnerSpec, str]) -> Optional[list[tuple[int, RunnerSpec, str]]]:
+            index, runner, _ = item
+            if not 0 < index < follow_ups_from:
+                return None
+            return next((placed[(name, p)] for p in lead for name in (runner.name, *runner.twin_of)
+                         if (name, p) in placed), None)
+
+        if len(chains) == 1:
+            return [sorted(chains[0], key=lambda item: copy_chain(item) is not None)]
+        kept = []
+        for chain in chains:
+            target = copy_chain(chain[0])
+            if target is None or target is chain:
+                kept.append(chain)
+            else:
+                target.extend(chain)
+        return kept
+
     def run_chain(chain: list[tuple[int, RunnerSpec, str]], build_only: bool = False) -> None:
         # Eager's worker holds the module already: the module's own chain takes it, the follow-ups' another.
         # ``build_only``: each candidate stops once verified (status "built"), to be screened by screen_built.
@@ -295,6 +328,10 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                                                                  record_of(pairs[0][0].name, precision))
                     reason = low_precision_skip_reason(runner, own, here, search,
                                                        eager_copy_predicts(runner, job.module, precision))
+                if not reason and 0 < index < follow_ups_from:
+                    reason = next(filter(None, (own_precision_skip_reason(runner, verified_copy(runner, p), own,
+                                                                          here, search)
+                                                for p, (own, here) in copy_against.items())), None)
                 if reason:  # decided here: no worker starts, and a builds_alone runner never holds up the others
                     log.info("%s graph %s %s: skipped (%s)", job.module_name, graph.key, name, reason)
                     done(index, name, replace(new_record(runner, precision, job.precision), status="skipped",
@@ -373,34 +410,51 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     def run_from(start: int) -> None:
         # Eager runs first and alone: with several workers, or beside other modules, its timing would otherwise
         # wait for the first builds to end, holding off every build after them (timing is still alone).
-        if start == 0:
-            run_chain([(0, *pairs[0])])
-            start = 1
-        eager_record = records.get(0)
-        eager_ms = None
-        if start == 1 and follow_ups and eager_record is not None and eager_record.verified:
-            eager_ms = call_ms(eager_record, *compared) if eager_record.ok else eager_record.screen_ms(search.batch)
-        early = eager_ms is not None and follow_ups_early(eager_ms, min_ms)
-        if start == 1 and beside and eager_ms is not None:
-            if early:
-                early_follow_ups(eager_ms)
-                return
-            if search.screens:  # no copies to build (yet): the spare worker builds the module's own candidates
-                builds_first(_chains(pairs, job.precision, 1))
-                return
-        if not alone and device == "cpu" and search.screens:
-            # Beside other modules a screen waits for their builds in flight and stops their next ones meanwhile:
-            # every build of this module first, then its screens back to back. Its follow-up copies too: eager's
-            # copy, screened first to decide whether the others build, waited 15 s for the SD VAE's bf16 build on
-            # the SD UNet's worker, which then built its own; built without that screen, they overlap. Where eager
-            # shows that the copies will be tried, they are built with the module's own candidates, before any
-            # screen: the leaders' full profiles, in its own precision and again with the copies', each waited out
-            # the other modules' builds in flight (13 s of the SD UNet's first profiles).
-            if early:
+        side_by_side = not alone and device == "cpu" and search.screens
+        # Beside other modules, eager and (where the copies will be tried) eager's copy are timed in one hold of
+        # the gate, before this module's first build: a timing asked for once the others build waits for their
+        # builds in flight (15 s of the SD UNet's, for the VAE's bf16 build), and the modules beside it hold
+        # theirs meanwhile, so every module's timings come first and the builds of all start together.
+        with executors.timing_held() if start == 0 and side_by_side and follow_ups else contextlib.nullcontext():
+            if start == 0:
+                run_chain([(0, *pairs[0])])
+                start = 1
+            eager_record = records.get(0)
+            eager_ms = None
+            if start == 1 and follow_ups and eager_record is not None and eager_record.verified:
+                eager_ms = call_ms(eager_record, *compared) if eager_record.ok else \
+                    eager_record.screen_ms(search.batch)
+            early = eager_ms is not None and follow_ups_early(eager_ms, min_ms)
+            if start == 1 and beside and eager_ms is not None:
+                if early:
+                    early_follow_ups(eager_ms)
+                    return
+                if search.screens:  # no copies to build (yet): the spare worker builds the module's own candidates
+                    builds_first(_chains(pairs, job.precision, 1))
+                    return
+            if side_by_side and early:
+                # Its follow-up copies are built with the module's own candidates, before any screen: the leaders'
+                # full profiles, in its own precision and again with the copies', each waited out the other
+                # modules' builds in flight (13 s of the SD UNet's first profiles). Eager's copy, screened in turns
+                # with eager now, decides which copies build (low_precision_skip_reason) and which of the module's
+                # own builds its copies stand for (own_precision_skip_reason).
                 add_early_copies(eager_ms)
-            builds_first(own_chains(start, len(pairs)))
+                screen_eager_copy()
+        if side_by_side:
+            # Beside other modules a screen waits for their builds in flight and stops their next ones meanwhile:
+            # every build of this module first, then its screens back to back.
+            builds_first(copies_first([[c for c in chain if c[0] not in records]
+                                       for chain in own_chains(start, len(pairs))]))
             return
         executors.map(run_chain, own_chains(start, len(pairs)))
+
+    def screen_eager_copy() -> Optional[int]:
+        # Eager's copy in the follow-up precision, built, screened, and screened again in turns with eager
+        # (eager_copy_in_turns); its place in pairs, or None where it is not a candidate.
+        index = next((i for i in range(follow_ups_from, len(pairs)) if pairs[i][0] is pairs[0][0]), None)
+        if index is not None:
+            run_chain([(index, *pairs[index])])
+        return index
 
     def builds_first(chains: list[list[tuple[int, RunnerSpec, str]]]) -> None:
         # Every build on the module's workers (one beside other modules, two alone) before any timing (a chain's
@@ -443,23 +497,24 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         return own_end
 
     def early_follow_ups(eager_ms: float) -> None:
-        # Where a copy builds before eager's copy is timed (early_follow_up_pairs puts those first), the copies
-        # build on the spare worker beside the module's own candidates, as one chain that starts with that build.
+        # The copies build on the spare worker beside the module's own candidates. Eager's copy is screened first,
+        # while nothing builds (in turns with eager: it decides which copies build, and which of the module's own
+        # builds its copies stand for), then every build goes to whichever worker is free, the likely winners
+        # first, and all are screened once done. Screened later, that timing waited for the module's longest
+        # build while the spare worker idled, and the copies it let through then built one after the other
+        # (ResNet-18: 14 s idle, 45 s in all). Where the copies run clearly faster, each own build with a copy
+        # waits on its copy's chain (copies_first); otherwise the two AOTInductor builds, the longest, start
+        # together.
         nonlocal side_from
         own_end = side_from = add_early_copies(eager_ms)
         copies = [(i, *pairs[i]) for i in range(own_end, len(pairs))]
-        if search.screens and copies and copies[0][1] is pairs[0][0]:
-            # Where none does, that chain would start with a timing: it waited for the module's longest build while
-            # the spare worker idled, and the copies it let through then built one after the other (ResNet-18: 14 s
-            # idle, 45 s in all). Screened now, while nothing builds, eager's copy lets every build start at once on
-            # both workers, screened once all are done. The chains go to whichever worker is free, the likely
-            # winners first (a copy beside its own precision's build): the two AOTInductor builds, the longest,
-            # start together.
-            run_chain(copies[:1])
-            chains = [[c for c in chain if c[0] != copies[0][0]] for chain in _chains(pairs, job.precision, 1)]
-            builds_first(sorted([chain for chain in chains if chain], key=lambda chain: chain[0][1].search_rank))
+        copy_index = screen_eager_copy() if search.screens else None
+        if copy_index is None:
+            executors.map(run_chain, own_chains(1, own_end) + [copies])
             return
-        executors.map(run_chain, own_chains(1, own_end) + [copies])
+        chains = [[c for c in chain if c[0] != copy_index] for chain in _chains(pairs, job.precision, 1)]
+        builds_first(sorted(copies_first([chain for chain in chains if chain]),
+                            key=lambda chain: chain[0][1].search_rank))
 
     if beside:
         executors.settle()
