@@ -195,6 +195,12 @@ def test_a_graph_whose_eager_is_clearly_faster_in_bf16_builds_its_copies_in_plac
         assert copy.verified, copy
         assert own.status == "skipped" and own.error.startswith("not built: TorchCPU[bf16] was "), own
         assert "TorchScriptCPU[bf16] verified" in own.error and not own.times, own  # never sent to a worker
+        # Run again on the same workspace: decided again from the records the manifest keeps, and skipped again.
+        with torch.no_grad():
+            again = nav.optimize(lambda x: model(x), items, _config(tmp_path, pipeline_repeats=0))
+        records = {c.name: c for c in again.modules[name].graphs[0].candidates}
+        assert records["TorchScriptCPU"].status == "skipped", records["TorchScriptCPU"]
+        assert records["TorchScriptCPU[bf16]"].cached, records["TorchScriptCPU[bf16]"]
 
 
 def test_the_fallback_is_the_best_candidate_in_the_modules_own_precision():

@@ -271,6 +271,12 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     def named(runner: RunnerSpec) -> bool:
         return config.runners is not None and runner.name in config.runners
 
+    def eager_and_copy(precision: str) -> tuple[Optional[CandidateRecord], Optional[CandidateRecord]]:
+        # Eager and its copy in ``precision`` as screened in turns this run, else their records (an earlier run's
+        # screens, where this run took them from the manifest).
+        return copy_against.get(precision) or (record_of(pairs[0][0].name, job.precision),
+                                               record_of(pairs[0][0].name, precision))
+
     def verified_copy(runner: RunnerSpec, precision: str) -> Optional[CandidateRecord]:
         # The runner's build in a follow-up precision, or its twin's there (torch.compile's copy is not built
         # beside AOTInductor's): what stands for the runner when own_precision_skip_reason skips it.
@@ -281,7 +287,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         # Where eager's copy ran clearly faster (copy_clearly_faster), each of the module's own builds that has a
         # copy (its own or its twin's) waits for it, on the copy's chain: skipped once the copy verifies, built
         # when it fails. One chain (one build worker) keeps its order otherwise.
-        lead = [p for p, (own, here) in copy_against.items() if copy_clearly_faster(own, here, search)]
+        lead = [p for p in follow_ups if copy_clearly_faster(*eager_and_copy(p), search)]
         placed = {(r.name, p): chain for chain in chains for _, r, p in chain}
 
         def copy_chain(item: tuple[int, RunnerSpec, str]) -> Optional[list[tuple[int, RunnerSpec, str]]]:
@@ -324,14 +330,12 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                     runner, [record_of(twin, precision) for twin in runner.twin_of], search) or \
                     eager_kernels_skip_reason(runner, loadable_in(precision), search, named(runner))
                 if not reason and index >= follow_ups_from:
-                    own, here = copy_against.get(precision) or (record_of(pairs[0][0].name, job.precision),
-                                                                 record_of(pairs[0][0].name, precision))
-                    reason = low_precision_skip_reason(runner, own, here, search,
+                    reason = low_precision_skip_reason(runner, *eager_and_copy(precision), search,
                                                        eager_copy_predicts(runner, job.module, precision))
                 if not reason and 0 < index < follow_ups_from:
-                    reason = next(filter(None, (own_precision_skip_reason(runner, verified_copy(runner, p), own,
-                                                                          here, search)
-                                                for p, (own, here) in copy_against.items())), None)
+                    reason = next(filter(None, (own_precision_skip_reason(runner, verified_copy(runner, p),
+                                                                          *eager_and_copy(p), search)
+                                                for p in follow_ups)), None)
                 if reason:  # decided here: no worker starts, and a builds_alone runner never holds up the others
                     log.info("%s graph %s %s: skipped (%s)", job.module_name, graph.key, name, reason)
                     done(index, name, replace(new_record(runner, precision, job.precision), status="skipped",
