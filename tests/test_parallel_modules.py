@@ -9,7 +9,7 @@ from typing import Callable
 
 import pytest
 import torch
-from stand_ins import SlowInBf16
+from stand_ins import FastInBf16, SlowInBf16
 from torch import nn
 
 import navdeploy as nav
@@ -345,6 +345,31 @@ def test_modules_side_by_side_time_eager_and_its_copy_before_any_build(tmp_path)
         windows.update({(name, c.name): c.window for c in records.values() if c.window is not None})
     assert max(eager_ends) <= min(build_starts), windows  # both modules' eager timings before any build
     _no_timing_overlapped_a_build(windows)
+
+
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): "
+                                                    "bf16 is not tried by default here")
+def test_modules_side_by_side_build_their_copies_in_place_of_their_own_where_eager_copy_is_clearly_faster(tmp_path):
+    """Beside another module, one chain per module: where eager's bf16 copy ran clearly faster (timed in turns before
+    any build), TorchScript's fp32 build comes after its bf16 copy on the module's one worker, and is not built once
+    the copy verified."""
+    def layers(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)]).eval()
+
+    first = nav.Module(FastInBf16(layers(0)), name="fast_a", batching=False)
+    second = nav.Module(FastInBf16(layers(1)), name="fast_b", batching=False)
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU", "TorchScriptCPU"), profile_time_s=0.2,
+                                parallel_modules=2, pipeline_repeats=0)
+    items = [(1, torch.randn(64, 1024)), (1, torch.randn(64, 1024))]
+    with torch.no_grad():
+        status = nav.optimize(lambda x: second(first(x)), items, config)
+    for name in ("fast_a", "fast_b"):
+        records = {c.name: c for g in status.modules[name].graphs for c in g.candidates}
+        copy, own = records["TorchScriptCPU[bf16]"], records["TorchScriptCPU"]
+        assert copy.verified, copy
+        assert own.status == "skipped" and own.error.startswith("not built: TorchCPU[bf16] was "), own
+        assert own.window is None, own  # never sent to a worker
 
 
 @pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): a "
