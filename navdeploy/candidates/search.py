@@ -238,8 +238,9 @@ def own_precision_skip_reason(runner: RunnerSpec, copy: Optional[CandidateRecord
                               eager_here: Optional[CandidateRecord], search: Search) -> Optional[str]:
     """Why ``runner``, in the module's own precision, is not built, or None when it is: eager's copy in a follow-up
     precision ran clearly faster than eager (``copy_clearly_faster``), and ``copy`` (this runner's build in that
-    precision, or its twin's) verified. That precision's kernels pay on this graph here, so the copy wins where this
-    build would (``OWN_PRECISION_SKIP_MARGIN``). Built when the copy failed, when thorough, and for eager itself."""
+    precision, or its twin's) verified. That precision's kernels pay on this graph here, so the copy is expected to
+    beat this build (``OWN_PRECISION_SKIP_MARGIN`` says on what evidence). Built when the copy failed, when thorough,
+    and for eager itself."""
     if copy is None or not copy.verified or eager is None or runner.name == eager.runner or \
             not copy_clearly_faster(eager, eager_here, search):
         return None
