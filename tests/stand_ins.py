@@ -12,38 +12,37 @@ from navdeploy.capture.recorder import Recorder
 
 
 class SlowInBf16(torch.nn.Module):
-    """Compute-bound layers whose eager forward also waits 10 ms when it runs in bf16 (a stand-in for kernels
-    that are slower in bf16 on this CPU), so that eager's bf16 copy says the other copies do not pay; a traced copy
-    records the layers only."""
+    """Compute-bound layers whose eager forward also waits 10 ms when it runs in bf16 (``waits_in``: a stand-in for
+    kernels that are slower in bf16 on this CPU), so that eager's bf16 copy says the other copies do not pay; a
+    traced copy records the layers only."""
+
+    waits_in = torch.bfloat16
 
     def __init__(self, layers: torch.nn.Module):
         super().__init__()
         self.layers = layers
 
     def forward(self, x):
-        if x.dtype == torch.bfloat16 and not torch.jit.is_tracing():
+        if x.dtype == self.waits_in and not torch.jit.is_tracing():
             time.sleep(0.01)
         return self.layers(x)
 
 
-class FastInBf16(torch.nn.Module):
-    """Compute-bound layers whose eager forward also waits 10 ms when it runs in fp32 (a stand-in for kernels that
-    are much faster in bf16 on this CPU), so that eager's bf16 copy says the copies stand for the fp32 builds; a
-    traced copy records the layers only. ``broken_bf16_trace``: a traced bf16 copy adds 1 to the output, so that it
-    fails verification."""
+class FastInBf16(SlowInBf16):
+    """As :class:`SlowInBf16`, waiting in fp32 instead (a stand-in for kernels that are much faster in bf16 on this
+    CPU), so that eager's bf16 copy says the copies stand for the fp32 builds. ``broken_bf16_trace``: a traced bf16
+    copy adds 1 to the output, so that it fails verification."""
+
+    waits_in = torch.float32
 
     def __init__(self, layers: torch.nn.Module, broken_bf16_trace: bool = False):
-        super().__init__()
-        self.layers = layers
+        super().__init__(layers)
         self.broken_bf16_trace = broken_bf16_trace
 
     def forward(self, x):
-        if not torch.jit.is_tracing():
-            if x.dtype == torch.float32:
-                time.sleep(0.01)
-            return self.layers(x)
-        out = self.layers(x)
-        return out + 1 if self.broken_bf16_trace and x.dtype == torch.bfloat16 else out
+        out = super().forward(x)
+        broken = self.broken_bf16_trace and x.dtype == torch.bfloat16 and torch.jit.is_tracing()
+        return out + 1 if broken else out
 
 
 def linear_job(folder, name: str) -> Job:
