@@ -516,7 +516,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         if copy_index is None:
             executors.map(run_chain, own_chains(1, own_end) + [copies])
             return
-        chains = [[c for c in chain if c[0] != copy_index] for chain in _chains(pairs, job.precision, 1)]
+        chains = [[c for c in chain if c[0] not in records] for chain in _chains(pairs, job.precision, 1)]
         builds_first(sorted(copies_first([chain for chain in chains if chain]),
                             key=lambda chain: chain[0][1].search_rank))
 
