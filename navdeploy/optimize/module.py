@@ -538,8 +538,10 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                    and records[i].screen_ms(search.batch) is not None]
             best = min(own, key=lambda i: records[i].screen_ms(search.batch), default=None)
             if best is not None and records[best].status == "screened":
+                # Profiled in turns with the winner and the other leaders: the figures compared next come from one
+                # stretch of time, so a burst during the winner's earlier profile cannot hand the pick to the fallback.
                 _profile_leaders(graph, job, executors, search, pairs, records, formats, built_by, done, listener,
-                                 wanted=[best])
+                                 wanted=[best], beside=tuple(i for i in records if records[i].name == winner.name))
                 candidates, winner = chosen()
         return candidates, winner
 
@@ -583,7 +585,7 @@ def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Se
                      pairs: list[tuple[RunnerSpec, str]], records: dict[int, CandidateRecord],
                      formats: dict[str, FormatState], built_by: dict[int, Executor], done: Callable[..., None],
                      listener: OptimizeListener, wanted: Optional[list[int]] = None,
-                     rechecked: Optional[set[int]] = None) -> None:
+                     rechecked: Optional[set[int]] = None, beside: tuple[int, ...] = ()) -> None:
     """The full profile for the screened candidates that lead (``Search.leaders``), or for those at the
     ``wanted`` places, on the executor that screened each one (its worker may still hold the runner; another
     loads the build ``formats`` names). A leader whose profile fails leaves the lead to the next.
@@ -594,7 +596,8 @@ def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Se
 
     Several leaders are profiled in rounds that take turns (``_profile_together``), holding the timing gate from
     the first round to the last: no build of this module, or of one beside it, starts between two rounds. A leader
-    profiled by an earlier call (before the follow-up copies) is profiled again in turns with the new ones."""
+    profiled by an earlier call (before the follow-up copies, or before the ``wanted`` fallback) is profiled again
+    in turns with the new ones, as is each profiled candidate at ``beside``."""
     if wanted is None and rechecked is not None:
         _recheck_screens(graph, job, executors, search, pairs, records, formats, built_by, done, listener, rechecked)
     while True:
@@ -606,8 +609,8 @@ def _profile_leaders(graph: Graph, job: Job, executors: ExecutorPool, search: Se
             return
         # A leader profiled before (fp32, when the follow-up copies' leaders come) takes turns with the new ones
         # again: profiles taken a minute apart differ by up to 50% on the 2-core machine, in turns by a few %.
-        again = [i for i in sorted(records) if records[i].status == "ok" and records[i].name in leaders] \
-            if wanted is None else []
+        again = [i for i in sorted(records)
+                 if records[i].status == "ok" and (records[i].name in leaders or i in beside)]
         if len(todo) + len(again) > 1:
             with executors.timing_held():
                 _profile_together(graph, job, executors, search, pairs, records, formats, built_by, done, listener,
