@@ -303,6 +303,60 @@ def test_a_worker_started_ahead_imports_the_modules_of_its_first_job_before_it_g
         (tmp_path / "navdeploy.log").read_text()
 
 
+def test_a_module_that_starts_while_another_profiles_takes_its_warm_worker_once_given_back(tmp_path):
+    """The last module starts as the first one beside it ends, while the other still profiles: it takes the one
+    warm worker idle then, and for its second, the worker the other gives back before that one is needed, not a
+    new process (seconds of importing torch)."""
+    from navdeploy.candidates.isolation import ExecutorPool
+
+    for name in ("other", "last"):
+        (tmp_path / name).mkdir()
+    other, last = (linear_job(tmp_path / name, name) for name in ("other", "last"))
+    with WorkerHub() as hub:
+        hub.prestart(2)
+        beside = ExecutorPool(other, True, 300, tmp_path / "other" / "navdeploy.log", 1, hub)
+        [warm] = beside._all
+        tail = ExecutorPool(last, True, 300, tmp_path / "last" / "navdeploy.log", 2, hub)
+        [placeholder] = [e for e in tail._all if e.unstarted]  # no worker idle for it when the pool was made
+        beside.__exit__(None, None, None)  # the module beside ends: its warm worker goes back to the hub
+        with tail.borrow(prefer=placeholder) as executor:
+            assert executor is warm and executor.job is last
+            record = executor.run(Task(next(iter(last.graphs)), "TorchCPU", False, "fp32", plan="build"))
+            assert record.status == "built", record.error
+        assert placeholder not in tail._all and not any(e.unstarted for e in tail._all)
+        tail.__exit__(None, None, None)
+
+
+def test_the_last_modules_extra_worker_starts_when_a_module_beside_ends_its_builds_and_no_timing_overlaps_it():
+    """start_later's workers start at the first builds_done while another module still builds, once; the gate
+    counts their import as a build, so a timing asked for then waits until they are ready."""
+    import threading
+
+    with WorkerHub() as hub:
+        hub.start_later(1)
+        hub.builds_done()  # nothing builds: the last module's chain would wait for the import, so none starts
+        assert not hub._starting and not hub._idle
+        building, release = threading.Event(), threading.Event()
+
+        def another_module_builds() -> None:
+            with hub.gate.task():
+                building.set()
+                release.wait(60)
+
+        other = threading.Thread(target=another_module_builds)
+        other.start()
+        building.wait(10)
+        hub.builds_done()
+        [starting] = hub._starting
+        hub.builds_done()  # once
+        assert len(hub._starting) == 1
+        release.set()
+        other.join()
+        with hub.gate.held():  # a timing: admitted only once no build, the import included, is in flight
+            assert starting._ready and hub._idle == [starting]
+        assert hub.take(1) == [starting]
+
+
 def test_the_worker_files_of_a_run_whose_process_is_gone_are_removed_by_the_next_run(tmp_path):
     """A run killed with SIGKILL leaves its workers' files (its workers die with it): the next run removes those
     of processes that no longer run, and only those: not a live process's, nor those whose lock is held (a run in
