@@ -327,36 +327,6 @@ def test_a_module_that_starts_while_another_profiles_takes_its_warm_worker_once_
         tail.__exit__(None, None, None)
 
 
-def test_the_last_modules_extra_worker_starts_when_a_module_beside_ends_its_builds_and_no_timing_overlaps_it():
-    """start_later's workers start at the first builds_done while another module still builds, once; the gate
-    counts their import as a build, so a timing asked for then waits until they are ready."""
-    import threading
-
-    with WorkerHub() as hub:
-        hub.start_later(1)
-        hub.builds_done()  # nothing builds: the last module's chain would wait for the import, so none starts
-        assert not hub._starting and not hub._idle
-        building, release = threading.Event(), threading.Event()
-
-        def another_module_builds() -> None:
-            with hub.gate.task():
-                building.set()
-                release.wait(60)
-
-        other = threading.Thread(target=another_module_builds)
-        other.start()
-        building.wait(10)
-        hub.builds_done()
-        [starting] = hub._starting
-        hub.builds_done()  # once
-        assert len(hub._starting) == 1
-        release.set()
-        other.join()
-        with hub.gate.held():  # a timing: admitted only once no build, the import included, is in flight
-            assert starting._ready and hub._idle == [starting]
-        assert hub.take(1) == [starting]
-
-
 def test_the_worker_files_of_a_run_whose_process_is_gone_are_removed_by_the_next_run(tmp_path):
     """A run killed with SIGKILL leaves its workers' files (its workers die with it): the next run removes those
     of processes that no longer run, and only those: not a live process's, nor those whose lock is held (a run in

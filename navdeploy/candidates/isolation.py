@@ -606,20 +606,6 @@ class Executor:
             os.close(fd)
 
 
-def _start_ahead(imports: Sequence[str]) -> Optional[Executor]:
-    """An executor whose worker starts now, without a job, importing torch and ``imports``; its output goes to a
-    temporary log until its first job. None (logged) when it cannot start: the first task reports why."""
-    try:
-        fd, path = tempfile.mkstemp(prefix=_own_prefix(), suffix=".log")
-        os.close(fd)
-        executor = Executor(None, True, 60.0, Path(path))
-        executor._spawn(temporary_log=True, imports=imports)
-    except (OSError, WorkerStartError, RunStopped) as exc:
-        log.info("could not start a worker ahead of time: %s", exc)
-        return None
-    return executor
-
-
 def side_by_side(threads: ThreadPoolExecutor, fn: Callable[[T], R], items: Sequence[T],
                  stop: Callable[[], None]) -> list[R]:
     """``fn(item)`` for every item on ``threads``, each in a copy of this thread's context (a module's log takes
@@ -710,11 +696,6 @@ class ExecutorPool:
         if self._threads is not None:
             self._threads.shutdown(wait=True)
 
-    def builds_done(self) -> None:
-        """This module's builds are done, its timings come next (``WorkerHub.builds_done``)."""
-        if self._hub is not None and self._isolate:
-            self._hub.builds_done()
-
     def settle(self) -> None:
         """Wait until every worker of the pool started ahead of time (``WorkerHub.prestart``) is ready:
         the first timing of a module must not run beside a second worker's start-up."""
@@ -734,7 +715,7 @@ class ExecutorPool:
             if executor.unstarted and self._hub is not None:
                 # A module beside this one gave its warm worker back since this pool was made: it takes this
                 # executor's place rather than a worker that starts now (seconds of importing torch, on the
-                # tail module's second chain while the module before it profiled).
+                # last module's second chain as the module before it ends).
                 warm = self._hub.trade(executor)
                 if warm is not None:
                     warm.assign(*self._assignment)
@@ -779,9 +760,6 @@ class WorkerHub:
         self._module_threads: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
         self._closed = False
-        self._later: Optional[tuple[int, list[str]]] = None  # workers to start once a core frees (start_later)
-        self._starting: list[Executor] = []  # started by builds_done, not ready yet
-        self._settling: list[threading.Thread] = []  # each waits for some of those
 
     def __enter__(self) -> "WorkerHub":
         return self
@@ -795,52 +773,17 @@ class WorkerHub:
         on. Their output goes to a temporary file until their first job. A worker that cannot start is left for
         the first task to report."""
         for _ in range(max(1, count)):
-            executor = _start_ahead(imports)  # from this thread, which outlives it (see _die_with_parent)
-            if executor is not None:
-                with self._lock:
-                    self._idle.append(executor)
-
-    def start_later(self, count: int, imports: Sequence[str] = ()) -> None:
-        """Start ``count`` more workers (importing ``imports``, as ``prestart``) the first time a module's builds
-        are done while another module's still run (``builds_done``): the module optimized last takes more
-        workers than the first module to end gives back, and the core that module leaves idle imports torch for
-        them meanwhile, rather than the last module's second chain waiting seconds for a worker of its own."""
-        self._later = (count, list(imports)) if count > 0 else None
-
-    def builds_done(self) -> None:
-        """A module's builds are done (its timings come next): the workers ``start_later`` asked for start now,
-        once, if a build of another module is still in flight. They start as a build of the gate, held until they
-        are ready, so that no timing runs beside their import; the calling thread starts them (a worker dies with
-        the thread that started it, and module threads live as long as the hub)."""
-        with self._lock:
-            if self._later is None or self._closed or not self.gate.building or self.gate.held_by_this_thread():
-                return
-            (count, imports), self._later = self._later, None
-        build = self.gate.task()
-        build.__enter__()  # entered here, before this module asks to time: its timing waits for the imports
-        started = [e for e in (_start_ahead(imports) for _ in range(count)) if e is not None]
-        with self._lock:
-            self._starting.extend(started)
-
-        def settle() -> None:
             try:
-                for executor in started:
-                    executor.settle()
-            finally:
-                with self._lock:
-                    self._starting = [e for e in self._starting if e not in started]
-                    ready = [] if self._closed else started
-                    self._idle.extend(ready)
-                build.__exit__(None, None, None)
-                for executor in started:
-                    if executor not in ready:
-                        executor.stop()
-                        executor.close()
-
-        thread = threading.Thread(target=settle, name="navdeploy-start-ahead", daemon=True)
-        with self._lock:
-            self._settling.append(thread)
-        thread.start()
+                fd, path = tempfile.mkstemp(prefix=_own_prefix(), suffix=".log")
+                os.close(fd)
+                executor = Executor(None, True, 60.0, Path(path))
+                # From this thread, which outlives it (see _die_with_parent).
+                executor._spawn(temporary_log=True, imports=imports)
+            except (OSError, WorkerStartError, RunStopped) as exc:
+                log.info("could not start a worker ahead of time: %s", exc)
+                continue
+            with self._lock:
+                self._idle.append(executor)
 
     def modules(self, fn: Callable[[T], R], items: Sequence[T], at_once: int) -> list[R]:
         """``fn(item)`` for every item (a module to optimize), ``at_once`` of them side by side, each on a thread of
@@ -915,12 +858,6 @@ class WorkerHub:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-            starting, self._starting = self._starting, []
-        for executor in starting:  # still importing: stopped now, its settle thread then lets the gate go
-            executor.stop()
-        for thread in self._settling:
-            thread.join()
-        with self._lock:
             pools, self._pools = self._pools, []
             module_threads, self._module_threads = self._module_threads, None
         for executor in idle:

@@ -58,16 +58,6 @@ class TimingGate:
                     self._building -= 1
                 self._cond.notify_all()
 
-    @property
-    def building(self) -> bool:
-        """Whether a build is in flight now."""
-        with self._cond:
-            return self._building > 0
-
-    def held_by_this_thread(self) -> bool:
-        """Whether this thread times alone across several tasks now (``held``)."""
-        return self._holder == threading.get_ident()
-
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         """Time alone for the whole block, across several tasks of this thread: no build and no other timing

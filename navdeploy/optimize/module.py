@@ -465,7 +465,6 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         # screen would otherwise wait for the builds in flight, and hold off this worker's next build meanwhile),
         # then each candidate is screened from its build, one at a time.
         executors.map(lambda chain: run_chain(chain, build_only=True), chains)
-        executors.builds_done()
         # The screens back to back, holding the timing gate: a build of a module beside this one, started between
         # two screens, held the next one off for its whole length (15 s of the SD UNet's screens waited for the VAE's
         # bf16 build).

@@ -114,13 +114,6 @@ def run_optimize(func: Callable, dataloader: Iterable, config: Optional[Optimize
             # optimized as alone, its candidates on two workers where its copies may build beside (the SD text
             # encoder's builds took ~8 s on one worker while the other core idled).
             tail = order[-1] if len(order) > at_once > 1 else None
-            tail_device = (configs[tail.name].target_device or module_device(tail.__wrapped__)) if tail else None
-            if tail is not None and tail_device == "cpu" and use_multiprocessing(configs[tail.name]):
-                # It takes its workers as the first module beside it ends, the others still in flight: those it
-                # needs beyond the one given back start once a module's builds are done, on the core it leaves.
-                needs = build_workers(configs[tail.name]) + copies_beside(tail, configs[tail.name], "cpu", True)
-                hub.start_later(needs - build_workers(configs[order[0].name]),
-                                defining_modules(m.__wrapped__ for m in modules))
             done = hub.modules(lambda m: optimize_module(m, work[m.name], configs[m.name], listener, hub,
                                                          alone or m is tail), order, at_once)
             results = {m.name: module_status for m, module_status in zip(order, done)}
