@@ -24,7 +24,7 @@ from navdeploy.candidates.precision import (
 )
 from navdeploy.candidates.search import (
     Search,
-    copy_faster,
+    copy_clearly_faster,
     follow_up_pairs,
     low_precision_skip_reason,
     own_precision_skip_reason,
@@ -119,18 +119,16 @@ def test_the_module_own_builds_are_skipped_where_eager_copy_is_clearly_faster_an
                        screen=ProfilePoint(4, ms, ms, 4e3 / ms, 10))
 
     faster, copy = eager_copy(4.0), _record("AOTInductorCPU", "screened", precision="bf16")
-    assert copy_faster(own, faster, search)
+    assert copy_clearly_faster(own, faster, search)
     reason = own_precision_skip_reason(compiled, copy, own, faster, search)
     assert reason and reason.startswith("not built: TorchCPU[bf16] was 20% faster than TorchCPU (4.000 against 5.000")
     assert "AOTInductorCPU[bf16] verified" in reason and "thorough=True" in reason
     # torch.compile's copy is not built beside AOTInductor's: AOTInductor's copy stands for it too.
     assert own_precision_skip_reason(twin, copy, own, faster, search)
-    # Barely faster is faster (the compiled copies gain more from bf16 than eager's); as fast, or slower: built.
-    assert copy_faster(own, eager_copy(4.9), search)
-    assert own_precision_skip_reason(compiled, copy, own, eager_copy(4.9), search)
-    assert not copy_faster(own, eager_copy(5.0), search)
-    assert own_precision_skip_reason(compiled, copy, own, eager_copy(5.0), search) is None
-    assert own_precision_skip_reason(compiled, copy, own, eager_copy(5.1), search) is None
+    # Faster within the margin (screens in turns differ by a few %), or slower: built.
+    barely = eager_copy(4.5)
+    assert not copy_clearly_faster(own, barely, search)
+    assert own_precision_skip_reason(compiled, copy, own, barely, search) is None
     assert own_precision_skip_reason(compiled, copy, own, eager_copy(6.0), search) is None
     assert own_precision_skip_reason(compiled, replace(copy, status="failed"), own, faster, search) is None
     assert own_precision_skip_reason(compiled, None, own, faster, search) is None  # no copy: built

@@ -28,7 +28,7 @@ from navdeploy.candidates.precision import (
 from navdeploy.candidates.profile import MIN_CALLS, combine_rounds
 from navdeploy.candidates.search import (
     Search,
-    copy_faster,
+    copy_clearly_faster,
     eager_kernels_skip_reason,
     early_follow_up_pairs,
     follow_up_pairs,
@@ -284,10 +284,10 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         return next((r for r in copies if r is not None and r.verified), None)
 
     def copies_first(chains: list[list[tuple[int, RunnerSpec, str]]]) -> list[list[tuple[int, RunnerSpec, str]]]:
-        # Where eager's copy ran faster (copy_faster), each of the module's own builds that has a
+        # Where eager's copy ran clearly faster (copy_clearly_faster), each of the module's own builds that has a
         # copy (its own or its twin's) waits for it, on the copy's chain: skipped once the copy verifies, built
         # when it fails. One chain (one build worker) keeps its order otherwise.
-        lead = [p for p in follow_ups if copy_faster(*eager_and_copy(p), search)]
+        lead = [p for p in follow_ups if copy_clearly_faster(*eager_and_copy(p), search)]
         placed = {(r.name, p): chain for chain in chains for _, r, p in chain}
 
         def copy_chain(item: tuple[int, RunnerSpec, str]) -> Optional[list[tuple[int, RunnerSpec, str]]]:
@@ -506,7 +506,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
         # builds its copies stand for), then every build goes to whichever worker is free, the likely winners
         # first, and all are screened once done. Screened later, that timing waited for the module's longest
         # build while the spare worker idled, and the copies it let through then built one after the other
-        # (ResNet-18: 14 s idle, 45 s in all). Where eager's copy runs faster, each own build with a copy
+        # (ResNet-18: 14 s idle, 45 s in all). Where the copies run clearly faster, each own build with a copy
         # waits on its copy's chain (copies_first); otherwise the two AOTInductor builds, the longest, start
         # together.
         nonlocal side_from
