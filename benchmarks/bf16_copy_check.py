@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -24,7 +24,9 @@ from typing import Callable, Iterator
 
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+import bench_pipelines  # noqa: E402 - the pipelines bench's models, from its folder
 
 
 class Logits(torch.nn.Module):
@@ -49,25 +51,19 @@ class UNetSample(torch.nn.Module):
         return self.unet(sample, timestep, text).sample
 
 
+@functools.cache
+def _sd_pipeline():
+    """The pipelines bench's tiny SD pipeline (its smaller UNet, the example's VAE)."""
+    return bench_pipelines.SDGuidance().build()["pipe"]
+
+
 def _sd_unet() -> tuple[torch.nn.Module, tuple]:
-    from diffusers import UNet2DConditionModel
-
-    sys.path.insert(0, str(EXAMPLES))
-    import stable_diffusion as sd
-
-    unet = UNet2DConditionModel(  # bench_pipelines.py's sd_guidance UNet
-        sample_size=sd.IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32,),
-        down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",),
-        mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-    return UNetSample(unet.eval()), (torch.randn(2, 4, 16, 16), torch.tensor([10, 10]), torch.randn(2, 77, 32))
+    return UNetSample(_sd_pipeline().unet.eval()), (torch.randn(2, 4, 16, 16), torch.tensor([10, 10]),
+                                                    torch.randn(2, 77, 32))
 
 
 def _sd_vae_decoder() -> tuple[torch.nn.Module, tuple]:
-    sys.path.insert(0, str(EXAMPLES))
-    import stable_diffusion as sd
-
-    pipe = sd.build_eager_pipeline(seed=0, quantize=False)
-    return pipe.vae.decoder.eval(), (torch.randn(1, 4, 16, 16),)
+    return _sd_pipeline().vae.decoder.eval(), (torch.randn(1, 4, 16, 16),)
 
 
 def _classifier(make: Callable[[], torch.nn.Module]) -> Callable[[], tuple[torch.nn.Module, tuple]]:
@@ -80,8 +76,7 @@ def _models() -> dict[str, Callable[[], tuple[torch.nn.Module, tuple]]]:
     return {
         "sd_unet": _sd_unet,
         "sd_vae_decoder": _sd_vae_decoder,
-        "resnet18": _classifier(lambda: T.ResNetForImageClassification(
-            T.ResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512]))),
+        "resnet18": _classifier(lambda: bench_pipelines.ResNetClassifier().build()["model"]),
         "resnet50": _classifier(lambda: T.ResNetForImageClassification(T.ResNetConfig())),
         "mobilenet_v2": _classifier(lambda: T.MobileNetV2ForImageClassification(T.MobileNetV2Config())),
     }
@@ -142,7 +137,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     parser.add_argument("--only", nargs="*", default=[], help="models to measure (default: all)")
     args = parser.parse_args()
-    import navdeploy as nav
     from navdeploy.candidates.precision import cpu_computes_bf16
 
     if not cpu_computes_bf16():
@@ -159,9 +153,7 @@ def main() -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({
                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                            "navdeploy": nav.__version__},
+                "machine": bench_pipelines.machine("cpu"),
                 "results": results}, indent=1))
     return 0
 
