@@ -111,7 +111,7 @@ class OptimizeConfig:
             pipeline is faster beyond noise. 0 skips the check. Read from the config given to ``nav.optimize``.
         thorough: ``True`` restores the exhaustive search: every candidate is built and profiled in full. By
             default candidates are screened on a few calls and only the leaders profiled in full, and a
-            candidate that cannot win is not built (``navdeploy/candidates/search.py``; README "Search").
+            candidate that cannot win is not built (``navdeploy/candidates/search.py``; ``docs/search.md``).
             ``None`` reads the run default (``navdeploy optimize --thorough``), then ``NAVDEPLOY_THOROUGH``
             (default false). Results are shared: a thorough run after a quick one builds only what is missing.
     """
