@@ -45,10 +45,12 @@ def build(tmp_path, monkeypatch) -> tuple[torch.export.ExportedProgram, list[tup
 def test_the_wrapper_compiles_beside_the_kernels_and_the_package_runs(build, tmp_path):
     program, seen = build
     original = cpp_builder.CppBuilder.build
-    with wrapper_beside_kernels():
+    told: list[tuple[float, int]] = []  # when the block said only compilers run from now on, and how many had run
+    with wrapper_beside_kernels(lambda: told.append((time.monotonic(), len(seen)))):
         assert cpp_builder.CppBuilder.build is not original
         path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "m.pt2"))
     assert cpp_builder.CppBuilder.build is original  # torch's own again once the block ends
+    assert len(told) == 1 and told[0][1] == 0 and told[0][0] <= min(start for _, start, _ in seen), (told, seen)
     spans = {what: (start, end) for what, start, end in seen}
     wrapper, kernel, link = spans["wrapper.o"], spans["kernel.o"], spans[".so"]
     assert kernel[0] < wrapper[1], seen  # the kernels started before the wrapper's compile ended
@@ -74,8 +76,10 @@ def test_other_threads_build_as_torch_does_while_a_block_runs(build, tmp_path):
     program, seen = build
     inside, outside = threading.Event(), threading.Event()
 
+    told: list[str] = []
+
     def hold_a_block() -> None:
-        with wrapper_beside_kernels():
+        with wrapper_beside_kernels(lambda: told.append("compiling")):
             inside.set()
             outside.wait(timeout=300)
 
@@ -89,3 +93,4 @@ def test_other_threads_build_as_torch_does_while_a_block_runs(build, tmp_path):
         holder.join()
     spans = {what: (start, end) for what, start, end in seen}
     assert spans["kernel.o"][0] >= spans["wrapper.o"][1], seen  # one after the other, as torch runs them
+    assert told == []  # the block's news is about its own thread's compiles

@@ -251,6 +251,26 @@ def test_a_worker_holding_an_aotinductor_runner_leaves_no_extracted_package(tmp_
     assert _aoti_folders() <= before
 
 
+def test_a_worker_says_when_its_aotinductor_build_runs_only_compilers(tmp_path):
+    """The parent prepares to load an AOTInductor winner (Inductor's imports, its ISA probe) once the build's Python
+    work is done: the worker says so as the first compiler starts, while the task still runs, and not for a build
+    that runs no compiler."""
+    job = linear_job(tmp_path, "compiling")
+    graph_key = next(iter(job.graphs))
+    told: list[float] = []
+    executor = Executor(job, True, 300, tmp_path / "navdeploy.log")
+    executor.on_compiling = lambda: told.append(time.monotonic())
+    try:
+        record = executor.run(Task(graph_key, "OnnxCPU", True, "fp32", plan="build"))
+        assert record.exported and told == [], record.error
+        record = executor.run(Task(graph_key, "AOTInductorCPU", True, "fp32", plan="build"))
+        ended = time.monotonic()
+        assert record.exported, record.error
+    finally:
+        executor.close()
+    assert len(told) == 1 and told[0] < ended
+
+
 def test_an_optimize_leaves_none_of_its_workers_files_in_the_temp_dir(tmp_path):
     """Each worker's faults file, folder and log are removed as the run ends, also those of a worker started ahead of
     time that never got the module (the module's own worker may have served every candidate)."""

@@ -129,10 +129,11 @@ def test_stop_while_a_worker_starts_leaves_no_worker_and_no_record(tmp_path):
         executor.run(Task(graph.key, "TorchCPU", False, "fp32"))
 
 
-def test_work_beside_builds_runs_once_as_a_build_and_the_pool_waits_for_it(tmp_path):
-    """What the parent prepares while workers build (Inductor's imports and ISA probe before a bind) holds the
-    gate as a build: a timing waits for it to end. It runs once per pool, the pool's exit waits for it, and
-    without isolation (candidates build in this process, doing the same work) it does not run."""
+def test_loading_prepared_beside_builds_runs_once_as_a_build_when_started_and_the_pool_waits_for_it(tmp_path):
+    """What the parent prepares while workers build (Inductor's imports and ISA probe before a bind) waits until
+    it is started (a build runs only compilers, or ended), then holds the gate as a build: a timing waits for it
+    to end. It runs once per pool, the pool's exit waits for it, and without isolation (candidates build in this
+    process, doing the same work) it does not run."""
     events: list[str] = []
     started = threading.Event()
 
@@ -142,8 +143,11 @@ def test_work_beside_builds_runs_once_as_a_build_and_the_pool_waits_for_it(tmp_p
         events.append("prepared")
 
     with ExecutorPool(linear_job(tmp_path, "beside"), True, 60, tmp_path / "navdeploy.log") as pool:
-        pool.beside_builds(prepare)
-        pool.beside_builds(prepare)  # once
+        pool.prepare_to_load(prepare)
+        assert not started.wait(0.3)  # held back until started
+        pool.start_preparing()
+        pool.prepare_to_load(prepare)  # once
+        pool.start_preparing()
         assert started.wait(5)
         with pool._gate.task() as slot:  # as a worker's task does before it profiles
             slot.timing()
@@ -151,7 +155,12 @@ def test_work_beside_builds_runs_once_as_a_build_and_the_pool_waits_for_it(tmp_p
     assert events == ["prepared", "timing"]
 
     with ExecutorPool(linear_job(tmp_path, "beside_inline"), False, 60, tmp_path / "navdeploy.log") as pool:
-        pool.beside_builds(prepare)
+        pool.prepare_to_load(prepare)
+        pool.start_preparing()
+    assert events == ["prepared", "timing"]
+
+    with ExecutorPool(linear_job(tmp_path, "never_started"), True, 60, tmp_path / "navdeploy.log") as pool:
+        pool.prepare_to_load(prepare)  # no build said it compiles, none ended: the exit does not run it
     assert events == ["prepared", "timing"]
 
 

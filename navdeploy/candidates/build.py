@@ -174,6 +174,8 @@ class WorkerState:
     references: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
     # Called before a candidate profiles; a worker waits there until no other candidate builds (timing_gate.py).
     before_profile: Optional[Callable[[], None]] = None
+    # Called when a build's native compile starts (``BuildContext.compiling``); a worker tells its parent.
+    compiling: Callable[[], None] = field(default=lambda: None)
     graph_key: Optional[str] = None  # the graph the caches below belong to
     shared: dict[str, dict] = field(default_factory=dict)  # by precision: BuildContext.shared
     kept: dict[str, tuple[float, Callable]] = field(default_factory=dict)  # candidate name -> (screen ms, run)
@@ -214,13 +216,14 @@ class WorkerState:
 
 def _export(job: Job, graph: Graph, runner_format, flat: FlatModule, cast: Callable, precision: str,
             graph_dir: Path, fmt_key: str, shared: Optional[dict] = None,
-            timings: Optional[dict] = None) -> tuple[float, Path, str]:
+            timings: Optional[dict] = None, compiling: Callable[[], None] = lambda: None) -> tuple[float, Path, str]:
     """Export into ``<fmt_key>.tmp-<pid>`` and, once complete, move it into a build folder of its own beside the
     others (``<fmt_key>.<checksum>``): a killed run or a failed write never leaves a half-written artifact behind,
     and never touches the build the current manifest names. Returns the seconds taken, the build folder and its
     checksum. A full disk, read-only file system or permission problem raises a WorkspaceError naming the folder
     (and the free space). ``shared`` holds what exporters of one graph and precision share in this worker (the
-    one torch.export); ``timings`` receives the exporters' own figures."""
+    one torch.export); ``timings`` receives the exporters' own figures; ``compiling`` is called when only compilers
+    are left to run (``BuildContext.compiling``)."""
     spec = FORMATS[runner_format]
     tmp = graph_dir / f"{fmt_key}.tmp-{os.getpid()}"
     start = time.perf_counter()
@@ -230,7 +233,8 @@ def _export(job: Job, graph: Graph, runner_format, flat: FlatModule, cast: Calla
             tmp.mkdir(parents=True)
         example = cast(export_example(graph, job.max_batch_size))
         ctx = BuildContext(flat, example, graph, graph.dynamic_axes(job.max_batch_size), tmp,
-                           job.device, precision, job.module_dir, shared, timings if timings is not None else {})
+                           job.device, precision, job.module_dir, shared, timings if timings is not None else {},
+                           compiling)
         with writing(tmp, disk_only=True):  # the exporter's other OSErrors are its own failure, as they are
             spec.export(ctx)
         if not (tmp / spec.artifact).exists():
@@ -352,7 +356,7 @@ def _try_candidate(job: Job, task: Task, state: WorkerState, runner: RunnerSpec,
                         shared = state.shared.setdefault(task.precision, {})
                         record.times["export_s"], folder, record.artifact_checksum = _export(
                             job, graph, runner.format, flat, cast, task.precision, graph_dir, fmt_key, shared,
-                            record.times)
+                            record.times, state.compiling)
                         record.exported = True
                     else:
                         folder = artifact_path(graph_dir, fmt_key, task.artifact_checksum)

@@ -156,6 +156,9 @@ def _worker_main(tasks, results, grants, log_path: str, faults_path: str, folder
         results.put(("timing", None))
         grants.get()
 
+    def compiling() -> None:  # news for the parent, which answers nothing
+        results.put(("compiling", None))
+
     # Before "ready": the parent lets a module's first timing start only once its workers are ready (``settle``),
     # and one still importing would take a core from that timing.
     import_ahead(imports)
@@ -184,7 +187,7 @@ def _worker_main(tasks, results, grants, log_path: str, faults_path: str, folder
                 job = None
                 results.put(("job-error", f"{type(exc).__name__}: {exc}"))
                 continue
-            state = WorkerState(before_profile=wait_for_timing)  # caches belong to one module
+            state = WorkerState(before_profile=wait_for_timing, compiling=compiling)  # caches belong to one module
             results.put(("job-ready", os.getpid()))
             continue
         results.put(("result", run_task(job, message, state)))
@@ -369,6 +372,7 @@ class Executor:
         self._lock = threading.Lock()  # guards _proc and _stopped against stop() from another thread
         self._stopped = False  # set by stop(): no further task starts
         self._spawned = False  # a worker was started for it, ahead of time or for a task
+        self.on_compiling: Callable[[], None] = lambda: None  # its worker's build runs only compilers from now on
 
     def __enter__(self) -> "Executor":
         return self
@@ -377,11 +381,13 @@ class Executor:
         self.close()
 
     def assign(self, job: Job, isolate: bool, timeout_s: float, log_path: Path, gate: TimingGate,
-               payload: Payload) -> None:
-        """Run ``job``'s tasks from now on; a warm worker keeps running and receives the job with the next task."""
+               payload: Payload, on_compiling: Callable[[], None] = lambda: None) -> None:
+        """Run ``job``'s tasks from now on; a warm worker keeps running and receives the job with the next task.
+        ``on_compiling``: called (on the task's thread) when a build of the worker starts its native compile."""
         self.job, self.isolate, self.timeout_s, self.log_path, self.gate = job, isolate, timeout_s, log_path, gate
         self._payload = payload
         self._state = WorkerState()
+        self.on_compiling = on_compiling
 
     @property
     def unstarted(self) -> bool:
@@ -534,6 +540,8 @@ class Executor:
                 if kind == "timing":  # the worker is about to profile: let it once it runs alone
                     deadline += slot.timing()  # waiting for others is not this candidate's time
                     self._grants.put(True)
+                elif kind == "compiling":
+                    self.on_compiling()
                 elif kind == "result":
                     return value
             except queue.Empty:
@@ -648,13 +656,14 @@ class ExecutorPool:
         self._gate = gate
         self._all = hub.take(self.workers) if hub is not None else \
             [Executor(job, isolate, timeout_s, log_path) for _ in range(self.workers)]
-        self._assignment = (job, isolate, timeout_s, log_path, gate, payload)
+        self._assignment = (job, isolate, timeout_s, log_path, gate, payload, self.start_preparing)
         for executor in self._all:
             executor.assign(*self._assignment)
         self._free = list(self._all)
         self._cond = threading.Condition()
         self._isolate = isolate
-        self._beside: dict[Callable[[], None], threading.Thread] = {}
+        self._beside: dict[Callable[[], None], Optional[threading.Thread]] = {}  # None: not started yet
+        self._contexts: dict[Callable[[], None], contextvars.Context] = {}  # of those not started yet
 
     def __enter__(self) -> "ExecutorPool":
         return self
@@ -664,27 +673,44 @@ class ExecutorPool:
         build, of this module or of one beside it, starts between them (``TimingGate.held``)."""
         return self._gate.held()
 
-    def beside_builds(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` once, in this process, on a thread that holds the gate as a build: it overlaps the workers'
-        builds and never a timing. The pool waits for it on exit. Not without isolation: candidates then build in
-        this process, which does the same work itself."""
-        if not self._isolate or fn in self._beside:
+    def prepare_to_load(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once, in this process, on a thread that holds the gate as a build, from the moment a build of
+        this pool runs only compilers (its worker says so: ``BuildContext.compiling``) or :meth:`start_preparing`
+        is called, whichever comes first: started with the build that needs it, it would share the cores with the
+        builds' Python work, while compilers leave one to spare (docs/search.md). It never overlaps a timing. The
+        pool waits for it on exit. Not without isolation: candidates then build in this process, which does the same
+        work itself."""
+        if not self._isolate:
             return
+        with self._cond:
+            if fn not in self._beside:
+                self._beside[fn] = None
+                self._contexts[fn] = contextvars.copy_context()  # the caller's: its records go to the module's log
 
+    def start_preparing(self) -> None:
+        """Start what :meth:`prepare_to_load` holds back (a build of the pool that needed it ended, or runs only
+        compilers now)."""
+        with self._cond:
+            waiting = [fn for fn, thread in self._beside.items() if thread is None]
+            for fn in waiting:
+                self._beside[fn] = self._prepare(fn, self._contexts.pop(fn))
+
+    def _prepare(self, fn: Callable[[], None], context: contextvars.Context) -> threading.Thread:
         def run() -> None:
-            with self._gate.task():  # in a copy of the caller's context: its records go to the module's log
+            with self._gate.task():
                 try:
                     fn()
                 except Exception as exc:  # noqa: BLE001 - only a head start: the load does the same work anyway
                     log.info("preparing to load beside the builds failed: %s: %s", type(exc).__name__, exc)
 
-        thread = self._beside[fn] = threading.Thread(target=contextvars.copy_context().run, args=(run,),
-                                                     name="navdeploy-prepare", daemon=True)
+        thread = threading.Thread(target=context.run, args=(run,), name="navdeploy-prepare", daemon=True)
         thread.start()
+        return thread
 
     def __exit__(self, *exc) -> None:
-        for thread in self._beside.values():
-            thread.join()
+        for thread in self._beside.values():  # one never started is not needed: the builds it waited for are over
+            if thread is not None:
+                thread.join()
         if self._hub is not None:
             self._hub.give_back(self._all, self._threads)
             return

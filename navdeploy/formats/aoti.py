@@ -71,7 +71,7 @@ def _export(ctx: BuildContext) -> None:
                      "a bf16 build" if ctx.precision == "bf16"
                      else f"most matmul weights are at least {FREEZE_MIN_WIDTH} wide")
     program = export_program(ctx)
-    with wrapper_beside_kernels() if ctx.device == "cpu" else contextlib.nullcontext():
+    with wrapper_beside_kernels(ctx.compiling) if ctx.device == "cpu" else contextlib.nullcontext():
         torch._inductor.aoti_compile_and_package(program, package_path=str(ctx.path / "model.pt2"),
                                                  inductor_configs=configs)
 

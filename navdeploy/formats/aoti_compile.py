@@ -25,6 +25,7 @@ from navdeploy.formats.aoti_interface import compile_wrapper as compile_wrapper_
 _WRAPPER_OBJECT = "wrapper.o"  # the wrapper's object file; its sources are <key>.wrapper.cpp
 _patch_lock = threading.Lock()
 _owners: dict[int, list[Future]] = {}  # per thread in a block: the wrapper compiles it started and not yet joined
+_compiling: dict[int, Callable[[], None]] = {}  # per thread in a block: told once, at its first compile
 _original: Optional[Callable[[Any], None]] = None
 
 
@@ -49,6 +50,10 @@ def _build(builder: Any) -> None:
     pending = _owners.get(threading.get_ident())
     if pending is None:  # not a thread in a block
         return _original(builder)
+    told = _compiling.pop(threading.get_ident(), None)
+    if told is not None:
+        with contextlib.suppress(Exception):  # news for another process: never this build's failure
+            told()
     if _target(builder).endswith(_WRAPPER_OBJECT):
         future: Future = Future()
 
@@ -82,8 +87,9 @@ def _join(pending: list[Future], raise_failure: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def wrapper_beside_kernels() -> Iterator[None]:
-    """Within the block, this thread's AOTInductor builds compile their wrapper beside their kernels."""
+def wrapper_beside_kernels(compiling: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Within the block, this thread's AOTInductor builds compile their wrapper beside their kernels.
+    ``compiling`` is called at the block's first compile: from there on only compiler processes run."""
     global _original
     cls = _builder_class()
     if cls is None:
@@ -98,6 +104,7 @@ def wrapper_beside_kernels() -> Iterator[None]:
             _original = cls.build
             cls.build = _build
         _owners[me] = []
+        _compiling[me] = compiling
     try:
         yield
         _join(_owners[me])  # a wrapper no later compile of the block waited for
@@ -105,5 +112,6 @@ def wrapper_beside_kernels() -> Iterator[None]:
         _join(_owners[me], raise_failure=False)  # the block's own error, if any, is the one to report
         with _patch_lock:
             del _owners[me]
+            _compiling.pop(me, None)
             if not _owners:  # _original stays set: a call that took the wrapper just before still reaches torch's
                 cls.build = _original

@@ -45,6 +45,9 @@ class BuildContext:
     shared: Optional[dict] = None
     # Seconds of sub-steps worth recording beside ``export_s`` (e.g. ``torch_export_s`` when this export ran it).
     timings: dict = field(default_factory=dict)
+    # Called once the export's own Python work is done and only compiler processes run (AOTInductor's g++ steps):
+    # they leave a core to spare, which the process that binds the winner uses to prepare its loading.
+    compiling: Callable[[], None] = field(default=lambda: None)
 
     @property
     def input_names(self) -> list[str]:

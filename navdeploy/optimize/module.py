@@ -354,14 +354,21 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                     artifact_ok = False
                 with lock:
                     keep_below = search.keep_below_ms(records.values())
-                if runner.prepare_loading is not None and (not artifact_ok or FORMATS[runner.format].export is None):
-                    # This process binds the winner: what loading it needs (seconds) starts beside this build.
-                    executors.beside_builds(runner.prepare_loading)
+                compiles_at_load = FORMATS[runner.format].export is None  # torch.compile: no export to say so
+                prepares = runner.prepare_loading is not None and (not artifact_ok or compiles_at_load)
+                if prepares:
+                    # This process binds the winner: what loading it needs (seconds) starts once this build (or one
+                    # beside it) runs only compilers, or as it ends.
+                    executors.prepare_to_load(runner.prepare_loading)
+                    if compiles_at_load:
+                        executors.start_preparing()
                 record = executor.run(Task(graph.key, runner.name, export=not artifact_ok, precision=precision,
                                            artifact_checksum=formats[fmt].checksum if fmt in formats else None,
                                            plan="build" if build_only else search.plan(),
                                            screen_batch=search.batch, keep_below_ms=keep_below))
                 record.retries = retries
+                if prepares:
+                    executors.start_preparing()
                 built_by[index] = executor
                 state = None
                 if record.exported:
