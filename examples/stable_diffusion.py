@@ -141,7 +141,7 @@ def quantize_int_8_bits(module: torch.nn.Module) -> torch.nn.Module:
     """Every ``nn.Linear`` of ``module`` replaced by :class:`Int8Linear` (in place; returns ``module``).
 
     ``torch.ao.quantization.quantize_dynamic`` would be the stock choice, but its packed parameters are not
-    tensors in ``state_dict()``, which navdeploy's module fingerprint does not hash yet (see the README)."""
+    tensors in ``state_dict()``, and navdeploy's module fingerprint hashes those tensors only (docs/workspace.md)."""
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.Linear):
             setattr(module, name, Int8Linear(child))
