@@ -28,6 +28,21 @@ class SlowInBf16(torch.nn.Module):
         return self.layers(x)
 
 
+class WaitsInEager(torch.nn.Module):
+    """Narrow layers whose eager forward also waits ``wait_s`` (a traced copy records the layers only): eager's
+    call time is known ahead, for tests of decisions taken on it."""
+
+    def __init__(self, layers: torch.nn.Module, wait_s: float):
+        super().__init__()
+        self.layers = layers
+        self.wait_s = wait_s
+
+    def forward(self, x):
+        if not torch.jit.is_tracing():
+            time.sleep(self.wait_s)
+        return self.layers(x)
+
+
 class FastInBf16(SlowInBf16):
     """As :class:`SlowInBf16`, waiting in fp32 instead (a stand-in for kernels that are much faster in bf16 on this
     CPU), so that eager's bf16 copy says the copies stand for the fp32 builds. ``broken_bf16_trace``: a traced bf16

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from stand_ins import SlowInBf16
+from stand_ins import SlowInBf16, WaitsInEager
 from torch import nn
 
 import navdeploy as nav
 from navdeploy import config as config_module
 from navdeploy.candidates.precision import EARLY_FOLLOW_UP_FACTOR, cpu_computes_bf16, follow_ups_early
-from navdeploy.candidates.search import early_follow_up_pairs
+from navdeploy.candidates.search import RECHECK_MARGIN, early_follow_up_pairs, early_screen_rechecked
 from navdeploy.config import follow_ups_beside
 from navdeploy.optimize.module import candidate_pairs
 
@@ -179,3 +179,34 @@ def test_the_copies_are_decided_on_eager_and_its_copy_screened_in_turns(tmp_path
     x = torch.randn(8, 512)
     with torch.no_grad():
         torch.testing.assert_close(model(x), model.__wrapped__(x), atol=1e-4, rtol=1e-3)  # an fp32 winner
+
+
+def test_an_eager_screen_just_over_the_early_bar_is_screened_again():
+    bar = EARLY_FOLLOW_UP_FACTOR * 1.0
+    assert early_screen_rechecked(bar, 1.0) and early_screen_rechecked(bar * (1 + RECHECK_MARGIN), 1.0)
+    assert not early_screen_rechecked(bar * (1 + RECHECK_MARGIN) + 0.01, 1.0)  # clearly over: no burst makes that
+    assert not early_screen_rechecked(bar - 0.01, 1.0)  # under the bar: a burst only slows calls
+    assert not early_screen_rechecked(5.0, 0.0)  # wide matmuls: tried whatever eager reads
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no bf16 arithmetic: no bf16 copies are tried")
+def test_the_early_decision_takes_the_faster_of_two_eager_screens_where_the_first_is_just_over(tmp_path):
+    """Eager's screen decides whether the bf16 copies build beside the module's own candidates; one just over the
+    bar (within RECHECK_MARGIN) is taken again, and the faster of the two decides and stays eager's screen."""
+    import re
+
+    torch.manual_seed(0)
+    # Narrow (no wide matmuls): the bar is EARLY_FOLLOW_UP_FACTOR x 1 ms = 2 ms, and eager takes ~2.6 ms a call.
+    model = nav.Module(WaitsInEager(nn.Linear(16, 16).eval(), 0.0025).eval(), name="bar_recheck")
+    x = torch.randn(2, 16)
+    config = nav.OptimizeConfig(workspace=tmp_path, runners=("TorchCPU",), batch_sizes=(2,), max_batch_size=2,
+                                profile_time_s=0.1)
+    status = nav.optimize(model, [(2, x) for _ in range(2)], config)
+    log = (status.modules["bar_recheck"].folder / "navdeploy.log").read_text()
+    found = re.search(r"TorchCPU: second screen ([\d.]+) ms against ([\d.]+) \(the first was within 60% of the "
+                      r"2.00 ms from which the follow-up copies are tried beside\)", log)
+    assert found, log[-3000:]
+    eager = next(c for c in status.modules["bar_recheck"].graphs[0].candidates if c.name == "TorchCPU")
+    assert eager.screen is not None
+    assert eager.screen.p50_ms == pytest.approx(min(float(found[1]), float(found[2])), abs=1e-3)
