@@ -163,8 +163,9 @@ def head_to_head(model: str, workspaces: list[str], out: str, rounds: int = 20) 
         one_pass(pipelines[0][1], pipelines[0][2])
         repeats = max(1, int(0.05 / max(time.perf_counter() - start, 1e-6)))
         passes: list[list[float]] = [[] for _ in pipelines]
-        for _ in range(rounds):
-            for i, (_, func, data) in enumerate(pipelines):
+        for round_ in range(rounds):
+            order = list(enumerate(pipelines))
+            for i, (_, func, data) in order if round_ % 2 == 0 else reversed(order):  # neither always goes first
                 start = time.perf_counter()
                 for _ in range(repeats):
                     one_pass(func, data)
@@ -203,8 +204,11 @@ def in_turns(model: str, quick: dict, thorough: dict) -> Optional[dict]:
             all(q["selected"] == t["selected"] for q, t in zip(quick["graphs"], thorough["graphs"])):
         return None
     out = Path(quick["workspace"]) / "head_to_head.json"
-    _, done = _run([sys.executable, __file__, "--head-to-head", model, "--workspace", quick["workspace"],
-                    "--workspace-b", thorough["workspace"], "--child-out", str(out)])
+    try:
+        _, done = _run([sys.executable, __file__, "--head-to-head", model, "--workspace", quick["workspace"],
+                        "--workspace-b", thorough["workspace"], "--child-out", str(out)], timeout=600)
+    except subprocess.TimeoutExpired:  # the profile ratio stands in
+        return {"error": "timed out after 600 s"}
     if done.returncode != 0 or not out.is_file():
         return {"error": done.stderr[-3000:]}
     result = json.loads(out.read_text())

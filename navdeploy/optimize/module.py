@@ -370,7 +370,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                                            plan="build" if build_only else search.plan(),
                                            screen_batch=search.batch, keep_below_ms=keep_below))
                 record.retries = retries
-                if prepares:
+                if prepares and record.exported:  # a build that never said it compiles (an Inductor cache hit)
                     executors.start_preparing()
                 built_by[index] = executor
                 state = None
@@ -468,6 +468,8 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
     def eager_second_screen(first: CandidateRecord) -> Optional[float]:
         # Eager's one screen put it just over the bar from which the copies are tried beside the module's own
         # candidates (early_screen_rechecked): a second screen, the faster of the two counting, as for rechecks.
+        rechecked.add(0)  # screened twice now, as a recheck would: not a third time
+        listener.candidate_started(job.module_name, f"{first.name} (second screen)")
         again = _retime(graph, job, executors, search, pairs, formats, built_by, 0, "screen")
         second = again.screen if again.status == "screened" else None
         faster = second if second is not None and first.screen is not None and \
