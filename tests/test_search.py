@@ -666,3 +666,27 @@ def test_a_round_uses_the_runner_its_worker_loaded_for_the_round_before(tmp_path
     again = screen(rounds=True)
     assert "verify_s" not in again.times and "load_s" not in again.times, again.times
     assert "verify_s" in screen(rounds=False).times
+
+
+def test_each_captured_batch_size_is_timed_at_the_shapes_its_calls_came_in():
+    """A graph called at 2x12 and 4x32 tokens is timed at batch 2 on its 2x12 sample, not on the typical 4x32 one cut
+    to 2 (a frozen bf16 BERT build is much slower at 12 tokens than at 32, and a 2x32 figure let it win a mix it
+    lost); sizes the pipeline never called take the typical sample grown or cut."""
+    from navdeploy.candidates.build import Job, WorkerState
+    from navdeploy.capture.recorder import Recorder
+
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+    recorder = Recorder("mix", 8, None)
+    for batch, length in ((2, 12), (4, 32)):
+        recorder.record(module, (torch.randn(batch, length, 8),), {})
+    graph = recorder.finish()[0]
+    assert graph.batching and graph.typical_batch == 4 and graph.batch_weights == {2: 1, 4: 1}
+    assert [tuple(t.shape) for t in graph.sample_for(2).inputs] == [(2, 12, 8)]
+    assert graph.sample_for(4) is graph.typical_sample and graph.sample_for(8) is graph.typical_sample
+    job = Job("mix", module, None, {graph.key: graph}, Path("/nonexistent"), "cpu", "fp32", {"fp32": (1e-4, 1e-3)},
+              None, (1, 2, 4, 8), 8, 0.05)
+    state = WorkerState()
+    shapes = {b: tuple(state.reference(job, graph, b)[0][0].shape) for b in (1, 2, 4, 8)}
+    assert shapes == {1: (1, 32, 8), 2: (2, 12, 8), 4: (4, 32, 8), 8: (8, 32, 8)}
+    inputs, outputs = state.reference(job, graph, 2)
+    torch.testing.assert_close(outputs[0], module(inputs[0]))  # the reference is eager on those very inputs

@@ -206,7 +206,7 @@ class WorkerState:
         return self.flat[key]
 
     def reference(self, job: Job, graph: Graph, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        inputs = expand_batch(graph.typical_sample.inputs, batch_size)
+        inputs = expand_batch(graph.sample_for(batch_size).inputs, batch_size)
         key = (graph.key, batch_size)
         if key not in self.references:
             with torch.no_grad():

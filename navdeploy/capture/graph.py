@@ -170,6 +170,17 @@ class Graph:
         calls the pipeline spends its time on."""
         return median_sample(self.samples, self.typical_batch)
 
+    def sample_for(self, batch_size: Optional[int]) -> Sample:
+        """The kept sample candidates are timed on at ``batch_size`` (grown or cut to it by the caller): where the
+        pipeline called this graph at that size, the median-sized kept sample of those calls, so each size of the
+        call mix is timed at the shapes it came in (a BERT called at 2x12 and 4x32 tokens: its 2x12 call timed as
+        2x32, where a frozen bf16 build loses less than at 12 tokens, let a bf16 build 1.19x slower over the
+        pipeline's calls win); else :attr:`typical_sample`."""
+        if self.batching and batch_size in (self.batch_counts or {}) and batch_size != self.typical_batch and \
+                any(batch_size_of(s.inputs, s.outputs) == batch_size for s in self.samples):
+            return median_sample(self.samples, batch_size)
+        return self.typical_sample
+
     @property
     def batch_weights(self) -> Optional[dict[int, int]]:
         """The captured calls per batch size, when the graph batches and more than one size was seen (else None:

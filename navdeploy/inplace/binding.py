@@ -82,7 +82,8 @@ def warm_up_inputs(graph: Graph, record: CandidateRecord,
     ``Graph.call_kinds``: torch.compile guards on inference mode and inference tensors), so that no call the
     pipeline makes pays for a compile: the first sample, each further captured shape (a decoder's cache length of
     1, then 2: torch.compile specialises a size of 1), and every profiled batch size (:func:`extra_warm_up_sizes`)
-    with the graph's typical sample grown or cut to it, as the profile called it."""
+    with the graph's typical sample grown or cut to it, as the profile called it (a size the pipeline called at is
+    profiled on its own kept sample, ``Graph.sample_for``: that shape is among the samples above)."""
     captured = samples[0].inputs
     yield None, captured
     seen = [[tuple(t.shape) for t in captured]]
