@@ -435,13 +435,10 @@ SPECS: dict[str, Spec] = {s.name: s for s in (GPT2Generate(), GPT2GenerateKVCach
 def invoke(fn: Callable, sample: Any) -> Any:
     """Call ``fn`` with a dataloader sample the way nav.optimize does: a tuple/list is positional arguments (a
     trailing dict is keyword arguments), a dict alone is keyword arguments, anything else is one argument."""
-    if isinstance(sample, dict):
-        return fn(**sample)
-    if isinstance(sample, (tuple, list)):
-        if sample and isinstance(sample[-1], dict):
-            return fn(*sample[:-1], **sample[-1])
-        return fn(*sample)
-    return fn(sample)
+    from navdeploy.capture.pytree import split_sample
+
+    args, kwargs = split_sample(sample)
+    return fn(*args, **kwargs)
 
 
 # --- the children ----------------------------------------------------------------------------------------------

@@ -123,16 +123,6 @@ def child(model: str, mode: str, workspace: str, out: str) -> None:
         "pipeline": status.pipeline.to_json() if status.pipeline else None}, indent=2))
 
 
-def _call(func, sample) -> None:
-    """One call of the pipeline on a dataloader sample, as nav.optimize makes it."""
-    if isinstance(sample, dict):
-        func(**sample)
-    elif isinstance(sample, (tuple, list)):
-        func(*sample)
-    else:
-        func(sample)
-
-
 def head_to_head(model: str, workspaces: list[str], out: str, rounds: int = 20) -> None:
     """The pipeline bound to each workspace's winners (``nav.load_optimized``), all in this process, timed in turns:
     ``rounds`` rounds, each a pass over the dataloader (repeated to ~50 ms) per workspace, one after the other;
@@ -140,6 +130,7 @@ def head_to_head(model: str, workspaces: list[str], out: str, rounds: int = 20) 
     import torch
 
     import navdeploy as nav
+    from navdeploy.capture.pytree import split_sample
     from navdeploy.inplace import registry
 
     pipelines = []
@@ -153,7 +144,8 @@ def head_to_head(model: str, workspaces: list[str], out: str, rounds: int = 20) 
 
     def one_pass(func, data) -> None:
         for _, sample in data:
-            _call(func, sample)
+            args, kwargs = split_sample(sample)  # as nav.optimize calls it
+            func(*args, **kwargs)
 
     with torch.inference_mode():
         for _, func, data in pipelines:

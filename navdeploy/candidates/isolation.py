@@ -662,8 +662,7 @@ class ExecutorPool:
         self._free = list(self._all)
         self._cond = threading.Condition()
         self._isolate = isolate
-        self._beside: dict[Callable[[], None], Optional[threading.Thread]] = {}  # None: not started yet
-        self._contexts: dict[Callable[[], None], contextvars.Context] = {}  # of those not started yet
+        self._beside: dict[Callable[[], None], threading.Thread] = {}  # started by start_preparing
 
     def __enter__(self) -> "ExecutorPool":
         return self
@@ -682,20 +681,7 @@ class ExecutorPool:
         work itself."""
         if not self._isolate:
             return
-        with self._cond:
-            if fn not in self._beside:
-                self._beside[fn] = None
-                self._contexts[fn] = contextvars.copy_context()  # the caller's: its records go to the module's log
 
-    def start_preparing(self) -> None:
-        """Start what :meth:`prepare_to_load` holds back (a build of the pool that needed it ended, or runs only
-        compilers now)."""
-        with self._cond:
-            waiting = [fn for fn, thread in self._beside.items() if thread is None]
-            for fn in waiting:
-                self._beside[fn] = self._prepare(fn, self._contexts.pop(fn))
-
-    def _prepare(self, fn: Callable[[], None], context: contextvars.Context) -> threading.Thread:
         def run() -> None:
             with self._gate.task():
                 try:
@@ -703,13 +689,22 @@ class ExecutorPool:
                 except Exception as exc:  # noqa: BLE001 - only a head start: the load does the same work anyway
                     log.info("preparing to load beside the builds failed: %s: %s", type(exc).__name__, exc)
 
-        thread = threading.Thread(target=context.run, args=(run,), name="navdeploy-prepare", daemon=True)
-        thread.start()
-        return thread
+        with self._cond:
+            if fn not in self._beside:  # in a copy of the caller's context: its records go to the module's log
+                self._beside[fn] = threading.Thread(target=contextvars.copy_context().run, args=(run,),
+                                                    name="navdeploy-prepare", daemon=True)
+
+    def start_preparing(self) -> None:
+        """Start what :meth:`prepare_to_load` holds back (a build of the pool that needed it ended, or runs only
+        compilers now)."""
+        with self._cond:
+            for thread in self._beside.values():
+                if thread.ident is None:  # not started yet
+                    thread.start()
 
     def __exit__(self, *exc) -> None:
         for thread in self._beside.values():  # one never started is not needed: the builds it waited for are over
-            if thread is not None:
+            if thread.ident is not None:
                 thread.join()
         if self._hub is not None:
             self._hub.give_back(self._all, self._threads)

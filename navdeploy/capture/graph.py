@@ -176,7 +176,7 @@ class Graph:
         call mix is timed at the shapes it came in (a BERT called at 2x12 and 4x32 tokens: its 2x12 call timed as
         2x32, where a frozen bf16 build loses less than at 12 tokens, let a bf16 build 1.19x slower over the
         pipeline's calls win); else :attr:`typical_sample`."""
-        if self.batching and batch_size in (self.batch_counts or {}) and batch_size != self.typical_batch and \
+        if self.batching and batch_size in (self.batch_counts or {}) and \
                 any(batch_size_of(s.inputs, s.outputs) == batch_size for s in self.samples):
             return median_sample(self.samples, batch_size)
         return self.typical_sample

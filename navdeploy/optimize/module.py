@@ -440,7 +440,7 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
                     eager_record.screen_ms(search.batch)
                 if eager_ms is not None and not eager_record.ok and not eager_record.cached and \
                         early_screen_rechecked(eager_ms, min_ms):
-                    eager_ms = eager_second_screen(eager_record)
+                    eager_ms = eager_second_screen()
             early = eager_ms is not None and follow_ups_early(eager_ms, min_ms)
             if start == 1 and beside and eager_ms is not None:
                 if early:
@@ -465,21 +465,12 @@ def _optimize_graph(graph: Graph, job: Job, executors: ExecutorPool, config: Opt
             return
         executors.map(run_chain, own_chains(start, len(pairs)))
 
-    def eager_second_screen(first: CandidateRecord) -> Optional[float]:
+    def eager_second_screen() -> Optional[float]:
         # Eager's one screen put it just over the bar from which the copies are tried beside the module's own
-        # candidates (early_screen_rechecked): a second screen, the faster of the two counting, as for rechecks.
-        rechecked.add(0)  # screened twice now, as a recheck would: not a third time
-        listener.candidate_started(job.module_name, f"{first.name} (second screen)")
-        again = _retime(graph, job, executors, search, pairs, formats, built_by, 0, "screen")
-        second = again.screen if again.status == "screened" else None
-        faster = second if second is not None and first.screen is not None and \
-            second.p50_ms < first.screen.p50_ms else first.screen
-        log.info("%s graph %s %s: second screen %s (the first was within %.0f%% of the %.2f ms from which the "
-                 "follow-up copies are tried beside)", job.module_name, graph.key, first.name,
-                 f"{second.p50_ms:.3f} ms against {first.screen.p50_ms:.3f}"
-                 if second is not None and first.screen is not None else f"{again.status} ({again.error})",
-                 100 * RECHECK_MARGIN, EARLY_FOLLOW_UP_FACTOR * min_ms)
-        done(0, first.name, replace(first, screen=faster), checkpoint=True, finished=False)
+        # candidates (early_screen_rechecked): a second screen, as for rechecks (and so not a third one later).
+        _second_screen(graph, job, executors, search, pairs, records, formats, built_by, done, listener, rechecked, 0,
+                       f" (the first was within {100 * RECHECK_MARGIN:.0f}% of the "
+                       f"{EARLY_FOLLOW_UP_FACTOR * min_ms:.2f} ms from which the follow-up copies are tried beside)")
         return records[0].screen_ms(search.batch)
 
     def screen_eager_copy() -> Optional[int]:
@@ -726,21 +717,31 @@ def _recheck_screens(graph: Graph, job: Job, executors: ExecutorPool, search: Se
             return
         index = todo[0]
         rechecked.add(index)
-        screened = records[index]
         runner, precision = pairs[index]
         fmt = artifact_dir(runner.format.value, precision, job.precision)
         if fmt in formats and formats[fmt].status == PRUNED:  # its build is gone: the first screen stands
             continue
-        listener.candidate_started(job.module_name, f"{screened.name} (second screen)")
-        again = _retime(graph, job, executors, search, pairs, formats, built_by, index, "screen",
-                        keep_below_ms=search.keep_below_ms(records.values()))
-        first = screened.screen
-        second = again.screen if again.status == "screened" else None
-        faster = second if second is not None and first is not None and second.p50_ms < first.p50_ms else first
-        log.info("%s graph %s %s: second screen %s", job.module_name, graph.key, screened.name,
-                 f"{second.p50_ms:.3f} ms against {first.p50_ms:.3f}" if second is not None and first is not None
-                 else f"{again.status} ({again.error})")
-        done(index, screened.name, replace(screened, screen=faster), checkpoint=True, finished=False)
+        _second_screen(graph, job, executors, search, pairs, records, formats, built_by, done, listener, rechecked,
+                       index, keep_below_ms=search.keep_below_ms(records.values()))
+
+
+def _second_screen(graph: Graph, job: Job, executors: ExecutorPool, search: Search,
+                   pairs: list[tuple[RunnerSpec, str]], records: dict[int, CandidateRecord],
+                   formats: dict[str, FormatState], built_by: dict[int, Executor], done: Callable[..., None],
+                   listener: OptimizeListener, rechecked: set[int], index: int, why: str = "", **task: object) -> None:
+    """The candidate at ``index`` screened once more, from its build; the faster of its two screens stays its
+    screen, and it joins ``rechecked`` (never a third). ``why`` ends the log line."""
+    rechecked.add(index)
+    screened = records[index]
+    listener.candidate_started(job.module_name, f"{screened.name} (second screen)")
+    again = _retime(graph, job, executors, search, pairs, formats, built_by, index, "screen", **task)
+    first = screened.screen
+    second = again.screen if again.status == "screened" else None
+    faster = second if second is not None and first is not None and second.p50_ms < first.p50_ms else first
+    log.info("%s graph %s %s: second screen %s%s", job.module_name, graph.key, screened.name,
+             f"{second.p50_ms:.3f} ms against {first.p50_ms:.3f}" if second is not None and first is not None
+             else f"{again.status} ({again.error})", why)
+    done(index, screened.name, replace(screened, screen=faster), checkpoint=True, finished=False)
 
 
 def copies_beside(module: Module, config: OptimizeConfig, device: str, alone: bool) -> bool:
